@@ -1,0 +1,45 @@
+# Stillhouse developer commands. Everything installs into ./.venv from this repository's own files.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint format protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## setup: create .venv and install Stillhouse with its development tools
+setup: $(STAMP)
+
+## demo: start the embedded platform, run examples/smollm2-local.yaml, follow it, stop
+demo: $(STAMP)
+	$(BIN)/stillhouse run examples/smollm2-local.yaml
+
+## test: lint, then the default test suite (needs PostgreSQL on 127.0.0.1:5432; started if down)
+test: $(STAMP) lint
+	deploy/local/ensure-postgres.sh
+	$(BIN)/pytest
+
+## test-slow: the tests marked slow (minutes each)
+test-slow: $(STAMP)
+	deploy/local/ensure-postgres.sh
+	$(BIN)/pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## protos: regenerate the gRPC stubs in services/*/v1 from protos/
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

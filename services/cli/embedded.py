@@ -1,0 +1,435 @@
+"""`stillhouse up`: every service on this machine, as child processes on loopback ports, under one supervisor.
+
+The supervisor starts the four stage services and the control plane (each one `stillhouse serve ...`),
+waits until every one answers its health check, writes `<home>/endpoint.json` for the CLI to find the
+API, and then watches: on Ctrl-C or SIGTERM it stops them all; if one dies it stops the rest and fails.
+Children are told by the kernel to exit when the supervisor does (PR_SET_PDEATHSIG), so even a killed
+supervisor leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from stillhouse.cli.api_client import ApiEndpoint
+from stillhouse.cli.display import endpoint_panel
+
+STAGE_SERVICES = ("prompts", "teacher", "storage", "trainer")
+CONTROL_PLANE = "control-plane"
+TOKEN_FILE = "api-token"
+ENDPOINT_FILE = "endpoint.json"
+LOOPBACK = "127.0.0.1"
+
+# After SIGTERM, children get this long in all to stop before they are killed.
+STOP_GRACE_SECONDS = 10.0
+# ...of which the control plane gets at most this much alone, so it stops handing out work first.
+CONTROL_PLANE_GRACE_SECONDS = 5.0
+LOG_TAIL_LINES = 20
+POLL_SECONDS = 0.2
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedError(Exception):
+    """A reason `stillhouse up` cannot start, worded for the user."""
+
+
+@dataclass
+class Child:
+    """One service process of the embedded platform."""
+
+    name: str
+    port: int
+    log_path: Path
+    metrics_port: int | None = None
+    host: str = LOOPBACK
+    process: subprocess.Popen[bytes] | None = None
+    # Where this run's output starts in the (appended) log file.
+    log_offset: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "stillhouse.cli.main", "serve", self.name]
+        command += ["--host", self.host, "--port", str(self.port)]
+        if self.metrics_port is not None:
+            command += ["--metrics-port", str(self.metrics_port)]
+        return command
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        """The last lines this run wrote to the log (reads at most the last 64 KiB)."""
+        try:
+            with self.log_path.open("rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(self.log_offset, size - 65536))
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
+
+
+def ensure_api_token(home: Path) -> Path:
+    """`<home>/api-token`, created (mode 0600) with a fresh random token unless one is already there."""
+    path = home / TOKEN_FILE
+    if path.exists() and path.read_text().strip():
+        path.chmod(0o600)
+        return path
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as token_file:
+        token_file.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise EmbeddedError naming the port and the flag to change it if `port` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Like uvicorn: a port only held by connections in TIME_WAIT is free to use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise EmbeddedError(
+                f"cannot use port {port} on {host} for the API ({exc.strerror}): "
+                f"choose another with --api-port"
+            ) from exc
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """`count` distinct ports the OS reports free on 127.0.0.1 (held together so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((LOOPBACK, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def api_url_for(host: str, port: int) -> str:
+    """The URL a local client uses: a wildcard listen address is reached over loopback."""
+    if host in ("0.0.0.0", "", "::"):
+        host = LOOPBACK
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def write_endpoint_file(home: Path, endpoint: dict[str, Any]) -> Path:
+    """Write `<home>/endpoint.json` atomically, so a reader never sees half of it."""
+    path = home / ENDPOINT_FILE
+    tmp = path.with_name(f".{ENDPOINT_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(endpoint, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def running_instance(home: Path) -> dict[str, Any] | None:
+    """The endpoint of a `stillhouse up` still running from `home`, if there is one."""
+    try:
+        endpoint = json.loads((home / ENDPOINT_FILE).read_text())
+        pid = int(endpoint["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return endpoint
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to SIGTERM the child when the supervisor dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    # Loaded before fork: the child should do as little as possible between fork and exec.
+    libc = ctypes.CDLL(None, use_errno=True)
+    supervisor_pid = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        # The supervisor may have died before prctl took effect: then nobody would ever signal us.
+        if os.getppid() != supervisor_pid:
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass
+class Supervisor:
+    home: Path
+    api_port: int = 8080
+    host: str = LOOPBACK
+    startup_timeout: float = 60.0
+    console: Console = field(default_factory=Console)
+    err_console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    children: list[Child] = field(default_factory=list, init=False)
+    _stop_signals: int = field(default=0, init=False)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def api_url(self) -> str:
+        return api_url_for(self.host, self.api_port)
+
+    def run(self, session: Callable[[ApiEndpoint], int] | None = None) -> int:
+        """Start everything and serve until asked to stop, or, given a `session`, until the session
+        (run in a thread against the API) returns; the process exit code."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        running = running_instance(self.home)
+        if running is not None:
+            raise EmbeddedError(
+                f"Stillhouse is already running from {self.home} (pid {running['pid']}, "
+                f"API {running.get('apiUrl')}): stop it, or give another --home"
+            )
+        check_port_free(self.host, self.api_port)
+        token_file = ensure_api_token(self.home)
+
+        with self._stop_on_signals():
+            try:
+                self._start_children(token_file)
+                failed = self._wait_until_healthy()
+                if failed is not None:
+                    self._report_failure(*failed)
+                    return 1
+                if self._stop_signals:
+                    return 0
+                self._publish_endpoint(token_file)
+                if session is None:
+                    died = self._watch()
+                else:
+                    endpoint = ApiEndpoint(self.api_url, token_file.read_text().strip())
+                    outcome: dict[str, int] = {}
+                    worker = threading.Thread(
+                        target=lambda: outcome.update(code=session(endpoint)), name="session", daemon=True
+                    )
+                    worker.start()
+                    died = self._watch(until=lambda: not worker.is_alive())
+                if died is not None:
+                    self._report_failure([died], f"{died.name} exited unexpectedly (code {died.exit_code()})")
+                    return 1
+                if session is not None:
+                    # Stopped by Ctrl-C before the session ended: the shell's code for an interrupt.
+                    return outcome.get("code", 130)
+                return 0
+            finally:
+                self._stop_children()
+                (self.home / ENDPOINT_FILE).unlink(missing_ok=True)
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    def _start_children(self, token_file: Path) -> None:
+        ports = free_loopback_ports(2 * len(STAGE_SERVICES))
+        services = [
+            Child(name, port=port, metrics_port=metrics_port, log_path=self.logs_dir / f"{name}.log")
+            for name, port, metrics_port in zip(STAGE_SERVICES, ports[::2], ports[1::2], strict=True)
+        ]
+        control_plane = Child(
+            CONTROL_PLANE, port=self.api_port, host=self.host, log_path=self.logs_dir / f"{CONTROL_PLANE}.log"
+        )
+        base_env = {**os.environ, "STILLHOUSE_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        control_plane_env = {
+            **base_env,
+            "STILLHOUSE_CONTROL_PLANE_API_TOKEN_FILE": str(token_file),
+            "STILLHOUSE_CONTROL_PLANE_DATABASE_URL": f"sqlite:///{self.home / 'stillhouse.db'}",
+            **{f"STILLHOUSE_CONTROL_PLANE_SERVICES__{svc.name.upper()}": svc.address for svc in services},
+        }
+        for child in services:
+            self._spawn(child, base_env)
+        self._spawn(control_plane, control_plane_env)
+
+    def _spawn(self, child: Child, env: dict[str, str]) -> None:
+        self.children.append(child)
+        with child.log_path.open("ab") as log:
+            child.log_offset = log.tell()
+            started = datetime.now(UTC).isoformat(timespec="seconds")
+            log.write(f"=== stillhouse up: starting {child.name} on {child.address} at {started}\n".encode())
+            log.flush()
+            child.process = subprocess.Popen(
+                child.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent(),
+            )
+
+    def _wait_until_healthy(self) -> tuple[list[Child], str] | None:
+        """None once every child answers healthy (or a stop was asked for); else the culprits and why."""
+        import grpc
+        import httpx
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        # Short reconnect backoff: the default (1 s growing to 2 min) would notice a new server late.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+        pending = {child.name: child for child in self.children}
+        channels = {
+            child.name: grpc.insecure_channel(child.address, options=options)
+            for child in self.children
+            if child.name != CONTROL_PLANE
+        }
+        deadline = time.monotonic() + self.startup_timeout
+        try:
+            with (
+                httpx.Client(timeout=2.0) as http,
+                self.err_console.status("starting Stillhouse...") as status,
+            ):
+                while pending and not self._stop_signals:
+                    for name, child in list(pending.items()):
+                        if child.exit_code() is not None:
+                            return [child], f"{name} exited during start-up (code {child.exit_code()})"
+                        if name == CONTROL_PLANE:
+                            healthy = _http_ready(http, f"{self.api_url}/readyz")
+                        else:
+                            healthy = _grpc_serving(health_pb2_grpc.HealthStub(channels[name]), health_pb2)
+                        if healthy:
+                            del pending[name]
+                    status.update(f"starting Stillhouse... waiting for {', '.join(pending) or 'nothing'}")
+                    if not pending:
+                        break
+                    if time.monotonic() > deadline:
+                        names = ", ".join(pending)
+                        reason = f"{names} did not become healthy within {self.startup_timeout:g} s"
+                        return list(pending.values()), reason
+                    time.sleep(POLL_SECONDS)
+        finally:
+            for channel in channels.values():
+                channel.close()
+        return None
+
+    def _publish_endpoint(self, token_file: Path) -> None:
+        write_endpoint_file(
+            self.home,
+            {
+                "apiUrl": self.api_url,
+                "tokenFile": str(token_file),
+                "pid": os.getpid(),
+                "services": {
+                    child.name: child.address for child in self.children if child.name != CONTROL_PLANE
+                },
+            },
+        )
+        self.console.print(endpoint_panel(self.api_url, str(token_file), str(self.logs_dir)))
+
+    # --- running and stopping -------------------------------------------------------------------
+
+    def _watch(self, until: Callable[[], bool] = lambda: False) -> Child | None:
+        """Block until a stop is asked for or `until()` holds (None), or a child dies (that child)."""
+        while not self._stop_signals and not until():
+            for child in self.children:
+                if child.exit_code() is not None and not self._stop_signals:
+                    return child
+            time.sleep(POLL_SECONDS)
+        return None
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        def on_signal(signum: int, frame: object) -> None:
+            self._stop_signals += 1
+
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_children(self) -> None:
+        """SIGTERM (the control plane first), wait up to STOP_GRACE_SECONDS, SIGKILL what is left.
+        A second Ctrl-C skips the wait."""
+        running = [child for child in self.children if child.is_running()]
+        if not running:
+            return
+        self.err_console.print("stopping Stillhouse...")
+        signals_seen = self._stop_signals
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+
+        def wait(children: list[Child], until: float) -> None:
+            while any(child.is_running() for child in children) and time.monotonic() < until:
+                if self._stop_signals > signals_seen:
+                    return
+                time.sleep(0.05)
+
+        first = [child for child in running if child.name == CONTROL_PLANE]
+        for child in first:
+            _send(child, signal.SIGTERM)
+        wait(first, min(deadline, time.monotonic() + CONTROL_PLANE_GRACE_SECONDS))
+        for child in running:
+            if child not in first:
+                _send(child, signal.SIGTERM)
+        wait(running, deadline)
+        for child in running:
+            if child.is_running():
+                self.err_console.print(f"{child.name} did not stop in time: killing it")
+                _send(child, signal.SIGKILL)
+        for child in running:
+            assert child.process is not None
+            child.process.wait()
+        self.err_console.print("Stillhouse stopped")
+
+    def _report_failure(self, culprits: list[Child], reason: str) -> None:
+        self.err_console.print(Text(reason, style="bold red"))
+        for child in culprits:
+            tail = child.log_tail()
+            if tail:
+                self.err_console.print(f"last {len(tail)} lines of {child.log_path}:")
+                for line in tail:
+                    self.err_console.print(Text(f"  {line}", style="dim"), highlight=False)
+
+
+def _send(child: Child, signum: signal.Signals) -> None:
+    if child.process is not None and child.process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            child.process.send_signal(signum)
+
+
+def _grpc_serving(stub: Any, health_pb2: Any) -> bool:
+    import grpc
+
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ready(http: Any, url: str) -> bool:
+    import httpx
+
+    try:
+        return http.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,351 @@
+"""The `stillhouse` command: run a service (`serve`), run them all on this machine (`up`), and drive jobs.
+
+Heavy modules (services, httpx, grpc) are imported inside the commands that need them, so that
+`stillhouse --help` and the service processes start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from stillhouse.common.paths import stillhouse_home
+from stillhouse.control_plane.phases import Phase
+
+if TYPE_CHECKING:
+    from stillhouse.cli.api_client import StillhouseClient
+
+app = typer.Typer(
+    name="stillhouse",
+    help="Distil big teacher LLMs into small student models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(highlight=False)
+# Messages are never wrapped at the terminal width, so they can be copied and grepped whole.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class ServiceName(StrEnum):
+    CONTROL_PLANE = "control-plane"
+    PROMPTS = "prompts"
+    TEACHER = "teacher"
+    STORAGE = "storage"
+    TRAINER = "trainer"
+
+
+# service -> (settings module, settings class, module with the blocking `run(settings)`)
+_SERVICES = {
+    ServiceName.CONTROL_PLANE: (
+        "stillhouse.control_plane.config",
+        "ControlPlaneSettings",
+        "stillhouse.control_plane.app",
+    ),
+    ServiceName.PROMPTS: ("stillhouse.prompts.config", "PromptsSettings", "stillhouse.prompts.server"),
+    ServiceName.TEACHER: ("stillhouse.teacher.config", "TeacherSettings", "stillhouse.teacher.server"),
+    ServiceName.STORAGE: ("stillhouse.storage.config", "StorageSettings", "stillhouse.storage.server"),
+    ServiceName.TRAINER: ("stillhouse.trainer.config", "TrainerSettings", "stillhouse.trainer.server"),
+}
+
+# Exit codes of `stillhouse events` by the job's final phase.
+_PHASE_EXIT_CODES = {Phase.SUCCEEDED: 0, Phase.FAILED: 1, Phase.CANCELLED: 3}
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+ApiUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-url",
+        envvar="STILLHOUSE_API_URL",
+        help="Base URL of the Stillhouse API (default: the one `stillhouse up` started).",
+        show_default=False,
+    ),
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(message, markup=False)
+    return typer.Exit(code)
+
+
+# --- running services ---------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    service: Annotated[ServiceName, typer.Argument(help="Which service this process runs.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML settings file (environment and flags override it).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.", show_default=False)] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of the Prometheus /metrics endpoint.", show_default=False)
+    ] = None,
+) -> None:
+    """Run one Stillhouse service in the foreground until SIGTERM or Ctrl-C."""
+    from pydantic import ValidationError
+
+    from stillhouse.common.config import ConfigFileError
+
+    settings_module, settings_class, server_module = _SERVICES[service]
+    flags: dict[str, Any] = {"host": host, "port": port}
+    if service is ServiceName.CONTROL_PLANE:
+        if metrics_port is not None:
+            raise _fail("the control plane serves its metrics on /metrics of the API: drop --metrics-port", 2)
+    else:
+        flags["metrics_port"] = metrics_port
+    settings_type = getattr(importlib.import_module(settings_module), settings_class)
+    try:
+        settings = settings_type.load(config, **flags)
+    except ConfigFileError as exc:
+        raise _fail(str(exc), 2) from None
+    except ValidationError as exc:
+        prefix = settings_type.model_config.get("env_prefix", "")
+        sources = f"config file, {prefix}* environment, flags"
+        err_console.print(f"invalid {service} settings ({sources}):", markup=False)
+        for line in settings_error_lines(exc):
+            err_console.print(f"  {line}", markup=False)
+        raise typer.Exit(2) from None
+    importlib.import_module(server_module).run(settings)
+
+
+def settings_error_lines(exc: Any) -> list[str]:
+    """One `field: problem` line per error of a pydantic ValidationError."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
+
+
+@app.command()
+def up(
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the database, logs and token (default: $STILLHOUSE_HOME or ~/.stillhouse).",
+            show_default=False,
+        ),
+    ] = None,
+    api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address the REST API listens on.")] = "127.0.0.1",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for every service to become healthy.")
+    ] = 60.0,
+) -> None:
+    """Run every Stillhouse service on this machine until Ctrl-C."""
+    from stillhouse.cli.embedded import EmbeddedError, Supervisor
+
+    supervisor = Supervisor(
+        home=(home or stillhouse_home()).expanduser().absolute(),
+        api_port=api_port,
+        host=host,
+        startup_timeout=timeout,
+        console=console,
+        err_console=err_console,
+    )
+    try:
+        code = supervisor.run()
+    except EmbeddedError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+# --- driving jobs -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _api_client(api_url: str | None) -> Iterator[StillhouseClient]:
+    """A client of the API found from the flag/environment or `stillhouse up`; API errors become
+    one printed message and an exit code."""
+    from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient, discover_endpoint
+
+    try:
+        endpoint = discover_endpoint(api_url, os.environ.get("STILLHOUSE_API_TOKEN"), stillhouse_home())
+        with StillhouseClient(endpoint) as client:
+            yield client
+    except InvalidRequest as exc:
+        for line in exc.lines():
+            err_console.print(line, markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    except ApiError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+@app.command()
+def submit(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="DistillationJob spec, YAML or JSON.", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
+    api_url: ApiUrlOption = None,
+) -> None:
+    """Submit a distillation job."""
+    from stillhouse.cli.api_client import content_type_for
+
+    with _api_client(api_url) as client:
+        job = client.submit(file.read_bytes(), content_type_for(file))
+    if quiet:
+        sys.stdout.write(job["id"] + "\n")
+    else:
+        console.print(f"job {job['id']} submitted (phase {job['phase']})", markup=False, soft_wrap=True)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(metavar="ID", help="Show this job in detail.")] = None,
+    phase: Annotated[
+        Phase | None, typer.Option(case_sensitive=False, help="List only jobs in this phase.")
+    ] = None,
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="Output format.")
+    ] = OutputFormat.TABLE,
+    api_url: ApiUrlOption = None,
+) -> None:
+    """List jobs, or show one job and its steps."""
+    from stillhouse.cli.display import job_details, jobs_table
+
+    with _api_client(api_url) as client:
+        if job_id is not None:
+            job = client.get_job(job_id)
+            if output is OutputFormat.JSON:
+                _print_json(job)
+            else:
+                console.print(job_details(job, console.width))
+            return
+        jobs = client.list_jobs(phase=phase.value if phase else None)
+    if output is OutputFormat.JSON:
+        _print_json(jobs)
+    elif not jobs:
+        err_console.print(f"no jobs in phase {phase.value}" if phase else "no jobs")
+    else:
+        console.print(jobs_table(jobs, console.width))
+
+
+def _follow(client: StillhouseClient, job_id: str, *, follow: bool = True) -> int:
+    """Show a job's events as they come; the exit code for its final phase."""
+    from stillhouse.cli.display import EventsView
+
+    with EventsView(console, job_id) as view:
+        for event in client.events(job_id, follow=follow):
+            data = event.json()
+            if event.event == "phase":
+                view.on_phase(data["phase"], data.get("message"))
+            elif event.event == "progress":
+                view.on_progress(data)
+            elif event.event == "error":
+                view.on_error(data.get("message", ""))
+    return _PHASE_EXIT_CODES.get(view.phase, 0)
+
+
+@app.command()
+def events(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The job to watch.")],
+    follow: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="Wait for new events until the job finishes.")
+    ] = True,
+    api_url: ApiUrlOption = None,
+) -> None:
+    """Watch a job's phases and progress. Exit code: 0 Succeeded, 1 Failed, 3 Cancelled."""
+    try:
+        with _api_client(api_url) as client:
+            code = _follow(client, job_id, follow=follow)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="DistillationJob spec, YAML or JSON.", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the database, logs and token (default: $STILLHOUSE_HOME or ~/.stillhouse).",
+            show_default=False,
+        ),
+    ] = None,
+    api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 8080,
+) -> None:
+    """Run one job on this machine: start every service, submit FILE, follow it to the end, stop.
+
+    Exit code: 0 Succeeded, 1 Failed, 3 Cancelled, 130 interrupted."""
+    from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient, content_type_for
+    from stillhouse.cli.embedded import EmbeddedError, Supervisor
+
+    body = file.read_bytes()
+
+    def session(endpoint) -> int:
+        try:
+            with StillhouseClient(endpoint) as client:
+                job = client.submit(body, content_type_for(file))
+                console.print(f"job {job['id']} submitted from {file}", markup=False, soft_wrap=True)
+                return _follow(client, job["id"])
+        except InvalidRequest as exc:
+            for line in exc.lines():
+                err_console.print(line, markup=False)
+            return exc.exit_code
+        except ApiError as exc:
+            err_console.print(str(exc), markup=False)
+            return exc.exit_code
+
+    supervisor = Supervisor(
+        home=(home or stillhouse_home()).expanduser().absolute(),
+        api_port=api_port,
+        console=console,
+        err_console=err_console,
+    )
+    try:
+        code = supervisor.run(session)
+    except EmbeddedError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The job to cancel.")],
+    api_url: ApiUrlOption = None,
+) -> None:
+    """Ask a job to stop; it moves to Cancelled once its current step has stopped."""
+    with _api_client(api_url) as client:
+        job = client.cancel(job_id)
+    state = "cancel requested" if job.get("cancelRequested") and job["phase"] != Phase.CANCELLED else ""
+    console.print(
+        f"job {job['id']}: phase {job['phase']}" + (f", {state}" if state else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,76 @@
+"""Typed configuration, read once at start-up: defaults < YAML file < environment < command-line flags."""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+# The settings class being loaded and its file's values; nested settings objects must not see them.
+_file_values: contextvars.ContextVar[tuple[type, dict[str, Any]]] = contextvars.ContextVar("_file_values")
+
+
+class ConfigFileError(ValueError):
+    pass
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigFileError(f"config file {path} must hold a mapping of setting names to values")
+    return values
+
+
+class Settings(BaseSettings):
+    """Base of every process's settings. Subclasses set `env_prefix`, e.g. STILLHOUSE_TEACHER_."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> Self:
+        """Read the settings once. `flags` are command-line values; None means 'not given'."""
+        token = _file_values.set((cls, read_config_file(config_file) if config_file else {}))
+        try:
+            return cls(**{name: value for name, value in flags.items() if value is not None})
+        finally:
+            _file_values.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        loading, values = _file_values.get((None, {}))
+        file_values = values if settings_cls is loading else {}
+        file_settings = InitSettingsSource(settings_cls, init_kwargs=file_values)
+        return (init_settings, env_settings, file_settings)
+
+
+class GrpcServiceSettings(Settings):
+    """What every gRPC service process needs to serve."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    # Seconds in-flight RPCs get to finish after SIGTERM.
+    shutdown_grace_seconds: float = 5.0

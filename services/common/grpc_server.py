@@ -1,0 +1,208 @@
+"""What every Stillhouse gRPC service process shares: health, reflection, metrics, logs, shutdown.
+
+A service's `server.py` builds its servicers and calls `run_grpc_service`; this module does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+import prometheus_client
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.common.logging import configure_logging
+from stillhouse.common.operations import (
+    OperationConflict,
+    OperationError,
+    OperationNotFound,
+    OperationRegistry,
+)
+from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+RPC_HANDLED = prometheus_client.Counter(
+    "stillhouse_grpc_server_handled_total", "RPCs completed, by method and status code.", ["method", "code"]
+)
+RPC_SECONDS = prometheus_client.Histogram(
+    "stillhouse_grpc_server_handling_seconds", "Time to handle an RPC (to the last message).", ["method"]
+)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and final status code, and times it."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @staticmethod
+    def _record(method: str, context: grpc.aio.ServicerContext, started: float, error: bool) -> None:
+        code = context.code() or (grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK)
+        RPC_HANDLED.labels(method, code.name).inc()
+        RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+
+    def _wrap_unary(self, behaviour, method: str):
+        async def wrapped(request, context):
+            started, error = time.perf_counter(), False
+            try:
+                return await behaviour(request, context)
+            except BaseException:
+                error = True
+                raise
+            finally:
+                self._record(method, context, started, error)
+
+        return wrapped
+
+    def _wrap_stream(self, behaviour, method: str):
+        async def wrapped(request, context):
+            started, error = time.perf_counter(), False
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException:
+                error = True
+                raise
+            finally:
+                self._record(method, context, started, error)
+
+        return wrapped
+
+
+async def abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Translate an error from the operation layer into the gRPC status it stands for."""
+    if isinstance(exc, OperationNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, OperationConflict):
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+    if isinstance(exc, OperationError):
+        await context.abort(exc.code, exc.message)
+    raise exc
+
+
+class OperationsServicer(operations_pb2_grpc.OperationsServicer):
+    def __init__(self, registry: OperationRegistry) -> None:
+        self._registry = registry
+
+    async def GetOperation(self, request, context):
+        try:
+            return self._registry.get(request.operation_id)
+        except OperationNotFound as exc:
+            await abort_for(context, exc)
+
+    async def WatchOperation(self, request, context) -> AsyncIterator[operations_pb2.Operation]:
+        try:
+            async for operation in self._registry.watch(request.operation_id):
+                yield operation
+        except OperationNotFound as exc:
+            await abort_for(context, exc)
+
+    async def CancelOperation(self, request, context):
+        try:
+            return self._registry.cancel(request.operation_id)
+        except OperationNotFound as exc:
+            await abort_for(context, exc)
+
+
+def not_implemented_servicer(servicer_base: type, service_descriptor, service_label: str):
+    """A servicer whose every RPC answers UNIMPLEMENTED with a message that says which one.
+
+    Used for stages that this version of Stillhouse does not do yet: nothing may pretend to succeed.
+    """
+
+    def make(rpc_name: str):
+        async def method(self, request, context):
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"the {service_label} service does not implement {service_descriptor.name}/{rpc_name} "
+                "in this version of Stillhouse",
+            )
+
+        method.__name__ = rpc_name
+        return method
+
+    methods = {rpc.name: make(rpc.name) for rpc in service_descriptor.methods}
+    return type(f"NotImplemented{service_descriptor.name}", (servicer_base,), methods)()
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to serve: its full name and the function that adds it to a server."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+async def serve_grpc(
+    settings: GrpcServiceSettings,
+    build: Callable[[OperationRegistry], Iterable[ServiceBinding]],
+) -> None:
+    """Serve until SIGTERM/SIGINT, then report NOT_SERVING, stop running operations and drain."""
+    registry = OperationRegistry()
+    bindings = list(build(registry))
+    server = grpc.aio.server(interceptors=[MetricsInterceptor()])
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(registry), server)
+    names = [operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name]
+    for binding in bindings:
+        binding.add_to_server(server)
+        names.append(binding.full_name)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port} (in use, or not a local address)")
+    if settings.metrics_port is not None:
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", address=f"{settings.host}:{port}", services=names, metrics_port=settings.metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("stopping", grace_seconds=settings.shutdown_grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await registry.shutdown()
+    await server.stop(settings.shutdown_grace_seconds)
+    log.info("stopped")
+
+
+def run_grpc_service(
+    service_label: str,
+    settings: GrpcServiceSettings,
+    build: Callable[[OperationRegistry], Iterable[ServiceBinding]],
+) -> None:
+    """Blocking entry point of a service process (`stillhouse serve <service>`)."""
+    configure_logging(settings.log_level, settings.log_format, service=service_label)
+    asyncio.run(serve_grpc(settings, build))

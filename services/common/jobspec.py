@@ -1,0 +1,261 @@
+"""The DistillationJob spec: the one schema a user writes, the API validates and every service reads.
+
+Kubernetes-shaped (apiVersion/kind/metadata/spec) with camelCase field names, so a job reads like any
+other object in a cluster. Every field has a documented default except `spec.teacher` and
+`spec.student`; unknown fields are refused so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "stillhouse.dev/v1"
+KIND = "DistillationJob"
+
+# RFC 1123 label, the rule Kubernetes applies to object names.
+_NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class SpecModel(BaseModel):
+    """Base for every part of the spec: camelCase on the wire (one spelling only), unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True)
+
+
+class Metadata(SpecModel):
+    name: str | None = Field(
+        default=None,
+        description="Human-readable job name (RFC 1123 label). Defaults to the job id.",
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels to filter jobs by.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_label(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                "must be lower-case letters, digits and '-', start and end with a letter or digit, "
+                "at most 63 characters"
+            )
+        return value
+
+
+# --- stage 1: prompts ---------------------------------------------------------------------------
+
+
+class PromptSource(SpecModel):
+    """Seed prompts: a file in storage or on disk, or an inline list."""
+
+    path: str | None = Field(default=None, description="JSONL, Parquet or CSV file (s3://, file path).")
+    inline: list[str] | None = Field(default=None, description="Prompts given directly in the spec.")
+    format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
+        default="auto", description="File format; `auto` infers it from the extension."
+    )
+    column: str = Field(default="prompt", description="Column holding the prompt text in plain rows.")
+    limit: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Take a seeded random sample of at most this many rows."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_origin(self) -> PromptSource:
+        if (self.path is None) == (self.inline is None):
+            raise ValueError("give exactly one of `path` or `inline`")
+        if self.inline is not None and not self.inline:
+            raise ValueError("`inline` must list at least one prompt")
+        return self
+
+
+class GenerationStrategy(StrEnum):
+    NONE = "none"
+    TEMPLATE = "template"
+    SELF_INSTRUCT = "self_instruct"
+    EVOL_INSTRUCT = "evol_instruct"
+
+
+class PromptGeneration(SpecModel):
+    strategy: GenerationStrategy = Field(
+        default=GenerationStrategy.NONE, description="How to add prompts beyond the sources."
+    )
+    count: Annotated[int, Field(ge=0)] = Field(default=0, description="Number of prompts to generate.")
+    template: str | None = Field(default=None, description="Jinja template, for `template`.")
+    slots: dict[str, list[str]] = Field(default_factory=dict, description="Slot values, for `template`.")
+
+
+class PromptFilters(SpecModel):
+    dedup: bool = Field(default=True, description="Remove exact duplicates (normalised text).")
+    near_dup_threshold: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=0.8, description="Jaccard threshold for MinHash near-duplicate removal; null turns it off."
+    )
+    min_chars: Annotated[int, Field(ge=0)] = Field(default=1, description="Shortest prompt kept.")
+    max_chars: Annotated[int, Field(gt=0)] = Field(default=8192, description="Longest prompt kept.")
+    languages: list[str] = Field(default_factory=list, description="ISO 639-1 codes kept; empty keeps all.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> PromptFilters:
+        if self.min_chars > self.max_chars:
+            raise ValueError("`minChars` must not exceed `maxChars`")
+        return self
+
+
+class PromptsSpec(SpecModel):
+    sources: list[PromptSource] = Field(default_factory=list, description="Seed prompt sources.")
+    generate: PromptGeneration = Field(default_factory=PromptGeneration)
+    filters: PromptFilters = Field(default_factory=PromptFilters)
+    system_prompt: str | None = Field(default=None, description="System message sent with every prompt.")
+    seed: int = Field(default=0, description="Seed for sampling, generation and the held-out split.")
+
+
+# --- stage 2: teacher ---------------------------------------------------------------------------
+
+
+class TeacherBackend(StrEnum):
+    OPENAI = "openai"
+    LOCAL = "local"
+
+
+class Sampling(SpecModel):
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens: Annotated[int, Field(gt=0)] = 512
+    seed: int | None = Field(default=None, description="Sampling seed where the backend honours one.")
+
+
+class TeacherLimits(SpecModel):
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+    max_concurrency: Annotated[int, Field(gt=0, le=4096)] = 64
+    timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    max_retries: Annotated[int, Field(ge=0, le=50)] = 8
+
+
+class TeacherSpec(SpecModel):
+    backend: TeacherBackend = Field(description="`openai` (any OpenAI-compatible API) or `local`.")
+    model: str = Field(min_length=1, description="Model name (openai) or model path/package (local).")
+    base_url: str | None = Field(
+        default=None, alias="baseURL", description="API base URL; required for `openai`."
+    )
+    revision: str | None = Field(default=None, description="Model revision, part of the cache key.")
+    api_key_secret: str | None = Field(
+        default=None,
+        description="Name of the Secret (cluster) or environment variable (embedded) with the API key. "
+        "The key itself never appears in a spec.",
+    )
+    sampling: Sampling = Field(default_factory=Sampling)
+    top_logprobs: Annotated[int, Field(ge=0, le=256)] = Field(
+        default=20, description="Top-k logprobs captured per generated token (OpenAI caps this at 20)."
+    )
+    limits: TeacherLimits = Field(default_factory=TeacherLimits)
+    budget_usd: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        alias="budgetUSD",
+        description="Hard spending limit; the stage stops cleanly when reached.",
+    )
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> TeacherSpec:
+        if self.backend is TeacherBackend.OPENAI and not self.base_url:
+            raise ValueError("`baseURL` is required when `backend` is `openai`")
+        return self
+
+
+# --- stage 4: student and training --------------------------------------------------------------
+
+
+class StudentInit(SpecModel):
+    """Exactly one way to initialise the student."""
+
+    pretrained: str | None = Field(default=None, description="Local path or s3:// folder of a HF model.")
+    prune_teacher_depth: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Copy the teacher keeping this many layers."
+    )
+    prune_teacher_width: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        default=None, description="Copy the teacher keeping this fraction of the MLP width."
+    )
+    config: dict[str, int | float | str | bool] | None = Field(
+        default=None, description="Fresh model from a config (overrides on the teacher's config)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentInit:
+        chosen = [
+            name
+            for name in ("pretrained", "prune_teacher_depth", "prune_teacher_width", "config")
+            if getattr(self, name) is not None
+        ]
+        if len(chosen) != 1:
+            raise ValueError(
+                "give exactly one of `pretrained`, `pruneTeacherDepth`, `pruneTeacherWidth`, `config`"
+            )
+        return self
+
+
+class StudentSpec(SpecModel):
+    init: StudentInit
+
+
+class LossKind(StrEnum):
+    SFT = "sft"
+    FORWARD_KL = "forward_kl"
+    REVERSE_KL = "reverse_kl"
+    JSD = "jsd"
+
+
+class LossSpec(SpecModel):
+    kind: LossKind = LossKind.FORWARD_KL
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    ce_weight: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="Weight of cross-entropy on teacher text mixed into the KD loss."
+    )
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(default=0.5, description="Mixture weight for `jsd`.")
+
+
+class TrainingStrategy(StrEnum):
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class TrainingSpec(SpecModel):
+    loss: LossSpec = Field(default_factory=LossSpec)
+    epochs: Annotated[int, Field(gt=0)] = 1
+    learning_rate: Annotated[float, Field(gt=0)] = 2.0e-5
+    batch_tokens: Annotated[int, Field(gt=0)] = Field(default=16384, description="Tokens per optimizer step.")
+    max_seq_len: Annotated[int, Field(gt=0)] = 1024
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    workers: Annotated[int, Field(gt=0)] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    strategy: TrainingStrategy = TrainingStrategy.DDP
+    checkpoint_every_steps: Annotated[int, Field(gt=0)] = 200
+    seed: int = 0
+
+
+class EvaluationSpec(SpecModel):
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.02, description="Fraction of prompts held out for evaluation."
+    )
+    max_new_tokens: Annotated[int, Field(gt=0)] = 128
+
+
+class DistillationJobSpec(SpecModel):
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+    teacher: TeacherSpec
+    student: StudentSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+
+class DistillationJob(SpecModel):
+    """A whole job document, as submitted to `POST /v1/jobs`."""
+
+    api_version: Literal["stillhouse.dev/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["DistillationJob"] = KIND
+    metadata: Metadata = Field(default_factory=Metadata)
+    spec: DistillationJobSpec
+
+    def to_document(self) -> dict:
+        """The job as JSON-ready camelCase data, with every default filled in."""
+        return self.model_dump(mode="json", by_alias=True)

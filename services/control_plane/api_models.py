@@ -1,0 +1,106 @@
+"""The REST API's wire schema: what `/v1/jobs` answers. Handlers only translate store records to these."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from stillhouse.control_plane.phases import Phase, Stage
+from stillhouse.control_plane.store import JobRecord, StepRecord, StepState
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
+
+
+class StepView(WireModel):
+    stage: Stage
+    operation_id: str
+    state: StepState
+    attempt: int
+    result: dict[str, Any] | None
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, step: StepRecord) -> StepView:
+        return cls(
+            stage=step.stage,
+            operation_id=step.operation_id,
+            state=step.state,
+            attempt=step.attempt,
+            result=step.result,
+            error=step.error,
+            started_at=step.started_at,
+            finished_at=step.finished_at,
+        )
+
+
+class JobView(WireModel):
+    id: str
+    name: str
+    phase: Phase
+    message: str | None = Field(description="Why the job is in its phase, e.g. the cause of a failure.")
+    cancel_requested: bool
+    labels: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    spec: dict[str, Any] = Field(description="The submitted DistillationJob with every default filled in.")
+    steps: list[StepView] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, job: JobRecord, steps: list[StepRecord] | None = None) -> JobView:
+        return cls(
+            id=job.id,
+            name=job.name,
+            phase=job.phase,
+            message=job.message,
+            cancel_requested=job.cancel_requested,
+            labels=job.labels,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            spec=job.document,
+            steps=[StepView.of(step) for step in steps or []],
+        )
+
+
+class JobList(WireModel):
+    jobs: list[JobView]
+    next_page_token: str | None = Field(description="Pass as `pageToken` for the next page; null at the end.")
+
+
+class FieldError(WireModel):
+    field: str = Field(description="Dotted path of the offending field, e.g. `spec.training.epochs`.")
+    message: str
+    type: str
+
+
+class ErrorBody(WireModel):
+    message: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(body)"
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
+    """Pydantic's error list (from a ValidationError or FastAPI's request validation), one per field."""
+    return [
+        FieldError(field=_field_path(tuple(error["loc"])), message=error["msg"], type=error["type"])
+        for error in errors
+    ]
+
+
+def summarise(what: str, errors: list[FieldError]) -> str:
+    shown = "; ".join(f"{error.field}: {error.message}" for error in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return f"invalid {what}: {shown}{more}"

@@ -1,0 +1,56 @@
+"""Settings of the control plane (environment variables STILLHOUSE_CONTROL_PLANE_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from stillhouse.common.config import Settings
+from stillhouse.common.paths import stillhouse_home
+
+
+class ServiceAddresses(BaseModel):
+    """host:port of each stage service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str = "127.0.0.1:50051"
+    teacher: str = "127.0.0.1:50052"
+    storage: str = "127.0.0.1:50053"
+    trainer: str = "127.0.0.1:50054"
+
+
+class ControlPlaneSettings(Settings):
+    model_config = SettingsConfigDict(
+        env_prefix="STILLHOUSE_CONTROL_PLANE_", extra="forbid", env_nested_delimiter="__"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str = Field(
+        default_factory=lambda: f"sqlite:///{stillhouse_home() / 'stillhouse.db'}",
+        description="sqlite:///PATH or postgresql://USER@HOST/DB",
+    )
+    api_tokens: list[SecretStr] = Field(default_factory=list, description="Accepted bearer tokens.")
+    api_token_file: Path | None = Field(
+        default=None, description="File with one accepted token per line (a mounted Secret)."
+    )
+    services: ServiceAddresses = Field(default_factory=ServiceAddresses)
+    # How long a stage call may go without any answer from its service before the job fails.
+    service_unavailable_timeout_seconds: float = 600.0
+    # How often progress is written to the job's events at most (progress arrives faster).
+    progress_event_interval_seconds: float = 1.0
+
+    @model_validator(mode="after")
+    def _some_token(self) -> ControlPlaneSettings:
+        if not self.api_tokens and self.api_token_file is None:
+            raise ValueError("set `api_tokens` or `api_token_file`: the API refuses to run without a token")
+        return self
+
+    def accepted_tokens(self) -> list[str]:
+        tokens = [token.get_secret_value() for token in self.api_tokens]
+        if self.api_token_file is not None:
+            tokens += [line.strip() for line in self.api_token_file.read_text().splitlines() if line.strip()]
+        return tokens

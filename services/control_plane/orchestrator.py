@@ -1,0 +1,319 @@
+"""Drives each job through its stages by calling the stage services over gRPC.
+
+Every step is written to the store before it starts (with its operation id) and after it ends, and
+every service call is idempotent on that id. A control plane that is killed and started again finds
+each unfinished job in the store and carries on: a finished step is not run again, and a running one is
+re-attached by calling Start again with the same id, which the service answers with the operation it
+already has (or starts anew if the service itself forgot it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import structlog
+import tenacity
+
+from stillhouse.common.operations import FINAL_STATES, State
+from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+from stillhouse.control_plane.events import JobEventBus
+from stillhouse.control_plane.phases import STAGE_OF_PHASE, Phase, Stage, next_phase
+from stillhouse.control_plane.stage_calls import STAGE_CALLS, StageCall, operation_id_for, result_to_json
+from stillhouse.control_plane.store import JobRecord, JobStore, StepRecord, StepState
+
+log = structlog.get_logger(__name__)
+
+# Codes that say "the service is not there right now", not "the request is wrong".
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+# How long a cancelled operation gets to stop before the job is marked Cancelled anyway.
+CANCEL_GRACE_SECONDS = 30.0
+
+
+class StageFailed(Exception):
+    """The stage ended without a result; the message says why, for the user."""
+
+
+class StageCancelled(Exception):
+    pass
+
+
+class _WatchEnded(Exception):
+    """The watch stream closed before the operation was final (e.g. the service is shutting down)."""
+
+
+class ServiceChannels:
+    """One gRPC channel per stage service, opened on first use."""
+
+    def __init__(self, addresses: Mapping[str, str]) -> None:
+        self._addresses = dict(addresses)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, service: str) -> grpc.aio.Channel:
+        if service not in self._channels:
+            self._channels[service] = grpc.aio.insecure_channel(self._addresses[service])
+        return self._channels[service]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
+        self._channels.clear()
+
+
+def _describe(service: str, exc: grpc.aio.AioRpcError) -> str:
+    return f"{service} service: {exc.code().name}: {exc.details()}"
+
+
+def _status_text(service: str, operation: operations_pb2.Operation) -> str:
+    code = grpc.StatusCode.UNKNOWN
+    for candidate in grpc.StatusCode:
+        if candidate.value[0] == operation.error.code:
+            code = candidate
+    return f"{service} service: {code.name}: {operation.error.message}"
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        store: JobStore,
+        channels: ServiceChannels,
+        bus: JobEventBus,
+        *,
+        unavailable_timeout_seconds: float,
+        progress_interval_seconds: float,
+    ) -> None:
+        self._store = store
+        self._channels = channels
+        self._bus = bus
+        self._unavailable_timeout = unavailable_timeout_seconds
+        self._progress_interval = progress_interval_seconds
+        self._runners: dict[str, asyncio.Task] = {}
+        self._cancel_requests: dict[str, asyncio.Event] = {}
+
+    async def resume_unfinished(self) -> int:
+        """Pick up every job a previous control plane left unfinished."""
+        jobs = await self._store.unfinished_jobs()
+        for job in jobs:
+            self.run(job.id)
+        if jobs:
+            log.info("resuming unfinished jobs", count=len(jobs))
+        return len(jobs)
+
+    def run(self, job_id: str) -> None:
+        if job_id in self._runners and not self._runners[job_id].done():
+            return
+        self._cancel_requests.setdefault(job_id, asyncio.Event())
+        self._runners[job_id] = asyncio.create_task(self._drive(job_id), name=f"job {job_id}")
+
+    def request_cancel(self, job_id: str) -> None:
+        """Wake the job's runner after the store has recorded the cancel request."""
+        self._cancel_requests.setdefault(job_id, asyncio.Event()).set()
+
+    async def stop(self) -> None:
+        """Stop driving jobs; they stay as they are in the store and carry on after a restart."""
+        runners = list(self._runners.values())
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        self._runners.clear()
+
+    @property
+    def running_jobs(self) -> int:
+        return sum(not runner.done() for runner in self._runners.values())
+
+    # --- one job -----------------------------------------------------------------------------------
+
+    async def _drive(self, job_id: str) -> None:
+        bound = log.bind(job_id=job_id)
+        try:
+            while True:
+                job = await self._store.get_job(job_id)
+                if job.phase.is_terminal:
+                    return
+                if job.cancel_requested:
+                    await self._cancel_running_step(job)
+                    await self._set_phase(job_id, Phase.CANCELLED, "cancelled on request")
+                    return
+                if job.phase is Phase.PENDING:
+                    await self._set_phase(job_id, next_phase(job.phase))
+                    continue
+                stage = STAGE_OF_PHASE[job.phase]
+                try:
+                    await self._run_stage(job, stage)
+                except StageCancelled:
+                    await self._set_phase(job_id, Phase.CANCELLED, "cancelled on request")
+                    return
+                except StageFailed as exc:
+                    await self._fail(job_id, str(exc))
+                    return
+                await self._set_phase(job_id, next_phase(job.phase))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: the job must not hang in a working phase
+            bound.exception("job runner crashed")
+            await self._fail(job_id, f"internal error in the control plane: {type(exc).__name__}: {exc}")
+
+    async def _set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> None:
+        await self._store.set_phase(job_id, phase, message)
+        log.info("job phase", job_id=job_id, phase=phase.value, message=message)
+        self._bus.notify()
+
+    async def _fail(self, job_id: str, message: str) -> None:
+        await self._store.append_event(job_id, "error", {"message": message})
+        await self._set_phase(job_id, Phase.FAILED, message)
+
+    async def _stage_results(self, job_id: str) -> dict[Stage, Mapping[str, Any]]:
+        steps = await self._store.steps(job_id)
+        return {step.stage: step.result or {} for step in steps if step.state is StepState.SUCCEEDED}
+
+    async def _run_stage(self, job: JobRecord, stage: Stage) -> None:
+        call = STAGE_CALLS[stage]
+        step = await self._store.get_step(job.id, stage)
+        if step is not None and step.state is StepState.SUCCEEDED:
+            return  # finished before a restart; only the phase change was lost
+        if step is None or step.state is not StepState.RUNNING:
+            attempt = 1 if step is None else step.attempt + 1
+            step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt))
+        results = await self._stage_results(job.id)
+        request = call.build_request(step.operation_id, job.id, job.document["spec"], results)
+        try:
+            operation = await self._until_final(job.id, call, step, request)
+        except StageFailed as exc:
+            await self._store.finish_step(job.id, stage, StepState.FAILED, error=str(exc))
+            raise
+        except StageCancelled:
+            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error="cancelled on request")
+            raise
+
+        if operation.state == State.OPERATION_STATE_SUCCEEDED:
+            result = call.result_type()
+            operation.result.Unpack(result)
+            await self._store.finish_step(job.id, stage, StepState.SUCCEEDED, result=result_to_json(result))
+            return
+        message = _status_text(call.service, operation)
+        if operation.state == State.OPERATION_STATE_CANCELLED:
+            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error=message)
+            if self._cancel_requests[job.id].is_set() or (await self._store.get_job(job.id)).cancel_requested:
+                raise StageCancelled
+            raise StageFailed(message)
+        await self._store.finish_step(job.id, stage, StepState.FAILED, error=message)
+        raise StageFailed(message)
+
+    async def _until_final(
+        self, job_id: str, call: StageCall, step: StepRecord, request
+    ) -> operations_pb2.Operation:
+        """Start (or re-attach to) the step's operation and follow it to a final state."""
+        watcher = asyncio.create_task(self._follow(job_id, call, step, request))
+        cancel_requested = asyncio.create_task(self._cancel_requests[job_id].wait())
+        try:
+            done, _ = await asyncio.wait({watcher, cancel_requested}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                return watcher.result()
+            if not await self._cancel_operation(call, step.operation_id):
+                raise StageCancelled  # nothing is running there that could still finish
+            try:
+                return await asyncio.wait_for(asyncio.shield(watcher), CANCEL_GRACE_SECONDS)
+            except TimeoutError:
+                raise StageCancelled from None
+        finally:
+            for task in (watcher, cancel_requested):
+                task.cancel()
+
+    async def _follow(
+        self, job_id: str, call: StageCall, step: StepRecord, request
+    ) -> operations_pb2.Operation:
+        channel = self._channels.get(call.service)
+        operations = operations_pb2_grpc.OperationsStub(channel)
+        last_contact = time.monotonic()
+        last_progress_event = 0.0
+
+        def out_of_patience(_: tenacity.RetryCallState) -> bool:
+            return time.monotonic() - last_contact > self._unavailable_timeout
+
+        def retryable(exc: BaseException) -> bool:
+            # NOT_FOUND: the service restarted and forgot the operation; starting again re-creates it.
+            return isinstance(exc, _WatchEnded) or (
+                isinstance(exc, grpc.aio.AioRpcError)
+                and (exc.code() in TRANSIENT_CODES or exc.code() is grpc.StatusCode.NOT_FOUND)
+            )
+
+        async def attempt() -> operations_pb2.Operation:
+            nonlocal last_contact, last_progress_event
+            # Start is idempotent on the operation id: after a restart this re-attaches.
+            await call.start(channel, request)
+            last_contact = time.monotonic()
+            watch = operations.WatchOperation(
+                operations_pb2.WatchOperationRequest(operation_id=step.operation_id)
+            )
+            async for operation in watch:
+                last_contact = time.monotonic()
+                final = operation.state in FINAL_STATES
+                if final or last_contact - last_progress_event >= self._progress_interval:
+                    last_progress_event = last_contact
+                    await self._progress_event(job_id, call.stage, operation)
+                if final:
+                    return operation
+            raise _WatchEnded
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(retryable),
+            wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
+            stop=out_of_patience,
+            reraise=True,
+        )
+        try:
+            return await retrying(attempt)
+        except _WatchEnded as exc:
+            raise StageFailed(f"{call.service} service kept closing the progress stream") from exc
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise StageFailed(
+                    f"{call.service} service unreachable for {self._unavailable_timeout:.0f} s: "
+                    f"{exc.code().name}: {exc.details()}"
+                ) from exc
+            raise StageFailed(_describe(call.service, exc)) from exc
+
+    async def _cancel_running_step(self, job: JobRecord) -> None:
+        """A cancel request found after a restart: stop the work the previous control plane started."""
+        stage = STAGE_OF_PHASE.get(job.phase)
+        step = await self._store.get_step(job.id, stage) if stage else None
+        if step is not None and step.state is StepState.RUNNING:
+            await self._cancel_operation(STAGE_CALLS[stage], step.operation_id)
+            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error="cancelled on request")
+
+    async def _cancel_operation(self, call: StageCall, operation_id: str) -> bool:
+        """Ask the service to stop the operation; False when the service does not have it running."""
+        stub = operations_pb2_grpc.OperationsStub(self._channels.get(call.service))
+        try:
+            await stub.CancelOperation(
+                operations_pb2.CancelOperationRequest(operation_id=operation_id), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "cancel did not reach the operation",
+                operation_id=operation_id,
+                error=_describe(call.service, exc),
+            )
+            return False
+        return True
+
+    async def _progress_event(self, job_id: str, stage: Stage, operation: operations_pb2.Operation) -> None:
+        progress = operation.progress
+        await self._store.append_event(
+            job_id,
+            "progress",
+            {
+                "stage": stage.value,
+                "state": State.Name(operation.state).removeprefix("OPERATION_STATE_").lower(),
+                "unit": progress.unit,
+                "done": progress.done,
+                "total": progress.total,
+                "message": progress.message,
+                "metrics": dict(progress.metrics),
+            },
+        )
+        self._bus.notify()

@@ -1,0 +1,578 @@
+"""The job store: jobs, the steps each job has run and the events it has emitted.
+
+One code path over SQLite (embedded mode) and PostgreSQL (cluster mode). The schema is owned by the
+Alembic migrations beside this module; `JobStore.open` brings the database to the latest revision.
+Callers get frozen records, never ORM objects, so no session ever leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    false,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+from stillhouse.control_plane.phases import TERMINAL_PHASES, IllegalTransition, Phase, Stage, check_transition
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+MAX_JOB_ID_LENGTH = 64
+# How long an SQLite connection waits for another process's write to finish before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# URL scheme a user may give -> (driver for the async engine, driver for migrations).
+_DRIVERS = {
+    "sqlite": ("sqlite+aiosqlite", "sqlite"),
+    "sqlite+aiosqlite": ("sqlite+aiosqlite", "sqlite"),
+    "postgresql": ("postgresql+psycopg", "postgresql+psycopg"),
+    "postgresql+psycopg": ("postgresql+psycopg", "postgresql+psycopg"),
+}
+# Any constant will do: it only has to be the same in every process migrating the same database.
+_MIGRATION_LOCK_KEY = 0x5717_1405
+
+
+# --- Records handed to callers ------------------------------------------------------------------
+
+
+class StepState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    document: dict[str, Any]
+    labels: dict[str, str]
+    phase: Phase
+    message: str | None
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    job_id: str
+    stage: Stage
+    operation_id: str
+    state: StepState
+    attempt: int
+    result: dict[str, Any] | None
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    job_id: str
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class JobAlreadyExists(ValueError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"a job with id {job_id!r} already exists")
+        self.job_id = job_id
+
+
+class StepNotFound(LookupError):
+    def __init__(self, job_id: str, stage: Stage) -> None:
+        super().__init__(f"job {job_id!r} has no {stage} step")
+        self.job_id = job_id
+        self.stage = stage
+
+
+# --- Tables ---------------------------------------------------------------------------------------
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every database (SQLite stores and returns naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value} given where an aware one is needed")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    # Named constraints, so that later migrations can alter them on SQLite too (batch mode).
+    metadata = MetaData(
+        naming_convention={
+            "pk": "pk_%(table_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        }
+    )
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_phase_created_at_id", "phase", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(MAX_JOB_ID_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(253))
+    document: Mapped[dict[str, Any]]
+    labels: Mapped[dict[str, Any]]
+    phase: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class StepRow(Base):
+    __tablename__ = "job_steps"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(32), primary_key=True)
+    operation_id: Mapped[str] = mapped_column(String(128), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int]
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class EventRow(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"), {"sqlite_autoincrement": True})
+
+    # On SQLite only INTEGER PRIMARY KEY autoincrements, so the 64-bit type is PostgreSQL's alone.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+def _job_record(row: JobRow) -> JobRecord:
+    return JobRecord(
+        id=row.id,
+        name=row.name,
+        document=row.document,
+        labels=row.labels,
+        phase=Phase(row.phase),
+        message=row.message,
+        cancel_requested=row.cancel_requested,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _step_record(row: StepRow) -> StepRecord:
+    return StepRecord(
+        job_id=row.job_id,
+        stage=Stage(row.stage),
+        operation_id=row.operation_id,
+        state=StepState(row.state),
+        attempt=row.attempt,
+        result=row.result,
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _event_record(row: EventRow) -> EventRecord:
+    return EventRecord(id=row.id, job_id=row.job_id, type=row.type, data=row.data, created_at=row.created_at)
+
+
+# --- URLs, connections and migrations -------------------------------------------------------------
+
+
+def database_urls(database_url: str) -> tuple[URL, URL]:
+    """(URL for the async engine, URL for migrations) of a user-given database URL."""
+    try:
+        url = make_url(database_url)
+    except ArgumentError:
+        raise ValueError(
+            "database URL is not a URL; give sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+        ) from None
+    if url.drivername not in _DRIVERS:
+        raise ValueError(
+            f"database URL scheme {url.drivername!r} is not supported; use one of {', '.join(_DRIVERS)}"
+        )
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ValueError("an in-memory SQLite database cannot be shared; give sqlite:///PATH to a file")
+    async_driver, sync_driver = _DRIVERS[url.drivername]
+    return url.set(drivername=async_driver), url.set(drivername=sync_driver)
+
+
+def _configure_sqlite(engine: Engine, database: str) -> None:
+    """WAL and a busy timeout let a second process (say, a restarted control plane) share the file."""
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration, built in code: the migrations ship inside the package."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def migrate(database_url: str) -> None:
+    """Bring the database to the latest revision (blocking; idempotent)."""
+    _, sync_url = database_urls(database_url)
+    engine = create_engine(sync_url, poolclass=NullPool)
+    if sync_url.get_backend_name() == "sqlite":
+        _configure_sqlite(engine, sync_url.database or "")
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together take turns; the later ones then find the schema at head.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _encode_page_token(row: JobRow) -> str:
+    key = json.dumps([row.created_at.isoformat(), row.id])
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        created_at, job_id = json.loads(raw)
+        if not isinstance(created_at, str) or not isinstance(job_id, str):
+            raise TypeError
+        when = datetime.fromisoformat(created_at)
+        if when.tzinfo is None:
+            raise TypeError
+    except (ValueError, TypeError):
+        raise ValueError("invalid page token") from None
+    return when, job_id
+
+
+# --- The store ------------------------------------------------------------------------------------
+
+
+class JobStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, database_url: str) -> JobStore:
+        """Migrate the database to the latest revision, then connect to it."""
+        async_url, _ = database_urls(database_url)
+        await asyncio.to_thread(migrate, database_url)
+        engine = create_async_engine(async_url, pool_pre_ping=True)
+        if async_url.get_backend_name() == "sqlite":
+            _configure_sqlite(engine.sync_engine, async_url.database or "")
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def ping(self) -> None:
+        async with self._engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    # Jobs
+
+    async def create_job(
+        self, job_id: str, name: str, document: dict[str, Any], labels: dict[str, str]
+    ) -> JobRecord:
+        if not 0 < len(job_id) <= MAX_JOB_ID_LENGTH:
+            raise ValueError(f"job id {job_id!r} must be 1 to {MAX_JOB_ID_LENGTH} characters long")
+        now = _now()
+        row = JobRow(
+            id=job_id,
+            name=name,
+            document=document,
+            labels=labels,
+            phase=Phase.PENDING.value,
+            message=None,
+            cancel_requested=False,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            async with self._sessions.begin() as session:
+                session.add(row)
+                await session.flush()
+                session.add(_phase_event(job_id, Phase.PENDING, None, now))
+        except IntegrityError:
+            raise JobAlreadyExists(job_id) from None
+        return _job_record(row)
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        async with self._sessions() as session:
+            return _job_record(await _job_row(session, job_id))
+
+    async def list_jobs(
+        self, *, phase: Phase | None = None, limit: int = 50, page_token: str | None = None
+    ) -> tuple[list[JobRecord], str | None]:
+        """Newest first; the token, when not None, fetches the next page."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+        if phase is not None:
+            query = query.where(JobRow.phase == phase.value)
+        if page_token is not None:
+            # A plain tuple takes the columns' types, so the datetime is bound as UTC on SQLite too.
+            query = query.where(tuple_(JobRow.created_at, JobRow.id) < _decode_page_token(page_token))
+        async with self._sessions() as session:
+            rows = list((await session.scalars(query)).all())
+        next_token = _encode_page_token(rows[limit - 1]) if len(rows) > limit else None
+        return [_job_record(row) for row in rows[:limit]], next_token
+
+    async def unfinished_jobs(self) -> list[JobRecord]:
+        """Jobs not in a terminal phase, oldest first: what a restarted orchestrator picks up."""
+        query = (
+            select(JobRow)
+            .where(JobRow.phase.not_in([phase.value for phase in TERMINAL_PHASES]))
+            .order_by(JobRow.created_at, JobRow.id)
+        )
+        async with self._sessions() as session:
+            return [_job_record(row) for row in await session.scalars(query)]
+
+    async def set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> JobRecord:
+        """Move the job to `phase` and record a "phase" event, or raise IllegalTransition."""
+        while True:
+            async with self._sessions.begin() as session:
+                current = Phase((await _job_row(session, job_id)).phase)
+                check_transition(current, phase)
+                now = _now()
+                # Conditional on the phase just read: of two writers, the second matches no row.
+                moved = await session.scalar(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.phase == current.value)
+                    .values(phase=phase.value, message=message, updated_at=now)
+                    .returning(JobRow)
+                    .execution_options(populate_existing=True)
+                )
+                if moved is None:
+                    continue  # another writer moved the job first: check again from where it is now
+                session.add(_phase_event(job_id, phase, message, now))
+                return _job_record(moved)
+
+    async def request_cancel(self, job_id: str) -> JobRecord:
+        """Flag the job for the orchestrator to cancel; idempotent until the job ends."""
+        async with self._sessions.begin() as session:
+            row = await session.scalar(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.phase.not_in([p.value for p in TERMINAL_PHASES]))
+                .values(cancel_requested=True, updated_at=_now())
+                .returning(JobRow)
+                .execution_options(populate_existing=True)
+            )
+            if row is None:
+                raise IllegalTransition(Phase((await _job_row(session, job_id)).phase), Phase.CANCELLED)
+            return _job_record(row)
+
+    # Steps
+
+    async def get_step(self, job_id: str, stage: Stage) -> StepRecord | None:
+        async with self._sessions() as session:
+            row = await session.get(StepRow, (job_id, stage.value))
+            return None if row is None else _step_record(row)
+
+    async def begin_step(self, job_id: str, stage: Stage, operation_id: str) -> StepRecord:
+        """Record that `stage` started as `operation_id`.
+
+        A running step is returned unchanged (so a restarted orchestrator can re-attach to it); a
+        failed or cancelled one starts its next attempt; a succeeded one is never run again.
+        """
+        while True:
+            existing = await self.get_step(job_id, stage)
+            if existing is None:
+                try:
+                    return await self._insert_step(job_id, stage, operation_id)
+                except IntegrityError:
+                    if await self.get_step(job_id, stage) is None:
+                        raise  # not a concurrent begin_step: the operation id is taken
+                    continue
+            if existing.state == StepState.RUNNING:
+                return existing
+            if existing.state == StepState.SUCCEEDED:
+                raise ValueError(f"the {stage} step of job {job_id!r} already succeeded")
+            retried = await self._update_step(
+                existing,
+                operation_id=operation_id,
+                state=StepState.RUNNING.value,
+                attempt=existing.attempt + 1,
+                result=None,
+                error=None,
+                started_at=_now(),
+                finished_at=None,
+            )
+            if retried is not None:
+                return retried
+
+    async def _insert_step(self, job_id: str, stage: Stage, operation_id: str) -> StepRecord:
+        async with self._sessions.begin() as session:
+            await _job_row(session, job_id)
+            row = StepRow(
+                job_id=job_id,
+                stage=stage.value,
+                operation_id=operation_id,
+                state=StepState.RUNNING.value,
+                attempt=1,
+                result=None,
+                error=None,
+                started_at=_now(),
+                finished_at=None,
+            )
+            session.add(row)
+        return _step_record(row)
+
+    async def _update_step(self, step: StepRecord, **values: Any) -> StepRecord | None:
+        """Update `step` unless another writer changed it since it was read (then None)."""
+        async with self._sessions.begin() as session:
+            row = await session.scalar(
+                update(StepRow)
+                .where(
+                    StepRow.job_id == step.job_id,
+                    StepRow.stage == step.stage.value,
+                    StepRow.attempt == step.attempt,
+                    StepRow.state == step.state.value,
+                )
+                .values(**values)
+                .returning(StepRow)
+            )
+            return None if row is None else _step_record(row)
+
+    async def finish_step(
+        self,
+        job_id: str,
+        stage: Stage,
+        state: StepState,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> StepRecord:
+        """End the running step as succeeded, failed or cancelled."""
+        if state == StepState.RUNNING:
+            raise ValueError("a step finishes as succeeded, failed or cancelled, not running")
+        while True:
+            step = await self.get_step(job_id, stage)
+            if step is None:
+                raise StepNotFound(job_id, stage)
+            if step.state != StepState.RUNNING:
+                raise ValueError(f"the {stage} step of job {job_id!r} is already {step.state}")
+            finished = await self._update_step(
+                step, state=state.value, result=result, error=error, finished_at=_now()
+            )
+            if finished is not None:
+                return finished
+
+    async def steps(self, job_id: str) -> list[StepRecord]:
+        """The job's steps in pipeline order (empty for an unknown job)."""
+        async with self._sessions() as session:
+            rows = await session.scalars(select(StepRow).where(StepRow.job_id == job_id))
+            records = [_step_record(row) for row in rows]
+        order = list(Stage)
+        return sorted(records, key=lambda step: order.index(step.stage))
+
+    # Events
+
+    async def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
+        async with self._sessions.begin() as session:
+            # Holding the job's row lock while inserting makes a job's events commit in id order,
+            # so a reader resuming after the last id it saw never skips one.
+            await _job_row(session, job_id, for_update=True)
+            row = EventRow(job_id=job_id, type=type, data=data, created_at=_now())
+            session.add(row)
+            await session.flush()
+            return _event_record(row)
+
+    async def events_after(self, job_id: str, after_id: int = 0, limit: int = 500) -> list[EventRecord]:
+        """The job's events with an id above `after_id`, oldest first (empty for an unknown job)."""
+        query = (
+            select(EventRow)
+            .where(EventRow.job_id == job_id, EventRow.id > after_id)
+            .order_by(EventRow.id)
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            return [_event_record(row) for row in await session.scalars(query)]
+
+
+async def _job_row(session: AsyncSession, job_id: str, *, for_update: bool = False) -> JobRow:
+    query = select(JobRow).where(JobRow.id == job_id).execution_options(populate_existing=True)
+    row = await session.scalar(query.with_for_update() if for_update else query)
+    if row is None:
+        raise JobNotFound(job_id)
+    return row
+
+
+def _phase_event(job_id: str, phase: Phase, message: str | None, now: datetime) -> EventRow:
+    return EventRow(
+        job_id=job_id, type="phase", data={"phase": phase.value, "message": message}, created_at=now
+    )

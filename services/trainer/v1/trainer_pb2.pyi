@@ -1,0 +1,92 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from stillhouse.common.v1 import operations_pb2 as _operations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TrainStudentRequest(_message.Message):
+    __slots__ = ("operation_id", "job_id", "answers", "teacher", "student", "training")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    job_id: str
+    answers: _operations_pb2.DatasetRef
+    teacher: _struct_pb2.Struct
+    student: _struct_pb2.Struct
+    training: _struct_pb2.Struct
+    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., student: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class TrainStudentResult(_message.Message):
+    __slots__ = ("student", "baseline", "steps", "tokens", "gpu_hours", "final_metrics")
+    class FinalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    student: _operations_pb2.ArtifactRef
+    baseline: _operations_pb2.ArtifactRef
+    steps: int
+    tokens: int
+    gpu_hours: float
+    final_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_hours: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvaluateStudentRequest(_message.Message):
+    __slots__ = ("operation_id", "job_id", "student", "baseline", "holdout_answers", "teacher", "evaluation")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    job_id: str
+    student: _operations_pb2.ArtifactRef
+    baseline: _operations_pb2.ArtifactRef
+    holdout_answers: _operations_pb2.DatasetRef
+    teacher: _struct_pb2.Struct
+    evaluation: _struct_pb2.Struct
+    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., holdout_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class EvaluateStudentResult(_message.Message):
+    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics")
+    class StudentMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class BaselineMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_METRICS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    report: _operations_pb2.ArtifactRef
+    recovery_percent: float
+    student_metrics: _containers.ScalarMap[str, float]
+    baseline_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -1,0 +1,63 @@
+"""`stillhouse serve`: bad settings are refused with one line per field and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from stillhouse.cli.main import app
+
+
+def serve(*args: str, **env: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["serve", *args], env={"STILLHOUSE_HOME": "/nonexistent", **env})
+    return result.exit_code, result.stderr
+
+
+def test_bad_environment_value_names_the_field() -> None:
+    code, stderr = serve("prompts", STILLHOUSE_PROMPTS_LOG_LEVEL="loud", STILLHOUSE_PROMPTS_PORT="many")
+    assert code == 2
+    lines = stderr.splitlines()
+    assert lines[0] == "invalid prompts settings (config file, STILLHOUSE_PROMPTS_* environment, flags):"
+    assert any(line.startswith("  port: Input should be a valid integer") for line in lines)
+    assert any(line.startswith("  log_level: Input should be 'debug', 'info'") for line in lines)
+    assert "Traceback" not in stderr
+
+
+def test_unknown_setting_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "teacher.yaml"
+    config.write_text("port: 7000\nbatch_sise: 3\n")
+    code, stderr = serve("teacher", "--config", str(config))
+    assert code == 2
+    assert "  batch_sise: Extra inputs are not permitted" in stderr.splitlines()
+
+
+def test_config_file_that_is_not_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "storage.yaml"
+    config.write_text("port: [1, 2\n")
+    code, stderr = serve("storage", "--config", str(config))
+    assert code == 2
+    assert stderr.startswith(f"config file {config} is not valid YAML")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    code, stderr = serve("trainer", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2
+    assert stderr.startswith(f"cannot read config file {tmp_path / 'missing.yaml'}")
+
+
+def test_control_plane_without_a_token() -> None:
+    code, stderr = serve("control-plane", "--port", "0")
+    assert code == 2
+    assert "  set `api_tokens` or `api_token_file`: the API refuses to run without a token" in stderr
+
+
+def test_control_plane_has_no_metrics_port() -> None:
+    code, stderr = serve("control-plane", "--metrics-port", "9100")
+    assert code == 2
+    assert "drop --metrics-port" in stderr
+
+
+def test_unknown_service() -> None:
+    code, _ = serve("kitchen")
+    assert code == 2

@@ -1,0 +1,230 @@
+"""The DistillationJob spec: a minimal spec gets every default, and a bad one is refused naming the field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from stillhouse.common.jobspec import DistillationJob
+
+MINIMAL = {
+    "spec": {
+        "teacher": {"backend": "local", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "student": {"init": {"pretrained": "s3://stillhouse/models/qwen2.5-0.5b"}},
+    }
+}
+
+# The example of the design document, as a user would write it.
+DESIGN_EXAMPLE = """
+apiVersion: stillhouse.dev/v1
+kind: DistillationJob
+metadata: {name: support-bot-small}
+spec:
+  prompts: {sources: [{path: s3://stillhouse/seeds/support.jsonl}], generate: {strategy: self_instruct, count: 20000}, seed: 7}
+  teacher: {backend: openai, baseURL: https://api.deepseek.com/v1, model: deepseek-chat, apiKeySecret: deepseek,
+            sampling: {temperature: 0.7, maxTokens: 512}, topLogprobs: 20,
+            limits: {requestsPerMinute: 3000, tokensPerMinute: 1000000, maxConcurrency: 256}, budgetUSD: 50}
+  student: {init: {pretrained: s3://stillhouse/models/qwen2.5-0.5b}}
+  training: {loss: {kind: forward_kl, temperature: 1.0, ceWeight: 0.5}, epochs: 2, learningRate: 2.0e-5,
+             workers: 8, gpusPerWorker: 1, strategy: fsdp}
+  evaluation: {holdoutFraction: 0.02}
+"""  # noqa: E501
+
+
+def with_changes(path: tuple[str, ...], value: Any, base: dict | None = None) -> dict:
+    """A copy of the minimal spec (or `base`) with the value at `path` set (or removed, for ...)."""
+    document = copy.deepcopy(base or MINIMAL)
+    *parents, last = path
+    node = document
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return document
+
+
+def refusals(document: dict) -> list[dict]:
+    with pytest.raises(ValidationError) as caught:
+        DistillationJob.model_validate(document)
+    return caught.value.errors()
+
+
+def refused_at(document: dict, loc: tuple, fragment: str) -> dict:
+    """Assert the document is refused with an error at `loc` whose message contains `fragment`."""
+    errors = refusals(document)
+    matching = [error for error in errors if error["loc"] == loc]
+    assert matching, f"no error at {loc}; errors were {[(e['loc'], e['msg']) for e in errors]}"
+    assert any(fragment in error["msg"] for error in matching), matching
+    return matching[0]
+
+
+def test_minimal_spec_gets_every_default() -> None:
+    job = DistillationJob.model_validate(MINIMAL)
+    document = job.to_document()
+    assert document["apiVersion"] == "stillhouse.dev/v1"
+    assert document["kind"] == "DistillationJob"
+    assert document["metadata"] == {"name": None, "labels": {}}
+    spec = document["spec"]
+    assert spec["prompts"]["sources"] == []
+    assert spec["prompts"]["generate"]["strategy"] == "none"
+    assert spec["prompts"]["filters"]["dedup"] is True
+    assert spec["prompts"]["filters"]["nearDupThreshold"] == 0.8
+    assert spec["prompts"]["filters"]["maxChars"] == 8192
+    assert spec["teacher"]["topLogprobs"] == 20
+    assert spec["teacher"]["baseURL"] is None
+    assert spec["teacher"]["sampling"] == {"temperature": 0.7, "topP": 1.0, "maxTokens": 512, "seed": None}
+    assert spec["teacher"]["limits"]["maxConcurrency"] == 64
+    assert spec["teacher"]["limits"]["maxRetries"] == 8
+    assert spec["training"]["epochs"] == 1
+    assert spec["training"]["learningRate"] == 2.0e-5
+    assert spec["training"]["loss"] == {
+        "kind": "forward_kl",
+        "temperature": 1.0,
+        "ceWeight": 0.0,
+        "beta": 0.5,
+    }
+    assert spec["training"]["strategy"] == "ddp"
+    assert spec["evaluation"]["holdoutFraction"] == 0.02
+    assert spec["evaluation"]["maxNewTokens"] == 128
+
+
+def test_document_round_trips() -> None:
+    job = DistillationJob.model_validate(MINIMAL)
+    document = job.to_document()
+    again = DistillationJob.model_validate(document)
+    assert again == job
+    assert again.to_document() == document
+
+
+def test_design_example_validates() -> None:
+    job = DistillationJob.model_validate(yaml.safe_load(DESIGN_EXAMPLE))
+    assert job.metadata.name == "support-bot-small"
+    assert job.spec.prompts.sources[0].path == "s3://stillhouse/seeds/support.jsonl"
+    assert job.spec.prompts.generate.count == 20000
+    assert job.spec.teacher.base_url == "https://api.deepseek.com/v1"
+    assert job.spec.teacher.api_key_secret == "deepseek"
+    assert job.spec.teacher.limits.tokens_per_minute == 1_000_000
+    assert job.spec.teacher.budget_usd == 50
+    assert job.spec.training.loss.ce_weight == 0.5
+    assert job.spec.training.strategy == "fsdp"
+    assert job.spec.training.workers == 8
+    assert DistillationJob.model_validate(job.to_document()) == job
+
+
+@pytest.mark.parametrize(
+    ("path", "loc"),
+    [
+        (("colour",), ("colour",)),
+        (("spec", "colour"), ("spec", "colour")),
+        (("spec", "training", "epochz"), ("spec", "training", "epochz")),
+        (("spec", "teacher", "sampling", "temprature"), ("spec", "teacher", "sampling", "temprature")),
+        (("metadata", "namespace"), ("metadata", "namespace")),
+    ],
+)
+def test_unknown_field_is_refused_where_it_is(path: tuple[str, ...], loc: tuple) -> None:
+    error = refused_at(with_changes(path, 3), loc, "Extra inputs are not permitted")
+    assert error["type"] == "extra_forbidden"
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_epochs_must_be_positive(epochs: int) -> None:
+    refused_at(
+        with_changes(("spec", "training", "epochs"), epochs), ("spec", "training", "epochs"), "greater than 0"
+    )
+
+
+@pytest.mark.parametrize("part", ["teacher", "student"])
+def test_teacher_and_student_are_required(part: str) -> None:
+    error = refused_at(with_changes(("spec", part), ...), ("spec", part), "Field required")
+    assert error["type"] == "missing"
+
+
+def test_openai_backend_needs_a_base_url() -> None:
+    document = with_changes(("spec", "teacher"), {"backend": "openai", "model": "deepseek-chat"})
+    refused_at(document, ("spec", "teacher"), "`baseURL` is required when `backend` is `openai`")
+    document["spec"]["teacher"]["baseURL"] = "http://127.0.0.1:8000/v1"
+    assert DistillationJob.model_validate(document).spec.teacher.base_url == "http://127.0.0.1:8000/v1"
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ({"path": "seeds.jsonl", "inline": ["hello"]}, "give exactly one of `path` or `inline`"),
+        ({"format": "jsonl"}, "give exactly one of `path` or `inline`"),
+        ({"inline": []}, "`inline` must list at least one prompt"),
+    ],
+)
+def test_prompt_source_needs_exactly_one_origin(source: dict, fragment: str) -> None:
+    good = {"inline": ["What is distillation?"]}
+    document = with_changes(("spec", "prompts"), {"sources": [good, source]})
+    refused_at(document, ("spec", "prompts", "sources", 1), fragment)
+
+
+@pytest.mark.parametrize(
+    "init",
+    [
+        {},
+        {"pretrained": "s3://stillhouse/models/a", "pruneTeacherDepth": 6},
+        {"pruneTeacherWidth": 0.5, "config": {"num_hidden_layers": 4}},
+    ],
+)
+def test_student_init_needs_exactly_one_choice(init: dict) -> None:
+    refused_at(
+        with_changes(("spec", "student", "init"), init),
+        ("spec", "student", "init"),
+        "give exactly one of `pretrained`, `pruneTeacherDepth`, `pruneTeacherWidth`, `config`",
+    )
+
+
+@pytest.mark.parametrize(
+    "init", [{"pruneTeacherDepth": 6}, {"pruneTeacherWidth": 0.5}, {"config": {"num_hidden_layers": 4}}]
+)
+def test_each_student_init_choice_alone_is_valid(init: dict) -> None:
+    assert DistillationJob.model_validate(with_changes(("spec", "student", "init"), init))
+
+
+def test_min_chars_must_not_exceed_max_chars() -> None:
+    document = with_changes(("spec", "prompts"), {"filters": {"minChars": 100, "maxChars": 10}})
+    refused_at(document, ("spec", "prompts", "filters"), "`minChars` must not exceed `maxChars`")
+    document["spec"]["prompts"]["filters"]["minChars"] = 10
+    assert DistillationJob.model_validate(document).spec.prompts.filters.min_chars == 10
+
+
+@pytest.mark.parametrize(
+    "name", ["Support-Bot", "support_bot", "-support", "support-", "a" * 64, "support\n", ""]
+)
+def test_bad_metadata_name_is_refused(name: str) -> None:
+    refused_at(with_changes(("metadata",), {"name": name}), ("metadata", "name"), "lower-case letters")
+
+
+@pytest.mark.parametrize("name", ["a", "support-bot-2", "a" * 63])
+def test_good_metadata_name_is_accepted(name: str) -> None:
+    assert DistillationJob.model_validate(with_changes(("metadata",), {"name": name})).metadata.name == name
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [("apiVersion", "stillhouse.dev/v2", "'stillhouse.dev/v1'"), ("kind", "Job", "'DistillationJob'")],
+)
+def test_wrong_api_version_or_kind(field: str, value: str, allowed: str) -> None:
+    error = refused_at(with_changes((field,), value), (field,), allowed)
+    assert error["type"] == "literal_error"
+
+
+def test_unknown_loss_kind_lists_the_allowed_ones() -> None:
+    document = with_changes(("spec", "training"), {"loss": {"kind": "kl"}})
+    error = refused_at(document, ("spec", "training", "loss", "kind"), "'sft'")
+    for kind in ("sft", "forward_kl", "reverse_kl", "jsd"):
+        assert f"'{kind}'" in error["msg"]
+
+
+def test_fields_have_one_spelling_on_the_wire() -> None:
+    with pytest.raises(ValidationError) as refused:
+        DistillationJob.model_validate(with_changes(("spec", "training", "learning_rate"), 1e-4))
+    assert ("spec", "training", "learning_rate") in [error["loc"] for error in refused.value.errors()]

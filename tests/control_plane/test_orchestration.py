@@ -1,0 +1,196 @@
+"""A job driven through its stages over real gRPC, by a real control plane process that may be killed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+SCRIPTED_STAGES = Path(__file__).with_name("scripted_stages.py")
+MINIMAL_JOB = {
+    "spec": {
+        "teacher": {"backend": "local", "model": "smollm2"},
+        "student": {"init": {"pruneTeacherDepth": 2}},
+    }
+}
+STAGE_RPCS = ["GeneratePrompts", "AnswerPrompts", "TrainStudent", "EvaluateStudent"]
+
+
+class Stages:
+    def __init__(self, address: str, journal: Path) -> None:
+        self.address = address
+        self.journal_path = journal
+
+    def journal(self) -> list[dict]:
+        if not self.journal_path.exists():
+            return []
+        return [json.loads(line) for line in self.journal_path.read_text().splitlines()]
+
+    def new_starts(self, rpc: str) -> list[str]:
+        return [entry["operation_id"] for entry in self.journal() if entry.get("rpc") == rpc and entry["new"]]
+
+
+def start_stages(processes, port: int, journal: Path, seconds: float, fail_rpc: str = "") -> Stages:
+    argv = [sys.executable, str(SCRIPTED_STAGES), str(port), str(journal), str(seconds)]
+    processes.start("stages", argv + ([fail_rpc] if fail_rpc else []))
+    return Stages(f"127.0.0.1:{port}", journal)
+
+
+@pytest.fixture
+def platform(processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path, request):
+    """Scripted stage services plus a control plane using them. Parametrize with (seconds, fail_rpc)."""
+    seconds, fail_rpc = getattr(request, "param", (0.5, ""))
+    stages = start_stages(processes, free_port(), tmp_path / "journal.jsonl", seconds, fail_rpc)
+    wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+    control_plane = control_plane_at(
+        {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")}
+    )
+    control_plane.start()
+    return control_plane, stages
+
+
+def submit(client: httpx.Client, job: dict = MINIMAL_JOB) -> str:
+    response = client.post("/v1/jobs", json=job)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def phase_of(client: httpx.Client, job_id: str) -> str:
+    return client.get(f"/v1/jobs/{job_id}").json()["phase"]
+
+
+def wait_for_phase(wait_until, client, job_id: str, phases: set[str], timeout: float = 60) -> str:
+    return wait_until(
+        lambda: (phase := phase_of(client, job_id)) in phases and phase, timeout, f"phase in {phases}"
+    )
+
+
+def test_job_runs_every_stage_once_and_passes_results_on(platform, wait_until):
+    control_plane, stages = platform
+    with control_plane.client() as client:
+        job_id = submit(client)
+        assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}) == "Succeeded"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+
+    assert [step["stage"] for step in job["steps"]] == ["prompts", "teacher", "train", "evaluate"]
+    assert all(step["state"] == "succeeded" and step["finishedAt"] for step in job["steps"])
+    assert job["steps"][3]["result"]["recovery_percent"] == 87.5
+    for rpc in STAGE_RPCS:
+        assert len(stages.new_starts(rpc)) == 1, rpc
+
+
+def test_events_stream_phases_in_order_and_resume_after_last_event_id(platform, wait_until):
+    control_plane, _ = platform
+    with control_plane.client() as client:
+        job_id = submit(client)
+        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", timeout=60) as source:
+            events = [(int(event.id), event.event, json.loads(event.data)) for event in source.iter_sse()]
+        # The stream ended by itself after the final phase.
+        phases = [data["phase"] for _, kind, data in events if kind == "phase"]
+        assert phases == ["Pending", "Prompts", "Teacher", "Training", "Evaluating", "Succeeded"]
+        progress = [data for _, kind, data in events if kind == "progress"]
+        assert {item["stage"] for item in progress} == {"prompts", "teacher", "train", "evaluate"}
+        last_of_stage = {item["stage"]: item for item in progress}
+        assert all(item["done"] == item["total"] == 10 for item in last_of_stage.values())
+        assert all(item["state"] == "succeeded" for item in last_of_stage.values())
+
+        middle = events[len(events) // 2][0]
+        headers = {"Last-Event-ID": str(middle)}
+        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source:
+            replayed = [int(event.id) for event in source.iter_sse()]
+        assert replayed == [event_id for event_id, _, _ in events if event_id > middle]
+
+
+@pytest.mark.parametrize("platform", [(3.0, "")], indirect=True)
+def test_killed_control_plane_continues_the_job_after_restart(platform, wait_until):
+    control_plane, stages = platform
+    with control_plane.client() as client:
+        job_id = submit(client)
+        wait_for_phase(wait_until, client, job_id, {"Teacher"})
+        wait_until(lambda: stages.new_starts("AnswerPrompts"), 10, "the teacher stage to start")
+
+    control_plane.kill()
+    before_restart = len(stages.journal())
+    control_plane.start()
+
+    with control_plane.client() as client:
+        assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=90) == "Succeeded"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+
+    after_restart = stages.journal()[before_restart:]
+    # The finished prompts stage was not asked again; the running teacher stage was re-attached by id.
+    assert not [entry for entry in after_restart if entry.get("rpc") == "GeneratePrompts"]
+    reattached = [entry for entry in after_restart if entry.get("rpc") == "AnswerPrompts"]
+    assert reattached and not any(entry["new"] for entry in reattached)
+    for rpc in STAGE_RPCS:
+        assert len(stages.new_starts(rpc)) == 1, f"{rpc} ran {len(stages.new_starts(rpc))} times"
+    assert [step["attempt"] for step in job["steps"]] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("platform", [(5.0, "")], indirect=True)
+def test_cancel_stops_the_running_operation_in_its_service(platform, wait_until):
+    control_plane, stages = platform
+    with control_plane.client() as client:
+        job_id = submit(client)
+        wait_for_phase(wait_until, client, job_id, {"Prompts"})
+        wait_until(lambda: stages.new_starts("GeneratePrompts"), 10, "the prompts stage to start")
+        response = client.post(f"/v1/jobs/{job_id}:cancel")
+        assert response.status_code == 202
+        assert response.json()["cancelRequested"] is True
+        assert wait_for_phase(wait_until, client, job_id, {"Cancelled", "Failed", "Succeeded"}) == "Cancelled"
+        again = client.post(f"/v1/jobs/{job_id}:cancel")
+        job = client.get(f"/v1/jobs/{job_id}").json()
+
+    assert again.status_code == 409
+    assert {"cancelled": stages.new_starts("GeneratePrompts")[0]} in stages.journal()
+    assert job["steps"][0]["state"] == "cancelled"
+    assert not stages.new_starts("AnswerPrompts")
+
+
+@pytest.mark.parametrize("platform", [(0.3, "TrainStudent")], indirect=True)
+def test_a_failed_stage_fails_the_job_with_its_cause(platform, wait_until):
+    control_plane, stages = platform
+    with control_plane.client() as client:
+        job_id = submit(client)
+        assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}) == "Failed"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["message"] == "trainer service: FAILED_PRECONDITION: scripted failure"
+    assert [step["state"] for step in job["steps"]] == ["succeeded", "succeeded", "failed"]
+    assert not stages.new_starts("EvaluateStudent")
+
+
+def test_stage_not_implemented_fails_the_job_instead_of_pretending(
+    processes, free_port, control_plane_at, wait_until, grpc_ready
+):
+    port = free_port()
+    processes.start(
+        "prompts", [sys.executable, "-m", "stillhouse.cli.main", "serve", "prompts", "--port", str(port)]
+    )
+    wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 20, "the prompts service")
+    control_plane = control_plane_at({"prompts": f"127.0.0.1:{port}"})
+    control_plane.start()
+    with control_plane.client() as client:
+        job_id = submit(client)
+        assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}) == "Failed"
+        message = client.get(f"/v1/jobs/{job_id}").json()["message"]
+    assert message.startswith("prompts service: UNIMPLEMENTED:")
+    assert "GeneratePrompts" in message
+
+
+def test_unreachable_service_fails_the_job_after_the_configured_patience(
+    control_plane_at, free_port, wait_until
+):
+    nowhere = f"127.0.0.1:{free_port()}"
+    control_plane = control_plane_at(
+        {"prompts": nowhere}, STILLHOUSE_CONTROL_PLANE_SERVICE_UNAVAILABLE_TIMEOUT_SECONDS="2"
+    )
+    control_plane.start()
+    with control_plane.client() as client:
+        job_id = submit(client)
+        assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=30) == "Failed"
+        message = client.get(f"/v1/jobs/{job_id}").json()["message"]
+    assert message.startswith("prompts service unreachable for 2 s: UNAVAILABLE")
