@@ -78,6 +78,15 @@ ApiUrlOption = Annotated[
 ]
 
 
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder for the database, logs and token (default: $STILLHOUSE_HOME or ~/.stillhouse).",
+        show_default=False,
+    ),
+]
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(message, markup=False)
     return typer.Exit(code)
@@ -137,13 +146,7 @@ def settings_error_lines(exc: Any) -> list[str]:
 
 @app.command()
 def up(
-    home: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder for the database, logs and token (default: $STILLHOUSE_HOME or ~/.stillhouse).",
-            show_default=False,
-        ),
-    ] = None,
+    home: HomeOption = None,
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 8080,
     host: Annotated[str, typer.Option(help="Address the REST API listens on.")] = "127.0.0.1",
     timeout: Annotated[
@@ -287,13 +290,7 @@ def run(
             help="DistillationJob spec, YAML or JSON.", exists=True, dir_okay=False, readable=True
         ),
     ],
-    home: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder for the database, logs and token (default: $STILLHOUSE_HOME or ~/.stillhouse).",
-            show_default=False,
-        ),
-    ] = None,
+    home: HomeOption = None,
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 8080,
 ) -> None:
     """Run one job on this machine: start every service, submit FILE, follow it to the end, stop.

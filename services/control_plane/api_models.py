@@ -18,6 +18,8 @@ class WireModel(BaseModel):
 
 
 class StepView(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
     stage: Stage
     operation_id: str
     state: StepState
@@ -26,19 +28,6 @@ class StepView(WireModel):
     error: str | None
     started_at: datetime
     finished_at: datetime | None
-
-    @classmethod
-    def of(cls, step: StepRecord) -> StepView:
-        return cls(
-            stage=step.stage,
-            operation_id=step.operation_id,
-            state=step.state,
-            attempt=step.attempt,
-            result=step.result,
-            error=step.error,
-            started_at=step.started_at,
-            finished_at=step.finished_at,
-        )
 
 
 class JobView(WireModel):
@@ -65,7 +54,7 @@ class JobView(WireModel):
             created_at=job.created_at,
             updated_at=job.updated_at,
             spec=job.document,
-            steps=[StepView.of(step) for step in steps or []],
+            steps=[StepView.model_validate(step) for step in steps or []],
         )
 
 

@@ -156,6 +156,9 @@ class Orchestrator:
         except Exception as exc:  # a bug: the job must not hang in a working phase
             bound.exception("job runner crashed")
             await self._fail(job_id, f"internal error in the control plane: {type(exc).__name__}: {exc}")
+        finally:
+            self._cancel_requests.pop(job_id, None)
+            self._runners.pop(job_id, None)
 
     async def _set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> None:
         await self._store.set_phase(job_id, phase, message)
@@ -173,11 +176,15 @@ class Orchestrator:
     async def _run_stage(self, job: JobRecord, stage: Stage) -> None:
         call = STAGE_CALLS[stage]
         step = await self._store.get_step(job.id, stage)
+        # A step that ended before a restart, whose phase change was lost: act on how it ended.
         if step is not None and step.state is StepState.SUCCEEDED:
-            return  # finished before a restart; only the phase change was lost
-        if step is None or step.state is not StepState.RUNNING:
-            attempt = 1 if step is None else step.attempt + 1
-            step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt))
+            return
+        if step is not None and step.state is StepState.FAILED:
+            raise StageFailed(step.error or f"{call.service} service: the step failed")
+        if step is not None and step.state is StepState.CANCELLED:
+            raise StageCancelled
+        if step is None:
+            step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt=1))
         results = await self._stage_results(job.id)
         request = call.build_request(step.operation_id, job.id, job.document["spec"], results)
         try:
