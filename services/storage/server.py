@@ -1,23 +1,37 @@
-"""The storage service process. This version serves the contract and answers UNIMPLEMENTED for its work."""
+"""The storage service process: owns the bucket and its layout, manifests and lineage."""
 
 from __future__ import annotations
 
-from stillhouse.common.grpc_server import ServiceBinding, not_implemented_servicer, run_grpc_service
+import structlog
+
+from stillhouse.common.grpc_server import ServiceBinding, run_grpc_service
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.storage.config import StorageSettings
+from stillhouse.storage.objects import ObjectStoreError
+from stillhouse.storage.open_store import open_object_store
+from stillhouse.storage.servicer import StorageServicer
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 
 SERVICE = storage_pb2.DESCRIPTOR.services_by_name["Storage"]
 
-
-def build(registry: OperationRegistry) -> list[ServiceBinding]:
-    servicer = not_implemented_servicer(storage_pb2_grpc.StorageServicer, SERVICE, "storage")
-    return [
-        ServiceBinding(
-            SERVICE.full_name, lambda server: storage_pb2_grpc.add_StorageServicer_to_server(servicer, server)
-        )
-    ]
+log = structlog.get_logger(__name__)
 
 
 def run(settings: StorageSettings) -> None:
+    store = open_object_store(settings.object_store)
+
+    def build(registry: OperationRegistry) -> list[ServiceBinding]:
+        try:
+            store.ensure_bucket()
+        except ObjectStoreError as exc:
+            # Not fatal: the store may come up later; each call reports its own failure meanwhile.
+            log.warning("bucket not ready", bucket=store.bucket, error=str(exc))
+        servicer = StorageServicer(store)
+        return [
+            ServiceBinding(
+                SERVICE.full_name,
+                lambda server: storage_pb2_grpc.add_StorageServicer_to_server(servicer, server),
+            )
+        ]
+
     run_grpc_service("storage", settings, build)

@@ -1,8 +1,15 @@
 """Settings of the teacher service (environment variables STILLHOUSE_TEACHER_*)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.common.paths import stillhouse_home
+from stillhouse.storage.config import ObjectStoreSettings
 
 
 class TeacherSettings(GrpcServiceSettings):
@@ -11,3 +18,21 @@ class TeacherSettings(GrpcServiceSettings):
     )
 
     port: int = 50052
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    cache_url: str = Field(
+        default_factory=lambda: f"sqlite:///{stillhouse_home() / 'teacher-cache.db'}",
+        description="Database of the answer cache: sqlite:///PATH or postgresql://USER@HOST/DB.",
+    )
+    limiter_storage_uri: str = Field(
+        default="memory://",
+        description="Where the rate-limit buckets live; a shared Redis (redis://HOST:6379) makes the "
+        "limits hold across replicas.",
+    )
+    price_table: Path | None = Field(default=None, description="YAML price table; the shipped one if unset.")
+    api_key_dir: Path | None = Field(
+        default=None,
+        description="Folder of mounted Secrets: the key named `apiKeySecret` is the file of that name. "
+        "Without it (or without that file) the key comes from the environment variable of that name.",
+    )
+    local_max_batch_size: int = Field(default=8, ge=1, le=512)
+    local_device: str = Field(default="auto", description="`auto`, `cpu` or `cuda[:N]` for local teachers.")

@@ -1,23 +1,49 @@
-"""The teacher service process. This version serves the contract and answers UNIMPLEMENTED for its work."""
+"""The teacher service process: answers prompts datasets through the teacher, cached and within limits."""
 
 from __future__ import annotations
 
-from stillhouse.common.grpc_server import ServiceBinding, not_implemented_servicer, run_grpc_service
+import asyncio
+
+import structlog
+
+from stillhouse.common.grpc_server import ServiceBinding, serve_grpc
+from stillhouse.common.logging import configure_logging
 from stillhouse.common.operations import OperationRegistry
+from stillhouse.storage.open_store import open_object_store
+from stillhouse.teacher.cache import TeacherCache
 from stillhouse.teacher.config import TeacherSettings
+from stillhouse.teacher.ledger import PriceTable
+from stillhouse.teacher.servicer import TeacherServicer
+from stillhouse.teacher.teachers import TeacherPool
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
 SERVICE = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"]
 
+log = structlog.get_logger(__name__)
 
-def build(registry: OperationRegistry) -> list[ServiceBinding]:
-    servicer = not_implemented_servicer(teacher_pb2_grpc.TeacherServicer, SERVICE, "teacher")
-    return [
-        ServiceBinding(
-            SERVICE.full_name, lambda server: teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server)
-        )
-    ]
+
+async def serve(settings: TeacherSettings) -> None:
+    store = open_object_store(settings.object_store)
+    cache = await TeacherCache.open(settings.cache_url)
+    prices = PriceTable.load(settings.price_table)
+    teachers = TeacherPool(settings)
+
+    def build(registry: OperationRegistry) -> list[ServiceBinding]:
+        servicer = TeacherServicer(registry, store, cache, teachers, prices)
+        return [
+            ServiceBinding(
+                SERVICE.full_name,
+                lambda server: teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server),
+            )
+        ]
+
+    try:
+        await serve_grpc(settings, build)
+    finally:
+        await teachers.close()
+        await cache.close()
 
 
 def run(settings: TeacherSettings) -> None:
-    run_grpc_service("teacher", settings, build)
+    configure_logging(settings.log_level, settings.log_format, service="teacher")
+    asyncio.run(serve(settings))

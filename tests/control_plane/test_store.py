@@ -14,6 +14,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from stillhouse.common.database import database_urls
 from stillhouse.control_plane import store as store_module
 from stillhouse.control_plane.phases import IllegalTransition, Phase, Stage
 from stillhouse.control_plane.store import (
@@ -25,7 +26,6 @@ from stillhouse.control_plane.store import (
     StepNotFound,
     StepState,
     alembic_config,
-    database_urls,
 )
 
 DOCUMENT = {

@@ -11,7 +11,8 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from stillhouse.control_plane.store import Base, database_urls
+from stillhouse.common.database import database_urls
+from stillhouse.control_plane.store import Base
 
 config = context.config
 

@@ -52,14 +52,16 @@ class DatasetUpload(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
 
 class CommitDatasetRequest(_message.Message):
-    __slots__ = ("dataset_id", "shards", "arrow_schema")
+    __slots__ = ("dataset_id", "shards", "arrow_schema", "lineage")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     ARROW_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
     arrow_schema: bytes
-    def __init__(self, dataset_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., arrow_schema: _Optional[bytes] = ...) -> None: ...
+    lineage: Lineage
+    def __init__(self, dataset_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., arrow_schema: _Optional[bytes] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("ref", "shards", "lineage", "arrow_schema", "create_time")
@@ -136,12 +138,14 @@ class ArtifactFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class CommitArtifactRequest(_message.Message):
-    __slots__ = ("artifact_id", "files")
+    __slots__ = ("artifact_id", "files", "lineage")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     files: _containers.RepeatedCompositeFieldContainer[ArtifactFile]
-    def __init__(self, artifact_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ...) -> None: ...
+    lineage: Lineage
+    def __init__(self, artifact_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("ref", "files", "lineage", "create_time")

@@ -90,7 +90,8 @@ class StorageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateDataset(self, request, context):
-        """Reserves a dataset id and says where its shards go. Idempotent on dataset_id while uncommitted.
+        """Says where the shards of a dataset go (creating the bucket if missing). Dataset ids of a job live
+        under "jobs/<job-id>/<stage>/", matching the lineage. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +99,7 @@ class StorageServicer:
 
     def CommitDataset(self, request, context):
         """Verifies the shards and commits the manifest: only now does the dataset become visible.
+        Committing again with the same schema returns the committed dataset (ALREADY_EXISTS if different).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

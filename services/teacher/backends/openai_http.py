@@ -1,0 +1,139 @@
+"""A teacher behind any OpenAI-compatible HTTP API: OpenAI, DeepSeek, vLLM, SGLang, TGI, llama.cpp server.
+
+One `httpx.AsyncClient` per backend, its keep-alive pool sized to the concurrency the caller allows,
+so that connections are reused across calls (a TLS handshake per call would cost more than the call's
+JSON). The wire format itself lives in `openai_wire`; this module only sends and maps failures.
+
+Logprob tokens must become token ids for the sparse layout, and a server gives token text. Two ways:
+- ``token_ids="server"``: send vLLM's ``return_tokens_as_token_ids`` extension and read ``token_id:N``
+  (vLLM; a server that ignores it fails the call with MALFORMED_RESPONSE, naming the fix);
+- ``token_ids="tokenizer"``: map each token's text with the teacher's tokenizer, a callable given here
+  (any server, such as OpenAI with tiktoken's ``encode_single_token``);
+- ``token_ids="auto"`` (default): the tokenizer when one is given, else the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import httpx
+import msgspec
+
+from stillhouse.teacher.backends import openai_wire
+from stillhouse.teacher.backends.base import TeacherBackend
+from stillhouse.teacher.calls import FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
+
+TokenIdSource = Literal["auto", "server", "tokenizer"]
+
+_encoder = msgspec.json.Encoder()
+
+
+class OpenAICompatibleBackend(TeacherBackend):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        max_connections: int = 64,
+        timeout_seconds: float = 120.0,
+        token_ids: TokenIdSource = "auto",
+        tokenizer: Callable[[str], int | None] | None = None,
+    ) -> None:
+        """`base_url` is the API root (``https://api.openai.com/v1``, ``http://vllm:8000/v1``).
+        `timeout_seconds` bounds connecting and each wait for the server's next bytes; waiting for a
+        free pooled connection is not bounded (callers bound concurrency instead)."""
+        parsed = httpx.URL(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(
+                f"base_url must be an http(s) URL such as https://api.openai.com/v1; got {base_url!r}"
+            )
+        if token_ids == "auto":
+            token_ids = "tokenizer" if tokenizer is not None else "server"
+        if token_ids == "tokenizer" and tokenizer is None:
+            raise ValueError(
+                "token_ids='tokenizer' needs a tokenizer (token text -> id) to turn logprob tokens into "
+                "ids; pass one, or use token_ids='server' with a vLLM server"
+            )
+        if token_ids == "server" and tokenizer is not None:
+            raise ValueError("token_ids='server' reads ids from the server: pass no tokenizer with it")
+        if token_ids not in ("server", "tokenizer"):
+            raise ValueError(f"token_ids must be 'auto', 'server' or 'tokenizer'; got {token_ids!r}")
+        self.base_url = base_url.rstrip("/")
+        self.token_ids: TokenIdSource = token_ids
+        self._url = f"{self.base_url}/chat/completions"
+        self._token_ids_of = (
+            openai_wire.token_ids_from_server
+            if tokenizer is None
+            else openai_wire.token_ids_from_tokenizer(tokenizer)
+        )
+        self._api_key = api_key or None
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_seconds, pool=None),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleBackend({self.base_url!r}, token_ids={self.token_ids!r})"
+
+    async def answer(self, call: TeacherCall) -> TeacherAnswer:
+        if call.base_url.rstrip("/") != self.base_url:
+            raise ValueError(f"a call for {call.base_url} was sent to the backend for {self.base_url}")
+        body = _encoder.encode(
+            openai_wire.chat_request(call, token_ids_from_server=self.token_ids == "server")
+        )
+        started = time.perf_counter()
+        try:
+            response = await self._client.post(self._url, content=body)
+        except httpx.ConnectTimeout:
+            raise self._scrubbed(
+                TeacherCallError(
+                    FailureKind.UNREACHABLE, f"cannot reach {self.base_url}: connecting timed out"
+                )
+            ) from None
+        except httpx.TimeoutException as error:
+            raise self._scrubbed(
+                TeacherCallError(
+                    FailureKind.TIMEOUT, f"{self.base_url} did not answer in time ({type(error).__name__})"
+                )
+            ) from None
+        except httpx.ConnectError as error:
+            raise self._scrubbed(
+                TeacherCallError(FailureKind.UNREACHABLE, f"cannot reach {self.base_url}: {error}")
+            ) from None
+        except httpx.TransportError as error:
+            raise self._scrubbed(
+                TeacherCallError(
+                    FailureKind.SERVER_ERROR,
+                    f"the connection to {self.base_url} broke: {type(error).__name__}: {error}",
+                )
+            ) from None
+        latency = time.perf_counter() - started
+        if response.status_code != 200:
+            raise self._scrubbed(
+                openai_wire.error_from_response(
+                    response.status_code, response.headers, response.content, model=call.model, url=self._url
+                )
+            )
+        try:
+            return openai_wire.parse_chat_completion(
+                response.content, call, self._token_ids_of, latency_seconds=latency
+            )
+        except TeacherCallError as error:
+            raise self._scrubbed(error) from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _scrubbed(self, error: TeacherCallError) -> TeacherCallError:
+        """`error` without the API key, should a server have echoed it back in a message."""
+        if not self._api_key or self._api_key not in error.message:
+            return error
+        return TeacherCallError(
+            error.kind, error.message.replace(self._api_key, "<api key>"), retry_after=error.retry_after
+        )

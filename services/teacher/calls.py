@@ -1,0 +1,96 @@
+"""What is asked of a teacher and what it answers, independent of the backend that answers.
+
+`TeacherCall` holds everything that can change an answer, so its `cache_key` is the identity of the
+call: two calls with the same key get the same stored answer and the teacher is asked only once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from stillhouse.storage.sparse_logprobs import SparseLogprobs
+
+# Bump when the meaning of a stored answer changes, so old cache entries stop matching.
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class TeacherCall:
+    backend: str
+    base_url: str
+    model: str
+    revision: str
+    messages: tuple[ChatMessage, ...]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+    top_logprobs: int
+
+    def cache_key(self) -> str:
+        identity = {"format": CACHE_FORMAT, **asdict(self)}
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class TeacherAnswer:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_seconds: float
+    # Per generated token: the token ids, their top-k alternatives and the tail mass. None when the call
+    # asked for no logprobs (top_logprobs == 0).
+    logprobs: SparseLogprobs | None = None
+    cached: bool = field(default=False, compare=False)
+
+    @property
+    def token_ids(self) -> np.ndarray | None:
+        return None if self.logprobs is None else self.logprobs.token_ids
+
+
+class FailureKind(StrEnum):
+    UNREACHABLE = "unreachable"  # connection refused, DNS, TLS
+    TIMEOUT = "timeout"
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx
+    UNAUTHENTICATED = "unauthenticated"  # 401/403
+    MODEL_NOT_FOUND = "model_not_found"
+    CONTEXT_TOO_LONG = "context_too_long"
+    BAD_REQUEST = "bad_request"  # other 4xx
+    MALFORMED_RESPONSE = "malformed_response"
+    MISSING_LOGPROBS = "missing_logprobs"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+# Failures that may pass if the same call is made again later.
+RETRYABLE = frozenset(
+    {FailureKind.UNREACHABLE, FailureKind.TIMEOUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR}
+)
+
+
+class TeacherCallError(Exception):
+    """A call the teacher did not answer. The message names the cause and never holds an API key."""
+
+    def __init__(self, kind: FailureKind, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{kind.value}: {message}")
+        self.kind = kind
+        self.message = message
+        # Seconds the server asked us to wait (Retry-After), if it said.
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE

@@ -1,0 +1,149 @@
+"""The Teacher gRPC service: translates requests into teacher-stage runs, estimates and single calls."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import grpc
+from google.protobuf import json_format, message
+from pydantic import ValidationError
+
+from stillhouse.common.grpc_server import abort_for
+from stillhouse.common.jobspec import TeacherBackend, TeacherSpec
+from stillhouse.common.operations import OperationConflict, OperationError, OperationRegistry
+from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
+from stillhouse.storage.objects import ObjectStore, ObjectStoreError
+from stillhouse.teacher.cache import TeacherCache
+from stillhouse.teacher.calls import ChatMessage, TeacherCallError
+from stillhouse.teacher.estimate import estimate_cost, prompt_tokens
+from stillhouse.teacher.ledger import Ledger, PriceTable
+from stillhouse.teacher.stage import AnswerPromptsRun, call_for
+from stillhouse.teacher.teachers import TeacherPool
+from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
+
+ANSWER_PROMPTS = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].methods_by_name["AnswerPrompts"].full_name
+
+
+def teacher_spec(struct: message.Message) -> TeacherSpec:
+    """`spec.teacher` as sent over gRPC, validated by the job schema; bad fields name themselves."""
+    try:
+        return TeacherSpec.model_validate(json_format.MessageToDict(struct))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"spec.teacher.{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()
+        )
+        raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid teacher spec: {problems}") from exc
+
+
+def fingerprint(request: message.Message) -> bytes:
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("operation_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
+
+
+class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
+    def __init__(
+        self,
+        registry: OperationRegistry,
+        store: ObjectStore,
+        cache: TeacherCache,
+        teachers: TeacherPool,
+        prices: PriceTable,
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._cache = cache
+        self._teachers = teachers
+        self._prices = prices
+
+    def _checked_price(self, spec: TeacherSpec):
+        if (
+            spec.budget_usd is not None
+            and spec.backend is TeacherBackend.OPENAI
+            and not self._prices.has_price(spec.model)
+        ):
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no price for model {spec.model!r} in the price table, so budgetUSD cannot be enforced: "
+                "add the model to the table or drop the budget",
+            )
+        return self._prices.price(spec.model)
+
+    async def AnswerPrompts(self, request, context):
+        try:
+            spec = teacher_spec(request.teacher)
+            if not request.prompts.dataset_id:
+                raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, "prompts.dataset_id must be set")
+            price = self._checked_price(spec)
+
+            async def work(progress):
+                teacher = await self._teachers.get(spec)
+                run = AnswerPromptsRun(
+                    store=self._store,
+                    cache=self._cache,
+                    teacher=teacher,
+                    spec=spec,
+                    price=price,
+                    job_id=request.job_id,
+                    progress=progress,
+                )
+                try:
+                    return await run.run(request.prompts.dataset_id, request.holdout.dataset_id)
+                except DatasetNotFound as exc:
+                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+                except ObjectStoreError as exc:
+                    raise OperationError(grpc.StatusCode.UNAVAILABLE, f"object storage: {exc}") from exc
+
+            return self._registry.start(
+                request.operation_id,
+                kind=ANSWER_PROMPTS,
+                job_id=request.job_id,
+                fingerprint=fingerprint(request),
+                work=work,
+            )
+        except (OperationError, OperationConflict) as exc:
+            await abort_for(context, exc)
+
+    async def EstimateCost(self, request, context):
+        try:
+            spec = teacher_spec(request.teacher)
+            price = self._checked_price(spec)
+
+            def read_prompts() -> list[list[ChatMessage]]:
+                table = DatasetReader(self._store, request.prompts.dataset_id).read_table(
+                    columns=["messages"]
+                )
+                return [
+                    [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+                    for messages in table.column("messages").to_pylist()
+                ]
+
+            prompts = await asyncio.to_thread(read_prompts)
+        except DatasetNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except OperationError as exc:
+            await abort_for(context, exc)
+        return estimate_cost(prompts, max_tokens=spec.sampling.max_tokens, price=price).to_proto()
+
+    async def Complete(self, request, context):
+        try:
+            spec = teacher_spec(request.teacher)
+            price = self._prices.price(spec.model)
+            teacher = await self._teachers.get(spec)
+            call = call_for(spec, [{"role": m.role, "content": m.content} for m in request.messages])
+            cached = (await self._cache.get_many([call.cache_key()])).get(call.cache_key())
+            answer = cached or await teacher.answer(call, prompt_tokens(call.messages) + call.max_tokens)
+            if cached is None:
+                await self._cache.put_many([(call, answer)])
+        except OperationError as exc:
+            await abort_for(context, exc)
+        except TeacherCallError as exc:
+            code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, f"the teacher {spec.model!r}: {exc}")
+        ledger = Ledger()
+        ledger.record(answer, price, cached=cached is not None)
+        return teacher_pb2.CompleteResponse(
+            text=answer.text, finish_reason=answer.finish_reason, ledger=ledger.to_proto()
+        )

@@ -1,0 +1,243 @@
+"""The teacher stage through the real teacher service process, against the fake OpenAI-compatible server:
+answers datasets, resume without a repeated call, budget stop, and faults recorded or reported."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+
+from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
+from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+from stillhouse.storage.datasets import DatasetReader, DatasetWriter
+from stillhouse.storage.local_store import LocalObjectStore
+from stillhouse.storage.manifest import Lineage
+from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
+
+State = operations_pb2.OperationState
+JOB = "job-t1"
+
+
+@dataclass
+class TeacherService:
+    address: str
+    store: LocalObjectStore
+    home: Path
+
+    def stubs(self, channel):
+        return teacher_pb2_grpc.TeacherStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+
+def write_prompts(store: LocalObjectStore, dataset_id: str, texts: list[str]) -> None:
+    rows = []
+    for text in texts:
+        messages = [{"role": "user", "content": text}]
+        rows.append({"prompt_id": prompt_id(messages), "messages": messages})
+    lineage = Lineage(job_id=JOB, stage="prompts", input_ids=[], code_version="test")
+    with DatasetWriter(store, dataset_id, PROMPTS_SCHEMA, lineage) as writer:
+        writer.write_rows(rows)
+        writer.commit()
+
+
+@pytest.fixture
+def teacher_service(processes, free_port, grpc_ready, wait_until, tmp_path):
+    home = tmp_path / "home"
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("models:\n  fake-teacher: {prompt: 100.0, completion: 1000.0}\n")
+    port = free_port()
+
+    def start() -> None:
+        env = {
+            "STILLHOUSE_HOME": str(home),
+            "STILLHOUSE_TEACHER_PRICE_TABLE": str(prices),
+            "STILLHOUSE_TEACHER_LOG_FORMAT": "console",
+        }
+        argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "teacher", "--port", str(port)]
+        processes.start("teacher", argv, env)
+        wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 30, "the teacher service")
+
+    start()
+    service = TeacherService(f"127.0.0.1:{port}", LocalObjectStore(home / "objects", "stillhouse"), home)
+    service.restart = start  # type: ignore[attr-defined]
+    service.store.ensure_bucket()
+    return service
+
+
+def teacher_struct(base_url: str, **overrides) -> struct_pb2.Struct:
+    spec = {
+        "backend": "openai",
+        "baseURL": base_url,
+        "model": "fake-teacher",
+        "topLogprobs": 5,
+        "sampling": {"temperature": 0.0, "maxTokens": 16},
+        "limits": {"maxConcurrency": 4, "maxRetries": 2, "timeoutSeconds": 30},
+        **overrides,
+    }
+    value = struct_pb2.Struct()
+    value.update(spec)
+    return value
+
+
+def answer_prompts(service: TeacherService, operation_id: str, teacher: struct_pb2.Struct, holdout: str = ""):
+    with grpc.insecure_channel(service.address) as channel:
+        stub, operations = service.stubs(channel)
+        stub.AnswerPrompts(
+            teacher_pb2.AnswerPromptsRequest(
+                operation_id=operation_id,
+                job_id=JOB,
+                prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{JOB}/prompts/train"),
+                holdout=operations_pb2.DatasetRef(dataset_id=holdout),
+                teacher=teacher,
+            )
+        )
+        final = None
+        for operation in operations.WatchOperation(
+            operations_pb2.WatchOperationRequest(operation_id=operation_id)
+        ):
+            final = operation
+        return final
+
+
+def result_of(operation) -> teacher_pb2.AnswerPromptsResult:
+    assert operation.state == State.OPERATION_STATE_SUCCEEDED, operation.error.message
+    result = teacher_pb2.AnswerPromptsResult()
+    operation.result.Unpack(result)
+    return result
+
+
+def test_answers_every_prompt_in_order_with_logprobs(teacher_service, fake_openai):
+    texts = [f"question number {i}" for i in range(30)]
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", texts[:25])
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/holdout", texts[25:])
+
+    result = result_of(
+        answer_prompts(
+            teacher_service,
+            "op-1",
+            teacher_struct(fake_openai.base_url),
+            holdout=f"jobs/{JOB}/prompts/holdout",
+        )
+    )
+
+    answers = DatasetReader(teacher_service.store, result.answers.dataset_id).read_table()
+    holdout = DatasetReader(teacher_service.store, result.holdout_answers.dataset_id).read_table()
+    assert result.answers.dataset_id == f"jobs/{JOB}/teacher/answers" and result.answers.num_rows == 25
+    assert [m[0]["content"] for m in answers.column("messages").to_pylist()] == texts[:25]
+    assert holdout.num_rows == 5
+    assert result.ledger.requests == 30 and result.ledger.cached_requests == 0
+    assert result.ledger.completion_tokens == sum(answers.column("completion_tokens").to_pylist()) + sum(
+        holdout.column("completion_tokens").to_pylist()
+    )
+    first = answers.slice(0, 1).to_pylist()[0]
+    logprobs = SparseLogprobs.from_arrow(first, k=5)
+    assert logprobs.topk_ids.shape == (first["completion_tokens"], 5)
+    assert np.all(np.exp(logprobs.topk_logprobs.astype(np.float64)).sum(axis=1) <= 1.0 + 1e-3)
+    assert fake_openai.calls()["by_status"] == {"200": 30}
+
+
+def test_a_killed_stage_resumes_without_paying_twice(teacher_service, fake_openai, processes, wait_until):
+    texts = [f"resume me {i}" for i in range(24)]
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", texts)
+    # The first 10 calls are answered; the rest hang, as a teacher does when the process dies mid-call.
+    fake_openai.control(mode="ok", times=10)
+    fake_openai.control(mode="slow", delay=600)
+    with grpc.insecure_channel(teacher_service.address) as channel:
+        stub, _ = teacher_service.stubs(channel)
+        stub.AnswerPrompts(
+            teacher_pb2.AnswerPromptsRequest(
+                operation_id="op-resume",
+                job_id=JOB,
+                prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{JOB}/prompts/train"),
+                teacher=teacher_struct(fake_openai.base_url),
+            )
+        )
+    wait_until(lambda: fake_openai.calls()["by_status"].get("200") == 10, 30, "ten answers")
+    time.sleep(1.0)  # the cache writes an answer within 50 ms of getting it
+    first_run = fake_openai.calls()
+    processes.kill("teacher")
+    fake_openai.reset()  # forgets the hanging calls, which were never answered
+
+    teacher_service.restart()
+    result = result_of(answer_prompts(teacher_service, "op-resume", teacher_struct(fake_openai.base_url)))
+    second_run = fake_openai.calls()
+
+    answered_first = {prompt for prompt, count in first_run["by_prompt"].items()} - set(
+        second_run["by_prompt"]
+    )
+    assert result.answers.num_rows == 24
+    assert result.ledger.cached_requests == 10
+    assert first_run["by_status"]["200"] + second_run["by_status"]["200"] == 24  # each prompt paid for once
+    assert len(answered_first) == 10  # the ten answered before the kill were not asked again
+
+
+def test_budget_stops_the_stage_cleanly_with_a_usable_partial_dataset(teacher_service, fake_openai):
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", [f"pricey {i}" for i in range(40)])
+    # 100 USD / 1M prompt tokens and 1000 USD / 1M completion tokens: one call costs at most ~0.02 USD.
+    teacher = teacher_struct(fake_openai.base_url, budgetUSD=0.1, limits={"maxConcurrency": 2})
+
+    result = result_of(answer_prompts(teacher_service, "op-budget", teacher))
+
+    answered = DatasetReader(teacher_service.store, result.answers.dataset_id).read_table()
+    assert result.stopped_reason.startswith("budget of 0.10 USD reached")
+    assert 0 < result.answers.num_rows == answered.num_rows < 40
+    assert result.ledger.cost_usd <= 0.1
+    assert fake_openai.calls()["completions"] == answered.num_rows
+
+
+def test_unusable_answers_are_recorded_and_the_rest_done(teacher_service, fake_openai):
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", [f"mixed {i}" for i in range(12)])
+    fake_openai.control(mode="no_logprobs", times=3)
+
+    result = result_of(answer_prompts(teacher_service, "op-mixed", teacher_struct(fake_openai.base_url)))
+
+    failures = DatasetReader(teacher_service.store, f"jobs/{JOB}/teacher/failures").read_table().to_pylist()
+    assert result.failed_prompts == 3 and result.answers.num_rows == 9
+    assert {failure["kind"] for failure in failures} == {"missing_logprobs"}
+
+
+@pytest.mark.parametrize(
+    ("setup", "overrides", "code", "words"),
+    [
+        ({"api_key": "right-key"}, {}, "FAILED_PRECONDITION", "unauthenticated"),
+        (
+            {},
+            {"apiKeySecret": "STILLHOUSE_TEST_ABSENT_KEY"},
+            "FAILED_PRECONDITION",
+            "STILLHOUSE_TEST_ABSENT_KEY",
+        ),
+        ({}, {"model": "no-such-model"}, "FAILED_PRECONDITION", "no-such-model"),
+    ],
+)
+def test_a_teacher_that_cannot_answer_fails_the_stage_clearly(
+    teacher_service, fake_openai, setup, overrides, code, words
+):
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", ["hello"])
+    if setup:
+        fake_openai.control(**setup)
+    operation = answer_prompts(teacher_service, "op-fault", teacher_struct(fake_openai.base_url, **overrides))
+    assert operation.state == State.OPERATION_STATE_FAILED
+    assert operation.error.code == getattr(grpc.StatusCode, code).value[0]
+    assert words in operation.error.message
+
+
+def test_an_invalid_teacher_spec_is_refused_naming_the_field(teacher_service, fake_openai):
+    with grpc.insecure_channel(teacher_service.address) as channel:
+        stub, _ = teacher_service.stubs(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AnswerPrompts(
+                teacher_pb2.AnswerPromptsRequest(
+                    operation_id="op-bad",
+                    job_id=JOB,
+                    prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{JOB}/prompts/train"),
+                    teacher=teacher_struct(fake_openai.base_url, topLogprobs=-1),
+                )
+            )
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.teacher.topLogprobs" in refused.value.details()
