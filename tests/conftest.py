@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import httpx
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,3 +182,57 @@ def control_plane_at(processes: Processes, tmp_path: Path) -> Callable[..., Cont
 @pytest.fixture
 def grpc_ready() -> Callable[[str], bool]:
     return grpc_serving
+
+
+# --- databases ------------------------------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "STILLHOUSE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def _libpq_url(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+def _admin_connection() -> psycopg.Connection:
+    try:
+        return psycopg.connect(_libpq_url(POSTGRES_ADMIN_URL), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        problem = str(error).strip()
+    where = make_url(POSTGRES_ADMIN_URL).render_as_string(hide_password=True)
+    pytest.fail(
+        f"PostgreSQL is not reachable at {where}: start it, or point STILLHOUSE_TEST_POSTGRES_URL "
+        f"at a server where CREATE DATABASE is allowed ({problem})",
+        pytrace=False,
+    )
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards; yields its URL."""
+    name = f"stillhouse_test_{secrets.token_hex(6)}"
+    with _admin_connection() as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield _libpq_url(POSTGRES_ADMIN_URL, database=name)
+    finally:
+        with _admin_connection() as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database, once on SQLite and once on PostgreSQL (every store supports both).
+
+    PostgreSQL is not optional: a test that cannot reach it fails rather than skips, so a missing server
+    never passes for a green run. STILLHOUSE_TEST_POSTGRES_URL points at another server (a database the
+    user may connect to and run CREATE DATABASE from)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'databases' / 'test.db'}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url

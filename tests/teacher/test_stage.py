@@ -241,3 +241,22 @@ def test_an_invalid_teacher_spec_is_refused_naming_the_field(teacher_service, fa
             )
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.teacher.topLogprobs" in refused.value.details()
+
+
+def test_estimate_prices_the_prompts_without_calling_the_teacher(teacher_service, fake_openai):
+    texts = ["x" * 400, "y" * 40]  # about 100 and 10 tokens at 4 characters a token
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", texts)
+    with grpc.insecure_channel(teacher_service.address) as channel:
+        stub, _ = teacher_service.stubs(channel)
+        estimate = stub.EstimateCost(
+            teacher_pb2.EstimateCostRequest(
+                prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{JOB}/prompts/train"),
+                teacher=teacher_struct(fake_openai.base_url),
+            )
+        )
+    assert estimate.requests == 2
+    assert 110 <= estimate.prompt_tokens <= 140  # the text plus the chat template's per-message overhead
+    assert estimate.completion_tokens == 2 * 16  # an upper bound: every answer at maxTokens
+    expected = (estimate.prompt_tokens * 100.0 + estimate.completion_tokens * 1000.0) / 1e6
+    assert estimate.cost_usd == pytest.approx(expected)
+    assert fake_openai.calls()["completions"] == 0
