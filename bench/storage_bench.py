@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _servers import SeaweedFS, seaweedfs
+from _table import print_grid, verdict
 
 from stillhouse.storage import sparse_logprobs as sparse
 from stillhouse.storage.config import ObjectStoreSettings
@@ -367,13 +368,11 @@ def print_table(results: list[dict]) -> None:
             _cell(row["baseline"]),
             _cell(row["value"]),
             str(row["target"]),
-            {True: "yes", False: "NO", None: "-"}[row["passed"]],
+            verdict(row["passed"]),
         ]
         for row in results
     ]
-    widths = [max(len(line[i]) for line in [headers, *rows]) for i in range(len(headers))]
-    for line in [headers, ["-" * width for width in widths], *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print_grid(headers, rows)
     print()
     print("baseline: write = minio put_object of the same shard bytes, one object after another;")
     print("bytes/token = the same lists with float32 logprobs and pyarrow's default encodings, zstd.")

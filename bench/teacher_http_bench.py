@@ -48,6 +48,7 @@ from typing import Any
 
 import httpx
 import structlog
+from _table import print_grid, verdict
 
 from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
@@ -489,14 +490,14 @@ def print_table(results: list[dict]) -> None:
         ],
     ]
     verdicts = [versus_httpx["pass"], None, versus_distilabel["pass"]]
-    _print_grid(
+    print_grid(
         ["contender", "requests/s", "ratio vs httpx", "target", "pass"],
-        [[str(cell) for cell in row] + [_verdict(v)] for row, v in zip(contenders, verdicts, strict=True)],
+        [[str(cell) for cell in row] + [verdict(v)] for row, v in zip(contenders, verdicts, strict=True)],
     )
     print()
     headers = ["metric", "stillhouse", "baseline", "ratio", "target", "pass"]
-    _print_grid(
-        headers, [[str(row[name]) for name in headers[:-1]] + [_verdict(row["pass"])] for row in results]
+    print_grid(
+        headers, [[str(row[name]) for name in headers[:-1]] + [verdict(row["pass"])] for row in results]
     )
     print()
     print(
@@ -505,16 +506,6 @@ def print_table(results: list[dict]) -> None:
         "OpenAILLM.agenerate + semaphore in its own environment. Rounds alternate the order; each figure is "
         "the contender's best round."
     )
-
-
-def _verdict(passed: bool | None) -> str:
-    return {True: "yes", False: "NO", None: "-"}[passed]
-
-
-def _print_grid(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(line[i]) for line in [headers, *rows]) for i in range(len(headers))]
-    for line in [headers, ["-" * width for width in widths], *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -24,6 +24,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _table import print_grid, verdict
 
 from stillhouse.teacher.backends.local_hf import LocalHFBackend
 from stillhouse.teacher.calls import ChatMessage, TeacherCall
@@ -205,13 +206,9 @@ def run(prompts: int = 24, max_new_tokens: int = 32, rounds: int = 3) -> list[di
 
 def print_table(results: list[dict]) -> None:
     headers = ["metric", "stillhouse", "baseline", "ratio", "target", "pass"]
-    rows = [
-        [str(row[name]) for name in headers[:-1]] + [{True: "yes", False: "NO", None: "-"}[row["pass"]]]
-        for row in results
-    ]
-    widths = [max(len(line[i]) for line in [headers, *rows]) for i in range(len(headers))]
-    for line in [headers, ["-" * width for width in widths], *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print_grid(
+        headers, [[str(row[name]) for name in headers[:-1]] + [verdict(row["pass"])] for row in results]
+    )
     print()
     print(
         f"stillhouse: LocalHFBackend with max_batch_size {BATCH_SIZE}, then its default; all calls in "

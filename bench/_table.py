@@ -1,0 +1,13 @@
+"""Printing benchmark results: one plain-text grid, the same in every benchmark."""
+
+from __future__ import annotations
+
+
+def verdict(passed: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "-"}[passed]
+
+
+def print_grid(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(line[i]) for line in [headers, *rows]) for i in range(len(headers))]
+    for line in [headers, ["-" * width for width in widths], *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
