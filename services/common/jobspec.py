@@ -77,13 +77,61 @@ class GenerationStrategy(StrEnum):
     EVOL_INSTRUCT = "evol_instruct"
 
 
+class SlotCombination(StrEnum):
+    ALL = "all"
+    SAMPLED = "sampled"
+
+
+class Evolution(StrEnum):
+    """Evol-Instruct rewrites: in depth (harder versions of the same task) and in breadth (a new task)."""
+
+    DEEPEN = "deepen"
+    CONSTRAIN = "constrain"
+    CONCRETIZE = "concretize"
+    REASONING = "reasoning"
+    BREADTH = "breadth"
+
+
 class PromptGeneration(SpecModel):
     strategy: GenerationStrategy = Field(
         default=GenerationStrategy.NONE, description="How to add prompts beyond the sources."
     )
-    count: Annotated[int, Field(ge=0)] = Field(default=0, description="Number of prompts to generate.")
+    count: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Number of prompts to generate, on top of those read from the sources."
+    )
     template: str | None = Field(default=None, description="Jinja template, for `template`.")
     slots: dict[str, list[str]] = Field(default_factory=dict, description="Slot values, for `template`.")
+    slot_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="Slot values from files (s3:// or a path), one value per line, for `template`.",
+    )
+    slot_combination: SlotCombination = Field(
+        default=SlotCombination.ALL,
+        description="`all`: every combination of slot values in a seeded order, up to `count`; "
+        "`sampled`: each prompt draws its slot values at random.",
+    )
+    few_shot: Annotated[int, Field(gt=0, le=32)] = Field(
+        default=6, description="Example instructions shown per teacher call, for `self_instruct`."
+    )
+    evolutions: list[Evolution] = Field(
+        default_factory=lambda: list(Evolution),
+        min_length=1,
+        description="Rewrites to choose from, for `evol_instruct`.",
+    )
+    rounds: Annotated[int, Field(gt=0, le=8)] = Field(
+        default=1, description="Times a prompt is evolved in a row, for `evol_instruct`."
+    )
+    temperature: Annotated[float, Field(ge=0, le=2)] = Field(
+        default=1.0, description="Sampling temperature of the teacher calls that generate prompts."
+    )
+
+    @model_validator(mode="after")
+    def _strategy_has_what_it_needs(self) -> PromptGeneration:
+        if self.strategy is GenerationStrategy.TEMPLATE and not self.template:
+            raise ValueError("`template` is required when `strategy` is `template`")
+        if self.strategy is not GenerationStrategy.NONE and self.count == 0:
+            raise ValueError(f"`count` must be positive when `strategy` is `{self.strategy.value}`")
+        return self
 
 
 class PromptFilters(SpecModel):
@@ -218,6 +266,16 @@ class LossSpec(SpecModel):
         default=0.0, description="Weight of cross-entropy on teacher text mixed into the KD loss."
     )
     beta: Annotated[float, Field(ge=0, le=1)] = Field(default=0.5, description="Mixture weight for `jsd`.")
+    teacher_logits: Literal["stored", "full"] = Field(
+        default="stored",
+        description="`stored`: the top-k logprobs saved with the teacher's answers; `full`: full logits "
+        "from a `local` teacher, computed during training.",
+    )
+    fallback_to_sft: bool = Field(
+        default=False,
+        description="When the student's tokenizer differs from the teacher's, train with `sft` instead of "
+        "refusing the job (logit losses need a shared vocabulary).",
+    )
 
 
 class TrainingStrategy(StrEnum):
@@ -252,6 +310,22 @@ class DistillationJobSpec(SpecModel):
     student: StudentSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @model_validator(mode="after")
+    def _loss_has_its_teacher_signal(self) -> DistillationJobSpec:
+        loss = self.training.loss
+        if loss.kind is LossKind.SFT:
+            return self
+        if loss.teacher_logits == "full" and self.teacher.backend is not TeacherBackend.LOCAL:
+            raise ValueError(
+                "training.loss.teacherLogits `full` needs a `local` teacher; use `stored` with topLogprobs"
+            )
+        if loss.teacher_logits == "stored" and self.teacher.top_logprobs == 0:
+            raise ValueError(
+                f"training.loss.kind `{loss.kind.value}` learns from the teacher's logprobs, but "
+                "teacher.topLogprobs is 0: set topLogprobs (e.g. 20) or use kind `sft`"
+            )
+        return self
 
 
 class DistillationJob(SpecModel):

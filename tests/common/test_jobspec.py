@@ -88,6 +88,8 @@ def test_minimal_spec_gets_every_default() -> None:
         "temperature": 1.0,
         "ceWeight": 0.0,
         "beta": 0.5,
+        "teacherLogits": "stored",
+        "fallbackToSft": False,
     }
     assert spec["training"]["strategy"] == "ddp"
     assert spec["evaluation"]["holdoutFraction"] == 0.02
@@ -228,3 +230,32 @@ def test_fields_have_one_spelling_on_the_wire() -> None:
     with pytest.raises(ValidationError) as refused:
         DistillationJob.model_validate(with_changes(("spec", "training", "learning_rate"), 1e-4))
     assert ("spec", "training", "learning_rate") in [error["loc"] for error in refused.value.errors()]
+
+
+@pytest.mark.parametrize(
+    ("generate", "fragment"),
+    [
+        ({"strategy": "template", "count": 5}, "`template` is required when `strategy` is `template`"),
+        ({"strategy": "self_instruct"}, "`count` must be positive when `strategy` is `self_instruct`"),
+        ({"strategy": "evol_instruct", "count": 3, "evolutions": []}, "at least 1 item"),
+    ],
+)
+def test_generation_strategy_needs_its_settings(generate: dict, fragment: str) -> None:
+    document = with_changes(("spec", "prompts"), {"generate": generate})
+    errors = refusals(document)
+    assert any(fragment in error["msg"] for error in errors), errors
+
+
+def test_logit_losses_need_logprobs_or_a_local_teacher() -> None:
+    document = with_changes(("spec", "teacher", "topLogprobs"), 0)
+    refused_at(document, ("spec",), "teacher.topLogprobs is 0")
+    document["spec"]["training"] = {"loss": {"kind": "sft"}}
+    assert DistillationJob.model_validate(document).spec.training.loss.kind == "sft"
+
+    full_from_api = with_changes(
+        ("spec", "teacher"), {"backend": "openai", "baseURL": "http://127.0.0.1:1/v1", "model": "m"}
+    )
+    full_from_api["spec"]["training"] = {"loss": {"teacherLogits": "full"}}
+    refused_at(full_from_api, ("spec",), "`full` needs a `local` teacher")
+    local_full = with_changes(("spec", "training"), {"loss": {"teacherLogits": "full"}})
+    assert DistillationJob.model_validate(local_full).spec.training.loss.teacher_logits == "full"

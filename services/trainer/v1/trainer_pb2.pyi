@@ -66,7 +66,7 @@ class EvaluateStudentRequest(_message.Message):
     def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., holdout_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class EvaluateStudentResult(_message.Message):
-    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics")
+    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics")
     class StudentMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,12 +81,23 @@ class EvaluateStudentResult(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TeacherMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REPORT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     STUDENT_METRICS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_METRICS_FIELD_NUMBER: _ClassVar[int]
     report: _operations_pb2.ArtifactRef
     recovery_percent: float
     student_metrics: _containers.ScalarMap[str, float]
     baseline_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    student: _operations_pb2.ArtifactRef
+    teacher_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
