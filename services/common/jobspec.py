@@ -312,6 +312,16 @@ class DistillationJobSpec(SpecModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
     @model_validator(mode="after")
+    def _teacher_derived_student_needs_teacher_weights(self) -> DistillationJobSpec:
+        init = self.student.init
+        if init.pretrained is None and self.teacher.backend is not TeacherBackend.LOCAL:
+            raise ValueError(
+                "student.init pruneTeacherDepth, pruneTeacherWidth and config start from the teacher's weights "
+                "or config, which only a `local` teacher has: use `pretrained` with an `openai` teacher"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _loss_has_its_teacher_signal(self) -> DistillationJobSpec:
         loss = self.training.loss
         if loss.kind is LossKind.SFT:

@@ -259,3 +259,11 @@ def test_logit_losses_need_logprobs_or_a_local_teacher() -> None:
     refused_at(full_from_api, ("spec",), "`full` needs a `local` teacher")
     local_full = with_changes(("spec", "training"), {"loss": {"teacherLogits": "full"}})
     assert DistillationJob.model_validate(local_full).spec.training.loss.teacher_logits == "full"
+
+
+def test_teacher_derived_students_need_a_local_teacher() -> None:
+    document = with_changes(
+        ("spec", "teacher"), {"backend": "openai", "baseURL": "http://127.0.0.1:1/v1", "model": "m"}
+    )
+    document["spec"]["student"] = {"init": {"pruneTeacherDepth": 4}}
+    refused_at(document, ("spec",), "only a `local` teacher has")
