@@ -316,7 +316,8 @@ class DistillationJobSpec(SpecModel):
         init = self.student.init
         if init.pretrained is None and self.teacher.backend is not TeacherBackend.LOCAL:
             raise ValueError(
-                "student.init pruneTeacherDepth, pruneTeacherWidth and config start from the teacher's weights "
+                "student.init pruneTeacherDepth, pruneTeacherWidth and config start from the teacher's "
+                "weights "
                 "or config, which only a `local` teacher has: use `pretrained` with an `openai` teacher"
             )
         return self
