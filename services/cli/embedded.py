@@ -267,8 +267,11 @@ class Supervisor:
             "STILLHOUSE_CONTROL_PLANE_DATABASE_URL": f"sqlite:///{self.home / 'stillhouse.db'}",
             **{f"STILLHOUSE_CONTROL_PLANE_SERVICES__{svc.name.upper()}": svc.address for svc in services},
         }
+        by_name = {child.name: child for child in services}
+        # Prompt generation (self_instruct, evol_instruct) goes through the teacher service.
+        service_env = {"prompts": {"STILLHOUSE_PROMPTS_TEACHER_ADDRESS": by_name["teacher"].address}}
         for child in services:
-            self._spawn(child, base_env)
+            self._spawn(child, {**base_env, **service_env.get(child.name, {})})
         self._spawn(control_plane, control_plane_env)
 
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
