@@ -166,6 +166,12 @@ class StillhouseClient:
     def submit(self, body: bytes, content_type: str) -> dict[str, Any]:
         return self._call("POST", "/v1/jobs", content=body, headers={"Content-Type": content_type})
 
+    def estimate(self, body: bytes, content_type: str, timeout: float | None) -> dict[str, Any]:
+        """The job's cost without running it; building its prompts may take a while (`timeout` None: wait)."""
+        return self._call(
+            "POST", "/v1/jobs:estimate", content=body, headers={"Content-Type": content_type}, timeout=timeout
+        )
+
     def list_jobs(self, phase: str | None = None, page_size: int = 100) -> list[dict[str, Any]]:
         """Every job (following pagination), newest first as the API orders them."""
         jobs: list[dict[str, Any]] = []

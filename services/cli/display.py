@@ -230,3 +230,29 @@ class EventsView:
     def _render(self) -> RenderableType:
         header = Text.assemble(f"job {self.job_id}  phase ", phase_text(self.phase or "..."))
         return Group(header, self._progress) if self._tasks else header
+
+
+def estimate_table(estimate: dict[str, Any]) -> Table:
+    """An estimate from `POST /v1/jobs:estimate`: prompts, then what the teacher would be paid."""
+    prompts, teacher, generation = estimate["prompts"], estimate["teacher"], estimate["generation"]
+    table = Table(title="Estimate", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("Training prompts", f"{prompts['train']:,}")
+    table.add_row("Held-out prompts", f"{prompts['holdout']:,}")
+    removed = ", ".join(f"{rule} {count:,}" for rule, count in sorted(prompts["removedByRule"].items()))
+    table.add_row("Collected", f"{prompts['collected']:,}" + (f" (removed: {removed})" if removed else ""))
+    if prompts["shortfall"]:
+        table.add_row("Short of the count", f"{prompts['shortfall']:,}")
+    table.add_row("Teacher requests", f"{teacher['requests']:,}")
+    table.add_row("Prompt tokens", f"{teacher['promptTokens']:,}")
+    table.add_row("Completion tokens (at most)", f"{teacher['completionTokens']:,}")
+    table.add_row("Teacher cost (at most)", f"${teacher['costUsd']:,.2f}")
+    if generation["requests"]:
+        table.add_row(
+            "Spent generating prompts",
+            f"${generation['costUsd']:,.2f} ({generation['requests']:,} calls, "
+            f"{generation['cachedRequests']:,} from the cache)",
+        )
+    table.add_row("Total (at most)", f"${estimate['totalUsd']:,.2f}")
+    return table

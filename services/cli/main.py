@@ -219,6 +219,32 @@ def submit(
 
 
 @app.command()
+def estimate(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="DistillationJob spec, YAML or JSON.", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+    api_url: ApiUrlOption = None,
+) -> None:
+    """What a job would cost, without running it: builds its prompts and prices the teacher's answers.
+
+    Prompt generation through the teacher (self_instruct, evol_instruct) is real and cached: the job
+    does not pay for it twice."""
+    from stillhouse.cli.api_client import content_type_for
+    from stillhouse.cli.display import estimate_table
+
+    with _api_client(api_url) as client:
+        result = client.estimate(file.read_bytes(), content_type_for(file), timeout=None)
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(estimate_table(result))
+
+
+@app.command()
 def status(
     job_id: Annotated[str | None, typer.Argument(metavar="ID", help="Show this job in detail.")] = None,
     phase: Annotated[

@@ -63,6 +63,38 @@ class JobList(WireModel):
     next_page_token: str | None = Field(description="Pass as `pageToken` for the next page; null at the end.")
 
 
+class PromptsEstimate(WireModel):
+    train: int = Field(description="Training prompts the job will send the teacher.")
+    holdout: int = Field(description="Held-out prompts, answered too as the evaluation's reference.")
+    collected: int = Field(description="Prompts read and generated, before cleaning.")
+    removed_by_rule: dict[str, int]
+    shortfall: int = Field(description="Prompts asked for but not reached.")
+    warnings: list[str]
+
+
+class TeacherCost(WireModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class GenerationCost(TeacherCost):
+    cached_requests: int
+
+
+class EstimateView(WireModel):
+    estimate_id: str = Field(description="Same for every spec that yields the same prompts.")
+    prompts: PromptsEstimate
+    teacher: TeacherCost = Field(
+        description="Answering every prompt once, none from the cache (an upper bound)."
+    )
+    generation: GenerationCost = Field(
+        description="Teacher calls made to generate the prompts (already spent)."
+    )
+    total_usd: float
+
+
 class FieldError(WireModel):
     field: str = Field(description="Dotted path of the offending field, e.g. `spec.training.epochs`.")
     message: str

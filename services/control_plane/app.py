@@ -27,8 +27,16 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
-from stillhouse.control_plane.api_models import ErrorBody, JobList, JobView, field_errors, summarise
+from stillhouse.control_plane.api_models import (
+    ErrorBody,
+    EstimateView,
+    JobList,
+    JobView,
+    field_errors,
+    summarise,
+)
 from stillhouse.control_plane.config import ControlPlaneSettings
+from stillhouse.control_plane.estimate import EstimateFailed, estimate_job
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
 from stillhouse.control_plane.phases import IllegalTransition, Phase
@@ -106,6 +114,21 @@ def _openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+async def _job_from_body(request: Request) -> DistillationJob | JSONResponse:
+    """The DistillationJob in the request body (JSON or YAML), or the 422 response that names its errors."""
+    raw = await request.body()
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ApiError(413, f"the job spec is {len(raw)} bytes; at most {MAX_SPEC_BYTES} are accepted")
+    document = _parse_document(request.headers.get("content-type", ""), raw)
+    if not isinstance(document, dict):
+        raise ApiError(422, "the body must be a DistillationJob object (apiVersion, kind, metadata, spec)")
+    try:
+        return DistillationJob.model_validate(document)
+    except ValidationError as exc:
+        errors = field_errors(exc.errors(include_url=False))
+        return _error(422, ErrorBody(message=summarise("DistillationJob", errors), errors=errors))
+
+
 def create_app(settings: ControlPlaneSettings) -> FastAPI:
     accepted_tokens = [token.encode() for token in settings.accepted_tokens()]
     if not accepted_tokens:
@@ -124,6 +147,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             progress_interval_seconds=settings.progress_event_interval_seconds,
         )
         app.state.store, app.state.bus, app.state.orchestrator = store, bus, orchestrator
+        app.state.channels = channels
         await orchestrator.resume_unfinished()
         log.info("control plane ready", address=f"{settings.host}:{settings.port}")
         try:
@@ -223,19 +247,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     )
     async def submit_job(request: Request) -> JobView | JSONResponse:
         """Submit a DistillationJob, as JSON or YAML. The job starts at once; follow it with `/events`."""
-        raw = await request.body()
-        if len(raw) > MAX_SPEC_BYTES:
-            raise ApiError(413, f"the job spec is {len(raw)} bytes; at most {MAX_SPEC_BYTES} are accepted")
-        document = _parse_document(request.headers.get("content-type", ""), raw)
-        if not isinstance(document, dict):
-            raise ApiError(
-                422, "the body must be a DistillationJob object (apiVersion, kind, metadata, spec)"
-            )
-        try:
-            job = DistillationJob.model_validate(document)
-        except ValidationError as exc:
-            errors = field_errors(exc.errors(include_url=False))
-            return _error(422, ErrorBody(message=summarise("DistillationJob", errors), errors=errors))
+        job = await _job_from_body(request)
+        if isinstance(job, JSONResponse):
+            return job
         job_id = new_job_id()
         record = await request.app.state.store.create_job(
             job_id, job.metadata.name or job_id, job.to_document(), dict(job.metadata.labels)
@@ -245,6 +259,34 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         request.app.state.orchestrator.run(job_id)
         request.app.state.bus.notify()
         return JobView.of(record)
+
+    @app.post(
+        "/v1/jobs:estimate",
+        response_model=EstimateView,
+        dependencies=authenticated,
+        tags=["jobs"],
+        responses={
+            **error_responses,
+            400: {"model": ErrorBody, "description": "Unparseable body"},
+            422: {
+                "model": ErrorBody,
+                "description": "The spec breaks the schema, or its prompts cannot be built",
+            },
+            503: {"model": ErrorBody, "description": "A stage service cannot be reached"},
+        },
+    )
+    async def estimate(request: Request) -> EstimateView | JSONResponse:
+        """What a DistillationJob would cost, without running it: its prompts are built (deterministically,
+        as the job will build them) and the teacher's answers to them priced. Teacher calls that prompt
+        generation makes are real and cached, so the job itself does not pay for them again."""
+        job = await _job_from_body(request)
+        if isinstance(job, JSONResponse):
+            return job
+        spec = job.to_document()["spec"]
+        try:
+            return EstimateView.model_validate(await estimate_job(request.app.state.channels, spec))
+        except EstimateFailed as exc:
+            raise ApiError(503 if exc.retryable else 422, f"cannot estimate the job: {exc}") from exc
 
     @app.get(
         "/v1/jobs",

@@ -16,6 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from stillhouse.control_plane.api_models import EstimateView, GenerationCost, PromptsEstimate, TeacherCost
+
 TOKEN = "s3cret-test-token-never-printed"
 
 
@@ -103,6 +105,26 @@ def build_app(state: FakeApi) -> FastAPI:
             ]
             return JSONResponse({"message": "invalid DistillationJob", "errors": errors}, status_code=422)
         return JSONResponse(job("job-new"), status_code=201)
+
+    @app.post("/v1/jobs:estimate")
+    async def estimate() -> JSONResponse:
+        view = EstimateView(
+            estimate_id="estimate-1",
+            prompts=PromptsEstimate(
+                train=1800,
+                holdout=40,
+                collected=2000,
+                removed_by_rule={"near_duplicate": 160},
+                shortfall=0,
+                warnings=[],
+            ),
+            teacher=TeacherCost(requests=1840, prompt_tokens=92000, completion_tokens=942080, cost_usd=1.04),
+            generation=GenerationCost(
+                requests=25, cached_requests=5, prompt_tokens=9000, completion_tokens=6000, cost_usd=0.02
+            ),
+            total_usd=1.06,
+        )
+        return JSONResponse(view.model_dump(mode="json"))
 
     @app.get("/v1/jobs")
     async def list_jobs(request: Request) -> JSONResponse:

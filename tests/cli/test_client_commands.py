@@ -196,3 +196,21 @@ def test_cancel_a_finished_job(cli) -> None:
     result = cli("cancel", "job-ok")
     assert result.exit_code == 1
     assert result.stderr.strip() == "job job-ok has already ended (Succeeded)"
+
+
+def test_estimate_prints_prompts_and_costs(cli, api: FakeApi, tmp_path: Path) -> None:
+    path = spec_file(tmp_path, "job.yaml", VALID_SPEC)
+    result = cli("estimate", str(path))
+    assert result.exit_code == 0, result.output
+    request = api.requests[-1]
+    assert (request["method"], request["path"]) == ("POST", "/v1/jobs:estimate")
+    assert request["body"] == path.read_bytes()
+    lines = {" ".join(line.split()) for line in result.stdout.splitlines()}
+    assert "Training prompts 1,800" in lines
+    assert "Collected 2,000 (removed: near_duplicate 160)" in lines
+    assert "Teacher cost (at most) $1.04" in lines
+    assert "Spent generating prompts $0.02 (25 calls, 5 from the cache)" in lines
+    assert "Total (at most) $1.06" in lines
+
+    as_json = json.loads(cli("estimate", "--json", str(path)).stdout)
+    assert as_json["teacher"]["completionTokens"] == 942080

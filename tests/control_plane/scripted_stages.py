@@ -81,6 +81,8 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
                 train=dataset(dataset_id=f"jobs/{request.job_id}/prompts/train", num_rows=90),
                 holdout=dataset(dataset_id=f"jobs/{request.job_id}/prompts/holdout", num_rows=10),
                 collected=100,
+                removed_by_rule={"exact_duplicate": 3},
+                generation_ledger=teacher_pb2.Ledger(requests=4, cached_requests=1, cost_usd=0.25),
             )
             return start("GeneratePrompts", request, result)
 
@@ -93,6 +95,14 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
                 holdout_answers=dataset(dataset_id=f"jobs/{request.job_id}/teacher/holdout", num_rows=10),
             )
             return start("AnswerPrompts", request, result)
+
+        async def EstimateCost(self, request, context):
+            # Priced per row of the dataset given: 1 request, 20 prompt and 64 completion tokens, 1 cent.
+            rows = 90 if request.prompts.dataset_id.endswith("/train") else 10
+            journal.write({"rpc": "EstimateCost", "dataset_id": request.prompts.dataset_id})
+            return teacher_pb2.CostEstimate(
+                requests=rows, prompt_tokens=20 * rows, completion_tokens=64 * rows, cost_usd=0.01 * rows
+            )
 
     class Trainer(trainer_pb2_grpc.TrainerServicer):
         async def TrainStudent(self, request, context):

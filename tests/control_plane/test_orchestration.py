@@ -194,3 +194,53 @@ def test_unreachable_service_fails_the_job_after_the_configured_patience(
         assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=30) == "Failed"
         message = client.get(f"/v1/jobs/{job_id}").json()["message"]
     assert message.startswith("prompts service unreachable for 2 s: UNAVAILABLE")
+
+
+def test_estimate_builds_the_prompts_and_prices_them_without_running_the_job(platform):
+    control_plane, stages = platform
+    with control_plane.client() as client:
+        response = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60)
+        assert response.status_code == 200, response.text
+        estimate = response.json()
+        again = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60).json()
+        assert client.get("/v1/jobs").json()["jobs"] == []
+
+    assert estimate["prompts"] == {
+        "train": 90,
+        "holdout": 10,
+        "collected": 100,
+        "removedByRule": {"exact_duplicate": 3},
+        "shortfall": 0,
+        "warnings": [],
+    }
+    # Train and holdout are both priced: 100 rows at one cent, plus what generating the prompts cost.
+    assert estimate["teacher"] == {
+        "requests": 100,
+        "promptTokens": 2000,
+        "completionTokens": 6400,
+        "costUsd": pytest.approx(1.0),
+    }
+    assert estimate["generation"]["requests"] == 4
+    assert estimate["totalUsd"] == pytest.approx(1.25)
+    # The same spec is the same estimate: its prompts operation is started once and re-attached.
+    assert again["estimateId"] == estimate["estimateId"]
+    assert len(stages.new_starts("GeneratePrompts")) == 1
+    assert stages.new_starts("AnswerPrompts") == []
+    priced = [entry["dataset_id"] for entry in stages.journal() if entry.get("rpc") == "EstimateCost"]
+    assert sorted(priced) == sorted(
+        [f"jobs/{estimate['estimateId']}/prompts/{part}" for part in ("train", "holdout")] * 2
+    )
+
+
+def test_estimate_refuses_a_bad_spec_and_names_an_unreachable_service(control_plane_at, free_port):
+    control_plane = control_plane_at(
+        {name: f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher", "trainer", "storage")}
+    )
+    control_plane.start()
+    with control_plane.client() as client:
+        bad = client.post("/v1/jobs:estimate", json={"spec": {"teacher": {"backend": "local"}}})
+        assert bad.status_code == 422
+        assert any(error["field"] == "spec.teacher.model" for error in bad.json()["errors"])
+        down = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60)
+        assert down.status_code == 503, down.text
+        assert "prompts service: UNAVAILABLE" in down.json()["message"]

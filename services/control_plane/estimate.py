@@ -1,0 +1,127 @@
+"""What a job would cost before it runs: its prompts, then the teacher's price for answering them.
+
+The prompts stage runs for real, under a job id derived from the parts of the spec that decide the
+prompts: it is deterministic, so the estimate sees exactly the prompts the job will send, and the teacher
+calls that generation makes land in the teacher cache, so the job later gets them for free. The teacher
+stage is only priced (`Teacher.EstimateCost`), never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from stillhouse.common.operations import FINAL_STATES, State
+from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+from stillhouse.control_plane.orchestrator import ServiceChannels
+from stillhouse.control_plane.phases import Stage
+from stillhouse.control_plane.stage_calls import STAGE_CALLS
+from stillhouse.prompts.v1 import prompts_pb2
+from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
+
+
+class EstimateFailed(Exception):
+    """The estimate could not be made; the message says why, for the user."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def estimate_job_id(spec: Mapping[str, Any]) -> str:
+    """The same id for every spec that yields the same prompts, so a repeated estimate reuses them."""
+    deciding = {part: spec[part] for part in ("prompts", "teacher", "evaluation")}
+    digest = hashlib.sha256(json.dumps(deciding, sort_keys=True).encode()).hexdigest()
+    return f"estimate-{digest[:16]}"
+
+
+def _failure(service: str, exc: grpc.aio.AioRpcError) -> EstimateFailed:
+    retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return EstimateFailed(f"{service} service: {exc.code().name}: {exc.details()}", retryable=retryable)
+
+
+async def _prompts(
+    channels: ServiceChannels, job_id: str, spec: Mapping[str, Any]
+) -> prompts_pb2.GeneratePromptsResult:
+    call = STAGE_CALLS[Stage.PROMPTS]
+    channel = channels.get(call.service)
+    request = call.build_request(f"{job_id}.prompts.1", job_id, spec, {})
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    try:
+        await call.start(channel, request)
+        watch = operations.WatchOperation(
+            operations_pb2.WatchOperationRequest(operation_id=request.operation_id)
+        )
+        async for operation in watch:
+            if operation.state in FINAL_STATES:
+                break
+        else:
+            raise EstimateFailed("prompts service closed the progress stream early", retryable=True)
+    except grpc.aio.AioRpcError as exc:
+        raise _failure(call.service, exc) from exc
+    if operation.state != State.OPERATION_STATE_SUCCEEDED:
+        raise EstimateFailed(f"prompts service: {operation.error.message or 'the stage did not finish'}")
+    result = prompts_pb2.GeneratePromptsResult()
+    operation.result.Unpack(result)
+    return result
+
+
+async def _price(
+    channels: ServiceChannels, dataset: operations_pb2.DatasetRef, spec: Mapping[str, Any]
+) -> teacher_pb2.CostEstimate:
+    if not dataset.dataset_id:
+        return teacher_pb2.CostEstimate()
+    stub = teacher_pb2_grpc.TeacherStub(channels.get("teacher"))
+    request = teacher_pb2.EstimateCostRequest(prompts=dataset)
+    request.teacher.update(dict(spec["teacher"]))
+    try:
+        return await stub.EstimateCost(request, timeout=120)
+    except grpc.aio.AioRpcError as exc:
+        raise _failure("teacher", exc) from exc
+
+
+def _ledger(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _sum(*estimates: teacher_pb2.CostEstimate) -> teacher_pb2.CostEstimate:
+    total = teacher_pb2.CostEstimate()
+    for estimate in estimates:
+        total.requests += estimate.requests
+        total.prompt_tokens += estimate.prompt_tokens
+        total.completion_tokens += estimate.completion_tokens
+        total.cost_usd += estimate.cost_usd
+    return total
+
+
+async def estimate_job(channels: ServiceChannels, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The prompts (built for real) and the teacher's price for answering them, in EstimateView's fields."""
+    job_id = estimate_job_id(spec)
+    prompts = await _prompts(channels, job_id, spec)
+    train, holdout = await asyncio.gather(
+        _price(channels, prompts.train, spec), _price(channels, prompts.holdout, spec)
+    )
+    teacher = _sum(train, holdout)
+    generation = prompts.generation_ledger
+    return {
+        "estimate_id": job_id,
+        "prompts": {
+            "train": prompts.train.num_rows,
+            "holdout": prompts.holdout.num_rows,
+            "collected": prompts.collected,
+            "removed_by_rule": dict(prompts.removed_by_rule),
+            "shortfall": prompts.shortfall,
+            "warnings": list(prompts.warnings),
+        },
+        "teacher": _ledger(teacher),
+        "generation": _ledger(generation),
+        "total_usd": teacher.cost_usd + generation.cost_usd,
+    }
