@@ -191,6 +191,10 @@ class StillhouseClient:
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}", job_id=job_id)
 
+    def artifact(self, job_id: str, name: str) -> dict[str, Any]:
+        """The files of a job's artifact (`student`, `baseline`, `report`) with URLs to download them."""
+        return self._call("GET", f"/v1/jobs/{job_id}/artifacts/{name}")
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}:cancel", job_id=job_id)
 

@@ -354,6 +354,45 @@ def run(
     raise typer.Exit(code)
 
 
+class ArtifactChoice(StrEnum):
+    STUDENT = "student"
+    BASELINE = "baseline"
+    REPORT = "report"
+
+
+@app.command()
+def pull(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The job whose artifact to download.")],
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="New or empty folder to download into.")],
+    artifact: Annotated[
+        ArtifactChoice, typer.Option(case_sensitive=False, help="Which artifact of the job.")
+    ] = ArtifactChoice.STUDENT,
+    api_url: ApiUrlOption = None,
+) -> None:
+    """Download a job's student (a Hugging Face model folder), baseline or report, verified."""
+    from stillhouse.cli.downloads import DownloadError, download_files
+
+    with _api_client(api_url) as client:
+        links = client.artifact(job_id, artifact.value)
+    try:
+        total = download_files(
+            links["files"],
+            folder,
+            lambda path, size: err_console.print(f"  {path} ({size:,} bytes)", markup=False),
+        )
+    except DownloadError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"{artifact.value} of job {job_id} ({total:,} bytes) is in {folder}", markup=False, soft_wrap=True
+    )
+    if artifact is ArtifactChoice.STUDENT:
+        console.print(
+            f"load it with: AutoModelForCausalLM.from_pretrained({str(folder)!r})",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def cancel(
     job_id: Annotated[str, typer.Argument(metavar="ID", help="The job to cancel.")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,6 +94,25 @@ class EstimateView(WireModel):
         description="Teacher calls made to generate the prompts (already spent)."
     )
     total_usd: float
+
+
+class ArtifactName(StrEnum):
+    STUDENT = "student"
+    BASELINE = "baseline"
+    REPORT = "report"
+
+
+class ArtifactFileLink(WireModel):
+    path: str = Field(description="Path of the file inside the artifact folder.")
+    size_bytes: int
+    sha256: str
+    url: str = Field(description="Time-limited URL to GET the file (file:// for a local object store).")
+
+
+class ArtifactLinks(WireModel):
+    artifact_id: str
+    files: list[ArtifactFileLink]
+    expires_in_seconds: int
 
 
 class FieldError(WireModel):

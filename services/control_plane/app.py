@@ -28,6 +28,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
 from stillhouse.control_plane.api_models import (
+    ArtifactLinks,
+    ArtifactName,
     ErrorBody,
     EstimateView,
     JobList,
@@ -35,6 +37,7 @@ from stillhouse.control_plane.api_models import (
     field_errors,
     summarise,
 )
+from stillhouse.control_plane.artifact_links import ArtifactUnavailable, artifact_id_of, artifact_links
 from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.estimate import EstimateFailed, estimate_job
 from stillhouse.control_plane.events import JobEventBus
@@ -340,6 +343,30 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         """One job, with the steps it has run."""
         store: JobStore = request.app.state.store
         return JobView.of(await store.get_job(job_id), await store.steps(job_id))
+
+    @app.get(
+        "/v1/jobs/{job_id}/artifacts/{name}",
+        response_model=ArtifactLinks,
+        dependencies=authenticated,
+        tags=["jobs"],
+        responses={
+            **error_responses,
+            503: {"model": ErrorBody, "description": "The storage service cannot be reached"},
+        },
+    )
+    async def job_artifact(job_id: str, name: ArtifactName, request: Request) -> ArtifactLinks:
+        """The files of one of the job's artifacts (`student`, `baseline`, `report`), each with a
+        time-limited URL to download it straight from object storage, and its size and sha256."""
+        store: JobStore = request.app.state.store
+        job = await store.get_job(job_id)
+        results = {step.stage: step.result or {} for step in await store.steps(job_id) if step.result}
+        artifact_id = artifact_id_of(results, name.value)
+        if artifact_id is None:
+            raise ApiError(404, f"job {job_id} has no {name.value} yet (phase {job.phase.value})")
+        try:
+            return ArtifactLinks.model_validate(await artifact_links(request.app.state.channels, artifact_id))
+        except ArtifactUnavailable as exc:
+            raise ApiError(exc.status, f"cannot list the {name.value} of job {job_id}: {exc}") from exc
 
     @app.get(
         "/v1/jobs/{job_id}/events",
