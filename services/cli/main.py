@@ -208,10 +208,10 @@ def submit(
     api_url: ApiUrlOption = None,
 ) -> None:
     """Submit a distillation job."""
-    from stillhouse.cli.api_client import content_type_for
+    from stillhouse.cli.spec_paths import spec_request_body
 
     with _api_client(api_url) as client:
-        job = client.submit(file.read_bytes(), content_type_for(file))
+        job = client.submit(*spec_request_body(file))
     if quiet:
         sys.stdout.write(job["id"] + "\n")
     else:
@@ -233,11 +233,11 @@ def estimate(
 
     Prompt generation through the teacher (self_instruct, evol_instruct) is real and cached: the job
     does not pay for it twice."""
-    from stillhouse.cli.api_client import content_type_for
     from stillhouse.cli.display import estimate_table
+    from stillhouse.cli.spec_paths import spec_request_body
 
     with _api_client(api_url) as client:
-        result = client.estimate(file.read_bytes(), content_type_for(file), timeout=None)
+        result = client.estimate(*spec_request_body(file), timeout=None)
     if as_json:
         _print_json(result)
     else:
@@ -322,15 +322,16 @@ def run(
     """Run one job on this machine: start every service, submit FILE, follow it to the end, stop.
 
     Exit code: 0 Succeeded, 1 Failed, 3 Cancelled, 130 interrupted."""
-    from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient, content_type_for
+    from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient
     from stillhouse.cli.embedded import EmbeddedError, Supervisor
+    from stillhouse.cli.spec_paths import spec_request_body
 
-    body = file.read_bytes()
+    body, content_type = spec_request_body(file)
 
     def session(endpoint) -> int:
         try:
             with StillhouseClient(endpoint) as client:
-                job = client.submit(body, content_type_for(file))
+                job = client.submit(body, content_type)
                 console.print(f"job {job['id']} submitted from {file}", markup=False, soft_wrap=True)
                 return _follow(client, job["id"])
         except InvalidRequest as exc:

@@ -214,3 +214,31 @@ def test_estimate_prints_prompts_and_costs(cli, api: FakeApi, tmp_path: Path) ->
 
     as_json = json.loads(cli("estimate", "--json", str(path)).stdout)
     assert as_json["teacher"]["completionTokens"] == 942080
+
+
+def test_local_files_in_a_spec_are_sent_relative_to_the_spec(cli, api: FakeApi, tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    (specs / "seeds").mkdir(parents=True)
+    (specs / "seeds" / "a.jsonl").write_text('{"prompt": "hi"}\n')
+    (specs / "seeds" / "cities.txt").write_text("Oslo\n")
+    path = spec_file(
+        specs,
+        "job.yaml",
+        "spec:\n"
+        "  prompts:\n"
+        "    sources: [{path: seeds/a.jsonl}, {path: s3://bucket/b.jsonl}, {path: seeds/missing.jsonl}]\n"
+        "    generate: {strategy: template, count: 2, template: '{{ city }}',\n"
+        "               slotFiles: {city: seeds/cities.txt}}\n"
+        "  teacher: {backend: local, model: smollm2}\n"
+        "  student: {init: {pruneTeacherDepth: 2}}\n",
+    )
+    assert cli("submit", str(path)).exit_code == 0
+    request = api.requests[-1]
+    assert request["headers"]["content-type"] == "application/json"
+    prompts = json.loads(request["body"])["spec"]["prompts"]
+    assert [source["path"] for source in prompts["sources"]] == [
+        str(specs / "seeds" / "a.jsonl"),
+        "s3://bucket/b.jsonl",
+        "seeds/missing.jsonl",
+    ]
+    assert prompts["generate"]["slotFiles"] == {"city": str(specs / "seeds" / "cities.txt")}
