@@ -110,7 +110,9 @@ def job_details(job: dict[str, Any], width: int, now: datetime | None = None) ->
     steps = job.get("steps") or []
     if not steps:
         return Group(summary, Text("\nNo steps yet.", style="dim"))
-    return Group(summary, Text(""), steps_table(steps, width, now))
+    outcome = job_outcome(job)
+    tail = [Text(""), outcome] if outcome is not None else []
+    return Group(summary, Text(""), steps_table(steps, width, now), *tail)
 
 
 def steps_table(steps: list[dict[str, Any]], width: int, now: datetime | None = None) -> Table:
@@ -256,3 +258,61 @@ def estimate_table(estimate: dict[str, Any]) -> Table:
         )
     table.add_row("Total (at most)", f"${estimate['totalUsd']:,.2f}")
     return table
+
+
+def _figure(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def job_outcome(job: dict[str, Any]) -> RenderableType | None:
+    """What a job produced: the evaluation against the teacher, its cost, and where its artifacts are."""
+    summary = job.get("summary")
+    if not summary:
+        return None
+    parts: list[RenderableType] = []
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        metrics = sorted(
+            set(evaluation["student"]) | set(evaluation["baseline"]) | set(evaluation["teacher"])
+        )
+        table = Table(title="Evaluation on the held-out prompts", title_justify="left")
+        for header in ("metric", "teacher", "student before", "student after"):
+            table.add_column(header, justify="left" if header == "metric" else "right")
+        for metric in metrics:
+            table.add_row(
+                metric,
+                _figure(evaluation["teacher"].get(metric)),
+                _figure(evaluation["baseline"].get(metric)),
+                _figure(evaluation["student"].get(metric)),
+            )
+        parts += [
+            table,
+            Text(f"The student recovers {evaluation['recoveryPercent']:.1f}% of the teacher.", style="bold"),
+        ]
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    if prompts := summary.get("prompts"):
+        facts.add_row(
+            "Prompts",
+            f"{prompts['train']:,} training, {prompts['holdout']:,} held out "
+            f"({prompts['collected']:,} collected)",
+        )
+    if teacher := summary.get("teacher"):
+        facts.add_row(
+            "Teacher",
+            f"{teacher['requests']:,} calls ({teacher['cachedRequests']:,} from the cache), "
+            f"{teacher['promptTokens']:,} prompt + {teacher['completionTokens']:,} completion tokens",
+        )
+    if training := summary.get("training"):
+        facts.add_row("Training", f"{training['steps']:,} steps, {training['tokens']:,} tokens")
+    cost = summary["cost"]
+    facts.add_row("Cost", f"${cost['totalUsd']:,.2f} teacher, {cost['gpuHours']:,.2f} GPU hours")
+    for name, artifact_id in sorted(summary.get("artifacts", {}).items()):
+        facts.add_row(
+            name.capitalize(), f"{artifact_id}  (stillhouse pull {job['id']} DIR --artifact {name})"
+        )
+    parts.append(facts)
+    return Group(*parts)

@@ -323,6 +323,7 @@ def run(
 
     Exit code: 0 Succeeded, 1 Failed, 3 Cancelled, 130 interrupted."""
     from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient
+    from stillhouse.cli.display import job_outcome
     from stillhouse.cli.embedded import EmbeddedError, Supervisor
     from stillhouse.cli.spec_paths import spec_request_body
 
@@ -333,7 +334,11 @@ def run(
             with StillhouseClient(endpoint) as client:
                 job = client.submit(body, content_type)
                 console.print(f"job {job['id']} submitted from {file}", markup=False, soft_wrap=True)
-                return _follow(client, job["id"])
+                code = _follow(client, job["id"])
+                outcome = job_outcome(client.get_job(job["id"]))
+                if outcome is not None:
+                    console.print(outcome)
+                return code
         except InvalidRequest as exc:
             for line in exc.lines():
                 err_console.print(line, markup=False)

@@ -12,6 +12,7 @@ from pydantic.alias_generators import to_camel
 
 from stillhouse.control_plane.phases import Phase, Stage
 from stillhouse.control_plane.store import JobRecord, StepRecord, StepState
+from stillhouse.control_plane.summary import job_summary
 
 
 class WireModel(BaseModel):
@@ -31,6 +32,62 @@ class StepView(WireModel):
     finished_at: datetime | None
 
 
+class LedgerView(WireModel):
+    requests: int
+    cached_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class PromptsSummary(WireModel):
+    train: int
+    holdout: int
+    collected: int
+    removed_by_rule: dict[str, int]
+    generation: LedgerView = Field(description="Teacher calls made to generate prompts.")
+
+
+class TeacherSummary(LedgerView):
+    answers: int
+    failed_prompts: int
+    stopped_reason: str | None
+
+
+class TrainingSummary(WireModel):
+    steps: int
+    tokens: int
+    gpu_hours: float
+    final_metrics: dict[str, float]
+
+
+class EvaluationSummary(WireModel):
+    recovery_percent: float = Field(
+        description="How much of the teacher the student recovers (see the report)."
+    )
+    student: dict[str, float]
+    baseline: dict[str, float] = Field(description="The student before training.")
+    teacher: dict[str, float]
+
+
+class CostSummary(WireModel):
+    teacher_usd: float
+    generation_usd: float
+    total_usd: float
+    gpu_hours: float
+
+
+class JobSummary(WireModel):
+    """What the job's finished stages produced; parts appear as their stages succeed."""
+
+    prompts: PromptsSummary | None = None
+    teacher: TeacherSummary | None = None
+    training: TrainingSummary | None = None
+    evaluation: EvaluationSummary | None = None
+    artifacts: dict[str, str] = Field(description="Artifact ids by name (`student`, `report`), for `pull`.")
+    cost: CostSummary
+
+
 class JobView(WireModel):
     id: str
     name: str
@@ -42,6 +99,7 @@ class JobView(WireModel):
     updated_at: datetime
     spec: dict[str, Any] = Field(description="The submitted DistillationJob with every default filled in.")
     steps: list[StepView] = Field(default_factory=list)
+    summary: JobSummary | None = Field(default=None, description="Outcome so far (single-job views only).")
 
     @classmethod
     def of(cls, job: JobRecord, steps: list[StepRecord] | None = None) -> JobView:
@@ -56,6 +114,7 @@ class JobView(WireModel):
             updated_at=job.updated_at,
             spec=job.document,
             steps=[StepView.model_validate(step) for step in steps or []],
+            summary=JobSummary.model_validate(summary) if (summary := job_summary(steps or [])) else None,
         )
 
 

@@ -79,6 +79,11 @@ def test_job_runs_every_stage_once_and_passes_results_on(platform, wait_until):
     assert [step["stage"] for step in job["steps"]] == ["prompts", "teacher", "train", "evaluate"]
     assert all(step["state"] == "succeeded" and step["finishedAt"] for step in job["steps"])
     assert job["steps"][3]["result"]["recovery_percent"] == 87.5
+    summary = job["summary"]
+    assert summary["evaluation"]["recoveryPercent"] == 87.5
+    assert summary["prompts"]["train"] == 90
+    assert summary["cost"] == {"teacherUsd": 0.0, "generationUsd": 0.25, "totalUsd": 0.25, "gpuHours": 0.0}
+    assert summary["artifacts"] == {"student": f"jobs/{job_id}/train/student"}
     for rpc in STAGE_RPCS:
         assert len(stages.new_starts(rpc)) == 1, rpc
 
