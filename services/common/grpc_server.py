@@ -128,27 +128,6 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             await abort_for(context, exc)
 
 
-def not_implemented_servicer(servicer_base: type, service_descriptor, service_label: str):
-    """A servicer whose every RPC answers UNIMPLEMENTED with a message that says which one.
-
-    Used for stages that this version of Stillhouse does not do yet: nothing may pretend to succeed.
-    """
-
-    def make(rpc_name: str):
-        async def method(self, request, context):
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"the {service_label} service does not implement {service_descriptor.name}/{rpc_name} "
-                "in this version of Stillhouse",
-            )
-
-        method.__name__ = rpc_name
-        return method
-
-    methods = {rpc.name: make(rpc.name) for rpc in service_descriptor.methods}
-    return type(f"NotImplemented{service_descriptor.name}", (servicer_base,), methods)()
-
-
 @dataclass(frozen=True)
 class ServiceBinding:
     """One gRPC service to serve: its full name and the function that adds it to a server."""

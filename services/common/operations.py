@@ -8,6 +8,7 @@ adapter (`OperationsServicer` in `grpc_server`) only translates.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,15 @@ FINAL_STATES = frozenset(
 )
 
 log = structlog.get_logger(__name__)
+
+
+def request_fingerprint(request: message.Message) -> bytes:
+    """What a Start request asks for, without its operation id: the same id with another fingerprint is a
+    conflict, the same fingerprint a repeat."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("operation_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
 
 
 class OperationError(Exception):
@@ -122,6 +132,13 @@ class OperationRegistry:
     def __init__(self, retain_finished: int = 10_000) -> None:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retain_finished = retain_finished
+        self._shutting_down = False
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once the process is stopping: a cancelled work function can tell a restart from a user's
+        cancel, and leave work that outlives the process (e.g. a job on a cluster) running."""
+        return self._shutting_down
 
     def start(self, operation_id: str, *, kind: str, job_id: str, fingerprint: bytes, work: Work):
         """Start `work` under `operation_id`, or return the operation already running under it."""
@@ -160,14 +177,17 @@ class OperationRegistry:
         entry = self._entry(operation_id)
         while True:
             seen = entry.version
-            yield self._snapshot(entry)
-            if entry.is_final:
+            snapshot = self._snapshot(entry)
+            yield snapshot
+            # Decided on what was sent: the operation may have ended while that message was on its way.
+            if snapshot.state in FINAL_STATES:
                 return
             async with entry.condition:
                 await entry.condition.wait_for(lambda seen=seen: entry.version != seen)
 
     async def shutdown(self) -> None:
         """Cancel every running operation (the process is stopping)."""
+        self._shutting_down = True
         tasks = [entry.task for entry in self._entries.values() if entry.task and not entry.task.done()]
         for task in tasks:
             task.cancel()

@@ -1,8 +1,12 @@
 """Settings of the prompts service (environment variables STILLHOUSE_PROMPTS_*)."""
 
+from __future__ import annotations
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.storage.config import ObjectStoreSettings
 
 
 class PromptsSettings(GrpcServiceSettings):
@@ -11,3 +15,20 @@ class PromptsSettings(GrpcServiceSettings):
     )
 
     port: int = 50051
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    teacher_address: str = Field(
+        default="127.0.0.1:50052",
+        description="host:port of the teacher service, which self_instruct and evol_instruct call.",
+    )
+    generation_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Teacher calls in flight at once while generating prompts."
+    )
+    generation_patience: int = Field(
+        default=16,
+        ge=1,
+        description="Teacher calls in a row that add no new prompt before generation stops short of "
+        "`count` (the shortfall is reported).",
+    )
+    teacher_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Longest wait for one teacher call (a local teacher may queue it)."
+    )

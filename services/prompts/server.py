@@ -1,23 +1,35 @@
-"""The prompts service process. This version serves the contract and answers UNIMPLEMENTED for its work."""
+"""The prompts service process: builds each job's prompts and held-out datasets (stage 1)."""
 
 from __future__ import annotations
 
-from stillhouse.common.grpc_server import ServiceBinding, not_implemented_servicer, run_grpc_service
+import asyncio
+
+from stillhouse.common.grpc_server import ServiceBinding, serve_grpc
+from stillhouse.common.logging import configure_logging
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.prompts.config import PromptsSettings
+from stillhouse.prompts.servicer import PromptsServicer
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
+from stillhouse.storage.open_store import open_object_store
 
 SERVICE = prompts_pb2.DESCRIPTOR.services_by_name["Prompts"]
 
 
-def build(registry: OperationRegistry) -> list[ServiceBinding]:
-    servicer = not_implemented_servicer(prompts_pb2_grpc.PromptsServicer, SERVICE, "prompts")
-    return [
-        ServiceBinding(
-            SERVICE.full_name, lambda server: prompts_pb2_grpc.add_PromptsServicer_to_server(servicer, server)
-        )
-    ]
+async def serve(settings: PromptsSettings) -> None:
+    store = open_object_store(settings.object_store)
+
+    def build(registry: OperationRegistry) -> list[ServiceBinding]:
+        servicer = PromptsServicer(registry, store, settings)
+        return [
+            ServiceBinding(
+                SERVICE.full_name,
+                lambda server: prompts_pb2_grpc.add_PromptsServicer_to_server(servicer, server),
+            )
+        ]
+
+    await serve_grpc(settings, build)
 
 
 def run(settings: PromptsSettings) -> None:
-    run_grpc_service("prompts", settings, build)
+    configure_logging(settings.log_level, settings.log_format, service="prompts")
+    asyncio.run(serve(settings))

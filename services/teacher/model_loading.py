@@ -93,6 +93,15 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
 
 
+def load_tokenizer_reference(reference: str) -> PreTrainedTokenizerBase:
+    """A tokenizer named like a model (see resolve_model_reference), or a folder holding a tokenizer saved
+    on its own, without a model beside it."""
+    folder = Path(reference).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return load_tokenizer(resolve_model_reference(reference))
+
+
 def load_model(
     source: ModelSource, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> PreTrainedModel:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import grpc
-from google.protobuf import json_format, message
-from pydantic import ValidationError
+from google.protobuf import message
 
 from stillhouse.common.grpc_server import abort_for
 from stillhouse.common.jobspec import TeacherBackend, TeacherSpec
-from stillhouse.common.operations import OperationConflict, OperationError, OperationRegistry
+from stillhouse.common.operations import (
+    OperationConflict,
+    OperationError,
+    OperationRegistry,
+    request_fingerprint,
+)
+from stillhouse.common.spec_sections import spec_section
 from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
 from stillhouse.storage.objects import ObjectStore, ObjectStoreError
 from stillhouse.teacher.cache import TeacherCache
@@ -26,21 +30,7 @@ ANSWER_PROMPTS = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].methods_by_n
 
 
 def teacher_spec(struct: message.Message) -> TeacherSpec:
-    """`spec.teacher` as sent over gRPC, validated by the job schema; bad fields name themselves."""
-    try:
-        return TeacherSpec.model_validate(json_format.MessageToDict(struct))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"spec.teacher.{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()
-        )
-        raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid teacher spec: {problems}") from exc
-
-
-def fingerprint(request: message.Message) -> bytes:
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("operation_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
+    return spec_section(TeacherSpec, struct, "spec.teacher")
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
@@ -100,7 +90,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 request.operation_id,
                 kind=ANSWER_PROMPTS,
                 job_id=request.job_id,
-                fingerprint=fingerprint(request),
+                fingerprint=request_fingerprint(request),
                 work=work,
             )
         except (OperationError, OperationConflict) as exc:

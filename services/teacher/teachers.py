@@ -98,7 +98,7 @@ class TeacherPool:
 def _token_id_lookup(reference: str):
     from stillhouse.teacher import model_loading
 
-    tokenizer = model_loading.load_tokenizer(model_loading.resolve_model_reference(reference))
+    tokenizer = model_loading.load_tokenizer_reference(reference)
     vocabulary = tokenizer.get_vocab()
 
     def token_id(token: str) -> int | None:

@@ -1,8 +1,36 @@
 """Settings of the trainer service (environment variables STILLHOUSE_TRAINER_*)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.common.paths import stillhouse_home
+from stillhouse.storage.config import ObjectStoreSettings
+
+
+class LocalRaySettings(BaseModel):
+    """The Ray head the service starts on its own machine when no `ray_address` is given (embedded mode)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: int | None = Field(default=None, gt=0, description="CPUs Ray may use; all of them if unset.")
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs Ray may use; all visible if unset.")
+    dashboard_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the dashboard and job API; 0 picks a free one."
+    )
+    temp_dir: Path = Field(
+        default_factory=lambda: stillhouse_home() / "ray",
+        description="Ray's session files, logs and the Ray Train storage of local runs.",
+    )
+    # Ray 2.60 turns token auth on for new clusters unless told otherwise; the local head listens on
+    # loopback only, so it is off by default.
+    auth_mode: Literal["disabled", "token"] = "disabled"
+    startup_timeout_seconds: float = Field(default=90.0, gt=0)
 
 
 class TrainerSettings(GrpcServiceSettings):
@@ -11,3 +39,26 @@ class TrainerSettings(GrpcServiceSettings):
     )
 
     port: int = 50054
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    ray_address: str | None = Field(
+        default=None,
+        description="Job-submission (dashboard) address of a Ray cluster, e.g. http://raycluster-head:8265; "
+        "unset starts a local Ray head on first use.",
+    )
+    ray_auth_token_file: Path | None = Field(
+        default=None, description="File holding the cluster's Ray auth token, for clusters with token auth."
+    )
+    ray_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    ray_poll_seconds: float = Field(default=1.0, gt=0, description="How often a Ray job's status is polled.")
+    ray_storage_path: str | None = Field(
+        default=None,
+        description="Ray Train's storage_path on the cluster; unset: `<local_ray.temp_dir>/train` for the "
+        "local head, /tmp/ray/stillhouse-train on a cluster.",
+    )
+    ray_python: str | None = Field(
+        default=None,
+        description="Python interpreter of Ray jobs; unset: this service's own for the local head, "
+        "`python` on a cluster.",
+    )
+    local_ray: LocalRaySettings = Field(default_factory=LocalRaySettings)
+    evaluation_num_gpus: float = Field(default=0, ge=0, description="GPUs of the evaluation task.")

@@ -286,10 +286,11 @@ def run_job(tmp_path: Path, spec: str, api_port: int) -> subprocess.CompletedPro
 def test_run_follows_the_job_to_its_end_and_stops_everything(tmp_path: Path, free_port) -> None:
     result = run_job(tmp_path, VALID_SPEC, free_port())
     output = result.stdout + result.stderr
-    # The stages do not do their work in this version: the job must end Failed, saying so.
+    # A spec with no prompt sources and nothing to generate passes the schema but not the prompts stage:
+    # the job must end Failed, with the service's reason.
     assert result.returncode == 1, output
     assert re.search(r"job job-[0-9a-f]+ submitted", output)
-    assert "Failed" in output and "prompts service: UNIMPLEMENTED" in output
+    assert "Failed" in output and "prompts service: INVALID_ARGUMENT" in output
     assert "Stillhouse stopped" in output
     assert not (tmp_path / "home" / "endpoint.json").exists()
 

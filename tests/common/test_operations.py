@@ -249,3 +249,26 @@ async def test_shutdown_cancels_running_operations() -> None:
     assert running.saw_cancel
     assert registry.get("running").state == State.OPERATION_STATE_CANCELLED
     assert registry.get("finished").state == State.OPERATION_STATE_SUCCEEDED
+
+
+async def test_work_can_tell_a_shutdown_from_a_cancel() -> None:
+    registry = OperationRegistry()
+    seen: dict[str, bool] = {}
+
+    def work_recording(name: str):
+        async def work(progress):
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                seen[name] = registry.shutting_down
+                raise
+
+        return work
+
+    registry.start("op-cancel", kind="k", job_id="j", fingerprint=b"1", work=work_recording("cancel"))
+    registry.start("op-shutdown", kind="k", job_id="j", fingerprint=b"2", work=work_recording("shutdown"))
+    await asyncio.sleep(0.05)
+    registry.cancel("op-cancel")
+    await asyncio.sleep(0.05)
+    await registry.shutdown()
+    assert seen == {"cancel": False, "shutdown": True}

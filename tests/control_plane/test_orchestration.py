@@ -168,22 +168,26 @@ def test_a_failed_stage_fails_the_job_with_its_cause(platform, wait_until):
     assert not stages.new_starts("EvaluateStudent")
 
 
-def test_stage_not_implemented_fails_the_job_instead_of_pretending(
-    processes, free_port, control_plane_at, wait_until, grpc_ready
+def test_a_real_stage_failure_reaches_the_job_with_its_cause(
+    processes, free_port, control_plane_at, wait_until, grpc_ready, tmp_path
 ):
     port = free_port()
     processes.start(
-        "prompts", [sys.executable, "-m", "stillhouse.cli.main", "serve", "prompts", "--port", str(port)]
+        "prompts",
+        [sys.executable, "-m", "stillhouse.cli.main", "serve", "prompts", "--port", str(port)],
+        {"STILLHOUSE_HOME": str(tmp_path / "home")},
     )
     wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 20, "the prompts service")
     control_plane = control_plane_at({"prompts": f"127.0.0.1:{port}"})
     control_plane.start()
+    missing = tmp_path / "seeds.jsonl"
+    job = {"spec": {**MINIMAL_JOB["spec"], "prompts": {"sources": [{"path": str(missing)}]}}}
     with control_plane.client() as client:
-        job_id = submit(client)
+        job_id = submit(client, job)
         assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}) == "Failed"
         message = client.get(f"/v1/jobs/{job_id}").json()["message"]
-    assert message.startswith("prompts service: UNIMPLEMENTED:")
-    assert "GeneratePrompts" in message
+    assert message.startswith("prompts service: FAILED_PRECONDITION:"), message
+    assert str(missing) in message
 
 
 def test_unreachable_service_fails_the_job_after_the_configured_patience(

@@ -311,7 +311,7 @@ class LocalHFBackend(TeacherBackend):
             dtype=str(self.model.dtype).removeprefix("torch."),
         )
         self.stop_token_ids = frozenset(
-            _default_stop_ids(self.model, self.tokenizer) if stop_token_ids is None else stop_token_ids
+            default_stop_ids(self.model, self.tokenizer) if stop_token_ids is None else stop_token_ids
         )
         self.max_batch_size = max_batch_size
         self.batch_wait_seconds = batch_wait_seconds
@@ -463,7 +463,7 @@ class LocalHFBackend(TeacherBackend):
         ]
 
 
-def _default_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def default_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The model's end-of-sequence tokens: its generation config's, and the tokenizer's."""
     configured = model.generation_config.eos_token_id
     stops = set(configured) if isinstance(configured, list) else {configured}

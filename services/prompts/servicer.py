@@ -1,0 +1,86 @@
+"""The Prompts gRPC service: validates a GeneratePrompts request and runs the stage as an operation."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import grpc
+from google.protobuf import json_format
+
+from stillhouse.common.grpc_server import abort_for
+from stillhouse.common.jobspec import EvaluationSpec, PromptsSpec, TeacherSpec
+from stillhouse.common.operations import (
+    OperationConflict,
+    OperationError,
+    OperationRegistry,
+    request_fingerprint,
+)
+from stillhouse.common.spec_sections import spec_section
+from stillhouse.prompts.config import PromptsSettings
+from stillhouse.prompts.stage import TEACHER_STRATEGIES, GeneratePromptsRun, refuse_unworkable
+from stillhouse.prompts.teacher_client import TeacherClient
+from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
+from stillhouse.storage.manifest import validate_dataset_id
+from stillhouse.storage.objects import ObjectStore
+
+GENERATE_PROMPTS = (
+    prompts_pb2.DESCRIPTOR.services_by_name["Prompts"].methods_by_name["GeneratePrompts"].full_name
+)
+
+
+class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
+    def __init__(self, registry: OperationRegistry, store: ObjectStore, settings: PromptsSettings) -> None:
+        self._registry = registry
+        self._store = store
+        self._settings = settings
+
+    async def GeneratePrompts(self, request, context):
+        try:
+            try:
+                validate_dataset_id(f"jobs/{request.job_id}/prompts/train")
+            except ValueError as exc:
+                problem = f"job_id {request.job_id!r} cannot name a dataset: {exc}"
+                raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, problem) from exc
+            spec = spec_section(PromptsSpec, request.prompts, "spec.prompts")
+            evaluation = spec_section(EvaluationSpec, request.evaluation, "spec.evaluation")
+            teacher = None
+            needs_teacher = spec.generate.strategy in TEACHER_STRATEGIES
+            refuse_unworkable(spec, has_teacher=bool(request.teacher.fields))
+            if needs_teacher:
+                spec_section(TeacherSpec, request.teacher, "spec.teacher")
+                teacher = json_format.MessageToDict(request.teacher)
+
+            async def work(progress):
+                async with AsyncExitStack() as resources:
+                    client = None
+                    if teacher is not None:
+                        client = await resources.enter_async_context(
+                            TeacherClient(
+                                self._settings.teacher_address,
+                                job_id=request.job_id,
+                                teacher=teacher,
+                                timeout_seconds=self._settings.teacher_timeout_seconds,
+                            )
+                        )
+                    run = GeneratePromptsRun(
+                        store=self._store,
+                        spec=spec,
+                        holdout_fraction=evaluation.holdout_fraction,
+                        job_id=request.job_id,
+                        progress=progress,
+                        completer=client,
+                        generation_ledger=client.ledger if client else None,
+                        concurrency=self._settings.generation_concurrency,
+                        patience=self._settings.generation_patience,
+                    )
+                    return await run.run()
+
+            return self._registry.start(
+                request.operation_id,
+                kind=GENERATE_PROMPTS,
+                job_id=request.job_id,
+                fingerprint=request_fingerprint(request),
+                work=work,
+            )
+        except (OperationError, OperationConflict) as exc:
+            await abort_for(context, exc)

@@ -1,0 +1,300 @@
+"""Seed prompts from a `PromptSource`: JSONL, Parquet or CSV files (local or s3://), or an inline list.
+
+Files stream with bounded memory: JSONL line by line, Parquet by record batches, CSV through pyarrow's
+streaming reader. An object in the store is first downloaded to a temporary file, so that only one batch
+of rows is ever in memory. `.gz` JSONL and CSV files are decompressed on the fly.
+
+A row is either a chat row, with `messages` (a list of {role, content}; a `system` message, if any, must
+come first and is kept there; the last message is the user's), or a plain row whose `column` holds the
+prompt text. `limit` keeps a seeded uniform sample of at most that many rows (reservoir sampling in one
+pass), in source order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from stillhouse.common.jobspec import PromptSource
+from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
+
+Conversation = list[dict[str, str]]
+
+FORMAT_BY_EXTENSION = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+}
+ROLES = ("system", "user", "assistant")
+BATCH_ROWS = 4096
+
+
+class PromptSourceError(ValueError):
+    """A source that cannot be read; the message names the source and the cause. `missing` is True when
+    the file or object does not exist (the spec may be right and the data not there yet)."""
+
+    def __init__(self, source: str, cause: str, *, missing: bool = False) -> None:
+        super().__init__(f"{source}: {cause}")
+        self.source = source
+        self.missing = missing
+
+
+def iter_source(
+    source: PromptSource, store: ObjectStore, seed: int, *, index: int | None = None
+) -> Iterator[Conversation]:
+    """The conversations of one source, streamed (a seeded sample of them when `source.limit` is set).
+
+    `index` is the source's position in `spec.prompts.sources`, used to name an inline source in errors.
+    """
+    if source.inline is not None:
+        label = "inline source" if index is None else f"inline source #{index}"
+        rows: Iterable[tuple[int, Any]] = enumerate(source.inline, start=1)
+        conversations = (_plain(label, number, text) for number, text in _sampled(rows, source, seed, label))
+        yield from conversations
+        return
+    assert source.path is not None  # the spec requires exactly one of path and inline
+    label = f"prompt source {source.path}"
+    with _local_copy(source.path, label, store) as path:
+        rows = _rows(path, _format_of(source, path, label), source.column, label)
+        yielded = False
+        for number, row in _sampled(rows, source, seed, label):
+            yielded = True
+            yield _conversation(label, number, row, source.column)
+        if not yielded:
+            raise PromptSourceError(label, "empty source: no rows")
+
+
+def read_lines(path: str, store: ObjectStore) -> list[str]:
+    """The non-empty lines of a text file (s3:// or a local path), stripped: slot values."""
+    label = f"slot file {path}"
+    with _local_copy(path, label, store) as local:
+        try:
+            with _open_text(local) as lines:
+                values = [line.strip() for line in lines if line.strip()]
+        except (UnicodeDecodeError, OSError, EOFError) as error:
+            raise PromptSourceError(label, f"not a readable UTF-8 text file ({error})") from None
+    if not values:
+        raise PromptSourceError(label, "empty source: no non-empty lines")
+    return values
+
+
+# --- where the bytes come from -------------------------------------------------------------------
+
+
+@contextmanager
+def _local_copy(path: str, label: str, store: ObjectStore) -> Iterator[Path]:
+    if not path.startswith("s3://"):
+        local = Path(path).expanduser()
+        if not local.is_file():
+            raise PromptSourceError(label, "no such file", missing=True)
+        yield local
+        return
+    bucket, _, key = path.removeprefix("s3://").partition("/")
+    if bucket != store.bucket:
+        raise PromptSourceError(
+            label, f"bucket {bucket!r} is not the object store's bucket {store.bucket!r}; copy the file there"
+        )
+    if not key:
+        raise PromptSourceError(label, "no object key after the bucket name")
+    with tempfile.TemporaryDirectory(prefix="prompt-source-") as folder:
+        local = Path(folder) / Path(key).name
+        try:
+            store.get_file(key, local)
+        except ObjectNotFound:
+            raise PromptSourceError(
+                label, f"no such object in bucket {store.bucket!r}", missing=True
+            ) from None
+        except ObjectStoreError as error:
+            raise PromptSourceError(label, str(error)) from None
+        yield local
+
+
+def _format_of(source: PromptSource, path: Path, label: str) -> str:
+    if source.format != "auto":
+        return source.format
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    found = FORMAT_BY_EXTENSION.get(suffixes[-1]) if suffixes else None
+    if found is None:
+        known = ", ".join(sorted(FORMAT_BY_EXTENSION))
+        raise PromptSourceError(
+            label,
+            f"cannot tell the format from the file name (known extensions: {known}, optionally .gz); "
+            "set `format`",
+        )
+    return found
+
+
+def _open_text(path: Path):
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+def _rows(path: Path, file_format: str, column: str, label: str) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, row) pairs; a chat row is {"messages": ...}, a plain row its prompt value."""
+    if file_format == "jsonl":
+        return _jsonl_rows(path, column, label)
+    if file_format == "parquet":
+        return _parquet_rows(path, column, label)
+    return _csv_rows(path, column, label)
+
+
+def _jsonl_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
+    try:
+        with _open_text(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise PromptSourceError(label, f"line {number} is not valid JSON") from None
+                if not isinstance(row, dict):
+                    raise PromptSourceError(label, f"line {number} is not a JSON object")
+                if "messages" in row:
+                    yield number, {"messages": row["messages"]}
+                elif column in row:
+                    yield number, row[column]
+                else:
+                    raise PromptSourceError(label, _no_prompt_column(column, list(row), f"line {number}"))
+    except (UnicodeDecodeError, OSError, EOFError) as error:
+        raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
+
+
+def _parquet_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise PromptSourceError(label, f"not a readable Parquet file ({error})") from None
+    names = parquet.schema_arrow.names
+    chosen = _prompt_column(names, column, label)
+    number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[chosen]):
+            for value in batch.column(0).to_pylist():
+                number += 1
+                yield number, ({"messages": value} if chosen == "messages" else value)
+    except (pa.ArrowException, OSError) as error:
+        raise PromptSourceError(label, f"not a readable Parquet file ({error})") from None
+
+
+def _csv_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
+    text_columns = {"messages": pa.string(), column: pa.string()}
+    try:
+        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=text_columns))
+    except (pa.ArrowException, OSError) as error:
+        raise PromptSourceError(label, f"not a readable CSV file ({error})") from None
+    chosen = _prompt_column(reader.schema.names, column, label)
+    number = 0
+    try:
+        for batch in reader:
+            for value in batch.column(chosen).to_pylist():
+                number += 1
+                if chosen == "messages":
+                    try:
+                        value = json.loads(value) if value is not None else None
+                    except ValueError:
+                        raise PromptSourceError(
+                            label, f"row {number}: `messages` is not valid JSON"
+                        ) from None
+                    yield number, {"messages": value}
+                else:
+                    yield number, value
+    except (pa.ArrowException, OSError) as error:
+        raise PromptSourceError(label, f"not a readable CSV file ({error})") from None
+
+
+def _prompt_column(names: list[str], column: str, label: str) -> str:
+    if "messages" in names:
+        return "messages"
+    if column in names:
+        return column
+    raise PromptSourceError(label, _no_prompt_column(column, names, "the file"))
+
+
+def _no_prompt_column(column: str, found: list[str], where: str) -> str:
+    listed = ", ".join(repr(name) for name in found) or "none"
+    return f"{where} has no `messages` column and no column {column!r} (columns found: {listed})"
+
+
+def _sampled(
+    rows: Iterable[tuple[int, Any]], source: PromptSource, seed: int, label: str
+) -> Iterator[tuple[int, Any]]:
+    """All rows, or a uniform sample of `source.limit` of them (reservoir sampling), in source order."""
+    if source.limit is None:
+        yield from rows
+        return
+    rng = random.Random(f"{seed}:{label}")
+    reservoir: list[tuple[int, Any]] = []
+    for seen, row in enumerate(rows):
+        if seen < source.limit:
+            reservoir.append(row)
+        else:
+            slot = rng.randrange(seen + 1)
+            if slot < source.limit:
+                reservoir[slot] = row
+    reservoir.sort(key=lambda row: row[0])
+    yield from reservoir
+
+
+# --- conversations ---------------------------------------------------------------------------------
+
+
+def _conversation(label: str, number: int, row: Any, column: str) -> Conversation:
+    if isinstance(row, dict):
+        return _chat(label, number, row["messages"])
+    return _plain(label, number, row, column)
+
+
+def _plain(label: str, number: int, text: Any, column: str | None = None) -> Conversation:
+    where = f"row {number}" + (f", column {column!r}" if column else "")
+    if not isinstance(text, str):
+        raise PromptSourceError(label, f"{where}: the prompt must be text, got {_kind(text)}")
+    if not text.strip():
+        raise PromptSourceError(label, f"{where}: the prompt is empty")
+    return [{"role": "user", "content": text}]
+
+
+def _chat(label: str, number: int, messages: Any) -> Conversation:
+    def malformed(cause: str) -> PromptSourceError:
+        return PromptSourceError(label, f"row {number}: malformed `messages`: {cause}")
+
+    if not isinstance(messages, list) or not messages:
+        raise malformed(f"expected a non-empty list of {{role, content}} objects, got {_kind(messages)}")
+    conversation = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise malformed(f"message {index} must be an object with exactly `role` and `content`")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise malformed(f"message {index} has role {role!r}; allowed: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise malformed(f"message {index} content must be text, got {_kind(content)}")
+        if role == "system" and index != 0:
+            raise malformed(f"message {index} is a system message; only the first message may be one")
+        conversation.append({"role": role, "content": content})
+    if conversation[-1]["role"] != "user":
+        raise malformed("the last message must be the user's (the one the teacher answers)")
+    return conversation
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

@@ -1,0 +1,109 @@
+"""The held-out split: which prompts train the student and which evaluate it.
+
+Membership is a pure function of the prompt id and the seed (`holdout_score` < fraction): the same
+prompt lands on the same side in every run, whatever the order of the stream and whatever other prompts
+it holds, so adding prompts never moves an existing one across the split.
+
+`HoldoutSplitter` also keeps near-duplicates from straddling the split, in one streaming pass over
+cleaned prompts. It indexes the MinHash signatures of the held-out prompts (the same signatures as
+`PromptCleaner`, with an LSH banding tuned for even higher recall) and drops a training prompt that is a
+near-duplicate of an earlier held-out one (`near_holdout`). The other order, a held-out prompt near an
+earlier training prompt, needs an index of the training side, which is kept only when the prompts were
+not cleaned of near-duplicates (`near_dup_threshold` None; the split then uses 0.8): such a held-out
+prompt is dropped (`near_train`), since the training prompt has already gone out. When the prompts were
+cleaned at threshold t, the cleaner already let no such pair through, and the split checks at t too.
+
+Guarantee: no training prompt and held-out prompt whose MinHash signatures agree on at least the
+threshold's share of permutations (the Jaccard estimate), among the pairs the LSH proposes. The banding
+proposes a pair at the threshold with probability ~0.98 (0.8: 17 bands of 7), and above 0.998 from
+0.05 over it; below the threshold nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
+
+from stillhouse.prompts.cleaning import MinHashSigner, NearDuplicateIndex, normalise
+
+Side = Literal["train", "holdout", "dropped"]
+
+DEFAULT_SPLIT_THRESHOLD = 0.8
+SPLIT_LSH_WEIGHTS = (0.02, 0.98)
+SPLIT_RULES = ("near_holdout", "near_train")
+
+
+def holdout_score(prompt_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the prompt id and the seed."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def is_holdout(prompt_id: str, fraction: float, seed: int) -> bool:
+    return holdout_score(prompt_id, seed) < fraction
+
+
+class HoldoutSplitter:
+    """Assigns each cleaned prompt, in arrival order, to `train` or `holdout`, or drops it (see above).
+
+    `near_dup_threshold` is the threshold the prompts were cleaned at (`filters.nearDupThreshold`), None
+    when near-duplicate removal was off. `num_perm` and `seed` are the cleaner's MinHash parameters.
+    """
+
+    def __init__(
+        self,
+        fraction: float,
+        seed: int,
+        near_dup_threshold: float | None,
+        *,
+        num_perm: int = 128,
+        minhash_seed: int = 1,
+    ) -> None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        self.fraction = fraction
+        self.seed = seed
+        self.threshold = DEFAULT_SPLIT_THRESHOLD if near_dup_threshold is None else near_dup_threshold
+        self._signer = MinHashSigner(num_perm, minhash_seed)
+
+        def index() -> NearDuplicateIndex:
+            return NearDuplicateIndex(self.threshold, num_perm, minhash_seed, lsh_weights=SPLIT_LSH_WEIGHTS)
+
+        self._holdout_index = index()
+        self._train_index = index() if near_dup_threshold is None else None
+        self.train = 0
+        self.holdout = 0
+        self._dropped: Counter[str] = Counter()
+
+    @property
+    def dropped_by_rule(self) -> dict[str, int]:
+        return {rule: self._dropped[rule] for rule in SPLIT_RULES}
+
+    def assign(self, prompt_id: str, text: str) -> Side:
+        return self.assign_batch([prompt_id], [text])[0]
+
+    def assign_batch(self, prompt_ids: Sequence[str], texts: Sequence[str]) -> list[Side]:
+        """`assign` for each prompt in order; signatures are computed for the whole batch at once."""
+        signatures = self._signer.signatures([normalise(text) for text in texts])
+        sides: list[Side] = []
+        for prompt_id, signature in zip(prompt_ids, signatures, strict=True):
+            if is_holdout(prompt_id, self.fraction, self.seed):
+                if self._train_index is not None and self._train_index.contains_near(signature):
+                    self._dropped["near_train"] += 1
+                    sides.append("dropped")
+                    continue
+                self._holdout_index.add(signature)
+                self.holdout += 1
+                sides.append("holdout")
+            else:
+                if self._holdout_index.contains_near(signature):
+                    self._dropped["near_holdout"] += 1
+                    sides.append("dropped")
+                    continue
+                if self._train_index is not None:
+                    self._train_index.add(signature)
+                self.train += 1
+                sides.append("train")
+        return sides

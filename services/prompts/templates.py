@@ -1,0 +1,138 @@
+"""Prompts from a Jinja template with slots: every combination in a seeded order, or sampled ones.
+
+Templates render in Jinja's sandbox with strict undefined variables, so a template can neither reach
+Python internals (`{{ ''.__class__ }}` is refused) nor silently render a missing slot as "". The
+template's variables are checked against the known slots before anything renders.
+
+`all` walks the cartesian product of the slot values in a seeded random order without building it: the
+product's index space is permuted (a numpy permutation when it is small, a keyed Feistel network with
+cycle walking when it is large) and each index is decoded into one value per slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+
+import jinja2
+import numpy as np
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from stillhouse.common.jobspec import PromptGeneration, SlotCombination
+
+# Products up to this size are shuffled with an explicit permutation (8 bytes per combination).
+MATERIALISED_PERMUTATION_MAX = 1 << 20
+FEISTEL_ROUNDS = 6
+
+
+class TemplateError(ValueError):
+    """A template that cannot produce prompts: syntax, unknown slots, empty slots, a refused operation."""
+
+
+def render_templates(
+    generation: PromptGeneration, slot_values: Mapping[str, Sequence[str]], seed: int
+) -> Iterator[str]:
+    """Up to `generation.count` prompts from `generation.template` (fewer when `all` runs out of
+    combinations). `slot_values` holds `slots` and the values read from `slotFiles`, merged.
+
+    The template and its slots are checked when this is called; a `TemplateError` while rendering
+    (a refused operation, an undefined attribute) comes from the iterator."""
+    if not generation.template:
+        raise TemplateError("no template given")
+    environment = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    try:
+        syntax_tree = environment.parse(generation.template)
+    except jinja2.TemplateSyntaxError as error:
+        raise TemplateError(f"template syntax error on line {error.lineno}: {error.message}") from None
+    template = environment.from_string(syntax_tree)
+    names = sorted(meta.find_undeclared_variables(syntax_tree))
+    unknown = [name for name in names if name not in slot_values]
+    if unknown:
+        known = ", ".join(repr(name) for name in sorted(slot_values)) or "none"
+        listed = ", ".join(repr(name) for name in unknown)
+        which = "slot" if len(unknown) == 1 else "slots"
+        verb = "which is" if len(unknown) == 1 else "which are"
+        raise TemplateError(
+            f"template uses {which} {listed}, {verb} not in slots or slotFiles (known: {known})"
+        )
+    empty = [name for name in names if not slot_values[name]]
+    if empty:
+        raise TemplateError(f"slot {empty[0]!r} has no values")
+    values = [list(slot_values[name]) for name in names]
+    if generation.slot_combination is SlotCombination.ALL:
+        combinations = _all_combinations(values, generation.count, seed)
+    else:
+        combinations = _sampled_combinations(values, generation.count, seed)
+    return _rendered(template, names, combinations)
+
+
+def _rendered(
+    template: jinja2.Template, names: list[str], combinations: Iterator[list[str]]
+) -> Iterator[str]:
+    for combination in combinations:
+        try:
+            yield template.render(dict(zip(names, combination, strict=True)))
+        except jinja2.TemplateError as error:
+            raise TemplateError(f"template cannot render: {error}") from None
+
+
+def _all_combinations(values: list[list[str]], count: int, seed: int) -> Iterator[list[str]]:
+    sizes = [len(slot) for slot in values]
+    total = math.prod(sizes)
+    for index in shuffled_indices(total, seed, limit=count):
+        combination = []
+        for slot, size in zip(reversed(values), reversed(sizes), strict=True):
+            index, digit = divmod(index, size)
+            combination.append(slot[digit])
+        combination.reverse()
+        yield combination
+
+
+def _sampled_combinations(values: list[list[str]], count: int, seed: int) -> Iterator[list[str]]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield [rng.choice(slot) for slot in values]
+
+
+def shuffled_indices(size: int, seed: int, *, limit: int | None = None) -> Iterator[int]:
+    """0 .. size-1 in a seeded random order (each exactly once), stopping after `limit` of them."""
+    wanted = size if limit is None else min(size, limit)
+    if size <= MATERIALISED_PERMUTATION_MAX:
+        yield from (int(index) for index in np.random.default_rng(seed).permutation(size)[:wanted])
+        return
+    feistel = _Feistel(size, seed)
+    for position in range(wanted):
+        yield feistel.permute(position)
+
+
+class _Feistel:
+    """A keyed bijection of [0, size): a balanced Feistel network on the smallest even number of bits
+    covering `size`, with cycle walking to stay inside the range (fewer than 4 steps on average)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        bits = max(2, (size - 1).bit_length())
+        self.half_bits = (bits + 1) // 2
+        self.half_mask = (1 << self.half_bits) - 1
+        self.keys = [
+            hashlib.blake2b(f"{seed}:{round_}".encode(), digest_size=8).digest()
+            for round_ in range(FEISTEL_ROUNDS)
+        ]
+
+    def permute(self, value: int) -> int:
+        while True:
+            value = self._encrypt(value)
+            if value < self.size:
+                return value
+
+    def _encrypt(self, value: int) -> int:
+        left, right = value >> self.half_bits, value & self.half_mask
+        for key in self.keys:
+            mixed = int.from_bytes(
+                hashlib.blake2b(right.to_bytes(16, "little"), key=key, digest_size=8).digest()
+            )
+            left, right = right, left ^ (mixed & self.half_mask)
+        return (left << self.half_bits) | right

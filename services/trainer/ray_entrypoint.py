@@ -1,0 +1,148 @@
+"""The program inside a trainer Ray job: `python -m stillhouse.trainer.ray_entrypoint train|evaluate`.
+
+The run (a TrainRun or EvaluateRun as JSON) comes in the job's environment, so that no shell quoting or
+argument length limit touches it. `train` runs the training loop on Ray Train workers; `evaluate` runs
+the evaluation as one Ray task. Progress goes to stdout as `STILLHOUSE_PROGRESS {json}` lines (from rank
+0 only), the outcome to `<output_prefix>/outcome.json` in object storage, and a failure's reason to a
+last `STILLHOUSE_ERROR {json}` line before a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stillhouse.trainer.ray_jobs import (
+    ERROR_PREFIX,
+    EVALUATION_GPUS_ENV,
+    PROGRESS_PREFIX,
+    RUN_CONFIG_ENV,
+    STORAGE_PATH_ENV,
+)
+from stillhouse.trainer.run_config import EvaluateRun, TrainRun
+
+OUTCOME_NAME = "outcome.json"
+
+
+def outcome_key(output_prefix: str) -> str:
+    return f"{output_prefix}/{OUTCOME_NAME}"
+
+
+def print_progress(record: dict[str, Any]) -> None:
+    print(PROGRESS_PREFIX + json.dumps(record), flush=True)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from stillhouse.storage.open_store import open_object_store
+    from stillhouse.trainer.train_loop import train_worker
+
+    run = TrainRun.model_validate_json(config["run"])
+    rank = ray.train.get_context().get_world_rank()
+
+    def report(metrics: dict[str, float]) -> None:
+        ray.train.report(dict(metrics))
+        if rank == 0:
+            print_progress({"kind": "train", **metrics})
+
+    outcome = train_worker(run, report)
+    if rank == 0:
+        # Ray Train keeps no return value and no metrics of a report without a checkpoint, so rank 0
+        # hands the outcome over through object storage.
+        store = open_object_store(run.object_store)
+        store.put_bytes(outcome_key(run.output_prefix), outcome.model_dump_json().encode())
+
+
+def train(run_json: str, storage_path: str) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = TrainRun.model_validate_json(run_json)
+    training = run.training
+    gpus = training.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": run_json},
+        scaling_config=ScalingConfig(
+            num_workers=training.workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus > 0 else {})},
+        ),
+        run_config=RunConfig(
+            name=f"stillhouse-{run.job_id}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
+    print_progress({"kind": "status", "message": f"starting {training.workers} Ray Train workers"})
+    trainer.fit()
+
+
+def evaluate(run_json: str, num_gpus: float) -> None:
+    import ray
+
+    from stillhouse.storage.open_store import open_object_store
+    from stillhouse.trainer.evaluation import run_evaluation
+
+    @ray.remote(num_cpus=1, num_gpus=num_gpus)
+    def evaluation_task(serialized: str) -> str:
+        run = EvaluateRun.model_validate_json(serialized)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            print_progress({"kind": "evaluate", "stage": stage, "done": done, "total": total})
+
+        return json.dumps(_as_json(run_evaluation(run, progress)))
+
+    run = EvaluateRun.model_validate_json(run_json)
+    outcome = ray.get(evaluation_task.remote(run_json))
+    open_object_store(run.object_store).put_bytes(outcome_key(run.output_prefix), outcome.encode())
+
+
+def _as_json(outcome: Any) -> dict[str, Any]:
+    if hasattr(outcome, "model_dump"):
+        return outcome.model_dump(mode="json")
+    from dataclasses import asdict
+
+    return asdict(outcome)
+
+
+def error_summary(exc: BaseException) -> str:
+    """`Name: message` of the error at the root of a failure. Ray wraps a worker's exception twice: in a
+    WorkerGroupError (per rank) and in a RayTaskError (whose `cause` is the worker's own)."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("train", "evaluate"):
+        print("usage: python -m stillhouse.trainer.ray_entrypoint train|evaluate", file=sys.stderr)
+        return 2
+    run_json = os.environ.get(RUN_CONFIG_ENV)
+    if not run_json:
+        print(f"{RUN_CONFIG_ENV} is not set: the trainer service passes the run in it", file=sys.stderr)
+        return 2
+    try:
+        if argv[0] == "train":
+            train(run_json, os.environ.get(STORAGE_PATH_ENV) or str(Path("/tmp/ray/stillhouse-train")))
+        else:
+            evaluate(run_json, float(os.environ.get(EVALUATION_GPUS_ENV) or 0))
+    except Exception as exc:
+        print(ERROR_PREFIX + json.dumps({"message": error_summary(exc)}), flush=True)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

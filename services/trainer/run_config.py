@@ -1,0 +1,92 @@
+"""What one training or evaluation run is given, what a training run gives back, and how it fails.
+
+`TrainRun` and `EvaluateRun` are built by the trainer service from a job and handed to the workers
+(Ray Train pickles them), so they carry everything a worker needs and nothing it must look up.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field_serializer
+
+from stillhouse.common.jobspec import EvaluationSpec, SpecModel, StudentSpec, TeacherSpec, TrainingSpec
+from stillhouse.storage.config import ObjectStoreSettings
+
+
+class _RunModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_serializer("teacher", "student", "training", "evaluation", check_fields=False)
+    def _spec_by_alias(self, section: SpecModel, info: FieldSerializationInfo) -> dict:
+        """Job-spec sections are dumped with their camelCase names, the only ones they accept back, so
+        that `model_validate(run.model_dump())` (and the JSON round trip) gives the same run."""
+        return section.model_dump(mode="json" if info.mode_is_json() else "python", by_alias=True)
+
+
+class TrainRun(_RunModel):
+    job_id: str
+    answers_dataset_id: str  # the teacher's answers to train on
+    object_store: ObjectStoreSettings
+    teacher: TeacherSpec
+    student: StudentSpec
+    training: TrainingSpec
+    output_prefix: str = Field(description="Where the run's artifacts go: `jobs/<job-id>/train`.")
+    # Knobs of the loop itself, not of the job: defaults suit both a laptop and a GPU node.
+    report_every_steps: int = Field(default=10, gt=0, description="Progress every this many steps.")
+    micro_batch_tokens: int = Field(
+        default=8192, gt=0, description="Tokens per forward pass; gradients accumulate up to batchTokens."
+    )
+    compile_model: bool = Field(default=False, description="torch.compile the student (GPU only).")
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in the backward pass; default: on a GPU only."
+    )
+    keep_checkpoints: int = Field(default=2, gt=0, description="Committed checkpoints kept.")
+
+    @property
+    def student_prefix(self) -> str:
+        return f"{self.output_prefix}/student"
+
+    @property
+    def baseline_prefix(self) -> str:
+        """The student before training, for the evaluation's baseline."""
+        return f"{self.output_prefix}/baseline"
+
+    @property
+    def checkpoints_prefix(self) -> str:
+        return f"{self.output_prefix}/checkpoints"
+
+
+class EvaluateRun(_RunModel):
+    job_id: str
+    student_prefix: str  # the trained student artifact
+    baseline_prefix: str  # the untrained student artifact
+    holdout_dataset_id: str  # the teacher's answers to the held-out prompts
+    teacher: TeacherSpec
+    evaluation: EvaluationSpec
+    object_store: ObjectStoreSettings
+    output_prefix: str = Field(description="Where the evaluation's outputs go: `jobs/<job-id>/evaluate`.")
+
+
+class TrainOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    steps: int  # optimizer steps taken in all, counting those before a resume
+    tokens: int  # tokens trained on in all, over every worker
+    seconds: float  # wall time of this run (since the last resume)
+    final_metrics: dict[str, float]
+    resumed_from_step: int | None  # the checkpoint this run started from, if any
+
+
+class TrainingError(Exception):
+    """A training run that cannot go on, for a reason the job's author can act on."""
+
+
+class TrainingDataError(TrainingError):
+    """The answers dataset gives nothing to train on (every row dropped, or rows without logprobs)."""
+
+
+class IncompatibleTokenizers(TrainingError):
+    """A logit loss between a student and a teacher that do not share a vocabulary."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss or the gradients became NaN or infinite."""

@@ -1,0 +1,344 @@
+"""The Trainer gRPC service: checks a request as far as it can before any Ray work, runs it as a Ray job,
+streams the job's progress into the operation, stops the job on cancel and returns the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, message
+from ray.job_submission import JobStatus
+
+from stillhouse.common.grpc_server import abort_for
+from stillhouse.common.jobspec import DistillationJobSpec, EvaluationSpec, LossKind, TeacherSpec
+from stillhouse.common.operations import (
+    OperationConflict,
+    OperationError,
+    OperationRegistry,
+    ProgressReporter,
+    request_fingerprint,
+)
+from stillhouse.common.spec_sections import spec_section, validated
+from stillhouse.common.v1 import operations_pb2
+from stillhouse.storage.artifacts import manifest_sha256, read_artifact_manifest
+from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
+from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
+from stillhouse.trainer.ray_cluster import RayUnreachable
+from stillhouse.trainer.ray_connection import RayConnection
+from stillhouse.trainer.ray_entrypoint import outcome_key
+from stillhouse.trainer.ray_jobs import (
+    EVALUATION_GPUS_ENV,
+    RUN_CONFIG_ENV,
+    STORAGE_PATH_ENV,
+    RayJobs,
+    entrypoint,
+)
+from stillhouse.trainer.run_config import EvaluateRun, TrainOutcome, TrainRun
+from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+_TRAINER = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
+TRAIN_STUDENT = _TRAINER.methods_by_name["TrainStudent"].full_name
+EVALUATE_STUDENT = _TRAINER.methods_by_name["EvaluateStudent"].full_name
+PROGRESS_METRICS = ("loss", "kd", "ce", "learning_rate", "tokens_per_second", "tokens", "epoch")
+# Failures the run names as the job's own (bad data, diverged, incompatible tokenizers).
+_PRECONDITION_ERRORS = ("TrainingError", "TrainingDataError", "IncompatibleTokenizers", "TrainingDiverged")
+
+
+def job_spec(teacher: message.Message, student: message.Message, training: message.Message):
+    """The request's spec sections, validated together by the job schema (so its cross-field rules hold)."""
+    document = {
+        "teacher": json_format.MessageToDict(teacher),
+        "student": json_format.MessageToDict(student),
+    }
+    if training.ListFields():
+        document["training"] = json_format.MessageToDict(training)
+    return validated(DistillationJobSpec, document, "spec")
+
+
+def run_json(run: TrainRun | EvaluateRun) -> str:
+    """The run for the job's environment, with the object-store keys in clear (workers need them)."""
+    document = run.model_dump(mode="json")
+    store = run.object_store
+    for name in ("access_key", "secret_key"):
+        secret = getattr(store, name)
+        document["object_store"][name] = secret.get_secret_value() if secret is not None else None
+    return json.dumps(document)
+
+
+def failure_code(reason: str) -> grpc.StatusCode:
+    if "out of memory" in reason.lower() or "OutOfMemory" in reason:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if reason.split(":", 1)[0] in _PRECONDITION_ERRORS:
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
+    def __init__(
+        self,
+        registry: OperationRegistry,
+        store: ObjectStore,
+        object_store: ObjectStoreSettings,
+        ray: RayConnection,
+        *,
+        evaluation_num_gpus: float = 0,
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._object_store = object_store
+        self._ray = ray
+        self._evaluation_num_gpus = evaluation_num_gpus
+
+    # --- TrainStudent -----------------------------------------------------------------------------
+
+    async def TrainStudent(self, request, context):
+        try:
+            spec = job_spec(request.teacher, request.student, request.training)
+            if not request.answers.dataset_id:
+                raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, "answers.dataset_id must be set")
+            if not request.job_id:
+                raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, "job_id must be set")
+            run = TrainRun(
+                job_id=request.job_id,
+                answers_dataset_id=request.answers.dataset_id,
+                object_store=self._object_store,
+                teacher=spec.teacher,
+                student=spec.student,
+                training=spec.training,
+                output_prefix=f"jobs/{request.job_id}/train",
+            )
+
+            async def work(progress: ProgressReporter) -> trainer_pb2.TrainStudentResult:
+                progress.update(unit="steps", message="checking the answers dataset and the tokenizers")
+                await asyncio.to_thread(self._require_dataset, "answers", run.answers_dataset_id)
+                await asyncio.to_thread(self._require_compatible_tokenizers, run)
+                jobs = await self._ray_jobs()
+                self._require_capacity(run.training.workers, run.training.gpus_per_worker)
+                env = {RUN_CONFIG_ENV: run_json(run), STORAGE_PATH_ENV: self._ray.storage_path}
+                wall_seconds = await self._run_job(
+                    jobs, request.operation_id, "train", env, progress, self._train_progress(progress)
+                )
+                outcome = TrainOutcome.model_validate_json(await self._outcome(run.output_prefix))
+                gpu_hours = run.training.workers * run.training.gpus_per_worker * wall_seconds / 3600
+                return trainer_pb2.TrainStudentResult(
+                    student=await asyncio.to_thread(self._artifact_ref, run.student_prefix),
+                    baseline=await asyncio.to_thread(self._artifact_ref, run.baseline_prefix),
+                    steps=outcome.steps,
+                    tokens=outcome.tokens,
+                    gpu_hours=gpu_hours,
+                    final_metrics=outcome.final_metrics,
+                )
+
+            return self._registry.start(
+                request.operation_id,
+                kind=TRAIN_STUDENT,
+                job_id=request.job_id,
+                fingerprint=request_fingerprint(request),
+                work=work,
+            )
+        except (OperationError, OperationConflict) as exc:
+            await abort_for(context, exc)
+
+    @staticmethod
+    def _train_progress(progress: ProgressReporter) -> Callable[[dict[str, Any]], None]:
+        def on_record(record: dict[str, Any]) -> None:
+            if record.get("kind") == "train" and "step" in record:
+                step = int(record["step"])
+                metrics = {name: float(record[name]) for name in PROGRESS_METRICS if name in record}
+                progress.update(done=step, message=f"training: step {step}", metrics=metrics)
+            elif "message" in record:
+                progress.update(message=str(record["message"]))
+
+        return on_record
+
+    # --- EvaluateStudent --------------------------------------------------------------------------
+
+    async def EvaluateStudent(self, request, context):
+        try:
+            teacher = spec_section(TeacherSpec, request.teacher, "spec.teacher")
+            evaluation = spec_section(EvaluationSpec, request.evaluation, "spec.evaluation")
+            for name in ("student", "baseline"):
+                if not getattr(request, name).artifact_id:
+                    raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}.artifact_id must be set")
+            if not request.holdout_answers.dataset_id:
+                raise OperationError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "holdout_answers.dataset_id must be set"
+                )
+            run = EvaluateRun(
+                job_id=request.job_id,
+                student_prefix=request.student.artifact_id,
+                baseline_prefix=request.baseline.artifact_id,
+                holdout_dataset_id=request.holdout_answers.dataset_id,
+                teacher=teacher,
+                evaluation=evaluation,
+                object_store=self._object_store,
+                output_prefix=f"jobs/{request.job_id}/evaluate",
+            )
+
+            async def work(progress: ProgressReporter) -> trainer_pb2.EvaluateStudentResult:
+                progress.update(unit="prompts", message="checking the held-out answers and the models")
+                await asyncio.to_thread(self._require_dataset, "holdout_answers", run.holdout_dataset_id)
+                for name, prefix in (("student", run.student_prefix), ("baseline", run.baseline_prefix)):
+                    await asyncio.to_thread(self._require_artifact, name, prefix)
+                jobs = await self._ray_jobs()
+                self._require_capacity(1, self._evaluation_num_gpus)
+                env = {RUN_CONFIG_ENV: run_json(run), EVALUATION_GPUS_ENV: str(self._evaluation_num_gpus)}
+
+                def on_record(record: dict[str, Any]) -> None:
+                    if record.get("kind") == "evaluate":
+                        progress.update(
+                            done=int(record.get("done", 0)),
+                            total=int(record.get("total", 0)),
+                            message=f"evaluating: {record.get('stage', '')}",
+                        )
+
+                await self._run_job(jobs, request.operation_id, "evaluate", env, progress, on_record)
+                outcome = json.loads(await self._outcome(run.output_prefix))
+                return trainer_pb2.EvaluateStudentResult(
+                    report=await asyncio.to_thread(self._artifact_ref, outcome["report_prefix"]),
+                    student=await asyncio.to_thread(self._artifact_ref, outcome["student_prefix"]),
+                    recovery_percent=float(outcome["recovery_percent"]),
+                    student_metrics=outcome["student_metrics"],
+                    baseline_metrics=outcome["baseline_metrics"],
+                    teacher_metrics=outcome["teacher_metrics"],
+                )
+
+            return self._registry.start(
+                request.operation_id,
+                kind=EVALUATE_STUDENT,
+                job_id=request.job_id,
+                fingerprint=request_fingerprint(request),
+                work=work,
+            )
+        except (OperationError, OperationConflict) as exc:
+            await abort_for(context, exc)
+
+    # --- shared steps -----------------------------------------------------------------------------
+
+    async def _ray_jobs(self) -> RayJobs:
+        try:
+            return await self._ray.jobs()
+        except RayUnreachable as exc:
+            raise OperationError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+
+    def _require_capacity(self, workers: int, gpus_per_worker: float) -> None:
+        capacity = self._ray.local_capacity()
+        if capacity is None:
+            return
+        cpus, gpus = capacity
+        if workers * gpus_per_worker > gpus:
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"training.workers * training.gpusPerWorker asks for {workers * gpus_per_worker:g} GPUs, "
+                f"but the local Ray cluster has {gpus}: lower them, or point the trainer at a Ray cluster",
+            )
+        if workers > cpus:
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"training.workers is {workers}, but the local Ray cluster has {cpus} CPUs (one per worker)",
+            )
+
+    async def _run_job(
+        self,
+        jobs: RayJobs,
+        operation_id: str,
+        command: str,
+        env: dict[str, str],
+        progress: ProgressReporter,
+        on_record: Callable[[dict[str, Any]], None],
+    ) -> float:
+        """Submit (or re-attach to) the operation's Ray job and follow it to a successful end; the wall
+        seconds it ran. OperationError naming the run's reason if it fails; stops it if cancelled."""
+        try:
+            sub_id = await asyncio.to_thread(
+                jobs.submit,
+                operation_id,
+                entrypoint(self._ray.python, command),
+                env,
+                num_gpus=self._evaluation_num_gpus if command == "evaluate" else 0,
+            )
+            progress.update(message=f"Ray job {sub_id} submitted to {jobs.address}")
+            started = time.monotonic()
+            try:
+                end = await jobs.follow(sub_id, on_record)
+            except asyncio.CancelledError:
+                # A restarting service leaves a cluster's job running: the next Start re-attaches to it.
+                if not (self._registry.shutting_down and not self._ray.embedded):
+                    await asyncio.to_thread(jobs.stop, sub_id)
+                raise
+        except OSError as exc:  # requests' and aiohttp's connection errors are OSErrors
+            raise OperationError(
+                grpc.StatusCode.UNAVAILABLE, f"lost the Ray cluster at {jobs.address}: {exc}"
+            ) from exc
+        if end.status is JobStatus.STOPPED:
+            raise OperationError(
+                grpc.StatusCode.ABORTED, f"the Ray job {sub_id} was stopped outside Stillhouse"
+            )
+        if end.status is not JobStatus.SUCCEEDED:
+            reason = await asyncio.to_thread(jobs.explain_failure, sub_id)
+            raise OperationError(failure_code(reason), f"{command} failed in Ray job {sub_id}: {reason}")
+        info = await asyncio.to_thread(lambda: jobs.client.get_job_info(sub_id))
+        if info.start_time and info.end_time:
+            return (info.end_time - info.start_time) / 1000
+        return time.monotonic() - started
+
+    def _require_dataset(self, field: str, dataset_id: str) -> None:
+        try:
+            DatasetReader(self._store, dataset_id)
+        except DatasetNotFound as exc:
+            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"{field}: {exc}") from exc
+        except ObjectStoreError as exc:
+            raise OperationError(grpc.StatusCode.UNAVAILABLE, f"object storage: {exc}") from exc
+
+    def _require_artifact(self, field: str, prefix: str) -> None:
+        try:
+            read_artifact_manifest(self._store, prefix)
+        except ObjectNotFound as exc:
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{field}: no committed artifact {prefix!r}"
+            ) from exc
+
+    def _require_compatible_tokenizers(self, run: TrainRun) -> None:
+        """Refuse a logit loss whose local pretrained student cannot share the teacher's vocabulary before
+        any Ray work. Students built from the teacher share its tokenizer; an s3:// student is checked
+        by the run itself once downloaded."""
+        loss, pretrained = run.training.loss, run.student.init.pretrained
+        if loss.kind is LossKind.SFT or pretrained is None or pretrained.startswith("s3://"):
+            return
+        from stillhouse.teacher.model_loading import load_tokenizer, resolve_model_reference
+        from stillhouse.trainer.run_config import IncompatibleTokenizers
+        from stillhouse.trainer.train_loop import choose_loss
+
+        try:
+            student_tokenizer = load_tokenizer(resolve_model_reference(pretrained))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions for broken files
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"student.init.pretrained {pretrained!r}: cannot load its tokenizer: {exc}",
+            ) from exc
+        try:
+            choose_loss(loss, run.teacher, student_tokenizer)
+        except IncompatibleTokenizers as exc:
+            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+
+    async def _outcome(self, output_prefix: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self._store.get_bytes, outcome_key(output_prefix))
+        except ObjectNotFound as exc:
+            raise OperationError(
+                grpc.StatusCode.INTERNAL, f"the Ray job succeeded but wrote no {outcome_key(output_prefix)}"
+            ) from exc
+
+    def _artifact_ref(self, prefix: str) -> operations_pb2.ArtifactRef:
+        manifest = read_artifact_manifest(self._store, prefix)
+        return operations_pb2.ArtifactRef(
+            artifact_id=prefix,
+            uri=self._store.uri(prefix) + "/",
+            sha256=manifest_sha256(manifest),
+            size_bytes=sum(file.size for file in manifest.files),
+        )

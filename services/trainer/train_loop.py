@@ -1,0 +1,705 @@
+"""The training loop one worker runs: a plain PyTorch loop, the same on one CPU and on many GPUs.
+
+`train_worker` knows nothing of Ray. When torch.distributed is initialised (Ray Train's TorchTrainer
+does that before it calls the train function), each worker reads its own part of the answers dataset
+(`data.worker_answer_rows`) and the model is wrapped in DistributedDataParallel, or sharded with FSDP
+(`fully_shard`, per decoder layer) for strategy `fsdp`; otherwise it trains alone. DDP is tested on
+the CPU (gloo); FSDP is meant for GPUs (NCCL) and is not tested on the CPU, where gloo may not support it.
+
+One optimizer step: `batchTokens` tokens over all workers, as packed rows of `maxSeqLen`, in
+micro-batches whose gradients accumulate. The loss is the mean over every labelled token of the step on
+every worker: each micro-batch's mean is weighted by its share of the step's labelled tokens. The
+output layer runs only at labelled positions (`LabelledLogits`). AdamW
+(betas 0.9/0.95, weight decay 0.1 on matrices only), linear warm-up over `warmupRatio` of the steps,
+then cosine decay to a tenth of the peak learning rate; gradients clipped to norm 1. On a GPU the
+forward pass runs under bf16 autocast (float32 master weights) with gradient checkpointing.
+
+Rank 0 writes the baseline artifact (the untrained student) before the first step, a checkpoint every
+`checkpointEverySteps` steps and at the end of every epoch, and finally the student artifact. A run that
+finds a committed checkpoint resumes from it: same weights, optimizer, scheduler, random states, and the
+same batches from the same step on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stillhouse.common.jobspec import LossKind, LossSpec, TeacherBackend, TeacherSpec, TrainingStrategy
+from stillhouse.storage.artifacts import MANIFEST_NAME, download_artifact, upload_folder
+from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.storage.objects import ObjectStore
+from stillhouse.storage.open_store import open_object_store
+from stillhouse.teacher import model_loading
+from stillhouse.trainer import checkpoints
+from stillhouse.trainer.checkpoints import Checkpoint, TrainingPosition
+from stillhouse.trainer.data import (
+    IGNORE_INDEX,
+    BatchPlan,
+    DataCounts,
+    EpochData,
+    PackedBatch,
+    answers_topk,
+    collate,
+    tokenize_answers,
+    worker_answer_rows,
+)
+from stillhouse.trainer.losses import SparseTeacher, distillation_loss
+from stillhouse.trainer.model_card import model_card
+from stillhouse.trainer.run_config import (
+    IncompatibleTokenizers,
+    TrainingDataError,
+    TrainingDiverged,
+    TrainOutcome,
+    TrainRun,
+)
+from stillhouse.trainer.student_init import build_student, check_tokenizers, teacher_tokenizer
+
+log = structlog.get_logger(__name__)
+
+ADAMW_BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.1
+GRADIENT_CLIP_NORM = 1.0
+FINAL_LEARNING_RATE_FRACTION = 0.1
+
+Report = Callable[[dict[str, float]], None]
+
+
+# --- the run's pieces, each a plain function -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the workers, and the device it trains on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def current(cls) -> Workers:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(0, 1, device)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM if self.distributed else None)
+
+    def max(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX if self.distributed else None)
+
+    def min(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MIN if self.distributed else None)
+
+    def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
+        if op is None:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def gather(self, value: Any) -> list[Any]:
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    spec: LossSpec  # the loss actually trained with
+    use_teacher_tokens: bool  # the student reads the teacher's token ids (same vocabulary)
+    fallback_reason: str | None  # why a logit loss fell back to sft, if it did
+
+    @property
+    def stored_teacher(self) -> bool:
+        return self.spec.kind is not LossKind.SFT and self.spec.teacher_logits == "stored"
+
+    @property
+    def full_teacher(self) -> bool:
+        return self.spec.kind is not LossKind.SFT and self.spec.teacher_logits == "full"
+
+
+def choose_loss(
+    loss: LossSpec, teacher: TeacherSpec, student_tokenizer: PreTrainedTokenizerBase
+) -> LossChoice:
+    """Logit losses compare distributions token by token, so they need the student to share the teacher's
+    vocabulary; `sft` does not (it reads the response text when the vocabularies differ)."""
+    teachers_tokenizer = teacher_tokenizer(teacher)
+    if teachers_tokenizer is None:
+        reason = (
+            "the teacher's tokenizer is unknown (an `openai` teacher without teacher.tokenizer), so the "
+            "vocabularies cannot be compared"
+        )
+    else:
+        reason = check_tokenizers(student_tokenizer, teachers_tokenizer)
+    if reason is None:
+        return LossChoice(loss, True, None)
+    if loss.kind is LossKind.SFT:
+        return LossChoice(loss, False, None)
+    if loss.fallback_to_sft:
+        log.warning("loss falls back to sft", requested=loss.kind.value, reason=reason)
+        return LossChoice(loss.model_copy(update={"kind": LossKind.SFT}), False, reason)
+    raise IncompatibleTokenizers(
+        f"training.loss.kind `{loss.kind.value}` compares the student's and the teacher's token "
+        f"distributions, but {reason}. Give the student the teacher's tokenizer (e.g. student.init "
+        "pruneTeacherDepth or config), use kind `sft`, or set training.loss.fallbackToSft"
+    )
+
+
+def artifact_fetcher(settings: ObjectStoreSettings, folder: Path) -> Callable[[str], Path]:
+    """`fetch` for `build_student`: downloads an `s3://<bucket>/<prefix>` artifact into `folder`."""
+
+    def fetch(reference: str) -> Path:
+        if not reference.startswith("s3://"):
+            raise ValueError(f"{reference!r} is not an s3://<bucket>/<prefix> reference")
+        bucket, _, prefix = reference.removeprefix("s3://").partition("/")
+        store = open_object_store(settings.model_copy(update={"bucket": bucket}))
+        destination = folder / hashlib.sha256(reference.encode()).hexdigest()[:16]
+        if not destination.exists():
+            download_artifact(store, prefix.rstrip("/"), destination)
+        return destination
+
+    return fetch
+
+
+def load_examples(
+    store: ObjectStore,
+    run: TrainRun,
+    tokenizer: PreTrainedTokenizerBase,
+    choice: LossChoice,
+    workers: Workers,
+) -> EpochData:
+    """This worker's examples. Every worker learns the others' counts, so that a worker left with nothing
+    fails together with the rest instead of leaving them waiting."""
+    if choice.stored_teacher and answers_topk(store, run.answers_dataset_id) == 0:
+        raise TrainingDataError(
+            f"training.loss.kind `{choice.spec.kind.value}` with teacherLogits `stored` needs the teacher's "
+            f"logprobs, but dataset {run.answers_dataset_id!r} has none (teacher.topLogprobs was 0)"
+        )
+    counts = DataCounts()
+    examples = []
+    rows = worker_answer_rows(store, run.answers_dataset_id, workers.rank, workers.world)
+    for example in tokenize_answers(
+        rows,
+        tokenizer,
+        use_teacher_tokens=choice.use_teacher_tokens,
+        max_seq_len=run.training.max_seq_len,
+        counts=counts,
+    ):
+        if choice.stored_teacher and example.teacher is None:
+            counts.dropped_no_teacher += 1
+            counts.kept -= 1
+            continue
+        examples.append(example)
+    totals = DataCounts(*(int(value) for value in workers.sum(list(vars(counts).values()))))
+    fewest = int(workers.min([len(examples)])[0])
+    if totals.kept == 0:
+        raise TrainingDataError(
+            f"dataset {run.answers_dataset_id!r} leaves no training examples at maxSeqLen="
+            f"{run.training.max_seq_len}: {totals.describe()}"
+        )
+    if fewest == 0:
+        raise TrainingDataError(
+            f"dataset {run.answers_dataset_id!r} has {totals.kept} usable examples, too few for "
+            f"{workers.world} workers (one would get none): use fewer workers"
+        )
+    return EpochData(examples, run.training.seed, run.training.max_seq_len, totals)
+
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warm-up, then
+    cosine decay to FINAL_LEARNING_RATE_FRACTION at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return FINAL_LEARNING_RATE_FRACTION + (1 - FINAL_LEARNING_RATE_FRACTION) * cosine
+
+
+def make_optimizer(model: nn.Module, learning_rate: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear layers, embeddings) only, not on norms and biases."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=ADAMW_BETAS, fused=device.type == "cuda")
+
+
+class LabelledLogits(nn.Module):
+    """A causal LM that computes logits only at the positions that have a label: [1, N, V] for the N
+    labelled positions of a batch, in order. The output layer and everything of vocabulary size after it
+    (the loss) then cost nothing on prompt tokens and padding.
+
+    It holds the LM's own decoder and output layer under the LM's own attribute names, so its state dict
+    has the same keys as the LM's (checkpoints and `save_pretrained` do not see it). For decoder LMs whose
+    logits are the output layer applied to the last hidden state (Llama, Mistral, Qwen, SmolLM...)."""
+
+    def __init__(self, causal_lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.decoder_name = causal_lm.base_model_prefix
+        setattr(self, self.decoder_name, getattr(causal_lm, self.decoder_name))
+        self.lm_head = causal_lm.get_output_embeddings()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return getattr(self, self.decoder_name).layers
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labelled: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = getattr(self, self.decoder_name)(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.lm_head(hidden[labelled]).unsqueeze(0)
+
+
+def wrap_model(model: LabelledLogits, strategy: TrainingStrategy, workers: Workers) -> nn.Module:
+    if not workers.distributed:
+        return model
+    if strategy is TrainingStrategy.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.decoder_layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    device_ids = [workers.device] if workers.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the all-reduce of gradients on the micro-batches before the last one of a step."""
+    if enabled:
+        yield
+    elif isinstance(wrapped, DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # sharded with fully_shard
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def load_full_teacher(teacher: TeacherSpec, device: torch.device) -> PreTrainedModel:
+    if teacher.backend is not TeacherBackend.LOCAL:
+        raise TrainingDataError("training.loss.teacherLogits `full` needs a `local` teacher")
+    model = model_loading.load_model(model_loading.resolve_model_reference(teacher.model), device)
+    model.requires_grad_(False)
+    return model
+
+
+def save_model_folder(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """The model in Hugging Face format (safetensors) with its tokenizer: `from_pretrained(folder)` loads
+    it with nothing but transformers."""
+    model.save_pretrained(folder, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def artifact_committed(store: ObjectStore, prefix: str) -> bool:
+    return store.exists(f"{prefix}/{MANIFEST_NAME}")
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+class TrainingLoop:
+    """One worker's run, from a built student to the committed student artifact."""
+
+    def __init__(
+        self,
+        run: TrainRun,
+        report: Report,
+        workers: Workers,
+        store: ObjectStore,
+        work_dir: Path,
+    ) -> None:
+        self.run = run
+        self.report = report
+        self.workers = workers
+        self.store = store
+        self.work_dir = work_dir
+        training = run.training
+        self.model, self.tokenizer = build_student(
+            run.student.init, run.teacher, artifact_fetcher(run.object_store, work_dir / "fetched")
+        )
+        self.choice = choose_loss(training.loss, run.teacher, self.tokenizer)
+        self.data = load_examples(store, run, self.tokenizer, self.choice, workers)
+        self.plan = BatchPlan.create(
+            training.batch_tokens, training.max_seq_len, workers.world, run.micro_batch_tokens
+        )
+        self.teacher_k = self._teacher_k()
+        # Steps of each epoch: the most any worker needs (see BatchPlan.step_rows).
+        self.epoch_rows = {epoch: self.data.rows(epoch) for epoch in range(training.epochs)}
+        self.steps_per_epoch = [
+            int(steps)
+            for steps in workers.max(
+                [self.plan.steps_per_epoch(len(self.epoch_rows[e])) for e in range(training.epochs)]
+            )
+        ]
+        self.total_steps = sum(self.steps_per_epoch)
+        self.warmup_steps = math.ceil(training.warmup_ratio * self.total_steps)
+        self.training_log: list[dict[str, float]] = []
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _teacher_k(self) -> int | None:
+        if not self.choice.stored_teacher:
+            return None
+        return self.data.examples[0].teacher.k  # type: ignore[union-attr]  # stored_teacher keeps only those
+
+    def train(self) -> TrainOutcome:
+        run, workers = self.run, self.workers
+        device = workers.device
+        resume_step = workers.broadcast(checkpoints.latest_step(self.store, run.checkpoints_prefix))
+        if (
+            resume_step is None
+            and workers.rank == 0
+            and not artifact_committed(self.store, run.baseline_prefix)
+        ):
+            self._upload_model(run.baseline_prefix, "baseline", self.model)
+        self.model.to(device)
+        on_gpu = device.type == "cuda"
+        if run.gradient_checkpointing if run.gradient_checkpointing is not None else on_gpu:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        wrapped = wrap_model(LabelledLogits(self.model), run.training.strategy, workers)
+        forward = torch.compile(wrapped) if run.compile_model and on_gpu else wrapped
+        optimizer = make_optimizer(wrapped, run.training.learning_rate, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(step, self.warmup_steps, self.total_steps)
+        )
+        teacher_model = (
+            LabelledLogits(load_full_teacher(run.teacher, device)) if self.choice.full_teacher else None
+        )
+
+        position = TrainingPosition(step=0, epoch=0, batch_in_epoch=0, tokens=0)
+        if resume_step is not None:
+            position = self._resume(resume_step, wrapped, optimizer, scheduler)
+        started = time.perf_counter()
+        window = _Window()
+        for epoch in range(position.epoch, run.training.epochs):
+            rows = self.epoch_rows[epoch]
+            first_batch = position.batch_in_epoch if epoch == position.epoch else 0
+            for batch_index in range(first_batch, self.steps_per_epoch[epoch]):
+                step_started = time.perf_counter()
+                micro_batches = [
+                    collate(
+                        self.data.examples,
+                        micro_rows,
+                        pad_token_id=self.pad_token_id,
+                        teacher_k=self.teacher_k,
+                        length=run.training.max_seq_len if run.compile_model else None,
+                    )
+                    for micro_rows in self.plan.step_rows(rows, batch_index)
+                ]
+                figures = self._step(position.step, forward, wrapped, optimizer, micro_batches, teacher_model)
+                scheduler.step()
+                last_of_epoch = batch_index + 1 == self.steps_per_epoch[epoch]
+                position = TrainingPosition(
+                    step=position.step + 1,
+                    epoch=epoch + 1 if last_of_epoch else epoch,
+                    batch_in_epoch=0 if last_of_epoch else batch_index + 1,
+                    tokens=position.tokens + int(figures["tokens"]),
+                )
+                window.add(int(figures["tokens"]), time.perf_counter() - step_started)
+                if position.step % run.report_every_steps == 0 or position.step == self.total_steps:
+                    self._report(position, epoch, batch_index, figures, optimizer, window)
+                    window = _Window()
+                if position.step % run.training.checkpoint_every_steps == 0 or last_of_epoch:
+                    self._checkpoint(position, wrapped, optimizer, scheduler)
+        final_state = self._full_model_state(wrapped)
+        seconds = time.perf_counter() - started
+        final_metrics = self.training_log[-1] if self.training_log else {}
+        if workers.rank == 0 and not artifact_committed(self.store, run.student_prefix):
+            self._upload_student(final_state, position, seconds)
+        workers.barrier()
+        return TrainOutcome(
+            steps=position.step,
+            tokens=position.tokens,
+            seconds=seconds,
+            final_metrics={**final_metrics, **self.data.counts.as_metrics()},
+            resumed_from_step=resume_step,
+        )
+
+    def _step(
+        self,
+        step: int,
+        forward: nn.Module,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        micro_batches: list[PackedBatch],
+        teacher_model: LabelledLogits | None,
+    ) -> dict[str, float]:
+        """One optimizer step over the micro-batches; the step's figures over every worker."""
+        workers, device = self.workers, self.workers.device
+        label_tokens, tokens = workers.sum(
+            [sum(batch.label_tokens for batch in micro_batches), sum(batch.tokens for batch in micro_batches)]
+        )
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for index, batch in enumerate(micro_batches):
+            batch = batch.to(device)
+            with gradient_sync(wrapped, enabled=index == len(micro_batches) - 1), self._autocast():
+                labelled = batch.labels != IGNORE_INDEX
+                logits = forward(batch.input_ids, batch.position_ids, labelled)
+                breakdown = distillation_loss(
+                    logits,
+                    batch.labels[labelled].unsqueeze(0),
+                    self.choice.spec,
+                    self._teacher_signal(batch, labelled, teacher_model),
+                )
+                # Workers' gradients are averaged, so each worker's share is scaled by the world size.
+                weight = breakdown.tokens * workers.world / label_tokens
+                (breakdown.loss * weight).backward()
+            sums += (
+                torch.stack([breakdown.loss, breakdown.kd, breakdown.ce]).detach().double() * breakdown.tokens
+            )
+        loss, kd, ce = (value / label_tokens for value in workers.sum(sums.tolist()))
+        learning_rate = optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at step {step + 1}; lower training.learningRate (now "
+                f"{self.run.training.learning_rate:g}) or check the data"
+            )
+        gradient_norm = float(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), GRADIENT_CLIP_NORM))
+        if not math.isfinite(gradient_norm):
+            raise TrainingDiverged(
+                f"gradients became {gradient_norm} at step {step + 1}; lower training.learningRate (now "
+                f"{self.run.training.learning_rate:g})"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss,
+            "kd": kd,
+            "ce": ce,
+            "learning_rate": learning_rate,
+            "gradient_norm": gradient_norm,
+            "tokens": tokens,
+        }
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.workers.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _teacher_signal(
+        self, batch: PackedBatch, labelled: torch.Tensor, teacher_model: LabelledLogits | None
+    ) -> SparseTeacher | torch.Tensor | None:
+        """The teacher at the labelled positions, shaped like the student's logits: [1, N, ...]."""
+        if teacher_model is not None:
+            with torch.no_grad():
+                return teacher_model(batch.input_ids, batch.position_ids, labelled)
+        if batch.teacher_ids is None:
+            return None
+        return SparseTeacher(
+            batch.teacher_ids[labelled].unsqueeze(0),
+            batch.teacher_logprobs[labelled].unsqueeze(0),
+            batch.teacher_tail[labelled].unsqueeze(0),
+        )
+
+    def _report(
+        self,
+        position: TrainingPosition,
+        epoch: int,
+        batch_index: int,
+        figures: dict[str, float],
+        optimizer: torch.optim.Optimizer,
+        window: _Window,
+    ) -> None:
+        # Every worker reports the same figures (they are sums over all workers).
+        metrics = {
+            "step": float(position.step),
+            "loss": figures["loss"],
+            "kd": figures["kd"],
+            "ce": figures["ce"],
+            "learning_rate": figures["learning_rate"],
+            "gradient_norm": figures["gradient_norm"],
+            "tokens": float(position.tokens),
+            "tokens_per_second": window.tokens_per_second,
+            "epoch": epoch + (batch_index + 1) / self.steps_per_epoch[epoch],
+        }
+        if self.choice.fallback_reason is not None:
+            metrics["fell_back_to_sft"] = 1.0
+        self.training_log.append(metrics)
+        self.report(metrics)
+
+    def _full_model_state(self, wrapped: nn.Module) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _checkpoint(
+        self,
+        position: TrainingPosition,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        model_state, optimizer_state = get_state_dict(
+            wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        rng_states = self.workers.gather(checkpoints.rng_state())
+        if self.workers.rank == 0:
+            checkpoint = Checkpoint(
+                position, model_state, optimizer_state, scheduler.state_dict(), rng_states, self.training_log
+            )
+            prefix = checkpoints.save_checkpoint(
+                self.store,
+                self.run.checkpoints_prefix,
+                checkpoint,
+                self.work_dir,
+                keep=self.run.keep_checkpoints,
+            )
+            log.info("checkpoint committed", prefix=prefix, step=position.step)
+
+    def _resume(
+        self,
+        step: int,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> TrainingPosition:
+        checkpoint = checkpoints.load_checkpoint(self.store, self.run.checkpoints_prefix, step, self.work_dir)
+        set_state_dict(
+            wrapped,
+            optimizer,
+            model_state_dict=checkpoint.model_state,
+            optim_state_dict=checkpoint.optimizer_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        scheduler.load_state_dict(checkpoint.scheduler_state)
+        if len(checkpoint.rng_states) == self.workers.world:
+            checkpoints.restore_rng_state(checkpoint.rng_states[self.workers.rank])
+        self.training_log = list(checkpoint.training_log)
+        log.info("resumed from checkpoint", step=step, epoch=checkpoint.position.epoch)
+        return checkpoint.position
+
+    def _upload_model(
+        self,
+        prefix: str,
+        name: str,
+        model: PreTrainedModel,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        folder = save_model_folder(model, self.tokenizer, self.work_dir / name, state_dict)
+        upload_folder(self.store, prefix, folder, lineage={"job_id": self.run.job_id, "stage": "train"})
+        return folder
+
+    def _upload_student(
+        self, state: dict[str, torch.Tensor], position: TrainingPosition, seconds: float
+    ) -> None:
+        folder = save_model_folder(self.model, self.tokenizer, self.work_dir / "student", state)
+        with (folder / "training_log.jsonl").open("w") as out:
+            for line in self.training_log:
+                out.write(json.dumps(line) + "\n")
+        (folder / "README.md").write_text(
+            model_card(self.run.teacher, self.run.training, self._card_data(position, seconds), None)
+        )
+        upload_folder(
+            self.store,
+            self.run.student_prefix,
+            folder,
+            lineage={"job_id": self.run.job_id, "stage": "train", "dataset": self.run.answers_dataset_id},
+        )
+
+    def _card_data(self, position: TrainingPosition, seconds: float) -> dict[str, Any]:
+        counts = self.data.counts
+        init = self.run.student.init
+        data: dict[str, Any] = {
+            "dataset": self.run.answers_dataset_id,
+            "rows": counts.kept,
+            "positions_trained": position.tokens,  # prompt and response tokens, every epoch
+            "student_init": init.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "steps": position.step,
+            "epochs": self.run.training.epochs,
+            "seconds": round(seconds, 1),
+            "truncated_rows": counts.truncated,
+            "dropped_rows": counts.rows - counts.kept,
+        }
+        if init.pretrained is not None:
+            data["base_model"] = init.pretrained
+        if self.training_log:
+            data["final_loss"] = round(self.training_log[-1]["loss"], 4)
+        if self.choice.fallback_reason is not None:
+            requested = self.run.training.loss.kind.value
+            data["loss_fallback"] = f"sft instead of {requested}: {self.choice.fallback_reason}"
+        return data
+
+
+@dataclass
+class _Window:
+    """Tokens and step time since the last report (checkpoint uploads are not counted)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_worker(run: TrainRun, report: Report) -> TrainOutcome:
+    """Train the student of `run` on this worker (see the module docstring); `report` gets the progress
+    figures of every `run.report_every_steps` steps and of the last step, on every worker alike."""
+    workers = Workers.current()
+    torch.manual_seed(run.training.seed)
+    store = open_object_store(run.object_store)
+    with tempfile.TemporaryDirectory(prefix="stillhouse-train-") as scratch:
+        return TrainingLoop(run, report, workers, store, Path(scratch)).train()

@@ -1,0 +1,107 @@
+"""Template prompts: every combination or sampled ones, deterministic, and refused when unsafe or wrong."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from stillhouse.common.jobspec import PromptGeneration
+from stillhouse.prompts import templates
+from stillhouse.prompts.templates import TemplateError, render_templates, shuffled_indices
+
+TEMPLATE = "Write a {{ tone }} product description for {{ product }}."
+SLOTS = {"tone": ["formal", "playful", "terse"], "product": ["a kettle", "a bike", "a lamp", "a tent"]}
+
+
+def generation(combination: str = "all", count: int = 5, template: str = TEMPLATE) -> PromptGeneration:
+    return PromptGeneration(strategy="template", count=count, template=template, slotCombination=combination)
+
+
+def test_all_enumerates_distinct_combinations_up_to_count():
+    prompts = list(render_templates(generation(count=5), SLOTS, seed=1))
+    assert len(prompts) == 5 == len(set(prompts))
+    expected = {
+        f"Write a {tone} product description for {product}."
+        for tone, product in itertools.product(SLOTS["tone"], SLOTS["product"])
+    }
+    assert set(prompts) <= expected
+
+
+def test_all_stops_when_the_product_runs_out():
+    prompts = list(render_templates(generation(count=1000), SLOTS, seed=1))
+    assert len(prompts) == 12 == len(set(prompts))
+
+
+def test_all_order_is_shuffled_and_seeded():
+    first = list(render_templates(generation(count=12), SLOTS, seed=1))
+    assert first == list(render_templates(generation(count=12), SLOTS, seed=1))
+    assert first != list(render_templates(generation(count=12), SLOTS, seed=2))
+    in_product_order = [
+        f"Write a {tone} product description for {product}."
+        for tone, product in itertools.product(SLOTS["tone"], SLOTS["product"])
+    ]
+    assert first != in_product_order
+
+
+def test_sampled_draws_count_prompts_deterministically():
+    prompts = list(render_templates(generation("sampled", count=200), SLOTS, seed=7))
+    assert len(prompts) == 200
+    assert prompts == list(render_templates(generation("sampled", count=200), SLOTS, seed=7))
+    assert prompts != list(render_templates(generation("sampled", count=200), SLOTS, seed=8))
+    # Drawn with replacement, each slot independently: every combination shows up in 200 draws.
+    assert len(set(prompts)) == 12
+
+
+def test_only_the_slots_the_template_uses_are_combined():
+    slots = {**SLOTS, "unused": ["x", "y", "z"]}
+    assert len(list(render_templates(generation(count=100), slots, seed=1))) == 12
+
+
+def test_huge_products_are_walked_without_building_them():
+    slots = {f"s{i}": [f"v{j}" for j in range(10)] for i in range(12)}  # 10**12 combinations
+    template = " ".join(f"{{{{ s{i} }}}}" for i in range(12))
+    prompts = list(render_templates(generation(count=2000, template=template), slots, seed=3))
+    assert len(prompts) == 2000 == len(set(prompts))
+    assert prompts == list(render_templates(generation(count=2000, template=template), slots, seed=3))
+
+
+def test_feistel_order_is_a_permutation(monkeypatch):
+    monkeypatch.setattr(templates, "MATERIALISED_PERMUTATION_MAX", 10)
+    for size in (1, 2, 3, 1000, 4097):
+        order = list(shuffled_indices(size, seed=5))
+        assert sorted(order) == list(range(size))
+    assert list(shuffled_indices(1000, seed=5)) != list(range(1000))
+    assert list(shuffled_indices(1000, seed=5, limit=10)) == list(shuffled_indices(1000, seed=5))[:10]
+
+
+def test_unknown_slot_is_refused_before_rendering():
+    with pytest.raises(TemplateError) as raised:
+        render_templates(generation(template="{{ product }} in {{ city }}"), SLOTS, seed=1)
+    assert str(raised.value) == (
+        "template uses slot 'city', which is not in slots or slotFiles (known: 'product', 'tone')"
+    )
+
+
+def test_syntax_error_names_its_line():
+    with pytest.raises(TemplateError, match="syntax error on line 2"):
+        render_templates(generation(template="fine\n{{ product "), SLOTS, seed=1)
+
+
+def test_slot_without_values_is_refused():
+    with pytest.raises(TemplateError, match="slot 'tone' has no values"):
+        render_templates(generation(), {**SLOTS, "tone": []}, seed=1)
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{{ ''.__class__ }}", "{{ product.__class__.__mro__ }}", "{{ product.__init__.__globals__ }}"],
+)
+def test_sandbox_refuses_attribute_tricks(template):
+    with pytest.raises(TemplateError, match="unsafe"):
+        list(render_templates(generation(template=template), SLOTS, seed=1))
+
+
+def test_undefined_attributes_fail_instead_of_rendering_empty():
+    with pytest.raises(TemplateError, match="cannot render"):
+        list(render_templates(generation(template="{{ product.colour }}"), SLOTS, seed=1))

@@ -1,0 +1,345 @@
+"""Evaluation: the metric functions on hand-made inputs, then whole evaluations of tiny random models on
+a held-out answers dataset written by a tiny teacher."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stillhouse.common.jobspec import EvaluationSpec, TeacherBackend, TeacherSpec, TrainingSpec
+from stillhouse.storage.artifacts import download_artifact, read_artifact_manifest, upload_folder
+from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.storage.objects import ObjectStore
+from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.trainer import evaluation
+from stillhouse.trainer.data import answers_topk, read_answer_rows
+from stillhouse.trainer.evaluation import (
+    EvaluationSettings,
+    TokenTotals,
+    answer_metrics,
+    exact_match,
+    model_token_totals,
+    normalize_answer,
+    recovery,
+    run_evaluation,
+    teacher_token_totals,
+    token_f1,
+    top1_matches,
+)
+from stillhouse.trainer.losses import SparseTeacher
+from stillhouse.trainer.model_card import card_settings, model_card
+from stillhouse.trainer.run_config import EvaluateRun
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child.",
+    "List three prime numbers.",
+    "Why is the sky blue?",
+    "Say hello in Spanish.",
+]
+HOLDOUT = "jobs/job-1/teacher/holdout"
+MAX_NEW_TOKENS = 12
+
+# --- answer level --------------------------------------------------------------------------------
+
+
+def test_normalisation_drops_case_punctuation_articles_and_extra_spaces():
+    assert normalize_answer("  The Cat,  sat on A mat! ") == "cat sat on mat"
+
+
+def test_exact_match_after_normalisation():
+    assert exact_match("The cat sat.", "cat  SAT") == 1.0
+    assert exact_match("The cat sat.", "the dog sat") == 0.0
+
+
+def test_token_f1_on_known_strings():
+    # prediction tokens: cat sat on mat; reference: cat sat -> precision 2/4, recall 2/2
+    assert token_f1("the cat sat on the mat", "a cat sat") == pytest.approx(2 / 3)
+    assert token_f1("sat sat", "sat") == pytest.approx(2 * 0.5 * 1 / 1.5)  # repeated tokens count once
+    assert token_f1("dog", "cat") == 0.0
+    assert token_f1("", "the") == 1.0  # both empty after normalisation
+    assert token_f1("cat", "") == 0.0
+
+
+def test_answer_metrics_average_over_prompts():
+    figures = answer_metrics(["Paris.", "blue sky", "no"], ["paris", "the sky is blue", "yes"])
+    assert figures["exact_match"] == pytest.approx(1 / 3)
+    assert figures["token_f1"] == pytest.approx((1 + 2 * (2 / 2 * 2 / 3) / (1 + 2 / 3) + 0) / 3)
+    with pytest.raises(ValueError, match="as many predictions as references"):
+        answer_metrics(["a"], [])
+
+
+# --- token level ---------------------------------------------------------------------------------
+
+
+def _sparse_teacher_of(logits: torch.Tensor, k: int) -> SparseTeacher:
+    """The exact top-k and tail of `logits` [B, T, V], as the teacher stage stores them."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    top, ids = logprobs.topk(k, dim=-1)
+    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+    return SparseTeacher(ids, top.float(), tail.float())
+
+
+def test_top1_matches_count_only_labelled_positions():
+    logits = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]]])  # argmax 1, 0, 2
+    teacher_top1 = torch.tensor([[1, 2, 2]])
+    assert top1_matches(logits, torch.tensor([[7, 7, 7]]), teacher_top1) == 2
+    assert top1_matches(logits, torch.tensor([[7, 7, -100]]), teacher_top1) == 1
+
+
+def test_kl_is_zero_and_top1_total_for_the_teachers_own_distribution():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 50, generator=generator) * 3
+    labels = torch.randint(0, 50, (2, 5), generator=generator)
+    labels[0, :2] = -100
+    totals = model_token_totals(logits, labels, _sparse_teacher_of(logits, k=4))
+    assert totals.tokens == 8
+    assert totals.kl == pytest.approx(0.0, abs=1e-5)
+    assert totals.top1_matches == 8
+    nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0][labels != -100]
+    assert totals.metrics()["perplexity"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+
+
+def test_kl_matches_a_hand_computed_value():
+    # Teacher: token 0 with p = 0.5, the other half in the tail. Student q = (0.25, 0.25, 0.5), so its
+    # buckets are (0.25, 0.75): KL = 0.5 ln(0.5 / 0.25) + 0.5 ln(0.5 / 0.75) = 0.5 ln(4/3).
+    logits = torch.log(torch.tensor([[[0.25, 0.25, 0.5]]]))
+    teacher = SparseTeacher(
+        torch.tensor([[[0]]]), torch.tensor([[[math.log(0.5)]]]), torch.tensor([[math.log(0.5)]])
+    )
+    totals = model_token_totals(logits, torch.tensor([[2]]), teacher)
+    figures = totals.metrics()
+    assert figures["kl"] == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
+    assert figures["top1_agreement"] == 0.0  # the student's argmax is token 2
+    assert figures["perplexity"] == pytest.approx(2.0, rel=1e-5)  # label 2 has q = 0.5
+
+
+def test_without_a_teacher_only_perplexity_is_defined():
+    logits = torch.log(torch.tensor([[[0.25, 0.25, 0.5], [0.1, 0.8, 0.1]]]))
+    figures = model_token_totals(logits, torch.tensor([[2, 1]]), None).metrics()
+    assert figures == {"perplexity": pytest.approx(math.exp(-(math.log(0.5) + math.log(0.8)) / 2), rel=1e-5)}
+
+
+def test_totals_add_up_over_batches():
+    a = TokenTotals(3, 6.0, 1.5, 2)
+    b = TokenTotals(1, 2.0, 0.5, 1)
+    assert (a + b).metrics() == {"perplexity": pytest.approx(math.e**2), "kl": 0.5, "top1_agreement": 0.75}
+    assert TokenTotals().metrics() == {}
+
+
+def test_teacher_figures_from_its_stored_logprobs():
+    answer = SparseLogprobs(
+        token_ids=np.array([5, 7, 9], np.int32),
+        topk_ids=np.array([[5, 6], [8, 7], [1, 2]], np.int32),
+        topk_logprobs=np.array([[-0.1, -2.5], [-0.5, -1.2], [-0.3, -1.5]], np.float32),
+        tail_logprob=np.array([-3.0, -2.0, -2.2], np.float32),
+    )
+    figures = teacher_token_totals([answer]).metrics()
+    # chosen: top-1 (-0.1), second (-1.2), outside the top-k: the tail (-2.2)
+    assert figures["perplexity"] == pytest.approx(math.exp((0.1 + 1.2 + 2.2) / 3), rel=1e-5)
+    assert figures["top1_agreement"] == pytest.approx(1 / 3)
+    assert figures["kl"] == 0.0
+
+
+# --- the headline --------------------------------------------------------------------------------
+
+
+def test_recovery_on_kl_when_defined_else_on_f1():
+    on_kl = recovery({"kl": 2.0, "token_f1": 0.1}, {"kl": 0.5, "token_f1": 0.2})
+    assert (on_kl.metric, on_kl.percent) == ("kl", pytest.approx(75.0))
+    assert "KL_baseline - KL_student" in on_kl.definition
+    on_f1 = recovery({"token_f1": 0.2}, {"token_f1": 0.6})
+    assert (on_f1.metric, on_f1.percent) == ("token_f1", pytest.approx(50.0))
+    assert "F1_baseline" in on_f1.definition
+    assert recovery({"kl": 1.0}, {"kl": 1.0}).percent == 0.0
+    assert recovery({"token_f1": 1.0}, {"token_f1": 1.0}).percent is None  # no gap to close
+
+
+# --- whole evaluations on tiny models ------------------------------------------------------------
+
+
+@pytest.fixture
+def models(tmp_path: Path, tiny_llama: Callable[..., Path]) -> dict[str, Path]:
+    """A tiny teacher and two other random models of the same shape and vocabulary."""
+    return {
+        name: tiny_llama(tmp_path / name, seed=seed) for name, seed in (("teacher", 1), ("a", 2), ("b", 3))
+    }
+
+
+@pytest.fixture
+def holdout(object_store: ObjectStore, models: dict[str, Path], answers_dataset: Callable[..., None]) -> str:
+    answers_dataset(object_store, HOLDOUT, models["teacher"], PROMPTS, top_k=8, max_new_tokens=MAX_NEW_TOKENS)
+    return HOLDOUT
+
+
+TRAINING = TrainingSpec.model_validate({"loss": {"kind": "forward_kl"}, "epochs": 2})
+TRAINING_LOG = [{"step": step, "loss": 4.0 / step, "kd": 4.0 / step, "ce": 5.0 / step} for step in (1, 2, 3)]
+
+
+def _teacher_spec(teacher_dir: Path) -> TeacherSpec:
+    # As the `answers_dataset` fixture answered: greedily, with top-8 logprobs.
+    return TeacherSpec.model_validate(
+        {
+            "backend": TeacherBackend.LOCAL,
+            "model": str(teacher_dir),
+            "topLogprobs": 8,
+            "sampling": {"temperature": 0.0, "maxTokens": MAX_NEW_TOKENS},
+        }
+    )
+
+
+def _commit_model(store: ObjectStore, prefix: str, model_dir: Path, teacher: TeacherSpec) -> None:
+    """A model folder as the training loop leaves it: weights, tokenizer, log and model card."""
+    (model_dir / "training_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in TRAINING_LOG))
+    card_data = {"dataset": "jobs/job-1/teacher/train", "rows": 40, "tokens": 480, "steps": 3}
+    (model_dir / "README.md").write_text(model_card(teacher, TRAINING, card_data, None))
+    upload_folder(store, prefix, model_dir)
+
+
+def _evaluate_run(
+    store: ObjectStore,
+    settings: ObjectStoreSettings,
+    models: dict[str, Path],
+    *,
+    student: str,
+    baseline: str,
+    job_id: str,
+) -> EvaluateRun:
+    teacher = _teacher_spec(models["teacher"])
+    _commit_model(store, f"jobs/{job_id}/train/student", models[student], teacher)
+    _commit_model(store, f"jobs/{job_id}/train/baseline", models[baseline], teacher)
+    return EvaluateRun(
+        job_id=job_id,
+        student_prefix=f"jobs/{job_id}/train/student",
+        baseline_prefix=f"jobs/{job_id}/train/baseline",
+        holdout_dataset_id=HOLDOUT,
+        teacher=teacher,
+        evaluation=EvaluationSpec(maxNewTokens=MAX_NEW_TOKENS),
+        object_store=settings,
+        output_prefix=f"jobs/{job_id}/evaluate",
+    )
+
+
+def test_a_student_that_is_the_teacher_recovers_all_of_it(
+    tmp_path: Path,
+    object_store: ObjectStore,
+    object_store_settings: ObjectStoreSettings,
+    models: dict[str, Path],
+    holdout: str,
+):
+    run = _evaluate_run(
+        object_store, object_store_settings, models, student="teacher", baseline="a", job_id="job-1"
+    )
+    progress: list[tuple[str, int, int]] = []
+    outcome = run_evaluation(run, lambda message, done, total: progress.append((message, done, total)))
+
+    student, baseline, teacher = outcome.student_metrics, outcome.baseline_metrics, outcome.teacher_metrics
+    assert outcome.recovery_percent == pytest.approx(100.0, abs=1.0)
+    assert student["kl"] < 0.01
+    assert student["top1_agreement"] == 1.0
+    assert student["exact_match"] == 1.0 and student["token_f1"] == 1.0
+    assert baseline["kl"] > 1.0 and baseline["top1_agreement"] < 0.2 and baseline["exact_match"] == 0.0
+    assert teacher == {
+        "kl": 0.0,
+        "top1_agreement": 1.0,
+        "perplexity": pytest.approx(student["perplexity"], rel=0.05),
+    }
+    # Both models, both passes, every answer, then publishing.
+    work = 4 * len(PROMPTS) + 1
+    assert [entry for entry in progress if entry[0] == "the student"][-1] == ("the student", work - 1, work)
+    assert progress[-1] == ("published the student", work, work)
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(progress))
+
+    # The report artifact: every file, the figures and the recovery with its definition.
+    assert outcome.report_prefix == "jobs/job-1/evaluate/report"
+    files = {record.path for record in read_artifact_manifest(object_store, outcome.report_prefix).files}
+    assert files == {"report.json", "report.md", "report.html", "loss_curve.png"}
+    document = json.loads(object_store.get_bytes("jobs/job-1/evaluate/report/report.json"))
+    assert document["metrics"]["student"] == student
+    assert document["recovery"]["metric"] == "kl" and "KL_baseline" in document["recovery"]["definition"]
+    assert document["data"]["holdout_rows"] == len(PROMPTS)
+    assert document["loss"]["kind"] == "forward_kl"
+    assert document["training"]["steps"] == 3 and document["training"]["final_loss"] == pytest.approx(4 / 3)
+    assert document["notes"] == []  # same tokenizer, logprobs for every answer, greedy teacher
+
+    # The published student loads without Stillhouse and its card carries the figures.
+    assert outcome.student_prefix == "jobs/job-1/student"
+    published = tmp_path / "published"
+    download_artifact(object_store, outcome.student_prefix, published)
+    model = AutoModelForCausalLM.from_pretrained(published)
+    assert AutoTokenizer.from_pretrained(published).eos_token == "<|im_end|>"
+    assert model.config.num_hidden_layers == 2
+    card = (published / "README.md").read_text()
+    assert f"recovers {outcome.recovery_percent:.1f}% of the teacher" in card
+    assert f"| {baseline['kl']:.4f} | {student['kl']:.4f} |" in card
+    settings = card_settings(card)
+    assert settings is not None and settings.training == TRAINING and settings.data["rows"] == 40
+
+    # Evaluating again reads the committed report: same figures, nothing committed twice.
+    committed = [
+        read_artifact_manifest(object_store, prefix)
+        for prefix in (outcome.report_prefix, "jobs/job-1/student")
+    ]
+    again = run_evaluation(run, lambda *_: None)
+    assert again == outcome
+    assert [
+        read_artifact_manifest(object_store, prefix)
+        for prefix in (outcome.report_prefix, "jobs/job-1/student")
+    ] == committed
+
+
+def test_an_untrained_random_student_recovers_about_nothing(
+    object_store: ObjectStore,
+    object_store_settings: ObjectStoreSettings,
+    models: dict[str, Path],
+    holdout: str,
+):
+    run = _evaluate_run(
+        object_store, object_store_settings, models, student="a", baseline="b", job_id="job-2"
+    )
+    outcome = run_evaluation(run, lambda *_: None)
+    student, teacher = outcome.student_metrics, outcome.teacher_metrics
+    assert abs(outcome.recovery_percent) < 25
+    assert student["kl"] > 1.0
+    assert student["top1_agreement"] < 0.2
+    assert student["exact_match"] == 0.0
+    assert student["perplexity"] > 10 * teacher["perplexity"]
+
+
+def test_with_another_tokenizer_kl_and_top1_are_omitted_and_recovery_is_on_f1(
+    object_store: ObjectStore, models: dict[str, Path], holdout: str
+):
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    rows = list(read_answer_rows(object_store, holdout))
+    prepared = evaluation.prepare_holdout(
+        rows,
+        answers_topk(object_store, holdout),
+        tokenizer,
+        "the student's vocabulary differs from the teacher's",
+        max_seq_len=2048,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    assert not prepared.token_level
+    assert any("KL and top-1 agreement are omitted" in note for note in prepared.notes)
+    settings = EvaluationSettings(tokens_per_pass=256, generation_batch=4)
+    figures = {
+        name: evaluation.model_metrics(
+            models[name], tokenizer, prepared, torch.device("cpu"), settings, lambda _: None
+        )
+        for name in ("teacher", "a")
+    }
+    assert set(figures["teacher"]) == {"perplexity", "exact_match", "token_f1"}
+    assert set(evaluation.teacher_metrics(prepared)) == {"perplexity"}
+    # Across tokenizers a teacher answer cut for length is cut again in the student's tokens, which can
+    # end it a token earlier or later: the teacher itself scores almost, not exactly, 1.
+    headline = recovery(figures["a"], figures["teacher"])
+    assert headline.metric == "token_f1" and headline.percent > 80

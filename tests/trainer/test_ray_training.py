@@ -1,0 +1,249 @@
+"""Training and its control through real Ray jobs on a local Ray head: a 2-worker DDP run on CPU that
+learns and writes its artifacts, a stopped run that resumes from its checkpoint, and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from ray.exceptions import RayTaskError
+from ray.job_submission import JobStatus
+from ray.train.v2.api.exceptions import WorkerGroupError
+
+from stillhouse.storage.artifacts import read_artifact_manifest
+from stillhouse.trainer.checkpoints import committed_steps
+from stillhouse.trainer.config import LocalRaySettings
+from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable
+from stillhouse.trainer.ray_entrypoint import error_summary, outcome_key
+from stillhouse.trainer.ray_jobs import (
+    RUN_CONFIG_ENV,
+    STORAGE_PATH_ENV,
+    RayJobs,
+    entrypoint,
+    failure_reason,
+    parse_progress,
+    submission_id,
+)
+from stillhouse.trainer.run_config import TrainingDataError, TrainOutcome, TrainRun
+from stillhouse.trainer.servicer import failure_code, run_json
+
+TOPICS = ["cats", "dogs", "rain", "the sea", "mountains", "bread", "music", "trains"]
+PROMPTS = [f"question {i}: tell me about {topic}" for i, topic in enumerate(TOPICS * 2)]
+DATASET = "jobs/j/teacher/answers"
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
+    head = LocalRayHead(LocalRaySettings(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=2))
+    head.start()
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture
+def jobs(ray_head: LocalRayHead) -> RayJobs:
+    return RayJobs(ray_head.address, poll_seconds=0.5)
+
+
+@pytest.fixture
+def train_run(tmp_path, tiny_llama, answers_dataset, object_store, object_store_settings):
+    teacher = tiny_llama(tmp_path / "teacher", seed=1)
+    student = tiny_llama(tmp_path / "student", seed=0)
+    answers_dataset(object_store, DATASET, teacher, PROMPTS, max_new_tokens=16, rows_per_shard=4)
+
+    def make(job_id: str, **training) -> TrainRun:
+        return TrainRun.model_validate(
+            {
+                "job_id": job_id,
+                "answers_dataset_id": DATASET,
+                "object_store": object_store_settings,
+                "teacher": {"backend": "local", "model": str(teacher)},
+                "student": {"init": {"pretrained": str(student)}},
+                "training": {
+                    "loss": {"kind": "forward_kl"},
+                    "learningRate": 3e-3,
+                    "batchTokens": 256,
+                    "maxSeqLen": 128,
+                    "warmupRatio": 0.1,
+                    "workers": 2,
+                    **training,
+                },
+                "output_prefix": f"jobs/{job_id}/train",
+                "report_every_steps": 1,
+            }
+        )
+
+    return make
+
+
+def submit(jobs: RayJobs, ray_head: LocalRayHead, operation_id: str, run: TrainRun) -> str:
+    env = {RUN_CONFIG_ENV: run_json(run), STORAGE_PATH_ENV: str(ray_head.temp_dir / "train")}
+    return jobs.submit(operation_id, entrypoint(sys.executable, "train"), env)
+
+
+def follow(jobs: RayJobs, sub_id: str, records: list[dict]) -> JobStatus:
+    """Follow the job to its end; each record gets its arrival time as `arrived`."""
+
+    def arrived(record: dict) -> None:
+        records.append({**record, "arrived": time.monotonic()})
+
+    return asyncio.run(jobs.follow(sub_id, arrived)).status
+
+
+def test_two_workers_learn_and_write_student_and_baseline(jobs, ray_head, train_run, object_store):
+    run = train_run("learn", epochs=3)
+    records: list[dict] = []
+    submitted = time.monotonic()
+    sub_id = submit(jobs, ray_head, "op-learn", run)
+
+    status = follow(jobs, sub_id, records)
+
+    assert status is JobStatus.SUCCEEDED, jobs.explain_failure(sub_id)
+    steps = [r for r in records if r.get("kind") == "train"]
+    assert len(steps) >= 3
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    outcome = TrainOutcome.model_validate_json(object_store.get_bytes(outcome_key(run.output_prefix)))
+    assert outcome.steps == int(steps[-1]["step"]) and outcome.resumed_from_step is None
+    for prefix in (run.student_prefix, run.baseline_prefix):
+        files = {f.path for f in read_artifact_manifest(object_store, prefix).files}
+        assert "config.json" in files and "tokenizer.json" in files
+    print(
+        f"submit to first step: {steps[0]['arrived'] - submitted:.1f} s, "
+        f"{len(steps)} steps in {steps[-1]['arrived'] - steps[0]['arrived']:.1f} s, "
+        f"submit to end: {time.monotonic() - submitted:.1f} s"
+    )
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+    return value
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_stopped_run_resubmitted_resumes_from_its_checkpoint(jobs, ray_head, train_run, object_store):
+    run = train_run("resume", epochs=10, checkpointEverySteps=2)
+    first = submit(jobs, ray_head, "op-resume", run)
+    wait_for(lambda: committed_steps(object_store, run.checkpoints_prefix), 400, "the first checkpoint")
+    jobs.stop(first)
+    assert follow(jobs, first, []) is JobStatus.STOPPED
+    checkpointed = max(committed_steps(object_store, run.checkpoints_prefix))
+
+    second = submit(jobs, ray_head, "op-resume", run)
+    records: list[dict] = []
+    assert second != first
+    assert follow(jobs, second, records) is JobStatus.SUCCEEDED, jobs.explain_failure(second)
+
+    outcome = TrainOutcome.model_validate_json(object_store.get_bytes(outcome_key(run.output_prefix)))
+    assert outcome.resumed_from_step is not None and outcome.resumed_from_step >= checkpointed
+    first_step = min(int(r["step"]) for r in records if r.get("kind") == "train")
+    assert first_step == outcome.resumed_from_step + 1
+
+
+def test_cancel_stops_the_job_and_a_running_job_is_reattached(jobs, ray_head, train_run):
+    run = train_run("cancel", epochs=50)
+    sub_id = submit(jobs, ray_head, "op-cancel", run)
+    assert submit(jobs, ray_head, "op-cancel", run) == sub_id  # a restarted service re-attaches
+
+    jobs.stop(sub_id)
+
+    assert follow(jobs, sub_id, []) is JobStatus.STOPPED
+
+
+def test_progress_lines_are_found_behind_ray_worker_prefixes():
+    line = '(RayTrainWorker pid=4242) STILLHOUSE_PROGRESS {"kind": "train", "step": 3.0, "loss": 1.5}'
+    assert parse_progress(line) == {"kind": "train", "step": 3.0, "loss": 1.5}
+    assert parse_progress("(RayTrainWorker pid=4242) step 3") is None
+
+
+def processes_using(folder: Path) -> list[int]:
+    """Processes whose command line names `folder` (Ray's GCS server, raylet, agents...)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_failed_job_is_explained_by_the_runs_own_error_line():
+    logs = "\n".join(
+        [
+            "(RayTrainWorker pid=7) Traceback (most recent call last):",
+            'STILLHOUSE_ERROR {"message": "TrainingDiverged: the loss became NaN at step 3"}',
+            "Traceback (most recent call last):",
+            "ray.exceptions.RayTaskError: the last line of a traceback",
+        ]
+    )
+    assert failure_reason(logs, "exit code 1") == "TrainingDiverged: the loss became NaN at step 3"
+    assert failure_reason("boom\nMemoryError: out of memory\ndone", "exit code 1") == (
+        "MemoryError: out of memory"
+    )
+    assert failure_reason("nothing useful", "exit code 1") == "exit code 1"
+
+
+def test_submission_ids_are_per_operation_and_attempt():
+    assert submission_id("train/job 1", 2) == "train_job_1-2"
+
+
+def test_a_workers_own_error_is_dug_out_of_rays_wrappers():
+    try:
+        raise TrainingDataError("every row was dropped")
+    except TrainingDataError as exc:
+        wrapped = RayTaskError("train_fn", "Traceback ...", exc).as_instanceof_cause()
+    summary = error_summary(WorkerGroupError("rank 0 failed", {0: wrapped}))
+    assert summary == "TrainingDataError: every row was dropped"
+    assert failure_code(summary) == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure_code("OutOfMemoryError: Task was killed") == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.slow
+def test_a_killed_owner_takes_its_head_along(tmp_path_factory):
+    temp_dir = tmp_path_factory.mktemp("owned")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER_PROGRAM, str(temp_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        assert processes_using(temp_dir)
+    finally:
+        owner.kill()
+        owner.wait(10)
+    wait_for(lambda: not processes_using(temp_dir), 30, "the orphaned head's processes to exit")
+
+
+OWNER_PROGRAM = """
+import sys, time
+from pathlib import Path
+from stillhouse.trainer.config import LocalRaySettings
+from stillhouse.trainer.ray_cluster import LocalRayHead
+head = LocalRayHead(LocalRaySettings(temp_dir=Path(sys.argv[1]), num_cpus=1))
+head.start()
+head.wait_ready()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+# Last in this module: it stops the module's head.
+def test_the_head_stops_and_leaves_nothing_behind(ray_head):
+    assert processes_using(ray_head.temp_dir)
+    ray_head.stop()
+    with pytest.raises(RayUnreachable, match="cannot reach the Ray cluster"):
+        RayJobs(ray_head.address, connect_timeout_seconds=2).check_reachable()
+    wait_for(lambda: not processes_using(ray_head.temp_dir), 20, "the head's processes to exit")

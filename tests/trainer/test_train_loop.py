@@ -1,0 +1,254 @@
+"""The training loop on one worker (no Ray): a tiny random Llama student learns from the answers of a
+different tiny random Llama teacher, both with SmolLM2's tokenizer, through a real object store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from stillhouse.common.jobspec import StudentSpec
+from stillhouse.storage.artifacts import download_artifact, list_artifacts
+from stillhouse.trainer.run_config import (
+    IncompatibleTokenizers,
+    TrainingDataError,
+    TrainingDiverged,
+    TrainRun,
+)
+from stillhouse.trainer.train_loop import train_worker
+
+DATASET = "jobs/job-1/teacher/train"
+PROMPTS = [
+    f"{question} {topic}"
+    for question in ("tell me about", "write a poem about", "why do people like")
+    for topic in ("cats", "the sea", "rain", "bread", "music", "trains")
+]
+
+
+@pytest.fixture
+def models(tmp_path: Path, tiny_llama) -> tuple[Path, Path]:
+    return tiny_llama(tmp_path / "teacher", seed=1), tiny_llama(tmp_path / "student", seed=0)
+
+
+@pytest.fixture
+def make_run(models, object_store, object_store_settings, answers_dataset):
+    teacher, student = models
+    answers_dataset(object_store, DATASET, teacher, PROMPTS, top_k=20, max_new_tokens=16)
+
+    def make(output_prefix: str = "jobs/job-1/train", **training) -> TrainRun:
+        return TrainRun.model_validate(
+            {
+                "job_id": "job-1",
+                "answers_dataset_id": DATASET,
+                "object_store": object_store_settings,
+                "teacher": {"backend": "local", "model": str(teacher)},
+                "student": {"init": {"pretrained": str(student)}},
+                "training": {
+                    "learningRate": 3e-3,
+                    "batchTokens": 256,
+                    "maxSeqLen": 128,
+                    "warmupRatio": 0.1,
+                    **training,
+                },
+                "output_prefix": output_prefix,
+                "report_every_steps": 1,
+            }
+        )
+
+    return make
+
+
+def student_weights(store, prefix: str, folder: Path) -> dict[str, torch.Tensor]:
+    download_artifact(store, prefix, folder)
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["sft", "forward_kl"])
+def test_loss_falls(make_run, kind):
+    reports: list[dict[str, float]] = []
+    # One answer per row, two rows per step: 9 steps per epoch.
+    run = make_run(loss={"kind": kind}, epochs=3, maxSeqLen=64, batchTokens=128, checkpointEverySteps=1000)
+    outcome = train_worker(run, reports.append)
+    assert outcome.steps == len(reports) >= 25
+    assert [report["step"] for report in reports] == list(range(1, outcome.steps + 1))
+    first, last = (sum(report["loss"] for report in part) / 3 for part in (reports[:3], reports[-3:]))
+    assert last < 0.6 * first
+    assert reports[-1]["tokens"] == outcome.tokens
+    assert reports[-1]["epoch"] == pytest.approx(3.0)
+    # Warm-up, then decay to a tenth of the peak at the last step.
+    assert reports[0]["learning_rate"] < reports[2]["learning_rate"] <= 3e-3
+    assert reports[-1]["learning_rate"] == pytest.approx(3e-4)
+
+
+def test_resumes_from_the_last_checkpoint_with_the_same_batches_and_weights(make_run, object_store, tmp_path):
+    settings = {"loss": {"kind": "forward_kl"}, "epochs": 2, "checkpointEverySteps": 3}
+    uninterrupted: list[dict[str, float]] = []
+    outcome = train_worker(make_run("jobs/straight/train", **settings), uninterrupted.append)
+    total = outcome.steps
+    assert total >= 10
+
+    crash_after = 7  # the last checkpoint before it is step 6
+    interrupted: list[dict[str, float]] = []
+
+    def crash(metrics: dict[str, float]) -> None:
+        interrupted.append(metrics)
+        if metrics["step"] == crash_after:
+            raise RuntimeError("worker lost")
+
+    run = make_run("jobs/resumed/train", **settings)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_worker(run, crash)
+    committed = sorted(list_artifacts(object_store, f"{run.checkpoints_prefix}/"))
+    assert len(committed) == 2 and committed[-1] == f"{run.checkpoints_prefix}/step-00000006"
+
+    resumed: list[dict[str, float]] = []
+    outcome = train_worker(run, resumed.append)
+    assert outcome.resumed_from_step == 6
+    assert outcome.steps == total
+    assert [report["step"] for report in resumed] == list(range(7, total + 1))
+    # The same batches from the same step on: the same losses as the uninterrupted run.
+    for again, straight in zip(resumed, uninterrupted[6:], strict=True):
+        assert again["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+        assert again["tokens"] == straight["tokens"]
+    expected = student_weights(object_store, "jobs/straight/train/student", tmp_path / "straight")
+    actual = student_weights(object_store, run.student_prefix, tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # Only the newest two checkpoints are kept, and the log covers every step, before and after the crash.
+    kept = sorted(list_artifacts(object_store, f"{run.checkpoints_prefix}/"))
+    assert len(kept) == 2 and kept[-1].endswith(f"step-{total:08d}")
+    log_lines = (tmp_path / "resumed" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_lines] == list(range(1, total + 1))
+
+
+def test_output_loads_with_plain_transformers(make_run, object_store, tmp_path, models):
+    run = make_run(loss={"kind": "forward_kl"}, epochs=1, checkpointEverySteps=1000)
+    reports: list[dict[str, float]] = []
+    outcome = train_worker(run, reports.append)
+
+    student = tmp_path / "trained"
+    download_artifact(object_store, run.student_prefix, student)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    assert tokenizer.chat_template and len(tokenizer) == model.config.vocab_size
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    assert (
+        model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1]
+        == inputs["input_ids"].shape[1] + 3
+    )
+    log_lines = [json.loads(line) for line in (student / "training_log.jsonl").read_text().splitlines()]
+    assert log_lines == reports and len(log_lines) == outcome.steps
+    card = (student / "README.md").read_text()
+    assert card.startswith("---\n") and DATASET in card
+
+    # The baseline is the student before training.
+    baseline = tmp_path / "untrained"
+    download_artifact(object_store, run.baseline_prefix, baseline)
+    untrained = AutoModelForCausalLM.from_pretrained(models[1]).state_dict()
+    trained = model.state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(baseline).state_dict().items():
+        assert torch.equal(tensor, untrained[name]), name
+    assert not torch.equal(
+        trained["model.layers.0.mlp.up_proj.weight"], untrained["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_a_diverging_loss_stops_with_the_step(make_run, object_store):
+    run = make_run(loss={"kind": "sft"}, learningRate=1e6, epochs=2, checkpointEverySteps=1000)
+    reports: list[dict[str, float]] = []
+    with pytest.raises(TrainingDiverged, match=r"at step \d+; lower training.learningRate") as raised:
+        train_worker(run, reports.append)
+    failed_step = int(str(raised.value).split("at step ")[1].split(";")[0])
+    assert len(reports) == failed_step - 1
+    assert not list_artifacts(object_store, run.student_prefix)
+
+
+def test_nothing_left_to_train_on_is_a_clear_error(make_run):
+    # SmolLM2's chat template adds a system prompt of about 30 tokens: no prompt fits in 16.
+    with pytest.raises(
+        TrainingDataError, match=r"no training examples at maxSeqLen=16: 18 rows read, 0 kept"
+    ):
+        train_worker(make_run(maxSeqLen=16), lambda metrics: None)
+
+
+def test_full_teacher_logits_from_the_local_teacher(make_run):
+    reports: list[dict[str, float]] = []
+    run = make_run(
+        loss={"kind": "forward_kl", "teacherLogits": "full"}, epochs=1, maxSeqLen=64, batchTokens=128
+    )
+    outcome = train_worker(run, reports.append)
+    assert outcome.steps == len(reports) >= 5
+    assert all(report["kd"] > 0 and report["loss"] == report["kd"] for report in reports)
+    assert reports[-1]["loss"] < reports[0]["loss"]
+
+
+@pytest.fixture
+def word_level_student(tmp_path: Path) -> Path:
+    """A tiny Llama with a vocabulary of its own (whole words), so not the teacher's."""
+    names = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"] + [
+        f"w{i}" for i in range(93)
+    ]
+    word_level = Tokenizer(WordLevel({name: i for i, name in enumerate(names)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(names),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
+    folder = tmp_path / "word-level-student"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_logit_losses_need_the_teachers_vocabulary(make_run, word_level_student):
+    def run_with(**loss) -> TrainRun:
+        run = make_run(loss={"kind": "forward_kl", **loss}, epochs=1)
+        return run.model_copy(
+            update={"student": StudentSpec.model_validate({"init": {"pretrained": str(word_level_student)}})}
+        )
+
+    with pytest.raises(IncompatibleTokenizers, match=r"forward_kl.*vocabulary .*fallbackToSft"):
+        train_worker(run_with(), lambda metrics: None)
+    reports: list[dict[str, float]] = []
+    outcome = train_worker(run_with(fallbackToSft=True), reports.append)
+    assert outcome.steps >= 1
+    assert all(report["fell_back_to_sft"] == 1.0 and report["kd"] == 0 for report in reports)
+
+
+def test_a_run_survives_a_round_trip_through_json(make_run):
+    run = make_run(loss={"kind": "jsd", "beta": 0.3, "ceWeight": 0.2}, learningRate=1e-4)
+    assert TrainRun.model_validate_json(run.model_dump_json()) == run
+    assert TrainRun.model_validate(run.model_dump(mode="json")) == run
+    assert run.student_prefix == "jobs/job-1/train/student"
