@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format protos clean
+.PHONY: setup demo test test-slow lint format protos kind-up dev clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ format: $(STAMP)
 ## protos: regenerate the gRPC stubs in services/*/v1 from protos/
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+## kind-up: a local kind cluster with a registry at localhost:5001 and the KubeRay operator
+kind-up:
+	deploy/kind/up.sh
+
+## dev: build the images and run Stillhouse on the kind cluster with live code updates (Tilt)
+dev:
+	tilt up
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,320 @@
+{{/* Names, labels and the pieces every Stillhouse pod shares. */}}
+
+{{- define "stillhouse.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object-name prefix, short enough for every suffix used below (longest: "-ray-head-svc"). */}}
+{{- define "stillhouse.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "stillhouse.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "stillhouse.labels" -}}
+helm.sh/chart: {{ include "stillhouse.chart" . }}
+app.kubernetes.io/name: {{ include "stillhouse.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stillhouse
+{{- end }}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "teacher"). */}}
+{{- define "stillhouse.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stillhouse.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component's objects and pods. */}}
+{{- define "stillhouse.componentLabels" -}}
+{{ include "stillhouse.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* A NetworkPolicy peer: the pods of one component of this release. */}}
+{{- define "stillhouse.peer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "stillhouse.selectorLabels" . | nindent 6 }}
+{{- end }}
+
+{{- define "stillhouse.image" -}}
+{{- printf "%s/%s:%s" .Values.image.registry .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "stillhouse.rayImage" -}}
+{{- $image := .Values.rayCluster.image }}
+{{- printf "%s/%s:%s" $image.registry $image.repository (default (printf "%s-gpu" .Chart.AppVersion) $image.tag) }}
+{{- end }}
+
+{{- define "stillhouse.serviceAccountName" -}}
+{{- printf "%s-%s" (include "stillhouse.fullname" .root) .component }}
+{{- end }}
+
+{{/* Names of Secrets and in-cluster addresses. */}}
+{{- define "stillhouse.apiTokensSecret" -}}
+{{- default (printf "%s-api-tokens" (include "stillhouse.fullname" .)) .Values.controlPlane.apiTokens.existingSecret }}
+{{- end }}
+
+{{- define "stillhouse.minioSecret" -}}
+{{- default (printf "%s-minio" (include "stillhouse.fullname" .)) .Values.minio.existingSecret }}
+{{- end }}
+
+{{- define "stillhouse.postgresqlSecret" -}}
+{{- default (printf "%s-postgresql" (include "stillhouse.fullname" .)) .Values.postgresql.existingSecret }}
+{{- end }}
+
+{{- define "stillhouse.teacherApiKeysSecret" -}}
+{{- printf "%s-teacher-api-keys" (include "stillhouse.fullname" .) }}
+{{- end }}
+
+{{- define "stillhouse.rayClusterName" -}}
+{{- printf "%s-ray" (include "stillhouse.fullname" .) }}
+{{- end }}
+
+{{- define "stillhouse.rayAuthSecret" -}}
+{{- printf "%s-ray-auth" (include "stillhouse.fullname" .) }}
+{{- end }}
+
+{{- define "stillhouse.rayAddress" -}}
+{{- if .Values.rayCluster.enabled }}
+{{- printf "http://%s-head-svc.%s.svc:8265" (include "stillhouse.rayClusterName" .) .Release.Namespace }}
+{{- else }}
+{{- required "trainer.externalRayAddress is required when rayCluster.enabled is false" .Values.trainer.externalRayAddress }}
+{{- end }}
+{{- end }}
+
+{{- define "stillhouse.serviceAddress" -}}
+{{- $values := index .root.Values .component }}
+{{- printf "%s-%s:%v" (include "stillhouse.fullname" .root) .component $values.port }}
+{{- end }}
+
+{{/* host:port and port of the S3 API the services use. */}}
+{{- define "stillhouse.objectStoreEndpoint" -}}
+{{- if .Values.minio.enabled }}
+{{- printf "%s-minio:%v" (include "stillhouse.fullname" .) .Values.minio.port }}
+{{- else }}
+{{- .Values.objectStore.external.endpoint }}
+{{- end }}
+{{- end }}
+
+{{- define "stillhouse.externalObjectStorePort" -}}
+{{- $endpoint := .Values.objectStore.external.endpoint }}
+{{- if contains ":" $endpoint }}
+{{- splitList ":" $endpoint | last }}
+{{- else if .Values.objectStore.external.secure }}443{{ else }}80{{ end }}
+{{- end }}
+
+{{/* STILLHOUSE_<PREFIX>_OBJECT_STORE__* of a service: (dict "root" $ "prefix" "TEACHER"). */}}
+{{- define "stillhouse.objectStoreEnv" -}}
+{{- $root := .root }}
+{{- $var := printf "STILLHOUSE_%s_OBJECT_STORE__" .prefix }}
+- name: {{ $var }}BACKEND
+  value: s3
+- name: {{ $var }}BUCKET
+  value: {{ $root.Values.objectStore.bucket | quote }}
+- name: {{ $var }}ENDPOINT
+  value: {{ include "stillhouse.objectStoreEndpoint" $root | quote }}
+{{- if $root.Values.minio.enabled }}
+- name: {{ $var }}SECURE
+  value: "false"
+- name: {{ $var }}ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "stillhouse.minioSecret" $root }}
+      key: root-user
+- name: {{ $var }}SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "stillhouse.minioSecret" $root }}
+      key: root-password
+{{- else }}
+- name: {{ $var }}SECURE
+  value: {{ $root.Values.objectStore.external.secure | quote }}
+{{- with $root.Values.objectStore.external.region }}
+- name: {{ $var }}REGION
+  value: {{ . | quote }}
+{{- end }}
+- name: {{ $var }}ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.objectStore.external.existingSecret }}
+      key: {{ $root.Values.objectStore.external.accessKeyKey }}
+- name: {{ $var }}SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.objectStore.external.existingSecret }}
+      key: {{ $root.Values.objectStore.external.secretKeyKey }}
+{{- end }}
+{{- end }}
+
+{{/* An environment variable holding the database URL, built from Secrets: (dict "root" $ "name" "..."). */}}
+{{- define "stillhouse.databaseUrlEnv" -}}
+{{- $root := .root }}
+{{- if $root.Values.postgresql.enabled }}
+- name: STILLHOUSE_DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "stillhouse.postgresqlSecret" $root }}
+      key: password
+- name: {{ .name }}
+  value: {{ printf "postgresql://%s:$(STILLHOUSE_DATABASE_PASSWORD)@%s-postgresql:%v/%s" $root.Values.postgresql.username (include "stillhouse.fullname" $root) $root.Values.postgresql.port $root.Values.postgresql.database | quote }}
+{{- else }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.externalDatabase.existingSecret }}
+      key: {{ $root.Values.externalDatabase.urlKey }}
+{{- end }}
+{{- end }}
+
+{{- define "stillhouse.rayAuthEnv" -}}
+{{- if .Values.rayCluster.authToken }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "stillhouse.rayAuthSecret" . }}
+      key: auth_token
+{{- end }}
+{{- end }}
+
+{{/* Scheduling of a Deployment's pods: (dict "root" $ "component" "teacher" "values" .Values.teacher). */}}
+{{- define "stillhouse.scheduling" -}}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .root.Values.topologySpread.enabled }}
+topologySpreadConstraints:
+  - topologyKey: {{ .root.Values.topologySpread.topologyKey }}
+    maxSkew: {{ .root.Values.topologySpread.maxSkew }}
+    whenUnsatisfiable: {{ .root.Values.topologySpread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "stillhouse.selectorLabels" . | nindent 8 }}
+{{- end }}
+{{- end }}
+
+{{/* The writable folders of a read-only Stillhouse container. */}}
+{{- define "stillhouse.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.tmpSizeLimit }}
+- name: home
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.homeSizeLimit }}
+{{- end }}
+
+{{- define "stillhouse.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/stillhouse
+{{- end }}
+
+{{- define "stillhouse.podSpecCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* Environment of the Ray containers: token auth, no usage reporting, caches on the writable /tmp. */}}
+{{- define "stillhouse.rayPodEnv" -}}
+{{- include "stillhouse.rayAuthEnv" . }}
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+- name: HF_HOME
+  value: /tmp/cache/huggingface
+{{- end }}
+
+{{/* NetworkPolicy rules shared by several components. */}}
+{{- define "stillhouse.objectStoreEgress" -}}
+{{- if .Values.minio.enabled }}
+- to:
+    {{- include "stillhouse.peer" (dict "root" $ "component" "minio") | nindent 4 }}
+  ports:
+    - port: {{ .Values.minio.port }}
+      protocol: TCP
+{{- else }}
+- to:
+    {{- toYaml .Values.objectStore.external.networkPolicyTo | nindent 4 }}
+  ports:
+    - port: {{ include "stillhouse.externalObjectStorePort" . }}
+      protocol: TCP
+{{- end }}
+{{- end }}
+
+{{- define "stillhouse.databaseEgress" -}}
+{{- if .Values.postgresql.enabled }}
+- to:
+    {{- include "stillhouse.peer" (dict "root" $ "component" "postgresql") | nindent 4 }}
+  ports:
+    - port: {{ .Values.postgresql.port }}
+      protocol: TCP
+{{- else }}
+- to:
+    {{- toYaml .Values.externalDatabase.networkPolicyTo | nindent 4 }}
+  ports:
+    - port: {{ .Values.externalDatabase.port }}
+      protocol: TCP
+{{- end }}
+{{- end }}
+
+{{- define "stillhouse.dnsEgress" -}}
+- to:
+    {{- toYaml .Values.networkPolicy.dnsTo | nindent 4 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end }}
+
+{{/* (dict "root" $ "port" 9090) */}}
+{{- define "stillhouse.metricsIngress" -}}
+- from:
+    {{- toYaml .root.Values.networkPolicy.metricsFrom | nindent 4 }}
+  ports:
+    - port: {{ .port }}
+      protocol: TCP
+{{- end }}
+
+{{/* A generated Secret value that stays the same on upgrades: the value already in the cluster if
+there is one, else a new random one. (dict "root" $ "secret" NAME "key" KEY "length" N) */}}
+{{- define "stillhouse.keptValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret }}
+{{- if and $existing (hasKey $existing.data .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- else }}
+{{- randAlphaNum (int .length) }}
+{{- end }}
+{{- end }}

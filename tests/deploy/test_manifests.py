@@ -1,0 +1,469 @@
+"""What the rendered manifests promise: resources, probes, non-root and read-only containers, the
+network flows, Secrets kept out of plain text, GPU workers, autoscaling, disruption budgets, RBAC."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import NAMESPACE, RELEASE, VALUES_SETS, component_of, named, of_kind, pod_templates
+from .network_model import OUTSIDE, Endpoint, NetworkModel
+
+PREFIX = f"{RELEASE}-stillhouse"
+STAGE_SERVICES = ["prompts", "teacher", "storage", "trainer"]
+DEPLOYMENTS = ["control-plane", *STAGE_SERVICES]
+RAY = ["ray-head", "ray-worker"]
+
+
+def containers(pod: dict) -> list[dict]:
+    return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+
+
+def is_ray(name: str) -> bool:
+    return name.startswith("RayCluster/")
+
+
+def read_only_root(values_name: str) -> bool:
+    return values_name != "kind-dev"
+
+
+# --- containers -----------------------------------------------------------------------------------
+
+
+def test_every_container_has_requests_and_a_memory_limit(rendered: list[dict]) -> None:
+    pods = pod_templates(rendered)
+    assert len(pods) >= 8
+    for name, pod in pods.items():
+        for container in containers(pod):
+            resources = container.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{name}/{container['name']}"
+            assert "memory" in resources.get("limits", {}), f"{name}/{container['name']}"
+
+
+def test_every_long_running_container_has_probes(rendered: list[dict]) -> None:
+    """Ray containers are left out: KubeRay adds its own probes to the Ray containers it runs."""
+    for name, pod in pod_templates(rendered).items():
+        if name.startswith("Pod/") or is_ray(name):
+            continue
+        for container in pod["spec"]["containers"]:
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in container, f"{name}/{container['name']} has no {probe}"
+
+
+def test_grpc_services_use_native_grpc_probes_and_the_control_plane_http(rendered: list[dict]) -> None:
+    for service in STAGE_SERVICES:
+        deployment = named(rendered, "Deployment", f"{PREFIX}-{service}")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}
+        metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        assert f"--metrics-port={metrics_port}" in container["args"]
+    control_plane = named(rendered, "Deployment", f"{PREFIX}-control-plane")
+    (container,) = control_plane["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_every_pod_runs_as_non_root_without_privilege_escalation(
+    rendered: list[dict], values_set: tuple[str, Path | None]
+) -> None:
+    for name, pod in pod_templates(rendered).items():
+        pod_context = pod["spec"].get("securityContext", {})
+        for container in containers(pod):
+            context = {**pod_context, **container.get("securityContext", {})}
+            where = f"{name}/{container['name']}"
+            assert context.get("runAsNonRoot") is True, where
+            assert context.get("runAsUser", 1) != 0, where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert context.get("readOnlyRootFilesystem") is read_only_root(values_set[0]), where
+
+
+def test_read_only_containers_get_writable_tmp(rendered: list[dict]) -> None:
+    for name, pod in pod_templates(rendered).items():
+        volumes = {volume["name"]: volume for volume in pod["spec"].get("volumes", [])}
+        for container in pod["spec"]["containers"]:
+            mounts = {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{name}/{container['name']}"
+            assert "emptyDir" in volumes[mounts["/tmp"]]
+            if container["image"].split("/")[-1].startswith("stillhouse:"):
+                assert "emptyDir" in volumes[mounts["/home/stillhouse"]], f"{name}: HOME must be writable"
+
+
+def test_images_are_pinned(rendered: list[dict]) -> None:
+    for name, pod in pod_templates(rendered).items():
+        for container in containers(pod):
+            image = container["image"]
+            assert ":" in image.split("/")[-1] and not image.endswith(":latest"), f"{name}: {image}"
+
+
+# --- wiring -----------------------------------------------------------------------------------------
+
+
+def env_of(rendered: list[dict], component: str) -> dict[str, dict]:
+    deployment = named(rendered, "Deployment", f"{PREFIX}-{component}")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {entry["name"]: entry for entry in container["env"]}
+
+
+def test_control_plane_reaches_every_service_through_its_service(rendered: list[dict]) -> None:
+    env = env_of(rendered, "control-plane")
+    for service in STAGE_SERVICES:
+        address = env[f"STILLHOUSE_CONTROL_PLANE_SERVICES__{service.upper()}"]["value"]
+        host, port = address.rsplit(":", 1)
+        kube_service = named(rendered, "Service", host)
+        assert int(port) in [p["port"] for p in kube_service["spec"]["ports"]]
+        deployment = named(rendered, "Deployment", host)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert kube_service["spec"]["selector"].items() <= labels.items()
+    teacher = env["STILLHOUSE_CONTROL_PLANE_SERVICES__TEACHER"]["value"]
+    assert env_of(rendered, "prompts")["STILLHOUSE_PROMPTS_TEACHER_ADDRESS"]["value"] == teacher
+
+
+def test_every_service_selects_pods_and_targets_their_ports(rendered: list[dict]) -> None:
+    pods = pod_templates(rendered)
+    for service in of_kind(rendered, "Service"):
+        selector = service["spec"]["selector"]
+        selected = [pod for pod in pods.values() if selector.items() <= pod["metadata"]["labels"].items()]
+        assert selected, f"Service {service['metadata']['name']} selects no pod"
+        port_names = {p["name"] for pod in selected for c in pod["spec"]["containers"] for p in c["ports"]}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, f"{service['metadata']['name']}: {port}"
+
+
+def test_teacher_mounts_api_key_secrets_as_files_named_for_job_specs(render) -> None:
+    manifests = render(VALUES_SETS["gpu-workers-values"])
+    teacher = named(manifests, "Deployment", f"{PREFIX}-teacher")["spec"]["template"]["spec"]
+    (container,) = teacher["containers"]
+    env = {entry["name"]: entry for entry in container["env"]}
+    key_dir = env["STILLHOUSE_TEACHER_API_KEY_DIR"]["value"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == key_dir)
+    volume = next(v for v in teacher["volumes"] if v["name"] == mount["name"])
+    files = {
+        (source["secret"]["name"], item["key"]): item["path"]
+        for source in volume["projected"]["sources"]
+        for item in source["secret"].get("items", [])
+    }
+    assert files == {("deepseek-api", "api-key"): "deepseek", ("openai-api", "api-key"): "openai"}
+
+
+# --- network -----------------------------------------------------------------------------------------
+
+EXPECTED_FLOWS = {
+    ("control-plane", "prompts"),
+    ("control-plane", "teacher"),
+    ("control-plane", "storage"),
+    ("control-plane", "trainer"),
+    ("control-plane", "postgresql"),
+    ("prompts", "teacher"),
+    ("prompts", "minio"),
+    ("teacher", "minio"),
+    ("teacher", "postgresql"),
+    ("storage", "minio"),
+    ("trainer", "minio"),
+    ("trainer", "ray-head"),
+    ("ray-head", "ray-head"),
+    ("ray-head", "ray-worker"),
+    ("ray-worker", "ray-head"),
+    ("ray-worker", "ray-worker"),
+    ("ray-head", "minio"),
+    ("ray-worker", "minio"),
+    ("tests", "control-plane"),
+}
+
+
+def endpoints(manifests: list[dict]) -> list[Endpoint]:
+    return [
+        Endpoint(
+            component_of(pod),
+            NAMESPACE,
+            pod["metadata"]["labels"],
+            frozenset(p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])),
+        )
+        for pod in pod_templates(manifests).values()
+    ]
+
+
+def by_name(points: list[Endpoint]) -> dict[str, Endpoint]:
+    return {point.name: point for point in points}
+
+
+@pytest.fixture(scope="module")
+def default_network(render) -> tuple[NetworkModel, dict[str, Endpoint]]:
+    manifests = render(None)
+    return NetworkModel(of_kind(manifests, "NetworkPolicy")), by_name(endpoints(manifests))
+
+
+def test_every_pod_is_isolated_by_a_network_policy(rendered: list[dict]) -> None:
+    model = NetworkModel(of_kind(rendered, "NetworkPolicy"))
+    for point in endpoints(rendered):
+        assert model.is_isolated(point), f"{point.name} is not selected by an Ingress+Egress policy"
+
+
+def test_pods_talk_exactly_along_the_designed_flows(default_network) -> None:
+    model, points = default_network
+    assert model.flows(points.values(), points.values()) == EXPECTED_FLOWS
+
+
+def test_each_side_alone_allows_only_the_designed_flows(default_network) -> None:
+    """Egress and ingress rules each enforce the flows, so one mistake does not open a path."""
+    model, points = default_network
+    public_ports = {"control-plane": {8080}, "ray-head": {8080}, "ray-worker": {8080}} | {
+        service: {9090} for service in STAGE_SERVICES
+    }
+    egress, ingress = set(), set()
+    for source in points.values():
+        for target in points.values():
+            ports = set(target.ports) | {12345}
+            if any(model.egress_allowed(source, target, port) for port in ports):
+                egress.add((source.name, target.name))
+            private = ports - public_ports.get(target.name, set())
+            if any(model.ingress_allowed(target, source, port) for port in private):
+                ingress.add((source.name, target.name))
+    assert egress == EXPECTED_FLOWS
+    assert ingress == EXPECTED_FLOWS - {("tests", "control-plane")}
+
+
+def test_the_services_reach_each_other_only_on_their_grpc_ports(default_network) -> None:
+    model, points = default_network
+    assert model.open_ports(points["control-plane"], points["teacher"]) == {50052}
+    assert model.open_ports(points["prompts"], points["teacher"]) == {50052}
+    assert model.open_ports(points["trainer"], points["ray-head"]) == {8265}
+    assert model.open_ports(points["teacher"], points["postgresql"]) == {5432}
+
+
+def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_network) -> None:
+    model, points = default_network
+    prometheus = Endpoint("prometheus", "monitoring", {"app": "prometheus"})
+    reachable = {name: model.open_ports(prometheus, point) for name, point in points.items()}
+    assert reachable == {
+        "control-plane": {8080},
+        **{service: {9090} for service in STAGE_SERVICES},
+        "ray-head": {8080},
+        "ray-worker": {8080},
+        "minio": set(),
+        "postgresql": set(),
+        "tests": set(),
+    }
+
+
+def test_only_the_teacher_reaches_outside_the_cluster(default_network) -> None:
+    model, points = default_network
+    kube_api_ports = {443, 6443}
+    for name, point in points.items():
+        any_port = model.egress_allowed(point, OUTSIDE, 8443)
+        assert any_port == (name == "teacher"), name
+        if name == "ray-head":
+            assert all(model.egress_allowed(point, OUTSIDE, port) for port in kube_api_ports)
+
+
+def test_every_pod_but_the_databases_may_resolve_names(default_network) -> None:
+    model, points = default_network
+    dns = Endpoint("coredns", "kube-system", {"k8s-app": "kube-dns"}, frozenset({53}))
+    for name, point in points.items():
+        assert model.egress_allowed(point, dns, 53) == (name not in ("minio", "postgresql")), name
+
+
+def test_external_storage_is_reached_only_on_its_ports(render) -> None:
+    manifests = render(VALUES_SETS["external-storage-values"])
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    points = by_name(endpoints(manifests))
+    assert "minio" not in points and "postgresql" not in points
+    for name in ["prompts", "storage", "trainer", "ray-head", "ray-worker"]:
+        assert model.egress_allowed(points[name], OUTSIDE, 443), name
+        assert not model.egress_allowed(points[name], OUTSIDE, 5432), name
+    assert model.egress_allowed(points["control-plane"], OUTSIDE, 5432)
+    assert not model.egress_allowed(points["control-plane"], OUTSIDE, 443)
+
+
+def test_api_restricted_to_the_ingress_controller(render) -> None:
+    manifests = render(VALUES_SETS["ingress-tls-values"])
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    points = by_name(endpoints(manifests))
+    controller = Endpoint("nginx", "ingress-nginx", {"app": "ingress-nginx"})
+    stranger = Endpoint("stranger", "default", {"app": "curl"})
+    assert model.open_ports(controller, points["control-plane"]) == {8080}
+    assert model.open_ports(stranger, points["control-plane"]) == set()
+    ingress = of_kind(manifests, "Ingress")[0]
+    assert ingress["spec"]["tls"] == [{"secretName": "stillhouse-tls", "hosts": ["stillhouse.example.com"]}]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": f"{PREFIX}-control-plane", "port": {"name": "http"}}
+
+
+# --- secrets -----------------------------------------------------------------------------------------
+
+
+def secret_values(manifests: list[dict]) -> set[str]:
+    values = set()
+    for secret in of_kind(manifests, "Secret"):
+        values |= {base64.b64decode(value).decode() for value in (secret.get("data") or {}).values()}
+        values |= set((secret.get("stringData") or {}).values())
+    return {value for value in values if value}
+
+
+def test_no_secret_value_appears_in_plain_text(render) -> None:
+    manifests = render(None, ("teacher.apiKeys.values.deepseek=sk-test-0123456789",))
+    secrets = secret_values(manifests)
+    assert "sk-test-0123456789" in secrets and len(secrets) >= 5
+    plain = [m for m in manifests if m["kind"] != "Secret"]
+    text = json.dumps(plain)
+    assert not [value for value in secrets if value in text]
+    for config_map in of_kind(manifests, "ConfigMap"):
+        assert not secrets & set((config_map.get("data") or {}).values())
+
+
+def test_credentials_reach_containers_only_through_secret_references(rendered: list[dict]) -> None:
+    sensitive = ("PASSWORD", "SECRET_KEY", "ACCESS_KEY", "TOKEN", "DATABASE_URL", "CACHE_URL")
+    for name, pod in pod_templates(rendered).items():
+        for container in containers(pod):
+            for entry in container.get("env", []):
+                if entry["name"].endswith(sensitive) and "value" in entry:
+                    # A URL assembled by Kubernetes from a secret-backed variable holds no secret itself.
+                    assert "$(STILLHOUSE_DATABASE_PASSWORD)" in entry["value"], f"{name}: {entry['name']}"
+
+
+def test_generated_secrets_survive_upgrades_and_uninstall(rendered: list[dict]) -> None:
+    generated = [s for s in of_kind(rendered, "Secret") if not s["metadata"]["name"].endswith("api-keys")]
+    assert generated
+    for secret in generated:
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+# --- Ray ----------------------------------------------------------------------------------------------
+
+
+def raycluster(manifests: list[dict]) -> dict:
+    (cluster,) = of_kind(manifests, "RayCluster")
+    return cluster["spec"]
+
+
+@pytest.mark.parametrize(
+    ("values_name", "gpus", "max_workers"), [("default", 1, 8), ("gpu-workers-values", 2, 16)]
+)
+def test_gpu_workers_request_gpus_and_land_on_gpu_nodes(render, values_name, gpus, max_workers) -> None:
+    spec = raycluster(render(VALUES_SETS[values_name]))
+    (group,) = spec["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (0, max_workers)
+    pod = group["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"]
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_kind_workers_are_cpu_only(render) -> None:
+    (group,) = raycluster(render(VALUES_SETS["kind-dev"]))["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    assert "nodeSelector" not in group["template"]["spec"]
+
+
+def test_ray_autoscales_in_tree_and_shares_the_auth_token(rendered: list[dict]) -> None:
+    spec = raycluster(rendered)
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    token_secrets = set()
+    for container in [
+        spec["autoscalerOptions"],
+        spec["headGroupSpec"]["template"]["spec"]["containers"][0],
+        spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0],
+    ]:
+        env = {entry["name"]: entry for entry in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        token_secrets.add(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
+    assert token_secrets == {f"{PREFIX}-ray-auth"}
+    named(rendered, "Secret", f"{PREFIX}-ray-auth")
+
+
+def test_gpu_worker_bounds_are_checked(helm) -> None:
+    result = helm.template(None, ("rayCluster.gpuWorkers.minReplicas=3", "rayCluster.gpuWorkers.replicas=1"))
+    assert result.returncode != 0
+    assert "minReplicas <= replicas <= maxReplicas" in result.stderr
+
+
+# --- availability and scaling -------------------------------------------------------------------------
+
+
+def test_each_deployment_has_a_disruption_budget_and_spreads_over_nodes(render) -> None:
+    manifests = render(None)
+    budgets = {pdb["metadata"]["name"]: pdb for pdb in of_kind(manifests, "PodDisruptionBudget")}
+    for component in DEPLOYMENTS:
+        deployment = named(manifests, "Deployment", f"{PREFIX}-{component}")
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        budget = budgets[f"{PREFIX}-{component}"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert budget["spec"]["maxUnavailable"] >= 1
+        (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_control_plane_never_runs_twice(rendered: list[dict]) -> None:
+    deployment = named(rendered, "Deployment", f"{PREFIX}-control-plane")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_teacher_autoscaler_owns_the_replica_count(render) -> None:
+    assert not of_kind(render(None), "HorizontalPodAutoscaler")
+    manifests = render(VALUES_SETS["gpu-workers-values"])
+    (hpa,) = of_kind(manifests, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{PREFIX}-teacher",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    assert "replicas" not in named(manifests, "Deployment", f"{PREFIX}-teacher")["spec"]
+
+
+# --- identity -----------------------------------------------------------------------------------------
+
+
+def test_each_component_has_its_own_service_account_and_only_the_ray_head_a_token(
+    rendered: list[dict],
+) -> None:
+    accounts = {sa["metadata"]["name"]: sa for sa in of_kind(rendered, "ServiceAccount")}
+    for name, pod in pod_templates(rendered).items():
+        account = pod["spec"]["serviceAccountName"]
+        assert account in accounts, f"{name} uses a ServiceAccount the chart does not make"
+        mounts_token = pod["spec"]["automountServiceAccountToken"]
+        assert mounts_token == (component_of(pod) == "ray-head"), name
+        assert accounts[account]["automountServiceAccountToken"] == mounts_token, name
+
+
+def test_rbac_grants_only_the_ray_autoscaler_what_it_needs(rendered: list[dict]) -> None:
+    assert not of_kind(rendered, "ClusterRole") and not of_kind(rendered, "ClusterRoleBinding")
+    (role,) = of_kind(rendered, "Role")
+    (binding,) = of_kind(rendered, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{PREFIX}-ray-head", "namespace": NAMESPACE}
+    ]
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    assert set(rules[(("",), ("pods",))]["verbs"]) == {"get", "list", "watch", "patch"}
+    clusters = rules[(("ray.io",), ("rayclusters",))]
+    assert set(clusters["verbs"]) == {"get", "patch"}
+    assert clusters["resourceNames"] == [of_kind(rendered, "RayCluster")[0]["metadata"]["name"]]
+
+
+# --- helm test ----------------------------------------------------------------------------------------
+
+
+def test_helm_test_hooks_check_readiness_and_submit_a_job(rendered: list[dict]) -> None:
+    hooks = [
+        pod for pod in of_kind(rendered, "Pod") if pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    ]
+    scripts = {pod["metadata"]["name"]: "\n".join(pod["spec"]["containers"][0]["args"]) for pod in hooks}
+    assert len(scripts) == 2
+    readyz = scripts[f"{PREFIX}-test-readyz"]
+    assert f"http://{PREFIX}-control-plane:8080/readyz" in readyz
+    submit = scripts[f"{PREFIX}-test-submit-job"]
+    assert "stillhouse submit" in submit and "stillhouse cancel" in submit

@@ -1,0 +1,77 @@
+"""The chart configures each process with settings the process actually has: every STILLHOUSE_* variable
+of a Deployment names a field of that service's settings class, and the settings load from exactly
+that environment (Secret references stand in as placeholder values) and the container's arguments."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+import pytest
+from pydantic import BaseModel
+
+from .conftest import RELEASE, named
+
+SERVICES = {
+    "control-plane": ("stillhouse.control_plane.config", "ControlPlaneSettings"),
+    "prompts": ("stillhouse.prompts.config", "PromptsSettings"),
+    "teacher": ("stillhouse.teacher.config", "TeacherSettings"),
+    "storage": ("stillhouse.storage.config", "StorageSettings"),
+    "trainer": ("stillhouse.trainer.config", "TrainerSettings"),
+}
+REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def container_environment(container: dict) -> dict[str, str]:
+    """The environment Kubernetes gives the container: $(VAR) expanded, Secrets as placeholders."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = REFERENCE.sub(lambda match: env.get(match[1], match[0]), entry["value"])
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = f"secret-{ref['name']}-{ref['key']}"
+    return env
+
+
+def unknown_setting(settings_class: type[BaseModel], prefix: str, variable: str) -> str | None:
+    """Why `variable` names no setting (pydantic-settings silently ignores such variables), or None."""
+    model: type[BaseModel] | None = settings_class
+    for part in variable.removeprefix(prefix).lower().split("__"):
+        if model is None or part not in model.model_fields:
+            return f"{variable}: {part!r} is not a setting of {settings_class.__name__}"
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return None
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    return {arg[2:].split("=", 1)[0].replace("-", "_"): arg.split("=", 1)[1] for arg in args if "=" in arg}
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+def test_settings_load_from_the_chart_environment(
+    rendered: list[dict], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, class_name = SERVICES[service]
+    settings_class = getattr(importlib.import_module(module), class_name)
+    prefix = settings_class.model_config["env_prefix"]
+    deployment = named(rendered, "Deployment", f"{RELEASE}-stillhouse-{service}")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"][0] == service
+    env = container_environment(container)
+    ours = {name: value for name, value in env.items() if name.startswith(prefix)}
+    assert not [problem for name in ours if (problem := unknown_setting(settings_class, prefix, name))]
+
+    for name in [name for name in os.environ if name.startswith("STILLHOUSE_")]:
+        monkeypatch.delenv(name)
+    for name, value in ours.items():
+        monkeypatch.setenv(name, value)
+    settings = settings_class.load(None, **flags(container["args"][1:]))
+
+    assert settings.host == "0.0.0.0"
+    assert settings.port == next(p["containerPort"] for p in container["ports"])
+    if hasattr(settings, "object_store"):
+        assert settings.object_store.backend == "s3"
+        assert settings.object_store.secret_key.get_secret_value().startswith("secret-")

@@ -1,0 +1,118 @@
+"""values.schema.json (and the chart's own checks) refuse bad values: one case per rule, each through a
+real `helm template` that must fail and name the offending value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import Helm
+
+# (case id, --set overrides or a values document, text the error must contain)
+BAD_VALUES = [
+    ("unknown top-level key", {"teachr": {"replicas": 2}}, "teachr"),
+    ("unknown nested key", {"teacher": {"replica": 2}}, "replica"),
+    ("control plane runs once", ["controlPlane.replicas=2"], "/controlPlane/replicas"),
+    ("port out of range", ["prompts.port=70000"], "/prompts/port"),
+    ("pull policy", ["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    ("log level", ["logLevel=verbose"], "/logLevel"),
+    ("resources need requests", ["storage.resources.requests=null"], "/storage/resources"),
+    ("memory limit required", ["trainer.resources.limits.memory=null"], "/trainer/resources/limits"),
+    ("quantity syntax", ["teacher.resources.requests.memory=lots"], "/teacher/resources/requests/memory"),
+    ("root is refused", ["podSecurityContext.runAsNonRoot=false"], "/podSecurityContext/runAsNonRoot"),
+    (
+        "no privilege escalation",
+        ["containerSecurityContext.allowPrivilegeEscalation=true"],
+        "allowPrivilegeEscalation",
+    ),
+    (
+        "external S3 needs an endpoint",
+        ["minio.enabled=false", "objectStore.external.existingSecret=s3"],
+        "/objectStore/external/endpoint",
+    ),
+    (
+        "external S3 needs credentials",
+        ["minio.enabled=false", "objectStore.external.endpoint=s3.example.com"],
+        "/objectStore/external/existingSecret",
+    ),
+    (
+        "S3 endpoint without scheme",
+        ["objectStore.external.endpoint=https://s3.example.com"],
+        "/objectStore/external/endpoint",
+    ),
+    ("bucket name", ["objectStore.bucket=My_Bucket"], "/objectStore/bucket"),
+    ("external database needs a Secret", ["postgresql.enabled=false"], "/externalDatabase/existingSecret"),
+    ("pinned MinIO image", ["minio.image.tag=latest"], "/minio/image/tag"),
+    (
+        "GPUs per worker are whole",
+        ["rayCluster.gpuWorkers.gpusPerWorker=0.5"],
+        "/rayCluster/gpuWorkers/gpusPerWorker",
+    ),
+    (
+        "GPUs per worker not negative",
+        ["rayCluster.gpuWorkers.gpusPerWorker=-1"],
+        "/rayCluster/gpuWorkers/gpusPerWorker",
+    ),
+    (
+        "at least one worker at most",
+        ["rayCluster.gpuWorkers.maxReplicas=0"],
+        "/rayCluster/gpuWorkers/maxReplicas",
+    ),
+    (
+        "min workers within max",
+        ["rayCluster.gpuWorkers.minReplicas=9"],
+        "minReplicas <= replicas <= maxReplicas",
+    ),
+    ("Ray version of the images", ["rayCluster.rayVersion=2.9.0"], "/rayCluster/rayVersion"),
+    ("upscaling mode", ["rayCluster.autoscaler.upscalingMode=Fast"], "/rayCluster/autoscaler/upscalingMode"),
+    (
+        "idle timeout not negative",
+        ["rayCluster.autoscaler.idleTimeoutSeconds=-5"],
+        "/rayCluster/autoscaler/idleTimeoutSeconds",
+    ),
+    ("no Ray cluster needs an address", ["rayCluster.enabled=false"], "/trainer/externalRayAddress"),
+    ("ingress needs a host", ["ingress.enabled=true"], "/ingress/host"),
+    ("TLS needs a Secret", {"ingress": {"tls": [{"hosts": ["a.example.com"]}]}}, "secretName"),
+    (
+        "API key names are file names",
+        {"teacher": {"apiKeys": {"values": {"../escape": "x"}}}},
+        "'../escape' does not match",
+    ),
+    (
+        "API key Secrets are complete",
+        {"teacher": {"apiKeys": {"existingSecrets": [{"name": "deepseek"}]}}},
+        "secretName",
+    ),
+    ("limiter storage scheme", ["teacher.limiterStorageUri=mysql://db"], "/teacher/limiterStorageUri"),
+    (
+        "teacher autoscaling bounds",
+        ["teacher.autoscaling.enabled=true", "teacher.autoscaling.minReplicas=5"],
+        "must not exceed",
+    ),
+    (
+        "utilization is a percentage",
+        ["teacher.autoscaling.targetCPUUtilizationPercentage=150"],
+        "targetCPUUtilizationPercentage",
+    ),
+    ("spread policy", ["topologySpread.whenUnsatisfiable=Maybe"], "/topologySpread/whenUnsatisfiable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [case[1:] for case in BAD_VALUES], ids=[c[0] for c in BAD_VALUES]
+)
+def test_bad_values_are_refused(helm: Helm, tmp_path: Path, overrides, expected: str) -> None:
+    if isinstance(overrides, dict):
+        values = tmp_path / "values.yaml"
+        values.write_text(yaml.safe_dump(overrides))
+        result = helm.template(value_files=[values])
+    else:
+        result = helm.template(overrides=overrides)
+    assert result.returncode != 0, f"helm template accepted {overrides}"
+    assert expected in result.stderr, result.stderr
+
+
+def test_the_defaults_are_accepted(helm: Helm) -> None:
+    assert helm.template().returncode == 0
