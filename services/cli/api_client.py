@@ -214,6 +214,8 @@ class StillhouseClient:
                 ) as source:
                     _raise_for_status(source.response, job_id)
                     for event in source.iter_sse():
+                        if not event.data:
+                            continue  # a keep-alive ping: a comment line, which carries no event
                         if event.id:
                             last_event_id = event.id
                         reconnects = 0

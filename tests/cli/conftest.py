@@ -178,6 +178,8 @@ def build_app(state: FakeApi) -> FastAPI:
                     continue
                 if drop and number > DROP_AFTER:
                     return
+                # A keep-alive ping between events, as the real API sends one every 15 s.
+                yield ": ping\n\n"
                 yield f"id: {number}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
             if hang:
                 await asyncio.sleep(3600)
