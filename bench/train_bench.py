@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--steps", type=int, default=6, help="Measured steps per run (after one warm-up step)."
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=1024)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--response-tokens", type=int, default=96)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(
         f"model: Llama, {args.layers} layers, hidden {args.hidden}, vocabulary 49152; "
         f"{args.batch_tokens} tokens per step, rows of {args.max_seq_len}; "
@@ -274,6 +274,7 @@ def main() -> None:
             for row in rows
         ],
     )
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,9 +20,14 @@ import grpc
 import httpx
 import psycopg
 import pytest
+import torch
+import transformers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 from sqlalchemy.engine import make_url
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -236,3 +243,62 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     else:
         with fresh_postgres_database() as url:
             yield url
+
+
+# --- tiny models ----------------------------------------------------------------------------------
+
+# The output layer of a tiny model is scaled up so that its distributions are peaked, as a trained
+# model's are: a teacher then has something to teach, and greedy answers do not hinge on near-ties.
+OUTPUT_LAYER_STD = 0.5
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer (49,152 tokens, with its chat template), saved as a Hugging Face tokenizer
+    folder. Reading it from the GGUF file takes seconds, so the folder is kept in pytest's cache between
+    runs (written to a temporary folder first and renamed, so that concurrent runs never see half of it)."""
+    cache = getattr(request.config, "cache", None)  # None with `-p no:cacheprovider`
+    cache_root = (
+        cache.mkdir("stillhouse-trainer") if cache is not None else tmp_path_factory.mktemp("tokenizer")
+    )
+    folder = cache_root / f"smollm2-tokenizer-transformers-{transformers.__version__}"
+    if not (folder / "tokenizer_config.json").is_file():
+        staging = cache_root / f".{folder.name}.{uuid.uuid4().hex}"
+        load_tokenizer(resolve_model_reference(EMBEDDED_TEACHER)).save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another run renamed its copy first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tokenizer_dir: Path) -> Callable[..., Path]:
+    """Factory: `tiny_llama(path, layers=2, hidden=64, seed=0) -> path`, a random LlamaForCausalLM over
+    SmolLM2's vocabulary saved there with `save_pretrained`, SmolLM2's tokenizer beside it. Different
+    seeds give different models (a teacher and a student that disagree)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def make(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, OUTPUT_LAYER_STD)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return Path(path)
+
+    return make

@@ -164,6 +164,16 @@ class OperationRegistry:
         log.info("operation started", operation_id=operation_id, kind=kind, job_id=job_id)
         return self._snapshot(entry)
 
+    def start_request(self, request: message.Message, *, kind: str, work: Work):
+        """`start` for a stage's Start request: its operation id, its job id, its fingerprint."""
+        return self.start(
+            request.operation_id,
+            kind=kind,
+            job_id=request.job_id,
+            fingerprint=request_fingerprint(request),
+            work=work,
+        )
+
     def get(self, operation_id: str) -> operations_pb2.Operation:
         return self._snapshot(self._entry(operation_id))
 

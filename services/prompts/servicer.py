@@ -13,7 +13,6 @@ from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
     OperationRegistry,
-    request_fingerprint,
 )
 from stillhouse.common.spec_sections import spec_section
 from stillhouse.prompts.config import PromptsSettings
@@ -75,12 +74,6 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                     )
                     return await run.run()
 
-            return self._registry.start(
-                request.operation_id,
-                kind=GENERATE_PROMPTS,
-                job_id=request.job_id,
-                fingerprint=request_fingerprint(request),
-                work=work,
-            )
+            return self._registry.start_request(request, kind=GENERATE_PROMPTS, work=work)
         except (OperationError, OperationConflict) as exc:
             await abort_for(context, exc)

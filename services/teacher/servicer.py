@@ -13,7 +13,6 @@ from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
     OperationRegistry,
-    request_fingerprint,
 )
 from stillhouse.common.spec_sections import spec_section
 from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
@@ -86,13 +85,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 except ObjectStoreError as exc:
                     raise OperationError(grpc.StatusCode.UNAVAILABLE, f"object storage: {exc}") from exc
 
-            return self._registry.start(
-                request.operation_id,
-                kind=ANSWER_PROMPTS,
-                job_id=request.job_id,
-                fingerprint=request_fingerprint(request),
-                work=work,
-            )
+            return self._registry.start_request(request, kind=ANSWER_PROMPTS, work=work)
         except (OperationError, OperationConflict) as exc:
             await abort_for(context, exc)
 

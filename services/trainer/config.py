@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +13,19 @@ from pydantic_settings import SettingsConfigDict
 from stillhouse.common.config import GrpcServiceSettings
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.storage.config import ObjectStoreSettings
+
+# Ray puts Unix sockets at `<temp dir>/session_<date>_<time>_<pid>/sockets/plasma_store` (about 62 more
+# characters), and a socket path may not exceed 107 bytes.
+MAX_RAY_TEMP_DIR_CHARS = 44
+
+
+def default_ray_temp_dir(home: Path) -> Path:
+    """`<home>/ray` where Ray's socket paths fit under it, else a short folder named after `home`."""
+    preferred = home.absolute() / "ray"
+    if len(str(preferred).encode()) <= MAX_RAY_TEMP_DIR_CHARS:
+        return preferred
+    digest = hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"stillhouse-ray-{digest}"
 
 
 class LocalRaySettings(BaseModel):
@@ -24,8 +39,9 @@ class LocalRaySettings(BaseModel):
         default=0, ge=0, le=65535, description="Port of the dashboard and job API; 0 picks a free one."
     )
     temp_dir: Path = Field(
-        default_factory=lambda: stillhouse_home() / "ray",
-        description="Ray's session files, logs and the Ray Train storage of local runs.",
+        default_factory=lambda: default_ray_temp_dir(stillhouse_home()),
+        description="Ray's session files, logs and the Ray Train storage of local runs; default: "
+        "`<STILLHOUSE_HOME>/ray`, or a short folder in the system's temp dir when that path is too long.",
     )
     # Ray 2.60 turns token auth on for new clusters unless told otherwise; the local head listens on
     # loopback only, so it is off by default.

@@ -31,7 +31,9 @@ class TrainRun(_RunModel):
     training: TrainingSpec
     output_prefix: str = Field(description="Where the run's artifacts go: `jobs/<job-id>/train`.")
     # Knobs of the loop itself, not of the job: defaults suit both a laptop and a GPU node.
-    report_every_steps: int = Field(default=10, gt=0, description="Progress every this many steps.")
+    report_every_steps: int | None = Field(
+        default=None, gt=0, description="Progress every this many steps; default: about 100 reports a run."
+    )
     micro_batch_tokens: int = Field(
         default=8192, gt=0, description="Tokens per forward pass; gradients accumulate up to batchTokens."
     )

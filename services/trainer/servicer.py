@@ -20,7 +20,6 @@ from stillhouse.common.operations import (
     OperationError,
     OperationRegistry,
     ProgressReporter,
-    request_fingerprint,
 )
 from stillhouse.common.spec_sections import spec_section, validated
 from stillhouse.common.v1 import operations_pb2
@@ -134,13 +133,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     final_metrics=outcome.final_metrics,
                 )
 
-            return self._registry.start(
-                request.operation_id,
-                kind=TRAIN_STUDENT,
-                job_id=request.job_id,
-                fingerprint=request_fingerprint(request),
-                work=work,
-            )
+            return self._registry.start_request(request, kind=TRAIN_STUDENT, work=work)
         except (OperationError, OperationConflict) as exc:
             await abort_for(context, exc)
 
@@ -208,13 +201,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     teacher_metrics=outcome["teacher_metrics"],
                 )
 
-            return self._registry.start(
-                request.operation_id,
-                kind=EVALUATE_STUDENT,
-                job_id=request.job_id,
-                fingerprint=request_fingerprint(request),
-                work=work,
-            )
+            return self._registry.start_request(request, kind=EVALUATE_STUDENT, work=work)
         except (OperationError, OperationConflict) as exc:
             await abort_for(context, exc)
 

@@ -394,6 +394,7 @@ class TrainingLoop:
         ]
         self.total_steps = sum(self.steps_per_epoch)
         self.warmup_steps = math.ceil(training.warmup_ratio * self.total_steps)
+        self.report_interval = run.report_every_steps or max(1, self.total_steps // 100)
         self.training_log: list[dict[str, float]] = []
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -457,7 +458,7 @@ class TrainingLoop:
                     tokens=position.tokens + int(figures["tokens"]),
                 )
                 window.add(int(figures["tokens"]), time.perf_counter() - step_started)
-                if position.step % run.report_every_steps == 0 or position.step == self.total_steps:
+                if position.step % self.report_interval == 0 or position.step == self.total_steps:
                     self._report(position, epoch, batch_index, figures, optimizer, window)
                     window = _Window()
                 if position.step % run.training.checkpoint_every_steps == 0 or last_of_epoch:
@@ -697,7 +698,7 @@ class _Window:
 
 def train_worker(run: TrainRun, report: Report) -> TrainOutcome:
     """Train the student of `run` on this worker (see the module docstring); `report` gets the progress
-    figures of every `run.report_every_steps` steps and of the last step, on every worker alike."""
+    figures of every `report_interval` steps and of the last step, on every worker alike."""
     workers = Workers.current()
     torch.manual_seed(run.training.seed)
     store = open_object_store(run.object_store)

@@ -1,0 +1,159 @@
+"""One job through the whole platform, as `make demo` runs it: `stillhouse run` starts every service as
+its own process, the job goes REST → prompts → teacher → storage → Ray training → evaluation →
+Succeeded, and what it leaves in storage opens with pyarrow and transformers alone.
+
+The default test uses a tiny random teacher (seconds per stage; Ray start-up dominates); the slow one
+runs the shipped example with the real SmolLM2 teacher and checks that the student learned from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stillhouse.storage.artifacts import download_artifact
+from stillhouse.storage.local_store import LocalObjectStore
+
+REPO = Path(__file__).resolve().parents[1]
+STILLHOUSE = [sys.executable, "-m", "stillhouse.cli.main"]
+SEEDS = [
+    "Explain what a hash table is.",
+    "Write a haiku about rain.",
+    "Give three tips for clear writing.",
+    "What is a process?",
+    "Name a famous painting.",
+    "How do plants grow?",
+    "What is the capital of France?",
+    "Describe the sea at night.",
+]
+
+
+def run_job(spec_file: Path, home: Path, api_port: int, timeout: float) -> tuple[str, str]:
+    """`stillhouse run` to the end; the job id and everything it printed."""
+    result = subprocess.run(
+        [*STILLHOUSE, "run", str(spec_file), "--home", str(home), "--api-port", str(api_port)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output + _logs(home)
+    assert "Succeeded" in output, output
+    return re.search(r"job (job-[0-9a-f]+) submitted", output).group(1), output
+
+
+def _logs(home: Path) -> str:
+    return "".join(
+        f"\n--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        for log in sorted((home / "logs").glob("*.log"))
+    )
+
+
+def teacher_calls(output: str) -> tuple[int, int]:
+    """(calls, of which from the cache) as the run's summary prints them."""
+    found = re.search(r"Teacher\s+([\d,]+) calls \(([\d,]+) from the cache\)", output)
+    assert found, output
+    return int(found.group(1).replace(",", "")), int(found.group(2).replace(",", ""))
+
+
+def stored_report(home: Path, job_id: str) -> dict:
+    return json.loads((home / "objects/stillhouse/jobs" / job_id / "evaluate/report/report.json").read_text())
+
+
+def test_a_tiny_job_runs_end_to_end_and_a_repeat_pays_the_teacher_nothing(
+    tmp_path: Path, tiny_llama, free_port
+) -> None:
+    teacher = tiny_llama(tmp_path / "teacher", layers=2, hidden=64, seed=1)
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps({"prompt": seed}) + "\n" for seed in SEEDS))
+    (tmp_path / "topics.txt").write_text("rivers\nstars\nbread\nclocks\nbees\n")
+    spec = {
+        "metadata": {"name": "tiny-end-to-end"},
+        "spec": {
+            "prompts": {
+                "sources": [{"path": "seeds.jsonl"}],
+                "generate": {
+                    "strategy": "template",
+                    "count": 30,
+                    "template": "Tell me {{ what }} about {{ topic }}.",
+                    "slots": {"what": ["a fact", "a story", "a joke", "a secret", "a question", "a poem"]},
+                    "slotFiles": {"topic": "topics.txt"},
+                },
+                "seed": 3,
+            },
+            "teacher": {
+                "backend": "local",
+                "model": str(teacher),
+                "sampling": {"temperature": 0.0, "maxTokens": 12},
+                "topLogprobs": 8,
+            },
+            "student": {"init": {"pruneTeacherDepth": 1}},
+            "training": {
+                "loss": {"kind": "forward_kl", "ceWeight": 0.5},
+                "epochs": 2,
+                "learningRate": 1.0e-3,
+                "batchTokens": 1024,
+                "maxSeqLen": 128,
+                "workers": 2,
+            },
+            "evaluation": {"holdoutFraction": 0.2, "maxNewTokens": 12},
+        },
+    }
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+
+    job_id, output = run_job(spec_file, home, free_port(), timeout=600)
+    calls, cached = teacher_calls(output)
+    assert calls > 0 and cached == 0, output
+    assert "The student recovers" in output
+
+    store = LocalObjectStore(home / "objects", "stillhouse")
+    train_prompts = pq.read_table(
+        sorted((home / "objects/stillhouse/jobs" / job_id / "prompts/train").rglob("*.parquet"))
+    )
+    answers = pq.read_table(
+        sorted((home / "objects/stillhouse/jobs" / job_id / "teacher/answers").rglob("*.parquet"))
+    )
+    assert train_prompts.num_rows == answers.num_rows > 20
+    student = tmp_path / "student"
+    download_artifact(store, f"jobs/{job_id}/student", student)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    assert model.config.num_hidden_layers == 1
+    assert "Evaluation" in (student / "README.md").read_text()
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert model.generate(chat, max_new_tokens=4, do_sample=False).shape[1] > chat.shape[1]
+    # Learning itself is shown on real data by the slow test below and by the trainer's own tests.
+    metrics = stored_report(home, job_id)["metrics"]
+    assert set(metrics) == {"teacher", "baseline", "student"}
+    assert metrics["teacher"]["kl"] == 0
+    assert metrics["student"]["kl"] != metrics["baseline"]["kl"]
+
+    # The same spec again: every teacher answer (and every generation call) comes from the cache.
+    _, again = run_job(spec_file, home, free_port(), timeout=600)
+    assert teacher_calls(again) == (calls, calls)
+
+
+@pytest.mark.slow
+def test_the_example_distils_smollm2_into_a_student_ahead_of_its_untrained_self(
+    tmp_path: Path, free_port
+) -> None:
+    home = tmp_path / "home"
+    job_id, _ = run_job(REPO / "examples" / "smollm2-local.yaml", home, free_port(), timeout=1800)
+    metrics = stored_report(home, job_id)["metrics"]
+    student, baseline = metrics["student"], metrics["baseline"]
+    assert student["kl"] < baseline["kl"]
+    assert student["top1_agreement"] > baseline["top1_agreement"]
+    assert student["perplexity"] < baseline["perplexity"]
+    assert student["token_f1"] >= baseline["token_f1"]
