@@ -69,6 +69,7 @@ def stored_report(home: Path, job_id: str) -> dict:
     return json.loads((home / "objects/stillhouse/jobs" / job_id / "evaluate/report/report.json").read_text())
 
 
+@pytest.mark.timeout(1500)
 def test_a_tiny_job_runs_end_to_end_and_a_repeat_pays_the_teacher_nothing(
     tmp_path: Path, tiny_llama, free_port
 ) -> None:
@@ -146,6 +147,7 @@ def test_a_tiny_job_runs_end_to_end_and_a_repeat_pays_the_teacher_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_the_example_distils_smollm2_into_a_student_ahead_of_its_untrained_self(
     tmp_path: Path, free_port
 ) -> None:
