@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -267,3 +268,10 @@ def test_teacher_derived_students_need_a_local_teacher() -> None:
     )
     document["spec"]["student"] = {"init": {"pruneTeacherDepth": 4}}
     refused_at(document, ("spec",), "only a `local` teacher has")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_example_is_a_valid_job(path: Path) -> None:
+    assert DistillationJob.model_validate(yaml.safe_load(path.read_text())).kind == "DistillationJob"
