@@ -132,6 +132,7 @@ def wait_for(condition, timeout: float, what: str):
     return value
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_stopped_run_resubmitted_resumes_from_its_checkpoint(jobs, ray_head, train_run, object_store):
     run = train_run("resume", epochs=10, checkpointEverySteps=2)
