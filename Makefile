@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format protos kind-up dev clean
+.PHONY: setup demo test test-slow test-image lint format protos kind-up dev clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP) lint
 test-slow: $(STAMP)
 	deploy/local/ensure-test-servers.sh
 	$(BIN)/pytest -m slow
+
+## test-image: build the services image with podman from a bootstrapped base and run it (root, Debian)
+test-image: $(STAMP)
+	deploy/local/ensure-test-servers.sh
+	deploy/local/ensure-image-tools.sh
+	$(BIN)/pytest -m image
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,13 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from _table import print_grid, verdict
-from train_bench import DATASET, make_student, write_answers
+from train_bench import bench_train_run, make_student, write_answers
 from transformers import AutoConfig
 
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.storage.open_store import open_object_store
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
-from stillhouse.trainer.run_config import TrainRun
 from stillhouse.trainer.train_loop import train_worker
 
 H100_H200_BF16_DENSE_TFLOPS = 989.0
@@ -52,27 +51,16 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def train(settings, student: Path, kind: str, args, output: str) -> dict[str, float]:
-    run = TrainRun.model_validate(
-        {
-            "job_id": "gpu-bench",
-            "answers_dataset_id": DATASET,
-            "object_store": settings,
-            "teacher": {"backend": "local", "model": str(student)},
-            "student": {"init": {"pretrained": str(student)}},
-            "training": {
-                "loss": {"kind": kind},
-                "learningRate": 3e-4,
-                "batchTokens": args.batch_tokens,
-                "maxSeqLen": args.max_seq_len,
-                "warmupRatio": 0.0,
-                "checkpointEverySteps": 1_000_000,
-            },
-            "output_prefix": output,
-            "report_every_steps": 1,
-            "micro_batch_tokens": args.micro_batch_tokens,
-            "compile_model": args.compile,
-            "gradient_checkpointing": args.gradient_checkpointing,
-        }
+    run = bench_train_run(
+        settings,
+        student,
+        kind,
+        args,
+        output,
+        learning_rate=3e-4,
+        micro_batch_tokens=args.micro_batch_tokens,
+        compile_model=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     reports: list[dict[str, float]] = []
     started = time.perf_counter()

@@ -111,9 +111,12 @@ def make_student(
     return folder
 
 
-def stillhouse_run(settings, student: Path, kind: str, args, output: str) -> tuple[int, float]:
-    """Tokens and seconds of `train_worker`'s steps after the first."""
-    run = TrainRun.model_validate(
+def bench_train_run(
+    settings, student: Path, kind: str, args, output: str, learning_rate: float, **run_options
+) -> TrainRun:
+    """The run a benchmark trains: `student` on DATASET for `args.batch_tokens` a step, rows of
+    `args.max_seq_len`, no warm-up and no checkpoints, a report every step."""
+    return TrainRun.model_validate(
         {
             "job_id": "bench",
             "answers_dataset_id": DATASET,
@@ -123,7 +126,7 @@ def stillhouse_run(settings, student: Path, kind: str, args, output: str) -> tup
             "student": {"init": {"pretrained": str(student)}},
             "training": {
                 "loss": {"kind": kind},
-                "learningRate": LEARNING_RATE,
+                "learningRate": learning_rate,
                 "batchTokens": args.batch_tokens,
                 "maxSeqLen": args.max_seq_len,
                 "warmupRatio": 0.0,
@@ -131,8 +134,14 @@ def stillhouse_run(settings, student: Path, kind: str, args, output: str) -> tup
             },
             "output_prefix": output,
             "report_every_steps": 1,
+            **run_options,
         }
     )
+
+
+def stillhouse_run(settings, student: Path, kind: str, args, output: str) -> tuple[int, float]:
+    """Tokens and seconds of `train_worker`'s steps after the first."""
+    run = bench_train_run(settings, student, kind, args, output, LEARNING_RATE)
     reports: list[dict[str, float]] = []
     train_worker(run, reports.append)
     cumulative = [0.0] + [report["tokens"] for report in reports]

@@ -6,64 +6,28 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import httpx
 import psycopg
 import pytest
 import torch
 import transformers
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from background import stop_process
 from psycopg import sql
 from sqlalchemy.engine import make_url
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from waiting import grpc_serving, http_ok, pick_free_port, wait_until
 
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def pick_free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    """Poll `condition` until it returns something truthy; fail the test naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def grpc_serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def http_ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @dataclass
@@ -100,13 +64,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for name in list(self.running):
-            process = self.running.pop(name)
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stop_process(self.running.pop(name))
 
 
 @pytest.fixture
@@ -165,7 +123,7 @@ class ControlPlane:
             **self.extra_env,
         }
         self.processes.start("control-plane", serve_argv("control-plane", self.port), env)
-        wait_until(lambda: http_ready(self.url), 30, "the control plane to become ready")
+        wait_until(lambda: http_ok(f"{self.url}/readyz"), 30, "the control plane to become ready")
 
     def kill(self) -> None:
         self.processes.kill("control-plane")
@@ -229,6 +187,13 @@ def fresh_postgres_database() -> Iterator[str]:
     finally:
         with _admin_connection() as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def postgres_database_url() -> Iterator[str]:
+    """The URL of an empty PostgreSQL database of the test's own."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -87,8 +88,9 @@ class LocalRayHead:
     """A one-node Ray cluster owned by this process. `start` must run on a thread that lives as long as
     the head (the event loop's), because the kernel's parent-death signal follows the starting thread."""
 
-    def __init__(self, settings: LocalRaySettings) -> None:
+    def __init__(self, settings: LocalRaySettings, extra_env: Mapping[str, str] | None = None) -> None:
         self._settings = settings
+        self._extra_env = dict(extra_env or {})
         self._process: subprocess.Popen[bytes] | None = None
         self.address = ""
         self.token: str | None = None
@@ -109,6 +111,7 @@ class LocalRayHead:
         dashboard_port = settings.dashboard_port or free_dashboard_port
         env = {
             **os.environ,
+            **self._extra_env,
             "RAY_AUTH_MODE": settings.auth_mode,
             # SIGTERM stops the head at once: it runs nothing that needs draining.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",

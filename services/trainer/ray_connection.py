@@ -9,6 +9,7 @@ import sys
 
 from stillhouse.trainer.config import TrainerSettings
 from stillhouse.trainer.ray_cluster import LocalRayHead, RayHeadError, RayUnreachable, auth_headers
+from stillhouse.trainer.ray_credentials import key_environment
 from stillhouse.trainer.ray_jobs import RayJobs
 
 CLUSTER_STORAGE_PATH = "/tmp/ray/stillhouse-train"
@@ -62,7 +63,7 @@ class RayConnection:
             token = settings.ray_auth_token_file.read_text().strip() if settings.ray_auth_token_file else None
             address = settings.ray_address
         else:
-            head = LocalRayHead(settings.local_ray)
+            head = LocalRayHead(settings.local_ray, key_environment(settings.object_store))
             # Spawned on the event loop's thread: the head's parent-death signal follows that thread.
             head.start()
             self._head = head

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stillhouse.trainer.ray_credentials import run_with_keys
 from stillhouse.trainer.ray_jobs import (
     ERROR_PREFIX,
     EVALUATION_GPUS_ENV,
@@ -41,7 +42,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from stillhouse.storage.open_store import open_object_store
     from stillhouse.trainer.train_loop import train_worker
 
-    run = TrainRun.model_validate_json(config["run"])
+    run = run_with_keys(TrainRun, config["run"])
     rank = ray.train.get_context().get_world_rank()
 
     def report(metrics: dict[str, float]) -> None:
@@ -61,7 +62,7 @@ def train(run_json: str, storage_path: str) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    run = TrainRun.model_validate_json(run_json)
+    run = run_with_keys(TrainRun, run_json)
     training = run.training
     gpus = training.gpus_per_worker
     trainer = TorchTrainer(
@@ -90,14 +91,14 @@ def evaluate(run_json: str, num_gpus: float) -> None:
 
     @ray.remote(num_cpus=1, num_gpus=num_gpus)
     def evaluation_task(serialized: str) -> str:
-        run = EvaluateRun.model_validate_json(serialized)
+        run = run_with_keys(EvaluateRun, serialized)
 
         def progress(stage: str, done: int, total: int) -> None:
             print_progress({"kind": "evaluate", "stage": stage, "done": done, "total": total})
 
         return json.dumps(_as_json(run_evaluation(run, progress)))
 
-    run = EvaluateRun.model_validate_json(run_json)
+    run = run_with_keys(EvaluateRun, run_json)
     outcome = ray.get(evaluation_task.remote(run_json))
     open_object_store(run.object_store).put_bytes(outcome_key(run.output_prefix), outcome.encode())
 

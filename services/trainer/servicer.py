@@ -29,6 +29,7 @@ from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
 from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
 from stillhouse.trainer.ray_cluster import RayUnreachable
 from stillhouse.trainer.ray_connection import RayConnection
+from stillhouse.trainer.ray_credentials import run_without_keys
 from stillhouse.trainer.ray_entrypoint import outcome_key
 from stillhouse.trainer.ray_jobs import (
     EVALUATION_GPUS_ENV,
@@ -45,7 +46,13 @@ TRAIN_STUDENT = _TRAINER.methods_by_name["TrainStudent"].full_name
 EVALUATE_STUDENT = _TRAINER.methods_by_name["EvaluateStudent"].full_name
 PROGRESS_METRICS = ("loss", "kd", "ce", "learning_rate", "tokens_per_second", "tokens", "epoch")
 # Failures the run names as the job's own (bad data, diverged, incompatible tokenizers).
-_PRECONDITION_ERRORS = ("TrainingError", "TrainingDataError", "IncompatibleTokenizers", "TrainingDiverged")
+_PRECONDITION_ERRORS = (
+    "TrainingError",
+    "TrainingDataError",
+    "IncompatibleTokenizers",
+    "TrainingDiverged",
+    "MissingObjectStoreKeys",
+)
 
 
 def job_spec(teacher: message.Message, student: message.Message, training: message.Message):
@@ -57,16 +64,6 @@ def job_spec(teacher: message.Message, student: message.Message, training: messa
     if training.ListFields():
         document["training"] = json_format.MessageToDict(training)
     return validated(DistillationJobSpec, document, "spec")
-
-
-def run_json(run: TrainRun | EvaluateRun) -> str:
-    """The run for the job's environment, with the object-store keys in clear (workers need them)."""
-    document = run.model_dump(mode="json")
-    store = run.object_store
-    for name in ("access_key", "secret_key"):
-        secret = getattr(store, name)
-        document["object_store"][name] = secret.get_secret_value() if secret is not None else None
-    return json.dumps(document)
 
 
 def failure_code(reason: str) -> grpc.StatusCode:
@@ -118,7 +115,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 await asyncio.to_thread(self._require_compatible_tokenizers, run)
                 jobs = await self._ray_jobs()
                 self._require_capacity(run.training.workers, run.training.gpus_per_worker)
-                env = {RUN_CONFIG_ENV: run_json(run), STORAGE_PATH_ENV: self._ray.storage_path}
+                env = {RUN_CONFIG_ENV: run_without_keys(run), STORAGE_PATH_ENV: self._ray.storage_path}
                 wall_seconds = await self._run_job(
                     jobs, request.operation_id, "train", env, progress, self._train_progress(progress)
                 )
@@ -180,7 +177,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     await asyncio.to_thread(self._require_artifact, name, prefix)
                 jobs = await self._ray_jobs()
                 self._require_capacity(1, self._evaluation_num_gpus)
-                env = {RUN_CONFIG_ENV: run_json(run), EVALUATION_GPUS_ENV: str(self._evaluation_num_gpus)}
+                env = {
+                    RUN_CONFIG_ENV: run_without_keys(run),
+                    EVALUATION_GPUS_ENV: str(self._evaluation_num_gpus),
+                }
 
                 def on_record(record: dict[str, Any]) -> None:
                     if record.get("kind") == "evaluate":

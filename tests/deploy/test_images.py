@@ -81,7 +81,8 @@ def test_services_image_serves_a_named_service_with_a_health_check() -> None:
     assert effective["ENTRYPOINT"] == '["stillhouse", "serve"]'
     assert "healthcheck.py" in effective["HEALTHCHECK"]
     runs = " ".join(args for name, args in instructions(SERVICES_DOCKERFILE) if name == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in runs
+    assert build_args(SERVICES_DOCKERFILE)["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '--index-url "${TORCH_INDEX_URL}" torch==2.13.0' in runs
 
 
 def test_ray_image_matches_the_ray_of_the_services_and_the_chart() -> None:

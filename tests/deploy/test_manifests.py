@@ -383,6 +383,25 @@ def test_ray_autoscales_in_tree_and_shares_the_auth_token(rendered: list[dict]) 
     named(rendered, "Secret", f"{PREFIX}-ray-auth")
 
 
+@pytest.mark.parametrize("values_name", ["default", "external-storage-values"])
+def test_ray_pods_hold_the_object_store_keys_of_the_trainer(render, values_name) -> None:
+    """Training reads object storage with keys from the Ray pods' own environment (a Ray job's
+    environment is shown by the dashboard), the same Secret keys the trainer service has."""
+    manifests = render(VALUES_SETS[values_name])
+    spec = raycluster(manifests)
+    trainer = named(manifests, "Deployment", f"{PREFIX}-trainer")["spec"]["template"]["spec"]
+    trainer_env = {entry["name"]: entry for entry in trainer["containers"][0]["env"]}
+    expected = {
+        "STILLHOUSE_OBJECT_STORE_ACCESS_KEY": trainer_env["STILLHOUSE_TRAINER_OBJECT_STORE__ACCESS_KEY"],
+        "STILLHOUSE_OBJECT_STORE_SECRET_KEY": trainer_env["STILLHOUSE_TRAINER_OBJECT_STORE__SECRET_KEY"],
+    }
+    for pod in [spec["headGroupSpec"]["template"]["spec"], spec["workerGroupSpecs"][0]["template"]["spec"]]:
+        env = {entry["name"]: entry for entry in pod["containers"][0]["env"]}
+        for name, trainer_entry in expected.items():
+            assert env[name]["valueFrom"] == trainer_entry["valueFrom"], name
+            assert "secretKeyRef" in env[name]["valueFrom"]
+
+
 def test_gpu_worker_bounds_are_checked(helm) -> None:
     result = helm.template(None, ("rayCluster.gpuWorkers.minReplicas=3", "rayCluster.gpuWorkers.replicas=1"))
     assert result.returncode != 0

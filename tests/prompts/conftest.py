@@ -5,11 +5,7 @@ starts its fake server (a service process takes seconds to start); tests keep ap
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,8 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from background import background_server
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import grpc_serving, pick_free_port
 
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
@@ -119,59 +116,30 @@ def started_service(home: Path, port: int) -> PromptsService:
     return PromptsService(f"127.0.0.1:{port}", LocalObjectStore(home / "objects", "stillhouse"), home)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 @contextmanager
-def shared_process(
+def shared_server(
     name: str, argv: list[str], env: dict[str, str], port: int, log_path: Path
 ) -> Iterator[str]:
     """A gRPC server process shared by the tests of a module (the `processes` fixture is per test)."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not _serving(address):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{name} did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.1)
+    with background_server(name, argv, log_path, lambda: grpc_serving(address), env=env):
         yield address
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 @pytest.fixture(scope="module")
 def fake_teacher(tmp_path_factory) -> Iterator[FakeTeacher]:
-    folder, port = tmp_path_factory.mktemp("fake-teacher"), _free_port()
+    folder, port = tmp_path_factory.mktemp("fake-teacher"), pick_free_port()
     argv = [sys.executable, str(FAKE_TEACHER), str(port), str(folder / "calls.jsonl")]
-    with shared_process("the fake teacher", argv, {}, port, folder / "server.log") as address:
+    with shared_server("the fake teacher", argv, {}, port, folder / "server.log") as address:
         yield FakeTeacher(address, folder / "calls.jsonl")
 
 
 @pytest.fixture(scope="module")
 def prompts_service(fake_teacher, tmp_path_factory) -> Iterator[PromptsService]:
     """The prompts service (`stillhouse serve prompts`), generating through the fake teacher."""
-    folder, port = tmp_path_factory.mktemp("prompts-service"), _free_port()
+    folder, port = tmp_path_factory.mktemp("prompts-service"), pick_free_port()
     home, env = folder / "home", prompts_env(folder / "home", fake_teacher.address)
-    with shared_process("the prompts service", prompts_argv(port), env, port, folder / "server.log"):
+    with shared_server("the prompts service", prompts_argv(port), env, port, folder / "server.log"):
         yield started_service(home, port)
 
 

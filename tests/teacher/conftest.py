@@ -3,16 +3,15 @@ PostgreSQL through the `database_url` fixture of tests/conftest.py."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from background import background_server
+from waiting import http_ok, pick_free_port
 
 # --- a fake OpenAI-compatible server ---------------------------------------------------------------
 
@@ -47,38 +46,15 @@ class FakeOpenAI:
         return httpx.get(f"{self.root}/_vocab", timeout=5).json()
 
 
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def fake_openai_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeOpenAI]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = FakeOpenAI(port)
+    server = FakeOpenAI(pick_free_port())
+    argv = [sys.executable, str(FAKE_OPENAI), str(server.port)]
     log_path = tmp_path_factory.mktemp("fake-openai") / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(FAKE_OPENAI), str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not _answers(f"{server.root}/_calls"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the fake OpenAI server did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.1)
+    with background_server(
+        "the fake OpenAI server", argv, log_path, lambda: http_ok(f"{server.root}/_calls"), timeout=30
+    ):
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 @pytest.fixture

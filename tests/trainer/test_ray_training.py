@@ -1,9 +1,12 @@
 """Training and its control through real Ray jobs on a local Ray head: a 2-worker DDP run on CPU that
-learns and writes its artifacts, a stopped run that resumes from its checkpoint, and cancel."""
+learns and writes its artifacts, a stopped run that resumes from its checkpoint, and cancel. The runs
+read and write a real S3 server, whose keys reach the Ray workers only through the head's environment."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 import subprocess
 import sys
 import time
@@ -15,11 +18,15 @@ import pytest
 from ray.exceptions import RayTaskError
 from ray.job_submission import JobStatus
 from ray.train.v2.api.exceptions import WorkerGroupError
+from s3_server import SeaweedFS, seaweedfs_server
+from waiting import wait_until
 
 from stillhouse.storage.artifacts import read_artifact_manifest
+from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.trainer.checkpoints import committed_steps
 from stillhouse.trainer.config import LocalRaySettings
 from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable
+from stillhouse.trainer.ray_credentials import key_environment, run_without_keys
 from stillhouse.trainer.ray_entrypoint import error_summary, outcome_key
 from stillhouse.trainer.ray_jobs import (
     RUN_CONFIG_ENV,
@@ -31,7 +38,7 @@ from stillhouse.trainer.ray_jobs import (
     submission_id,
 )
 from stillhouse.trainer.run_config import TrainingDataError, TrainOutcome, TrainRun
-from stillhouse.trainer.servicer import failure_code, run_json
+from stillhouse.trainer.servicer import failure_code
 
 TOPICS = ["cats", "dogs", "rain", "the sea", "mountains", "bread", "music", "trains"]
 PROMPTS = [f"question {i}: tell me about {topic}" for i, topic in enumerate(TOPICS * 2)]
@@ -39,8 +46,20 @@ DATASET = "jobs/j/teacher/answers"
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
-    head = LocalRayHead(LocalRaySettings(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=2))
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def object_store_settings(s3: SeaweedFS) -> ObjectStoreSettings:
+    return s3.settings(f"train-{secrets.token_hex(4)}")
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[LocalRayHead]:
+    settings = LocalRaySettings(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=2)
+    head = LocalRayHead(settings, key_environment(s3.settings("any")))
     head.start()
     try:
         head.wait_ready()
@@ -86,7 +105,7 @@ def train_run(tmp_path, tiny_llama, answers_dataset, object_store, object_store_
 
 
 def submit(jobs: RayJobs, ray_head: LocalRayHead, operation_id: str, run: TrainRun) -> str:
-    env = {RUN_CONFIG_ENV: run_json(run), STORAGE_PATH_ENV: str(ray_head.temp_dir / "train")}
+    env = {RUN_CONFIG_ENV: run_without_keys(run), STORAGE_PATH_ENV: str(ray_head.temp_dir / "train")}
     return jobs.submit(operation_id, entrypoint(sys.executable, "train"), env)
 
 
@@ -108,6 +127,9 @@ def test_two_workers_learn_and_write_student_and_baseline(jobs, ray_head, train_
     status = follow(jobs, sub_id, records)
 
     assert status is JobStatus.SUCCEEDED, jobs.explain_failure(sub_id)
+    job_env = json.dumps(jobs.client.get_job_info(sub_id).runtime_env)
+    secret_key = run.object_store.secret_key.get_secret_value()
+    assert RUN_CONFIG_ENV in job_env and secret_key not in job_env
     steps = [r for r in records if r.get("kind") == "train"]
     assert len(steps) >= 3
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -123,21 +145,12 @@ def test_two_workers_learn_and_write_student_and_baseline(jobs, ray_head, train_
     )
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-    return value
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_stopped_run_resubmitted_resumes_from_its_checkpoint(jobs, ray_head, train_run, object_store):
     run = train_run("resume", epochs=10, checkpointEverySteps=2)
     first = submit(jobs, ray_head, "op-resume", run)
-    wait_for(lambda: committed_steps(object_store, run.checkpoints_prefix), 400, "the first checkpoint")
+    wait_until(lambda: committed_steps(object_store, run.checkpoints_prefix), 400, "the first checkpoint")
     jobs.stop(first)
     assert follow(jobs, first, []) is JobStatus.STOPPED
     checkpointed = max(committed_steps(object_store, run.checkpoints_prefix))
@@ -224,7 +237,7 @@ def test_a_killed_owner_takes_its_head_along(tmp_path_factory):
     finally:
         owner.kill()
         owner.wait(10)
-    wait_for(lambda: not processes_using(temp_dir), 30, "the orphaned head's processes to exit")
+    wait_until(lambda: not processes_using(temp_dir), 30, "the orphaned head's processes to exit")
 
 
 OWNER_PROGRAM = """
@@ -246,4 +259,4 @@ def test_the_head_stops_and_leaves_nothing_behind(ray_head):
     ray_head.stop()
     with pytest.raises(RayUnreachable, match="cannot reach the Ray cluster"):
         RayJobs(ray_head.address, connect_timeout_seconds=2).check_reachable()
-    wait_for(lambda: not processes_using(ray_head.temp_dir), 20, "the head's processes to exit")
+    wait_until(lambda: not processes_using(ray_head.temp_dir), 20, "the head's processes to exit")

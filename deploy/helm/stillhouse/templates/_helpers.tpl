@@ -132,16 +132,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- if $root.Values.minio.enabled }}
 - name: {{ $var }}SECURE
   value: "false"
-- name: {{ $var }}ACCESS_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "stillhouse.minioSecret" $root }}
-      key: root-user
-- name: {{ $var }}SECRET_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "stillhouse.minioSecret" $root }}
-      key: root-password
 {{- else }}
 - name: {{ $var }}SECURE
   value: {{ $root.Values.objectStore.external.secure | quote }}
@@ -149,17 +139,25 @@ app.kubernetes.io/component: {{ .component }}
 - name: {{ $var }}REGION
   value: {{ . | quote }}
 {{- end }}
-- name: {{ $var }}ACCESS_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ $root.Values.objectStore.external.existingSecret }}
-      key: {{ $root.Values.objectStore.external.accessKeyKey }}
-- name: {{ $var }}SECRET_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ $root.Values.objectStore.external.existingSecret }}
-      key: {{ $root.Values.objectStore.external.secretKeyKey }}
 {{- end }}
+{{ include "stillhouse.objectStoreKeyEnv" (dict "root" $root "access" (printf "%sACCESS_KEY" $var) "secret" (printf "%sSECRET_KEY" $var)) }}
+{{- end }}
+
+{{/* Two variables with the object store's keys, from its Secret: (dict "root" $ "access" NAME "secret" NAME). */}}
+{{- define "stillhouse.objectStoreKeyEnv" -}}
+{{- $root := .root }}
+{{- $external := $root.Values.objectStore.external }}
+{{- $secret := ternary (include "stillhouse.minioSecret" $root) $external.existingSecret $root.Values.minio.enabled }}
+- name: {{ .access }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ ternary "root-user" $external.accessKeyKey $root.Values.minio.enabled }}
+- name: {{ .secret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ ternary "root-password" $external.secretKeyKey $root.Values.minio.enabled }}
 {{- end }}
 
 {{/* An environment variable holding the database URL, built from Secrets: (dict "root" $ "name" "..."). */}}
@@ -248,6 +246,8 @@ securityContext:
 {{/* Environment of the Ray containers: token auth, no usage reporting, caches on the writable /tmp. */}}
 {{- define "stillhouse.rayPodEnv" -}}
 {{- include "stillhouse.rayAuthEnv" . }}
+{{/* Training and evaluation read and write object storage with these (never passed in a Ray job). */}}
+{{ include "stillhouse.objectStoreKeyEnv" (dict "root" . "access" "STILLHOUSE_OBJECT_STORE_ACCESS_KEY" "secret" "STILLHOUSE_OBJECT_STORE_SECRET_KEY") }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 - name: XDG_CACHE_HOME
