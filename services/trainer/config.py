@@ -68,8 +68,9 @@ class TrainerSettings(GrpcServiceSettings):
     ray_poll_seconds: float = Field(default=1.0, gt=0, description="How often a Ray job's status is polled.")
     ray_storage_path: str | None = Field(
         default=None,
-        description="Ray Train's storage_path on the cluster; unset: `<local_ray.temp_dir>/train` for the "
-        "local head, /tmp/ray/stillhouse-train on a cluster.",
+        description="Ray Train's storage_path, a folder every Ray node shares; unset: "
+        "`<local_ray.temp_dir>/train` for the local head, the run's `ray/` folder in object storage on "
+        "a cluster.",
     )
     ray_python: str | None = Field(
         default=None,

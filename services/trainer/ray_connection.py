@@ -12,8 +12,6 @@ from stillhouse.trainer.ray_cluster import LocalRayHead, RayHeadError, RayUnreac
 from stillhouse.trainer.ray_credentials import key_environment
 from stillhouse.trainer.ray_jobs import RayJobs
 
-CLUSTER_STORAGE_PATH = "/tmp/ray/stillhouse-train"
-
 
 class RayConnection:
     def __init__(self, settings: TrainerSettings) -> None:
@@ -31,10 +29,12 @@ class RayConnection:
         return self._settings.ray_python or (sys.executable if self.embedded else "python")
 
     @property
-    def storage_path(self) -> str:
+    def storage_path(self) -> str | None:
+        """Ray Train's storage: the configured path, the local head's folder, or None on a cluster (the
+        run's folder in object storage, which every node reaches)."""
         if self._settings.ray_storage_path:
             return self._settings.ray_storage_path
-        return str(self._settings.local_ray.temp_dir / "train") if self.embedded else CLUSTER_STORAGE_PATH
+        return str(self._settings.local_ray.temp_dir / "train") if self.embedded else None
 
     def local_capacity(self) -> tuple[int, int] | None:
         """CPUs and GPUs of the local head (which never grows); None for a cluster, which may autoscale."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from stillhouse.trainer.ray_credentials import run_with_keys
@@ -23,6 +22,7 @@ from stillhouse.trainer.ray_jobs import (
     RUN_CONFIG_ENV,
     STORAGE_PATH_ENV,
 )
+from stillhouse.trainer.ray_train_storage import ray_train_storage
 from stillhouse.trainer.run_config import EvaluateRun, TrainRun
 
 OUTCOME_NAME = "outcome.json"
@@ -58,11 +58,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         store.put_bytes(outcome_key(run.output_prefix), outcome.model_dump_json().encode())
 
 
-def train(run_json: str, storage_path: str) -> None:
+def train(run_json: str, given_storage_path: str | None) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = run_with_keys(TrainRun, run_json)
+    storage = ray_train_storage(given_storage_path, run.object_store, run.output_prefix)
     training = run.training
     gpus = training.gpus_per_worker
     trainer = TorchTrainer(
@@ -75,7 +76,8 @@ def train(run_json: str, storage_path: str) -> None:
         ),
         run_config=RunConfig(
             name=f"stillhouse-{run.job_id}",
-            storage_path=storage_path,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=2),
         ),
     )
@@ -136,7 +138,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if argv[0] == "train":
-            train(run_json, os.environ.get(STORAGE_PATH_ENV) or str(Path("/tmp/ray/stillhouse-train")))
+            train(run_json, os.environ.get(STORAGE_PATH_ENV) or None)
         else:
             evaluate(run_json, float(os.environ.get(EVALUATION_GPUS_ENV) or 0))
     except Exception as exc:

@@ -115,7 +115,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 await asyncio.to_thread(self._require_compatible_tokenizers, run)
                 jobs = await self._ray_jobs()
                 self._require_capacity(run.training.workers, run.training.gpus_per_worker)
-                env = {RUN_CONFIG_ENV: run_without_keys(run), STORAGE_PATH_ENV: self._ray.storage_path}
+                env = {RUN_CONFIG_ENV: run_without_keys(run)}
+                if self._ray.storage_path is not None:
+                    env[STORAGE_PATH_ENV] = self._ray.storage_path
                 wall_seconds = await self._run_job(
                     jobs, request.operation_id, "train", env, progress, self._train_progress(progress)
                 )

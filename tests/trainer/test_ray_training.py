@@ -30,7 +30,6 @@ from stillhouse.trainer.ray_credentials import key_environment, run_without_keys
 from stillhouse.trainer.ray_entrypoint import error_summary, outcome_key
 from stillhouse.trainer.ray_jobs import (
     RUN_CONFIG_ENV,
-    STORAGE_PATH_ENV,
     RayJobs,
     entrypoint,
     failure_reason,
@@ -105,7 +104,8 @@ def train_run(tmp_path, tiny_llama, answers_dataset, object_store, object_store_
 
 
 def submit(jobs: RayJobs, ray_head: LocalRayHead, operation_id: str, run: TrainRun) -> str:
-    env = {RUN_CONFIG_ENV: run_without_keys(run), STORAGE_PATH_ENV: str(ray_head.temp_dir / "train")}
+    """As the trainer submits to a cluster: Ray Train's state goes to the run's folder in object storage."""
+    env = {RUN_CONFIG_ENV: run_without_keys(run)}
     return jobs.submit(operation_id, entrypoint(sys.executable, "train"), env)
 
 
@@ -138,6 +138,8 @@ def test_two_workers_learn_and_write_student_and_baseline(jobs, ray_head, train_
     for prefix in (run.student_prefix, run.baseline_prefix):
         files = {f.path for f in read_artifact_manifest(object_store, prefix).files}
         assert "config.json" in files and "tokenizer.json" in files
+    ray_state = [item.key for item in object_store.list(f"{run.output_prefix}/ray/")]
+    assert ray_state, "Ray Train kept no state in object storage"
     print(
         f"submit to first step: {steps[0]['arrived'] - submitted:.1f} s, "
         f"{len(steps)} steps in {steps[-1]['arrived'] - steps[0]['arrived']:.1f} s, "
