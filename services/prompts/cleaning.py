@@ -13,10 +13,11 @@ a coin flip at the default 0.8), while prompts from one template that differ in 
 well apart.
 
 Signatures are computed in batches with numpy and are the same values as datasketch's `MinHash`
-(scheme `affine32`, same seed and permutations) updated with `shingle_hashes`. A datasketch `MinHashLSH`
-tuned for recall proposes candidates, and a text is a near-duplicate only when its signature agrees with a
-candidate's on at least `threshold` of the permutations (the MinHash estimate of their Jaccard
-similarity), so the threshold means what it says instead of depending on the LSH banding alone.
+(scheme `affine32`, same seed and permutations) updated with `shingle_hashes`. LSH bands chosen by
+datasketch's `MinHashLSH`, tuned for recall, propose candidates (kept in a compact `BandIndex`), and a
+text is a near-duplicate only when its signature agrees with a candidate's on at least `threshold` of
+the permutations (the MinHash estimate of their Jaccard similarity), so the threshold means what it says
+instead of depending on the LSH banding alone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import py3langid
 from datasketch import MinHash, MinHashLSH
 
 from stillhouse.common.jobspec import PromptFilters
+from stillhouse.prompts.band_index import BandIndex
 
 # Scripts written without spaces between words: each character is a word of its own.
 _UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -142,8 +144,10 @@ class MinHashSigner:
 class NearDuplicateIndex:
     """MinHash signatures of the texts added so far, and the question "is this one near any of them?".
 
-    `MinHashLSH` keeps the bands; the signatures themselves are kept as their low 16 bits (two values
-    agree by chance with probability 2**-16, far below the estimator's own noise) to verify candidates.
+    datasketch's `MinHashLSH` chooses the banding (bands x rows) for the threshold and weights; a
+    `BandIndex` keeps the bands compactly, and the signatures themselves are kept as their low 16 bits
+    (two values agree by chance with probability 2**-16, far below the estimator's own noise) to verify
+    candidates.
     """
 
     def __init__(
@@ -158,9 +162,8 @@ class NearDuplicateIndex:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self.num_perm = num_perm
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=lsh_weights)
-        # MinHashLSH reads only `hashvalues`: one carrier object saves a MinHash constructor per text.
-        self._carrier = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
+        banding = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=lsh_weights)
+        self._bands = BandIndex(banding.b, banding.r, seed)
         self._low_bits = np.empty((1024, num_perm), dtype=np.uint16)
         self._size = 0
 
@@ -169,11 +172,10 @@ class NearDuplicateIndex:
 
     def contains_near(self, signature: np.ndarray) -> bool:
         """Whether an added signature agrees with this one on at least `threshold` of its values."""
-        self._carrier.hashvalues = signature
-        candidates = self._lsh.query(self._carrier)
-        if not candidates:
+        candidates = self._bands.candidates(self._bands.band_hashes(signature))
+        if not len(candidates):
             return False
-        stored = self._low_bits[np.fromiter(candidates, dtype=np.int64, count=len(candidates))]
+        stored = self._low_bits[np.unique(candidates)]
         agreement = np.count_nonzero(stored == signature.astype(np.uint16), axis=1) / self.num_perm
         return bool(agreement.max() >= self.threshold)
 
@@ -181,8 +183,7 @@ class NearDuplicateIndex:
         if self._size == len(self._low_bits):
             self._low_bits = np.resize(self._low_bits, (2 * self._size, self.num_perm))
         self._low_bits[self._size] = signature
-        self._carrier.hashvalues = signature
-        self._lsh.insert(self._size, self._carrier, check_duplication=False)
+        self._bands.add(self._size, self._bands.band_hashes(signature))
         self._size += 1
 
 
