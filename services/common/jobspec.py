@@ -283,8 +283,31 @@ class TrainingStrategy(StrEnum):
     FSDP = "fsdp"
 
 
+class OnPolicySpec(SpecModel):
+    """On-policy distillation (GKD, Agarwal et al. 2024): part of the batches train on the student's own
+    generations, scored by the teacher's full logits, so that the student learns from the states it
+    reaches itself rather than only from the teacher's."""
+
+    fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5,
+        description="λ: the share of batches whose responses the student generates itself; the rest train "
+        "on the teacher's answers.",
+    )
+    max_new_tokens: Annotated[int, Field(gt=0, le=4096)] = Field(
+        default=64, description="Most tokens the student generates per prompt in an on-policy batch."
+    )
+    temperature: Annotated[float, Field(ge=0, le=2)] = Field(
+        default=1.0, description="Sampling temperature of the student's generations (0: greedy)."
+    )
+
+
 class TrainingSpec(SpecModel):
     loss: LossSpec = Field(default_factory=LossSpec)
+    on_policy: OnPolicySpec | None = Field(
+        default=None,
+        description="On-policy distillation; needs a `local` teacher (its full logits score the student's "
+        "generations) and a logit loss. Off (null) by default.",
+    )
     epochs: Annotated[int, Field(gt=0)] = 1
     learning_rate: Annotated[float, Field(gt=0)] = 2.0e-5
     batch_tokens: Annotated[int, Field(gt=0)] = Field(default=16384, description="Tokens per optimizer step.")
@@ -302,6 +325,19 @@ class EvaluationSpec(SpecModel):
         default=0.02, description="Fraction of prompts held out for evaluation."
     )
     max_new_tokens: Annotated[int, Field(gt=0)] = 128
+    controls: list[Literal["sft"]] = Field(
+        default_factory=list,
+        description="Control students trained beside the real one and reported with it: `sft` trains "
+        "the same student with plain cross-entropy on the teacher's text, for the same steps and tokens, "
+        "so that the report shows what the logit loss adds.",
+    )
+
+    @field_validator("controls")
+    @classmethod
+    def _controls_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each control may be listed once")
+        return value
 
 
 class DistillationJobSpec(SpecModel):
@@ -319,6 +355,22 @@ class DistillationJobSpec(SpecModel):
                 "student.init pruneTeacherDepth, pruneTeacherWidth and config start from the teacher's "
                 "weights "
                 "or config, which only a `local` teacher has: use `pretrained` with an `openai` teacher"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_has_a_scorer(self) -> DistillationJobSpec:
+        if self.training.on_policy is None:
+            return self
+        if self.teacher.backend is not TeacherBackend.LOCAL:
+            raise ValueError(
+                "training.onPolicy scores the student's own generations with the teacher's full logits, "
+                "which only a `local` teacher has: remove onPolicy or use a `local` teacher"
+            )
+        if self.training.loss.kind is LossKind.SFT:
+            raise ValueError(
+                "training.onPolicy needs a logit loss (forward_kl, reverse_kl or jsd): kind `sft` has no "
+                "teacher distribution to score the student's generations with"
             )
         return self
 
