@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from stillhouse.storage.datasets import DatasetReader
 from stillhouse.storage.objects import ObjectStore
 from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, SparseLogprobs, topk_of
+from stillhouse.trainer.losses import MASKED_ID
 
 IGNORE_INDEX = -100
 
@@ -223,15 +224,16 @@ def collate(
     length: int | None = None,
 ) -> PackedBatch:
     """Tensors for packed `rows`, padded to `length` (default: the longest row). With `teacher_k`, every
-    example must carry the teacher's top-k; positions without a teacher hold a harmless placeholder
-    (id 0 at the logprob floor, all mass in the tail), which labels of -100 keep out of every loss."""
+    example must carry the teacher's top-k; positions without a teacher have every slot masked (id -1 at
+    the logprob floor, all mass in the tail: nothing of the teacher known), and labels of -100 keep them
+    out of every loss anyway."""
     length = length or max(sum(examples[index].positions for index in row) for row in rows)
     shape = (len(rows), length)
     input_ids = np.full(shape, pad_token_id, np.int64)
     labels = np.full(shape, IGNORE_INDEX, np.int64)
     position_ids = np.zeros(shape, np.int64)
     if teacher_k is not None:
-        teacher_ids = np.zeros((*shape, teacher_k), np.int64)
+        teacher_ids = np.full((*shape, teacher_k), MASKED_ID, np.int64)
         teacher_logprobs = np.full((*shape, teacher_k), LOGPROB_FLOOR, np.float32)
         teacher_tail = np.zeros(shape, np.float32)
     tokens = 0

@@ -17,38 +17,50 @@ Kinds (`LossSpec.kind`):
   KL(P ‖ Q) as β → 0 and JSD(β)/(1 - β) to KL(Q ‖ P) as β → 1: as in GKD and TRL's GKDTrainer, β = 0
   *is* forward KL and β = 1 *is* reverse KL, computed as such (no log 0 at the ends).
 
-Temperature T: both distributions are taken at T (logits / T) and the KD term is multiplied by T², as
-Hinton et al. (2015) do, so that its gradients keep their size when T changes. Cross-entropy is always at
-T = 1. With ``ceWeight`` w: loss = (1 - w)·KD + w·CE (``sft`` is CE alone).
+Temperature T: both distributions are tempered alike (p^(1/T), renormalised) and the KD term is multiplied
+by T², as Hinton et al. (2015) do, so that its gradients keep their size when T changes. Cross-entropy is
+always at T = 1. With ``ceWeight`` w: loss = (1 - w)·KD + w·CE (``sft`` is CE alone).
 
 The teacher signal is one of:
 
-- `SparseTeacher`: the teacher's stored top-k logprobs and the log of the mass outside them (the
-  "tail"). The teacher's distribution is taken over k + 1 buckets: its top-k tokens and the tail. The
-  student's distribution is projected onto the same buckets: its log-softmax at the teacher's top-k ids,
-  and the log of the rest of its mass. The divergence is between these two (k + 1)-bucket distributions,
-  which for a tail of one token (k = V - 1) is the exact divergence over the vocabulary. Stored values are
-  float16 rounded at T = 1, so the teacher's buckets are renormalised to sum to one. Temperature on stored
-  logprobs: p_i^(1/T) renormalised over the k + 1 buckets. For the top-k tokens that is exact; the tail is
-  treated as a single token, which is an approximation (the true tail at T is Σ p_j^(1/T) over the tokens
-  it holds, which a single number cannot give).
+- `SparseTeacher`: the teacher's stored top-k logprobs (at T = 1) and the log of the mass outside them
+  (the "tail"). Both distributions are taken over the same k + 1 buckets: the teacher's top-k tokens and
+  the tail. The student is projected onto them at T = 1 (its log-softmax at the teacher's top-k ids, and
+  the log of the rest of its mass), then each side is tempered over the buckets: p_i^(1/T) renormalised.
+  So a student identical to the teacher gives 0 at every T. This is the divergence between the tempered
+  (k + 1)-bucket projections, not between the tempered full distributions (a tail's mass at T cannot be
+  had from its mass at 1); with a tail of one token (k = V - 1) or none (k = V) the two are the same.
+  Stored values are float16 rounded at T = 1, so the teacher's buckets are renormalised to sum to one.
 - a tensor of full teacher logits [B, T, V] (a local teacher run beside the student): the exact
-  divergence over the vocabulary.
+  divergence over the vocabulary, both sides at softmax(logits / T).
+
+Masked slots: a top-k slot with id -1 (an alternative whose id is unknown, or one the teacher did not
+send; `sparse_logprobs`) is absent from both sides' buckets: it takes no mass, contributes nothing and
+gets no gradient. Its probability belongs to the tail, where the stored tail already puts it. A position
+with every slot masked (nothing of the teacher's distribution is known, e.g. an end-of-sequence label
+added after the teacher stopped) contributes no KD but counts for CE and in the mean's denominator (so
+that the loss stays a mean over labelled tokens, which is how the training loop weights micro-batches);
+`LossBreakdown.kd_tokens` counts the positions that did have a KD term. When the known ids cover the
+whole vocabulary (k = V), the tail bucket is empty and left out on both sides.
 
 Numerics: everything is computed in float32 (bf16 or float16 inputs are upcast). The teacher's logprobs
 are floored at the storage floor (-60, probability 1e-26) so that -inf never meets a product or a
-difference. The student's tail is log(1 - top-k mass), computed with log1mexp; a top-k mass that rounds
-to 1 gives the floor too (tails below float32's resolution, about 1e-7, are rounding noise anyway).
+difference. The student's tail is summed over the tokens outside the teacher's ids (a log-sum-exp), not
+taken as 1 - top-k mass: float32 cannot resolve that difference below about 1e-7, and tempering at T = 4
+turns a tail of 1e-12 into 1e-3. It is floored at the storage floor too.
 
 Cost: the student's log-softmax over the vocabulary is computed once, over the positions that count, and
-reused for CE and KD (a second pass is needed only for CE when T ≠ 1). The sparse path adds only [N, k]
-work on top: nothing else of vocabulary size is materialised.
+reused for CE and KD (a second pass is needed only for CE with full teacher logits at T ≠ 1). The sparse
+path adds the student's tail: one log-sum-exp over the vocabulary forward and one pass backward, in row
+chunks of bounded size, saving nothing beyond the log-softmax that autograd keeps anyway; the rest is
+[N, k + 1] work.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +70,22 @@ from stillhouse.common.jobspec import LossKind, LossSpec
 from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR
 
 IGNORE_INDEX = -100
+# The id of a masked top-k slot (`sparse_logprobs`).
+MASKED_ID = -1
 
-_LOG_2 = math.log(2.0)
-# The tail of the student is floored here: a top-k mass within this of 1 is rounding noise in float32.
-_MIN_TAIL_MASS = math.exp(LOGPROB_FLOOR)
+# Rows of the student's log-softmax handled at once when its tail is summed: the copy it needs stays
+# below 2^26 float32 values (256 MiB).
+_TAIL_CHUNK_VALUES = 1 << 26
 
 
 @dataclass(frozen=True)
 class SparseTeacher:
     """The teacher's top-k logprobs at each position of a batch (at T = 1, as stored).
 
-    ids: LongTensor [B, T, K] token ids in the teacher's (= the student's) vocabulary.
+    ids: LongTensor [B, T, K] token ids in the teacher's (= the student's) vocabulary; -1 marks a masked
+    slot (see the module docstring), placed after the known slots of its position.
     logprobs: [B, T, K] their natural-log probabilities (any float dtype; -inf and the -60 floor allowed).
-    tail_logprob: [B, T] log of the probability mass outside the top K.
+    tail_logprob: [B, T] log of the probability mass outside the known top-k ids.
     """
 
     ids: Tensor
@@ -97,12 +112,14 @@ class SparseTeacher:
 @dataclass(frozen=True)
 class LossBreakdown:
     """`loss` is the scalar to call backward on; `kd` and `ce` are its parts per token (detached, for
-    reporting; `kd` is 0 for `sft`); `tokens` is the number of positions that counted."""
+    reporting; `kd` is 0 for `sft`); `tokens` is the number of positions that counted, and `kd_tokens`
+    those of them with a KD term (a position whose teacher slots are all masked has none)."""
 
     loss: Tensor
     kd: Tensor
     ce: Tensor
     tokens: int
+    kd_tokens: int = 0
 
 
 def distillation_loss(
@@ -134,11 +151,17 @@ def distillation_loss(
     temperature = spec.temperature
     sparse = isinstance(teacher, SparseTeacher) and spec.kind is not LossKind.SFT
     teacher_ids = _rows(teacher.ids.reshape(-1, teacher.k), positions).long() if sparse else None
-    if spec.kind is LossKind.SFT or temperature == 1.0:
+    if spec.kind is LossKind.SFT or sparse or temperature == 1.0:
+        # At T = 1: the sparse path tempers the buckets, not the logits.
         log_q = F.log_softmax(logits, dim=-1, dtype=torch.float32)
         # One gather for the teacher's top k and the label: each gather's backward is a [N, V] pass.
+        # Masked slots (-1) gather column 0; `_sparse_divergence` leaves them out.
         label_column = targets.unsqueeze(-1)
-        columns = label_column if teacher_ids is None else torch.cat([teacher_ids, label_column], dim=-1)
+        columns = (
+            label_column
+            if teacher_ids is None
+            else torch.cat([teacher_ids.clamp_min(0), label_column], dim=-1)
+        )
         picked = log_q.gather(-1, columns)
         ce = -picked[:, -1].sum() / denominator
         student_top = picked[:, :-1]
@@ -149,23 +172,21 @@ def distillation_loss(
             ce = (logits32.logsumexp(dim=-1) - logits32.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
             ce = ce / denominator
         log_q = F.log_softmax(logits.float() / temperature, dim=-1)
-        student_top = log_q.gather(-1, teacher_ids) if teacher_ids is not None else None
     if spec.kind is LossKind.SFT:
         return LossBreakdown(loss=ce, kd=torch.zeros_like(ce).detach(), ce=ce.detach(), tokens=tokens)
 
     if sparse:
-        assert isinstance(teacher, SparseTeacher) and student_top is not None
-        teacher_buckets = _sparse_teacher_buckets(teacher, positions, temperature)
-        kd_per_token = _divergence(_student_buckets(student_top), teacher_buckets, spec)
+        assert isinstance(teacher, SparseTeacher) and teacher_ids is not None
+        kd_sum, kd_tokens = _sparse_divergence(log_q, student_top, teacher_ids, teacher, positions, spec)
     else:
         assert isinstance(teacher, Tensor)
         teacher_logits = _rows(teacher.reshape(-1, vocab), positions).detach()
         log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp_min(LOGPROB_FLOOR)
-        kd_per_token = _divergence(log_q, log_p, spec)
+        kd_sum, kd_tokens = _divergence(log_q, log_p, spec).sum(), tokens
 
-    kd = kd_per_token.sum() * temperature**2 / denominator
+    kd = kd_sum * temperature**2 / denominator
     loss = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce if spec.ce_weight > 0 else kd
-    return LossBreakdown(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=tokens)
+    return LossBreakdown(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=tokens, kd_tokens=kd_tokens)
 
 
 def _check_teacher(teacher: SparseTeacher | Tensor | None, student_shape: torch.Size, kind: LossKind) -> None:
@@ -187,6 +208,11 @@ def _check_teacher(teacher: SparseTeacher | Tensor | None, student_shape: torch.
                 f"teacher token id {int(teacher.ids.max())} is outside the student's vocabulary of "
                 f"{student_shape[-1]} tokens: teacher and student need the same tokenizer"
             )
+        if teacher.ids.numel() and int(teacher.ids.min()) < MASKED_ID:
+            raise ValueError(
+                f"teacher token id {int(teacher.ids.min())} is negative: ids are 0 or more, or {MASKED_ID} "
+                "for a masked slot"
+            )
         return
     if teacher.shape != student_shape:
         raise ValueError(
@@ -202,47 +228,95 @@ def _rows(values: Tensor, positions: Tensor) -> Tensor:
     return values.index_select(0, positions)
 
 
-def _sparse_teacher_buckets(teacher: SparseTeacher, positions: Tensor, temperature: float) -> Tensor:
-    """The teacher's log-probabilities over its k + 1 buckets (top k, then the tail) at `temperature`,
-    explicitly renormalised: [N, k + 1]."""
-    logprobs = _rows(teacher.logprobs.reshape(-1, teacher.k), positions).float()
-    tail = _rows(teacher.tail_logprob.reshape(-1, 1), positions).float()
-    buckets = torch.cat([logprobs, tail], dim=-1).detach()
-    # -inf (no mass) would make NaN of an all-(-inf) row in logsumexp and of 0 · log 0 below.
-    buckets = buckets.clamp_min(LOGPROB_FLOOR) / temperature
-    return (buckets - buckets.logsumexp(dim=-1, keepdim=True)).clamp_min(LOGPROB_FLOOR)
+def _sparse_divergence(
+    log_q: Tensor,
+    student_top: Tensor,
+    teacher_ids: Tensor,
+    teacher: SparseTeacher,
+    positions: Tensor,
+    spec: LossSpec,
+) -> tuple[Tensor, int]:
+    """The summed divergence over the k + 1 buckets of the positions with at least one known slot, and
+    how many those are. `log_q` [N, V]: the student's log-softmax at T = 1; `student_top` [N, k]: its
+    values at the teacher's ids (anything at masked slots); `teacher_ids` [N, k]: those ids, -1 where
+    masked."""
+    known = teacher_ids != MASKED_ID
+    compared = known.any(dim=-1).nonzero().squeeze(1)
+    known = _rows(known, compared)
+    ids = _rows(teacher_ids, compared)
+    student_top = _rows(student_top, compared)
+    teacher_logprobs = _rows(_rows(teacher.logprobs.reshape(-1, teacher.k), positions), compared)
+    teacher_tail = _rows(_rows(teacher.tail_logprob.reshape(-1, 1), positions), compared)
+    # The tail is a bucket unless the known ids are the whole vocabulary (ids are distinct).
+    present = torch.cat([known, known.sum(dim=-1, keepdim=True) < log_q.shape[-1]], dim=-1)
+
+    # -inf (no mass) would make NaN of 0 · log 0 below.
+    teacher_buckets = torch.cat([teacher_logprobs, teacher_tail], dim=-1).float().detach()
+    teacher_buckets = teacher_buckets.clamp_min(LOGPROB_FLOOR)
+    # A masked slot points at a known id of its row, so that only known ids leave the student's tail.
+    first_known = ids.gather(-1, known.int().argmax(dim=-1, keepdim=True))
+    student_tail = _LogMassOutside.apply(log_q, compared, torch.where(known, ids, first_known))
+    student_buckets = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+
+    log_p = _tempered(teacher_buckets, present, spec.temperature)
+    log_q_buckets = _tempered(student_buckets, present, spec.temperature)
+    return _divergence(log_q_buckets, log_p, spec, present).sum(), compared.numel()
 
 
-def _student_buckets(top: Tensor) -> Tensor:
-    """The student's log-probabilities over the teacher's k + 1 buckets, from those at the teacher's
-    top-k ids [N, k]: [N, k + 1]."""
-    tail = _log1mexp(top.logsumexp(dim=-1, keepdim=True).clamp_max(-_MIN_TAIL_MASS))
-    return torch.cat([top, tail], dim=-1)
+class _LogMassOutside(torch.autograd.Function):
+    """log Σ_{j ∉ ids[r]} exp(log_q[rows[r], j]), floored at the storage floor: [R]. Summed directly,
+    not as log(1 - mass at ids), which float32 cannot resolve below a tail of about 1e-7 (and tempering
+    at T = 4 turns a tail of 1e-12 into 1e-3). Row chunks bound the copy it needs, and nothing of
+    vocabulary size is saved but `log_q` itself (which log-softmax keeps anyway)."""
+
+    @staticmethod
+    def forward(ctx: Any, log_q: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+        tail = torch.empty(rows.numel(), dtype=log_q.dtype, device=log_q.device)
+        chunk = max(1, _TAIL_CHUNK_VALUES // max(log_q.shape[-1], 1))
+        for start in range(0, rows.numel(), chunk):
+            part = slice(start, start + chunk)
+            outside = log_q.index_select(0, rows[part]).scatter_(-1, ids[part], -math.inf)
+            tail[part] = outside.logsumexp(dim=-1)
+        floored = tail.clamp_min(LOGPROB_FLOOR)
+        ctx.save_for_backward(log_q, rows, ids, tail)
+        return floored
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        log_q, rows, ids, tail = ctx.saved_tensors
+        # d tail / d log_q[j] = q_j / tail outside the ids, 0 at them; 0 where the floor holds.
+        grad = torch.where(tail > LOGPROB_FLOOR, grad, 0.0)
+        safe_tail = tail.clamp_min(LOGPROB_FLOOR).unsqueeze(-1)
+        rows_grad = (log_q.index_select(0, rows) - safe_tail).exp_().mul_(grad.unsqueeze(-1))
+        rows_grad.scatter_(-1, ids, 0.0)
+        return torch.zeros_like(log_q).index_copy_(0, rows, rows_grad), None, None
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler 2012). Each branch gets only inputs it
-    is finite on, so that neither puts NaN into the other's gradient."""
-    near_zero = x > -_LOG_2
-    small = torch.log(-torch.expm1(x.clamp_min(-_LOG_2)))
-    large = torch.log1p(-torch.exp(x.clamp_max(-_LOG_2)))
-    return torch.where(near_zero, small, large)
+def _tempered(buckets: Tensor, present: Tensor, temperature: float) -> Tensor:
+    """Log-probabilities `buckets` [N, k + 1] at `temperature`: p^(1/T) renormalised over the buckets
+    that are `present`; the absent ones hold 0 (a placeholder that `present` keeps out of every sum)."""
+    scaled = torch.where(present, buckets / temperature, -math.inf)
+    normalised = scaled - scaled.logsumexp(dim=-1, keepdim=True)
+    return torch.where(present, normalised, 0.0)
 
 
-def _divergence(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+def _divergence(log_q: Tensor, log_p: Tensor, spec: LossSpec, present: Tensor | None = None) -> Tensor:
     """Per-position divergence over the last dimension between the student `log_q` and the teacher
-    `log_p` (both finite): [N]."""
+    `log_p` (both finite), over the entries that are `present` (all when None): [N]."""
     if spec.kind is LossKind.FORWARD_KL or (spec.kind is LossKind.JSD and spec.beta == 0.0):
-        return _kl(log_p, log_q)
+        return _kl(log_p, log_q, present)
     if spec.kind is LossKind.REVERSE_KL or (spec.kind is LossKind.JSD and spec.beta == 1.0):
-        return _kl(log_q, log_p)
+        return _kl(log_q, log_p, present)
     if spec.kind is LossKind.JSD:
         beta = spec.beta
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
-        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+        return beta * _kl(log_p, log_m, present) + (1.0 - beta) * _kl(log_q, log_m, present)
     raise ValueError(f"unknown loss kind {spec.kind!r}")
 
 
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a ‖ b) per row, from log-probabilities."""
-    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+def _kl(log_a: Tensor, log_b: Tensor, present: Tensor | None) -> Tensor:
+    """KL(a ‖ b) per row, from log-probabilities, over the `present` entries (all when None)."""
+    terms = log_a.exp() * (log_a - log_b)
+    if present is not None:
+        terms = torch.where(present, terms, 0.0)
+    return terms.sum(dim=-1)

@@ -224,19 +224,24 @@ def test_batch_plan_splits_a_step_into_micro_batches_and_wraps_around():
     assert plan.step_rows(rows, 1) == [[[8], [9], [0], [1]], [[2], [3], [4], [5]]]
 
 
-def test_sparse_logprobs_placeholder_is_finite():
+def test_positions_without_a_teacher_have_every_slot_masked():
+    # One example, prompt [1, 2], response [3, 5], in a row of 5 positions: position 1 predicts token 3,
+    # position 2 token 5; the prompt position 0 and the padding 3-4 have no teacher. Token 5's third
+    # alternative was not sent (masked, as stored).
     example = TokenizedAnswer(
         "p",
         [1, 2],
-        [3],
+        [3, 5],
         "",
         SparseLogprobs(
-            np.array([3], np.int32),
-            np.array([[3, 4]], np.int32),
-            np.array([[-0.1, -3.0]], np.float32),
-            np.array([-2.5], np.float32),
+            np.array([3, 5], np.int32),
+            np.array([[3, 4, 0], [5, 6, -1]], np.int32),
+            np.array([[-0.1, -3.0, -4.0], [-0.2, -2.0, -60.0]], np.float32),
+            np.array([-2.5, -1.9], np.float32),
         ),
     )
-    batch = collate([example], [[0]], pad_token_id=0, teacher_k=2, length=4)
+    batch = collate([example], [[0]], pad_token_id=0, teacher_k=3, length=5)
     assert torch.isfinite(batch.teacher_logprobs).all() and torch.isfinite(batch.teacher_tail).all()
-    assert batch.teacher_ids[0, 1].tolist() == [3, 4]
+    assert batch.teacher_ids[0].tolist() == [[-1, -1, -1], [3, 4, 0], [5, 6, -1], [-1, -1, -1], [-1, -1, -1]]
+    assert batch.teacher_logprobs[0, [0, 3, 4]].eq(-60.0).all()
+    assert batch.teacher_tail[0].tolist() == pytest.approx([0.0, -2.5, -1.9, 0.0, 0.0])

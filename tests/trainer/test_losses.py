@@ -189,12 +189,17 @@ def test_temperature_softens_both_sides_and_scales_kd_by_t_squared():
     assert result.kd.item() == pytest.approx(forward, rel=1e-5)
     assert result.ce.item() == pytest.approx(math.log(2), rel=1e-5)  # CE stays at T = 1
 
-    # Sparse top-1: the teacher's buckets (0.6, 0.4) become (√0.6, √0.4) renormalised; the student's
-    # token-1 bucket is q2[1] and its tail the rest.
-    bucket_norm = math.sqrt(0.6) + math.sqrt(0.4)
-    teacher_top, teacher_tail = math.sqrt(0.6) / bucket_norm, math.sqrt(0.4) / bucket_norm
+    # Sparse top-1: each side is projected onto the buckets (token 1, tail) at T = 1, then tempered over
+    # them: the teacher's (0.6, 0.4) become (√0.6, √0.4) renormalised, the student's (0.25, 0.75) likewise.
+    def tempered(top: float) -> tuple[float, float]:
+        norm = math.sqrt(top) + math.sqrt(1 - top)
+        return math.sqrt(top) / norm, math.sqrt(1 - top) / norm
+
+    teacher_top, teacher_tail = tempered(0.6)
+    student_top, student_tail = tempered(Q[1])
     sparse_forward = 4 * (
-        teacher_top * math.log(teacher_top / q2[1]) + teacher_tail * math.log(teacher_tail / (1 - q2[1]))
+        teacher_top * math.log(teacher_top / student_top)
+        + teacher_tail * math.log(teacher_tail / student_tail)
     )
     sparse = compute("forward_kl", sparse_teacher([1]), temperature=2.0)
     assert sparse.kd.item() == pytest.approx(sparse_forward, rel=1e-5)
