@@ -7,7 +7,9 @@ student before training) and the student. Two kinds of figures:
   teacher's stored top-k and the tail (the KL of `losses.distillation_loss`, forward KL at T = 1),
   top-1 agreement with the teacher, and perplexity. KL and top-1 compare distributions over one
   vocabulary, so they exist only when the student shares the teacher's tokenizer and the teacher stored
-  logprobs; perplexity always does (per token of the model's own tokenizer).
+  logprobs; perplexity always does (per token of the model's own tokenizer). KL and top-1 are per token
+  of the positions where the teacher's top-1 is known: a position with every stored alternative masked
+  (an end-of-sequence label added after the server left it out) has neither, but counts for perplexity.
 - answer level: each model's greedy answer (batched, left padding, up to `evaluation.maxNewTokens` new
   tokens) against the teacher's response: exact match and token F1 after SQuAD-style normalisation.
   When the teacher stopped for length, a model's answer is cut at the same number of tokens; a teacher
@@ -48,7 +50,7 @@ from stillhouse.storage.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.backends.local_hf import DecodeRequest, default_stop_ids, generate_batch
 from stillhouse.teacher.model_loading import ModelSource, default_device, load_model
 from stillhouse.trainer import data, report
-from stillhouse.trainer.losses import IGNORE_INDEX, SparseTeacher, distillation_loss
+from stillhouse.trainer.losses import IGNORE_INDEX, MASKED_ID, SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import card_settings
 from stillhouse.trainer.publish import MODEL_CARD, is_committed, publish_student
 from stillhouse.trainer.run_config import EvaluateRun
@@ -112,12 +114,14 @@ def answer_metrics(predictions: Sequence[str], references: Sequence[str]) -> dic
 class TokenTotals:
     """Sums over evaluated response tokens, so that batches add up: the number of tokens, their negative
     log-likelihood, their KL(teacher ‖ model) and the tokens where the model's top-1 is the teacher's
-    (None where not defined)."""
+    (None where not defined), and `compared`: the tokens where the teacher's top-1 is known, which KL and
+    top-1 agreement are per token of."""
 
     tokens: int = 0
     nll: float = 0.0
     kl: float | None = None
     top1_matches: int | None = None
+    compared: int = 0
 
     def __add__(self, other: TokenTotals) -> TokenTotals:
         return TokenTotals(
@@ -125,17 +129,19 @@ class TokenTotals:
             self.nll + other.nll,
             _add_optional(self.kl, other.kl),
             _add_optional(self.top1_matches, other.top1_matches),
+            self.compared + other.compared,
         )
 
     def metrics(self) -> dict[str, float]:
-        """Per-token figures: perplexity, and KL and top-1 agreement where defined. Empty for no tokens."""
+        """Per-token figures: perplexity, and KL and top-1 agreement where defined (and some token had a
+        known teacher top-1). Empty for no tokens."""
         if self.tokens == 0:
             return {}
         figures = {"perplexity": math.exp(self.nll / self.tokens)}
-        if self.kl is not None:
-            figures["kl"] = self.kl / self.tokens
-        if self.top1_matches is not None:
-            figures["top1_agreement"] = self.top1_matches / self.tokens
+        if self.kl is not None and self.compared:
+            figures["kl"] = self.kl / self.compared
+        if self.top1_matches is not None and self.compared:
+            figures["top1_agreement"] = self.top1_matches / self.compared
         return figures
 
 
@@ -148,7 +154,8 @@ def _add_optional(a: float | None, b: float | None) -> float | None:
 
 def top1_matches(logits: torch.Tensor, labels: torch.Tensor, teacher_top1: torch.Tensor) -> int:
     """Positions with a label (labels != -100) where the model's most likely token is the teacher's
-    most likely one. logits [B, T, V], labels and teacher_top1 [B, T]."""
+    most likely one. logits [B, T, V], labels and teacher_top1 [B, T] (-1 where it is not known, which
+    never matches)."""
     counted = labels != IGNORE_INDEX
     return int(((logits.argmax(dim=-1) == teacher_top1) & counted).sum())
 
@@ -163,18 +170,22 @@ def model_token_totals(
         nll = distillation_loss(logits, labels, _NLL_ONLY, None)
         return TokenTotals(nll.tokens, float(nll.ce) * nll.tokens)
     divergence = distillation_loss(logits, labels, _KL, teacher)
+    # Masked slots come after the known ones: slot 0 is known wherever any is (losses.kd_tokens).
     return TokenTotals(
         divergence.tokens,
         float(divergence.ce) * divergence.tokens,
         float(divergence.kd) * divergence.tokens,
         top1_matches(logits, labels, teacher.ids[..., 0]),
+        divergence.kd_tokens,
     )
 
 
 def teacher_token_totals(answers: Iterable[SparseLogprobs]) -> TokenTotals:
     """The teacher's own totals, from the logprobs stored with its answers: KL 0, top-1 matches where the
-    token it chose is its top-1, and the NLL of the chosen tokens. A chosen token outside the stored top-k
-    (a sampled, unlikely token) counts with the tail's logprob: the most it can have."""
+    token it chose is its top-1 (over the positions whose top-1 is known, not masked), and the NLL of the
+    chosen tokens. A chosen token outside the known top-k (a sampled, unlikely token, or one whose
+    alternatives are all masked) counts with the tail's logprob: the most it can have (0 nats where
+    nothing is known)."""
     totals = TokenTotals(kl=0.0, top1_matches=0)
     for answer in answers:
         if answer.num_tokens == 0 or answer.k == 0:
@@ -188,6 +199,7 @@ def teacher_token_totals(answers: Iterable[SparseLogprobs]) -> TokenTotals:
             -float(logprob.sum()),
             0.0,
             int((answer.topk_ids[:, 0] == answer.token_ids).sum()),
+            int((answer.topk_ids[:, 0] != MASKED_ID).sum()),
         )
     return totals
 

@@ -94,6 +94,26 @@ def test_top1_matches_count_only_labelled_positions():
     teacher_top1 = torch.tensor([[1, 2, 2]])
     assert top1_matches(logits, torch.tensor([[7, 7, 7]]), teacher_top1) == 2
     assert top1_matches(logits, torch.tensor([[7, 7, -100]]), teacher_top1) == 1
+    assert top1_matches(logits, torch.tensor([[7, 7, 7]]), torch.tensor([[1, -1, -1]])) == 1  # unknown
+
+
+def test_a_position_with_nothing_of_the_teacher_known_counts_for_perplexity_only():
+    # Position 0: the teacher's distribution, known. Position 1: an end-of-sequence label the server left
+    # out, every slot masked. KL and top-1 are per token of position 0; perplexity covers both.
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 2, 20, generator=generator) * 3
+    known = _sparse_teacher_of(logits, k=3)
+    teacher = SparseTeacher(
+        torch.tensor([[known.ids[0, 0].tolist(), [-1, -1, -1]]]),
+        torch.tensor([[known.logprobs[0, 0].tolist(), [-60.0] * 3]]),
+        torch.tensor([[known.tail_logprob[0, 0].item(), 0.0]]),
+    )
+    labels = torch.tensor([[int(logits[0, 0].argmax()), 7]])
+    figures = model_token_totals(logits, labels, teacher).metrics()
+    assert figures["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert figures["top1_agreement"] == 1.0
+    nll = -torch.log_softmax(logits[0], -1)[[0, 1], labels[0]].mean().item()
+    assert figures["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
 
 
 def test_kl_is_zero_and_top1_total_for_the_teachers_own_distribution():
@@ -130,9 +150,12 @@ def test_without_a_teacher_only_perplexity_is_defined():
 
 
 def test_totals_add_up_over_batches():
-    a = TokenTotals(3, 6.0, 1.5, 2)
-    b = TokenTotals(1, 2.0, 0.5, 1)
+    a = TokenTotals(3, 6.0, 1.5, 2, compared=3)
+    b = TokenTotals(1, 2.0, 0.5, 1, compared=1)
     assert (a + b).metrics() == {"perplexity": pytest.approx(math.e**2), "kl": 0.5, "top1_agreement": 0.75}
+    # KL and top-1 are per token of the positions whose teacher top-1 is known.
+    c = TokenTotals(2, 0.0, 0.0, 0, compared=0)
+    assert (a + b + c).metrics()["top1_agreement"] == 0.75
     assert TokenTotals().metrics() == {}
 
 
@@ -148,6 +171,22 @@ def test_teacher_figures_from_its_stored_logprobs():
     assert figures["perplexity"] == pytest.approx(math.exp((0.1 + 1.2 + 2.2) / 3), rel=1e-5)
     assert figures["top1_agreement"] == pytest.approx(1 / 3)
     assert figures["kl"] == 0.0
+
+
+def test_teacher_top1_agreement_counts_only_positions_whose_top1_is_known():
+    # Token 7's second alternative is masked; the end-of-sequence label 2 was added with nothing known
+    # (every slot masked, tail 0), so it counts for perplexity with 0 nats and not for top-1.
+    answer = SparseLogprobs(
+        token_ids=np.array([5, 7, 2], np.int32),
+        topk_ids=np.array([[5, 6], [7, -1], [-1, -1]], np.int32),
+        topk_logprobs=np.array([[-0.1, -2.5], [-0.2, -60.0], [-60.0, -60.0]], np.float32),
+        tail_logprob=np.array([-3.0, -1.7, 0.0], np.float32),
+    )
+    totals = teacher_token_totals([answer])
+    assert (totals.tokens, totals.compared, totals.top1_matches) == (3, 2, 2)
+    figures = totals.metrics()
+    assert figures["top1_agreement"] == 1.0
+    assert figures["perplexity"] == pytest.approx(math.exp((0.1 + 0.2 + 0.0) / 3), rel=1e-5)
 
 
 # --- the headline --------------------------------------------------------------------------------
