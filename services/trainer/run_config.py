@@ -90,5 +90,9 @@ class IncompatibleTokenizers(TrainingError):
     """A logit loss between a student and a teacher that do not share a vocabulary."""
 
 
+class UnsupportedArchitecture(TrainingError):
+    """A student (or full-logits teacher) whose architecture training cannot run through its forward."""
+
+
 class TrainingDiverged(TrainingError):
     """The loss or the gradients became NaN or infinite."""

@@ -50,6 +50,7 @@ _PRECONDITION_ERRORS = (
     "TrainingError",
     "TrainingDataError",
     "IncompatibleTokenizers",
+    "UnsupportedArchitecture",
     "TrainingDiverged",
     "MissingObjectStoreKeys",
 )

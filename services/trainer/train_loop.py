@@ -9,7 +9,7 @@ the CPU (gloo); FSDP is meant for GPUs (NCCL) and is not tested on the CPU, wher
 One optimizer step: `batchTokens` tokens over all workers, as packed rows of `maxSeqLen`, in
 micro-batches whose gradients accumulate. The loss is the mean over every labelled token of the step on
 every worker: each micro-batch's mean is weighted by its share of the step's labelled tokens. The
-output layer runs only at labelled positions (`LabelledLogits`). AdamW
+model's own forward computes logits only at labelled positions (`student_logits`). AdamW
 (betas 0.9/0.95, weight decay 0.1 on matrices only), linear warm-up over `warmupRatio` of the steps,
 then cosine decay to a tenth of the peak learning rate; gradients clipped to norm 1. On a GPU the
 forward pass runs under bf16 autocast (float32 master weights) with gradient checkpointing.
@@ -73,8 +73,10 @@ from stillhouse.trainer.run_config import (
     TrainingDiverged,
     TrainOutcome,
     TrainRun,
+    UnsupportedArchitecture,
 )
 from stillhouse.trainer.student_init import build_student, check_tokenizers, teacher_tokenizer
+from stillhouse.trainer.student_logits import decoder_layers, labelled_logits, unsupported_architecture
 
 log = structlog.get_logger(__name__)
 
@@ -270,41 +272,13 @@ def make_optimizer(model: nn.Module, learning_rate: float, device: torch.device)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=ADAMW_BETAS, fused=device.type == "cuda")
 
 
-class LabelledLogits(nn.Module):
-    """A causal LM that computes logits only at the positions that have a label: [1, N, V] for the N
-    labelled positions of a batch, in order. The output layer and everything of vocabulary size after it
-    (the loss) then cost nothing on prompt tokens and padding.
-
-    It holds the LM's own decoder and output layer under the LM's own attribute names, so its state dict
-    has the same keys as the LM's (checkpoints and `save_pretrained` do not see it). For decoder LMs whose
-    logits are the output layer applied to the last hidden state (Llama, Mistral, Qwen, SmolLM...)."""
-
-    def __init__(self, causal_lm: PreTrainedModel) -> None:
-        super().__init__()
-        self.decoder_name = causal_lm.base_model_prefix
-        setattr(self, self.decoder_name, getattr(causal_lm, self.decoder_name))
-        self.lm_head = causal_lm.get_output_embeddings()
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return getattr(self, self.decoder_name).layers
-
-    def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labelled: torch.Tensor
-    ) -> torch.Tensor:
-        hidden = getattr(self, self.decoder_name)(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        return self.lm_head(hidden[labelled]).unsqueeze(0)
-
-
-def wrap_model(model: LabelledLogits, strategy: TrainingStrategy, workers: Workers) -> nn.Module:
+def wrap_model(model: PreTrainedModel, strategy: TrainingStrategy, workers: Workers) -> nn.Module:
     if not workers.distributed:
         return model
     if strategy is TrainingStrategy.FSDP:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.decoder_layers:
+        for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
         return model
@@ -334,8 +308,15 @@ def load_full_teacher(teacher: TeacherSpec, device: torch.device) -> PreTrainedM
     if teacher.backend is not TeacherBackend.LOCAL:
         raise TrainingDataError("training.loss.teacherLogits `full` needs a `local` teacher")
     model = model_loading.load_model(model_loading.resolve_model_reference(teacher.model), device)
+    require_supported_architecture(model, "teacher.model")
     model.requires_grad_(False)
     return model
+
+
+def require_supported_architecture(model: PreTrainedModel, field: str) -> None:
+    reason = unsupported_architecture(model.config)
+    if reason is not None:
+        raise UnsupportedArchitecture(f"{field}: {reason}")
 
 
 def save_model_folder(
@@ -378,6 +359,7 @@ class TrainingLoop:
         self.model, self.tokenizer = build_student(
             run.student.init, run.teacher, artifact_fetcher(run.object_store, work_dir / "fetched")
         )
+        require_supported_architecture(self.model, "student")
         self.choice = choose_loss(training.loss, run.teacher, self.tokenizer)
         self.data = load_examples(store, run, self.tokenizer, self.choice, workers)
         self.plan = BatchPlan.create(
@@ -418,15 +400,13 @@ class TrainingLoop:
         if run.gradient_checkpointing if run.gradient_checkpointing is not None else on_gpu:
             self.model.gradient_checkpointing_enable()
         self.model.train()
-        wrapped = wrap_model(LabelledLogits(self.model), run.training.strategy, workers)
+        wrapped = wrap_model(self.model, run.training.strategy, workers)
         forward = torch.compile(wrapped) if run.compile_model and on_gpu else wrapped
         optimizer = make_optimizer(wrapped, run.training.learning_rate, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: learning_rate_factor(step, self.warmup_steps, self.total_steps)
         )
-        teacher_model = (
-            LabelledLogits(load_full_teacher(run.teacher, device)) if self.choice.full_teacher else None
-        )
+        teacher_model = load_full_teacher(run.teacher, device) if self.choice.full_teacher else None
 
         position = TrainingPosition(step=0, epoch=0, batch_in_epoch=0, tokens=0)
         if resume_step is not None:
@@ -484,7 +464,7 @@ class TrainingLoop:
         wrapped: nn.Module,
         optimizer: torch.optim.Optimizer,
         micro_batches: list[PackedBatch],
-        teacher_model: LabelledLogits | None,
+        teacher_model: PreTrainedModel | None,
     ) -> dict[str, float]:
         """One optimizer step over the micro-batches; the step's figures over every worker."""
         workers, device = self.workers, self.workers.device
@@ -496,7 +476,7 @@ class TrainingLoop:
             batch = batch.to(device)
             with gradient_sync(wrapped, enabled=index == len(micro_batches) - 1), self._autocast():
                 labelled = batch.labels != IGNORE_INDEX
-                logits = forward(batch.input_ids, batch.position_ids, labelled)
+                logits = labelled_logits(forward, batch.input_ids, batch.position_ids, labelled)
                 breakdown = distillation_loss(
                     logits,
                     batch.labels[labelled].unsqueeze(0),
@@ -539,12 +519,12 @@ class TrainingLoop:
         return contextlib.nullcontext()
 
     def _teacher_signal(
-        self, batch: PackedBatch, labelled: torch.Tensor, teacher_model: LabelledLogits | None
+        self, batch: PackedBatch, labelled: torch.Tensor, teacher_model: PreTrainedModel | None
     ) -> SparseTeacher | torch.Tensor | None:
         """The teacher at the labelled positions, shaped like the student's logits: [1, N, ...]."""
         if teacher_model is not None:
             with torch.no_grad():
-                return teacher_model(batch.input_ids, batch.position_ids, labelled)
+                return labelled_logits(teacher_model, batch.input_ids, batch.position_ids, labelled)
         if batch.teacher_ids is None:
             return None
         return SparseTeacher(
