@@ -45,15 +45,16 @@ whole vocabulary (k = V), the tail bucket is empty and left out on both sides.
 
 Numerics: everything is computed in float32 (bf16 or float16 inputs are upcast). The teacher's logprobs
 are floored at the storage floor (-60, probability 1e-26) so that -inf never meets a product or a
-difference. The student's tail is summed over the tokens outside the teacher's ids (a log-sum-exp), not
-taken as 1 - top-k mass: float32 cannot resolve that difference below about 1e-7, and tempering at T = 4
-turns a tail of 1e-12 into 1e-3. It is floored at the storage floor too.
+difference. The student's tail is log(1 - top-k mass), computed with log1mexp, where that is accurate;
+where the tail is below 1e-3 it is summed over the tokens outside the teacher's ids instead, because
+float32 rounding of the top-k mass (about 1e-6 at worst) would swamp it, and tempering at T = 4 turns a
+tail of 1e-12 into 1e-3. It is floored at the storage floor too.
 
 Cost: the student's log-softmax over the vocabulary is computed once, over the positions that count, and
 reused for CE and KD (a second pass is needed only for CE with full teacher logits at T ≠ 1). The sparse
-path adds the student's tail: one log-sum-exp over the vocabulary forward and one pass backward, in row
-chunks of bounded size, saving nothing beyond the log-softmax that autograd keeps anyway; the rest is
-[N, k + 1] work.
+path adds [N, k + 1] work, and for the positions with a small student tail, two passes over their
+vocabulary row forward and two backward (in row chunks of bounded size, saving nothing beyond the
+log-softmax that autograd keeps anyway).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ IGNORE_INDEX = -100
 # The id of a masked top-k slot (`sparse_logprobs`).
 MASKED_ID = -1
 
+_LOG_2 = math.log(2.0)
+# A student tail taken as 1 - top-k mass is off by float32 rounding of that mass (about 1e-6 at worst):
+# below this (log) tail, the relative error would matter once tempered, so the tail is summed exactly.
+_EXACT_TAIL_BELOW = math.log(1e-3)
 # Rows of the student's log-softmax handled at once when its tail is summed: the copy it needs stays
 # below 2^26 float32 values (256 MiB).
 _TAIL_CHUNK_VALUES = 1 << 26
@@ -225,7 +230,7 @@ def _rows(values: Tensor, positions: Tensor) -> Tensor:
     """The rows of `values` at `positions`; `values` itself when every row is kept (no copy)."""
     if positions.numel() == values.shape[0]:
         return values
-    return values.index_select(0, positions)
+    return values[positions]  # not index_select, which is far slower on the CPU for wide rows
 
 
 def _sparse_divergence(
@@ -245,6 +250,7 @@ def _sparse_divergence(
     known = _rows(known, compared)
     ids = _rows(teacher_ids, compared)
     student_top = _rows(student_top, compared)
+    student_tail = _student_tail(log_q, compared, ids, known, student_top)
     teacher_logprobs = _rows(_rows(teacher.logprobs.reshape(-1, teacher.k), positions), compared)
     teacher_tail = _rows(_rows(teacher.tail_logprob.reshape(-1, 1), positions), compared)
     # The tail is a bucket unless the known ids are the whole vocabulary (ids are distinct).
@@ -253,9 +259,6 @@ def _sparse_divergence(
     # -inf (no mass) would make NaN of 0 · log 0 below.
     teacher_buckets = torch.cat([teacher_logprobs, teacher_tail], dim=-1).float().detach()
     teacher_buckets = teacher_buckets.clamp_min(LOGPROB_FLOOR)
-    # A masked slot points at a known id of its row, so that only known ids leave the student's tail.
-    first_known = ids.gather(-1, known.int().argmax(dim=-1, keepdim=True))
-    student_tail = _LogMassOutside.apply(log_q, compared, torch.where(known, ids, first_known))
     student_buckets = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
 
     log_p = _tempered(teacher_buckets, present, spec.temperature)
@@ -263,33 +266,60 @@ def _sparse_divergence(
     return _divergence(log_q_buckets, log_p, spec, present).sum(), compared.numel()
 
 
+def _student_tail(log_q: Tensor, rows: Tensor, ids: Tensor, known: Tensor, student_top: Tensor) -> Tensor:
+    """The log of the student's mass outside the known `ids` [n, k] of `rows` of `log_q` [N, V], floored
+    at the storage floor: [n]. As log(1 - mass at the ids) where that is accurate, summed over the
+    vocabulary where it is not (small tails)."""
+    known_mass = torch.where(known, student_top, -math.inf).logsumexp(dim=-1)
+    tail = _log1mexp(known_mass.clamp_max(-math.exp(LOGPROB_FLOOR))).clamp_min(LOGPROB_FLOOR)
+    small = (tail < _EXACT_TAIL_BELOW).nonzero().squeeze(1)
+    if small.numel() == 0:
+        return tail
+    # A masked slot points at a known id of its row, so that only known ids leave the tail.
+    first_known = ids.gather(-1, known.int().argmax(dim=-1, keepdim=True))
+    outside_ids = torch.where(known, ids, first_known)[small]
+    return tail.index_put((small,), _LogMassOutside.apply(log_q, rows[small], outside_ids))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler 2012). Each branch gets only inputs it
+    is finite on, so that neither puts NaN into the other's gradient."""
+    near_zero = x > -_LOG_2
+    small = torch.log(-torch.expm1(x.clamp_min(-_LOG_2)))
+    large = torch.log1p(-torch.exp(x.clamp_max(-_LOG_2)))
+    return torch.where(near_zero, small, large)
+
+
 class _LogMassOutside(torch.autograd.Function):
-    """log Σ_{j ∉ ids[r]} exp(log_q[rows[r], j]), floored at the storage floor: [R]. Summed directly,
-    not as log(1 - mass at ids), which float32 cannot resolve below a tail of about 1e-7 (and tempering
-    at T = 4 turns a tail of 1e-12 into 1e-3). Row chunks bound the copy it needs, and nothing of
-    vocabulary size is saved but `log_q` itself (which log-softmax keeps anyway)."""
+    """log Σ_{j ∉ ids[r]} exp(log_q[rows[r], j]) for each r, floored at the storage floor: [R]. Summed
+    directly, not as log(1 - mass at ids), which float32 cannot resolve below a tail of about 1e-6 (and
+    tempering at T = 4 turns a tail of 1e-12 into 1e-3). No shift by the maximum is needed: log_q ≤ 0,
+    and a tail above the floor has a token above e^-71, far from float32's underflow. Row chunks bound
+    the copy it needs; nothing of vocabulary size is saved but `log_q` itself (which log-softmax keeps
+    anyway)."""
 
     @staticmethod
     def forward(ctx: Any, log_q: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
-        tail = torch.empty(rows.numel(), dtype=log_q.dtype, device=log_q.device)
+        mass = torch.empty(rows.numel(), dtype=log_q.dtype, device=log_q.device)
         chunk = max(1, _TAIL_CHUNK_VALUES // max(log_q.shape[-1], 1))
+        every_row = rows.numel() == log_q.shape[0]
         for start in range(0, rows.numel(), chunk):
             part = slice(start, start + chunk)
-            outside = log_q.index_select(0, rows[part]).scatter_(-1, ids[part], -math.inf)
-            tail[part] = outside.logsumexp(dim=-1)
-        floored = tail.clamp_min(LOGPROB_FLOOR)
-        ctx.save_for_backward(log_q, rows, ids, tail)
-        return floored
+            values = log_q[part] if every_row else log_q[rows[part]]
+            mass[part] = values.exp().scatter_(-1, ids[part], 0.0).sum(dim=-1)
+        log_tail = mass.log()
+        ctx.save_for_backward(log_q, rows, ids, log_tail)
+        return log_tail.clamp_min(LOGPROB_FLOOR)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        log_q, rows, ids, tail = ctx.saved_tensors
-        # d tail / d log_q[j] = q_j / tail outside the ids, 0 at them; 0 where the floor holds.
-        grad = torch.where(tail > LOGPROB_FLOOR, grad, 0.0)
-        safe_tail = tail.clamp_min(LOGPROB_FLOOR).unsqueeze(-1)
-        rows_grad = (log_q.index_select(0, rows) - safe_tail).exp_().mul_(grad.unsqueeze(-1))
-        rows_grad.scatter_(-1, ids, 0.0)
-        return torch.zeros_like(log_q).index_copy_(0, rows, rows_grad), None, None
+        log_q, rows, ids, log_tail = ctx.saved_tensors
+        # d log_tail / d log_q[j] = q_j / tail outside the ids, 0 at them; 0 where the floor holds.
+        scale = torch.where(log_tail > LOGPROB_FLOOR, grad * (-log_tail.clamp_min(LOGPROB_FLOOR)).exp(), 0.0)
+        rows_grad = _rows(log_q, rows).exp().mul_(scale.unsqueeze(-1)).scatter_(-1, ids, 0.0)
+        if rows.numel() == log_q.shape[0]:
+            return rows_grad, None, None
+        return torch.zeros_like(log_q).index_put_((rows,), rows_grad), None, None
 
 
 def _tempered(buckets: Tensor, present: Tensor, temperature: float) -> Tensor:
