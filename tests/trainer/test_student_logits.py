@@ -17,7 +17,9 @@ from transformers import (
     WhisperConfig,
 )
 
+from stillhouse.trainer.run_config import UnsupportedArchitecture
 from stillhouse.trainer.student_logits import decoder_layers, labelled_logits, unsupported_architecture
+from stillhouse.trainer.train_loop import require_supported_architecture
 
 SMALL = {
     "vocab_size": 96,
@@ -90,3 +92,24 @@ def test_other_architectures_are_refused_by_name():
 
 class UnknownConfig(PretrainedConfig):
     model_type = "no-such-model"
+
+
+def test_training_refuses_a_student_it_cannot_run_through_its_forward():
+    whisper = WhisperConfig(
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+    )
+    model = AutoModelForCausalLM.from_config(whisper)
+    with pytest.raises(UnsupportedArchitecture, match=r"^student: WhisperForCausalLM"):
+        require_supported_architecture(model, "student")
+    require_supported_architecture(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), "student")
