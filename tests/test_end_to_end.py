@@ -115,7 +115,7 @@ def test_a_tiny_job_runs_end_to_end_and_a_repeat_pays_the_teacher_nothing(
     job_id, output = run_job(spec_file, home, free_port(), timeout=600)
     calls, cached = teacher_calls(output)
     assert calls > 0 and cached == 0, output
-    assert "The student recovers" in output
+    assert "of the gap from a context-free unigram to the teacher" in output
 
     store = LocalObjectStore(home / "objects", "stillhouse")
     train_prompts = pq.read_table(

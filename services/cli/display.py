@@ -14,6 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
+from stillhouse.common.headline import gap_closed_sentence
+
 PHASE_STYLES = {
     "Pending": "dim",
     "Prompts": "cyan",
@@ -266,6 +268,30 @@ def _figure(value: float | None) -> str:
     return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+# The evaluation's rows as the summary names them (camelCase), with their column headers, in order.
+EVALUATION_ROWS = (
+    ("uniform", "uniform"),
+    ("unigram", "unigram"),
+    ("baseline", "untrained"),
+    ("controlSft", "SFT control"),
+    ("student", "student"),
+    ("teacher", "teacher"),
+)
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> Table:
+    """Every evaluated row's figures on the held-out prompts, one column per row ("-" where undefined)."""
+    rows = [(key, header) for key, header in EVALUATION_ROWS if evaluation.get(key) is not None]
+    metrics = sorted(set().union(*(evaluation[key] for key, _ in rows)))
+    table = Table(title="Evaluation on the held-out prompts", title_justify="left")
+    table.add_column("metric", justify="left")
+    for _, header in rows:
+        table.add_column(header, justify="right")
+    for metric in metrics:
+        table.add_row(metric, *(_figure(evaluation[key].get(metric)) for key, _ in rows))
+    return table
+
+
 def job_outcome(job: dict[str, Any]) -> RenderableType | None:
     """What a job produced: the evaluation against the teacher, its cost, and where its artifacts are."""
     summary = job.get("summary")
@@ -274,23 +300,8 @@ def job_outcome(job: dict[str, Any]) -> RenderableType | None:
     parts: list[RenderableType] = []
     evaluation = summary.get("evaluation")
     if evaluation:
-        metrics = sorted(
-            set(evaluation["student"]) | set(evaluation["baseline"]) | set(evaluation["teacher"])
-        )
-        table = Table(title="Evaluation on the held-out prompts", title_justify="left")
-        for header in ("metric", "teacher", "student before", "student after"):
-            table.add_column(header, justify="left" if header == "metric" else "right")
-        for metric in metrics:
-            table.add_row(
-                metric,
-                _figure(evaluation["teacher"].get(metric)),
-                _figure(evaluation["baseline"].get(metric)),
-                _figure(evaluation["student"].get(metric)),
-            )
-        parts += [
-            table,
-            Text(f"The student recovers {evaluation['recoveryPercent']:.1f}% of the teacher.", style="bold"),
-        ]
+        headline = gap_closed_sentence(evaluation.get("gapClosed") or {})
+        parts += [evaluation_table(evaluation), Text(headline, style="bold")]
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()

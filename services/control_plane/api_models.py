@@ -63,10 +63,25 @@ class TrainingSummary(WireModel):
 
 class EvaluationSummary(WireModel):
     recovery_percent: float = Field(
-        description="How much of the teacher the student recovers (see the report)."
+        description="The headline: the share of the gap from a context-free unigram to the teacher that the "
+        "student closes, in percent, on held-out KL (on token F1 when KL is not defined; see the report)."
+    )
+    gap_closed: dict[str, float] = Field(
+        default_factory=dict,
+        description="The share of the unigram-to-teacher gap the student closes, in percent, by metric "
+        "(`kl`, `top1_agreement`, `token_f1`), where defined.",
+    )
+    uniform: dict[str, float] = Field(
+        default_factory=dict, description="Reference row: uniform over the vocabulary."
+    )
+    unigram: dict[str, float] = Field(
+        default_factory=dict, description="Reference row: token frequencies of the training answers."
     )
     student: dict[str, float]
     baseline: dict[str, float] = Field(description="The student before training.")
+    control_sft: dict[str, float] | None = Field(
+        default=None, description="The SFT control, when `evaluation.controls` lists `sft`."
+    )
     teacher: dict[str, float]
 
 

@@ -92,6 +92,7 @@ def _evaluate_request(operation_id: str, job_id: str, spec: Mapping[str, Any], r
         student=_artifact(trained, "student"),
         baseline=_artifact(trained, "baseline"),
         holdout_answers=_dataset(results[Stage.TEACHER], "holdout_answers"),
+        training_answers=_dataset(results[Stage.TEACHER], "answers"),
         teacher=_struct(spec["teacher"]),
         evaluation=_struct(spec["evaluation"]),
     )

@@ -1,4 +1,5 @@
-"""A job's outcome in one place: prompts, what the teacher cost, training, and how much it recovered.
+"""A job's outcome in one place: prompts, what the teacher cost, training, and the evaluation's rows
+and headline (the share of the unigram-to-teacher gap the student closes).
 
 Pure: read from the results the stages returned (proto field names, as `stage_calls.result_to_json`
 stores them; 64-bit integers arrive as strings there, as protobuf's JSON mapping writes them).
@@ -75,10 +76,15 @@ def job_summary(steps: Iterable[StepRecord]) -> dict[str, Any] | None:
     if (evaluation := results.get(Stage.EVALUATE)) is not None:
         summary["evaluation"] = {
             "recovery_percent": float(evaluation.get("recovery_percent", 0)),
+            "gap_closed": _metrics(evaluation.get("gap_closed_percent")),
+            "uniform": _metrics(evaluation.get("uniform_metrics")),
+            "unigram": _metrics(evaluation.get("unigram_metrics")),
             "student": _metrics(evaluation.get("student_metrics")),
             "baseline": _metrics(evaluation.get("baseline_metrics")),
             "teacher": _metrics(evaluation.get("teacher_metrics")),
         }
+        if control := evaluation.get("control_sft_metrics"):
+            summary["evaluation"]["control_sft"] = _metrics(control)
     summary["artifacts"] = {
         name: artifact_id
         for name, artifact_id in (

@@ -6,8 +6,9 @@ of rows is ever in memory. `.gz` JSONL and CSV files are decompressed on the fly
 
 A row is either a chat row, with `messages` (a list of {role, content}; a `system` message, if any, must
 come first and is kept there; the last message is the user's), or a plain row whose `column` holds the
-prompt text. `limit` keeps a seeded uniform sample of at most that many rows (reservoir sampling in one
-pass), in source order.
+prompt text. A row may also name its `group` (a `group` field or column): prompts of one group land on
+the same side of the held-out split (see `split`). `limit` keeps a seeded uniform sample of at most that
+many rows (reservoir sampling in one pass), in source order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -40,6 +41,12 @@ FORMAT_BY_EXTENSION = {
 }
 ROLES = ("system", "user", "assistant")
 BATCH_ROWS = 4096
+GROUP_FIELD = "group"
+
+
+class SourcePrompt(NamedTuple):
+    conversation: Conversation
+    group: str | None  # the row's `group`, when it names one
 
 
 class PromptSourceError(ValueError):
@@ -54,25 +61,27 @@ class PromptSourceError(ValueError):
 
 def iter_source(
     source: PromptSource, store: ObjectStore, seed: int, *, index: int | None = None
-) -> Iterator[Conversation]:
-    """The conversations of one source, streamed (a seeded sample of them when `source.limit` is set).
+) -> Iterator[SourcePrompt]:
+    """The prompts of one source, streamed (a seeded sample of them when `source.limit` is set).
 
     `index` is the source's position in `spec.prompts.sources`, used to name an inline source in errors.
     """
     if source.inline is not None:
         label = "inline source" if index is None else f"inline source #{index}"
-        rows: Iterable[tuple[int, Any]] = enumerate(source.inline, start=1)
-        conversations = (_plain(label, number, text) for number, text in _sampled(rows, source, seed, label))
-        yield from conversations
+        rows: Iterable[tuple[int, Any, str | None]] = (
+            (number, text, None) for number, text in enumerate(source.inline, start=1)
+        )
+        for number, text, _ in _sampled(rows, source, seed, label):
+            yield SourcePrompt(_plain(label, number, text), None)
         return
     assert source.path is not None  # the spec requires exactly one of path and inline
     label = f"prompt source {source.path}"
     with _local_copy(source.path, label, store) as path:
         rows = _rows(path, _format_of(source, path, label), source.column, label)
         yielded = False
-        for number, row in _sampled(rows, source, seed, label):
+        for number, row, group in _sampled(rows, source, seed, label):
             yielded = True
-            yield _conversation(label, number, row, source.column)
+            yield SourcePrompt(_conversation(label, number, row, source.column), group)
         if not yielded:
             raise PromptSourceError(label, "empty source: no rows")
 
@@ -148,8 +157,12 @@ def _open_text(path: Path):
 # --- rows ------------------------------------------------------------------------------------------
 
 
-def _rows(path: Path, file_format: str, column: str, label: str) -> Iterator[tuple[int, Any]]:
-    """(row number from 1, row) pairs; a chat row is {"messages": ...}, a plain row its prompt value."""
+Row = tuple[int, Any, str | None]
+
+
+def _rows(path: Path, file_format: str, column: str, label: str) -> Iterator[Row]:
+    """(row number from 1, row, group) triples; a chat row is {"messages": ...}, a plain row its prompt
+    value; the group is the row's `group` as text, None when it has none."""
     if file_format == "jsonl":
         return _jsonl_rows(path, column, label)
     if file_format == "parquet":
@@ -157,7 +170,12 @@ def _rows(path: Path, file_format: str, column: str, label: str) -> Iterator[tup
     return _csv_rows(path, column, label)
 
 
-def _jsonl_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
+def _group(value: Any) -> str | None:
+    """A row's group as text; None for none or an empty one."""
+    return None if value is None else str(value) or None
+
+
+def _jsonl_rows(path: Path, column: str, label: str) -> Iterator[Row]:
     try:
         with _open_text(path) as lines:
             for number, line in enumerate(lines, start=1):
@@ -169,44 +187,51 @@ def _jsonl_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]
                     raise PromptSourceError(label, f"line {number} is not valid JSON") from None
                 if not isinstance(row, dict):
                     raise PromptSourceError(label, f"line {number} is not a JSON object")
+                group = _group(row.get(GROUP_FIELD))
                 if "messages" in row:
-                    yield number, {"messages": row["messages"]}
+                    yield number, {"messages": row["messages"]}, group
                 elif column in row:
-                    yield number, row[column]
+                    yield number, row[column], group
                 else:
                     raise PromptSourceError(label, _no_prompt_column(column, list(row), f"line {number}"))
     except (UnicodeDecodeError, OSError, EOFError) as error:
         raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
 
 
-def _parquet_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(path: Path, column: str, label: str) -> Iterator[Row]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as error:
         raise PromptSourceError(label, f"not a readable Parquet file ({error})") from None
     names = parquet.schema_arrow.names
     chosen = _prompt_column(names, column, label)
+    grouped = GROUP_FIELD in names and chosen != GROUP_FIELD
     number = 0
     try:
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[chosen]):
-            for value in batch.column(0).to_pylist():
+        for batch in parquet.iter_batches(
+            batch_size=BATCH_ROWS, columns=[chosen, GROUP_FIELD] if grouped else [chosen]
+        ):
+            groups = batch.column(1).to_pylist() if grouped else [None] * batch.num_rows
+            for value, group in zip(batch.column(0).to_pylist(), groups, strict=True):
                 number += 1
-                yield number, ({"messages": value} if chosen == "messages" else value)
+                yield number, ({"messages": value} if chosen == "messages" else value), _group(group)
     except (pa.ArrowException, OSError) as error:
         raise PromptSourceError(label, f"not a readable Parquet file ({error})") from None
 
 
-def _csv_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
-    text_columns = {"messages": pa.string(), column: pa.string()}
+def _csv_rows(path: Path, column: str, label: str) -> Iterator[Row]:
+    text_columns = {"messages": pa.string(), column: pa.string(), GROUP_FIELD: pa.string()}
     try:
         reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=text_columns))
     except (pa.ArrowException, OSError) as error:
         raise PromptSourceError(label, f"not a readable CSV file ({error})") from None
     chosen = _prompt_column(reader.schema.names, column, label)
+    grouped = GROUP_FIELD in reader.schema.names and chosen != GROUP_FIELD
     number = 0
     try:
         for batch in reader:
-            for value in batch.column(chosen).to_pylist():
+            groups = batch.column(GROUP_FIELD).to_pylist() if grouped else [None] * batch.num_rows
+            for value, group in zip(batch.column(chosen).to_pylist(), groups, strict=True):
                 number += 1
                 if chosen == "messages":
                     try:
@@ -215,9 +240,9 @@ def _csv_rows(path: Path, column: str, label: str) -> Iterator[tuple[int, Any]]:
                         raise PromptSourceError(
                             label, f"row {number}: `messages` is not valid JSON"
                         ) from None
-                    yield number, {"messages": value}
+                    yield number, {"messages": value}, _group(group)
                 else:
-                    yield number, value
+                    yield number, value, _group(group)
     except (pa.ArrowException, OSError) as error:
         raise PromptSourceError(label, f"not a readable CSV file ({error})") from None
 
@@ -235,15 +260,13 @@ def _no_prompt_column(column: str, found: list[str], where: str) -> str:
     return f"{where} has no `messages` column and no column {column!r} (columns found: {listed})"
 
 
-def _sampled(
-    rows: Iterable[tuple[int, Any]], source: PromptSource, seed: int, label: str
-) -> Iterator[tuple[int, Any]]:
+def _sampled(rows: Iterable[Row], source: PromptSource, seed: int, label: str) -> Iterator[Row]:
     """All rows, or a uniform sample of `source.limit` of them (reservoir sampling), in source order."""
     if source.limit is None:
         yield from rows
         return
     rng = random.Random(f"{seed}:{label}")
-    reservoir: list[tuple[int, Any]] = []
+    reservoir: list[Row] = []
     for seen, row in enumerate(rows):
         if seen < source.limit:
             reservoir.append(row)

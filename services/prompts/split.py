@@ -1,6 +1,17 @@
 """The held-out split: which prompts train the student and which evaluate it.
 
-Membership is a pure function of the prompt id and the seed (`holdout_score` < fraction): the same
+The split is drawn by group, so that a held-out prompt never shares its group with a training prompt
+and the evaluation measures what the student learned beyond its training prompts, not how well it
+recalls a sibling of a held-out prompt. A prompt's group key:
+
+- a template prompt: the template and the value of its first slot (`template_group`). All prompts of
+  one concept (say `{{ product }}` = "a kettle", whatever the other slots say) fall on one side, so a
+  held-out concept is never seen in training;
+- a source prompt whose row names a `group` (a field or column): that group (`source_group`), shared by
+  the rows of every source that name it;
+- any other prompt (a source row without a group, a generated prompt): its own id.
+
+Membership is a pure function of the group key and the seed (`holdout_score` < fraction): the same
 prompt lands on the same side in every run, whatever the order of the stream and whatever other prompts
 it holds, so adding prompts never moves an existing one across the split.
 
@@ -35,14 +46,26 @@ SPLIT_LSH_WEIGHTS = (0.02, 0.98)
 SPLIT_RULES = ("near_holdout", "near_train")
 
 
-def holdout_score(prompt_id: str, seed: int) -> float:
-    """A uniform number in [0, 1) fixed by the prompt id and the seed."""
-    digest = hashlib.blake2b(f"{seed}:{prompt_id}".encode(), digest_size=8).digest()
+def holdout_score(group_key: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the group key (a prompt id for a prompt of its own) and the
+    seed."""
+    digest = hashlib.blake2b(f"{seed}:{group_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
-def is_holdout(prompt_id: str, fraction: float, seed: int) -> bool:
-    return holdout_score(prompt_id, seed) < fraction
+def is_holdout(group_key: str, fraction: float, seed: int) -> bool:
+    return holdout_score(group_key, seed) < fraction
+
+
+def template_group(template: str, first_slot_value: str) -> str:
+    """The group key of a prompt rendered from `template` with `first_slot_value` in its first slot."""
+    template_hash = hashlib.blake2b(template.encode(), digest_size=8).hexdigest()
+    return f"template:{template_hash}:{first_slot_value}"
+
+
+def source_group(group: str) -> str:
+    """The group key of a source row that names `group` (kept apart from prompt ids and templates)."""
+    return f"group:{group}"
 
 
 class HoldoutSplitter:
@@ -81,15 +104,25 @@ class HoldoutSplitter:
     def dropped_by_rule(self) -> dict[str, int]:
         return {rule: self._dropped[rule] for rule in SPLIT_RULES}
 
-    def assign(self, prompt_id: str, text: str) -> Side:
-        return self.assign_batch([prompt_id], [text])[0]
+    def assign(self, prompt_id: str, text: str, group_key: str | None = None) -> Side:
+        return self.assign_batch([prompt_id], [text], [group_key])[0]
 
-    def assign_batch(self, prompt_ids: Sequence[str], texts: Sequence[str]) -> list[Side]:
-        """`assign` for each prompt in order; signatures are computed for the whole batch at once."""
+    def assign_batch(
+        self,
+        prompt_ids: Sequence[str],
+        texts: Sequence[str],
+        group_keys: Sequence[str | None] | None = None,
+    ) -> list[Side]:
+        """`assign` for each prompt in order; signatures are computed for the whole batch at once.
+        `group_keys`: each prompt's group key (module docstring), None for a prompt of its own."""
         signatures = self._signer.signatures([normalise(text) for text in texts])
+        keys = [
+            group or prompt_id
+            for prompt_id, group in zip(prompt_ids, group_keys or [None] * len(prompt_ids), strict=True)
+        ]
         sides: list[Side] = []
-        for prompt_id, signature in zip(prompt_ids, signatures, strict=True):
-            if is_holdout(prompt_id, self.fraction, self.seed):
+        for key, signature in zip(keys, signatures, strict=True):
+            if is_holdout(key, self.fraction, self.seed):
                 if self._train_index is not None and self._train_index.contains_near(signature):
                     self._dropped["near_train"] += 1
                     sides.append("dropped")

@@ -2,10 +2,11 @@
 and write both datasets.
 
 Prompts stream through in chunks: read (or generated), cleaned (duplicates, lengths, languages), given
-the system prompt and their id, assigned to train or holdout, and written. Memory holds one chunk, what
-deduplication must remember, and a bounded sample of seed prompts for the strategies that show the
-teacher examples. The datasets become visible only when both are whole; a re-run after a crash
-computes the same prompts and finds what was already committed.
+the system prompt and their id, assigned to train or holdout by group (a template prompt with the others
+of its first slot's value, a source row with the others of its `group`: see `split`), and written.
+Memory holds one chunk, what deduplication must remember, and a bounded sample of seed prompts for the
+strategies that show the teacher examples. The datasets become visible only when both are whole; a
+re-run after a crash computes the same prompts and finds what was already committed.
 
 Accounting: `collected` is every prompt read or generated; each one that is not in a dataset was
 removed by exactly one rule of `removed_by_rule` (generation checks, cleaning, the split).
@@ -38,8 +39,8 @@ from stillhouse.prompts.generation import (
     evol_instruct,
     self_instruct,
 )
-from stillhouse.prompts.sources import PromptSourceError, iter_source, read_lines
-from stillhouse.prompts.split import HoldoutSplitter
+from stillhouse.prompts.sources import PromptSourceError, SourcePrompt, iter_source, read_lines
+from stillhouse.prompts.split import HoldoutSplitter, source_group, template_group
 from stillhouse.prompts.templates import TemplateError, render_templates
 from stillhouse.prompts.v1 import prompts_pb2
 from stillhouse.storage.datasets import DatasetConflict, DatasetWriter
@@ -189,10 +190,11 @@ class GeneratePromptsRun:
         while await asyncio.to_thread(self._ingest_next_chunk, conversations):
             self._report(message)
 
-    def _ingest_next_chunk(self, conversations: Iterator[Conversation]) -> int:
-        chunk = list(islice(conversations, CHUNK_PROMPTS))
-        self._collected += len(chunk)
-        verdicts = self._ingest(chunk)
+    def _ingest_next_chunk(self, prompts: Iterator[SourcePrompt]) -> int:
+        read = list(islice(prompts, CHUNK_PROMPTS))
+        self._collected += len(read)
+        chunk = [prompt.conversation for prompt in read]
+        verdicts = self._ingest(chunk, [None if p.group is None else source_group(p.group) for p in read])
         if self._spec.generate.strategy in TEACHER_STRATEGIES:
             for conversation, verdict in zip(chunk, verdicts, strict=True):
                 if verdict is None:
@@ -269,26 +271,34 @@ class GeneratePromptsRun:
         values = await asyncio.to_thread(slot_values)
         rendered = render_templates(generation, values, self._spec.seed)
         kept = 0
-        while texts := await asyncio.to_thread(lambda: list(islice(rendered, CHUNK_PROMPTS))):
-            self._collected += len(texts)
-            verdicts = await asyncio.to_thread(self._ingest_texts, texts)
+        while prompts := await asyncio.to_thread(lambda: list(islice(rendered, CHUNK_PROMPTS))):
+            self._collected += len(prompts)
+            texts = [prompt.text for prompt in prompts]
+            groups = [template_group(generation.template, prompt.first_slot_value) for prompt in prompts]
+            verdicts = await asyncio.to_thread(self._ingest_texts, texts, groups)
             kept += sum(verdict is None for verdict in verdicts)
             self._report(f"rendering the templates: {kept} kept", done=kept, total=generation.count)
         return kept
 
     # --- cleaning, splitting, writing ---------------------------------------------------------------
 
-    def _ingest(self, conversations: list[Conversation]) -> list[str | None]:
+    def _ingest(
+        self, conversations: list[Conversation], group_keys: list[str | None] | None = None
+    ) -> list[str | None]:
         """Clean, split and write; for each conversation None if written, else the rule
-        that removed it. Runs in a worker thread, one call at a time."""
+        that removed it. `group_keys`: each conversation's group key for the split (None: its own id).
+        Runs in a worker thread, one call at a time."""
         if not conversations:
             return []
         texts = [user_text(conversation) for conversation in conversations]
+        groups = group_keys or [None] * len(conversations)
         verdicts = self._cleaner.admit_batch(texts)
         kept = [position for position, verdict in enumerate(verdicts) if verdict is None]
         messages = [self._with_system_prompt(conversations[position]) for position in kept]
         identities = [prompt_id(conversation) for conversation in messages]
-        sides = self._splitter.assign_batch(identities, [texts[position] for position in kept])
+        sides = self._splitter.assign_batch(
+            identities, [texts[position] for position in kept], [groups[position] for position in kept]
+        )
         rows: dict[str, list[dict]] = {side: [] for side in SIDES}
         for position, conversation, identity, side in zip(kept, messages, identities, sides, strict=True):
             if side == "dropped":
@@ -301,8 +311,8 @@ class GeneratePromptsRun:
                 self._written[side] += len(rows[side])
         return verdicts
 
-    def _ingest_texts(self, texts: list[str]) -> list[str | None]:
-        return self._ingest([[{"role": "user", "content": text}] for text in texts])
+    def _ingest_texts(self, texts: list[str], group_keys: list[str | None] | None = None) -> list[str | None]:
+        return self._ingest([[{"role": "user", "content": text}] for text in texts], group_keys)
 
     def _with_system_prompt(self, conversation: Conversation) -> Conversation:
         system = self._spec.system_prompt

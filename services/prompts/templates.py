@@ -4,6 +4,9 @@ Templates render in Jinja's sandbox with strict undefined variables, so a templa
 Python internals (`{{ ''.__class__ }}` is refused) nor silently render a missing slot as "". The
 template's variables are checked against the known slots before anything renders.
 
+Each prompt comes with the value of the template's first slot (the first one it uses, in reading order),
+which the held-out split groups prompts by (see `split`).
+
 `all` walks the cartesian product of the slot values in a seeded random order without building it: the
 product's index space is permuted (a numpy permutation when it is small, a keyed Feistel network with
 cycle walking when it is large) and each index is decoded into one value per slot.
@@ -15,10 +18,11 @@ import hashlib
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import jinja2
 import numpy as np
-from jinja2 import meta
+from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from stillhouse.common.jobspec import PromptGeneration, SlotCombination
@@ -32,9 +36,14 @@ class TemplateError(ValueError):
     """A template that cannot produce prompts: syntax, unknown slots, empty slots, a refused operation."""
 
 
+class RenderedPrompt(NamedTuple):
+    text: str
+    first_slot_value: str  # the value of the template's first slot ("" for a template without slots)
+
+
 def render_templates(
     generation: PromptGeneration, slot_values: Mapping[str, Sequence[str]], seed: int
-) -> Iterator[str]:
+) -> Iterator[RenderedPrompt]:
     """Up to `generation.count` prompts from `generation.template` (fewer when `all` runs out of
     combinations). `slot_values` holds `slots` and the values read from `slotFiles`, merged.
 
@@ -66,17 +75,27 @@ def render_templates(
         combinations = _all_combinations(values, generation.count, seed)
     else:
         combinations = _sampled_combinations(values, generation.count, seed)
-    return _rendered(template, names, combinations)
+    first = _first_slot(syntax_tree, names)
+    return _rendered(template, names, None if first is None else names.index(first), combinations)
+
+
+def _first_slot(syntax_tree: nodes.Template, names: list[str]) -> str | None:
+    """The slot the template uses first, in reading order; None when it uses none."""
+    for name in syntax_tree.find_all(nodes.Name):
+        if name.name in names:
+            return name.name
+    return None
 
 
 def _rendered(
-    template: jinja2.Template, names: list[str], combinations: Iterator[list[str]]
-) -> Iterator[str]:
+    template: jinja2.Template, names: list[str], first: int | None, combinations: Iterator[list[str]]
+) -> Iterator[RenderedPrompt]:
     for combination in combinations:
         try:
-            yield template.render(dict(zip(names, combination, strict=True)))
+            text = template.render(dict(zip(names, combination, strict=True)))
         except jinja2.TemplateError as error:
             raise TemplateError(f"template cannot render: {error}") from None
+        yield RenderedPrompt(text, "" if first is None else combination[first])
 
 
 def _all_combinations(values: list[list[str]], count: int, seed: int) -> Iterator[list[str]]:

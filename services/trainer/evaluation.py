@@ -1,7 +1,9 @@
 """Stage 5: the student against the teacher, on the teacher's answers to the held-out prompts.
 
-Three models are compared: the teacher (from the figures stored with its answers), the baseline (the
-student before training) and the student. Two kinds of figures:
+Rows of the report, all on the same held-out answers: two context-free references (`references`: a
+uniform distribution over the vocabulary, and a unigram fitted on the training answers), the untrained
+student (the baseline), the SFT control when `evaluation.controls` lists `sft`, the student, and the
+teacher (from the figures stored with its answers). Two kinds of figures:
 
 - token level, by teacher forcing on the teacher's responses: KL(teacher ‖ model) per token over the
   teacher's stored top-k and the tail (the KL of `losses.distillation_loss`, forward KL at T = 1),
@@ -11,12 +13,16 @@ student before training) and the student. Two kinds of figures:
   of the positions where the teacher's top-1 is known: a position with every stored alternative masked
   (an end-of-sequence label added after the server left it out) has neither, but counts for perplexity.
 - answer level: each model's greedy answer (batched, left padding, up to `evaluation.maxNewTokens` new
-  tokens) against the teacher's response: exact match and token F1 after SQuAD-style normalisation.
+  tokens) against the teacher's response: exact match and token F1 after SQuAD-style normalisation, and
+  the share of repeated word 4-grams (`repeated_ngram_share`; the teacher's from its own responses).
   When the teacher stopped for length, a model's answer is cut at the same number of tokens; a teacher
-  response longer than `maxNewTokens` is compared by its first `maxNewTokens` tokens.
+  response longer than `maxNewTokens` is compared by its first `maxNewTokens` tokens. The uniform has no
+  greedy answer (every token ties), so these are n/a for it.
 
-The headline, "the student recovers X% of the teacher", is the share of the baseline's gap to the
-teacher that training closed, on KL when it is defined and on token F1 otherwise (`recovery`).
+The headline (`Headline`) is the share of the gap from the unigram to the teacher that the student
+closes, on KL and on top-1 agreement (on token F1 when KL is not defined): a figure that a trivial model
+cannot score well on, unlike a gap measured from the untrained student, which can be worse than uniform.
+The report also gives the student's and the teacher's non-embedding parameter counts (`model_size`).
 
 The metric functions come first and are functions of tensors and strings; `run_evaluation` is the
 adapter that downloads the models, runs them, and writes the report and the published student.
@@ -40,19 +46,22 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from stillhouse.common.jobspec import LossKind, LossSpec
+from stillhouse.common.headline import gap_closed_sentence
+from stillhouse.common.jobspec import LossKind, LossSpec, TeacherBackend, TeacherSpec
 from stillhouse.storage.artifacts import ArtifactExists, download_artifact, upload_folder
 from stillhouse.storage.objects import ObjectStore
 from stillhouse.storage.open_store import open_object_store
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.backends.local_hf import DecodeRequest, default_stop_ids, generate_batch
-from stillhouse.teacher.model_loading import ModelSource, default_device, load_model
+from stillhouse.teacher.model_loading import ModelSource, default_device, load_model, resolve_model_reference
 from stillhouse.trainer import data, report
 from stillhouse.trainer.losses import IGNORE_INDEX, MASKED_ID, SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import card_settings
+from stillhouse.trainer.model_size import non_embedding_parameters
 from stillhouse.trainer.publish import MODEL_CARD, is_committed, publish_student
+from stillhouse.trainer.references import ContextFreeModel, uniform_model, unigram_counts, unigram_model
 from stillhouse.trainer.run_config import EvaluateRun
 from stillhouse.trainer.student_init import check_tokenizers, teacher_tokenizer
 
@@ -105,6 +114,29 @@ def answer_metrics(predictions: Sequence[str], references: Sequence[str]) -> dic
         "exact_match": sum(exact_match(p, r) for p, r in pairs) / len(pairs),
         "token_f1": sum(token_f1(p, r) for p, r in pairs) / len(pairs),
     }
+
+
+def repeated_ngram_share(texts: Iterable[str], n: int = 4) -> float | None:
+    """The share of word n-grams that repeat an earlier n-gram of the same text: Σ (total - distinct) /
+    Σ total, over the n-grams of each text's lower-cased whitespace words. 0 for texts that never repeat
+    themselves, near 1 for a loop; None when no text has n words."""
+    total = repeated = 0
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        repeated += len(grams) - len(set(grams))
+    return repeated / total if total else None
+
+
+def greedy_answer_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """The answer-level figures of greedy answers: exact match and token F1 against the references, and
+    the share of repeated 4-grams (when any answer has four words)."""
+    figures = answer_metrics(predictions, references)
+    repeated = repeated_ngram_share(predictions)
+    if repeated is not None:
+        figures["repeated_4grams"] = repeated
+    return figures
 
 
 # --- token level ---------------------------------------------------------------------------------
@@ -206,43 +238,63 @@ def teacher_token_totals(answers: Iterable[SparseLogprobs]) -> TokenTotals:
 
 # --- the headline --------------------------------------------------------------------------------
 
+# The metrics the headline measures the gap on, with the teacher's value where it is fixed (its KL to
+# itself is 0; its answers are the reference of token F1); top-1 agreement takes the teacher's measured
+# value (1 for a greedy teacher).
+_FIXED_TEACHER_VALUES = {"kl": 0.0, "token_f1": 1.0}
+GAP_METRICS = ("kl", "top1_agreement", "token_f1")
+
+GAP_DEFINITION = (
+    "the share of the gap from a context-free unigram (token frequencies of the training answers) to the "
+    "teacher that the student closes, on the teacher's held-out answers: on KL(teacher ‖ model) per "
+    "token, 100 · (KL_unigram - KL_student) / KL_unigram (the teacher's own KL is 0); on top-1 agreement, "
+    "100 · (top1_student - top1_unigram) / (top1_teacher - top1_unigram); on token F1 (used when KL is not "
+    "defined), 100 · (F1_student - F1_unigram) / (1 - F1_unigram). 100% is a student that matches the "
+    "teacher, 0% one no better than the unigram, and below 0 one worse than it."
+)
+
+
+def gap_closed(reference: float, student: float, teacher: float) -> float | None:
+    """100 · (student - reference) / (teacher - reference): the share of the reference's gap to the
+    teacher that the student closes; None when the reference has no gap."""
+    gap = teacher - reference
+    return None if abs(gap) < 1e-12 else 100.0 * (student - reference) / gap
+
 
 @dataclass(frozen=True)
-class Recovery:
-    """How much of the teacher the student recovers: `percent` of the baseline's gap to the teacher on
-    `metric` that training closed (None when the baseline has no gap to close)."""
+class Headline:
+    """The share of the unigram's gap to the teacher that the student closes, per metric of GAP_METRICS
+    that the three of them have (None where the unigram has no gap), led by `metric`: KL when it is
+    defined, else token F1. `percent` is the lead figure (the `recovery` field of the API and the report)."""
 
-    percent: float | None
+    gap_closed: dict[str, float | None]
     metric: str
-    definition: str
+
+    @property
+    def percent(self) -> float | None:
+        return self.gap_closed.get(self.metric)
+
+    def sentence(self) -> str:
+        return gap_closed_sentence(self.gap_closed)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"percent": self.percent, "metric": self.metric, "definition": self.definition}
+        return {
+            "percent": self.percent,
+            "metric": self.metric,
+            "gap_closed": dict(self.gap_closed),
+            "sentence": self.sentence(),
+            "definition": GAP_DEFINITION,
+        }
 
 
-KL_RECOVERY_DEFINITION = (
-    "the share of the baseline's KL gap to the teacher that training closed: "
-    "100 · (KL_baseline - KL_student) / KL_baseline, with KL(teacher ‖ model) per token on the teacher's "
-    "held-out answers (the teacher's own is 0). 100% is a student that matches the teacher; 0% one no "
-    "closer than the untrained student."
-)
-F1_RECOVERY_DEFINITION = (
-    "the share of the baseline's token-F1 gap to the teacher that training closed: "
-    "100 · (F1_student - F1_baseline) / (1 - F1_baseline), with the token F1 of greedy answers against the "
-    "teacher's held-out responses (the teacher's own is 1), used because KL is not defined here. 100% is "
-    "a student that answers as the teacher does; 0% one no closer than the untrained student."
-)
-
-
-def recovery(baseline: dict[str, float], student: dict[str, float]) -> Recovery:
-    """The headline: on KL when both models have it, else on token F1."""
-    if "kl" in baseline and "kl" in student:
-        metric, teacher_value, definition = "kl", 0.0, KL_RECOVERY_DEFINITION
-    else:
-        metric, teacher_value, definition = "token_f1", 1.0, F1_RECOVERY_DEFINITION
-    gap = teacher_value - baseline[metric]
-    percent = None if abs(gap) < 1e-12 else 100.0 * (student[metric] - baseline[metric]) / gap
-    return Recovery(percent, metric, definition)
+def headline(unigram: dict[str, float], student: dict[str, float], teacher: dict[str, float]) -> Headline:
+    """The headline from the figures of the unigram reference, the student and the teacher."""
+    closed = {}
+    for metric in GAP_METRICS:
+        target = _FIXED_TEACHER_VALUES.get(metric, teacher.get(metric))
+        if target is not None and metric in unigram and metric in student:
+            closed[metric] = gap_closed(unigram[metric], student[metric], target)
+    return Headline(closed, "kl" if "kl" in closed else "token_f1")
 
 
 # --- running the models --------------------------------------------------------------------------
@@ -252,24 +304,31 @@ class EvaluationError(Exception):
     """An evaluation that cannot run, for a reason the job's author can act on."""
 
 
-# (what is happening, work done, work in all). The work is counted in held-out answers: each model is
-# run on each answer twice (teacher-forced, then generating), and publishing counts as one more; 0 in
-# all while the amount is not known yet.
+# (what is happening, work done, work in all). The work is counted in held-out answers: each trained
+# model (untrained, student, controls) is run on each answer twice (teacher-forced, then generating),
+# each context-free reference once (its greedy answer needs no model run), and publishing counts as one
+# more; 0 in all while the amount is not known yet.
 Progress = Callable[[str, int, int], None]
 
+TRAINED_MODELS = ("baseline", "control-sft", "student")
+REFERENCE_MODELS = ("uniform", "unigram")
 
-def _work_in_all(answers: int) -> int:
-    return 4 * answers + 1
+
+def _work_in_all(answers: int, trained_models: int) -> int:
+    return (2 * trained_models + len(REFERENCE_MODELS)) * answers + 1
 
 
 @dataclass(frozen=True)
 class EvaluationOutcome:
     report_prefix: str
     student_prefix: str  # the published student
-    recovery_percent: float  # NaN when undefined (the baseline already matched the teacher)
+    recovery_percent: float  # the headline's lead figure (see `Headline`); NaN when undefined
     student_metrics: dict[str, float]
     baseline_metrics: dict[str, float]
     teacher_metrics: dict[str, float]
+    # The reference rows by name: uniform, unigram, and control-sft when it was trained.
+    reference_metrics: dict[str, dict[str, float]]
+    gap_closed: dict[str, float]  # the share of the unigram's gap closed, per metric where defined
 
 
 @dataclass(frozen=True)
@@ -349,20 +408,24 @@ def prepare_holdout(
 
 
 def teacher_metrics(holdout: Holdout) -> dict[str, float]:
-    """The teacher's figures on the held-out answers, from its stored logprobs (none when k = 0)."""
-    if holdout.topk == 0:
-        return {}
-    stored = (SparseLogprobs.from_arrow(holdout.rows[a.prompt_id], holdout.topk) for a in holdout.answers)
-    figures = teacher_token_totals(stored).metrics()
-    if not holdout.token_level:
-        figures.pop("kl", None)
-        figures.pop("top1_agreement", None)
+    """The teacher's figures on the held-out answers: token level from its stored logprobs (none when
+    k = 0), and the share of repeated 4-grams in its responses (as the models' answers are compared)."""
+    figures = {}
+    if holdout.topk > 0:
+        stored = (SparseLogprobs.from_arrow(holdout.rows[a.prompt_id], holdout.topk) for a in holdout.answers)
+        figures = teacher_token_totals(stored).metrics()
+        if not holdout.token_level:
+            figures.pop("kl", None)
+            figures.pop("top1_agreement", None)
+    repeated = repeated_ngram_share(holdout.references)
+    if repeated is not None:
+        figures["repeated_4grams"] = repeated
     return figures
 
 
 @torch.inference_mode()
 def teacher_forced_totals(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ContextFreeModel,
     holdout: Holdout,
     pad_token_id: int,
     tokens_per_pass: int,
@@ -431,7 +494,57 @@ def model_metrics(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return totals.metrics() | answer_metrics(predictions, holdout.references)
+    return totals.metrics() | greedy_answer_metrics(predictions, holdout.references)
+
+
+def context_free_metrics(
+    model: ContextFreeModel,
+    tokenizer: PreTrainedTokenizerBase,
+    holdout: Holdout,
+    settings: EvaluationSettings,
+    advance: Callable[[int], None],
+    *,
+    has_top_token: bool,
+) -> dict[str, float]:
+    """The figures of a context-free reference: token level as for a model; when it has a most likely
+    token (`has_top_token`; the uniform has none), top-1 agreement and the figures of its greedy answer,
+    which is that token repeated up to each answer's budget (empty when the token ends a turn)."""
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    figures = teacher_forced_totals(model, holdout, pad_token_id, settings.tokens_per_pass, advance).metrics()
+    if not has_top_token:
+        figures.pop("top1_agreement", None)
+        return figures
+    token = model.most_likely_token()
+    predictions = [
+        "" if token == tokenizer.eos_token_id else tokenizer.decode([token] * count, skip_special_tokens=True)
+        for count in holdout.new_tokens
+    ]
+    return figures | greedy_answer_metrics(predictions, holdout.references)
+
+
+def fit_unigram(
+    store: ObjectStore,
+    dataset_id: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    use_teacher_tokens: bool,
+    max_seq_len: int,
+    vocab_size: int,
+) -> ContextFreeModel:
+    """The unigram reference, fitted on the response tokens of the training answers, tokenized as the
+    held-out ones are (the teacher's own ids when `use_teacher_tokens`)."""
+    answers = data.tokenize_answers(
+        data.read_answer_rows(store, dataset_id),
+        tokenizer,
+        use_teacher_tokens=use_teacher_tokens,
+        max_seq_len=max_seq_len,
+    )
+    counts = unigram_counts(answers, vocab_size)
+    if counts.sum() == 0:
+        raise EvaluationError(
+            f"the training answers {dataset_id} have no response tokens to fit a unigram on"
+        )
+    return unigram_model(counts)
 
 
 def published_student_prefix(run: EvaluateRun) -> str:
@@ -444,33 +557,35 @@ def report_prefix(run: EvaluateRun) -> str:
 
 
 def run_evaluation(run: EvaluateRun, progress: Progress) -> EvaluationOutcome:
-    """Evaluate the baseline and the student against the teacher on the held-out answers, commit the
-    report artifact and publish the student. A run whose report is already committed (a repeated or
-    resumed evaluation) reads the figures from it and only publishes what is missing."""
+    """Evaluate the references, the baseline, the student (and its controls) against the teacher on the
+    held-out answers, commit the report artifact and publish the student. A run whose report is already
+    committed (a repeated or resumed evaluation) reads the figures from it and only publishes what is
+    missing."""
     store = open_object_store(run.object_store)
     parallel = run.object_store.parallel_uploads
+    trained = _trained_prefixes(run)
     lineage = {
         "job_id": run.job_id,
         "stage": "evaluate",
-        "input_ids": [run.student_prefix, run.baseline_prefix, run.holdout_dataset_id],
+        "input_ids": [*trained.values(), run.holdout_dataset_id, run.training_dataset_id],
     }
     published = published_student_prefix(run)
     with tempfile.TemporaryDirectory(prefix="stillhouse-evaluate-") as scratch:
-        student_folder = None
+        folders = None
         document = _committed_report(store, report_prefix(run))
         if document is None:
-            progress("downloading the student and the baseline", 0, 0)
-            student_folder, baseline_folder = Path(scratch, "student"), Path(scratch, "baseline")
-            download_artifact(store, run.student_prefix, student_folder, parallel_files=parallel)
-            download_artifact(store, run.baseline_prefix, baseline_folder, parallel_files=parallel)
-            training_log = read_training_log(student_folder / TRAINING_LOG)
-            document = _evaluate(run, store, student_folder, baseline_folder, training_log, progress)
+            progress(f"downloading the {', '.join(trained)}", 0, 0)
+            folders = {name: Path(scratch, name) for name in trained}
+            for name, prefix in trained.items():
+                download_artifact(store, prefix, folders[name], parallel_files=parallel)
+            training_log = read_training_log(folders["student"] / TRAINING_LOG)
+            document = _evaluate(run, store, folders, training_log, progress)
             report.write_report(Path(scratch, "report"), document, training_log)
             try:
                 upload_folder(store, report_prefix(run), Path(scratch, "report"), lineage=lineage)
             except ArtifactExists:  # a concurrent run of the same evaluation committed first
                 document = _committed_report(store, report_prefix(run)) or document
-        work = _work_in_all(document["data"]["holdout_rows"])
+        work = _work_in_all(document["data"]["holdout_rows"], len(trained))
         progress("publishing the student", work - 1, work)
         publish_student(
             store,
@@ -479,7 +594,7 @@ def run_evaluation(run: EvaluateRun, progress: Progress) -> EvaluationOutcome:
             teacher=run.teacher,
             evaluation=card_evaluation(document),
             lineage=lineage,
-            downloaded=student_folder,
+            downloaded=folders["student"] if folders else None,
             parallel_files=parallel,
         )
     progress("published the student", work, work)
@@ -492,7 +607,23 @@ def run_evaluation(run: EvaluateRun, progress: Progress) -> EvaluationOutcome:
         student_metrics=metrics["student"],
         baseline_metrics=metrics["baseline"],
         teacher_metrics=metrics["teacher"],
+        reference_metrics={
+            name: metrics[name] for name in (*REFERENCE_MODELS, "control-sft") if name in metrics
+        },
+        gap_closed={
+            metric: value for metric, value in document["recovery"]["gap_closed"].items() if value is not None
+        },
     )
+
+
+def _trained_prefixes(run: EvaluateRun) -> dict[str, str]:
+    """The trained models to evaluate (TRAINED_MODELS that the run has), by name, in evaluation order."""
+    prefixes = {
+        "baseline": run.baseline_prefix,
+        "control-sft": run.control_sft_prefix,
+        "student": run.student_prefix,
+    }
+    return {name: prefixes[name] for name in TRAINED_MODELS if prefixes[name] is not None}
 
 
 def card_evaluation(document: dict[str, Any]) -> dict[str, Any]:
@@ -524,12 +655,12 @@ def _committed_report(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
 def _evaluate(
     run: EvaluateRun,
     store: ObjectStore,
-    student_folder: Path,
-    baseline_folder: Path,
+    folders: dict[str, Path],
     training_log: list[dict[str, Any]],
     progress: Progress,
 ) -> dict[str, Any]:
-    """The report document of one evaluation."""
+    """The report document of one evaluation; `folders`: the trained models, downloaded, by name."""
+    student_folder = folders["student"]
     tokenizer = AutoTokenizer.from_pretrained(student_folder)
     teacher_tok = teacher_tokenizer(run.teacher)
     difference = (
@@ -539,30 +670,62 @@ def _evaluate(
     )
     topk = data.answers_topk(store, run.holdout_dataset_id)
     rows = list(data.read_answer_rows(store, run.holdout_dataset_id))
+    max_seq_len = _context_length(student_folder, tokenizer)
     holdout = prepare_holdout(
         rows,
         topk,
         tokenizer,
         difference,
-        max_seq_len=_context_length(student_folder, tokenizer),
+        max_seq_len=max_seq_len,
         max_new_tokens=run.evaluation.max_new_tokens,
     )
     device = default_device()
     settings = EvaluationSettings.for_device(device)
-    total = _work_in_all(len(holdout.answers))
+    total = _work_in_all(len(holdout.answers), len(folders))
     done = 0
-    metrics = {"teacher": teacher_metrics(holdout)}
-    for name, folder in (("baseline", baseline_folder), ("student", student_folder)):
 
-        def advance(count: int, name: str = name) -> None:
+    def advancing(name: str) -> Callable[[int], None]:
+        def advance(count: int) -> None:
             nonlocal done
             done += count
             progress(f"the {name}", done, total)
 
-        metrics[name] = model_metrics(folder, tokenizer, holdout, device, settings, advance)
+        return advance
+
+    student_config = AutoConfig.from_pretrained(student_folder)
+    vocab_size = student_config.get_text_config().vocab_size
+    progress("fitting the unigram on the training answers", done, total)
+    unigram = fit_unigram(
+        store,
+        run.training_dataset_id,
+        tokenizer,
+        use_teacher_tokens=holdout.token_level,
+        max_seq_len=max_seq_len,
+        vocab_size=vocab_size,
+    )
+    metrics: dict[str, dict[str, float]] = {
+        "uniform": context_free_metrics(
+            uniform_model(vocab_size, device),
+            tokenizer,
+            holdout,
+            settings,
+            advancing("uniform"),
+            has_top_token=False,
+        ),
+        "unigram": context_free_metrics(
+            unigram.to(device), tokenizer, holdout, settings, advancing("unigram"), has_top_token=True
+        ),
+    }
+    for name, folder in folders.items():
+        metrics[name] = model_metrics(folder, tokenizer, holdout, device, settings, advancing(name))
         log.info("model evaluated", model=name, **metrics[name])
-    headline = recovery(metrics["baseline"], metrics["student"])
+    metrics["teacher"] = teacher_metrics(holdout)
+    lead = headline(metrics["unigram"], metrics["student"], metrics["teacher"])
     notes = list(holdout.notes)
+    notes.append(
+        "The uniform reference has no most likely token: its top-1 agreement and greedy answers (exact "
+        "match, token F1, repeated 4-grams) are n/a."
+    )
     temperature = run.teacher.sampling.temperature
     if temperature > 0:
         notes.append(
@@ -570,8 +733,10 @@ def _evaluate(
             "compare greedy answers with sampled ones, which even the teacher's own greedy answers would "
             "not always match."
         )
-    if headline.percent is None:
-        notes.append(f"Recovery is undefined: the baseline's {headline.metric} already equals the teacher's.")
+    if lead.percent is None:
+        notes.append(
+            f"The gap closed is undefined: the unigram's {lead.metric} already equals the teacher's."
+        )
     card = card_settings(_read_text(student_folder / MODEL_CARD))
     response_tokens = sum(len(answer.response_ids) for answer in holdout.answers)
     return report.build_report(
@@ -582,12 +747,15 @@ def _evaluate(
             "artifact": run.student_prefix,
             "baseline": run.baseline_prefix,
             "published": published_student_prefix(run),
+            **({"control_sft": run.control_sft_prefix} if run.control_sft_prefix else {}),
         },
+        model_size=model_sizes(student_config, run.teacher),
         data={
             "holdout_dataset": run.holdout_dataset_id,
             "holdout_rows": len(holdout.answers),
             "holdout_response_tokens": response_tokens,
             "teacher_topk": topk,
+            "unigram_fitted_on": run.training_dataset_id,
             "trained_on": card.data if card else {},
         },
         evaluation={
@@ -596,10 +764,24 @@ def _evaluate(
             "device": str(device),
         },
         metrics=metrics,
-        recovery=headline.as_dict(),
+        recovery=lead.as_dict(),
         training_log=training_log,
         notes=notes,
     )
+
+
+def model_sizes(student: PretrainedConfig, teacher: TeacherSpec) -> dict[str, Any]:
+    """The student's and the teacher's non-embedding parameters and their ratio; the teacher's only for a
+    `local` teacher (an API teacher's architecture is not known here)."""
+    sizes: dict[str, Any] = {"student_non_embedding_parameters": non_embedding_parameters(student)}
+    if teacher.backend is TeacherBackend.LOCAL:
+        source = resolve_model_reference(teacher.model)
+        config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+        sizes["teacher_non_embedding_parameters"] = non_embedding_parameters(config)
+        sizes["student_to_teacher"] = (
+            sizes["student_non_embedding_parameters"] / sizes["teacher_non_embedding_parameters"]
+        )
+    return sizes
 
 
 def _context_length(folder: Path, tokenizer: PreTrainedTokenizerBase) -> int:

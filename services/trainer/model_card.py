@@ -13,8 +13,9 @@ with the teacher and with its own untrained baseline, with the definition of the
   from (front matter ``base_model``; the teacher's model when absent);
 - ``steps``, ``epochs``, ``seconds``, ``gpu_hours``, ``final_loss``: training figures.
 
-`evaluation` is what `stillhouse.trainer.evaluation` measured: ``metrics`` (per model: teacher,
-baseline, student), ``recovery`` (``percent``, ``metric``, ``definition``), ``holdout_rows`` and
+`evaluation` is what `stillhouse.trainer.evaluation` measured: ``metrics`` (per model and reference
+row: uniform, unigram, baseline, control-sft, student, teacher), ``recovery`` (the headline: ``sentence``
+and ``definition`` of the share of the unigram-to-teacher gap the student closes), ``holdout_rows`` and
 ``notes``.
 
 The front matter also keeps the training settings and `data` under ``stillhouse:``, so that the card of
@@ -33,7 +34,7 @@ import yaml
 from pydantic import ValidationError
 
 from stillhouse.common.jobspec import LossKind, TeacherSpec, TrainingSpec
-from stillhouse.trainer.report import MODEL_LABELS, MODELS, flat_items, format_recovery, metric_rows, shown
+from stillhouse.trainer.report import MODEL_LABELS, flat_items, metric_rows, models_in, shown
 
 _DATA_LABELS = {
     "dataset": "Teacher answers dataset",
@@ -153,8 +154,7 @@ def _title(teacher: TeacherSpec, evaluation: Mapping[str, Any] | None) -> str:
         recovery = evaluation["recovery"]
         lines += [
             "",
-            f"**It recovers {format_recovery(recovery.get('percent'))} of the teacher** "
-            f"({recovery['metric']}): {recovery['definition']}",
+            f"**{recovery['sentence']}** Gap closed: {recovery['definition']}",
         ]
     return "\n".join(lines)
 
@@ -216,10 +216,11 @@ def _training_items(training: TrainingSpec) -> list[tuple[str, Any]]:
 
 
 def evaluation_section(evaluation: Mapping[str, Any]) -> str:
-    """The card's "Evaluation" section: the three models' figures and the notes."""
+    """The card's "Evaluation" section: the figures of every evaluated model and reference, and the notes."""
     metrics = evaluation.get("metrics", {})
-    header = "| Metric | " + " | ".join(MODEL_LABELS[model] for model in MODELS) + " |"
-    divider = "|---|" + "---:|" * len(MODELS)
+    models = models_in(metrics)
+    header = "| Metric | " + " | ".join(MODEL_LABELS[model] for model in models) + " |"
+    divider = "|---|" + "---:|" * len(models)
     rows = [
         f"| {row.label} ({row.better} is better) | " + " | ".join(row.cells) + " |"
         for row in metric_rows(metrics)

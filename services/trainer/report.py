@@ -34,9 +34,17 @@ REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
 LOSS_CURVE_PNG = "loss_curve.png"
 
-MODELS = ("teacher", "baseline", "student")
-MODEL_LABELS = {"teacher": "Teacher", "baseline": "Baseline (untrained student)", "student": "Student"}
-MISSING = "—"
+# Reference rows first, then what training made, then the teacher (the columns of the pages, in order).
+MODELS = ("uniform", "unigram", "baseline", "control-sft", "student", "teacher")
+MODEL_LABELS = {
+    "uniform": "Uniform",
+    "unigram": "Unigram",
+    "baseline": "Untrained student",
+    "control-sft": "SFT control",
+    "student": "Student",
+    "teacher": "Teacher",
+}
+MISSING = "n/a"
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,16 @@ METRICS = (
         "Mean over held-out prompts of the F1 of the whitespace tokens of the model's greedy answer against "
         "the teacher's response, after the same normalisation (SQuAD-style).",
     ),
+    Metric(
+        "repeated_4grams",
+        "Repeated 4-grams",
+        ".3f",
+        "lower",
+        "Share of the word 4-grams of the greedy answers that repeat an earlier 4-gram of the same answer: "
+        "Σ (total - distinct) / Σ total over the answers, words being the lower-cased whitespace tokens. "
+        "0 for answers that never repeat themselves, near 1 for a loop. For the teacher: its own held-out "
+        "responses.",
+    ),
 )
 METRIC_DEFINITIONS = {metric.key: metric.definition for metric in METRICS}
 
@@ -102,14 +120,19 @@ METRIC_DEFINITIONS = {metric.key: metric.definition for metric in METRICS}
 class MetricRow:
     label: str
     better: str
-    cells: tuple[str, ...]  # one per model of MODELS, MISSING where the figure is not defined
+    cells: tuple[str, ...]  # one per model of `models_in`, MISSING where the figure is not defined
+
+
+def models_in(metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The models of MODELS that `metrics` has a row for (the SFT control only when it was trained)."""
+    return [model for model in MODELS if model in metrics]
 
 
 def metric_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[MetricRow]:
-    """The table of figures: one row per metric that at least one model has, cells in MODELS order."""
+    """The table of figures: one row per metric that at least one model has, cells in `models_in` order."""
     rows = []
     for metric in METRICS:
-        values = [metrics.get(model, {}).get(metric.key) for model in MODELS]
+        values = [metrics[model].get(metric.key) for model in models_in(metrics)]
         if all(value is None for value in values):
             continue
         cells = tuple(MISSING if value is None else format(value, metric.number_format) for value in values)
@@ -117,8 +140,24 @@ def metric_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[MetricRow]:
     return rows
 
 
-def format_recovery(percent: float | None) -> str:
-    return "undefined" if percent is None else f"{percent:.1f}%"
+def format_count(count: int) -> str:
+    """A parameter count as people say it: 1.2M, 135M, 7.2B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
+
+
+def model_size_sentence(sizes: Mapping[str, Any]) -> str:
+    """The student's and the teacher's non-embedding parameter counts, and their ratio, in words."""
+    student = format_count(sizes["student_non_embedding_parameters"])
+    if "teacher_non_embedding_parameters" not in sizes:
+        return f"The student has {student} non-embedding parameters; the teacher's are not known."
+    teacher = format_count(sizes["teacher_non_embedding_parameters"])
+    return (
+        f"The student has {student} non-embedding parameters, the teacher {teacher}: "
+        f"{sizes['student_to_teacher']:.3f} of the teacher's."
+    )
 
 
 # --- the JSON document ---------------------------------------------------------------------------
@@ -160,6 +199,7 @@ def build_report(
     teacher: TeacherSpec,
     training: TrainingSpec | None,
     student: Mapping[str, Any],
+    model_size: Mapping[str, Any],
     data: Mapping[str, Any],
     evaluation: Mapping[str, Any],
     metrics: Mapping[str, Mapping[str, float]],
@@ -167,23 +207,26 @@ def build_report(
     training_log: Sequence[Mapping[str, Any]],
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The report as JSON-ready data. `student`: where the models are (artifacts, init); `data`: dataset
-    ids and sizes; `evaluation`: its settings; `metrics`: per model of MODELS, metric key -> value;
-    `recovery`: percent, metric and definition; `notes`: what could not be measured, and why."""
+    """The report as JSON-ready data. `student`: where the models are (artifacts, init); `model_size`:
+    non-embedding parameter counts (`evaluation.model_sizes`); `data`: dataset ids and sizes;
+    `evaluation`: its settings; `metrics`: per model of MODELS that was evaluated, metric key -> value;
+    `recovery`: the headline (percent, metric, gap_closed per metric, sentence, definition); `notes`: what
+    could not be measured, and why."""
     return {
         "format": REPORT_FORMAT,
         "job_id": job_id,
         "created_at": datetime.now(UTC).isoformat(),
         "teacher": teacher_summary(teacher),
         "student": dict(student),
+        "model_size": dict(model_size),
         "loss": training.loss.model_dump(mode="json", by_alias=True) if training else None,
         "data": dict(data),
         "evaluation": dict(evaluation),
-        "metrics": {model: dict(metrics.get(model, {})) for model in MODELS},
+        "metrics": {model: dict(metrics[model]) for model in models_in(metrics)},
         "metric_definitions": {
             key: definition
             for key, definition in METRIC_DEFINITIONS.items()
-            if any(key in metrics.get(model, {}) for model in MODELS)
+            if any(key in metrics[model] for model in models_in(metrics))
         },
         "recovery": dict(recovery),
         "training": training_summary(training_log),
@@ -239,7 +282,6 @@ def _environment(autoescape: bool) -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters["recovery"] = format_recovery
     environment.filters["tojson_pretty"] = lambda value: json.dumps(value, indent=2, ensure_ascii=False)
     return environment
 
@@ -251,6 +293,7 @@ def _template_source(name: str) -> str:
 _SECTIONS = (
     ("Teacher", "teacher"),
     ("Student", "student"),
+    ("Model size", "model_size"),
     ("Loss", "loss"),
     ("Data", "data"),
     ("Evaluation", "evaluation"),
@@ -278,7 +321,8 @@ def _page_context(report: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "report": report,
         "sections": [(title, flat_items(report[key] or {})) for title, key in _SECTIONS],
-        "models": [MODEL_LABELS[model] for model in MODELS],
+        "models": [MODEL_LABELS[model] for model in models_in(report["metrics"])],
+        "model_size": model_size_sentence(report["model_size"]),
         "rows": metric_rows(report["metrics"]),
         "definitions": [
             (metric.label, report["metric_definitions"][metric.key])

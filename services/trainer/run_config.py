@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field_serializer
 
 from stillhouse.common.jobspec import EvaluationSpec, SpecModel, StudentSpec, TeacherSpec, TrainingSpec
@@ -62,10 +64,19 @@ class EvaluateRun(_RunModel):
     student_prefix: str  # the trained student artifact
     baseline_prefix: str  # the untrained student artifact
     holdout_dataset_id: str  # the teacher's answers to the held-out prompts
+    training_dataset_id: str  # the teacher's answers the student trained on (the unigram is fitted on them)
     teacher: TeacherSpec
     evaluation: EvaluationSpec
     object_store: ObjectStoreSettings
     output_prefix: str = Field(description="Where the evaluation's outputs go: `jobs/<job-id>/evaluate`.")
+
+    @property
+    def control_sft_prefix(self) -> str | None:
+        """The SFT control student, trained beside the student (`TrainRun.output_prefix`/control-sft),
+        when `evaluation.controls` lists `sft`; else None."""
+        if "sft" not in self.evaluation.controls:
+            return None
+        return f"{posixpath.dirname(self.student_prefix)}/control-sft"
 
 
 class TrainOutcome(BaseModel):

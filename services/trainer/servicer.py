@@ -158,15 +158,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             for name in ("student", "baseline"):
                 if not getattr(request, name).artifact_id:
                     raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}.artifact_id must be set")
-            if not request.holdout_answers.dataset_id:
-                raise OperationError(
-                    grpc.StatusCode.INVALID_ARGUMENT, "holdout_answers.dataset_id must be set"
-                )
+            for name in ("holdout_answers", "training_answers"):
+                if not getattr(request, name).dataset_id:
+                    raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}.dataset_id must be set")
             run = EvaluateRun(
                 job_id=request.job_id,
                 student_prefix=request.student.artifact_id,
                 baseline_prefix=request.baseline.artifact_id,
                 holdout_dataset_id=request.holdout_answers.dataset_id,
+                training_dataset_id=request.training_answers.dataset_id,
                 teacher=teacher,
                 evaluation=evaluation,
                 object_store=self._object_store,
@@ -176,7 +176,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             async def work(progress: ProgressReporter) -> trainer_pb2.EvaluateStudentResult:
                 progress.update(unit="prompts", message="checking the held-out answers and the models")
                 await asyncio.to_thread(self._require_dataset, "holdout_answers", run.holdout_dataset_id)
-                for name, prefix in (("student", run.student_prefix), ("baseline", run.baseline_prefix)):
+                await asyncio.to_thread(self._require_dataset, "training_answers", run.training_dataset_id)
+                models = {"student": run.student_prefix, "baseline": run.baseline_prefix}
+                if run.control_sft_prefix is not None:
+                    models["control-sft"] = run.control_sft_prefix
+                for name, prefix in models.items():
                     await asyncio.to_thread(self._require_artifact, name, prefix)
                 jobs = await self._ray_jobs()
                 self._require_capacity(1, self._evaluation_num_gpus)
@@ -195,6 +199,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
                 await self._run_job(jobs, request.operation_id, "evaluate", env, progress, on_record)
                 outcome = json.loads(await self._outcome(run.output_prefix))
+                references = outcome["reference_metrics"]
                 return trainer_pb2.EvaluateStudentResult(
                     report=await asyncio.to_thread(self._artifact_ref, outcome["report_prefix"]),
                     student=await asyncio.to_thread(self._artifact_ref, outcome["student_prefix"]),
@@ -202,6 +207,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     student_metrics=outcome["student_metrics"],
                     baseline_metrics=outcome["baseline_metrics"],
                     teacher_metrics=outcome["teacher_metrics"],
+                    uniform_metrics=references.get("uniform", {}),
+                    unigram_metrics=references.get("unigram", {}),
+                    control_sft_metrics=references.get("control-sft", {}),
+                    gap_closed_percent=outcome["gap_closed"],
                 )
 
             return self._registry.start_request(request, kind=EVALUATE_STUDENT, work=work)

@@ -116,7 +116,16 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
         async def EvaluateStudent(self, request, context):
             if not request.student.artifact_id.endswith("/train/student"):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "student artifact not passed on")
-            return start("EvaluateStudent", request, trainer_pb2.EvaluateStudentResult(recovery_percent=87.5))
+            if not request.training_answers.dataset_id.endswith("/teacher/answers"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "training answers not passed on")
+            result = trainer_pb2.EvaluateStudentResult(
+                recovery_percent=87.5,
+                gap_closed_percent={"kl": 87.5, "top1_agreement": 60.0},
+                unigram_metrics={"kl": 5.0, "top1_agreement": 0.06},
+                uniform_metrics={"kl": 9.0},
+                student_metrics={"kl": 0.625, "top1_agreement": 0.6},
+            )
+            return start("EvaluateStudent", request, result)
 
     def service(module, name: str):
         return module.DESCRIPTOR.services_by_name[name].full_name

@@ -81,6 +81,10 @@ def test_job_runs_every_stage_once_and_passes_results_on(platform, wait_until):
     assert job["steps"][3]["result"]["recovery_percent"] == 87.5
     summary = job["summary"]
     assert summary["evaluation"]["recoveryPercent"] == 87.5
+    assert summary["evaluation"]["gapClosed"] == {"kl": 87.5, "top1_agreement": 60.0}
+    assert summary["evaluation"]["unigram"] == {"kl": 5.0, "top1_agreement": 0.06}
+    assert summary["evaluation"]["uniform"] == {"kl": 9.0}
+    assert summary["evaluation"]["controlSft"] is None  # no control was listed
     assert summary["prompts"]["train"] == 90
     assert summary["cost"] == {"teacherUsd": 0.0, "generationUsd": 0.25, "totalUsd": 0.25, "gpuHours": 0.0}
     assert summary["artifacts"] == {"student": f"jobs/{job_id}/train/student"}

@@ -49,7 +49,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def read(source: PromptSource, store: LocalObjectStore, seed: int = 0) -> list[list[dict[str, str]]]:
-    return list(iter_source(source, store, seed))
+    return [prompt.conversation for prompt in iter_source(source, store, seed)]
+
+
+def groups_of(source: PromptSource, store: LocalObjectStore) -> list[str | None]:
+    return [prompt.group for prompt in iter_source(source, store, 0)]
+
+
+def test_rows_may_name_their_group_in_every_format(tmp_path, store):
+    rows = [
+        {"prompt": "What is a kettle?", "group": "kettle"},
+        {"prompt": "Describe a kettle.", "group": "kettle"},
+        {"prompt": "What is a lamp?", "group": 7},
+        {"prompt": "No group here."},
+    ]
+    expected = ["kettle", "kettle", "7", None]
+    jsonl = write_jsonl(tmp_path / "grouped.jsonl", rows)
+    assert groups_of(PromptSource(path=str(jsonl)), store) == expected
+    table = pa.table({"prompt": [row["prompt"] for row in rows], "group": ["kettle", "kettle", "7", None]})
+    pq.write_table(table, tmp_path / "grouped.parquet")
+    assert groups_of(PromptSource(path=str(tmp_path / "grouped.parquet")), store) == expected
+    csv_path = tmp_path / "grouped.csv"
+    csv_path.write_text(
+        "prompt,group\nWhat is a kettle?,kettle\nDescribe a kettle.,kettle\n"
+        "What is a lamp?,7\nNo group here.,\n"
+    )
+    assert groups_of(PromptSource(path=str(csv_path)), store) == expected  # an empty group is none
+    # A sample keeps each row's group with it; inline prompts have none.
+    assert set(groups_of(PromptSource(path=str(jsonl), limit=2), store)) <= set(expected)
+    assert groups_of(PromptSource(inline=["a", "b"]), store) == [None, None]
 
 
 def test_jsonl_chat_rows_keep_their_system_message_first(tmp_path, store):

@@ -1,4 +1,5 @@
-"""The held-out split: deterministic by id, the right size, and no near-duplicate on both sides."""
+"""The held-out split: deterministic by group (a prompt's own id by default), the right size, no group and
+no near-duplicate on both sides."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 
 from stillhouse.common.records import prompt_id
 from stillhouse.prompts.cleaning import MinHashSigner, normalise
-from stillhouse.prompts.split import HoldoutSplitter, holdout_score, is_holdout
+from stillhouse.prompts.split import (
+    HoldoutSplitter,
+    holdout_score,
+    is_holdout,
+    source_group,
+    template_group,
+)
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -99,6 +106,37 @@ def test_train_prompt_near_a_holdout_prompt_is_dropped_after_cleaning():
     assert splitter.assign(train_ids[0], near_text) == "dropped"
     assert splitter.assign(train_ids[1], " ".join(rng.choice(WORDS) for _ in range(30))) == "train"
     assert splitter.dropped_by_rule == {"near_holdout": 1, "near_train": 0}
+
+
+def test_prompts_of_one_group_share_a_side_and_groups_spread_over_both():
+    splitter = HoldoutSplitter(0.3, seed=2, near_dup_threshold=0.9)
+    concepts = [f"concept{c}" for c in range(40)]
+    prompts = [
+        (concept, f"{verb} {concept} {WORDS[i]}") for i, concept in enumerate(concepts) for verb in "ABC"
+    ]
+    keys = [template_group("Tell me about {{ concept }} {{ x }}", concept) for concept, _ in prompts]
+    texts = [text for _, text in prompts]
+    sides = splitter.assign_batch([prompt_id([{"role": "user", "content": t}]) for t in texts], texts, keys)
+    by_concept: dict[str, set[str]] = {}
+    for (concept, _), side in zip(prompts, sides, strict=True):
+        by_concept.setdefault(concept, set()).add(side)
+    assert all(len(seen) == 1 for seen in by_concept.values()), by_concept  # no group crosses the split
+    held = sum(seen == {"holdout"} for seen in by_concept.values())
+    assert 4 <= held <= 20  # about 30% of 40 groups
+    # The side is the group's: a prompt's own id plays no part once it has a group.
+    assert all(is_holdout(keys[i], 0.3, seed=2) == (side == "holdout") for i, side in enumerate(sides))
+
+
+def test_group_keys_keep_templates_sources_and_ids_apart():
+    assert template_group("{{ a }} b", "x") == template_group("{{ a }} b", "x")
+    assert template_group("{{ a }} b", "x") != template_group("{{ a }} c", "x")
+    assert template_group("{{ a }} b", "x") != template_group("{{ a }} b", "y")
+    assert source_group("x") == "group:x" and not template_group("t", "x").startswith("group:")
+    # Without group keys, the split is by prompt id, as it always was.
+    plain = HoldoutSplitter(0.5, seed=1, near_dup_threshold=0.9)
+    some = ids(50)
+    texts = [" ".join(WORDS[i * 5 : i * 5 + 5]) for i in range(50)]
+    assert plain.assign_batch(some, texts) == ["holdout" if is_holdout(i, 0.5, 1) else "train" for i in some]
 
 
 def test_bad_fraction_is_refused():

@@ -91,6 +91,54 @@ def test_sources_and_templates_become_disjoint_train_and_holdout_datasets(
     assert again.holdout.manifest_sha256 == result.holdout.manifest_sha256
 
 
+CONCEPTS = ["tides", "volcanoes", "glaciers", "rainbows", "earthquakes", "auroras", "monsoons", "deserts"]
+CONCEPTS += ["comets", "coral reefs", "thunderstorms", "geysers", "fjords", "dunes", "lightning", "hail"]
+
+
+def test_no_template_concept_or_source_group_is_on_both_sides_of_the_split(prompts_service, tmp_path):
+    grouped = tmp_path / "grouped.jsonl"
+    grouped.write_text(
+        "".join(
+            json.dumps({"prompt": f"Question {n} about recipe {group}: {word}?", "group": f"recipe-{group}"})
+            + "\n"
+            for group in range(12)
+            for n, word in enumerate(["ingredients", "timing", "variations"])
+        )
+    )
+    prompts = {
+        "sources": [{"path": str(grouped)}],
+        "generate": {
+            "strategy": "template",
+            "count": 48,
+            "template": "Explain {{ concept }} to a {{ reader }} reader.",
+            "slots": {"concept": CONCEPTS, "reader": ["young", "curious", "busy"]},
+        },
+        "seed": 5,
+    }
+    result = prompts_service.result(
+        prompts_service.generate(
+            "op-groups", prompts, job_id="job-groups", evaluation={"holdoutFraction": 0.3}
+        )
+    )
+    sides = {
+        side: [row["messages"][-1]["content"] for row in rows_of(prompts_service, reference)]
+        for side, reference in (("train", result.train), ("holdout", result.holdout))
+    }
+
+    def concepts(texts: list[str]) -> set[str]:
+        return {
+            text.removeprefix("Explain ").split(" to a ")[0] for text in texts if text.startswith("Explain ")
+        }
+
+    def recipes(texts: list[str]) -> set[str]:
+        return {text.split("recipe ")[1].split(":")[0] for text in texts if "recipe " in text}
+
+    assert concepts(sides["train"]) and concepts(sides["holdout"])
+    assert not concepts(sides["train"]) & concepts(sides["holdout"])
+    assert recipes(sides["train"]) and recipes(sides["holdout"])
+    assert not recipes(sides["train"]) & recipes(sides["holdout"])
+
+
 UNKNOWN_SLOT = {
     "sources": [{"inline": SEEDS}],
     "generate": {"strategy": "template", "count": 3, "template": "{{ city }}", "slots": {"tone": ["calm"]}},

@@ -19,7 +19,7 @@ def generation(combination: str = "all", count: int = 5, template: str = TEMPLAT
 
 
 def test_all_enumerates_distinct_combinations_up_to_count():
-    prompts = list(render_templates(generation(count=5), SLOTS, seed=1))
+    prompts = [prompt.text for prompt in render_templates(generation(count=5), SLOTS, seed=1)]
     assert len(prompts) == 5 == len(set(prompts))
     expected = {
         f"Write a {tone} product description for {product}."
@@ -34,9 +34,9 @@ def test_all_stops_when_the_product_runs_out():
 
 
 def test_all_order_is_shuffled_and_seeded():
-    first = list(render_templates(generation(count=12), SLOTS, seed=1))
-    assert first == list(render_templates(generation(count=12), SLOTS, seed=1))
-    assert first != list(render_templates(generation(count=12), SLOTS, seed=2))
+    first = [prompt.text for prompt in render_templates(generation(count=12), SLOTS, seed=1)]
+    assert first == [prompt.text for prompt in render_templates(generation(count=12), SLOTS, seed=1)]
+    assert first != [prompt.text for prompt in render_templates(generation(count=12), SLOTS, seed=2)]
     in_product_order = [
         f"Write a {tone} product description for {product}."
         for tone, product in itertools.product(SLOTS["tone"], SLOTS["product"])
@@ -51,6 +51,16 @@ def test_sampled_draws_count_prompts_deterministically():
     assert prompts != list(render_templates(generation("sampled", count=200), SLOTS, seed=8))
     # Drawn with replacement, each slot independently: every combination shows up in 200 draws.
     assert len(set(prompts)) == 12
+
+
+def test_each_prompt_carries_the_value_of_the_templates_first_slot():
+    # `tone` comes first in the template, though `product` sorts first.
+    for prompt in render_templates(generation(count=12), SLOTS, seed=1):
+        assert prompt.text.startswith(f"Write a {prompt.first_slot_value} product")
+    later = "For {{ product }}: a {% if tone == 'terse' %}short{% else %}{{ tone }}{% endif %} text."
+    for prompt in render_templates(generation(count=12, template=later), SLOTS, seed=1):
+        assert prompt.text.startswith(f"For {prompt.first_slot_value}:")
+    assert {p.first_slot_value for p in render_templates(generation(template="Hi."), SLOTS, seed=1)} == {""}
 
 
 def test_only_the_slots_the_template_uses_are_combined():

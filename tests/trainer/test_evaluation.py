@@ -26,9 +26,11 @@ from stillhouse.trainer.evaluation import (
     TokenTotals,
     answer_metrics,
     exact_match,
+    gap_closed,
+    headline,
     model_token_totals,
     normalize_answer,
-    recovery,
+    repeated_ngram_share,
     run_evaluation,
     teacher_token_totals,
     token_f1,
@@ -47,6 +49,17 @@ PROMPTS = [
     "Say hello in Spanish.",
 ]
 HOLDOUT = "jobs/job-1/teacher/holdout"
+TRAIN_PROMPTS = [
+    "What is the capital of Italy?",
+    "Write a limerick about a cat.",
+    "Explain rain to a child.",
+    "Name two even numbers.",
+    "Why is grass green?",
+    "Say goodbye in French.",
+    "What is a hash table?",
+    "Describe a sunrise.",
+]
+TRAIN_ANSWERS = "jobs/job-1/teacher/answers"
 MAX_NEW_TOKENS = 12
 
 # --- answer level --------------------------------------------------------------------------------
@@ -192,15 +205,46 @@ def test_teacher_top1_agreement_counts_only_positions_whose_top1_is_known():
 # --- the headline --------------------------------------------------------------------------------
 
 
-def test_recovery_on_kl_when_defined_else_on_f1():
-    on_kl = recovery({"kl": 2.0, "token_f1": 0.1}, {"kl": 0.5, "token_f1": 0.2})
-    assert (on_kl.metric, on_kl.percent) == ("kl", pytest.approx(75.0))
-    assert "KL_baseline - KL_student" in on_kl.definition
-    on_f1 = recovery({"token_f1": 0.2}, {"token_f1": 0.6})
+def test_gap_closed_from_the_unigram_to_the_teacher():
+    # KL: the teacher's is 0, so the share is (KL_unigram - KL_student) / KL_unigram.
+    assert gap_closed(5.0, 3.64, 0.0) == pytest.approx(27.2)
+    # Top-1 agreement: from the unigram's 0.06 to the teacher's 1.0.
+    assert gap_closed(0.06, 0.20, 1.0) == pytest.approx(100 * 0.14 / 0.94)
+    assert gap_closed(0.5, 0.4, 0.5) is None  # no gap to close
+    assert gap_closed(5.0, 6.0, 0.0) == pytest.approx(-20.0)  # worse than the unigram
+
+
+def test_headline_on_kl_and_top1_when_defined_else_on_f1():
+    unigram = {"kl": 5.0, "top1_agreement": 0.06, "token_f1": 0.02}
+    teacher = {"kl": 0.0, "top1_agreement": 1.0}
+    on_kl = headline(unigram, {"kl": 3.64, "top1_agreement": 0.20, "token_f1": 0.3}, teacher)
+    assert on_kl.metric == "kl" and on_kl.percent == pytest.approx(27.2)
+    assert on_kl.gap_closed == {
+        "kl": pytest.approx(27.2),
+        "top1_agreement": pytest.approx(14.89, abs=0.01),
+        "token_f1": pytest.approx(100 * 0.28 / 0.98),
+    }
+    assert on_kl.sentence() == (
+        "The student closes 27.2% of the gap from a context-free unigram to the teacher on held-out KL, "
+        "14.9% on top-1 agreement."
+    )
+    assert "100 · (KL_unigram - KL_student) / KL_unigram" in on_kl.as_dict()["definition"]
+    # Another tokenizer: no KL or top-1 agreement, so the headline is on token F1 (the teacher's is 1).
+    on_f1 = headline({"token_f1": 0.2}, {"token_f1": 0.6}, {"perplexity": 3.0})
     assert (on_f1.metric, on_f1.percent) == ("token_f1", pytest.approx(50.0))
-    assert "F1_baseline" in on_f1.definition
-    assert recovery({"kl": 1.0}, {"kl": 1.0}).percent == 0.0
-    assert recovery({"token_f1": 1.0}, {"token_f1": 1.0}).percent is None  # no gap to close
+    assert "on the token F1 of its greedy answers" in on_f1.sentence()
+    assert headline({"token_f1": 1.0}, {"token_f1": 1.0}, {}).percent is None
+    assert "an undefined share" in headline({"token_f1": 1.0}, {"token_f1": 1.0}, {}).sentence()
+
+
+def test_repeated_4grams_count_repeats_within_each_answer():
+    # "a b c d a b c d": 5 four-grams, 4 distinct -> 1 repeat.
+    assert repeated_ngram_share(["A b c d a b c d"]) == pytest.approx(1 / 5)
+    # Another answer with the same 4-gram is not a repeat: only repeats within an answer count.
+    assert repeated_ngram_share(["a b c d", "a b c d"]) == 0.0
+    loop = " ".join(["a big team's"] * 10)  # 30 words, 27 four-grams, 3 distinct
+    assert repeated_ngram_share([loop, "one two three"]) == pytest.approx(24 / 27)
+    assert repeated_ngram_share(["too short", ""]) is None
 
 
 # --- whole evaluations on tiny models ------------------------------------------------------------
@@ -216,7 +260,11 @@ def models(tmp_path: Path, tiny_llama: Callable[..., Path]) -> dict[str, Path]:
 
 @pytest.fixture
 def holdout(object_store: ObjectStore, models: dict[str, Path], answers_dataset: Callable[..., None]) -> str:
+    """The teacher's answers to the held-out prompts, and to the training prompts (TRAIN_ANSWERS)."""
     answers_dataset(object_store, HOLDOUT, models["teacher"], PROMPTS, top_k=8, max_new_tokens=MAX_NEW_TOKENS)
+    answers_dataset(
+        object_store, TRAIN_ANSWERS, models["teacher"], TRAIN_PROMPTS, top_k=8, max_new_tokens=MAX_NEW_TOKENS
+    )
     return HOLDOUT
 
 
@@ -252,23 +300,27 @@ def _evaluate_run(
     student: str,
     baseline: str,
     job_id: str,
+    control_sft: str | None = None,
 ) -> EvaluateRun:
     teacher = _teacher_spec(models["teacher"])
     _commit_model(store, f"jobs/{job_id}/train/student", models[student], teacher)
     _commit_model(store, f"jobs/{job_id}/train/baseline", models[baseline], teacher)
+    if control_sft is not None:
+        _commit_model(store, f"jobs/{job_id}/train/control-sft", models[control_sft], teacher)
     return EvaluateRun(
         job_id=job_id,
         student_prefix=f"jobs/{job_id}/train/student",
         baseline_prefix=f"jobs/{job_id}/train/baseline",
         holdout_dataset_id=HOLDOUT,
+        training_dataset_id=TRAIN_ANSWERS,
         teacher=teacher,
-        evaluation=EvaluationSpec(maxNewTokens=MAX_NEW_TOKENS),
+        evaluation=EvaluationSpec(maxNewTokens=MAX_NEW_TOKENS, controls=["sft"] if control_sft else []),
         object_store=settings,
         output_prefix=f"jobs/{job_id}/evaluate",
     )
 
 
-def test_a_student_that_is_the_teacher_recovers_all_of_it(
+def test_a_student_that_is_the_teacher_closes_all_of_the_gap(
     tmp_path: Path,
     object_store: ObjectStore,
     object_store_settings: ObjectStoreSettings,
@@ -283,17 +335,30 @@ def test_a_student_that_is_the_teacher_recovers_all_of_it(
 
     student, baseline, teacher = outcome.student_metrics, outcome.baseline_metrics, outcome.teacher_metrics
     assert outcome.recovery_percent == pytest.approx(100.0, abs=1.0)
+    assert outcome.gap_closed["kl"] == outcome.recovery_percent
+    assert outcome.gap_closed["top1_agreement"] == pytest.approx(100.0)
     assert student["kl"] < 0.01
     assert student["top1_agreement"] == 1.0
     assert student["exact_match"] == 1.0 and student["token_f1"] == 1.0
     assert baseline["kl"] > 1.0 and baseline["top1_agreement"] < 0.2 and baseline["exact_match"] == 0.0
-    assert teacher == {
-        "kl": 0.0,
-        "top1_agreement": 1.0,
-        "perplexity": pytest.approx(student["perplexity"], rel=0.05),
-    }
-    # Both models, both passes, every answer, then publishing.
-    work = 4 * len(PROMPTS) + 1
+    assert teacher["kl"] == 0.0 and teacher["top1_agreement"] == 1.0
+    assert teacher["perplexity"] == pytest.approx(student["perplexity"], rel=0.05)
+    # The student answers as the teacher does, so it repeats itself exactly as often.
+    assert student.get("repeated_4grams") == teacher.get("repeated_4grams")
+
+    # The references, on the same answers: the uniform's perplexity is the vocabulary size and it has no
+    # top-1 or greedy answer; the unigram, fitted on other answers of the same teacher, has all figures.
+    uniform, unigram = outcome.reference_metrics["uniform"], outcome.reference_metrics["unigram"]
+    assert set(outcome.reference_metrics) == {"uniform", "unigram"}
+    vocabulary = AutoModelForCausalLM.from_pretrained(models["teacher"]).config.vocab_size
+    assert set(uniform) == {"kl", "perplexity"}
+    assert uniform["perplexity"] == pytest.approx(vocabulary, rel=1e-4)
+    assert {"kl", "top1_agreement", "perplexity", "exact_match", "token_f1"} <= set(unigram)
+    assert 0 < unigram["kl"] < uniform["kl"]
+    assert unigram["perplexity"] < uniform["perplexity"]
+
+    # Two references once over every answer, two trained models twice each, then publishing.
+    work = 6 * len(PROMPTS) + 1
     assert [entry for entry in progress if entry[0] == "the student"][-1] == ("the student", work - 1, work)
     assert progress[-1] == ("published the student", work, work)
     assert all(a[1] <= b[1] for a, b in itertools.pairwise(progress))
@@ -304,11 +369,22 @@ def test_a_student_that_is_the_teacher_recovers_all_of_it(
     assert files == {"report.json", "report.md", "report.html", "loss_curve.png"}
     document = json.loads(object_store.get_bytes("jobs/job-1/evaluate/report/report.json"))
     assert document["metrics"]["student"] == student
-    assert document["recovery"]["metric"] == "kl" and "KL_baseline" in document["recovery"]["definition"]
+    assert list(document["metrics"]) == ["uniform", "unigram", "baseline", "student", "teacher"]
+    assert document["recovery"]["metric"] == "kl" and "KL_unigram" in document["recovery"]["definition"]
+    assert document["data"]["unigram_fitted_on"] == TRAIN_ANSWERS
+    # The student is the teacher itself: the same non-embedding parameters (2 layers of 64, counted by hand).
+    assert document["model_size"] == {
+        "student_non_embedding_parameters": 74_048,
+        "teacher_non_embedding_parameters": 74_048,
+        "student_to_teacher": 1.0,
+    }
     assert document["data"]["holdout_rows"] == len(PROMPTS)
     assert document["loss"]["kind"] == "forward_kl"
     assert document["training"]["steps"] == 3 and document["training"]["final_loss"] == pytest.approx(4 / 3)
-    assert document["notes"] == []  # same tokenizer, logprobs for every answer, greedy teacher
+    # Same tokenizer, logprobs for every answer, greedy teacher: only the uniform's n/a is explained.
+    assert (
+        len(document["notes"]) == 1 and "uniform reference has no most likely token" in document["notes"][0]
+    )
 
     # The published student loads without Stillhouse and its card carries the figures.
     assert outcome.student_prefix == "jobs/job-1/student"
@@ -318,8 +394,10 @@ def test_a_student_that_is_the_teacher_recovers_all_of_it(
     assert AutoTokenizer.from_pretrained(published).eos_token == "<|im_end|>"
     assert model.config.num_hidden_layers == 2
     card = (published / "README.md").read_text()
-    assert f"recovers {outcome.recovery_percent:.1f}% of the teacher" in card
-    assert f"| {baseline['kl']:.4f} | {student['kl']:.4f} |" in card
+    assert (
+        f"The student closes {outcome.recovery_percent:.1f}% of the gap from a context-free unigram" in card
+    )
+    assert f"| {unigram['kl']:.4f} | {baseline['kl']:.4f} | {student['kl']:.4f} | 0.0000 |" in card
     settings = card_settings(card)
     assert settings is not None and settings.training == TRAINING and settings.data["rows"] == 40
 
@@ -336,25 +414,48 @@ def test_a_student_that_is_the_teacher_recovers_all_of_it(
     ] == committed
 
 
-def test_an_untrained_random_student_recovers_about_nothing(
+def test_a_random_student_closes_no_gap_and_the_sft_control_is_evaluated_like_it(
     object_store: ObjectStore,
     object_store_settings: ObjectStoreSettings,
     models: dict[str, Path],
     holdout: str,
 ):
     run = _evaluate_run(
-        object_store, object_store_settings, models, student="a", baseline="b", job_id="job-2"
+        object_store,
+        object_store_settings,
+        models,
+        student="a",
+        baseline="b",
+        job_id="job-2",
+        control_sft="teacher",
     )
     outcome = run_evaluation(run, lambda *_: None)
     student, teacher = outcome.student_metrics, outcome.teacher_metrics
-    assert abs(outcome.recovery_percent) < 25
-    assert student["kl"] > 1.0
+    unigram = outcome.reference_metrics["unigram"]
+    # A random model is further from the teacher than token frequencies are: it closes none of the gap.
+    assert student["kl"] > unigram["kl"]
+    assert outcome.recovery_percent < 0 and outcome.gap_closed["kl"] == outcome.recovery_percent
     assert student["top1_agreement"] < 0.2
     assert student["exact_match"] == 0.0
     assert student["perplexity"] > 10 * teacher["perplexity"]
+    # The SFT control (here the teacher's own weights) is a row of its own, measured like the student.
+    control = outcome.reference_metrics["control-sft"]
+    assert control["kl"] < 0.01 and control["top1_agreement"] == 1.0 and control["exact_match"] == 1.0
+    document = json.loads(object_store.get_bytes("jobs/job-2/evaluate/report/report.json"))
+    assert list(document["metrics"]) == [
+        "uniform",
+        "unigram",
+        "baseline",
+        "control-sft",
+        "student",
+        "teacher",
+    ]
+    assert document["student"]["control_sft"] == "jobs/job-2/train/control-sft"
+    markdown = object_store.get_bytes("jobs/job-2/evaluate/report/report.md").decode()
+    assert "| Metric | Uniform | Unigram | Untrained student | SFT control | Student | Teacher |" in markdown
 
 
-def test_with_another_tokenizer_kl_and_top1_are_omitted_and_recovery_is_on_f1(
+def test_with_another_tokenizer_kl_and_top1_are_omitted(
     object_store: ObjectStore, models: dict[str, Path], holdout: str
 ):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
@@ -376,9 +477,10 @@ def test_with_another_tokenizer_kl_and_top1_are_omitted_and_recovery_is_on_f1(
         )
         for name in ("teacher", "a")
     }
-    assert set(figures["teacher"]) == {"perplexity", "exact_match", "token_f1"}
-    assert set(evaluation.teacher_metrics(prepared)) == {"perplexity"}
+    assert set(figures["teacher"]) - {"repeated_4grams"} == {"perplexity", "exact_match", "token_f1"}
+    assert set(evaluation.teacher_metrics(prepared)) - {"repeated_4grams"} == {"perplexity"}
     # Across tokenizers a teacher answer cut for length is cut again in the student's tokens, which can
-    # end it a token earlier or later: the teacher itself scores almost, not exactly, 1.
-    headline = recovery(figures["a"], figures["teacher"])
-    assert headline.metric == "token_f1" and headline.percent > 80
+    # end it a token earlier or later: the teacher itself scores almost, not exactly, 1. (Model "a" stands
+    # in for the reference here.)
+    lead = headline(figures["a"], figures["teacher"], evaluation.teacher_metrics(prepared))
+    assert lead.metric == "token_f1" and lead.percent > 80

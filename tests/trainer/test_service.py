@@ -115,6 +115,38 @@ def test_a_bad_spec_is_refused_naming_the_field(start_trainer, tmp_path):
     assert "teacherLogits `full` needs a `local` teacher" in refused.value.details()
 
 
+def test_an_evaluation_needs_the_training_answers_and_a_listed_control(
+    start_trainer, tmp_path, tiny_llama, answers_dataset
+):
+    service = start_trainer()
+    request = trainer_pb2.EvaluateStudentRequest(
+        operation_id="op-evaluate-refs",
+        job_id=JOB,
+        student=operations_pb2.ArtifactRef(artifact_id=f"jobs/{JOB}/train/student"),
+        baseline=operations_pb2.ArtifactRef(artifact_id=f"jobs/{JOB}/train/baseline"),
+        holdout_answers=operations_pb2.DatasetRef(dataset_id=HOLDOUT),
+        teacher=struct({"backend": "local", "model": str(tmp_path / "teacher")}),
+        evaluation=struct({"controls": ["sft"]}),
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        service.call("EvaluateStudent", request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "training_answers.dataset_id must be set" in refused.value.details()
+
+    # Everything there but the SFT control that evaluation.controls lists: refused before any Ray work.
+    model = tiny_llama(tmp_path / "model")
+    for dataset_id in (HOLDOUT, ANSWERS):
+        answers_dataset(service.store, dataset_id, model, ["why?"], max_new_tokens=2)
+    for name in ("student", "baseline"):
+        upload_folder(service.store, f"jobs/{JOB}/train/{name}", model)
+    request.training_answers.dataset_id = ANSWERS
+    service.call("EvaluateStudent", request)
+    final = service.watch("op-evaluate-refs")
+    assert final.state == State.OPERATION_STATE_FAILED
+    assert final.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert f"control-sft: no committed artifact 'jobs/{JOB}/train/control-sft'" in final.error.message
+
+
 def test_a_missing_answers_dataset_fails_the_operation_before_ray(start_trainer, tmp_path, tiny_llama):
     service = start_trainer()
     model = tiny_llama(tmp_path / "model")
@@ -200,6 +232,7 @@ def test_evaluate_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, t
     service = start_trainer()
     teacher = tiny_llama(tmp_path / "teacher", seed=1)
     answers_dataset(service.store, HOLDOUT, teacher, ["what about snow?", "and cheese?"], max_new_tokens=8)
+    answers_dataset(service.store, ANSWERS, teacher, ["what about rain?", "and bread?"], max_new_tokens=8)
     refs = {}
     for name, seed in (("student", 2), ("baseline", 0)):
         prefix = f"jobs/{JOB}/train/{name}"
@@ -214,6 +247,7 @@ def test_evaluate_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, t
             student=refs["student"],
             baseline=refs["baseline"],
             holdout_answers=operations_pb2.DatasetRef(dataset_id=HOLDOUT),
+            training_answers=operations_pb2.DatasetRef(dataset_id=ANSWERS),
             teacher=struct({"backend": "local", "model": str(teacher), "topLogprobs": 20}),
             evaluation=struct({"maxNewTokens": 8}),
         ),
@@ -227,3 +261,6 @@ def test_evaluate_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, t
     published = evaluation.student
     assert published.artifact_id != refs["student"].artifact_id and published.sha256 and published.size_bytes
     assert evaluation.student_metrics and evaluation.baseline_metrics and evaluation.teacher_metrics
+    assert "kl" in evaluation.unigram_metrics and "kl" in evaluation.uniform_metrics
+    assert not evaluation.control_sft_metrics  # none listed
+    assert evaluation.gap_closed_percent["kl"] == pytest.approx(evaluation.recovery_percent)

@@ -48,7 +48,7 @@ class TrainStudentResult(_message.Message):
     def __init__(self, student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_hours: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EvaluateStudentRequest(_message.Message):
-    __slots__ = ("operation_id", "job_id", "student", "baseline", "holdout_answers", "teacher", "evaluation")
+    __slots__ = ("operation_id", "job_id", "student", "baseline", "holdout_answers", "teacher", "evaluation", "training_answers")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class EvaluateStudentRequest(_message.Message):
     HOLDOUT_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     job_id: str
     student: _operations_pb2.ArtifactRef
@@ -63,10 +64,11 @@ class EvaluateStudentRequest(_message.Message):
     holdout_answers: _operations_pb2.DatasetRef
     teacher: _struct_pb2.Struct
     evaluation: _struct_pb2.Struct
-    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., holdout_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    training_answers: _operations_pb2.DatasetRef
+    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., holdout_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateStudentResult(_message.Message):
-    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics")
+    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics", "uniform_metrics", "unigram_metrics", "control_sft_metrics", "gap_closed_percent")
     class StudentMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,16 +90,52 @@ class EvaluateStudentResult(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class UniformMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class UnigramMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ControlSftMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class GapClosedPercentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REPORT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     STUDENT_METRICS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_METRICS_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     TEACHER_METRICS_FIELD_NUMBER: _ClassVar[int]
+    UNIFORM_METRICS_FIELD_NUMBER: _ClassVar[int]
+    UNIGRAM_METRICS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SFT_METRICS_FIELD_NUMBER: _ClassVar[int]
+    GAP_CLOSED_PERCENT_FIELD_NUMBER: _ClassVar[int]
     report: _operations_pb2.ArtifactRef
     recovery_percent: float
     student_metrics: _containers.ScalarMap[str, float]
     baseline_metrics: _containers.ScalarMap[str, float]
     student: _operations_pb2.ArtifactRef
     teacher_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    uniform_metrics: _containers.ScalarMap[str, float]
+    unigram_metrics: _containers.ScalarMap[str, float]
+    control_sft_metrics: _containers.ScalarMap[str, float]
+    gap_closed_percent: _containers.ScalarMap[str, float]
+    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ..., uniform_metrics: _Optional[_Mapping[str, float]] = ..., unigram_metrics: _Optional[_Mapping[str, float]] = ..., control_sft_metrics: _Optional[_Mapping[str, float]] = ..., gap_closed_percent: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -59,7 +59,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EvaluateStudent(self, request, context):
-        """Starts evaluating student and untrained baseline against the teacher on the held-out prompts.
+        """Starts evaluating the student, the untrained baseline, the SFT control when `evaluation.controls`
+        lists `sft`, and the uniform and unigram references against the teacher on the held-out prompts.
         Result: EvaluateStudentResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
