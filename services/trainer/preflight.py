@@ -1,0 +1,187 @@
+"""The checks run on a job at submit, before anything is paid: what the spec alone cannot tell, but the
+teacher's and the student's tokenizers and configs can, and what would otherwise only fail in the train
+stage, after the whole teacher stage has been paid for.
+
+Pure functions of already loaded tokenizers and configs (`ModelFacts`); `preflight_loading` finds and
+loads them. Each finding names the spec field to change, as a dotted path from the document root.
+
+Errors (`violations`, the job is refused):
+- a named model or tokenizer cannot be found or loaded;
+- a logit loss (any kind but `sft`) without `fallbackToSft`, and a student whose tokenizer does not map
+  text to the teacher's ids (vocabulary, end-of-sequence token, or the split of a probe text differ):
+  the stored logprobs would index another vocabulary;
+- a student without a chat template: training renders every prompt with it;
+- a `local` teacher without a chat template: it cannot be asked anything;
+- a student whose context (`max_position_embeddings`) is shorter than `training.maxSeqLen`;
+- more workers or GPUs than a local Ray head has (a cluster may autoscale, so it is not checked).
+
+Warnings (the job runs, the user is told):
+- a logit loss with `fallbackToSft` that will fall back, and why;
+- other beginning-of-sequence or padding tokens than the teacher's: the labels are unaffected (padding
+  is masked, a prompt is rendered by the student's own template);
+- a chat template other than the teacher's: the student is trained and later used with its own, but the
+  teacher answered prompts in its own format, so a student that depends on that format learns from
+  prompts that read differently from the teacher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from stillhouse.common.jobspec import DistillationJobSpec, LossKind, TeacherBackend
+from stillhouse.trainer.student_init import check_tokenizers
+
+TEACHER_MODEL = "spec.teacher.model"
+TEACHER_TOKENIZER = "spec.teacher.tokenizer"
+STUDENT_PRETRAINED = "spec.student.init.pretrained"
+STUDENT_CONFIG = "spec.student.init.config"
+LOSS_KIND = "spec.training.loss.kind"
+MAX_SEQ_LEN = "spec.training.maxSeqLen"
+WORKERS = "spec.training.workers"
+GPUS_PER_WORKER = "spec.training.gpusPerWorker"
+
+
+@dataclass(frozen=True)
+class Finding:
+    field: str
+    message: str
+
+
+@dataclass
+class PreflightReport:
+    violations: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks need of a model: its tokenizer and, where it has a model config, its context."""
+
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int | None
+
+
+def student_field(spec: DistillationJobSpec) -> str:
+    """The field that decides the student's tokenizer and context: its pretrained model, or the teacher
+    a derived student is built from."""
+    return STUDENT_PRETRAINED if spec.student.init.pretrained is not None else TEACHER_MODEL
+
+
+def derived_student(spec: DistillationJobSpec, teacher: ModelFacts) -> ModelFacts:
+    """A student built from the teacher keeps its tokenizer and context, unless `config` sets another."""
+    overrides = spec.student.init.config or {}
+    context = overrides.get("max_position_embeddings", teacher.context_length)
+    return ModelFacts(teacher.tokenizer, int(context) if context is not None else None)
+
+
+def check_models(
+    spec: DistillationJobSpec, teacher: ModelFacts | None, student: ModelFacts
+) -> PreflightReport:
+    """The findings on a spec whose models were all found. `teacher` is None for an `openai` teacher
+    without `tokenizer` (its vocabulary is unknown)."""
+    report = PreflightReport()
+    where = student_field(spec)
+    if spec.teacher.backend is TeacherBackend.LOCAL and teacher and not teacher.tokenizer.chat_template:
+        report.violations.append(
+            Finding(TEACHER_MODEL, f"the `local` teacher {spec.teacher.model!r} has no chat template")
+        )
+    if not student.tokenizer.chat_template:
+        report.violations.append(
+            Finding(
+                where,
+                "the student's tokenizer has no chat template, and training renders every prompt with it: "
+                "give a student whose tokenizer has one (an instruct model, or its tokenizer_config.json "
+                "with `chat_template`)",
+            )
+        )
+    max_seq_len = spec.training.max_seq_len
+    if student.context_length is not None and student.context_length < max_seq_len:
+        report.violations.append(
+            Finding(
+                MAX_SEQ_LEN,
+                f"training.maxSeqLen {max_seq_len} is longer than the student's context of "
+                f"{student.context_length} tokens (max_position_embeddings of the model "
+                f"{where.removeprefix('spec.')} names): use at most {student.context_length}",
+            )
+        )
+    if teacher is not None:
+        _compare_tokenizers(spec, teacher.tokenizer, student.tokenizer, report)
+    elif spec.training.loss.kind is not LossKind.SFT:
+        # The schema admits this only with fallbackToSft.
+        report.warnings.append(
+            Finding(
+                TEACHER_TOKENIZER,
+                f"training.loss.kind `{spec.training.loss.kind.value}` falls back to `sft`: an `openai` "
+                "teacher without teacher.tokenizer has no known vocabulary to compare the student's with",
+            )
+        )
+    return report
+
+
+def _compare_tokenizers(
+    spec: DistillationJobSpec,
+    teacher: PreTrainedTokenizerBase,
+    student: PreTrainedTokenizerBase,
+    report: PreflightReport,
+) -> None:
+    where = student_field(spec)
+    loss = spec.training.loss
+    difference = check_tokenizers(student, teacher)
+    if difference is not None and loss.kind is not LossKind.SFT:
+        if loss.fallback_to_sft:
+            report.warnings.append(
+                Finding(where, f"training.loss.kind `{loss.kind.value}` falls back to `sft`: {difference}")
+            )
+        else:
+            report.violations.append(
+                Finding(
+                    where,
+                    f"training.loss.kind `{loss.kind.value}` compares the student's and the teacher's "
+                    f"token distributions, but {difference}. Give the student the teacher's tokenizer "
+                    "(e.g. student.init pruneTeacherDepth or config), use kind `sft`, or set "
+                    "training.loss.fallbackToSft",
+                )
+            )
+    if difference is None:
+        for name in ("bos_token", "pad_token"):
+            theirs, ours = getattr(teacher, name), getattr(student, name)
+            if theirs != ours:
+                report.warnings.append(
+                    Finding(where, f"the {name} differs: {ours!r} (student), {theirs!r} (teacher)")
+                )
+    if student.chat_template and teacher.chat_template and student.chat_template != teacher.chat_template:
+        report.warnings.append(
+            Finding(
+                where,
+                "the student's chat template differs from the teacher's: the student is trained with its "
+                "own, on answers the teacher gave to prompts in the teacher's format",
+            )
+        )
+
+
+def capacity_violations(
+    workers: int, gpus_per_worker: float, capacity: tuple[int, int] | None
+) -> list[Finding]:
+    """What a local Ray head of `capacity` (CPUs, GPUs) cannot give; a cluster (None) may autoscale."""
+    if capacity is None:
+        return []
+    cpus, gpus = capacity
+    found = []
+    if workers * gpus_per_worker > gpus:
+        found.append(
+            Finding(
+                GPUS_PER_WORKER,
+                f"training.workers * training.gpusPerWorker asks for {workers * gpus_per_worker:g} GPUs, "
+                f"but the local Ray cluster has {gpus}: lower them, or point the trainer at a Ray cluster",
+            )
+        )
+    if workers > cpus:
+        found.append(
+            Finding(
+                WORKERS,
+                f"training.workers is {workers}, but the local Ray cluster has {cpus} CPUs (one per worker)",
+            )
+        )
+    return found
