@@ -283,9 +283,9 @@ CHAT_TEMPLATE = (
 def tokenizer_only_model() -> Callable[..., Path]:
     """Factory: `tokenizer_only_model(path, words=32, extra=(), eos="</s>", chat_template=CHAT_TEMPLATE,
     context=512) -> path`, a folder with a word-level tokenizer (`<s>`, `</s>`, `<pad>`, `[UNK]`, then
-    `w0`..`w{words-1}` and `extra`) and a tiny Llama config.json whose max_position_embeddings is
-    `context`, but no weights: enough for whatever reads tokenizers and configs only. `chat_template`
-    None leaves the tokenizer without one."""
+    `w0`..`w{words-1}` and `extra`) and the config.json of a 2-layer Llama with an MLP 16 channels wide
+    whose max_position_embeddings is `context`, but no weights: enough for whatever reads tokenizers and
+    configs only. `chat_template` None leaves the tokenizer without one."""
 
     def make(
         path: Path,
@@ -313,7 +313,7 @@ def tokenizer_only_model() -> Callable[..., Path]:
             vocab_size=len(tokens),
             hidden_size=8,
             intermediate_size=16,
-            num_hidden_layers=1,
+            num_hidden_layers=2,
             num_attention_heads=2,
             max_position_embeddings=context,
         )

@@ -13,6 +13,8 @@ Errors (`violations`, the job is refused):
 - a student without a chat template: training renders every prompt with it;
 - a `local` teacher without a chat template: it cannot be asked anything;
 - a student whose context (`max_position_embeddings`) is shorter than `training.maxSeqLen`;
+- pruning the teacher as it cannot be pruned (not a Llama-family model; no fewer layers or channels
+  than it has, or none at all);
 - more workers or GPUs than a local Ray head has (a cluster may autoscale, so it is not checked).
 
 Warnings (the job runs, the user is told):
@@ -31,12 +33,18 @@ from dataclasses import dataclass, field
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from stillhouse.common.jobspec import DistillationJobSpec, LossKind, TeacherBackend
-from stillhouse.trainer.student_init import check_tokenizers
+from stillhouse.trainer.student_init import (
+    PRUNABLE_MODEL_TYPES,
+    check_tokenizers,
+    depth_layers_to_keep,
+    pruned_width,
+)
 
 TEACHER_MODEL = "spec.teacher.model"
 TEACHER_TOKENIZER = "spec.teacher.tokenizer"
 STUDENT_PRETRAINED = "spec.student.init.pretrained"
-STUDENT_CONFIG = "spec.student.init.config"
+STUDENT_DEPTH = "spec.student.init.pruneTeacherDepth"
+STUDENT_WIDTH = "spec.student.init.pruneTeacherWidth"
 LOSS_KIND = "spec.training.loss.kind"
 MAX_SEQ_LEN = "spec.training.maxSeqLen"
 WORKERS = "spec.training.workers"
@@ -56,11 +64,21 @@ class PreflightReport:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What a model's config says that the checks use; None where it is not known."""
+
+    model_type: str | None = None
+    context_length: int | None = None
+    num_layers: int | None = None
+    intermediate_size: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelFacts:
-    """What the checks need of a model: its tokenizer and, where it has a model config, its context."""
+    """A model's tokenizer and shape (a tokenizer without a model has an empty shape)."""
 
     tokenizer: PreTrainedTokenizerBase
-    context_length: int | None
+    shape: ModelShape = ModelShape()
 
 
 def student_field(spec: DistillationJobSpec) -> str:
@@ -72,8 +90,38 @@ def student_field(spec: DistillationJobSpec) -> str:
 def derived_student(spec: DistillationJobSpec, teacher: ModelFacts) -> ModelFacts:
     """A student built from the teacher keeps its tokenizer and context, unless `config` sets another."""
     overrides = spec.student.init.config or {}
-    context = overrides.get("max_position_embeddings", teacher.context_length)
-    return ModelFacts(teacher.tokenizer, int(context) if context is not None else None)
+    context = overrides.get("max_position_embeddings", teacher.shape.context_length)
+    return ModelFacts(
+        teacher.tokenizer, ModelShape(context_length=int(context) if context is not None else None)
+    )
+
+
+def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> list[Finding]:
+    """Whether pruning can cut the teacher as asked (the rules of `student_init`)."""
+    init = spec.student.init
+    option, field = (
+        ("pruneTeacherDepth", STUDENT_DEPTH)
+        if init.prune_teacher_depth is not None
+        else ("pruneTeacherWidth", STUDENT_WIDTH)
+    )
+    if init.prune_teacher_depth is None and init.prune_teacher_width is None:
+        return []
+    if teacher.model_type is not None and teacher.model_type not in PRUNABLE_MODEL_TYPES:
+        return [
+            Finding(
+                field,
+                f"{option} works on Llama-family models ({', '.join(sorted(PRUNABLE_MODEL_TYPES))}); the "
+                f"teacher is a {teacher.model_type!r} model: use `pretrained` or `config`",
+            )
+        ]
+    try:
+        if init.prune_teacher_depth is not None and teacher.num_layers is not None:
+            depth_layers_to_keep(teacher.num_layers, init.prune_teacher_depth)
+        if init.prune_teacher_width is not None and teacher.intermediate_size is not None:
+            pruned_width(teacher.intermediate_size, init.prune_teacher_width)
+    except ValueError as exc:
+        return [Finding(field, str(exc))]
+    return []
 
 
 def check_models(
@@ -83,6 +131,8 @@ def check_models(
     without `tokenizer` (its vocabulary is unknown)."""
     report = PreflightReport()
     where = student_field(spec)
+    if teacher is not None:
+        report.violations += derivation_violations(spec, teacher.shape)
     if spec.teacher.backend is TeacherBackend.LOCAL and teacher and not teacher.tokenizer.chat_template:
         report.violations.append(
             Finding(TEACHER_MODEL, f"the `local` teacher {spec.teacher.model!r} has no chat template")
@@ -97,13 +147,14 @@ def check_models(
             )
         )
     max_seq_len = spec.training.max_seq_len
-    if student.context_length is not None and student.context_length < max_seq_len:
+    context = student.shape.context_length
+    if context is not None and context < max_seq_len:
         report.violations.append(
             Finding(
                 MAX_SEQ_LEN,
-                f"training.maxSeqLen {max_seq_len} is longer than the student's context of "
-                f"{student.context_length} tokens (max_position_embeddings of the model "
-                f"{where.removeprefix('spec.')} names): use at most {student.context_length}",
+                f"training.maxSeqLen {max_seq_len} is longer than the student's context of {context} "
+                f"tokens (max_position_embeddings of the model {where.removeprefix('spec.')} names): use "
+                f"at most {context}",
             )
         )
     if teacher is not None:

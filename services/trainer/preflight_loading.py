@@ -31,6 +31,7 @@ from stillhouse.trainer.preflight import (
     TEACHER_TOKENIZER,
     Finding,
     ModelFacts,
+    ModelShape,
     PreflightReport,
     check_models,
     derived_student,
@@ -63,7 +64,7 @@ class ModelFactsLoader:
         self._folder = folder
         self._lock = threading.Lock()
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
-        self._contexts: dict[str, int | None] = {}
+        self._shapes: dict[str, ModelShape] = {}
 
     def check(self, spec: DistillationJobSpec) -> PreflightReport:
         """Every finding on `spec`: the models that cannot be found, else `check_models`'s."""
@@ -71,17 +72,10 @@ class ModelFactsLoader:
             try:
                 teacher = self._teacher(spec)
                 if spec.student.init.pretrained is not None:
-                    reference = spec.student.init.pretrained
-                    student = ModelFacts(
-                        self._tokenizer(STUDENT_PRETRAINED, reference),
-                        self._context(STUDENT_PRETRAINED, reference),
-                    )
+                    student = self._facts(STUDENT_PRETRAINED, spec.student.init.pretrained)
                 else:
                     assert teacher is not None  # the schema lets only a local teacher derive a student
-                    teacher_with_context = ModelFacts(
-                        teacher.tokenizer, self._context(TEACHER_MODEL, spec.teacher.model)
-                    )
-                    student = derived_student(spec, teacher_with_context)
+                    student = derived_student(spec, teacher)
             except ModelNotFound as exc:
                 return PreflightReport(violations=[exc.finding])
         return check_models(spec, teacher, student)
@@ -89,10 +83,13 @@ class ModelFactsLoader:
     def _teacher(self, spec: DistillationJobSpec) -> ModelFacts | None:
         teacher = spec.teacher
         if teacher.backend is TeacherBackend.LOCAL:
-            return ModelFacts(self._tokenizer(TEACHER_MODEL, teacher.model), None)
+            return self._facts(TEACHER_MODEL, teacher.model)
         if teacher.tokenizer:
-            return ModelFacts(self._tokenizer(TEACHER_TOKENIZER, teacher.tokenizer), None)
+            return self._facts(TEACHER_TOKENIZER, teacher.tokenizer)
         return None
+
+    def _facts(self, field: str, reference: str) -> ModelFacts:
+        return ModelFacts(self._tokenizer(field, reference), self._shape(field, reference))
 
     def _tokenizer(self, field: str, reference: str) -> PreTrainedTokenizerBase:
         if reference not in self._tokenizers:
@@ -107,29 +104,30 @@ class ModelFactsLoader:
                 ) from exc
         return self._tokenizers[reference]
 
-    def _context(self, field: str, reference: str) -> int | None:
-        """max_position_embeddings of the model's config; None for a folder without a config."""
-        if reference not in self._contexts:
+    def _shape(self, field: str, reference: str) -> ModelShape:
+        """The model's config, as far as the checks need it; empty for a folder without a config."""
+        if reference not in self._shapes:
             folder, gguf_file = self._files(field, reference)
-            if gguf_file is not None:
-                # transformers reads a GGUF config by parsing the whole file (seconds); the header is enough.
-                try:
-                    self._contexts[reference] = gguf_context_length(folder / gguf_file)
-                except (OSError, ValueError, struct.error) as exc:
-                    raise ModelNotFound(
-                        field, f"{_name(field)} {reference!r}: cannot read its GGUF header: {exc}"
-                    ) from exc
-            elif not (folder / "config.json").is_file():
-                self._contexts[reference] = None
-            else:
-                try:
+            try:
+                if gguf_file is not None:
+                    # transformers reads a GGUF config by parsing the whole file (seconds); the header
+                    # is enough.
+                    self._shapes[reference] = gguf_shape(folder / gguf_file)
+                elif (folder / "config.json").is_file():
                     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-                except (OSError, ValueError) as exc:
-                    raise ModelNotFound(
-                        field, f"{_name(field)} {reference!r}: cannot read its config: {exc}"
-                    ) from exc
-                self._contexts[reference] = getattr(config, "max_position_embeddings", None)
-        return self._contexts[reference]
+                    self._shapes[reference] = ModelShape(
+                        model_type=config.model_type,
+                        context_length=getattr(config, "max_position_embeddings", None),
+                        num_layers=getattr(config, "num_hidden_layers", None),
+                        intermediate_size=getattr(config, "intermediate_size", None),
+                    )
+                else:
+                    self._shapes[reference] = ModelShape()
+            except (OSError, ValueError, struct.error) as exc:
+                raise ModelNotFound(
+                    field, f"{_name(field)} {reference!r}: cannot read its config: {exc}"
+                ) from exc
+        return self._shapes[reference]
 
     def _files(self, field: str, reference: str) -> tuple[Path, str | None]:
         """The local folder (and GGUF file in it) a reference names; a tokenizer-only folder counts."""
@@ -166,13 +164,20 @@ def _name(field: str) -> str:
     return field.removeprefix("spec.")
 
 
-def gguf_context_length(path: Path) -> int | None:
-    """`<architecture>.context_length` from a GGUF file's metadata, read from its header."""
+def gguf_shape(path: Path) -> ModelShape:
+    """The model's shape from a GGUF file's metadata (`general.architecture`, then
+    `<architecture>.context_length`, `.block_count` and `.feed_forward_length`), read from its header."""
+    wanted = {
+        "context_length": "context_length",
+        "block_count": "num_layers",
+        "feed_forward_length": "intermediate_size",
+    }
+    found: dict[str, int] = {}
+    architecture = None
     with path.open("rb") as file:
         magic, _version, _tensors, entries = struct.unpack("<4sIQQ", file.read(24))
         if magic != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        architecture = None
         for _ in range(entries):
             key = _gguf_string(file)
             (kind,) = struct.unpack("<I", file.read(4))
@@ -182,13 +187,12 @@ def gguf_context_length(path: Path) -> int | None:
                     architecture = value
             elif kind == 9:
                 _skip_gguf_array(file)
-            elif architecture is not None and key == f"{architecture}.context_length":
-                if kind not in _GGUF_INTEGER_FORMATS:
-                    raise ValueError(f"{path}: {key} is not an integer")
-                return struct.unpack(_GGUF_INTEGER_FORMATS[kind], file.read(_GGUF_FIXED_SIZES[kind]))[0]
             else:
-                file.seek(_GGUF_FIXED_SIZES[kind], 1)
-    return None
+                data = file.read(_GGUF_FIXED_SIZES[kind])
+                name = key.removeprefix(f"{architecture}.")
+                if architecture is not None and name in wanted and kind in _GGUF_INTEGER_FORMATS:
+                    found[wanted[name]] = struct.unpack(_GGUF_INTEGER_FORMATS[kind], data)[0]
+    return ModelShape(model_type=architecture, **found)
 
 
 def _gguf_string(file: BinaryIO) -> str:

@@ -14,8 +14,8 @@ from stillhouse.storage.artifacts import upload_folder
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.storage.open_store import open_object_store
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, resolve_model_reference
-from stillhouse.trainer.preflight import Finding, PreflightReport, capacity_violations
-from stillhouse.trainer.preflight_loading import ModelFactsLoader, gguf_context_length
+from stillhouse.trainer.preflight import Finding, ModelShape, PreflightReport, capacity_violations
+from stillhouse.trainer.preflight_loading import ModelFactsLoader, gguf_shape
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 OTHER_TEMPLATE = "{% for message in messages %}[{{ message['content'] }}]{% endfor %}"
@@ -114,6 +114,17 @@ def test_max_seq_len_must_fit_the_students_context(loader, tokenizer_only_model,
     assert loader.check(job(teacher, {"pruneTeacherDepth": 1}, maxSeqLen=128)).violations == []
 
 
+def test_pruning_must_fit_the_teacher(loader, teacher):
+    # The teacher made by `tokenizer_only_model` is a 2-layer Llama with an MLP 16 channels wide.
+    refused = loader.check(job(teacher, {"pruneTeacherDepth": 2}))
+    assert fields(refused.violations) == ["spec.student.init.pruneTeacherDepth"]
+    assert "between 1 and 1" in refused.violations[0].message
+    narrowed = loader.check(job(teacher, {"pruneTeacherWidth": 0.5}))
+    assert narrowed.violations == []
+    kept_whole = loader.check(job(teacher, {"pruneTeacherWidth": 0.9}))
+    assert fields(kept_whole.violations) == ["spec.student.init.pruneTeacherWidth"]
+
+
 def test_every_named_model_must_be_found(loader, teacher, tmp_path):
     missing = tmp_path / "no-such-model"
     refused = loader.check(job(teacher, {"pretrained": str(missing)}))
@@ -191,9 +202,10 @@ def test_a_local_ray_head_must_hold_the_workers():
     assert fields(capacity_violations(3, 0, (2, 0))) == ["spec.training.workers"]
 
 
-def test_the_context_of_a_gguf_model_is_read_from_its_header():
+def test_the_shape_of_a_gguf_model_is_read_from_its_header():
     source = resolve_model_reference(EMBEDDED_TEACHER)
-    assert gguf_context_length(source.folder / source.gguf_file) == 8192  # SmolLM2's
+    shape = gguf_shape(source.folder / source.gguf_file)
+    assert shape == ModelShape(model_type="llama", context_length=8192, num_layers=30, intermediate_size=1536)
 
 
 @pytest.mark.timeout(180)
