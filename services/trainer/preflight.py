@@ -29,16 +29,12 @@ Warnings (the job runs, the user is told):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from stillhouse.common.jobspec import DistillationJobSpec, LossKind, TeacherBackend
-from stillhouse.trainer.student_init import (
-    PRUNABLE_MODEL_TYPES,
-    check_tokenizers,
-    depth_layers_to_keep,
-    pruned_width,
-)
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 TEACHER_MODEL = "spec.teacher.model"
 TEACHER_TOKENIZER = "spec.teacher.tokenizer"
@@ -98,6 +94,9 @@ def derived_student(spec: DistillationJobSpec, teacher: ModelFacts) -> ModelFact
 
 def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> list[Finding]:
     """Whether pruning can cut the teacher as asked (the rules of `student_init`)."""
+    # student_init imports torch, which the trainer service does not load until a check needs it.
+    from stillhouse.trainer.student_init import PRUNABLE_MODEL_TYPES, depth_layers_to_keep, pruned_width
+
     init = spec.student.init
     option, field = (
         ("pruneTeacherDepth", STUDENT_DEPTH)
@@ -177,6 +176,8 @@ def _compare_tokenizers(
     student: PreTrainedTokenizerBase,
     report: PreflightReport,
 ) -> None:
+    from stillhouse.trainer.student_init import check_tokenizers  # imports torch: see above
+
     where = student_field(spec)
     loss = spec.training.loss
     difference = check_tokenizers(student, teacher)

@@ -14,17 +14,13 @@ import hashlib
 import struct
 import threading
 from pathlib import Path
-from typing import BinaryIO
-
-from transformers import AutoConfig, AutoTokenizer
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, BinaryIO
 
 from stillhouse.common.jobspec import DistillationJobSpec, TeacherBackend
 from stillhouse.storage.artifacts import download_artifact
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.storage.objects import BucketNotFound, ObjectNotFound
 from stillhouse.storage.open_store import open_object_store
-from stillhouse.teacher.model_loading import ModelSource, resolve_model_reference
 from stillhouse.trainer.preflight import (
     STUDENT_PRETRAINED,
     TEACHER_MODEL,
@@ -36,6 +32,9 @@ from stillhouse.trainer.preflight import (
     check_models,
     derived_student,
 )
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 # Byte sizes of the GGUF metadata value types that have a fixed size (by type number; 8 is a string,
 # 9 an array), from the GGUF file format specification.
@@ -93,6 +92,9 @@ class ModelFactsLoader:
 
     def _tokenizer(self, field: str, reference: str) -> PreTrainedTokenizerBase:
         if reference not in self._tokenizers:
+            # transformers loads torch: the trainer service starts without it and loads it on first use.
+            from transformers import AutoTokenizer
+
             folder, gguf_file = self._files(field, reference)
             try:
                 self._tokenizers[reference] = AutoTokenizer.from_pretrained(
@@ -114,6 +116,8 @@ class ModelFactsLoader:
                     # is enough.
                     self._shapes[reference] = gguf_shape(folder / gguf_file)
                 elif (folder / "config.json").is_file():
+                    from transformers import AutoConfig  # see _tokenizer
+
                     config = AutoConfig.from_pretrained(folder, local_files_only=True)
                     self._shapes[reference] = ModelShape(
                         model_type=config.model_type,
@@ -136,8 +140,10 @@ class ModelFactsLoader:
         folder = Path(reference).expanduser()
         if folder.is_dir() and not (folder / "config.json").is_file():
             return folder, None
+        from stillhouse.teacher.model_loading import resolve_model_reference  # imports torch: see _tokenizer
+
         try:
-            source: ModelSource = resolve_model_reference(reference)
+            source = resolve_model_reference(reference)
         except FileNotFoundError as exc:
             raise ModelNotFound(field, f"{_name(field)}: {exc}") from exc
         return source.folder, source.gguf_file
