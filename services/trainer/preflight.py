@@ -98,12 +98,11 @@ def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> lis
     from stillhouse.trainer.student_init import PRUNABLE_MODEL_TYPES, depth_layers_to_keep, pruned_width
 
     init = spec.student.init
-    option, field = (
-        ("pruneTeacherDepth", STUDENT_DEPTH)
-        if init.prune_teacher_depth is not None
-        else ("pruneTeacherWidth", STUDENT_WIDTH)
-    )
-    if init.prune_teacher_depth is None and init.prune_teacher_width is None:
+    if init.prune_teacher_depth is not None:
+        option, field = "pruneTeacherDepth", STUDENT_DEPTH
+    elif init.prune_teacher_width is not None:
+        option, field = "pruneTeacherWidth", STUDENT_WIDTH
+    else:
         return []
     if teacher.model_type is not None and teacher.model_type not in PRUNABLE_MODEL_TYPES:
         return [
@@ -132,11 +131,17 @@ def check_models(
     where = student_field(spec)
     if teacher is not None:
         report.violations += derivation_violations(spec, teacher.shape)
-    if spec.teacher.backend is TeacherBackend.LOCAL and teacher and not teacher.tokenizer.chat_template:
+    local_teacher_lacks_template = (
+        spec.teacher.backend is TeacherBackend.LOCAL
+        and teacher is not None
+        and not teacher.tokenizer.chat_template
+    )
+    if local_teacher_lacks_template:
         report.violations.append(
             Finding(TEACHER_MODEL, f"the `local` teacher {spec.teacher.model!r} has no chat template")
         )
-    if not student.tokenizer.chat_template:
+    # A student derived from the teacher has the teacher's tokenizer: one finding is enough.
+    if not student.tokenizer.chat_template and not (local_teacher_lacks_template and where == TEACHER_MODEL):
         report.violations.append(
             Finding(
                 where,

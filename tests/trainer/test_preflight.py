@@ -101,6 +101,8 @@ def test_a_local_teacher_without_a_chat_template_is_refused(loader, tokenizer_on
     student = tokenizer_only_model(tmp_path / "student")
     refused = loader.check(job(teacher, {"pretrained": str(student)}))
     assert fields(refused.violations) == ["spec.teacher.model"]
+    derived = loader.check(job(teacher, {"pruneTeacherDepth": 1}))
+    assert fields(derived.violations) == ["spec.teacher.model"]
 
 
 def test_max_seq_len_must_fit_the_students_context(loader, tokenizer_only_model, tmp_path):
