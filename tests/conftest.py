@@ -22,7 +22,10 @@ import transformers
 from background import stop_process
 from psycopg import sql
 from sqlalchemy.engine import make_url
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from waiting import grpc_serving, http_ok, pick_free_port, wait_until
 
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
@@ -264,6 +267,57 @@ def tiny_llama(tokenizer_dir: Path) -> Callable[..., Path]:
             model.lm_head.weight.normal_(0, OUTPUT_LAYER_STD)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
+        return Path(path)
+
+    return make
+
+
+# A chat template of the shape instruct models use; tests vary it to make two templates differ.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s> {{ message['role'] }} {{ message['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+@pytest.fixture
+def tokenizer_only_model() -> Callable[..., Path]:
+    """Factory: `tokenizer_only_model(path, words=32, extra=(), eos="</s>", chat_template=CHAT_TEMPLATE,
+    context=512) -> path`, a folder with a word-level tokenizer (`<s>`, `</s>`, `<pad>`, `[UNK]`, then
+    `w0`..`w{words-1}` and `extra`) and the config.json of a 2-layer Llama with an MLP 16 channels wide
+    whose max_position_embeddings is `context`, but no weights: enough for whatever reads tokenizers and
+    configs only. `chat_template` None leaves the tokenizer without one."""
+
+    def make(
+        path: Path,
+        words: int = 32,
+        extra: tuple[str, ...] = (),
+        eos: str = "</s>",
+        chat_template: str | None = CHAT_TEMPLATE,
+        context: int = 512,
+    ) -> Path:
+        tokens = ["<s>", "</s>", "<pad>", "[UNK]", *(f"w{i}" for i in range(words)), *extra]
+        backend = Tokenizer(
+            WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="[UNK]")
+        )
+        backend.pre_tokenizer = Whitespace()
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<s>",
+            eos_token=eos,
+            pad_token="<pad>",
+            unk_token="[UNK]",
+            chat_template=chat_template,
+        )
+        tokenizer.save_pretrained(path)
+        config = LlamaConfig(
+            vocab_size=len(tokens),
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=context,
+        )
+        config.save_pretrained(path)
         return Path(path)
 
     return make

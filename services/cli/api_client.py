@@ -25,6 +25,8 @@ TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 
 # Seconds to wait for an ordinary API answer; the event stream waits as long as the job runs.
 REQUEST_TIMEOUT = 30.0
+# The control plane waits up to 120 s for the trainer's submit-time check.
+SUBMIT_TIMEOUT = 150.0
 # A dropped event stream is reopened (from the last event seen) this many times in a row at most.
 STREAM_RECONNECTS = 5
 
@@ -164,7 +166,10 @@ class StillhouseClient:
         self._http.close()
 
     def submit(self, body: bytes, content_type: str) -> dict[str, Any]:
-        return self._call("POST", "/v1/jobs", content=body, headers={"Content-Type": content_type})
+        """The job as accepted; the API checks its models first (a GGUF tokenizer takes seconds to read)."""
+        return self._call(
+            "POST", "/v1/jobs", content=body, headers={"Content-Type": content_type}, timeout=SUBMIT_TIMEOUT
+        )
 
     def estimate(self, body: bytes, content_type: str, timeout: float | None) -> dict[str, Any]:
         """The job's cost without running it; building its prompts may take a while (`timeout` None: wait)."""

@@ -196,8 +196,10 @@ class TeacherSpec(SpecModel):
     tokenizer: str | None = Field(
         default=None,
         description="For `openai` with logprobs: a local Hugging Face tokenizer (folder or model reference) "
-        "that turns the teacher's logprob tokens into ids. Without it the server must send ids itself "
-        "(vLLM's `return_tokens_as_token_ids`).",
+        "that turns the teacher's logprob tokens into ids, and that the student's vocabulary is checked "
+        "against at submit. Without it the server must send ids itself (vLLM's "
+        "`return_tokens_as_token_ids`) and the loss must be `sft` or set `fallbackToSft`: a logit loss "
+        "needs to know that the student shares the teacher's vocabulary.",
     )
     sampling: Sampling = Field(default_factory=Sampling)
     top_logprobs: Annotated[int, Field(ge=0, le=256)] = Field(
@@ -387,6 +389,21 @@ class DistillationJobSpec(SpecModel):
             raise ValueError(
                 f"training.loss.kind `{loss.kind.value}` learns from the teacher's logprobs, but "
                 "teacher.topLogprobs is 0: set topLogprobs (e.g. 20) or use kind `sft`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _logit_loss_can_compare_vocabularies(self) -> DistillationJobSpec:
+        loss = self.training.loss
+        if loss.kind is LossKind.SFT or loss.fallback_to_sft:
+            return self
+        if self.teacher.backend is TeacherBackend.OPENAI and not self.teacher.tokenizer:
+            raise ValueError(
+                f"training.loss.kind `{loss.kind.value}` compares the student's and the teacher's token "
+                "distributions, which needs the two vocabularies to be the same, but an `openai` teacher "
+                "without teacher.tokenizer has no known vocabulary: set teacher.tokenizer (the teacher's "
+                "tokenizer, a folder the teacher and trainer services can read), use kind `sft`, or set "
+                "training.loss.fallbackToSft"
             )
         return self
 

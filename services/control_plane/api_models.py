@@ -19,6 +19,12 @@ class WireModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
 
 
+class FieldError(WireModel):
+    field: str = Field(description="Dotted path of the offending field, e.g. `spec.training.epochs`.")
+    message: str
+    type: str = Field(description="The kind of error; `preflight` for what the submit-time check found.")
+
+
 class StepView(WireModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -115,6 +121,11 @@ class JobView(WireModel):
     spec: dict[str, Any] = Field(description="The submitted DistillationJob with every default filled in.")
     steps: list[StepView] = Field(default_factory=list)
     summary: JobSummary | None = Field(default=None, description="Outcome so far (single-job views only).")
+    warnings: list[FieldError] = Field(
+        default_factory=list,
+        description="What the submit-time check found that does not stop the job (in the answer to the "
+        "submit only).",
+    )
 
     @classmethod
     def of(cls, job: JobRecord, steps: list[StepRecord] | None = None) -> JobView:
@@ -168,6 +179,10 @@ class EstimateView(WireModel):
         description="Teacher calls made to generate the prompts (already spent)."
     )
     total_usd: float
+    warnings: list[FieldError] = Field(
+        default_factory=list,
+        description="What the submit-time check found that would not stop the job.",
+    )
 
 
 class ArtifactName(StrEnum):
@@ -189,12 +204,6 @@ class ArtifactLinks(WireModel):
     expires_in_seconds: int
 
 
-class FieldError(WireModel):
-    field: str = Field(description="Dotted path of the offending field, e.g. `spec.training.epochs`.")
-    message: str
-    type: str
-
-
 class ErrorBody(WireModel):
     message: str
     errors: list[FieldError] = Field(default_factory=list)
@@ -213,6 +222,11 @@ def field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
         FieldError(field=_field_path(tuple(error["loc"])), message=error["msg"], type=error["type"])
         for error in errors
     ]
+
+
+def preflight_errors(findings: Iterable[Any]) -> list[FieldError]:
+    """The trainer's `SpecFinding`s as field errors."""
+    return [FieldError(field=found.field, message=found.message, type="preflight") for found in findings]
 
 
 def summarise(what: str, errors: list[FieldError]) -> str:

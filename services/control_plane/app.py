@@ -32,9 +32,11 @@ from stillhouse.control_plane.api_models import (
     ArtifactName,
     ErrorBody,
     EstimateView,
+    FieldError,
     JobList,
     JobView,
     field_errors,
+    preflight_errors,
     summarise,
 )
 from stillhouse.control_plane.artifact_links import ArtifactUnavailable, artifact_id_of, artifact_links
@@ -43,6 +45,7 @@ from stillhouse.control_plane.estimate import EstimateFailed, estimate_job
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
 from stillhouse.control_plane.phases import IllegalTransition, Phase
+from stillhouse.control_plane.preflight import PreflightRefused, PreflightUnavailable, check_job
 from stillhouse.control_plane.store import JobNotFound, JobStore
 
 log = structlog.get_logger(__name__)
@@ -130,6 +133,20 @@ async def _job_from_body(request: Request) -> DistillationJob | JSONResponse:
     except ValidationError as exc:
         errors = field_errors(exc.errors(include_url=False))
         return _error(422, ErrorBody(message=summarise("DistillationJob", errors), errors=errors))
+
+
+async def _preflight(request: Request, spec: dict[str, Any]) -> list[FieldError] | JSONResponse:
+    """The warnings of the submit-time check, or the 422 response that names the fields it refuses."""
+    try:
+        checked = await check_job(request.app.state.channels, spec)
+    except PreflightRefused as exc:
+        raise ApiError(422, f"invalid DistillationJob: {exc}") from exc
+    except PreflightUnavailable as exc:
+        raise ApiError(503, str(exc)) from exc
+    if checked.violations:
+        errors = preflight_errors(checked.violations)
+        return _error(422, ErrorBody(message=summarise("DistillationJob", errors), errors=errors))
+    return preflight_errors(checked.warnings)
 
 
 def create_app(settings: ControlPlaneSettings) -> FastAPI:
@@ -244,15 +261,22 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             415: {"model": ErrorBody, "description": "Unsupported content type"},
             422: {
                 "model": ErrorBody,
-                "description": "The spec breaks the schema; each error names its field",
+                "description": "The spec breaks the schema, or the models it names fail the submit-time "
+                "check; each error names its field",
             },
+            503: {"model": ErrorBody, "description": "The trainer service cannot check the job"},
         },
     )
     async def submit_job(request: Request) -> JobView | JSONResponse:
-        """Submit a DistillationJob, as JSON or YAML. The job starts at once; follow it with `/events`."""
+        """Submit a DistillationJob, as JSON or YAML. It is checked first (the schema, then the models it
+        names: tokenizers, chat templates, context); a job that passes starts at once: follow it with
+        `/events`."""
         job = await _job_from_body(request)
         if isinstance(job, JSONResponse):
             return job
+        warnings = await _preflight(request, job.to_document()["spec"])
+        if isinstance(warnings, JSONResponse):
+            return warnings
         job_id = new_job_id()
         record = await request.app.state.store.create_job(
             job_id, job.metadata.name or job_id, job.to_document(), dict(job.metadata.labels)
@@ -261,7 +285,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         log.info("job submitted", job_id=job_id, name=record.name)
         request.app.state.orchestrator.run(job_id)
         request.app.state.bus.notify()
-        return JobView.of(record)
+        return JobView.of(record).model_copy(update={"warnings": warnings})
 
     @app.post(
         "/v1/jobs:estimate",
@@ -273,21 +297,27 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             400: {"model": ErrorBody, "description": "Unparseable body"},
             422: {
                 "model": ErrorBody,
-                "description": "The spec breaks the schema, or its prompts cannot be built",
+                "description": "The spec breaks the schema, the models it names fail the submit-time "
+                "check, or its prompts cannot be built",
             },
             503: {"model": ErrorBody, "description": "A stage service cannot be reached"},
         },
     )
     async def estimate(request: Request) -> EstimateView | JSONResponse:
-        """What a DistillationJob would cost, without running it: its prompts are built (deterministically,
-        as the job will build them) and the teacher's answers to them priced. Teacher calls that prompt
+        """What a DistillationJob would cost, without running it: it is checked as a submit checks it
+        (and refused the same way), then its prompts are built (deterministically, as the job will build
+        them) and the teacher's answers to them priced. Teacher calls that prompt
         generation makes are real and cached, so the job itself does not pay for them again."""
         job = await _job_from_body(request)
         if isinstance(job, JSONResponse):
             return job
         spec = job.to_document()["spec"]
+        warnings = await _preflight(request, spec)
+        if isinstance(warnings, JSONResponse):
+            return warnings
         try:
-            return EstimateView.model_validate(await estimate_job(request.app.state.channels, spec))
+            estimate = await estimate_job(request.app.state.channels, spec)
+            return EstimateView.model_validate({**estimate, "warnings": warnings})
         except EstimateFailed as exc:
             raise ApiError(503 if exc.retryable else 422, f"cannot estimate the job: {exc}") from exc
 

@@ -174,9 +174,15 @@ def read_artifact_manifest(store: ObjectStore, artifact_prefix: str) -> Artifact
 
 
 def download_artifact(
-    store: ObjectStore, artifact_prefix: str, dest_folder: Path, *, parallel_files: int = 4
+    store: ObjectStore,
+    artifact_prefix: str,
+    dest_folder: Path,
+    *,
+    parallel_files: int = 4,
+    include: Callable[[str], bool] | None = None,
 ) -> ArtifactManifest:
-    """Download and verify every file of a committed artifact into `dest_folder` (absent or empty).
+    """Download and verify every file of a committed artifact into `dest_folder` (absent or empty), or
+    only those whose relative path `include` accepts.
 
     Files land in a temporary sibling folder that is renamed to `dest_folder` only once all of them are
     verified; on any failure (IntegrityError naming the file on a mismatch) nothing is left behind.
@@ -197,7 +203,8 @@ def download_artifact(
             raise IntegrityError(what, record.sha256, sha256)
 
     try:
-        _in_parallel(download, manifest.files, parallel_files)
+        chosen = [record for record in manifest.files if include is None or include(record.path)]
+        _in_parallel(download, chosen, parallel_files)
         os.replace(staging, dest_folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

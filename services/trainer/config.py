@@ -79,3 +79,8 @@ class TrainerSettings(GrpcServiceSettings):
     )
     local_ray: LocalRaySettings = Field(default_factory=LocalRaySettings)
     evaluation_num_gpus: float = Field(default=0, ge=0, description="GPUs of the evaluation task.")
+    preflight_dir: Path = Field(
+        default_factory=lambda: stillhouse_home() / "preflight",
+        description="Where the submit-time check keeps the tokenizers and configs it fetches from object "
+        "storage (never weights).",
+    )

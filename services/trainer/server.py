@@ -9,6 +9,7 @@ from stillhouse.common.logging import configure_logging
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.storage.open_store import open_object_store
 from stillhouse.trainer.config import TrainerSettings
+from stillhouse.trainer.preflight_loading import ModelFactsLoader
 from stillhouse.trainer.ray_connection import RayConnection
 from stillhouse.trainer.servicer import TrainerServicer
 from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -26,6 +27,7 @@ async def serve(settings: TrainerSettings) -> None:
             store,
             settings.object_store,
             ray,
+            ModelFactsLoader(settings.object_store, settings.preflight_dir),
             evaluation_num_gpus=settings.evaluation_num_gpus,
         )
         return [

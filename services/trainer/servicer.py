@@ -1,5 +1,6 @@
-"""The Trainer gRPC service: checks a request as far as it can before any Ray work, runs it as a Ray job,
-streams the job's progress into the operation, stops the job on cancel and returns the outcome."""
+"""The Trainer gRPC service: checks a whole job at submit (`CheckJob`, see `preflight`), checks a request
+again as far as it can before any Ray work, runs it as a Ray job, streams the job's progress into the
+operation, stops the job on cancel and returns the outcome."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from google.protobuf import json_format, message
 from ray.job_submission import JobStatus
 
 from stillhouse.common.grpc_server import abort_for
-from stillhouse.common.jobspec import DistillationJobSpec, EvaluationSpec, LossKind, TeacherSpec
+from stillhouse.common.jobspec import DistillationJobSpec, EvaluationSpec, TeacherSpec
 from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
@@ -27,6 +28,8 @@ from stillhouse.storage.artifacts import manifest_sha256, read_artifact_manifest
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
 from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
+from stillhouse.trainer.preflight import Finding, PreflightReport, capacity_violations
+from stillhouse.trainer.preflight_loading import ModelFactsLoader
 from stillhouse.trainer.ray_cluster import RayUnreachable
 from stillhouse.trainer.ray_connection import RayConnection
 from stillhouse.trainer.ray_credentials import run_without_keys
@@ -82,6 +85,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         store: ObjectStore,
         object_store: ObjectStoreSettings,
         ray: RayConnection,
+        preflight: ModelFactsLoader,
         *,
         evaluation_num_gpus: float = 0,
     ) -> None:
@@ -89,7 +93,32 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         self._store = store
         self._object_store = object_store
         self._ray = ray
+        self._preflight = preflight
         self._evaluation_num_gpus = evaluation_num_gpus
+
+    # --- CheckJob ---------------------------------------------------------------------------------
+
+    async def CheckJob(self, request, context):
+        try:
+            spec = validated(DistillationJobSpec, json_format.MessageToDict(request.spec), "spec")
+            report = await self._check(spec)
+        except OperationError as exc:
+            await abort_for(context, exc)
+        return trainer_pb2.CheckJobResponse(
+            violations=[_finding(found) for found in report.violations],
+            warnings=[_finding(found) for found in report.warnings],
+        )
+
+    async def _check(self, spec: DistillationJobSpec) -> PreflightReport:
+        try:
+            report = await asyncio.to_thread(self._preflight.check, spec)
+        except ObjectStoreError as exc:
+            raise OperationError(grpc.StatusCode.UNAVAILABLE, f"object storage: {exc}") from exc
+        training = spec.training
+        report.violations += capacity_violations(
+            training.workers, training.gpus_per_worker, self._ray.local_capacity()
+        )
+        return report
 
     # --- TrainStudent -----------------------------------------------------------------------------
 
@@ -113,9 +142,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             async def work(progress: ProgressReporter) -> trainer_pb2.TrainStudentResult:
                 progress.update(unit="steps", message="checking the answers dataset and the tokenizers")
                 await asyncio.to_thread(self._require_dataset, "answers", run.answers_dataset_id)
-                await asyncio.to_thread(self._require_compatible_tokenizers, run)
+                report = await self._check(spec)
+                if report.violations:
+                    raise OperationError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "; ".join(f"{found.field}: {found.message}" for found in report.violations),
+                    )
                 jobs = await self._ray_jobs()
-                self._require_capacity(run.training.workers, run.training.gpus_per_worker)
                 env = {RUN_CONFIG_ENV: run_without_keys(run)}
                 if self._ray.storage_path is not None:
                     env[STORAGE_PATH_ENV] = self._ray.storage_path
@@ -183,7 +216,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 for name, prefix in models.items():
                     await asyncio.to_thread(self._require_artifact, name, prefix)
                 jobs = await self._ray_jobs()
-                self._require_capacity(1, self._evaluation_num_gpus)
+                capacity = self._ray.local_capacity()
+                if capacity is not None and self._evaluation_num_gpus > capacity[1]:
+                    raise OperationError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the evaluation asks for {self._evaluation_num_gpus:g} GPUs (the trainer's "
+                        f"evaluation_num_gpus), but the local Ray cluster has {capacity[1]}",
+                    )
                 env = {
                     RUN_CONFIG_ENV: run_without_keys(run),
                     EVALUATION_GPUS_ENV: str(self._evaluation_num_gpus),
@@ -224,23 +263,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             return await self._ray.jobs()
         except RayUnreachable as exc:
             raise OperationError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-
-    def _require_capacity(self, workers: int, gpus_per_worker: float) -> None:
-        capacity = self._ray.local_capacity()
-        if capacity is None:
-            return
-        cpus, gpus = capacity
-        if workers * gpus_per_worker > gpus:
-            raise OperationError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"training.workers * training.gpusPerWorker asks for {workers * gpus_per_worker:g} GPUs, "
-                f"but the local Ray cluster has {gpus}: lower them, or point the trainer at a Ray cluster",
-            )
-        if workers > cpus:
-            raise OperationError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"training.workers is {workers}, but the local Ray cluster has {cpus} CPUs (one per worker)",
-            )
 
     async def _run_job(
         self,
@@ -302,29 +324,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 grpc.StatusCode.FAILED_PRECONDITION, f"{field}: no committed artifact {prefix!r}"
             ) from exc
 
-    def _require_compatible_tokenizers(self, run: TrainRun) -> None:
-        """Refuse a logit loss whose local pretrained student cannot share the teacher's vocabulary before
-        any Ray work. Students built from the teacher share its tokenizer; an s3:// student is checked
-        by the run itself once downloaded."""
-        loss, pretrained = run.training.loss, run.student.init.pretrained
-        if loss.kind is LossKind.SFT or pretrained is None or pretrained.startswith("s3://"):
-            return
-        from stillhouse.teacher.model_loading import load_tokenizer, resolve_model_reference
-        from stillhouse.trainer.run_config import IncompatibleTokenizers
-        from stillhouse.trainer.train_loop import choose_loss
-
-        try:
-            student_tokenizer = load_tokenizer(resolve_model_reference(pretrained))
-        except Exception as exc:  # the tokenizers library raises plain Exceptions for broken files
-            raise OperationError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"student.init.pretrained {pretrained!r}: cannot load its tokenizer: {exc}",
-            ) from exc
-        try:
-            choose_loss(loss, run.teacher, student_tokenizer)
-        except IncompatibleTokenizers as exc:
-            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
-
     async def _outcome(self, output_prefix: str) -> bytes:
         try:
             return await asyncio.to_thread(self._store.get_bytes, outcome_key(output_prefix))
@@ -341,3 +340,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             sha256=manifest_sha256(manifest),
             size_bytes=sum(file.size for file in manifest.files),
         )
+
+
+def _finding(found: Finding) -> trainer_pb2.SpecFinding:
+    return trainer_pb2.SpecFinding(field=found.field, message=found.message)

@@ -29,8 +29,25 @@ from stillhouse.cli.embedded import (
 from stillhouse.cli.main import app
 
 STILLHOUSE = Path(sys.executable).with_name("stillhouse")
-VALID_SPEC = "spec: {teacher: {backend: local, model: smollm2}, student: {init: {pruneTeacherDepth: 2}}}\n"
-INVALID_SPEC = VALID_SPEC.replace("model: smollm2", "model: smollm2, temprature: 0.5")
+INVALID_SPEC = (
+    "spec: {teacher: {backend: local, model: smollm2, temprature: 0.5}, "
+    "student: {init: {pruneTeacherDepth: 1}}}\n"
+)
+
+
+def valid_spec(make_model, folder: Path) -> str:
+    """A job on a teacher that the submit-time check finds (its tokenizer and config; no weights)."""
+    teacher = make_model(folder, context=2048)
+    return json.dumps(
+        {
+            "spec": {
+                "teacher": {"backend": "local", "model": str(teacher)},
+                "student": {"init": {"pruneTeacherDepth": 1}},
+            }
+        }
+    )
+
+
 SERVICES = {"prompts", "teacher", "storage", "trainer", "control-plane"}
 
 
@@ -165,7 +182,7 @@ def embedded(tmp_path: Path, free_port) -> Iterator[Embedded]:
                 child.kill()
 
 
-def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded) -> None:
+def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded, tokenizer_only_model, tmp_path: Path) -> None:
     assert embedded.healthy_after < 30
     assert embedded.endpoint["pid"] == embedded.process.pid
     assert embedded.endpoint["tokenFile"] == str(embedded.home / "api-token")
@@ -175,7 +192,7 @@ def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded) -> None:
     assert commands == SERVICES
 
     spec = embedded.home / "job.yaml"
-    spec.write_text(VALID_SPEC)
+    spec.write_text(valid_spec(tokenizer_only_model, tmp_path / "teacher"))
     submitted = embedded.cli("submit", "--quiet", str(spec))
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
@@ -283,8 +300,10 @@ def run_job(tmp_path: Path, spec: str, api_port: int) -> subprocess.CompletedPro
     )
 
 
-def test_run_follows_the_job_to_its_end_and_stops_everything(tmp_path: Path, free_port) -> None:
-    result = run_job(tmp_path, VALID_SPEC, free_port())
+def test_run_follows_the_job_to_its_end_and_stops_everything(
+    tmp_path: Path, free_port, tokenizer_only_model
+) -> None:
+    result = run_job(tmp_path, valid_spec(tokenizer_only_model, tmp_path / "teacher"), free_port())
     output = result.stdout + result.stderr
     # A spec with no prompt sources and nothing to generate passes the schema but not the prompts stage:
     # the job must end Failed, with the service's reason.

@@ -19,7 +19,8 @@ MINIMAL = {
     }
 }
 
-# The example of the design document, as a user would write it.
+# The example of the design document, as a user would write it, with the teacher's tokenizer named (a
+# logit loss with an `openai` teacher needs it).
 DESIGN_EXAMPLE = """
 apiVersion: stillhouse.dev/v1
 kind: DistillationJob
@@ -27,7 +28,7 @@ metadata: {name: support-bot-small}
 spec:
   prompts: {sources: [{path: s3://stillhouse/seeds/support.jsonl}], generate: {strategy: self_instruct, count: 20000}, seed: 7}
   teacher: {backend: openai, baseURL: https://api.deepseek.com/v1, model: deepseek-chat, apiKeySecret: deepseek,
-            sampling: {temperature: 0.7, maxTokens: 512}, topLogprobs: 20,
+            tokenizer: /models/tokenizers/deepseek-v3, sampling: {temperature: 0.7, maxTokens: 512}, topLogprobs: 20,
             limits: {requestsPerMinute: 3000, tokensPerMinute: 1000000, maxConcurrency: 256}, budgetUSD: 50}
   student: {init: {pretrained: s3://stillhouse/models/qwen2.5-0.5b}}
   training: {loss: {kind: forward_kl, temperature: 1.0, ceWeight: 0.5}, epochs: 2, learningRate: 2.0e-5,
@@ -149,7 +150,9 @@ def test_teacher_and_student_are_required(part: str) -> None:
 
 
 def test_openai_backend_needs_a_base_url() -> None:
-    document = with_changes(("spec", "teacher"), {"backend": "openai", "model": "deepseek-chat"})
+    document = with_changes(
+        ("spec", "teacher"), {"backend": "openai", "model": "deepseek-chat", "tokenizer": "/tokenizers/ds"}
+    )
     refused_at(document, ("spec", "teacher"), "`baseURL` is required when `backend` is `openai`")
     document["spec"]["teacher"]["baseURL"] = "http://127.0.0.1:8000/v1"
     assert DistillationJob.model_validate(document).spec.teacher.base_url == "http://127.0.0.1:8000/v1"
@@ -260,6 +263,20 @@ def test_logit_losses_need_logprobs_or_a_local_teacher() -> None:
     refused_at(full_from_api, ("spec",), "`full` needs a `local` teacher")
     local_full = with_changes(("spec", "training"), {"loss": {"teacherLogits": "full"}})
     assert DistillationJob.model_validate(local_full).spec.training.loss.teacher_logits == "full"
+
+
+def test_a_logit_loss_with_an_api_teacher_needs_its_tokenizer() -> None:
+    api_teacher = {"backend": "openai", "baseURL": "http://127.0.0.1:1/v1", "model": "m"}
+    document = with_changes(("spec", "teacher"), api_teacher)
+    document["spec"]["training"] = {"loss": {"kind": "jsd"}}
+    error = refused_at(document, ("spec",), "training.loss.kind `jsd` compares")
+    assert "set teacher.tokenizer" in error["msg"]
+
+    named = with_changes(("spec", "teacher", "tokenizer"), "/models/tokenizers/m", document)
+    assert DistillationJob.model_validate(named).spec.teacher.tokenizer == "/models/tokenizers/m"
+    for loss in ({"kind": "sft"}, {"kind": "jsd", "fallbackToSft": True}):
+        allowed = with_changes(("spec", "training"), {"loss": loss}, document)
+        assert DistillationJob.model_validate(allowed).spec.teacher.tokenizer is None
 
 
 def test_teacher_derived_students_need_a_local_teacher() -> None:

@@ -2,9 +2,10 @@
 
 The real stage services do not do their work yet; this stands in for them over real gRPC, built on the
 same operation registry and server bootstrap they use. Each stage takes STAGE_SECONDS, reports progress,
-and returns a well-formed result. Every Start call is appended to the journal file as a JSON line
-({"rpc", "operation_id", "new"}), and every cancelled operation as {"cancelled": operation_id}, so a test
-can prove that no work ran twice and that a cancel reached the service.
+and returns a well-formed result; the trainer's submit-time check finds nothing. Every Start call is
+appended to the journal file as a JSON line ({"rpc", "operation_id", "new"}), and every cancelled
+operation as {"cancelled": operation_id}, so a test can prove that no work ran twice and that a cancel
+reached the service.
 
     python scripted_stages.py PORT JOURNAL STAGE_SECONDS [FAIL_RPC]
 """
@@ -105,6 +106,10 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
             )
 
     class Trainer(trainer_pb2_grpc.TrainerServicer):
+        async def CheckJob(self, request, context):
+            journal.write({"rpc": "CheckJob"})
+            return trainer_pb2.CheckJobResponse()
+
         async def TrainStudent(self, request, context):
             result = trainer_pb2.TrainStudentResult(
                 student=artifact(artifact_id=f"jobs/{request.job_id}/train/student"),

@@ -41,6 +41,14 @@ def start_stages(processes, port: int, journal: Path, seconds: float, fail_rpc: 
 
 
 @pytest.fixture
+def checking_trainer(processes, free_port, wait_until, grpc_ready, tmp_path) -> str:
+    """The address of scripted stage services that only the trainer's submit-time check is asked of."""
+    stages = start_stages(processes, free_port(), tmp_path / "checks.jsonl", 0.1)
+    wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+    return stages.address
+
+
+@pytest.fixture
 def platform(processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path, request):
     """Scripted stage services plus a control plane using them. Parametrize with (seconds, fail_rpc)."""
     seconds, fail_rpc = getattr(request, "param", (0.5, ""))
@@ -173,7 +181,7 @@ def test_a_failed_stage_fails_the_job_with_its_cause(platform, wait_until):
 
 
 def test_a_real_stage_failure_reaches_the_job_with_its_cause(
-    processes, free_port, control_plane_at, wait_until, grpc_ready, tmp_path
+    processes, free_port, control_plane_at, wait_until, grpc_ready, tmp_path, checking_trainer
 ):
     port = free_port()
     processes.start(
@@ -182,7 +190,7 @@ def test_a_real_stage_failure_reaches_the_job_with_its_cause(
         {"STILLHOUSE_HOME": str(tmp_path / "home")},
     )
     wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 20, "the prompts service")
-    control_plane = control_plane_at({"prompts": f"127.0.0.1:{port}"})
+    control_plane = control_plane_at({"prompts": f"127.0.0.1:{port}", "trainer": checking_trainer})
     control_plane.start()
     missing = tmp_path / "seeds.jsonl"
     job = {"spec": {**MINIMAL_JOB["spec"], "prompts": {"sources": [{"path": str(missing)}]}}}
@@ -195,11 +203,12 @@ def test_a_real_stage_failure_reaches_the_job_with_its_cause(
 
 
 def test_unreachable_service_fails_the_job_after_the_configured_patience(
-    control_plane_at, free_port, wait_until
+    control_plane_at, free_port, wait_until, checking_trainer
 ):
     nowhere = f"127.0.0.1:{free_port()}"
     control_plane = control_plane_at(
-        {"prompts": nowhere}, STILLHOUSE_CONTROL_PLANE_SERVICE_UNAVAILABLE_TIMEOUT_SECONDS="2"
+        {"prompts": nowhere, "trainer": checking_trainer},
+        STILLHOUSE_CONTROL_PLANE_SERVICE_UNAVAILABLE_TIMEOUT_SECONDS="2",
     )
     control_plane.start()
     with control_plane.client() as client:
@@ -245,7 +254,7 @@ def test_estimate_builds_the_prompts_and_prices_them_without_running_the_job(pla
     )
 
 
-def test_estimate_refuses_a_bad_spec_and_names_an_unreachable_service(control_plane_at, free_port):
+def test_estimate_and_submit_refuse_a_bad_spec_and_an_unreachable_trainer(control_plane_at, free_port):
     control_plane = control_plane_at(
         {name: f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher", "trainer", "storage")}
     )
@@ -256,4 +265,22 @@ def test_estimate_refuses_a_bad_spec_and_names_an_unreachable_service(control_pl
         assert any(error["field"] == "spec.teacher.model" for error in bad.json()["errors"])
         down = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60)
         assert down.status_code == 503, down.text
-        assert "prompts service: UNAVAILABLE" in down.json()["message"]
+        assert "trainer service could not check the job (UNAVAILABLE" in down.json()["message"]
+        refused = client.post("/v1/jobs", json=MINIMAL_JOB)
+        assert refused.status_code == 503, refused.text
+        assert "nothing was started" in refused.json()["message"]
+        assert client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_estimate_names_an_unreachable_stage_service(control_plane_at, free_port, checking_trainer):
+    control_plane = control_plane_at(
+        {
+            **{name: f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher", "storage")},
+            "trainer": checking_trainer,
+        }
+    )
+    control_plane.start()
+    with control_plane.client() as client:
+        down = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60)
+    assert down.status_code == 503, down.text
+    assert "prompts service: UNAVAILABLE" in down.json()["message"]

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stillhouse.common.v1 import operations_pb2 as stillhouse_dot_common_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/trainer/v1/trainer.proto\x12\x15stillhouse.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"\xed\x01\n\x13TrainStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07\x61nswers\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07student\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08training\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb8\x02\n\x12TrainStudentResult\x12\x32\n\x07student\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12R\n\rfinal_metrics\x18\x06 \x03(\x0b\x32;.stillhouse.trainer.v1.TrainStudentResult.FinalMetricsEntry\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf5\x02\n\x16\x45valuateStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x32\n\x07student\x18\x03 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12:\n\x10training_answers\x18\x08 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"\xaa\t\n\x15\x45valuateStudentResult\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x18\n\x10recovery_percent\x18\x02 \x01(\x01\x12Y\n\x0fstudent_metrics\x18\x03 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.StudentMetricsEntry\x12[\n\x10\x62\x61seline_metrics\x18\x04 \x03(\x0b\x32\x41.stillhouse.trainer.v1.EvaluateStudentResult.BaselineMetricsEntry\x12\x32\n\x07student\x18\x05 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12Y\n\x0fteacher_metrics\x18\x06 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.TeacherMetricsEntry\x12Y\n\x0funiform_metrics\x18\x07 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UniformMetricsEntry\x12Y\n\x0funigram_metrics\x18\x08 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UnigramMetricsEntry\x12`\n\x13\x63ontrol_sft_metrics\x18\t \x03(\x0b\x32\x43.stillhouse.trainer.v1.EvaluateStudentResult.ControlSftMetricsEntry\x12^\n\x12gap_closed_percent\x18\n \x03(\x0b\x32\x42.stillhouse.trainer.v1.EvaluateStudentResult.GapClosedPercentEntry\x1a\x35\n\x13StudentMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13TeacherMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UniformMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UnigramMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x43ontrolSftMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x37\n\x15GapClosedPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc9\x01\n\x07Trainer\x12[\n\x0cTrainStudent\x12*.stillhouse.trainer.v1.TrainStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12\x61\n\x0f\x45valuateStudent\x12-.stillhouse.trainer.v1.EvaluateStudentRequest\x1a\x1f.stillhouse.common.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/trainer/v1/trainer.proto\x12\x15stillhouse.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"8\n\x0f\x43heckJobRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"-\n\x0bSpecFinding\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x80\x01\n\x10\x43heckJobResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".stillhouse.trainer.v1.SpecFinding\x12\x34\n\x08warnings\x18\x02 \x03(\x0b\x32\".stillhouse.trainer.v1.SpecFinding\"\xed\x01\n\x13TrainStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07\x61nswers\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07student\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08training\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb8\x02\n\x12TrainStudentResult\x12\x32\n\x07student\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12R\n\rfinal_metrics\x18\x06 \x03(\x0b\x32;.stillhouse.trainer.v1.TrainStudentResult.FinalMetricsEntry\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf5\x02\n\x16\x45valuateStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x32\n\x07student\x18\x03 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12:\n\x10training_answers\x18\x08 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"\xaa\t\n\x15\x45valuateStudentResult\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x18\n\x10recovery_percent\x18\x02 \x01(\x01\x12Y\n\x0fstudent_metrics\x18\x03 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.StudentMetricsEntry\x12[\n\x10\x62\x61seline_metrics\x18\x04 \x03(\x0b\x32\x41.stillhouse.trainer.v1.EvaluateStudentResult.BaselineMetricsEntry\x12\x32\n\x07student\x18\x05 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12Y\n\x0fteacher_metrics\x18\x06 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.TeacherMetricsEntry\x12Y\n\x0funiform_metrics\x18\x07 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UniformMetricsEntry\x12Y\n\x0funigram_metrics\x18\x08 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UnigramMetricsEntry\x12`\n\x13\x63ontrol_sft_metrics\x18\t \x03(\x0b\x32\x43.stillhouse.trainer.v1.EvaluateStudentResult.ControlSftMetricsEntry\x12^\n\x12gap_closed_percent\x18\n \x03(\x0b\x32\x42.stillhouse.trainer.v1.EvaluateStudentResult.GapClosedPercentEntry\x1a\x35\n\x13StudentMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13TeacherMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UniformMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UnigramMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x43ontrolSftMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x37\n\x15GapClosedPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa6\x02\n\x07Trainer\x12[\n\x0cTrainStudent\x12*.stillhouse.trainer.v1.TrainStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12\x61\n\x0f\x45valuateStudent\x12-.stillhouse.trainer.v1.EvaluateStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12[\n\x08\x43heckJob\x12&.stillhouse.trainer.v1.CheckJobRequest\x1a\'.stillhouse.trainer.v1.CheckJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,30 +49,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._loaded_options = None
   _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINSTUDENTREQUEST']._serialized_start=132
-  _globals['_TRAINSTUDENTREQUEST']._serialized_end=369
-  _globals['_TRAINSTUDENTRESULT']._serialized_start=372
-  _globals['_TRAINSTUDENTRESULT']._serialized_end=684
-  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_start=633
-  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_end=684
-  _globals['_EVALUATESTUDENTREQUEST']._serialized_start=687
-  _globals['_EVALUATESTUDENTREQUEST']._serialized_end=1060
-  _globals['_EVALUATESTUDENTRESULT']._serialized_start=1063
-  _globals['_EVALUATESTUDENTRESULT']._serialized_end=2257
-  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_start=1868
-  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_end=1921
-  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_start=1923
-  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_end=1977
-  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_start=1979
-  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_end=2032
-  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_start=2034
-  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_end=2087
-  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_start=2089
-  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_end=2142
-  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_start=2144
-  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_end=2200
-  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_start=2202
-  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_end=2257
-  _globals['_TRAINER']._serialized_start=2260
-  _globals['_TRAINER']._serialized_end=2461
+  _globals['_CHECKJOBREQUEST']._serialized_start=131
+  _globals['_CHECKJOBREQUEST']._serialized_end=187
+  _globals['_SPECFINDING']._serialized_start=189
+  _globals['_SPECFINDING']._serialized_end=234
+  _globals['_CHECKJOBRESPONSE']._serialized_start=237
+  _globals['_CHECKJOBRESPONSE']._serialized_end=365
+  _globals['_TRAINSTUDENTREQUEST']._serialized_start=368
+  _globals['_TRAINSTUDENTREQUEST']._serialized_end=605
+  _globals['_TRAINSTUDENTRESULT']._serialized_start=608
+  _globals['_TRAINSTUDENTRESULT']._serialized_end=920
+  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_start=869
+  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_end=920
+  _globals['_EVALUATESTUDENTREQUEST']._serialized_start=923
+  _globals['_EVALUATESTUDENTREQUEST']._serialized_end=1296
+  _globals['_EVALUATESTUDENTRESULT']._serialized_start=1299
+  _globals['_EVALUATESTUDENTRESULT']._serialized_end=2493
+  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_start=2104
+  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_end=2157
+  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_start=2159
+  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_end=2213
+  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_start=2215
+  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_end=2268
+  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_start=2270
+  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_end=2323
+  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_start=2325
+  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_end=2378
+  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_start=2380
+  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_end=2436
+  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_start=2438
+  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_end=2493
+  _globals['_TRAINER']._serialized_start=2496
+  _globals['_TRAINER']._serialized_end=2790
 # @@protoc_insertion_point(module_scope)

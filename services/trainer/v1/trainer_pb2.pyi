@@ -3,10 +3,32 @@ from stillhouse.common.v1 import operations_pb2 as _operations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class CheckJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _struct_pb2.Struct
+    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class SpecFinding(_message.Message):
+    __slots__ = ("field", "message")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    message: str
+    def __init__(self, field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CheckJobResponse(_message.Message):
+    __slots__ = ("violations", "warnings")
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    violations: _containers.RepeatedCompositeFieldContainer[SpecFinding]
+    warnings: _containers.RepeatedCompositeFieldContainer[SpecFinding]
+    def __init__(self, violations: _Optional[_Iterable[_Union[SpecFinding, _Mapping]]] = ..., warnings: _Optional[_Iterable[_Union[SpecFinding, _Mapping]]] = ...) -> None: ...
 
 class TrainStudentRequest(_message.Message):
     __slots__ = ("operation_id", "job_id", "answers", "teacher", "student", "training")

@@ -45,6 +45,11 @@ class TrainerStub:
                 request_serializer=stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.EvaluateStudentRequest.SerializeToString,
                 response_deserializer=stillhouse_dot_common_dot_v1_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.CheckJob = channel.unary_unary(
+                '/stillhouse.trainer.v1.Trainer/CheckJob',
+                request_serializer=stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.CheckJobRequest.SerializeToString,
+                response_deserializer=stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.CheckJobResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -67,6 +72,16 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckJob(self, request, context):
+        """Checks a job before anything is paid for it: the teacher's and the student's tokenizers, chat
+        templates and context, and the workers asked for. Answers at once (tokenizers and configs only, no
+        weights). A spec the schema refuses is INVALID_ARGUMENT; object storage that does not answer,
+        UNAVAILABLE. What the check finds is the response, not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +94,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.EvaluateStudent,
                     request_deserializer=stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.EvaluateStudentRequest.FromString,
                     response_serializer=stillhouse_dot_common_dot_v1_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'CheckJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckJob,
+                    request_deserializer=stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.CheckJobRequest.FromString,
+                    response_serializer=stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.CheckJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +155,33 @@ class Trainer:
             '/stillhouse.trainer.v1.Trainer/EvaluateStudent',
             stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.EvaluateStudentRequest.SerializeToString,
             stillhouse_dot_common_dot_v1_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillhouse.trainer.v1.Trainer/CheckJob',
+            stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.CheckJobRequest.SerializeToString,
+            stillhouse_dot_trainer_dot_v1_dot_trainer__pb2.CheckJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
