@@ -15,7 +15,9 @@ Errors (`violations`, the job is refused):
 - a student whose context (`max_position_embeddings`) is shorter than `training.maxSeqLen`;
 - pruning the teacher as it cannot be pruned (not a Llama-family model; no fewer layers or channels
   than it has, or none at all);
-- more workers or GPUs than a local Ray head has (a cluster may autoscale, so it is not checked).
+- more workers or GPUs than a local Ray head has (a cluster may autoscale, so it is not checked);
+- a student whose architecture cannot give its logits through its own forward at chosen positions
+  (`student_logits.unsupported_architecture`), which training needs.
 
 Warnings (the job runs, the user is told):
 - a logit loss with `fallbackToSft` that will fall back, and why;
@@ -88,7 +90,11 @@ def derived_student(spec: DistillationJobSpec, teacher: ModelFacts) -> ModelFact
     overrides = spec.student.init.config or {}
     context = overrides.get("max_position_embeddings", teacher.shape.context_length)
     return ModelFacts(
-        teacher.tokenizer, ModelShape(context_length=int(context) if context is not None else None)
+        teacher.tokenizer,
+        ModelShape(
+            model_type=teacher.shape.model_type,
+            context_length=int(context) if context is not None else None,
+        ),
     )
 
 
@@ -122,6 +128,17 @@ def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> lis
     return []
 
 
+def architecture_violations(where: str, student: ModelShape) -> list[Finding]:
+    """Whether training can run the student through its own forward (known model types only)."""
+    if student.model_type is None:
+        return []
+    # student_logits imports torch, which the trainer service does not load until a check needs it.
+    from stillhouse.trainer.student_logits import unsupported_architecture
+
+    reason = unsupported_architecture(student.model_type)
+    return [Finding(where, reason)] if reason else []
+
+
 def check_models(
     spec: DistillationJobSpec, teacher: ModelFacts | None, student: ModelFacts
 ) -> PreflightReport:
@@ -150,6 +167,7 @@ def check_models(
                 "with `chat_template`)",
             )
         )
+    report.violations += architecture_violations(where, student.shape)
     max_seq_len = spec.training.max_seq_len
     context = student.shape.context_length
     if context is not None and context < max_seq_len:

@@ -8,8 +8,8 @@ layer to the last hidden state) keeps whatever the model does to its logits: Gem
 soft-capping, Cohere's and Granite's logit scaling. Nothing wraps the model, so its state dict keeps its
 own keys for checkpoints, DDP and FSDP.
 
-`unsupported_architecture` says, from a config alone, why a model cannot be trained this way (None when
-it can), so that a job can be refused before anything runs.
+`unsupported_architecture` says, from a config's model type alone, why a model cannot be trained this
+way (None when it can), so that a job is refused at submit before anything runs.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import inspect
 import torch
 import transformers
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def unsupported_architecture(config: PretrainedConfig) -> str | None:
-    """Why the causal LM of `config` cannot give logits at labelled positions through its own forward,
-    or None when it can."""
-    model_type = getattr(config, "model_type", "") or ""
+def unsupported_architecture(model_type: str) -> str | None:
+    """Why the causal LM of `model_type` (a config's `model_type`) cannot give logits at labelled
+    positions through its own forward, or None when it can."""
     class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if not isinstance(class_name, str):
         return (

@@ -314,7 +314,7 @@ def load_full_teacher(teacher: TeacherSpec, device: torch.device) -> PreTrainedM
 
 
 def require_supported_architecture(model: PreTrainedModel, field: str) -> None:
-    reason = unsupported_architecture(model.config)
+    reason = unsupported_architecture(model.config.model_type)
     if reason is not None:
         raise UnsupportedArchitecture(f"{field}: {reason}")
 

@@ -14,7 +14,13 @@ from stillhouse.storage.artifacts import upload_folder
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.storage.open_store import open_object_store
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, resolve_model_reference
-from stillhouse.trainer.preflight import Finding, ModelShape, PreflightReport, capacity_violations
+from stillhouse.trainer.preflight import (
+    Finding,
+    ModelShape,
+    PreflightReport,
+    architecture_violations,
+    capacity_violations,
+)
 from stillhouse.trainer.preflight_loading import ModelFactsLoader, gguf_shape
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -215,3 +221,11 @@ def test_the_embedded_demo_passes(loader):
     document = yaml.safe_load((EXAMPLES / "smollm2-local.yaml").read_text())
     report = loader.check(DistillationJob.model_validate(document).spec)
     assert report.violations == []
+
+
+def test_a_student_that_cannot_compute_chosen_logits_is_refused():
+    refused = architecture_violations("spec.student.init.pretrained", ModelShape(model_type="whisper"))
+    assert fields(refused) == ["spec.student.init.pretrained"]
+    assert "logits_to_keep" in refused[0].message
+    assert architecture_violations("spec.teacher.model", ModelShape(model_type="llama")) == []
+    assert architecture_violations("spec.teacher.model", ModelShape()) == []
