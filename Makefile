@@ -30,6 +30,7 @@ test: $(STAMP) lint
 
 ## test-slow: the tests marked slow (minutes each)
 test-slow: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,teacher-server]'
 	deploy/local/ensure-test-servers.sh
 	$(BIN)/pytest -m slow
 

@@ -32,6 +32,14 @@ _ANSWER_FIELDS = [
     pa.field("prompt_tokens", pa.int32(), nullable=False),
     pa.field("completion_tokens", pa.int32(), nullable=False),
     pa.field("latency_seconds", pa.float32(), nullable=False),
+    # How the token ids were obtained: server, bytes, retokenized, local or none (no logprobs).
+    pa.field("token_id_source", pa.string(), nullable=False),
+    # Top-k slots masked (alternative id unknown, or not sent by the server).
+    pa.field("masked_alternatives", pa.int32(), nullable=False),
+    # At temperature 0, positions where a known alternative beat the generated token.
+    pa.field("top1_mismatches", pa.int32(), nullable=False),
+    # The end-of-sequence label was appended: the server stopped without sending its stop token.
+    pa.field("stop_token_added", pa.bool_(), nullable=False),
 ]
 
 # A prompt the teacher did not answer, and why.

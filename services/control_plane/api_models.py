@@ -58,6 +58,16 @@ class TeacherSummary(LedgerView):
     answers: int
     failed_prompts: int
     stopped_reason: str | None
+    alternative_slots: int = Field(description="Top-k slots of the generated tokens the teacher sent.")
+    masked_alternatives: int = Field(
+        description="Of those, slots whose token id could not be known or that the server did not send."
+    )
+    top1_mismatches: int = Field(
+        description="At temperature 0, generated tokens that were not the most likely known alternative."
+    )
+    stop_tokens_added: int = Field(
+        description="Answers given an end-of-sequence label because the server left its stop token out."
+    )
 
 
 class TrainingSummary(WireModel):

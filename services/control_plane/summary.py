@@ -14,6 +14,8 @@ from stillhouse.control_plane.phases import Stage
 from stillhouse.control_plane.store import StepRecord, StepState
 
 LEDGER_FIELDS = ("requests", "cached_requests", "prompt_tokens", "completion_tokens")
+# How the teacher's token ids were captured (the teacher ledger's counts).
+CAPTURE_FIELDS = ("alternative_slots", "masked_alternatives", "top1_mismatches", "stop_tokens_added")
 
 
 def _int(value: Any) -> int:
@@ -58,8 +60,10 @@ def job_summary(steps: Iterable[StepRecord]) -> dict[str, Any] | None:
     if (teacher := results.get(Stage.TEACHER)) is not None:
         ledger = _ledger(teacher.get("ledger"))
         teacher_usd = ledger["cost_usd"]
+        capture = {name: _int((teacher.get("ledger") or {}).get(name)) for name in CAPTURE_FIELDS}
         summary["teacher"] = {
             **ledger,
+            **capture,
             "answers": _int(teacher.get("answers", {}).get("num_rows")),
             "failed_prompts": _int(teacher.get("failed_prompts")),
             "stopped_reason": teacher.get("stopped_reason") or None,

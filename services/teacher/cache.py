@@ -13,9 +13,9 @@ durable once the writer has flushed it (by size, by age, or on `flush`/`close`),
 flushes before it reports a result, so a reported result never names an answer the cache would
 have to ask for again.
 
-A cached answer is one row: the text, finish reason, token counts and latency as plain columns, the
-backend, model and revision for whoever inspects the table, and the logprobs as one binary blob
-(`pack_logprobs`; see there for the layout).
+A cached answer is one row: the text, finish reason, token counts, latency and how its token ids were
+captured as plain columns, the backend, model and revision for whoever inspects the table, and the
+logprobs as one binary blob (`pack_logprobs`; see there for the layout).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import pyarrow as pa
 import structlog
 from alembic.config import Config
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -48,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stillhouse.common import database
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
-from stillhouse.teacher.calls import TeacherAnswer, TeacherCall
+from stillhouse.teacher.calls import TeacherAnswer, TeacherCall, TokenIdSource
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,11 @@ answers = Table(
     Column("latency_seconds", Float, nullable=False),
     # pack_logprobs(); NULL when the call asked for no logprobs.
     Column("logprobs", LargeBinary, nullable=True),
+    # How the ids were captured (TeacherAnswer's fields of the same names).
+    Column("token_id_source", String(16), nullable=False),
+    Column("masked_alternatives", Integer, nullable=False),
+    Column("top1_mismatches", Integer, nullable=False),
+    Column("stop_token_added", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
@@ -94,6 +100,10 @@ _ANSWER_COLUMNS = (
     answers.c.completion_tokens,
     answers.c.latency_seconds,
     answers.c.logprobs,
+    answers.c.token_id_source,
+    answers.c.masked_alternatives,
+    answers.c.top1_mismatches,
+    answers.c.stop_token_added,
 )
 
 
@@ -217,6 +227,10 @@ def _rows_of(entries: Iterable[tuple[TeacherCall, TeacherAnswer]]) -> list[dict[
             "completion_tokens": answer.completion_tokens,
             "latency_seconds": answer.latency_seconds,
             "logprobs": None if answer.logprobs is None else pack_logprobs(answer.logprobs),
+            "token_id_source": answer.token_id_source.value,
+            "masked_alternatives": answer.masked_alternatives,
+            "top1_mismatches": answer.top1_mismatches,
+            "stop_token_added": answer.stop_token_added,
         }
     return [rows[key] for key in sorted(rows)]
 
@@ -230,6 +244,10 @@ def _answers_of(rows: Sequence[Any]) -> dict[str, TeacherAnswer]:
             completion_tokens=row.completion_tokens,
             latency_seconds=row.latency_seconds,
             logprobs=None if row.logprobs is None else unpack_logprobs(row.logprobs),
+            token_id_source=TokenIdSource(row.token_id_source),
+            masked_alternatives=row.masked_alternatives,
+            top1_mismatches=row.top1_mismatches,
+            stop_token_added=row.stop_token_added,
             cached=True,
         )
         for row in rows

@@ -16,7 +16,7 @@ import numpy as np
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
 
 # Bump when the meaning of a stored answer changes, so old cache entries stop matching.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,16 @@ class TeacherCall:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class TokenIdSource(StrEnum):
+    """How an answer's token ids were obtained (see backends/openai_capture.py)."""
+
+    SERVER = "server"  # the server sent ids
+    BYTES = "bytes"  # the server's token bytes, through the teacher's vocabulary
+    RETOKENIZED = "retokenized"  # the answer re-tokenised and aligned with the logprob positions
+    LOCAL = "local"  # a local model: ids are what it generated
+    NONE = "none"  # no logprobs asked for, so no ids
+
+
 @dataclass
 class TeacherAnswer:
     text: str
@@ -54,6 +64,14 @@ class TeacherAnswer:
     # Per generated token: the token ids, their top-k alternatives and the tail mass. None when the call
     # asked for no logprobs (top_logprobs == 0).
     logprobs: SparseLogprobs | None = None
+    token_id_source: TokenIdSource = TokenIdSource.NONE
+    # Alternatives whose id is unknown or that the server did not send (masked slots), over the
+    # positions the server sent.
+    masked_alternatives: int = 0
+    # At temperature 0, positions where a known alternative is more likely than the generated token.
+    top1_mismatches: int = 0
+    # Whether the end-of-sequence label was appended because the server left its stop token out.
+    stop_token_added: bool = False
     cached: bool = field(default=False, compare=False)
 
     @property
@@ -72,6 +90,7 @@ class FailureKind(StrEnum):
     BAD_REQUEST = "bad_request"  # other 4xx
     MALFORMED_RESPONSE = "malformed_response"
     MISSING_LOGPROBS = "missing_logprobs"
+    UNMAPPABLE_TOKEN = "unmappable_token"  # a generated token whose id cannot be known
     CIRCUIT_OPEN = "circuit_open"
 
 

@@ -106,7 +106,11 @@ class Ledger:
     """Tokens and dollars of one job's calls to one teacher (or, added up, of more).
 
     `requests` counts every answer recorded, `cached_requests` those the cache gave. Tokens and cost
-    are what the teacher was paid for: a cached answer adds a request and nothing else.
+    are what the teacher was paid for: a cached answer adds a request and nothing else to them. The
+    capture counts describe the answers, cached or not: `alternative_slots` top-k slots of the
+    positions the servers sent, `masked_alternatives` of them masked, `top1_mismatches` positions
+    where (at temperature 0) a known alternative beat the generated token, `stop_tokens_added`
+    answers given an end-of-sequence label the server left out.
     """
 
     requests: int = 0
@@ -114,10 +118,20 @@ class Ledger:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    alternative_slots: int = 0
+    masked_alternatives: int = 0
+    top1_mismatches: int = 0
+    stop_tokens_added: int = 0
 
     def record(self, answer: TeacherAnswer, price: Price, *, cached: bool | None = None) -> float:
         """Count one answer (cached: `answer.cached` unless given); returns the dollars it added."""
         self.requests += 1
+        if answer.logprobs is not None:
+            sent_positions = answer.logprobs.num_tokens - int(answer.stop_token_added)
+            self.alternative_slots += sent_positions * answer.logprobs.k
+        self.masked_alternatives += answer.masked_alternatives
+        self.top1_mismatches += answer.top1_mismatches
+        self.stop_tokens_added += int(answer.stop_token_added)
         if answer.cached if cached is None else cached:
             self.cached_requests += 1
             return 0.0
@@ -133,6 +147,10 @@ class Ledger:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cost_usd += other.cost_usd
+        self.alternative_slots += other.alternative_slots
+        self.masked_alternatives += other.masked_alternatives
+        self.top1_mismatches += other.top1_mismatches
+        self.stop_tokens_added += other.stop_tokens_added
 
     def __add__(self, other: Ledger) -> Ledger:
         total = Ledger()
@@ -147,6 +165,10 @@ class Ledger:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             cost_usd=self.cost_usd,
+            alternative_slots=self.alternative_slots,
+            masked_alternatives=self.masked_alternatives,
+            top1_mismatches=self.top1_mismatches,
+            stop_tokens_added=self.stop_tokens_added,
         )
 
     @classmethod
@@ -157,6 +179,10 @@ class Ledger:
             prompt_tokens=message.prompt_tokens,
             completion_tokens=message.completion_tokens,
             cost_usd=message.cost_usd,
+            alternative_slots=message.alternative_slots,
+            masked_alternatives=message.masked_alternatives,
+            top1_mismatches=message.top1_mismatches,
+            stop_tokens_added=message.stop_tokens_added,
         )
 
 

@@ -100,6 +100,10 @@ def answers_table(
         "prompt_tokens": [answer.prompt_tokens for answer in answers],
         "completion_tokens": [answer.completion_tokens for answer in answers],
         "latency_seconds": [answer.latency_seconds for answer in answers],
+        "token_id_source": [answer.token_id_source.value for answer in answers],
+        "masked_alternatives": [answer.masked_alternatives for answer in answers],
+        "top1_mismatches": [answer.top1_mismatches for answer in answers],
+        "stop_token_added": [answer.stop_token_added for answer in answers],
         **logprobs,
     }
     return pa.Table.from_pydict(columns, schema=schema)
@@ -316,5 +320,7 @@ class AnswerPromptsRun:
                 "prompt_tokens": float(ledger.prompt_tokens),
                 "completion_tokens": float(ledger.completion_tokens),
                 "cost_usd": ledger.cost_usd,
+                "masked_alternatives": float(ledger.masked_alternatives),
+                "top1_mismatches": float(ledger.top1_mismatches),
             },
         )

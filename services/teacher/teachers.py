@@ -77,7 +77,7 @@ class TeacherPool:
                 ) from exc
         from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
 
-        tokenizer = await asyncio.to_thread(_token_id_lookup, spec.tokenizer) if spec.tokenizer else None
+        tokenizer = await asyncio.to_thread(_token_vocabulary, spec.tokenizer) if spec.tokenizer else None
         try:
             return OpenAICompatibleBackend(
                 spec.base_url or "",
@@ -95,17 +95,8 @@ class TeacherPool:
         self._teachers.clear()
 
 
-def _token_id_lookup(reference: str):
+def _token_vocabulary(reference: str):
     from stillhouse.teacher import model_loading
+    from stillhouse.teacher.token_vocabulary import TokenVocabulary
 
-    tokenizer = model_loading.load_tokenizer_reference(reference)
-    vocabulary = tokenizer.get_vocab()
-
-    def token_id(token: str) -> int | None:
-        found = vocabulary.get(token)
-        if found is None:
-            ids = tokenizer.encode(token, add_special_tokens=False)
-            found = ids[0] if len(ids) == 1 else None
-        return found
-
-    return token_id
+    return TokenVocabulary.from_tokenizer(model_loading.load_tokenizer_reference(reference))

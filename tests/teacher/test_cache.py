@@ -13,7 +13,7 @@ from sqlalchemy import event
 from stillhouse.control_plane.store import JobStore
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.cache import CacheWriter, TeacherCache, pack_logprobs, unpack_logprobs
-from stillhouse.teacher.calls import ChatMessage, TeacherAnswer, TeacherCall
+from stillhouse.teacher.calls import ChatMessage, TeacherAnswer, TeacherCall, TokenIdSource
 
 BASE_CALL = TeacherCall(
     backend="openai",
@@ -79,7 +79,12 @@ async def cache(database_url: str) -> AsyncIterator[TeacherCache]:
 
 
 async def test_an_answer_with_logprobs_comes_back_exactly_and_marked_cached(cache: TeacherCache) -> None:
-    stored = answer()
+    stored = answer(
+        token_id_source=TokenIdSource.RETOKENIZED,
+        masked_alternatives=17,
+        top1_mismatches=2,
+        stop_token_added=True,
+    )
     plain = answer("No logprobs asked for.", logprobs=None)
     await cache.put_many([(call(), stored), (call(1, top_logprobs=0), plain)])
 
@@ -95,6 +100,12 @@ async def test_an_answer_with_logprobs_comes_back_exactly_and_marked_cached(cach
         0.8125,
     )
     assert_same_logprobs(got.logprobs, stored.logprobs)
+    assert (got.token_id_source, got.masked_alternatives, got.top1_mismatches, got.stop_token_added) == (
+        TokenIdSource.RETOKENIZED,
+        17,
+        2,
+        True,
+    )
     got_plain = found[call(1, top_logprobs=0).cache_key()]
     assert got_plain.logprobs is None and got_plain.text == "No logprobs asked for." and got_plain.cached
 

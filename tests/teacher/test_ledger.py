@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stillhouse.common.config import ConfigFileError
+from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.teacher.backends.openai_capture import with_end_label
 from stillhouse.teacher.calls import ChatMessage, TeacherAnswer
 from stillhouse.teacher.estimate import (
     approximate_token_count,
@@ -121,6 +125,30 @@ def test_ledgers_add_up_and_travel_as_protos() -> None:
     )
     assert Ledger.from_proto(total.to_proto()) == total
     assert job_on_first_teacher.requests == 3  # adding makes a new ledger
+
+
+def test_capture_counts_describe_every_answer_cached_or_not() -> None:
+    logprobs = with_end_label(
+        SparseLogprobs(
+            token_ids=np.array([5, 6, 7], np.int32),
+            topk_ids=np.array([[5, -1], [6, 9], [7, -1]], np.int32),
+            topk_logprobs=np.array([[-0.1, -60], [-0.2, -2.0], [-0.1, -60]], np.float32),
+            tail_logprob=np.array([-2.3, -2.0, -2.3], np.float32),
+        ),
+        eos_id=2,
+    )
+    captured = dataclasses.replace(
+        answer(10, 3), logprobs=logprobs, masked_alternatives=2, top1_mismatches=1, stop_token_added=True
+    )
+    ledger = Ledger()
+    ledger.record(captured, Price())
+    ledger.record(captured, Price(), cached=True)
+    ledger.record(answer(10, 3), Price())  # no logprobs: nothing to count
+    # Three positions of two slots each per answer; the appended stop label is not a server position.
+    assert (ledger.alternative_slots, ledger.masked_alternatives) == (12, 4)
+    assert (ledger.top1_mismatches, ledger.stop_tokens_added) == (2, 2)
+    assert Ledger.from_proto(ledger.to_proto()) == ledger
+    assert (ledger + ledger).masked_alternatives == 8
 
 
 # Budget

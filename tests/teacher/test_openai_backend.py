@@ -16,8 +16,10 @@ import structlog
 
 from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR
 from stillhouse.teacher.backends import openai_wire
+from stillhouse.teacher.backends.openai_capture import capture_logprobs, token_ids_from_server
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
-from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError
+from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError, TokenIdSource
+from stillhouse.teacher.token_vocabulary import TokenVocabulary
 
 API_KEY = "sk-test-5f0c2e9d4b7a4f61a8e3"
 
@@ -91,6 +93,27 @@ VLLM_TOKEN_IDS_EXAMPLE = b"""{
 OPENAI_VOCAB = {"Hello": 9906, "Hi": 13347, "!": 0, " there": 1070}
 
 
+def vocabulary_of(texts: dict[str, int], eos_id: int | None = None) -> TokenVocabulary:
+    """A vocabulary of exactly these tokens (text -> id), which never needs to re-tokenise."""
+    token_bytes: list[bytes | None] = [None] * (max(texts.values(), default=-1) + 1)
+    for text, token_id in texts.items():
+        token_bytes[token_id] = text.encode()
+
+    def encode(text: str) -> list[int]:
+        raise AssertionError(f"nothing should be re-tokenised, asked for {text!r}")
+
+    return TokenVocabulary(token_bytes, encode, eos_id=eos_id)
+
+
+NO_TOKENS = vocabulary_of({})
+
+
+def parse(body: bytes, call: TeacherCall, vocabulary: TokenVocabulary | None = None, **options):
+    return openai_wire.parse_chat_completion(
+        body, call, vocabulary, ids_from_server=vocabulary is None, latency_seconds=0.5, **options
+    )
+
+
 def test_request_body_follows_the_documented_schema():
     call = make_call("http://teacher/v1", top_logprobs=20, seed=None)
     body = openai_wire.chat_request(call, token_ids_from_server=False)
@@ -119,11 +142,10 @@ def test_request_body_follows_the_documented_schema():
 
 def test_openai_example_parses_with_a_tokenizer():
     call = make_call("http://teacher/v1", top_logprobs=2)
-    token_ids_of = openai_wire.token_ids_from_tokenizer(OPENAI_VOCAB.get)
-    answer = openai_wire.parse_chat_completion(
-        OPENAI_LOGPROBS_EXAMPLE, call, token_ids_of, latency_seconds=0.5
-    )
+    answer = parse(OPENAI_LOGPROBS_EXAMPLE, call, vocabulary_of(OPENAI_VOCAB))
     assert (answer.text, answer.finish_reason) == ("Hello!", "stop")
+    assert answer.token_id_source is TokenIdSource.BYTES
+    assert (answer.masked_alternatives, answer.stop_token_added) == (0, False)
     assert (answer.prompt_tokens, answer.completion_tokens, answer.latency_seconds) == (9, 2, 0.5)
     logprobs = answer.logprobs
     assert logprobs is not None and logprobs.k == 2
@@ -139,9 +161,8 @@ def test_openai_example_parses_with_a_tokenizer():
 
 def test_vllm_token_ids_parse_and_extra_alternatives_keep_the_top_k():
     call = make_call("http://teacher/v1", top_logprobs=2)
-    answer = openai_wire.parse_chat_completion(
-        VLLM_TOKEN_IDS_EXAMPLE, call, openai_wire.token_ids_from_server, latency_seconds=0.1
-    )
+    answer = parse(VLLM_TOKEN_IDS_EXAMPLE, call)
+    assert answer.token_id_source is TokenIdSource.SERVER
     assert (answer.finish_reason, answer.prompt_tokens, answer.completion_tokens) == ("length", 20, 2)
     logprobs = answer.logprobs
     assert logprobs.token_ids.tolist() == [9707, 0]
@@ -150,17 +171,23 @@ def test_vllm_token_ids_parse_and_extra_alternatives_keep_the_top_k():
     assert logprobs.topk_logprobs[1, 0] == pytest.approx(-0.02380986)
 
 
-def test_fewer_alternatives_than_k_are_padded_and_a_full_top_k_has_a_floor_tail():
+def test_fewer_alternatives_than_k_are_masked_and_a_full_top_k_has_a_floor_tail():
     top = openai_wire.TopLogprob
     content = [
-        openai_wire.TokenLogprob("token_id:3", -0.1, [top("token_id:3", -0.1), top("token_id:4", -2.4)]),
+        openai_wire.TokenLogprob(
+            "token_id:3", -0.1, top_logprobs=[top("token_id:3", -0.1), top("token_id:4", -2.4)]
+        ),
         # Rounded logprobs whose probabilities sum past 1: the tail is empty, not NaN.
         openai_wire.TokenLogprob(
-            "token_id:5", -0.0001, [top("token_id:6", -3.0), top("token_id:5", -0.0001)]
+            "token_id:5", -0.0001, top_logprobs=[top("token_id:6", -3.0), top("token_id:5", -0.0001)]
         ),
     ]
-    logprobs = openai_wire.sparse_logprobs(content, 3, openai_wire.token_ids_from_server)
-    assert logprobs.topk_ids.tolist() == [[3, 4, 0], [5, 6, 0]]
+    capture = capture_logprobs(
+        content, 3, text="", finish_reason="length", temperature=0, vocabulary=None, ids_from_server=True
+    )
+    logprobs = capture.logprobs
+    assert logprobs.topk_ids.tolist() == [[3, 4, -1], [5, 6, -1]]
+    assert capture.masked_alternatives == 2 and capture.top1_mismatches == 0
     assert logprobs.topk_logprobs[0, 2] == LOGPROB_FLOOR
     assert np.isfinite(logprobs.tail_logprob).all()
     assert logprobs.tail_logprob[1] == LOGPROB_FLOOR
@@ -196,22 +223,21 @@ _NOT_ANSWERS = [
 def test_responses_that_are_not_answers_are_named(body: bytes, kind: FailureKind, says: str):
     call = make_call("http://teacher/v1", top_logprobs=1)
     with pytest.raises(TeacherCallError) as error:
-        openai_wire.parse_chat_completion(body, call, openai_wire.token_ids_from_server, latency_seconds=0)
+        parse(body, call)
     assert says in _raises(kind, error).message
 
 
 def test_token_texts_where_ids_were_asked_for_say_what_to_do():
     call = make_call("http://teacher/v1", top_logprobs=2)
     with pytest.raises(TeacherCallError) as error:
-        openai_wire.parse_chat_completion(
-            OPENAI_LOGPROBS_EXAMPLE, call, openai_wire.token_ids_from_server, latency_seconds=0
-        )
+        parse(OPENAI_LOGPROBS_EXAMPLE, call)
     assert "tokenizer" in _raises(FailureKind.MALFORMED_RESPONSE, error).message
+    # Another model's vocabulary: the generated token is unknown, and re-tokenising finds no token.
+    other = TokenVocabulary([b"Hey"], encode=lambda text: [])
     with pytest.raises(TeacherCallError) as error:
-        openai_wire.parse_chat_completion(
-            OPENAI_LOGPROBS_EXAMPLE, call, openai_wire.token_ids_from_tokenizer({}.get), latency_seconds=0
-        )
-    assert "'Hello'" in _raises(FailureKind.MALFORMED_RESPONSE, error).message
+        parse(OPENAI_LOGPROBS_EXAMPLE, call, other)
+    message = _raises(FailureKind.UNMAPPABLE_TOKEN, error).message
+    assert "'Hello'" in message and "tokenizer" in message
 
 
 def _error(status: int, body: dict | str, headers: dict[str, str] | None = None) -> TeacherCallError:
@@ -337,8 +363,6 @@ def test_construction_refuses_what_cannot_work():
         OpenAICompatibleBackend("http://teacher:8000/v1", None, token_ids="tokenizer")
     with pytest.raises(ValueError, match="http"):
         OpenAICompatibleBackend("teacher:8000/v1", None)
-    with pytest.raises(ValueError, match="no tokenizer"):
-        OpenAICompatibleBackend("http://teacher:8000/v1", None, token_ids="server", tokenizer={}.get)
 
 
 async def test_answer_with_token_ids_from_the_server(fake_openai):
@@ -365,7 +389,7 @@ async def test_answer_with_token_ids_from_the_server(fake_openai):
 async def test_answer_with_token_ids_from_a_tokenizer_matches_the_server_ids(fake_openai):
     ids = {token: i for i, token in enumerate(fake_openai.vocab())}
     fake_openai.control(flavor="openai")  # refuses vLLM's extension, as OpenAI does
-    backend = OpenAICompatibleBackend(fake_openai.base_url, None, tokenizer=ids.get)
+    backend = OpenAICompatibleBackend(fake_openai.base_url, None, tokenizer=vocabulary_of(ids))
     try:
         from_tokenizer = await backend.answer(make_call(fake_openai.base_url))
     finally:
@@ -432,8 +456,8 @@ async def test_wrong_or_missing_api_key_is_unauthenticated_and_the_key_never_sho
     call = make_call(fake_openai.base_url, top_logprobs=0)
     caplog.set_level(logging.DEBUG)
     with structlog.testing.capture_logs() as structured:
-        wrong = await _failure(fake_openai.base_url, call, API_KEY, tokenizer={}.get)
-        missing = await _failure(fake_openai.base_url, call, None, tokenizer={}.get)
+        wrong = await _failure(fake_openai.base_url, call, API_KEY, tokenizer=NO_TOKENS)
+        missing = await _failure(fake_openai.base_url, call, None, tokenizer=NO_TOKENS)
     for error in (wrong, missing):
         assert error.kind is FailureKind.UNAUTHENTICATED and not error.retryable
         assert "apiKeySecret" in error.message
@@ -443,7 +467,7 @@ async def test_wrong_or_missing_api_key_is_unauthenticated_and_the_key_never_sho
     assert API_KEY not in repr(backend)
     await backend.aclose()
     # The right key gets answers.
-    backend = OpenAICompatibleBackend(fake_openai.base_url, "sk-the-right-one", tokenizer={}.get)
+    backend = OpenAICompatibleBackend(fake_openai.base_url, "sk-the-right-one", tokenizer=NO_TOKENS)
     try:
         assert (await backend.answer(call)).text
     finally:
@@ -454,7 +478,7 @@ async def test_wrong_or_missing_api_key_is_unauthenticated_and_the_key_never_sho
 async def test_unknown_model_names_the_model(fake_openai, flavor):
     fake_openai.control(flavor=flavor)
     call = make_call(fake_openai.base_url, model="no-such-model", top_logprobs=0)
-    error = await _failure(fake_openai.base_url, call, tokenizer={}.get)
+    error = await _failure(fake_openai.base_url, call, tokenizer=NO_TOKENS)
     assert error.kind is FailureKind.MODEL_NOT_FOUND and "'no-such-model'" in error.message
 
 
@@ -462,7 +486,7 @@ async def test_unknown_model_names_the_model(fake_openai, flavor):
 async def test_prompt_longer_than_the_context(fake_openai, flavor):
     fake_openai.control(flavor=flavor, max_prompt_chars=1000)
     call = make_call(fake_openai.base_url, prompt="word " * 400, top_logprobs=0)
-    error = await _failure(fake_openai.base_url, call, tokenizer={}.get)
+    error = await _failure(fake_openai.base_url, call, tokenizer=NO_TOKENS)
     assert error.kind is FailureKind.CONTEXT_TOO_LONG and "maximum context length" in error.message
 
 
@@ -515,6 +539,6 @@ async def test_rate_limits_server_errors_and_timeouts_are_retryable(fake_openai)
 )
 def test_token_ids_from_the_server_must_each_be_one_id(tokens: list[str]):
     with pytest.raises(TeacherCallError) as error:
-        openai_wire.token_ids_from_server(tokens)
+        token_ids_from_server(tokens)
     assert error.value.kind is FailureKind.MALFORMED_RESPONSE
-    assert openai_wire.token_ids_from_server(["token_id:5", "token_id:0"]).tolist() == [5, 0]
+    assert token_ids_from_server(["token_id:5", "token_id:0"]).tolist() == [5, 0]

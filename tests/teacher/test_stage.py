@@ -140,6 +140,11 @@ def test_answers_every_prompt_in_order_with_logprobs(teacher_service, fake_opena
     assert logprobs.topk_ids.shape == (first["completion_tokens"], 5)
     assert np.all(np.exp(logprobs.topk_logprobs.astype(np.float64)).sum(axis=1) <= 1.0 + 1e-3)
     assert fake_openai.calls()["by_status"] == {"200": 30}
+    # How the ids were captured, per answer and in the ledger: the fake server sends ids and 5 each.
+    assert set(answers.column("token_id_source").to_pylist()) == {"server"}
+    assert set(answers.column("masked_alternatives").to_pylist()) == {0}
+    assert result.ledger.alternative_slots == 5 * result.ledger.completion_tokens
+    assert result.ledger.masked_alternatives == 0
 
 
 def test_a_killed_stage_resumes_without_paying_twice(teacher_service, fake_openai, processes, wait_until):

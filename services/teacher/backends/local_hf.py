@@ -39,7 +39,14 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, SparseLogprobs
 from stillhouse.teacher import model_loading
 from stillhouse.teacher.backends.base import TeacherBackend
-from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
+from stillhouse.teacher.calls import (
+    ChatMessage,
+    FailureKind,
+    TeacherAnswer,
+    TeacherCall,
+    TeacherCallError,
+    TokenIdSource,
+)
 
 
 @dataclass(frozen=True)
@@ -458,6 +465,7 @@ class LocalHFBackend(TeacherBackend):
                 completion_tokens=len(row.token_ids),
                 latency_seconds=finished - item.started,
                 logprobs=row.logprobs,
+                token_id_source=TokenIdSource.LOCAL,
             )
             for item, row, text in zip(batch, decoded, texts, strict=True)
         ]

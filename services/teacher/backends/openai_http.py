@@ -4,18 +4,19 @@ One `httpx.AsyncClient` per backend, its keep-alive pool sized to the concurrenc
 so that connections are reused across calls (a TLS handshake per call would cost more than the call's
 JSON). The wire format itself lives in `openai_wire`; this module only sends and maps failures.
 
-Logprob tokens must become token ids for the sparse layout, and a server gives token text. Two ways:
+Logprob tokens must become token ids for the sparse layout (see `openai_capture`):
 - ``token_ids="server"``: send vLLM's ``return_tokens_as_token_ids`` extension and read ``token_id:N``
   (vLLM; a server that ignores it fails the call with MALFORMED_RESPONSE, naming the fix);
-- ``token_ids="tokenizer"``: map each token's text with the teacher's tokenizer, a callable given here
-  (any server, such as OpenAI with tiktoken's ``encode_single_token``);
+- ``token_ids="tokenizer"``: read them through the teacher's vocabulary (`TokenVocabulary`): from each
+  token's `bytes` when the server sends them, else by re-tokenising the answer (any server);
 - ``token_ids="auto"`` (default): the tokenizer when one is given, else the server.
+With server ids, a vocabulary given as well supplies the end-of-sequence label when the server leaves
+the stop token out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Literal
 
 import httpx
@@ -24,8 +25,9 @@ import msgspec
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.base import TeacherBackend
 from stillhouse.teacher.calls import FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
+from stillhouse.teacher.token_vocabulary import TokenVocabulary
 
-TokenIdSource = Literal["auto", "server", "tokenizer"]
+TokenIdOption = Literal["auto", "server", "tokenizer"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -38,8 +40,8 @@ class OpenAICompatibleBackend(TeacherBackend):
         *,
         max_connections: int = 64,
         timeout_seconds: float = 120.0,
-        token_ids: TokenIdSource = "auto",
-        tokenizer: Callable[[str], int | None] | None = None,
+        token_ids: TokenIdOption = "auto",
+        tokenizer: TokenVocabulary | None = None,
     ) -> None:
         """`base_url` is the API root (``https://api.openai.com/v1``, ``http://vllm:8000/v1``).
         `timeout_seconds` bounds connecting and each wait for the server's next bytes; waiting for a
@@ -53,21 +55,15 @@ class OpenAICompatibleBackend(TeacherBackend):
             token_ids = "tokenizer" if tokenizer is not None else "server"
         if token_ids == "tokenizer" and tokenizer is None:
             raise ValueError(
-                "token_ids='tokenizer' needs a tokenizer (token text -> id) to turn logprob tokens into "
-                "ids; pass one, or use token_ids='server' with a vLLM server"
+                "token_ids='tokenizer' needs the teacher's tokenizer vocabulary to turn logprob tokens "
+                "into ids; pass one, or use token_ids='server' with a vLLM server"
             )
-        if token_ids == "server" and tokenizer is not None:
-            raise ValueError("token_ids='server' reads ids from the server: pass no tokenizer with it")
         if token_ids not in ("server", "tokenizer"):
             raise ValueError(f"token_ids must be 'auto', 'server' or 'tokenizer'; got {token_ids!r}")
         self.base_url = base_url.rstrip("/")
-        self.token_ids: TokenIdSource = token_ids
+        self.token_ids: TokenIdOption = token_ids
         self._url = f"{self.base_url}/chat/completions"
-        self._token_ids_of = (
-            openai_wire.token_ids_from_server
-            if tokenizer is None
-            else openai_wire.token_ids_from_tokenizer(tokenizer)
-        )
+        self._vocabulary = tokenizer
         self._api_key = api_key or None
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
@@ -122,7 +118,11 @@ class OpenAICompatibleBackend(TeacherBackend):
             )
         try:
             return openai_wire.parse_chat_completion(
-                response.content, call, self._token_ids_of, latency_seconds=latency
+                response.content,
+                call,
+                self._vocabulary,
+                ids_from_server=self.token_ids == "server",
+                latency_seconds=latency,
             )
         except TeacherCallError as error:
             raise self._scrubbed(error) from None

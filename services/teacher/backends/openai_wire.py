@@ -3,10 +3,12 @@
 Written to the documented schema (OpenAI's `POST /v1/chat/completions`, which DeepSeek, vLLM, SGLang,
 TGI and llama.cpp server all speak) plus one vLLM extension, `return_tokens_as_token_ids`, which makes
 logprob tokens come back as ``"token_id:1234"`` instead of token text. Everything here is pure: bytes and
-dicts in, `TeacherAnswer` pieces or `TeacherCallError` out.
+dicts in, `TeacherAnswer` pieces or `TeacherCallError` out. How logprob tokens become ids is
+`openai_capture`'s job.
 
 Responses are decoded with msgspec straight from bytes into the typed structs below, which skips the
-fields we do not read (``bytes`` of every logprob entry, most of a ~100 KB body) without building them.
+fields we do not read without building them, and keeps the ``bytes`` of every logprob entry (most of
+a ~100 KB body) as undecoded slices until ids are looked up by bytes.
 """
 
 from __future__ import annotations
@@ -14,18 +16,15 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import msgspec
-import numpy as np
 
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, SparseLogprobs
+from stillhouse.teacher.backends.openai_capture import capture_logprobs
 from stillhouse.teacher.calls import FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
-
-# vLLM's `return_tokens_as_token_ids` writes every logprob token as this prefix and the id.
-TOKEN_ID_PREFIX = "token_id:"
+from stillhouse.teacher.token_vocabulary import TokenVocabulary
 
 # Longest piece of a server's error message quoted back in ours.
 _QUOTE_LIMIT = 300
@@ -62,11 +61,14 @@ def chat_request(call: TeacherCall, *, token_ids_from_server: bool) -> dict[str,
 class TopLogprob(msgspec.Struct):
     token: str
     logprob: float
+    # Kept undecoded (a slice of the body): read only when ids come from the teacher's vocabulary.
+    bytes: msgspec.Raw = msgspec.Raw(b"null")
 
 
 class TokenLogprob(msgspec.Struct):
     token: str
     logprob: float
+    bytes: msgspec.Raw = msgspec.Raw(b"null")
     top_logprobs: list[TopLogprob] = []
 
 
@@ -96,16 +98,19 @@ class ChatCompletion(msgspec.Struct):
 
 _completion_decoder = msgspec.json.Decoder(ChatCompletion)
 
-# Turns logprob tokens into their ids, all at once (a response has T * (k + 1) of them); raises
-# TeacherCallError naming a token it cannot turn.
-TokenIdsOf = Callable[[list[str]], np.ndarray]
-
 
 def parse_chat_completion(
-    body: bytes, call: TeacherCall, token_ids_of: TokenIdsOf, *, latency_seconds: float
+    body: bytes,
+    call: TeacherCall,
+    vocabulary: TokenVocabulary | None,
+    *,
+    ids_from_server: bool,
+    latency_seconds: float,
 ) -> TeacherAnswer:
-    """The answer in a 200 response body. MALFORMED_RESPONSE when the body is not the documented
-    shape; MISSING_LOGPROBS when the call asked for logprobs and the body has none."""
+    """The answer in a 200 response body, its token ids obtained as `openai_capture` says (from the
+    server when `ids_from_server`, else through `vocabulary`). MALFORMED_RESPONSE when the body is not
+    the documented shape; MISSING_LOGPROBS when the call asked for logprobs and the body has none;
+    UNMAPPABLE_TOKEN when a generated token's id cannot be known."""
     try:
         completion = _completion_decoder.decode(body)
     except msgspec.ValidationError as error:
@@ -121,114 +126,37 @@ def parse_chat_completion(
     if not completion.choices:
         raise TeacherCallError(FailureKind.MALFORMED_RESPONSE, "the response has no choices")
     choice = completion.choices[0]
-    logprobs = None
-    if call.top_logprobs > 0:
-        if choice.logprobs is None or choice.logprobs.content is None:
-            raise TeacherCallError(
-                FailureKind.MISSING_LOGPROBS,
-                f"asked model {call.model!r} for top_logprobs={call.top_logprobs} but the response has "
-                "no logprobs: does this server support them?",
-            )
-        logprobs = sparse_logprobs(choice.logprobs.content, call.top_logprobs, token_ids_of)
-    return TeacherAnswer(
-        text=choice.message.content or "",
+    text = choice.message.content or ""
+    answer = TeacherAnswer(
+        text=text,
         finish_reason=choice.finish_reason,
         prompt_tokens=completion.usage.prompt_tokens,
         completion_tokens=completion.usage.completion_tokens,
         latency_seconds=latency_seconds,
-        logprobs=logprobs,
     )
-
-
-def sparse_logprobs(content: list[TokenLogprob], k: int, token_ids_of: TokenIdsOf) -> SparseLogprobs:
-    """Per-token top-k alternatives as the sparse layout: [T] generated ids, [T, k] ids and logprobs,
-    most likely first, and the tail log(1 - sum(exp(top k))), clamped to stay finite.
-
-    A position with more than k alternatives keeps the k most likely. One with fewer (a vocabulary
-    smaller than k) is padded with token 0 at `LOGPROB_FLOOR`, whose probability no loss can see."""
-    steps = len(content)
-    kept = []
-    for step, position in enumerate(content):
-        alternatives = position.top_logprobs
-        if not alternatives:
-            raise TeacherCallError(
-                FailureKind.MISSING_LOGPROBS,
-                f"generated token {step} has no top_logprobs alternatives though {k} were asked for",
-            )
-        if len(alternatives) > k:
-            alternatives = sorted(alternatives, key=lambda entry: -entry.logprob)[:k]
-        kept.append(alternatives)
-    token_ids = token_ids_of([position.token for position in content])
-    # Every alternative of every position in one flat list, then scattered into [T, k].
-    counts = np.fromiter((len(alternatives) for alternatives in kept), dtype=np.int64, count=steps)
-    rows = np.repeat(np.arange(steps), counts)
-    columns = np.arange(rows.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
-    topk_ids = np.zeros((steps, k), dtype=np.int32)
-    topk_logprobs = np.full((steps, k), LOGPROB_FLOOR, dtype=np.float64)
-    topk_ids[rows, columns] = token_ids_of([entry.token for alternatives in kept for entry in alternatives])
-    topk_logprobs[rows, columns] = [entry.logprob for alternatives in kept for entry in alternatives]
-    # Servers list alternatives most likely first in practice; the layout promises it, so make sure.
-    order = np.argsort(-topk_logprobs, axis=1, kind="stable")
-    topk_ids = np.take_along_axis(topk_ids, order, axis=1)
-    topk_logprobs = np.clip(np.take_along_axis(topk_logprobs, order, axis=1), LOGPROB_FLOOR, 0.0)
-    top_mass = np.exp(topk_logprobs).sum(axis=1)
-    with np.errstate(divide="ignore"):
-        tail = np.log1p(-np.minimum(top_mass, 1.0))
-    return SparseLogprobs(
-        token_ids=token_ids,
-        topk_ids=topk_ids,
-        topk_logprobs=topk_logprobs.astype(np.float32),
-        tail_logprob=np.maximum(tail, LOGPROB_FLOOR).astype(np.float32),
+    if call.top_logprobs == 0:
+        return answer
+    if choice.logprobs is None or choice.logprobs.content is None:
+        raise TeacherCallError(
+            FailureKind.MISSING_LOGPROBS,
+            f"asked model {call.model!r} for top_logprobs={call.top_logprobs} but the response has "
+            "no logprobs: does this server support them?",
+        )
+    capture = capture_logprobs(
+        choice.logprobs.content,
+        call.top_logprobs,
+        text=text,
+        finish_reason=choice.finish_reason,
+        temperature=call.temperature,
+        vocabulary=vocabulary,
+        ids_from_server=ids_from_server,
     )
-
-
-def token_ids_from_server(tokens: list[str]) -> np.ndarray:
-    """The ids in vLLM ``token_id:1234`` tokens."""
-    if not tokens:
-        return np.empty(0, dtype=np.int32)
-    # Parsed as one string, not token by token: this runs for every one of a response's many tokens.
-    joined = ",".join(tokens)
-    pieces = joined.replace(TOKEN_ID_PREFIX, "").split(",")
-    every_token_is_prefixed_once = (
-        len(pieces) == len(tokens)
-        and joined.startswith(TOKEN_ID_PREFIX)
-        and joined.count("," + TOKEN_ID_PREFIX) == len(tokens) - 1
-        and joined.count(TOKEN_ID_PREFIX) == len(tokens)
-    )
-    if every_token_is_prefixed_once:
-        try:
-            ids = np.array(pieces, dtype=np.int64)
-        except ValueError:
-            pass
-        else:
-            if ids.min() >= 0 and ids.max() < 2**31:
-                return ids.astype(np.int32)
-    unreadable = next((token for token in tokens if not _TOKEN_ID.fullmatch(token)), tokens[0])
-    raise TeacherCallError(
-        FailureKind.MALFORMED_RESPONSE,
-        f"asked for token ids (return_tokens_as_token_ids, a vLLM extension) but got the token "
-        f"{_quote(unreadable)}: this server does not give ids; give the backend a tokenizer instead",
-    )
-
-
-_TOKEN_ID = re.compile(re.escape(TOKEN_ID_PREFIX) + r"\d{1,9}")
-
-
-def token_ids_from_tokenizer(tokenizer: Callable[[str], int | None]) -> TokenIdsOf:
-    """Token texts to ids through `tokenizer`; a token it does not know is an error (wrong tokenizer)."""
-
-    def token_ids_of(tokens: list[str]) -> np.ndarray:
-        ids = [tokenizer(token) for token in tokens]
-        if None in ids:
-            unknown = tokens[ids.index(None)]
-            raise TeacherCallError(
-                FailureKind.MALFORMED_RESPONSE,
-                f"the tokenizer has no id for the token {_quote(unknown)}: "
-                "is it the teacher model's tokenizer?",
-            )
-        return np.array(ids, dtype=np.int32)
-
-    return token_ids_of
+    answer.logprobs = capture.logprobs
+    answer.token_id_source = capture.token_id_source
+    answer.masked_alternatives = capture.masked_alternatives
+    answer.top1_mismatches = capture.top1_mismatches
+    answer.stop_token_added = capture.stop_token_added
+    return answer
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -23,18 +23,26 @@ class AnswerPromptsRequest(_message.Message):
     def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompts: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., holdout: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ...) -> None: ...
 
 class Ledger(_message.Message):
-    __slots__ = ("requests", "cached_requests", "prompt_tokens", "completion_tokens", "cost_usd")
+    __slots__ = ("requests", "cached_requests", "prompt_tokens", "completion_tokens", "cost_usd", "alternative_slots", "masked_alternatives", "top1_mismatches", "stop_tokens_added")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
+    TOP1_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKENS_ADDED_FIELD_NUMBER: _ClassVar[int]
     requests: int
     cached_requests: int
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
-    def __init__(self, requests: _Optional[int] = ..., cached_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...
+    alternative_slots: int
+    masked_alternatives: int
+    top1_mismatches: int
+    stop_tokens_added: int
+    def __init__(self, requests: _Optional[int] = ..., cached_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., alternative_slots: _Optional[int] = ..., masked_alternatives: _Optional[int] = ..., top1_mismatches: _Optional[int] = ..., stop_tokens_added: _Optional[int] = ...) -> None: ...
 
 class AnswerPromptsResult(_message.Message):
     __slots__ = ("answers", "ledger", "failed_prompts", "stopped_reason", "holdout_answers")
