@@ -51,6 +51,10 @@ PROBABILITY_TOLERANCE = 1e-3
 LOGPROB_TOLERANCE = 0.03
 # Logprobs are clamped to this so that they stay finite (exp(-60) is 1e-26: no loss can tell it from 0).
 LOGPROB_FLOOR = -60.0
+# The id of a masked top-k slot: an alternative whose id is not known, or one the teacher did not give.
+# Masked slots hold LOGPROB_FLOOR, come after the known slots of their position, and their mass is part
+# of the tail; a position with nothing known has every slot masked and a tail of 0.
+MASKED_ID = -1
 
 # Rounding aims inside a slightly smaller tolerance, so that float error in the logprobs the caller
 # computed cannot push a stored value past the promised one.

@@ -27,8 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from stillhouse.storage.datasets import DatasetReader
 from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, SparseLogprobs, topk_of
-from stillhouse.trainer.losses import MASKED_ID
+from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs, topk_of
 
 IGNORE_INDEX = -100
 

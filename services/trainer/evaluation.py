@@ -53,11 +53,11 @@ from stillhouse.common.jobspec import LossKind, LossSpec, TeacherBackend, Teache
 from stillhouse.storage.artifacts import ArtifactExists, download_artifact, upload_folder
 from stillhouse.storage.objects import ObjectStore
 from stillhouse.storage.open_store import open_object_store
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.storage.sparse_logprobs import MASKED_ID, SparseLogprobs
 from stillhouse.teacher.backends.local_hf import DecodeRequest, default_stop_ids, generate_batch
 from stillhouse.teacher.model_loading import ModelSource, default_device, load_model, resolve_model_reference
 from stillhouse.trainer import data, report
-from stillhouse.trainer.losses import IGNORE_INDEX, MASKED_ID, SparseTeacher, distillation_loss
+from stillhouse.trainer.losses import IGNORE_INDEX, SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import card_settings
 from stillhouse.trainer.model_size import non_embedding_parameters
 from stillhouse.trainer.publish import MODEL_CARD, is_committed, publish_student

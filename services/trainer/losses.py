@@ -68,11 +68,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stillhouse.common.jobspec import LossKind, LossSpec
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR
+from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID
 
 IGNORE_INDEX = -100
-# The id of a masked top-k slot (`sparse_logprobs`).
-MASKED_ID = -1
 
 _LOG_2 = math.log(2.0)
 # A student tail taken as 1 - top-k mass is off by float32 rounding of that mass (about 1e-6 at worst):

@@ -33,13 +33,12 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, SparseLogprobs
+from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs
 from stillhouse.teacher.calls import FailureKind, TeacherCallError, TokenIdSource
 from stillhouse.teacher.token_vocabulary import REPLACEMENT_BYTES, TokenVocabulary
 
 # vLLM's `return_tokens_as_token_ids` writes every logprob token as this prefix and the id.
 TOKEN_ID_PREFIX = "token_id:"
-MASKED_ID = -1
 # A known alternative more likely than the generated token by more than this, at temperature 0, is a
 # top-1 mismatch (servers print logprobs rounded to float32).
 _TOP1_TOLERANCE = 1e-5
