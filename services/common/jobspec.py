@@ -7,6 +7,7 @@ other object in a cluster. Every field has a documented default except `spec.tea
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -166,11 +167,60 @@ class TeacherBackend(StrEnum):
     LOCAL = "local"
 
 
+# Request fields that Stillhouse sets itself: `sampling.extraBody` may not override them.
+RESERVED_REQUEST_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "n",
+        "stream",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "return_tokens_as_token_ids",
+    }
+)
+_EXTRA_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_EXTRA_FIELDS = 16
+MAX_EXTRA_STRING = 256
+
+
 class Sampling(SpecModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_tokens: Annotated[int, Field(gt=0)] = 512
     seed: int | None = Field(default=None, description="Sampling seed where the backend honours one.")
+    extra_body: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="Server-specific sampling fields added to every request of an `openai` teacher, such "
+        "as `repeat_penalty: 1.0` for llama.cpp's server (whose default penalty makes even temperature 0 "
+        "pick tokens other than its reported top-1) or `top_k` for vLLM. Scalars only, at most "
+        f"{MAX_EXTRA_FIELDS} fields; part of the cache key. Fields Stillhouse sets itself are refused.",
+    )
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body_is_small_and_plain(
+        cls, value: dict[str, bool | int | float | str]
+    ) -> dict[str, bool | int | float | str]:
+        if len(value) > MAX_EXTRA_FIELDS:
+            raise ValueError(f"at most {MAX_EXTRA_FIELDS} fields; got {len(value)}")
+        for name, item in value.items():
+            if not _EXTRA_FIELD_NAME.fullmatch(name):
+                raise ValueError(
+                    f"field name {name[:64]!r} must be lower-case letters, digits and '_', starting with a "
+                    "letter, at most 64 characters"
+                )
+            if name in RESERVED_REQUEST_FIELDS:
+                raise ValueError(f"field {name!r} is set by Stillhouse itself: use the spec's own field")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"field {name!r} must be a finite number")
+            if isinstance(item, str) and len(item) > MAX_EXTRA_STRING:
+                raise ValueError(f"field {name!r} is longer than {MAX_EXTRA_STRING} characters")
+        return value
 
 
 class TeacherLimits(SpecModel):
@@ -216,6 +266,10 @@ class TeacherSpec(SpecModel):
     def _openai_needs_url(self) -> TeacherSpec:
         if self.backend is TeacherBackend.OPENAI and not self.base_url:
             raise ValueError("`baseURL` is required when `backend` is `openai`")
+        if self.backend is TeacherBackend.LOCAL and self.sampling.extra_body:
+            raise ValueError(
+                "`sampling.extraBody` is sent to an `openai` teacher's server; a `local` teacher has none"
+            )
         return self
 
 

@@ -37,6 +37,8 @@ class TeacherCall:
     max_tokens: int
     seed: int | None
     top_logprobs: int
+    # Server-specific request fields (`sampling.extraBody`), sorted by name.
+    extra_body: tuple[tuple[str, bool | int | float | str], ...] = ()
 
     def cache_key(self) -> str:
         identity = {"format": CACHE_FORMAT, **asdict(self)}

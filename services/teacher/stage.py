@@ -75,6 +75,7 @@ def call_for(spec: TeacherSpec, messages: Sequence[dict[str, str]]) -> TeacherCa
         max_tokens=spec.sampling.max_tokens,
         seed=spec.sampling.seed,
         top_logprobs=spec.top_logprobs,
+        extra_body=tuple(sorted(spec.sampling.extra_body.items())),
     )
 
 

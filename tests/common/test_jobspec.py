@@ -292,3 +292,38 @@ def test_teacher_derived_students_need_a_local_teacher() -> None:
 )
 def test_every_shipped_example_is_a_valid_job(path: Path) -> None:
     assert DistillationJob.model_validate(yaml.safe_load(path.read_text())).kind == "DistillationJob"
+
+
+OPENAI_TEACHER = {
+    "backend": "openai",
+    "model": "smollm2",
+    "baseURL": "http://127.0.0.1:8080/v1",
+    "tokenizer": "/models/smollm2",
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"temperature": 1.5}, "set by Stillhouse itself"),
+        ({"Top-K": 4}, "lower-case letters"),
+        ({"repeat_penalty": float("inf")}, "finite"),
+        ({"stop": "x" * 300}, "longer than 256"),
+        ({f"field_{index}": 1 for index in range(17)}, "at most 16 fields"),
+    ],
+)
+def test_server_specific_sampling_fields_are_plain_bounded_and_never_our_own(extra: dict, fragment: str):
+    teacher = {**OPENAI_TEACHER, "sampling": {"extraBody": extra}}
+    refused_at(
+        with_changes(("spec", "teacher"), teacher),
+        ("spec", "teacher", "sampling", "extraBody"),
+        fragment,
+    )
+
+
+def test_server_specific_sampling_fields_are_taken_for_an_api_teacher_only():
+    teacher = {**OPENAI_TEACHER, "sampling": {"extraBody": {"repeat_penalty": 1.0, "top_k": 40}}}
+    job = DistillationJob.model_validate(with_changes(("spec", "teacher"), teacher))
+    assert job.spec.teacher.sampling.extra_body == {"repeat_penalty": 1.0, "top_k": 40}
+    local = {**MINIMAL["spec"]["teacher"], "sampling": {"extraBody": {"top_k": 40}}}
+    refused_at(with_changes(("spec", "teacher"), local), ("spec", "teacher"), "`local` teacher has none")

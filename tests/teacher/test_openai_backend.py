@@ -542,3 +542,14 @@ def test_token_ids_from_the_server_must_each_be_one_id(tokens: list[str]):
         token_ids_from_server(tokens)
     assert error.value.kind is FailureKind.MALFORMED_RESPONSE
     assert token_ids_from_server(["token_id:5", "token_id:0"]).tolist() == [5, 0]
+
+
+def test_server_specific_fields_go_into_the_request_but_never_replace_stillhouses_own():
+    from stillhouse.teacher.backends.openai_wire import chat_request
+
+    extra = (("repeat_penalty", 1.0), ("temperature", 2.0), ("top_k", 40))
+    body = chat_request(make_call("http://x/v1", extra_body=extra), token_ids_from_server=False)
+    assert body["repeat_penalty"] == 1.0 and body["top_k"] == 40
+    assert body["temperature"] == 0.7
+    plain = make_call("http://x/v1")
+    assert make_call("http://x/v1", extra_body=(("top_k", 40),)).cache_key() != plain.cache_key()

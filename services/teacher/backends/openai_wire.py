@@ -35,8 +35,10 @@ _QUOTE_LIMIT = 300
 
 def chat_request(call: TeacherCall, *, token_ids_from_server: bool) -> dict[str, Any]:
     """The JSON body of `POST /chat/completions` for `call`. Logprobs are asked for only when the call
-    wants top-k alternatives; `token_ids_from_server` adds vLLM's `return_tokens_as_token_ids`."""
+    wants top-k alternatives; `token_ids_from_server` adds vLLM's `return_tokens_as_token_ids`. The call's
+    server-specific fields come first, so that none can replace a field set here."""
     body: dict[str, Any] = {
+        **dict(call.extra_body),
         "model": call.model,
         "messages": [{"role": message.role, "content": message.content} for message in call.messages],
         "temperature": call.temperature,
