@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stillhouse.common.v1 import operations_pb2 as stillhouse_dot_common_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/trainer/v1/trainer.proto\x12\x15stillhouse.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"\xed\x01\n\x13TrainStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07\x61nswers\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07student\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08training\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb8\x02\n\x12TrainStudentResult\x12\x32\n\x07student\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12R\n\rfinal_metrics\x18\x06 \x03(\x0b\x32;.stillhouse.trainer.v1.TrainStudentResult.FinalMetricsEntry\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb9\x02\n\x16\x45valuateStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x32\n\x07student\x18\x03 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xd1\x04\n\x15\x45valuateStudentResult\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x18\n\x10recovery_percent\x18\x02 \x01(\x01\x12Y\n\x0fstudent_metrics\x18\x03 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.StudentMetricsEntry\x12[\n\x10\x62\x61seline_metrics\x18\x04 \x03(\x0b\x32\x41.stillhouse.trainer.v1.EvaluateStudentResult.BaselineMetricsEntry\x12\x32\n\x07student\x18\x05 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12Y\n\x0fteacher_metrics\x18\x06 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.TeacherMetricsEntry\x1a\x35\n\x13StudentMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13TeacherMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc9\x01\n\x07Trainer\x12[\n\x0cTrainStudent\x12*.stillhouse.trainer.v1.TrainStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12\x61\n\x0f\x45valuateStudent\x12-.stillhouse.trainer.v1.EvaluateStudentRequest\x1a\x1f.stillhouse.common.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/trainer/v1/trainer.proto\x12\x15stillhouse.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"\x9a\x02\n\x13TrainStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07\x61nswers\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07student\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08training\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xf0\x02\n\x12TrainStudentResult\x12\x32\n\x07student\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12R\n\rfinal_metrics\x18\x06 \x03(\x0b\x32;.stillhouse.trainer.v1.TrainStudentResult.FinalMetricsEntry\x12\x36\n\x0bsft_control\x18\x07 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb9\x02\n\x16\x45valuateStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x32\n\x07student\x18\x03 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xd1\x04\n\x15\x45valuateStudentResult\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x18\n\x10recovery_percent\x18\x02 \x01(\x01\x12Y\n\x0fstudent_metrics\x18\x03 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.StudentMetricsEntry\x12[\n\x10\x62\x61seline_metrics\x18\x04 \x03(\x0b\x32\x41.stillhouse.trainer.v1.EvaluateStudentResult.BaselineMetricsEntry\x12\x32\n\x07student\x18\x05 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12Y\n\x0fteacher_metrics\x18\x06 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.TeacherMetricsEntry\x1a\x35\n\x13StudentMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13TeacherMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc9\x01\n\x07Trainer\x12[\n\x0cTrainStudent\x12*.stillhouse.trainer.v1.TrainStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12\x61\n\x0f\x45valuateStudent\x12-.stillhouse.trainer.v1.EvaluateStudentRequest\x1a\x1f.stillhouse.common.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._loaded_options = None
   _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINSTUDENTREQUEST']._serialized_start=132
-  _globals['_TRAINSTUDENTREQUEST']._serialized_end=369
-  _globals['_TRAINSTUDENTRESULT']._serialized_start=372
-  _globals['_TRAINSTUDENTRESULT']._serialized_end=684
-  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_start=633
-  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_end=684
-  _globals['_EVALUATESTUDENTREQUEST']._serialized_start=687
-  _globals['_EVALUATESTUDENTREQUEST']._serialized_end=1000
-  _globals['_EVALUATESTUDENTRESULT']._serialized_start=1003
-  _globals['_EVALUATESTUDENTRESULT']._serialized_end=1596
-  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_start=1432
-  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_end=1485
-  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_start=1487
-  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_end=1541
-  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_start=1543
-  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_end=1596
-  _globals['_TRAINER']._serialized_start=1599
-  _globals['_TRAINER']._serialized_end=1800
+  _globals['_TRAINSTUDENTREQUEST']._serialized_end=414
+  _globals['_TRAINSTUDENTRESULT']._serialized_start=417
+  _globals['_TRAINSTUDENTRESULT']._serialized_end=785
+  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_start=734
+  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_end=785
+  _globals['_EVALUATESTUDENTREQUEST']._serialized_start=788
+  _globals['_EVALUATESTUDENTREQUEST']._serialized_end=1101
+  _globals['_EVALUATESTUDENTRESULT']._serialized_start=1104
+  _globals['_EVALUATESTUDENTRESULT']._serialized_end=1697
+  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_start=1533
+  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_end=1586
+  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_start=1588
+  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_end=1642
+  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_start=1644
+  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_end=1697
+  _globals['_TRAINER']._serialized_start=1700
+  _globals['_TRAINER']._serialized_end=1901
 # @@protoc_insertion_point(module_scope)
