@@ -81,6 +81,7 @@ def _train_request(operation_id: str, job_id: str, spec: Mapping[str, Any], resu
         teacher=_struct(spec["teacher"]),
         student=_struct(spec["student"]),
         training=_struct(spec["training"]),
+        evaluation=_struct(spec["evaluation"]),
     )
 
 

@@ -52,7 +52,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
     rng_states: list[dict[str, Any]]  # one per rank
-    training_log: list[dict[str, float]]
+    training_log: list[dict[str, Any]]  # the progress records so far
 
 
 def checkpoint_prefix(checkpoints_prefix: str, step: int) -> str:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import posixpath
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field_serializer
 
@@ -32,6 +33,9 @@ class TrainRun(_RunModel):
     student: StudentSpec
     training: TrainingSpec
     output_prefix: str = Field(description="Where the run's artifacts go: `jobs/<job-id>/train`.")
+    controls: list[Literal["sft"]] = Field(
+        default_factory=list, description="Control students to train after the student (evaluation.controls)."
+    )
     # Knobs of the loop itself, not of the job: defaults suit both a laptop and a GPU node.
     report_every_steps: int | None = Field(
         default=None, gt=0, description="Progress every this many steps; default: about 100 reports a run."
@@ -57,6 +61,15 @@ class TrainRun(_RunModel):
     @property
     def checkpoints_prefix(self) -> str:
         return f"{self.output_prefix}/checkpoints"
+
+    @property
+    def sft_control_prefix(self) -> str:
+        """The SFT control student: trained like the student, with plain cross-entropy."""
+        return f"{self.output_prefix}/control-sft"
+
+    @property
+    def sft_control_checkpoints_prefix(self) -> str:
+        return f"{self.output_prefix}/control-sft-checkpoints"
 
 
 class EvaluateRun(_RunModel):
@@ -87,6 +100,8 @@ class TrainOutcome(BaseModel):
     seconds: float  # wall time of this run (since the last resume)
     final_metrics: dict[str, float]
     resumed_from_step: int | None  # the checkpoint this run started from, if any
+    on_policy_steps: int = 0  # steps that trained on the student's own generations
+    controls: dict[str, TrainOutcome] = Field(default_factory=dict)  # by control name: "sft"
 
 
 class TrainingError(Exception):

@@ -59,14 +59,20 @@ _PRECONDITION_ERRORS = (
 )
 
 
-def job_spec(teacher: message.Message, student: message.Message, training: message.Message):
+def job_spec(
+    teacher: message.Message,
+    student: message.Message,
+    training: message.Message,
+    evaluation: message.Message,
+):
     """The request's spec sections, validated together by the job schema (so its cross-field rules hold)."""
     document = {
         "teacher": json_format.MessageToDict(teacher),
         "student": json_format.MessageToDict(student),
     }
-    if training.ListFields():
-        document["training"] = json_format.MessageToDict(training)
+    for name, section in (("training", training), ("evaluation", evaluation)):
+        if section.ListFields():
+            document[name] = json_format.MessageToDict(section)
     return validated(DistillationJobSpec, document, "spec")
 
 
@@ -124,7 +130,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def TrainStudent(self, request, context):
         try:
-            spec = job_spec(request.teacher, request.student, request.training)
+            spec = job_spec(request.teacher, request.student, request.training, request.evaluation)
             if not request.answers.dataset_id:
                 raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, "answers.dataset_id must be set")
             if not request.job_id:
@@ -137,6 +143,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 student=spec.student,
                 training=spec.training,
                 output_prefix=f"jobs/{request.job_id}/train",
+                controls=spec.evaluation.controls,
             )
 
             async def work(progress: ProgressReporter) -> trainer_pb2.TrainStudentResult:
@@ -157,13 +164,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 )
                 outcome = TrainOutcome.model_validate_json(await self._outcome(run.output_prefix))
                 gpu_hours = run.training.workers * run.training.gpus_per_worker * wall_seconds / 3600
+                sft_control = (
+                    await asyncio.to_thread(self._artifact_ref, run.sft_control_prefix)
+                    if "sft" in run.controls
+                    else None
+                )
                 return trainer_pb2.TrainStudentResult(
                     student=await asyncio.to_thread(self._artifact_ref, run.student_prefix),
                     baseline=await asyncio.to_thread(self._artifact_ref, run.baseline_prefix),
                     steps=outcome.steps,
                     tokens=outcome.tokens,
                     gpu_hours=gpu_hours,
-                    final_metrics=outcome.final_metrics,
+                    final_metrics={
+                        **outcome.final_metrics,
+                        "on_policy_steps": float(outcome.on_policy_steps),
+                    },
+                    sft_control=sft_control,
                 )
 
             return self._registry.start_request(request, kind=TRAIN_STUDENT, work=work)
@@ -176,7 +192,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             if record.get("kind") == "train" and "step" in record:
                 step = int(record["step"])
                 metrics = {name: float(record[name]) for name in PROGRESS_METRICS if name in record}
-                progress.update(done=step, message=f"training: step {step}", metrics=metrics)
+                model = record.get("model", "student")
+                progress.update(done=step, message=f"training the {model}: step {step}", metrics=metrics)
             elif "message" in record:
                 progress.update(message=str(record["message"]))
 

@@ -14,10 +14,20 @@ model's own forward computes logits only at labelled positions (`student_logits`
 then cosine decay to a tenth of the peak learning rate; gradients clipped to norm 1. On a GPU the
 forward pass runs under bf16 autocast (float32 master weights) with gradient checkpointing.
 
+With `training.onPolicy`, a share of the steps trains on the student's own generations of the step's
+prompts, scored by the local teacher's full logits (`on_policy`); the others train as above. The
+training log marks each step's kind (`on_policy`: 1.0 or 0.0), and the outcome counts the on-policy steps.
+
 Rank 0 writes the baseline artifact (the untrained student) before the first step, a checkpoint every
 `checkpointEverySteps` steps and at the end of every epoch, and finally the student artifact. A run that
 finds a committed checkpoint resumes from it: same weights, optimizer, scheduler, random states, and the
 same batches from the same step on.
+
+Controls (`TrainRun.controls`, from evaluation.controls): after the student, the same loop trains the SFT
+control (`Trainee`): the baseline's weights, the same examples, batches, steps and schedule, loss `sft`,
+no on-policy steps; its own checkpoints, its artifact at `TrainRun.sft_control_prefix`. A restart after
+the student finished resumes the student from its last checkpoint (the end: nothing is retrained) and
+goes on with the control. Every progress report names the model it is about (`model`).
 """
 
 from __future__ import annotations
@@ -46,12 +56,22 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stillhouse.common.jobspec import LossKind, LossSpec, TeacherBackend, TeacherSpec, TrainingStrategy
+from stillhouse.common.jobspec import (
+    LossKind,
+    LossSpec,
+    OnPolicySpec,
+    StudentInit,
+    TeacherBackend,
+    TeacherSpec,
+    TrainingSpec,
+    TrainingStrategy,
+)
 from stillhouse.storage.artifacts import MANIFEST_NAME, download_artifact, upload_folder
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.storage.objects import ObjectStore
 from stillhouse.storage.open_store import open_object_store
 from stillhouse.teacher import model_loading
+from stillhouse.teacher.backends.local_hf import default_stop_ids
 from stillhouse.trainer import checkpoints
 from stillhouse.trainer.checkpoints import Checkpoint, TrainingPosition
 from stillhouse.trainer.data import (
@@ -60,17 +80,26 @@ from stillhouse.trainer.data import (
     DataCounts,
     EpochData,
     PackedBatch,
+    TokenizedAnswer,
     answers_topk,
     collate,
+    pack_rows,
     tokenize_answers,
     worker_answer_rows,
 )
 from stillhouse.trainer.losses import SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import model_card
+from stillhouse.trainer.on_policy import (
+    generate_responses,
+    is_on_policy_step,
+    on_policy_loss,
+    on_policy_steps,
+)
 from stillhouse.trainer.run_config import (
     IncompatibleTokenizers,
     TrainingDataError,
     TrainingDiverged,
+    TrainingError,
     TrainOutcome,
     TrainRun,
     UnsupportedArchitecture,
@@ -85,7 +114,11 @@ WEIGHT_DECAY = 0.1
 GRADIENT_CLIP_NORM = 1.0
 FINAL_LEARNING_RATE_FRACTION = 0.1
 
-Report = Callable[[dict[str, float]], None]
+# A progress record: figures, and `model` (the name of the model being trained).
+Report = Callable[[dict[str, Any]], None]
+
+STUDENT = "student"
+SFT_CONTROL = "control-sft"
 
 
 # --- the run's pieces, each a plain function -----------------------------------------------------------
@@ -189,6 +222,60 @@ def choose_loss(
         f"distributions, but {reason}. Give the student the teacher's tokenizer (e.g. student.init "
         "pruneTeacherDepth or config), use kind `sft`, or set training.loss.fallbackToSft"
     )
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """The model a `TrainingLoop` trains: how, where its checkpoints go, and where its artifact goes."""
+
+    name: str  # STUDENT or a control's (SFT_CONTROL); progress reports carry it as `model`
+    choice: LossChoice
+    on_policy: OnPolicySpec | None
+    training: TrainingSpec  # the training as the model card tells it
+    artifact_prefix: str
+    checkpoints_prefix: str
+    baseline_prefix: str | None  # where the untrained model is committed before the first step, if anywhere
+
+    @classmethod
+    def student(cls, run: TrainRun, choice: LossChoice) -> Trainee:
+        # A logit loss that fell back to sft has no teacher distribution to score generations with.
+        on_policy = run.training.on_policy if choice.spec.kind is not LossKind.SFT else None
+        return cls(
+            STUDENT,
+            choice,
+            on_policy,
+            run.training,
+            run.student_prefix,
+            run.checkpoints_prefix,
+            run.baseline_prefix,
+        )
+
+    @classmethod
+    def sft_control(cls, run: TrainRun, student: LossChoice) -> Trainee:
+        """Reads the same tokens as the student (the teacher's ids when the student does), with
+        cross-entropy alone."""
+        loss = run.training.loss.model_copy(update={"kind": LossKind.SFT})
+        return cls(
+            SFT_CONTROL,
+            LossChoice(loss, student.use_teacher_tokens, None),
+            None,
+            run.training.model_copy(update={"loss": loss, "on_policy": None}),
+            run.sft_control_prefix,
+            run.sft_control_checkpoints_prefix,
+            None,
+        )
+
+
+def check_on_policy(run: TrainRun, workers: Workers) -> None:
+    if (
+        run.training.on_policy is not None
+        and workers.distributed
+        and run.training.strategy is TrainingStrategy.FSDP
+    ):
+        raise TrainingError(
+            "training.onPolicy generates with the whole student on every worker, which strategy `fsdp` "
+            "shards: use training.strategy `ddp`, or one worker"
+        )
 
 
 def artifact_fetcher(settings: ObjectStoreSettings, folder: Path) -> Callable[[str], Path]:
@@ -340,7 +427,7 @@ def artifact_committed(store: ObjectStore, prefix: str) -> bool:
 
 
 class TrainingLoop:
-    """One worker's run, from a built student to the committed student artifact."""
+    """One worker's run, from a built model to its committed artifact."""
 
     def __init__(
         self,
@@ -349,19 +436,20 @@ class TrainingLoop:
         workers: Workers,
         store: ObjectStore,
         work_dir: Path,
+        trainee: Trainee,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        data: EpochData,
     ) -> None:
         self.run = run
         self.report = report
         self.workers = workers
         self.store = store
         self.work_dir = work_dir
+        self.trainee = trainee
+        self.choice = trainee.choice
+        self.model, self.tokenizer, self.data = model, tokenizer, data
         training = run.training
-        self.model, self.tokenizer = build_student(
-            run.student.init, run.teacher, artifact_fetcher(run.object_store, work_dir / "fetched")
-        )
-        require_supported_architecture(self.model, "student")
-        self.choice = choose_loss(training.loss, run.teacher, self.tokenizer)
-        self.data = load_examples(store, run, self.tokenizer, self.choice, workers)
         self.plan = BatchPlan.create(
             training.batch_tokens, training.max_seq_len, workers.world, run.micro_batch_tokens
         )
@@ -377,8 +465,42 @@ class TrainingLoop:
         self.total_steps = sum(self.steps_per_epoch)
         self.warmup_steps = math.ceil(training.warmup_ratio * self.total_steps)
         self.report_interval = run.report_every_steps or max(1, self.total_steps // 100)
-        self.training_log: list[dict[str, float]] = []
+        self.training_log: list[dict[str, Any]] = []
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def for_student(
+        cls, run: TrainRun, report: Report, workers: Workers, store: ObjectStore, work_dir: Path
+    ) -> TrainingLoop:
+        check_on_policy(run, workers)
+        model, tokenizer = build_student(
+            run.student.init, run.teacher, artifact_fetcher(run.object_store, work_dir / "fetched")
+        )
+        require_supported_architecture(model, "student")
+        choice = choose_loss(run.training.loss, run.teacher, tokenizer)
+        data = load_examples(store, run, tokenizer, choice, workers)
+        trainee = Trainee.student(run, choice)
+        return cls(run, report, workers, store, work_dir / STUDENT, trainee, model, tokenizer, data)
+
+    def sft_control(self) -> TrainingLoop:
+        """The SFT control's loop, once this (the student's) has committed its baseline: the baseline's
+        weights, this loop's examples (so the same batches), loss `sft`."""
+        baseline = f"s3://{self.run.object_store.bucket}/{self.run.baseline_prefix}"
+        fetch = artifact_fetcher(self.run.object_store, self.work_dir.parent / "fetched")
+        model, _ = build_student(StudentInit(pretrained=baseline), self.run.teacher, fetch)
+        trainee = Trainee.sft_control(self.run, self.choice)
+        work_dir = self.work_dir.parent / SFT_CONTROL
+        return TrainingLoop(
+            self.run,
+            self.report,
+            self.workers,
+            self.store,
+            work_dir,
+            trainee,
+            model,
+            self.tokenizer,
+            self.data,
+        )
 
     def _teacher_k(self) -> int | None:
         if not self.choice.stored_teacher:
@@ -388,13 +510,15 @@ class TrainingLoop:
     def train(self) -> TrainOutcome:
         run, workers = self.run, self.workers
         device = workers.device
-        resume_step = workers.broadcast(checkpoints.latest_step(self.store, run.checkpoints_prefix))
+        trainee = self.trainee
+        resume_step = workers.broadcast(checkpoints.latest_step(self.store, trainee.checkpoints_prefix))
         if (
             resume_step is None
             and workers.rank == 0
-            and not artifact_committed(self.store, run.baseline_prefix)
+            and trainee.baseline_prefix is not None
+            and not artifact_committed(self.store, trainee.baseline_prefix)
         ):
-            self._upload_model(run.baseline_prefix, "baseline", self.model)
+            self._upload_model(trainee.baseline_prefix, "baseline", self.model)
         self.model.to(device)
         on_gpu = device.type == "cuda"
         if run.gradient_checkpointing if run.gradient_checkpointing is not None else on_gpu:
@@ -406,7 +530,11 @@ class TrainingLoop:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: learning_rate_factor(step, self.warmup_steps, self.total_steps)
         )
-        teacher_model = load_full_teacher(run.teacher, device) if self.choice.full_teacher else None
+        teacher_model = (
+            load_full_teacher(run.teacher, device)
+            if self.choice.full_teacher or trainee.on_policy is not None
+            else None
+        )
 
         position = TrainingPosition(step=0, epoch=0, batch_in_epoch=0, tokens=0)
         if resume_step is not None:
@@ -418,17 +546,16 @@ class TrainingLoop:
             first_batch = position.batch_in_epoch if epoch == position.epoch else 0
             for batch_index in range(first_batch, self.steps_per_epoch[epoch]):
                 step_started = time.perf_counter()
-                micro_batches = [
-                    collate(
-                        self.data.examples,
-                        micro_rows,
-                        pad_token_id=self.pad_token_id,
-                        teacher_k=self.teacher_k,
-                        length=run.training.max_seq_len if run.compile_model else None,
-                    )
-                    for micro_rows in self.plan.step_rows(rows, batch_index)
-                ]
-                figures = self._step(position.step, forward, wrapped, optimizer, micro_batches, teacher_model)
+                on_policy = trainee.on_policy is not None and is_on_policy_step(
+                    run.training.seed, position.step, trainee.on_policy.fraction
+                )
+                micro_batches = self._micro_batches(
+                    position.step, self.plan.step_rows(rows, batch_index), on_policy
+                )
+                loss = on_policy_loss(self.choice.spec) if on_policy else self.choice.spec
+                teacher = teacher_model if on_policy or self.choice.full_teacher else None
+                figures = self._step(position.step, forward, wrapped, optimizer, micro_batches, teacher, loss)
+                figures["on_policy"] = float(on_policy)
                 scheduler.step()
                 last_of_epoch = batch_index + 1 == self.steps_per_epoch[epoch]
                 position = TrainingPosition(
@@ -446,16 +573,63 @@ class TrainingLoop:
         final_state = self._full_model_state(wrapped)
         seconds = time.perf_counter() - started
         final_metrics = self.training_log[-1] if self.training_log else {}
-        if workers.rank == 0 and not artifact_committed(self.store, run.student_prefix):
-            self._upload_student(final_state, position, seconds)
+        if workers.rank == 0 and not artifact_committed(self.store, trainee.artifact_prefix):
+            self._upload_trained(final_state, position, seconds)
         workers.barrier()
+        figures = {name: value for name, value in final_metrics.items() if name != "model"}
         return TrainOutcome(
             steps=position.step,
             tokens=position.tokens,
             seconds=seconds,
-            final_metrics={**final_metrics, **self.data.counts.as_metrics()},
+            final_metrics={**figures, **self.data.counts.as_metrics()},
             resumed_from_step=resume_step,
+            on_policy_steps=self._on_policy_steps(position.step),
         )
+
+    def _on_policy_steps(self, steps: int) -> int:
+        on_policy = self.trainee.on_policy
+        return 0 if on_policy is None else on_policy_steps(self.run.training.seed, steps, on_policy.fraction)
+
+    def _micro_batches(
+        self, step: int, step_rows: list[list[list[int]]], on_policy: bool
+    ) -> list[PackedBatch]:
+        """The step's micro-batches: its examples as they are, or with the student's own responses."""
+        examples, teacher_k = self.data.examples, self.teacher_k
+        if on_policy:
+            examples, teacher_k = self._generate(step, step_rows), None
+            packed = pack_rows(examples, range(len(examples)), self.run.training.max_seq_len)
+            size = self.plan.micro_batch_rows
+            step_rows = [packed[start : start + size] for start in range(0, len(packed), size)]
+        return [
+            collate(
+                examples,
+                micro_rows,
+                pad_token_id=self.pad_token_id,
+                teacher_k=teacher_k,
+                length=self.run.training.max_seq_len if self.run.compile_model else None,
+            )
+            for micro_rows in step_rows
+        ]
+
+    def _generate(self, step: int, step_rows: list[list[list[int]]]) -> list[TokenizedAnswer]:
+        """The step's examples, each with the student's own response to its prompt."""
+        assert self.trainee.on_policy is not None
+        prompts = [
+            self.data.examples[index] for micro_rows in step_rows for row in micro_rows for index in row
+        ]
+        self.model.eval()
+        with self._autocast():
+            generated = generate_responses(
+                self.model,
+                prompts,
+                self.trainee.on_policy,
+                stop_token_ids=default_stop_ids(self.model, self.tokenizer),
+                pad_token_id=self.pad_token_id,
+                max_seq_len=self.run.training.max_seq_len,
+                seed=[self.run.training.seed, step, self.workers.rank],
+            )
+        self.model.train()
+        return generated
 
     def _step(
         self,
@@ -465,6 +639,7 @@ class TrainingLoop:
         optimizer: torch.optim.Optimizer,
         micro_batches: list[PackedBatch],
         teacher_model: PreTrainedModel | None,
+        loss_spec: LossSpec,
     ) -> dict[str, float]:
         """One optimizer step over the micro-batches; the step's figures over every worker."""
         workers, device = self.workers, self.workers.device
@@ -480,7 +655,7 @@ class TrainingLoop:
                 breakdown = distillation_loss(
                     logits,
                     batch.labels[labelled].unsqueeze(0),
-                    self.choice.spec,
+                    loss_spec,
                     self._teacher_signal(batch, labelled, teacher_model),
                 )
                 # Workers' gradients are averaged, so each worker's share is scaled by the world size.
@@ -543,7 +718,8 @@ class TrainingLoop:
         window: _Window,
     ) -> None:
         # Every worker reports the same figures (they are sums over all workers).
-        metrics = {
+        metrics: dict[str, Any] = {
+            "model": self.trainee.name,
             "step": float(position.step),
             "loss": figures["loss"],
             "kd": figures["kd"],
@@ -554,6 +730,8 @@ class TrainingLoop:
             "tokens_per_second": window.tokens_per_second,
             "epoch": epoch + (batch_index + 1) / self.steps_per_epoch[epoch],
         }
+        if self.trainee.on_policy is not None:
+            metrics["on_policy"] = figures["on_policy"]
         if self.choice.fallback_reason is not None:
             metrics["fell_back_to_sft"] = 1.0
         self.training_log.append(metrics)
@@ -579,7 +757,7 @@ class TrainingLoop:
             )
             prefix = checkpoints.save_checkpoint(
                 self.store,
-                self.run.checkpoints_prefix,
+                self.trainee.checkpoints_prefix,
                 checkpoint,
                 self.work_dir,
                 keep=self.run.keep_checkpoints,
@@ -593,7 +771,9 @@ class TrainingLoop:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> TrainingPosition:
-        checkpoint = checkpoints.load_checkpoint(self.store, self.run.checkpoints_prefix, step, self.work_dir)
+        checkpoint = checkpoints.load_checkpoint(
+            self.store, self.trainee.checkpoints_prefix, step, self.work_dir
+        )
         set_state_dict(
             wrapped,
             optimizer,
@@ -619,19 +799,19 @@ class TrainingLoop:
         upload_folder(self.store, prefix, folder, lineage={"job_id": self.run.job_id, "stage": "train"})
         return folder
 
-    def _upload_student(
+    def _upload_trained(
         self, state: dict[str, torch.Tensor], position: TrainingPosition, seconds: float
     ) -> None:
-        folder = save_model_folder(self.model, self.tokenizer, self.work_dir / "student", state)
+        folder = save_model_folder(self.model, self.tokenizer, self.work_dir / self.trainee.name, state)
         with (folder / "training_log.jsonl").open("w") as out:
             for line in self.training_log:
                 out.write(json.dumps(line) + "\n")
         (folder / "README.md").write_text(
-            model_card(self.run.teacher, self.run.training, self._card_data(position, seconds), None)
+            model_card(self.run.teacher, self.trainee.training, self._card_data(position, seconds), None)
         )
         upload_folder(
             self.store,
-            self.run.student_prefix,
+            self.trainee.artifact_prefix,
             folder,
             lineage={"job_id": self.run.job_id, "stage": "train", "dataset": self.run.answers_dataset_id},
         )
@@ -654,6 +834,10 @@ class TrainingLoop:
             data["base_model"] = init.pretrained
         if self.training_log:
             data["final_loss"] = round(self.training_log[-1]["loss"], 4)
+        if self.trainee.on_policy is not None:
+            data["on_policy_steps"] = self._on_policy_steps(position.step)
+        if self.trainee.name == SFT_CONTROL:
+            data["control"] = "SFT control: the student's initial weights, batches and steps, loss sft"
         if self.choice.fallback_reason is not None:
             requested = self.run.training.loss.kind.value
             data["loss_fallback"] = f"sft instead of {requested}: {self.choice.fallback_reason}"
@@ -677,10 +861,17 @@ class _Window:
 
 
 def train_worker(run: TrainRun, report: Report) -> TrainOutcome:
-    """Train the student of `run` on this worker (see the module docstring); `report` gets the progress
-    figures of every `report_interval` steps and of the last step, on every worker alike."""
+    """Train the student of `run` on this worker, then its controls (see the module docstring); `report`
+    gets the progress figures of every `report_interval` steps and of the last step, on every worker
+    alike, each naming its model."""
     workers = Workers.current()
     torch.manual_seed(run.training.seed)
     store = open_object_store(run.object_store)
     with tempfile.TemporaryDirectory(prefix="stillhouse-train-") as scratch:
-        return TrainingLoop(run, report, workers, store, Path(scratch)).train()
+        student = TrainingLoop.for_student(run, report, workers, store, Path(scratch))
+        outcome = student.train()
+        if "sft" not in run.controls:
+            return outcome
+        control = student.sft_control()
+        del student  # its model: the control's takes its place
+        return outcome.model_copy(update={"controls": {"sft": control.train()}})

@@ -78,7 +78,7 @@ def struct(value: dict) -> struct_pb2.Struct:
 
 
 def train_request(
-    operation_id: str, teacher: Path, student: Path, **training
+    operation_id: str, teacher: Path, student: Path, evaluation: dict | None = None, **training
 ) -> trainer_pb2.TrainStudentRequest:
     return trainer_pb2.TrainStudentRequest(
         operation_id=operation_id,
@@ -96,6 +96,7 @@ def train_request(
                 **training,
             }
         ),
+        evaluation=struct(evaluation or {}),
     )
 
 
@@ -208,7 +209,16 @@ def test_train_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, tiny
     prompts = [f"question {i}: tell me about {topic}" for i, topic in enumerate(TOPICS * 2)]
     answers_dataset(service.store, ANSWERS, teacher, prompts, max_new_tokens=16, rows_per_shard=4)
 
-    service.call("TrainStudent", train_request("op-train", teacher, student, epochs=3))
+    # Two DDP workers, each generating for its own rows on the on-policy steps; then the SFT control.
+    request = train_request(
+        "op-train",
+        teacher,
+        student,
+        evaluation={"controls": ["sft"]},
+        epochs=3,
+        onPolicy={"fraction": 0.5, "maxNewTokens": 4},
+    )
+    service.call("TrainStudent", request)
     seen: list[operations_pb2.Operation] = []
     final = service.watch("op-train", seen)
 
@@ -217,6 +227,10 @@ def test_train_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, tiny
     final.result.Unpack(result)
     assert result.steps > 0 and result.tokens > 0 and result.gpu_hours == 0
     assert "loss" in result.final_metrics
+    assert 0 < result.final_metrics["on_policy_steps"] < result.steps
+    assert result.sft_control.artifact_id == f"jobs/{JOB}/train/control-sft" and result.sft_control.sha256
+    messages = {op.progress.message.split(":")[0] for op in seen}
+    assert {"training the student", "training the control-sft"} <= messages
     progressed = [op.progress for op in seen if op.progress.done > 0]
     assert progressed and progressed[0].unit == "steps"
     assert {"loss", "learning_rate", "tokens_per_second"} <= set(progressed[0].metrics)

@@ -27,7 +27,7 @@ from stillhouse.trainer.run_config import (
     TrainingDiverged,
     TrainRun,
 )
-from stillhouse.trainer.train_loop import train_worker
+from stillhouse.trainer.train_loop import TrainingLoop, Workers, train_worker
 
 DATASET = "jobs/job-1/teacher/train"
 PROMPTS = [
@@ -252,3 +252,139 @@ def test_a_run_survives_a_round_trip_through_json(make_run):
     assert TrainRun.model_validate_json(run.model_dump_json()) == run
     assert TrainRun.model_validate(run.model_dump(mode="json")) == run
     assert run.student_prefix == "jobs/job-1/train/student"
+
+
+# --- on-policy distillation ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_response(model, prompt_ids: list[int], new_tokens: int, stop: int) -> list[int]:
+    ids = list(prompt_ids)
+    for _ in range(new_tokens):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        if ids[-1] == stop:
+            break
+    return ids[len(prompt_ids) :]
+
+
+def test_on_policy_steps_train_on_the_students_own_generations(make_run, object_store, models, tmp_path):
+    run = make_run(
+        loss={"kind": "reverse_kl"},
+        onPolicy={"fraction": 1.0, "maxNewTokens": 3, "temperature": 0.0},
+        epochs=1,
+        maxSeqLen=64,
+        batchTokens=128,
+    )
+    reports: list[dict] = []
+    outcome = train_worker(run, reports.append)
+    assert outcome.on_policy_steps == outcome.steps == len(reports) >= 5
+    assert all(report["on_policy"] == 1.0 and report["model"] == "student" for report in reports)
+    # ceWeight does not apply to generated tokens: the loss is the divergence from the teacher alone.
+    assert all(report["kd"] > 0 and report["loss"] == report["kd"] for report in reports)
+
+    # The first step trained on the untrained student's greedy continuations of its prompts: its
+    # positions are those of prompt + at most 3 generated tokens (the teacher's answers are 16 long).
+    loop = TrainingLoop.for_student(run, lambda metrics: None, Workers.current(), object_store, tmp_path)
+    student = AutoModelForCausalLM.from_pretrained(models[1]).eval()
+    step_examples = [
+        loop.data.examples[index]
+        for micro_rows in loop.plan.step_rows(loop.epoch_rows[0], 0)
+        for row in micro_rows
+        for index in row
+    ]
+    eos = loop.tokenizer.eos_token_id
+    positions = [
+        len(example.prompt_ids) + len(greedy_response(student, example.prompt_ids, 3, eos)) - 1
+        for example in step_examples
+    ]
+    teacher_text_positions = sum(example.positions for example in step_examples)
+    assert reports[0]["tokens"] == sum(positions) < teacher_text_positions
+
+
+def test_on_policy_share_follows_the_fraction_and_survives_a_resume(make_run):
+    settings = {
+        "loss": {"kind": "forward_kl"},
+        "onPolicy": {"fraction": 0.5, "maxNewTokens": 4, "temperature": 1.0},
+        "epochs": 1,
+        "maxSeqLen": 64,
+        "batchTokens": 128,
+        "checkpointEverySteps": 3,
+    }
+    uninterrupted: list[dict] = []
+    outcome = train_worker(make_run("jobs/straight/train", **settings), uninterrupted.append)
+    flags = [report["on_policy"] for report in uninterrupted]
+    assert outcome.on_policy_steps == sum(flags) and set(flags) == {0.0, 1.0}
+    assert int(0.5 * outcome.steps) <= outcome.on_policy_steps <= -(-outcome.steps // 2)
+
+    def crash(metrics: dict) -> None:
+        if metrics["step"] == 5:
+            raise RuntimeError("worker lost")
+
+    run = make_run("jobs/resumed/train", **settings)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_worker(run, crash)
+    resumed: list[dict] = []
+    again = train_worker(run, resumed.append)
+    assert again.resumed_from_step == 3 and again.on_policy_steps == outcome.on_policy_steps
+    # The same steps on-policy, the same sampled generations (their token counts), the same losses.
+    for report, straight in zip(resumed, uninterrupted[3:], strict=True):
+        assert report["on_policy"] == straight["on_policy"]
+        assert report["tokens"] == straight["tokens"]
+        assert report["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+
+
+# --- the SFT control -----------------------------------------------------------------------------------
+
+
+def test_the_sft_control_trains_on_the_same_batches_with_cross_entropy(make_run, object_store, tmp_path):
+    run = make_run(
+        loss={"kind": "forward_kl"},
+        onPolicy={"fraction": 0.5, "maxNewTokens": 4, "temperature": 0.0},
+        epochs=1,
+        maxSeqLen=64,
+        batchTokens=128,
+        checkpointEverySteps=3,
+    ).model_copy(update={"controls": ["sft"]})
+
+    def crash(metrics: dict) -> None:
+        if metrics["model"] == "control-sft" and metrics["step"] == 5:
+            raise RuntimeError("worker lost")
+
+    first: list[dict] = []
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_worker(run, lambda metrics: (first.append(metrics), crash(metrics)))
+    student_reports = [report for report in first if report["model"] == "student"]
+    assert len(student_reports) >= 5 and first[: len(student_reports)] == student_reports
+
+    # The restart does not train the student again: the control carries on from its checkpoint.
+    resumed: list[dict] = []
+    outcome = train_worker(run, resumed.append)
+    assert [report["step"] for report in resumed] == list(range(4, outcome.steps + 1))
+    assert {report["model"] for report in resumed} == {"control-sft"}
+    control = outcome.controls["sft"]
+    assert control.resumed_from_step == 3 and control.on_policy_steps == 0
+    assert control.steps == outcome.steps and outcome.on_policy_steps > 0
+
+    control_log = [report for report in first if report["model"] == "control-sft"][:3] + resumed
+    assert all(report["kd"] == 0 and report["loss"] == report["ce"] for report in control_log)
+    assert all("on_policy" not in report for report in control_log)
+    # The same batches: the same tokens a step as the student's steps on the teacher's answers.
+    student_tokens = [report["tokens"] for report in student_reports]
+    control_tokens = [report["tokens"] for report in control_log]
+    for index, report in enumerate(student_reports):
+        if report["on_policy"] == 0.0:
+            before = student_tokens[index - 1] if index else 0
+            control_before = control_tokens[index - 1] if index else 0
+            assert control_tokens[index] - control_before == report["tokens"] - before
+
+    folder = tmp_path / "control"
+    download_artifact(object_store, run.sft_control_prefix, folder)
+    assert AutoTokenizer.from_pretrained(folder).chat_template
+    assert "| Kind | `sft` |" in (folder / "README.md").read_text()
+    logged = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == list(range(1, control.steps + 1))
+    trained = load_file(folder / "model.safetensors")
+    student = student_weights(object_store, run.student_prefix, tmp_path / "trained-student")
+    untrained = student_weights(object_store, run.baseline_prefix, tmp_path / "baseline")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(trained[name], student[name]) and not torch.equal(trained[name], untrained[name])

@@ -31,23 +31,25 @@ class CheckJobResponse(_message.Message):
     def __init__(self, violations: _Optional[_Iterable[_Union[SpecFinding, _Mapping]]] = ..., warnings: _Optional[_Iterable[_Union[SpecFinding, _Mapping]]] = ...) -> None: ...
 
 class TrainStudentRequest(_message.Message):
-    __slots__ = ("operation_id", "job_id", "answers", "teacher", "student", "training")
+    __slots__ = ("operation_id", "job_id", "answers", "teacher", "student", "training", "evaluation")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     job_id: str
     answers: _operations_pb2.DatasetRef
     teacher: _struct_pb2.Struct
     student: _struct_pb2.Struct
     training: _struct_pb2.Struct
-    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., student: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    evaluation: _struct_pb2.Struct
+    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., student: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class TrainStudentResult(_message.Message):
-    __slots__ = ("student", "baseline", "steps", "tokens", "gpu_hours", "final_metrics")
+    __slots__ = ("student", "baseline", "steps", "tokens", "gpu_hours", "final_metrics", "sft_control")
     class FinalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,13 +63,15 @@ class TrainStudentResult(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
     FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    SFT_CONTROL_FIELD_NUMBER: _ClassVar[int]
     student: _operations_pb2.ArtifactRef
     baseline: _operations_pb2.ArtifactRef
     steps: int
     tokens: int
     gpu_hours: float
     final_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_hours: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    sft_control: _operations_pb2.ArtifactRef
+    def __init__(self, student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_hours: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., sft_control: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateStudentRequest(_message.Message):
     __slots__ = ("operation_id", "job_id", "student", "baseline", "holdout_answers", "teacher", "evaluation", "training_answers")
