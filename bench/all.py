@@ -1,6 +1,6 @@
 """Every benchmark of the project, one after another, and one table of their ratios against baselines.
 
-    cd bench && ../.venv/bin/python all.py           # the sizes below: about half an hour on 2 cores
+    cd bench && ../.venv/bin/python all.py           # the sizes below: about an hour on 2 cores
     cd bench && ../.venv/bin/python all.py dedup train
 
 Each benchmark measures its baseline side by side in the same run and prints its own table; this adds
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "teacher_local": ("teacher_local_bench", []),
     "dedup": ("dedup_bench", ["--prompts", "100000"]),
     "train": ("train_bench", []),
+    "quality": ("quality_bench", []),
 }
 
 
