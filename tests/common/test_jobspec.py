@@ -80,7 +80,13 @@ def test_minimal_spec_gets_every_default() -> None:
     assert spec["prompts"]["filters"]["maxChars"] == 8192
     assert spec["teacher"]["topLogprobs"] == 20
     assert spec["teacher"]["baseURL"] is None
-    assert spec["teacher"]["sampling"] == {"temperature": 0.7, "topP": 1.0, "maxTokens": 512, "seed": None}
+    assert spec["teacher"]["sampling"] == {
+        "temperature": 0.7,
+        "topP": 1.0,
+        "maxTokens": 512,
+        "seed": None,
+        "extraBody": {},
+    }
     assert spec["teacher"]["limits"]["maxConcurrency"] == 64
     assert spec["teacher"]["limits"]["maxRetries"] == 8
     assert spec["training"]["epochs"] == 1
