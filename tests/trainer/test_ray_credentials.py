@@ -76,6 +76,7 @@ def test_a_local_store_needs_no_keys(monkeypatch, tmp_path):
             "student_prefix": "jobs/job-1/student",
             "baseline_prefix": "jobs/job-1/baseline",
             "holdout_dataset_id": "jobs/job-1/teacher/holdout",
+            "training_dataset_id": "jobs/job-1/teacher/train",
             "evaluation": {},
             "output_prefix": "jobs/job-1/evaluate",
         }

@@ -96,7 +96,7 @@ def test_json_report_fields():
     assert document["teacher"] == {
         "backend": "local",
         "model": TEACHER.model,
-        "sampling": {"temperature": 0.7, "topP": 1.0, "maxTokens": 512, "seed": None},
+        "sampling": {"temperature": 0.7, "topP": 1.0, "maxTokens": 512, "seed": None, "extraBody": {}},
         "topLogprobs": 20,
         "baseURL": None,
         "revision": None,
