@@ -178,7 +178,7 @@ def token_ids_from_server(tokens: list[str]) -> np.ndarray:
     raise TeacherCallError(
         FailureKind.MALFORMED_RESPONSE,
         f"asked for token ids (return_tokens_as_token_ids, a vLLM extension) but got the token "
-        f"{_quote(unreadable)}: this server does not give ids; give the teacher a tokenizer instead",
+        f"{quote(unreadable)}: this server does not give ids; give the teacher a tokenizer instead",
     )
 
 
@@ -197,7 +197,7 @@ def _trusted_bytes(raw: msgspec.Raw) -> bytes | None:
         sent = bytes(raw).decode(errors="replace")
         raise TeacherCallError(
             FailureKind.MALFORMED_RESPONSE,
-            f"a logprob token's bytes are not a list of byte values: {_quote(sent)}",
+            f"a logprob token's bytes are not a list of byte values: {quote(sent)}",
         ) from None
     return None if piece is None or REPLACEMENT_BYTES in piece else piece
 
@@ -289,7 +289,7 @@ def _alternative_ids(
 def _unmappable(step: int, position: Position, why: str) -> TeacherCallError:
     return TeacherCallError(
         FailureKind.UNMAPPABLE_TOKEN,
-        f"generated token {step} ({_quote(position.token)}, bytes {bytes(position.bytes).decode()}) has no "
+        f"generated token {step} ({quote(position.token)}, bytes {bytes(position.bytes).decode()}) has no "
         f"known id: {why}; is the tokenizer the teacher model's?",
     )
 
@@ -327,6 +327,12 @@ def _top_k(
     return topk_ids, topk_logprobs
 
 
-def _quote(text: str) -> str:
+# Longest piece of a server's text quoted back in an error message.
+QUOTE_LIMIT = 300
+
+
+def quote(text: str) -> str:
+    """`text` as an error message quotes it: whitespace runs as one space (kept when that is all there
+    is), cut at `QUOTE_LIMIT` characters."""
     text = " ".join(text.split()) or text
-    return repr(text if len(text) <= 300 else text[:300] + "...")
+    return repr(text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "...")

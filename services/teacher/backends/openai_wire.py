@@ -22,13 +22,9 @@ from typing import Any
 
 import msgspec
 
-from stillhouse.teacher.backends.openai_capture import capture_logprobs
+from stillhouse.teacher.backends.openai_capture import capture_logprobs, quote
 from stillhouse.teacher.calls import FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
 from stillhouse.teacher.token_vocabulary import TokenVocabulary
-
-# Longest piece of a server's error message quoted back in ours.
-_QUOTE_LIMIT = 300
-
 
 # --- request -----------------------------------------------------------------------------------
 
@@ -122,7 +118,7 @@ def parse_chat_completion(
     except msgspec.DecodeError:
         raise TeacherCallError(
             FailureKind.MALFORMED_RESPONSE,
-            f"the response is not JSON (starts {_quote(body[:80].decode(errors='replace'))}); "
+            f"the response is not JSON (starts {quote(body[:80].decode(errors='replace'))}); "
             "is base_url an OpenAI-compatible API root?",
         ) from None
     if not completion.choices:
@@ -177,7 +173,7 @@ def error_from_response(
     """The failure a non-200 response stands for. `headers` must look names up case-insensitively
     (as httpx's do). Quotes the server's message for the kinds a user must act on, never for 401."""
     message, code = _error_details(body)
-    quoted = f": {_quote(message)}" if message else ""
+    quoted = f": {quote(message)}" if message else ""
     retry_after = retry_after_seconds(headers)
     if status in (401, 403):
         return TeacherCallError(
@@ -277,8 +273,3 @@ def _duration(value: str) -> float | None:
         return None
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     return sum(float(number) * scale[unit] for number, unit in parts)
-
-
-def _quote(text: str) -> str:
-    text = " ".join(text.split())
-    return repr(text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "...")
