@@ -289,6 +289,13 @@ class StudentInit(SpecModel):
     config: dict[str, int | float | str | bool] | None = Field(
         default=None, description="Fresh model from a config (overrides on the teacher's config)."
     )
+    layer_selection: Literal["influence", "spread"] | None = Field(
+        default=None,
+        description="With pruneTeacherDepth, which layers are kept: `influence` (the default), the first, "
+        "the last and those that change the teacher's hidden states most on the training answers (Block "
+        "Influence); `spread`, the first, the last and the others evenly spaced between them (needs no "
+        "data).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentInit:
@@ -301,6 +308,8 @@ class StudentInit(SpecModel):
             raise ValueError(
                 "give exactly one of `pretrained`, `pruneTeacherDepth`, `pruneTeacherWidth`, `config`"
             )
+        if self.layer_selection is not None and self.prune_teacher_depth is None:
+            raise ValueError("`layerSelection` chooses the layers of `pruneTeacherDepth`: give that too")
         return self
 
 

@@ -10,7 +10,8 @@ with the teacher and with its own untrained baseline, with the definition of the
 - ``dataset``: the id of the teacher's answers dataset the student was trained on;
 - ``rows``, ``tokens``: answers and response tokens trained on; ``holdout_rows``: held-out prompts;
 - ``student_init``: how the student was initialised; ``base_model``: the pretrained model it started
-  from (front matter ``base_model``; the teacher's model when absent);
+  from (front matter ``base_model``; the teacher's model when absent); ``teacher_layers_kept``: the
+  teacher's decoder layers a depth-pruned student started from;
 - ``steps``, ``epochs``, ``seconds``, ``gpu_hours``, ``final_loss``: training figures.
 
 `evaluation` is what `stillhouse.trainer.evaluation` measured: ``metrics`` (per model and reference
@@ -43,6 +44,7 @@ _DATA_LABELS = {
     "holdout_rows": "Held-out prompts (evaluation)",
     "student_init": "Student initialisation",
     "base_model": "Initial weights",
+    "teacher_layers_kept": "Teacher layers kept",
     "steps": "Optimizer steps",
     "epochs": "Epochs",
     "seconds": "Training time (s)",
@@ -85,7 +87,9 @@ def model_card(
     return f"---\n{_front_matter(teacher, training, data, evaluation)}---\n\n" + "\n\n".join(sections) + "\n"
 
 
-_DATA_KEYS = frozenset(("dataset", "rows", "tokens", "holdout_rows", "student_init", "base_model"))
+_DATA_KEYS = frozenset(
+    ("dataset", "rows", "tokens", "holdout_rows", "student_init", "base_model", "teacher_layers_kept")
+)
 _LOSS_KEYS = frozenset(("loss_fallback",))
 
 

@@ -9,12 +9,12 @@ to its device and chooses its precision.
 Pruning works on Llama-family decoders (`PRUNABLE_MODEL_TYPES`: the same decoder layer and gated MLP
 layout, ``model.layers[i].mlp.{gate,up,down}_proj``); SmolLM2 is a Llama.
 
-- Depth (`depth_layers_to_keep`): keep the first and the last decoder layer and spread the others
-  evenly between them. Layer-importance studies of LLMs find the first and the last layers the least
+- Depth: keep the first and the last decoder layer, and between them either the layers that change
+  the hidden states most on calibration text (layerSelection `influence`, the default: see
+  `layer_influence`; the caller ranks them as `choose_layers`) or evenly spaced ones (`spread`:
+  `evenly_spread_layers`). Layer-importance studies of LLMs find the first and the last layers the least
   dispensable and neighbouring middle layers the most alike (Minitron: Muralidharan et al. 2024; Gromov
-  et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"; ShortGPT: Men et al. 2024), and
-  taking evenly spaced layers is how DistilBERT initialised its student (Sanh et al. 2019). It needs
-  no data.
+  et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"; ShortGPT: Men et al. 2024).
 - Width (`mlp_channel_importance`): keep the MLP's most important intermediate channels. Channel j
   computes silu(g_j·x)·(u_j·x) and adds it times d_j (column j of down_proj) to the output, so its
   contribution is bounded by ‖g_j‖·‖u_j‖·‖d_j‖·‖x‖²: that product of L2 norms is its importance. It needs
@@ -24,7 +24,7 @@ layout, ``model.layers[i].mlp.{gate,up,down}_proj``); SmolLM2 is a Llama.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,21 +40,29 @@ from stillhouse.teacher.model_loading import (
     load_tokenizer_reference,
     resolve_model_reference,
 )
+from stillhouse.trainer.layer_influence import evenly_spread_layers
 
 PRUNABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Pruned MLP widths are rounded to a multiple of this, which GPU matrix kernels prefer.
 WIDTH_MULTIPLE = 8
 # Keys of `config` that would change the architecture rather than size it.
 _FIXED_CONFIG_KEYS = frozenset({"model_type", "architectures", "quantization_config"})
+# Picks the layers a depth-pruned student keeps: (teacher copy, tokenizer, how many) -> ascending indices.
+LayerChooser = Callable[[PreTrainedModel, PreTrainedTokenizerBase, int], list[int]]
 # Text that two tokenizers with the same vocabulary must split the same way.
 _PROBE_TEXT = "Hello, world! It's 3.14159 -- naïve café, 東京, emoji 🙂.\n\tdef f(x):\n        return x ** 2"
 
 
 def build_student(
-    init: StudentInit, teacher: TeacherSpec, fetch: Callable[[str], Path]
+    init: StudentInit,
+    teacher: TeacherSpec,
+    fetch: Callable[[str], Path],
+    choose_layers: LayerChooser | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The untrained student and its tokenizer. `fetch` turns an ``s3://`` folder reference into a local
-    folder (for `pretrained`). Pruning and `config` start from a `local` teacher's weights or config."""
+    folder (for `pretrained`). Pruning and `config` start from a `local` teacher's weights or config.
+    `choose_layers` picks the layers of `pruneTeacherDepth` with layerSelection `influence`, which needs
+    calibration text (see `layer_influence`)."""
     if init.pretrained is not None:
         return _pretrained(init.pretrained, fetch)
     source = _local_teacher(teacher)
@@ -63,7 +71,14 @@ def build_student(
         return fresh_model(_teacher_config(source), init.config, len(tokenizer)), tokenizer
     model = _plain_model(source)
     if init.prune_teacher_depth is not None:
-        prune_depth(model, init.prune_teacher_depth)
+        keep = init.prune_teacher_depth
+        evenly_spread_layers(len(_decoder_layers(model, "pruneTeacherDepth")), keep)  # in bounds
+        if choose_layers is not None:
+            prune_depth(model, choose_layers(model, tokenizer, keep))
+        elif init.layer_selection == "spread":
+            prune_depth(model, evenly_spread_layers(len(model.model.layers), keep))
+        else:
+            raise ValueError("student.init layerSelection `influence` needs calibration text to rank layers")
     elif init.prune_teacher_width is not None:
         prune_width(model, init.prune_teacher_width)
     return model, tokenizer
@@ -122,24 +137,13 @@ def check_tokenizers(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeni
 # --- depth ---------------------------------------------------------------------------------------------
 
 
-def depth_layers_to_keep(num_layers: int, keep: int) -> list[int]:
-    """Indices of the `keep` layers a depth-pruned copy keeps: the first, the last and the others evenly
-    spread between them (one layer: the first)."""
-    if not 0 < keep < num_layers:
-        raise ValueError(
-            f"pruneTeacherDepth must be between 1 and {num_layers - 1} (the teacher has {num_layers} decoder "
-            f"layers); got {keep}"
-        )
-    if keep == 1:
-        return [0]
-    # Spacing (num_layers - 1) / (keep - 1) is more than 1, so the rounded positions are distinct.
-    return [round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)]
-
-
-def prune_depth(model: PreTrainedModel, keep: int) -> list[int]:
-    """Cut `model` down to `keep` decoder layers (`depth_layers_to_keep`), in place; the kept indices."""
+def prune_depth(model: PreTrainedModel, kept: Sequence[int]) -> None:
+    """Cut `model` down to the decoder layers `kept` (ascending indices), in place."""
     layers = _decoder_layers(model, "pruneTeacherDepth")
-    kept = depth_layers_to_keep(len(layers), keep)
+    kept = list(kept)
+    if kept != sorted(set(kept)) or not kept or kept[0] < 0 or kept[-1] >= len(layers):
+        raise ValueError(f"layers to keep must be ascending indices below {len(layers)}; got {kept}")
+    keep = len(kept)
     model.model.layers = nn.ModuleList(layers[i] for i in kept)
     for new_index, layer in enumerate(model.model.layers):
         # Attention finds its slot in the KV cache by its layer index.
@@ -148,7 +152,6 @@ def prune_depth(model: PreTrainedModel, keep: int) -> list[int]:
     config.num_hidden_layers = keep
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in kept]
-    return kept
 
 
 # --- width ---------------------------------------------------------------------------------------------

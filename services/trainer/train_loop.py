@@ -84,9 +84,11 @@ from stillhouse.trainer.data import (
     answers_topk,
     collate,
     pack_rows,
+    read_answer_rows,
     tokenize_answers,
     worker_answer_rows,
 )
+from stillhouse.trainer.layer_influence import LayerChoice
 from stillhouse.trainer.losses import SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import model_card
 from stillhouse.trainer.on_policy import (
@@ -440,8 +442,11 @@ class TrainingLoop:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         data: EpochData,
+        teacher_layers: list[int] | None = None,
     ) -> None:
+        """`teacher_layers`: the teacher's decoder layers a depth-pruned student started from."""
         self.run = run
+        self.teacher_layers = teacher_layers
         self.report = report
         self.workers = workers
         self.store = store
@@ -473,14 +478,25 @@ class TrainingLoop:
         cls, run: TrainRun, report: Report, workers: Workers, store: ObjectStore, work_dir: Path
     ) -> TrainingLoop:
         check_on_policy(run, workers)
+        layers = LayerChoice(
+            run.student.init.layer_selection or "influence",
+            read_answer_rows(store, run.answers_dataset_id),
+            run.training.max_seq_len,
+            lambda influence: [total / workers.world for total in workers.sum(influence)],
+        )
         model, tokenizer = build_student(
-            run.student.init, run.teacher, artifact_fetcher(run.object_store, work_dir / "fetched")
+            run.student.init,
+            run.teacher,
+            artifact_fetcher(run.object_store, work_dir / "fetched"),
+            choose_layers=layers,
         )
         require_supported_architecture(model, "student")
         choice = choose_loss(run.training.loss, run.teacher, tokenizer)
         data = load_examples(store, run, tokenizer, choice, workers)
         trainee = Trainee.student(run, choice)
-        return cls(run, report, workers, store, work_dir / STUDENT, trainee, model, tokenizer, data)
+        return cls(
+            run, report, workers, store, work_dir / STUDENT, trainee, model, tokenizer, data, layers.kept
+        )
 
     def sft_control(self) -> TrainingLoop:
         """The SFT control's loop, once this (the student's) has committed its baseline: the baseline's
@@ -500,6 +516,7 @@ class TrainingLoop:
             model,
             self.tokenizer,
             self.data,
+            self.teacher_layers,
         )
 
     def _teacher_k(self) -> int | None:
@@ -832,6 +849,8 @@ class TrainingLoop:
         }
         if init.pretrained is not None:
             data["base_model"] = init.pretrained
+        if self.teacher_layers is not None:
+            data["teacher_layers_kept"] = self.teacher_layers
         if self.training_log:
             data["final_loss"] = round(self.training_log[-1]["loss"], 4)
         if self.trainee.on_policy is not None:

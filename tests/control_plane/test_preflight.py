@@ -96,6 +96,7 @@ def test_a_student_that_would_fail_training_is_refused_at_submit_and_in_the_esti
     assert platform.jobs() == []
 
 
+@pytest.mark.slow
 def test_a_compatible_student_is_accepted_with_the_warnings_of_the_check(
     platform, tokenizer_only_model, tmp_path
 ):

@@ -29,10 +29,10 @@ from stillhouse.common.jobspec import StudentInit, TeacherSpec
 from stillhouse.storage.artifacts import download_artifact, upload_folder
 from stillhouse.storage.objects import ObjectStore
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_model, resolve_model_reference
+from stillhouse.trainer.layer_influence import evenly_spread_layers
 from stillhouse.trainer.student_init import (
     build_student,
     check_tokenizers,
-    depth_layers_to_keep,
     prune_depth,
     prune_width,
     pruned_width,
@@ -96,23 +96,25 @@ def greedy_with_and_without_cache(model: torch.nn.Module) -> None:
 
 
 def test_depth_keeps_the_first_the_last_and_evenly_spread_layers():
-    assert depth_layers_to_keep(30, 4) == [0, 10, 19, 29]
-    assert depth_layers_to_keep(4, 2) == [0, 3]
-    assert depth_layers_to_keep(4, 1) == [0]
+    assert evenly_spread_layers(30, 4) == [0, 10, 19, 29]
+    assert evenly_spread_layers(4, 2) == [0, 3]
+    assert evenly_spread_layers(4, 1) == [0]
     for layers in range(2, 40):
         for keep in range(2, layers):
-            kept = depth_layers_to_keep(layers, keep)
+            kept = evenly_spread_layers(layers, keep)
             assert kept[0] == 0 and kept[-1] == layers - 1
             assert kept == sorted(set(kept)) and len(kept) == keep
     for bad in (0, 4, 5):
         with pytest.raises(ValueError, match=r"between 1 and 3 \(the teacher has 4 decoder layers\)"):
-            depth_layers_to_keep(4, bad)
+            evenly_spread_layers(4, bad)
 
 
 def test_depth_pruned_student_holds_the_teachers_chosen_layers(
     teacher_dir: Path, teacher_model: torch.nn.Module, smollm2_tokenizer, tmp_path: Path
 ):
-    student, tokenizer = build_student(init(pruneTeacherDepth=2), local(teacher_dir), no_fetch)
+    student, tokenizer = build_student(
+        init(pruneTeacherDepth=2, layerSelection="spread"), local(teacher_dir), no_fetch
+    )
     assert student.training and student.dtype == torch.float32
     assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
     teacher_weights = teacher_model.state_dict()
@@ -131,8 +133,33 @@ def test_depth_pruned_student_holds_the_teachers_chosen_layers(
 
 
 def test_depth_pruning_refuses_as_many_layers_as_the_teacher_has(teacher_dir: Path):
-    with pytest.raises(ValueError, match="pruneTeacherDepth must be between 1 and 3"):
-        build_student(init(pruneTeacherDepth=TEACHER_LAYERS), local(teacher_dir), no_fetch)
+    for selection in ("spread", "influence"):
+        with pytest.raises(ValueError, match="pruneTeacherDepth must be between 1 and 3"):
+            build_student(
+                init(pruneTeacherDepth=TEACHER_LAYERS, layerSelection=selection), local(teacher_dir), no_fetch
+            )
+
+
+def test_influence_selection_keeps_the_layers_the_chooser_picks(teacher_dir: Path, teacher_model):
+    asked = []
+
+    def choose(model, tokenizer, keep):
+        asked.append((len(model.model.layers), keep))
+        return [0, 2]
+
+    student, _ = build_student(init(pruneTeacherDepth=2), local(teacher_dir), no_fetch, choose_layers=choose)
+    assert asked == [(TEACHER_LAYERS, 2)]
+    torch.testing.assert_close(
+        student.model.layers[1].mlp.up_proj.weight, teacher_model.model.layers[2].mlp.up_proj.weight
+    )
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+    with pytest.raises(ValueError, match="needs calibration text"):
+        build_student(init(pruneTeacherDepth=2), local(teacher_dir), no_fetch)
+
+
+def test_layer_selection_without_depth_pruning_is_refused():
+    with pytest.raises(ValueError, match="`layerSelection` chooses the layers of `pruneTeacherDepth`"):
+        init(pruneTeacherWidth=0.5, layerSelection="spread")
 
 
 # --- width ---------------------------------------------------------------------------------------------
@@ -204,7 +231,7 @@ def test_both_prunings_work_on_every_llama_family_architecture(model_type: str):
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    assert prune_depth(model, 3) == [0, 2, 4]
+    prune_depth(model, [0, 2, 4])
     assert prune_width(model, 0.5) == 32
     assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 32
     greedy_with_and_without_cache(model)
@@ -352,10 +379,12 @@ def test_real_smollm2_teacher_pruned_to_four_layers_saves_and_reloads(tmp_path: 
     teacher = load_model(
         resolve_model_reference(EMBEDDED_TEACHER), device=torch.device("cpu"), dtype=torch.float32
     )
-    student, tokenizer = build_student(init(pruneTeacherDepth=4), local(EMBEDDED_TEACHER), no_fetch)
+    student, tokenizer = build_student(
+        init(pruneTeacherDepth=4, layerSelection="spread"), local(EMBEDDED_TEACHER), no_fetch
+    )
     assert student.config.num_hidden_layers == 4
     assert student.hf_quantizer is None
-    kept = depth_layers_to_keep(teacher.config.num_hidden_layers, 4)
+    kept = evenly_spread_layers(teacher.config.num_hidden_layers, 4)
     assert kept == [0, 10, 19, 29]
     for index, teacher_index in enumerate(kept):
         torch.testing.assert_close(

@@ -75,7 +75,8 @@ def student_weights(store, prefix: str, folder: Path) -> dict[str, torch.Tensor]
     return load_file(folder / "model.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["sft", "forward_kl"])
+# The SFT control's test trains with cross-entropy too, so `sft` here runs with the slow tests.
+@pytest.mark.parametrize("kind", [pytest.param("sft", marks=pytest.mark.slow), "forward_kl"])
 def test_loss_falls(make_run, kind):
     reports: list[dict[str, float]] = []
     # One answer per row, two rows per step: 9 steps per epoch.
@@ -301,6 +302,7 @@ def test_on_policy_steps_train_on_the_students_own_generations(make_run, object_
     assert reports[0]["tokens"] == sum(positions) < teacher_text_positions
 
 
+@pytest.mark.slow
 def test_on_policy_share_follows_the_fraction_and_survives_a_resume(make_run):
     settings = {
         "loss": {"kind": "forward_kl"},
@@ -388,3 +390,41 @@ def test_the_sft_control_trains_on_the_same_batches_with_cross_entropy(make_run,
     untrained = student_weights(object_store, run.baseline_prefix, tmp_path / "baseline")
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(trained[name], student[name]) and not torch.equal(trained[name], untrained[name])
+
+
+def test_a_depth_pruned_student_keeps_the_teacher_layers_that_change_its_hidden_states(
+    tmp_path, tiny_llama, object_store, object_store_settings, answers_dataset
+):
+    """Teacher layer 2 adds nothing to the residual stream: ranked on the training answers, it is the
+    layer a 3-of-4 student drops, and the model card says which layers the student kept."""
+    teacher = tiny_llama(tmp_path / "teacher", layers=4, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    model.save_pretrained(teacher)
+    answers_dataset(object_store, DATASET, teacher, PROMPTS[:6], top_k=5, max_new_tokens=8)
+    run = TrainRun.model_validate(
+        {
+            "job_id": "job-1",
+            "answers_dataset_id": DATASET,
+            "object_store": object_store_settings,
+            "teacher": {"backend": "local", "model": str(teacher)},
+            "student": {"init": {"pruneTeacherDepth": 3}},
+            "training": {"epochs": 1, "batchTokens": 256, "maxSeqLen": 128},
+            "output_prefix": "jobs/job-1/train",
+        }
+    )
+    train_worker(run, lambda figures: None)
+
+    download_artifact(object_store, run.baseline_prefix, tmp_path / "baseline")
+    baseline = AutoModelForCausalLM.from_pretrained(tmp_path / "baseline")
+    assert baseline.config.num_hidden_layers == 3
+    for student_index, teacher_index in enumerate([0, 1, 3]):
+        torch.testing.assert_close(
+            baseline.model.layers[student_index].mlp.up_proj.weight,
+            model.model.layers[teacher_index].mlp.up_proj.weight,
+        )
+    download_artifact(object_store, run.student_prefix, tmp_path / "student")
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "| Teacher layers kept | `[0, 1, 3]` |" in card
