@@ -206,6 +206,16 @@ def _loss_items(
 
 
 def _training_items(training: TrainingSpec) -> list[tuple[str, Any]]:
+    on_policy = training.on_policy
+    on_policy_items = (
+        [
+            ("On-policy share of steps", on_policy.fraction),
+            ("On-policy generation length", on_policy.max_new_tokens),
+            ("On-policy sampling temperature", on_policy.temperature),
+        ]
+        if on_policy is not None
+        else []
+    )
     return [
         ("Epochs (spec)", training.epochs),
         ("Learning rate", training.learning_rate),
@@ -216,6 +226,7 @@ def _training_items(training: TrainingSpec) -> list[tuple[str, Any]]:
         ("GPUs per worker", training.gpus_per_worker),
         ("Strategy", training.strategy.value),
         ("Seed", training.seed),
+        *on_policy_items,
     ]
 
 

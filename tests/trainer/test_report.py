@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from stillhouse.common.jobspec import TeacherBackend, TeacherSpec, TrainingSpec
+from stillhouse.common.jobspec import OnPolicySpec, TeacherBackend, TeacherSpec, TrainingSpec
 from stillhouse.trainer import report
 from stillhouse.trainer.evaluation import headline
 from stillhouse.trainer.model_card import card_settings, model_card
@@ -236,6 +236,21 @@ def test_model_card_before_evaluation():
     assert "| student_init.pruneTeacherDepth | `8` |" in card
     assert "| Optimizer steps | `12` |" in card and "| Final training loss | `0.25` |" in card
     assert "## Evaluation" not in card and "closes" not in card
+    assert "On-policy" not in card
+
+
+def test_model_card_states_the_on_policy_settings():
+    on_policy = TRAINING.model_copy(
+        update={
+            "on_policy": OnPolicySpec.model_validate(
+                {"fraction": 0.25, "maxNewTokens": 48, "temperature": 0.7}
+            )
+        }
+    )
+    card = model_card(TEACHER, on_policy, CARD_DATA, None)
+    assert "| On-policy share of steps | `0.25` |" in card
+    assert "| On-policy generation length | `48` |" in card
+    assert "| On-policy sampling temperature | `0.7` |" in card
 
 
 def test_model_card_with_evaluation_and_its_settings_round_trip():
