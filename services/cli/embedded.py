@@ -33,6 +33,7 @@ from stillhouse.cli.api_client import ApiEndpoint
 from stillhouse.cli.display import endpoint_panel
 
 STAGE_SERVICES = ("prompts", "teacher", "storage", "trainer")
+SECRETS_DIR = "secrets"
 CONTROL_PLANE = "control-plane"
 TOKEN_FILE = "api-token"
 ENDPOINT_FILE = "endpoint.json"
@@ -104,6 +105,15 @@ def ensure_api_token(home: Path) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as token_file:
         token_file.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def ensure_secrets_dir(home: Path) -> Path:
+    """`<home>/secrets`, the embedded teacher's key folder (`apiKeySecret: NAME` reads the file NAME):
+    created, and kept, readable by its owner only (mode 0700)."""
+    path = home / SECRETS_DIR
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
     return path
 
 
@@ -268,8 +278,15 @@ class Supervisor:
             **{f"STILLHOUSE_CONTROL_PLANE_SERVICES__{svc.name.upper()}": svc.address for svc in services},
         }
         by_name = {child.name: child for child in services}
-        # Prompt generation (self_instruct, evol_instruct) goes through the teacher service.
-        service_env = {"prompts": {"STILLHOUSE_PROMPTS_TEACHER_ADDRESS": by_name["teacher"].address}}
+        service_env = {
+            # Prompt generation (self_instruct, evol_instruct) goes through the teacher service.
+            "prompts": {"STILLHOUSE_PROMPTS_TEACHER_ADDRESS": by_name["teacher"].address},
+            "teacher": {
+                "STILLHOUSE_TEACHER_API_KEY_DIR": os.environ.get(
+                    "STILLHOUSE_TEACHER_API_KEY_DIR", str(ensure_secrets_dir(self.home))
+                )
+            },
+        }
         for child in services:
             self._spawn(child, {**base_env, **service_env.get(child.name, {})})
         self._spawn(control_plane, control_plane_env)

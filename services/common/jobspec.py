@@ -22,6 +22,11 @@ KIND = "DistillationJob"
 _NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+# A key's name in the teacher's key store: a file name in one folder or the suffix of one environment
+# variable, so never a path (no separator, no leading dot) and never any other variable.
+SECRET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
 class SpecModel(BaseModel):
     """Base for every part of the spec: camelCase on the wire (one spelling only), unknown fields refused."""
 
@@ -240,8 +245,12 @@ class TeacherSpec(SpecModel):
     revision: str | None = Field(default=None, description="Model revision, part of the cache key.")
     api_key_secret: str | None = Field(
         default=None,
-        description="Name of the Secret (cluster) or environment variable (embedded) with the API key. "
-        "The key itself never appears in a spec.",
+        pattern=SECRET_NAME_PATTERN,
+        description="Name of the API key in the teacher service's key store: a file of its key folder "
+        "(a mounted Secret on a cluster; `$STILLHOUSE_HOME/secrets` embedded), else the environment "
+        "variable `STILLHOUSE_TEACHER_KEY_<NAME>` (upper case, `-` and `.` as `_`). Letters, digits, `-`, "
+        "`_` and `.`, starting with a letter or digit, at most 63 characters: never a path or another "
+        "variable. The key itself never appears in a spec.",
     )
     tokenizer: str | None = Field(
         default=None,

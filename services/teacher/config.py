@@ -31,8 +31,9 @@ class TeacherSettings(GrpcServiceSettings):
     price_table: Path | None = Field(default=None, description="YAML price table; the shipped one if unset.")
     api_key_dir: Path | None = Field(
         default=None,
-        description="Folder of mounted Secrets: the key named `apiKeySecret` is the file of that name. "
-        "Without it (or without that file) the key comes from the environment variable of that name.",
+        description="Folder of teacher API keys (mounted Secrets): the key named `apiKeySecret` is the file "
+        "of that name. Without it (or without that file) the key comes from the environment variable "
+        "STILLHOUSE_TEACHER_KEY_<NAME>; never from any other variable or path.",
     )
     # Batches of 32 generate about twice the tokens/s of batches of 8 on a 2-core CPU.
     local_max_batch_size: int = Field(default=32, ge=1, le=512)

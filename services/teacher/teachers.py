@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 import structlog
 
-from stillhouse.common.jobspec import TeacherBackend, TeacherSpec
+from stillhouse.common.jobspec import SECRET_NAME_PATTERN, TeacherBackend, TeacherSpec
 from stillhouse.common.operations import OperationError
 from stillhouse.teacher.backends.base import TeacherBackend as Backend
 from stillhouse.teacher.config import TeacherSettings
@@ -19,18 +21,42 @@ from stillhouse.teacher.resilience import ResilientTeacher
 log = structlog.get_logger(__name__)
 
 
-def resolve_api_key(secret_name: str | None, api_key_dir: Path | None) -> str | None:
-    """The key named by `apiKeySecret`: the mounted Secret file of that name, else that environment
-    variable. Errors name where it was looked for, never a value."""
+# The environment variables a key may come from: this prefix and the key's name (see `key_variable`).
+KEY_VARIABLE_PREFIX = "STILLHOUSE_TEACHER_KEY_"
+
+
+def key_variable(secret_name: str) -> str:
+    """The environment variable that may hold the key named `secret_name`: `KEY_VARIABLE_PREFIX` and the
+    name in upper case, with `-` and `.` as `_` (``deepseek-prod``: ``..._KEY_DEEPSEEK_PROD``)."""
+    return KEY_VARIABLE_PREFIX + re.sub(r"[^A-Z0-9_]", "_", secret_name.upper())
+
+
+def resolve_api_key(
+    secret_name: str | None, api_key_dir: Path | None, environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """The key named by `apiKeySecret`, from the key store only: the file of that name in `api_key_dir`
+    (inside it, links followed), else the environment variable `key_variable(name)`. A name that is not
+    a plain key name is refused, so that no spec reaches another file or variable. Errors name where the
+    key was looked for, never a value."""
     if secret_name is None:
         return None
-    if api_key_dir is not None and (api_key_dir / secret_name).is_file():
-        return (api_key_dir / secret_name).read_text().strip()
-    if secret_name in os.environ:
-        return os.environ[secret_name].strip()
-    places = ([f"the file {api_key_dir / secret_name}"] if api_key_dir is not None else []) + [
-        f"the environment variable {secret_name}"
-    ]
+    if not re.fullmatch(SECRET_NAME_PATTERN, secret_name):
+        raise OperationError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "spec.teacher.apiKeySecret: a key name is letters, digits, '-', '_' and '.', starting with a "
+            "letter or digit, at most 63 characters",
+        )
+    places = []
+    if api_key_dir is not None:
+        folder = api_key_dir.resolve()
+        file = (api_key_dir / secret_name).resolve()
+        if file.is_relative_to(folder) and file.is_file():
+            return file.read_text().strip()
+        places.append(f"the file {api_key_dir / secret_name}")
+    variable = key_variable(secret_name)
+    if variable in environ:
+        return environ[variable].strip()
+    places.append(f"the environment variable {variable}")
     raise OperationError(
         grpc.StatusCode.FAILED_PRECONDITION,
         f"API key secret {secret_name!r} not found: looked in {' and '.join(places)}",

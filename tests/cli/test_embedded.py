@@ -24,6 +24,7 @@ from stillhouse.cli.embedded import (
     api_url_for,
     check_port_free,
     ensure_api_token,
+    ensure_secrets_dir,
     write_endpoint_file,
 )
 from stillhouse.cli.main import app
@@ -60,6 +61,15 @@ def test_api_token_is_private_and_kept(tmp_path: Path) -> None:
     assert len(token) >= 40
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ensure_api_token(tmp_path).read_text().strip() == token
+
+
+def test_the_teacher_key_folder_is_private(tmp_path: Path) -> None:
+    folder = ensure_secrets_dir(tmp_path)
+    assert folder == tmp_path / "secrets" and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o755)
+    (folder / "deepseek").write_text("sk-kept")
+    assert ensure_secrets_dir(tmp_path) == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert (folder / "deepseek").read_text() == "sk-kept"
 
 
 def test_empty_token_file_gets_a_token(tmp_path: Path) -> None:

@@ -94,6 +94,11 @@ def test_submit_yaml_fills_defaults_and_keeps_labels(api):
             "`baseURL` is required",
         ),
         (lambda spec: spec.update(kind="Deployment"), "kind", "DistillationJob"),
+        (
+            lambda spec: spec["spec"]["teacher"].update(apiKeySecret="../api-token"),
+            "spec.teacher.apiKeySecret",
+            "should match pattern",
+        ),
     ],
 )
 def test_bad_spec_is_refused_with_422_naming_the_field(api, change, field, words):
