@@ -8,8 +8,9 @@ references a sceptic would pick.
    {audience}, {style}.", the demo's seed lists) greedily, with its top-20 logprobs, as the local teacher
    backend does. The prompts of `--holdout-concepts` concepts are held out: no held-out prompt shares its
    concept with a training prompt.
-2. One student, the teacher cut to `--layers` decoder layers, is trained by `train_worker` (the training
-   loop every job runs) once per loss: `sft` (cross-entropy on the teacher's text), `forward_kl`,
+2. One student, the teacher cut to `--layers` decoder layers (chosen by their influence on the
+   training answers, as a job's are by default), is trained by `train_worker` (the training loop every
+   job runs) once per loss: `sft` (cross-entropy on the teacher's text), `forward_kl`,
    `reverse_kl`, `jsd` (beta 0.5) on the stored top-20, and `forward_kl` with on-policy batches (a share
    of the steps on the student's own generations, scored by the teacher's full logits). Same seed, same
    batches, same steps; every KD row has ceWeight 0, so it learns from the teacher's distribution alone.
@@ -68,7 +69,7 @@ METRICS = (
     ("top1_agreement", "top-1", "{:.3f}"),
     ("perplexity", "ppl", "{:.1f}"),
     ("token_f1", "F1", "{:.3f}"),
-    ("repeated_4gram_share", "rep 4-grams", "{:.3f}"),
+    ("repeated_4grams", "rep 4-grams", "{:.3f}"),
 )
 
 
