@@ -281,12 +281,9 @@ class Supervisor:
         service_env = {
             # Prompt generation (self_instruct, evol_instruct) goes through the teacher service.
             "prompts": {"STILLHOUSE_PROMPTS_TEACHER_ADDRESS": by_name["teacher"].address},
-            "teacher": {
-                "STILLHOUSE_TEACHER_API_KEY_DIR": os.environ.get(
-                    "STILLHOUSE_TEACHER_API_KEY_DIR", str(ensure_secrets_dir(self.home))
-                )
-            },
         }
+        if "STILLHOUSE_TEACHER_API_KEY_DIR" not in base_env:
+            service_env["teacher"] = {"STILLHOUSE_TEACHER_API_KEY_DIR": str(ensure_secrets_dir(self.home))}
         for child in services:
             self._spawn(child, {**base_env, **service_env.get(child.name, {})})
         self._spawn(control_plane, control_plane_env)

@@ -58,15 +58,20 @@ def block_influence(layers: nn.ModuleList, run_model: Callable[[], None]) -> lis
     return (totals / positions).tolist()
 
 
-def evenly_spread_layers(count: int, keep: int) -> list[int]:
-    """The `keep` of `count` layers that layerSelection `spread` keeps: the first, the last and the others
-    evenly spaced between them (how DistilBERT initialised its student, Sanh et al. 2019); one layer: the
-    first."""
+def check_layers_to_keep(count: int, keep: int) -> None:
+    """ValueError, naming pruneTeacherDepth, unless a student can keep `keep` of `count` layers."""
     if not 0 < keep < count:
         raise ValueError(
             f"pruneTeacherDepth must be between 1 and {count - 1} (the teacher has {count} decoder layers); "
             f"got {keep}"
         )
+
+
+def evenly_spread_layers(count: int, keep: int) -> list[int]:
+    """The `keep` of `count` layers that layerSelection `spread` keeps: the first, the last and the others
+    evenly spaced between them (how DistilBERT initialised its student, Sanh et al. 2019); one layer: the
+    first."""
+    check_layers_to_keep(count, keep)
     if keep == 1:
         return [0]
     # Spacing (count - 1) / (keep - 1) is more than 1, so the rounded positions are distinct.
@@ -77,7 +82,7 @@ def most_influential_layers(influence: Sequence[float], keep: int) -> list[int]:
     """The `keep` layers to keep, in order: the first and the last, then the most influential of the
     others (the lower index first among equals); one layer: the first."""
     count = len(influence)
-    evenly_spread_layers(count, keep)  # the same bounds, and message
+    check_layers_to_keep(count, keep)
     if keep == 1:
         return [0]
     middle = sorted(range(1, count - 1), key=lambda index: (-influence[index], index))
@@ -86,13 +91,14 @@ def most_influential_layers(influence: Sequence[float], keep: int) -> list[int]:
 
 class LayerChoice:
     """Chooses the layers of a depth-pruned student as `student_init.build_student` asks, and remembers
-    them in `kept`. Selection `influence` ranks the layers on calibration answers (at most `max_answers`
-    of `rows`, `max_tokens` positions in all); `average` averages the influence over the training
-    workers, so that every worker keeps the same layers. Selection `spread` needs no data."""
+    them in `kept`. Selection `influence` (the default, when `selection` is None) ranks the layers on
+    calibration answers (at most `max_answers` of `rows`, `max_tokens` positions in all); `average`
+    averages the influence over the training workers, so that every worker keeps the same layers.
+    Selection `spread` needs no data."""
 
     def __init__(
         self,
-        selection: str,
+        selection: str | None,
         rows: Iterable[dict[str, Any]],
         max_seq_len: int,
         average: Callable[[list[float]], list[float]],

@@ -101,7 +101,7 @@ def derived_student(spec: DistillationJobSpec, teacher: ModelFacts) -> ModelFact
 def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> list[Finding]:
     """Whether pruning can cut the teacher as asked (the rules of `student_init`)."""
     # student_init imports torch, which the trainer service does not load until a check needs it.
-    from stillhouse.trainer.layer_influence import evenly_spread_layers
+    from stillhouse.trainer.layer_influence import check_layers_to_keep
     from stillhouse.trainer.student_init import PRUNABLE_MODEL_TYPES, pruned_width
 
     init = spec.student.init
@@ -121,7 +121,7 @@ def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> lis
         ]
     try:
         if init.prune_teacher_depth is not None and teacher.num_layers is not None:
-            evenly_spread_layers(teacher.num_layers, init.prune_teacher_depth)
+            check_layers_to_keep(teacher.num_layers, init.prune_teacher_depth)
         if init.prune_teacher_width is not None and teacher.intermediate_size is not None:
             pruned_width(teacher.intermediate_size, init.prune_teacher_width)
     except ValueError as exc:

@@ -40,7 +40,7 @@ from stillhouse.teacher.model_loading import (
     load_tokenizer_reference,
     resolve_model_reference,
 )
-from stillhouse.trainer.layer_influence import evenly_spread_layers
+from stillhouse.trainer.layer_influence import check_layers_to_keep, evenly_spread_layers
 
 PRUNABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Pruned MLP widths are rounded to a multiple of this, which GPU matrix kernels prefer.
@@ -72,7 +72,7 @@ def build_student(
     model = _plain_model(source)
     if init.prune_teacher_depth is not None:
         keep = init.prune_teacher_depth
-        evenly_spread_layers(len(_decoder_layers(model, "pruneTeacherDepth")), keep)  # in bounds
+        check_layers_to_keep(len(_decoder_layers(model, "pruneTeacherDepth")), keep)
         if choose_layers is not None:
             prune_depth(model, choose_layers(model, tokenizer, keep))
         elif init.layer_selection == "spread":

@@ -479,7 +479,7 @@ class TrainingLoop:
     ) -> TrainingLoop:
         check_on_policy(run, workers)
         layers = LayerChoice(
-            run.student.init.layer_selection or "influence",
+            run.student.init.layer_selection,
             read_answer_rows(store, run.answers_dataset_id),
             run.training.max_seq_len,
             lambda influence: [total / workers.world for total in workers.sum(influence)],
