@@ -5,6 +5,9 @@ waits until every one answers its health check, writes `<home>/endpoint.json` fo
 API, and then watches: on Ctrl-C or SIGTERM it stops them all; if one dies it stops the rest and fails.
 Children are told by the kernel to exit when the supervisor does (PR_SET_PDEATHSIG), so even a killed
 supervisor leaves nothing behind.
+
+Jobs read local files only from the input roots the supervisor gives the control plane and the prompts
+service: `<home>/inputs` and the folders it was given (`stillhouse run` gives the spec's folder).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from stillhouse.cli.display import endpoint_panel
 
 STAGE_SERVICES = ("prompts", "teacher", "storage", "trainer")
 SECRETS_DIR = "secrets"
+INPUTS_DIR = "inputs"  # always an input root of `stillhouse up`
 CONTROL_PLANE = "control-plane"
 TOKEN_FILE = "api-token"
 ENDPOINT_FILE = "endpoint.json"
@@ -200,6 +204,8 @@ class Supervisor:
     api_port: int = 8080
     host: str = LOOPBACK
     startup_timeout: float = 60.0
+    # Folders jobs may read local prompt sources and slot files from, besides $STILLHOUSE_HOME/inputs.
+    input_roots: tuple[Path, ...] = ()
     console: Console = field(default_factory=Console)
     err_console: Console = field(default_factory=lambda: Console(stderr=True))
 
@@ -277,16 +283,26 @@ class Supervisor:
             "STILLHOUSE_CONTROL_PLANE_DATABASE_URL": f"sqlite:///{self.home / 'stillhouse.db'}",
             **{f"STILLHOUSE_CONTROL_PLANE_SERVICES__{svc.name.upper()}": svc.address for svc in services},
         }
+        roots = json.dumps([str(folder) for folder in self._input_roots()])
+        control_plane_env["STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS"] = roots
         by_name = {child.name: child for child in services}
         service_env = {
-            # Prompt generation (self_instruct, evol_instruct) goes through the teacher service.
-            "prompts": {"STILLHOUSE_PROMPTS_TEACHER_ADDRESS": by_name["teacher"].address},
+            "prompts": {
+                # Prompt generation (self_instruct, evol_instruct) goes through the teacher service.
+                "STILLHOUSE_PROMPTS_TEACHER_ADDRESS": by_name["teacher"].address,
+                "STILLHOUSE_PROMPTS_INPUT_ROOTS": roots,
+            },
         }
         if "STILLHOUSE_TEACHER_API_KEY_DIR" not in base_env:
             service_env["teacher"] = {"STILLHOUSE_TEACHER_API_KEY_DIR": str(ensure_secrets_dir(self.home))}
         for child in services:
             self._spawn(child, {**base_env, **service_env.get(child.name, {})})
         self._spawn(control_plane, control_plane_env)
+
+    def _input_roots(self) -> list[Path]:
+        inputs = self.home / INPUTS_DIR
+        inputs.mkdir(mode=0o700, exist_ok=True)
+        return [inputs, *self.input_roots]
 
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
         self.children.append(child)

@@ -152,6 +152,15 @@ def up(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for every service to become healthy.")
     ] = 60.0,
+    input_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A folder jobs may read local prompt sources and slot files from (repeat for more); "
+            "$STILLHOUSE_HOME/inputs always is one.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run every Stillhouse service on this machine until Ctrl-C."""
     from stillhouse.cli.embedded import EmbeddedError, Supervisor
@@ -161,6 +170,7 @@ def up(
         api_port=api_port,
         host=host,
         startup_timeout=timeout,
+        input_roots=tuple(folder.absolute() for folder in input_root or ()),
         console=console,
         err_console=err_console,
     )
@@ -321,6 +331,8 @@ def run(
 ) -> None:
     """Run one job on this machine: start every service, submit FILE, follow it to the end, stop.
 
+    The job may read local files from FILE's folder (and below it) and from $STILLHOUSE_HOME/inputs.
+
     Exit code: 0 Succeeded, 1 Failed, 3 Cancelled, 130 interrupted."""
     from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient
     from stillhouse.cli.display import job_outcome
@@ -350,6 +362,7 @@ def run(
     supervisor = Supervisor(
         home=(home or stillhouse_home()).expanduser().absolute(),
         api_port=api_port,
+        input_roots=(file.parent.absolute(),),
         console=console,
         err_console=err_console,
     )

@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "stillhouse.dev/v1"
@@ -27,18 +27,47 @@ _NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 SECRET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
-class SpecModel(BaseModel):
-    """Base for every part of the spec: camelCase on the wire (one spelling only), unknown fields refused."""
+# Bounds on what one spec may ask for. A spec comes from any user of a shared cluster, so every size,
+# count and number has an upper bound (shown in the schema), and no float may be infinite or NaN.
+MAX_PATH = 1024
+MAX_NAME = 128
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10_000_000  # prompts generated, or rows sampled from one source
+MAX_PROMPT_CHARS = 65_536
+MAX_INLINE_PROMPTS = 10_000
+MAX_TEMPLATE_CHARS = 8192
+MAX_SLOTS = 32
+MAX_SLOT_VALUES = 10_000
+MAX_SLOT_VALUE_CHARS = 1024
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+MAX_TOKENS = 131_072  # generated per answer, or in one training sequence
 
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True)
+SpecPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class SpecModel(BaseModel):
+    """Base for every part of the spec: camelCase on the wire (one spelling only), unknown fields refused,
+    floats finite."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True, allow_inf_nan=False)
 
 
 class Metadata(SpecModel):
     name: str | None = Field(
         default=None,
+        max_length=63,
         description="Human-readable job name (RFC 1123 label). Defaults to the job id.",
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels to filter jobs by.")
+    labels: dict[
+        Annotated[str, Field(min_length=1, max_length=63)], Annotated[str, Field(max_length=MAX_LABEL_VALUE)]
+    ] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description=f"Free-form labels to filter jobs by: at most {MAX_LABELS}, names of at most 63 "
+        f"characters, values of at most {MAX_LABEL_VALUE}.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -57,13 +86,21 @@ class Metadata(SpecModel):
 class PromptSource(SpecModel):
     """Seed prompts: a file in storage or on disk, or an inline list."""
 
-    path: str | None = Field(default=None, description="JSONL, Parquet or CSV file (s3://, file path).")
-    inline: list[str] | None = Field(default=None, description="Prompts given directly in the spec.")
+    path: SpecPath | None = Field(
+        default=None,
+        description="JSONL, Parquet or CSV file: s3://bucket/key, or (embedded mode) a local path inside the "
+        "platform's input roots.",
+    )
+    inline: list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None, max_length=MAX_INLINE_PROMPTS, description="Prompts given directly in the spec."
+    )
     format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
         default="auto", description="File format; `auto` infers it from the extension."
     )
-    column: str = Field(default="prompt", description="Column holding the prompt text in plain rows.")
-    limit: Annotated[int, Field(gt=0)] | None = Field(
+    column: str = Field(
+        default="prompt", max_length=MAX_NAME, description="Column holding the prompt text in plain rows."
+    )
+    limit: Annotated[int, Field(gt=0, le=MAX_COUNT)] | None = Field(
         default=None, description="Take a seeded random sample of at most this many rows."
     )
 
@@ -102,14 +139,28 @@ class PromptGeneration(SpecModel):
     strategy: GenerationStrategy = Field(
         default=GenerationStrategy.NONE, description="How to add prompts beyond the sources."
     )
-    count: Annotated[int, Field(ge=0)] = Field(
+    count: Annotated[int, Field(ge=0, le=MAX_COUNT)] = Field(
         default=0, description="Number of prompts to generate, on top of those read from the sources."
     )
-    template: str | None = Field(default=None, description="Jinja template, for `template`.")
-    slots: dict[str, list[str]] = Field(default_factory=dict, description="Slot values, for `template`.")
-    slot_files: dict[str, str] = Field(
+    template: str | None = Field(
+        default=None, max_length=MAX_TEMPLATE_CHARS, description="Jinja template, for `template`."
+    )
+    slots: dict[
+        Annotated[str, Field(min_length=1, max_length=MAX_NAME)],
+        Annotated[
+            list[Annotated[str, Field(max_length=MAX_SLOT_VALUE_CHARS)]], Field(max_length=MAX_SLOT_VALUES)
+        ],
+    ] = Field(
         default_factory=dict,
-        description="Slot values from files (s3:// or a path), one value per line, for `template`.",
+        max_length=MAX_SLOTS,
+        description=f"Slot values, for `template`: at most {MAX_SLOTS} slots of at most {MAX_SLOT_VALUES} "
+        "values each.",
+    )
+    slot_files: dict[Annotated[str, Field(min_length=1, max_length=MAX_NAME)], SpecPath] = Field(
+        default_factory=dict,
+        max_length=MAX_SLOTS,
+        description="Slot values from files (s3://, or a local path inside the input roots in embedded "
+        "mode), one value per line, for `template`.",
     )
     slot_combination: SlotCombination = Field(
         default=SlotCombination.ALL,
@@ -122,6 +173,7 @@ class PromptGeneration(SpecModel):
     evolutions: list[Evolution] = Field(
         default_factory=lambda: list(Evolution),
         min_length=1,
+        max_length=len(Evolution),
         description="Rewrites to choose from, for `evol_instruct`.",
     )
     rounds: Annotated[int, Field(gt=0, le=8)] = Field(
@@ -130,6 +182,14 @@ class PromptGeneration(SpecModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(
         default=1.0, description="Sampling temperature of the teacher calls that generate prompts."
     )
+
+    @field_validator("slots")
+    @classmethod
+    def _slots_bounded(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, values in value.items():
+            if len(values) > MAX_SLOT_VALUES:
+                raise ValueError(f"slot {name!r} has {len(values)} values; at most {MAX_SLOT_VALUES}")
+        return value
 
     @model_validator(mode="after")
     def _strategy_has_what_it_needs(self) -> PromptGeneration:
@@ -145,9 +205,15 @@ class PromptFilters(SpecModel):
     near_dup_threshold: Annotated[float, Field(gt=0, le=1)] | None = Field(
         default=0.8, description="Jaccard threshold for MinHash near-duplicate removal; null turns it off."
     )
-    min_chars: Annotated[int, Field(ge=0)] = Field(default=1, description="Shortest prompt kept.")
-    max_chars: Annotated[int, Field(gt=0)] = Field(default=8192, description="Longest prompt kept.")
-    languages: list[str] = Field(default_factory=list, description="ISO 639-1 codes kept; empty keeps all.")
+    min_chars: Annotated[int, Field(ge=0, le=MAX_PROMPT_CHARS)] = Field(
+        default=1, description="Shortest prompt kept."
+    )
+    max_chars: Annotated[int, Field(gt=0, le=MAX_PROMPT_CHARS)] = Field(
+        default=8192, description="Longest prompt kept."
+    )
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]] = Field(
+        default_factory=list, max_length=256, description="ISO 639-1 codes kept; empty keeps all."
+    )
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> PromptFilters:
@@ -157,11 +223,15 @@ class PromptFilters(SpecModel):
 
 
 class PromptsSpec(SpecModel):
-    sources: list[PromptSource] = Field(default_factory=list, description="Seed prompt sources.")
+    sources: list[PromptSource] = Field(
+        default_factory=list, max_length=64, description="Seed prompt sources (at most 64)."
+    )
     generate: PromptGeneration = Field(default_factory=PromptGeneration)
     filters: PromptFilters = Field(default_factory=PromptFilters)
-    system_prompt: str | None = Field(default=None, description="System message sent with every prompt.")
-    seed: int = Field(default=0, description="Seed for sampling, generation and the held-out split.")
+    system_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="System message sent with every prompt."
+    )
+    seed: Seed = Field(default=0, description="Seed for sampling, generation and the held-out split.")
 
 
 # --- stage 2: teacher ---------------------------------------------------------------------------
@@ -193,13 +263,46 @@ MAX_EXTRA_FIELDS = 16
 MAX_EXTRA_STRING = 256
 
 
+MAX_EXTRA_NUMBER = 1e12
+
+
+# A scalar of a free-form map of the spec (`sampling.extraBody`, `student.init.config`). Its bounds are
+# checked by `check_scalars`, so that a refusal names the map's key; the schema states them.
+ExtraValue = Annotated[
+    bool | int | Annotated[float, Field(allow_inf_nan=True)] | str,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "boolean"},
+                {"type": "number", "minimum": -MAX_EXTRA_NUMBER, "maximum": MAX_EXTRA_NUMBER},
+                {"type": "string", "maxLength": MAX_EXTRA_STRING},
+            ]
+        }
+    ),
+]
+
+
+def check_scalars(value: dict[str, ExtraValue]) -> dict[str, ExtraValue]:
+    for name, item in value.items():
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"field {name!r} must be a finite number")
+        if isinstance(item, int | float) and not isinstance(item, bool) and abs(item) > MAX_EXTRA_NUMBER:
+            raise ValueError(
+                f"field {name!r} must lie between -{MAX_EXTRA_NUMBER:g} and {MAX_EXTRA_NUMBER:g}"
+            )
+        if isinstance(item, str) and len(item) > MAX_EXTRA_STRING:
+            raise ValueError(f"field {name!r} is longer than {MAX_EXTRA_STRING} characters")
+    return value
+
+
 class Sampling(SpecModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    max_tokens: Annotated[int, Field(gt=0)] = 512
-    seed: int | None = Field(default=None, description="Sampling seed where the backend honours one.")
-    extra_body: dict[str, bool | int | float | str] = Field(
+    max_tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 512
+    seed: Seed | None = Field(default=None, description="Sampling seed where the backend honours one.")
+    extra_body: dict[str, ExtraValue] = Field(
         default_factory=dict,
+        max_length=MAX_EXTRA_FIELDS,
         description="Server-specific sampling fields added to every request of an `openai` teacher, such "
         "as `repeat_penalty: 1.0` for llama.cpp's server (whose default penalty makes even temperature 0 "
         "pick tokens other than its reported top-1) or `top_k` for vLLM. Scalars only, at most "
@@ -208,12 +311,8 @@ class Sampling(SpecModel):
 
     @field_validator("extra_body")
     @classmethod
-    def _extra_body_is_small_and_plain(
-        cls, value: dict[str, bool | int | float | str]
-    ) -> dict[str, bool | int | float | str]:
-        if len(value) > MAX_EXTRA_FIELDS:
-            raise ValueError(f"at most {MAX_EXTRA_FIELDS} fields; got {len(value)}")
-        for name, item in value.items():
+    def _extra_body_is_small_and_plain(cls, value: dict[str, ExtraValue]) -> dict[str, ExtraValue]:
+        for name in value:
             if not _EXTRA_FIELD_NAME.fullmatch(name):
                 raise ValueError(
                     f"field name {name[:64]!r} must be lower-case letters, digits and '_', starting with a "
@@ -221,28 +320,34 @@ class Sampling(SpecModel):
                 )
             if name in RESERVED_REQUEST_FIELDS:
                 raise ValueError(f"field {name!r} is set by Stillhouse itself: use the spec's own field")
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"field {name!r} must be a finite number")
-            if isinstance(item, str) and len(item) > MAX_EXTRA_STRING:
-                raise ValueError(f"field {name!r} is longer than {MAX_EXTRA_STRING} characters")
-        return value
+        return check_scalars(value)
 
 
 class TeacherLimits(SpecModel):
-    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
-    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+    requests_per_minute: Annotated[int, Field(gt=0, le=10_000_000)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0, le=10_000_000_000)] | None = None
     max_concurrency: Annotated[int, Field(gt=0, le=4096)] = 64
-    timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     max_retries: Annotated[int, Field(ge=0, le=50)] = 8
 
 
 class TeacherSpec(SpecModel):
     backend: TeacherBackend = Field(description="`openai` (any OpenAI-compatible API) or `local`.")
-    model: str = Field(min_length=1, description="Model name (openai) or model path/package (local).")
-    base_url: str | None = Field(
-        default=None, alias="baseURL", description="API base URL; required for `openai`."
+    model: str = Field(
+        min_length=1, max_length=MAX_PATH, description="Model name (openai) or model path/package (local)."
     )
-    revision: str | None = Field(default=None, description="Model revision, part of the cache key.")
+    base_url: str | None = Field(
+        default=None,
+        alias="baseURL",
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description="API base URL (http or https); required for `openai`. Its host must pass the teacher "
+        "service's egress policy: link-local, metadata, private and cluster-internal addresses are refused "
+        "unless allow-listed.",
+    )
+    revision: str | None = Field(
+        default=None, max_length=MAX_NAME, description="Model revision, part of the cache key."
+    )
     api_key_secret: str | None = Field(
         default=None,
         pattern=SECRET_NAME_PATTERN,
@@ -254,6 +359,7 @@ class TeacherSpec(SpecModel):
     )
     tokenizer: str | None = Field(
         default=None,
+        max_length=MAX_PATH,
         description="For `openai` with logprobs: a local Hugging Face tokenizer (folder or model reference) "
         "that turns the teacher's logprob tokens into ids, and that the student's vocabulary is checked "
         "against at submit. Without it the server must send ids itself (vLLM's "
@@ -265,7 +371,7 @@ class TeacherSpec(SpecModel):
         default=20, description="Top-k logprobs captured per generated token (OpenAI caps this at 20)."
     )
     limits: TeacherLimits = Field(default_factory=TeacherLimits)
-    budget_usd: Annotated[float, Field(gt=0)] | None = Field(
+    budget_usd: Annotated[float, Field(gt=0, le=1_000_000)] | None = Field(
         default=None,
         alias="budgetUSD",
         description="Hard spending limit; the stage stops cleanly when reached.",
@@ -288,15 +394,17 @@ class TeacherSpec(SpecModel):
 class StudentInit(SpecModel):
     """Exactly one way to initialise the student."""
 
-    pretrained: str | None = Field(default=None, description="Local path or s3:// folder of a HF model.")
-    prune_teacher_depth: Annotated[int, Field(gt=0)] | None = Field(
+    pretrained: SpecPath | None = Field(default=None, description="Local path or s3:// folder of a HF model.")
+    prune_teacher_depth: Annotated[int, Field(gt=0, le=1024)] | None = Field(
         default=None, description="Copy the teacher keeping this many layers."
     )
     prune_teacher_width: Annotated[float, Field(gt=0, lt=1)] | None = Field(
         default=None, description="Copy the teacher keeping this fraction of the MLP width."
     )
-    config: dict[str, int | float | str | bool] | None = Field(
-        default=None, description="Fresh model from a config (overrides on the teacher's config)."
+    config: dict[Annotated[str, Field(min_length=1, max_length=MAX_NAME)], ExtraValue] | None = Field(
+        default=None,
+        max_length=64,
+        description="Fresh model from a config (overrides on the teacher's config).",
     )
     layer_selection: Literal["influence", "spread"] | None = Field(
         default=None,
@@ -305,6 +413,11 @@ class StudentInit(SpecModel):
         "Influence); `spread`, the first, the last and the others evenly spaced between them (needs no "
         "data).",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _config_is_plain(cls, value: dict[str, ExtraValue] | None) -> dict[str, ExtraValue] | None:
+        return None if value is None else check_scalars(value)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentInit:
@@ -335,7 +448,7 @@ class LossKind(StrEnum):
 
 class LossSpec(SpecModel):
     kind: LossKind = LossKind.FORWARD_KL
-    temperature: Annotated[float, Field(gt=0)] = 1.0
+    temperature: Annotated[float, Field(gt=0, le=100)] = 1.0
     ce_weight: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.0, description="Weight of cross-entropy on teacher text mixed into the KD loss."
     )
@@ -355,6 +468,12 @@ class LossSpec(SpecModel):
 class TrainingStrategy(StrEnum):
     DDP = "ddp"
     FSDP = "fsdp"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
 
 
 class OnPolicySpec(SpecModel):
@@ -382,25 +501,34 @@ class TrainingSpec(SpecModel):
         description="On-policy distillation; needs a `local` teacher (its full logits score the student's "
         "generations) and a logit loss. Off (null) by default.",
     )
-    epochs: Annotated[int, Field(gt=0)] = 1
-    learning_rate: Annotated[float, Field(gt=0)] = 2.0e-5
-    batch_tokens: Annotated[int, Field(gt=0)] = Field(default=16384, description="Tokens per optimizer step.")
-    max_seq_len: Annotated[int, Field(gt=0)] = 1024
+    epochs: Annotated[int, Field(gt=0, le=1000)] = 1
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2.0e-5
+    batch_tokens: Annotated[int, Field(gt=0, le=1 << 26)] = Field(
+        default=16384, description="Tokens per optimizer step."
+    )
+    max_seq_len: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 1024
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
-    workers: Annotated[int, Field(gt=0)] = 1
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    workers: Annotated[int, Field(gt=0, le=1024)] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0, le=16)] = 0
     strategy: TrainingStrategy = TrainingStrategy.DDP
-    checkpoint_every_steps: Annotated[int, Field(gt=0)] = 200
-    seed: int = 0
+    precision: Precision = Field(
+        default=Precision.AUTO,
+        description="The forward pass's precision while training (weights, optimizer state and losses stay "
+        "float32): `bf16` autocast, `fp32`, or `auto`: bf16 on a GPU and on a CPU with bf16 matrix units "
+        "(Intel AMX), fp32 elsewhere.",
+    )
+    checkpoint_every_steps: Annotated[int, Field(gt=0, le=MAX_COUNT)] = 200
+    seed: Seed = 0
 
 
 class EvaluationSpec(SpecModel):
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.02, description="Fraction of prompts held out for evaluation."
     )
-    max_new_tokens: Annotated[int, Field(gt=0)] = 128
+    max_new_tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 128
     controls: list[Literal["sft"]] = Field(
         default_factory=list,
+        max_length=1,
         description="Control students trained beside the real one and reported with it: `sft` trains "
         "the same student with plain cross-entropy on the teacher's text, for the same steps and tokens, "
         "so that the report shows what the logit loss adds.",

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import prometheus_client
 import structlog
 import uvicorn
-import yaml
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -25,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
 from stillhouse.control_plane.api_models import (
@@ -46,13 +46,18 @@ from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
 from stillhouse.control_plane.phases import IllegalTransition, Phase
 from stillhouse.control_plane.preflight import PreflightRefused, PreflightUnavailable, check_job
+from stillhouse.control_plane.spec_body import (
+    MAX_DEPTH,
+    MAX_EXPANDED_VALUES,
+    MAX_SPEC_BYTES,
+    BodyRefused,
+    parse_document,
+    read_capped,
+)
 from stillhouse.control_plane.store import JobNotFound, JobStore
 
 log = structlog.get_logger(__name__)
 
-MAX_SPEC_BYTES = 1 << 20
-JSON_TYPES = {"application/json"}
-YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"}
 # Seconds between two looks at the store while nothing has been announced (another process may write).
 EVENT_POLL_SECONDS = 1.0
 
@@ -86,22 +91,6 @@ def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) 
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
 
 
-def _parse_document(content_type: str, raw: bytes) -> Any:
-    media_type = content_type.split(";")[0].strip().lower() or "application/json"
-    if media_type in JSON_TYPES:
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
-    if media_type in YAML_TYPES:
-        try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ApiError(400, f"the body is not valid YAML: {exc}") from exc
-    allowed = ", ".join(sorted(JSON_TYPES | YAML_TYPES))
-    raise ApiError(415, f"Content-Type {media_type!r} is not accepted; use one of: {allowed}")
-
-
 def _openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
     """Document the job body, which the handler parses itself to accept YAML as well as JSON."""
     if app.openapi_schema:
@@ -120,19 +109,27 @@ def _openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-async def _job_from_body(request: Request) -> DistillationJob | JSONResponse:
-    """The DistillationJob in the request body (JSON or YAML), or the 422 response that names its errors."""
-    raw = await request.body()
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ApiError(413, f"the job spec is {len(raw)} bytes; at most {MAX_SPEC_BYTES} are accepted")
-    document = _parse_document(request.headers.get("content-type", ""), raw)
+async def _job_from_body(request: Request, input_roots: InputRoots) -> DistillationJob | JSONResponse:
+    """The DistillationJob in the request body (JSON or YAML), or the 422 response that names its errors:
+    those of the schema, or a local input outside the input roots."""
+    try:
+        raw = await read_capped(request.stream(), request.headers.get("content-length"))
+        document = parse_document(request.headers.get("content-type", ""), raw)
+    except BodyRefused as refused:
+        raise ApiError(refused.status, refused.message) from None
     if not isinstance(document, dict):
         raise ApiError(422, "the body must be a DistillationJob object (apiVersion, kind, metadata, spec)")
     try:
-        return DistillationJob.model_validate(document)
+        job = DistillationJob.model_validate(document)
     except ValidationError as exc:
         errors = field_errors(exc.errors(include_url=False))
         return _error(422, ErrorBody(message=summarise("DistillationJob", errors), errors=errors))
+    try:
+        check_prompt_inputs(job.spec.prompts, input_roots)
+    except InputRefused as refused:
+        error = FieldError(field=refused.field, message=refused.message, type="input_root")
+        return _error(422, ErrorBody(message=str(refused), errors=[error]))
+    return job
 
 
 async def _preflight(request: Request, spec: dict[str, Any]) -> list[FieldError] | JSONResponse:
@@ -151,6 +148,7 @@ async def _preflight(request: Request, spec: dict[str, Any]) -> list[FieldError]
 
 def create_app(settings: ControlPlaneSettings) -> FastAPI:
     accepted_tokens = [token.encode() for token in settings.accepted_tokens()]
+    input_roots = InputRoots.of(settings.input_roots)
     if not accepted_tokens:
         raise ValueError("no API token configured: the token file is empty")
 
@@ -248,6 +246,15 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         401: {"model": ErrorBody, "description": "Missing or invalid bearer token"},
         404: {"model": ErrorBody, "description": "No such job"},
     }
+    body_responses = {
+        400: {
+            "model": ErrorBody,
+            "description": f"Unparseable body, nested more than {MAX_DEPTH} levels, or expanding (YAML "
+            f"aliases) to more than {MAX_EXPANDED_VALUES} values",
+        },
+        413: {"model": ErrorBody, "description": f"Body larger than {MAX_SPEC_BYTES} bytes"},
+        415: {"model": ErrorBody, "description": "Unsupported content type"},
+    }
 
     @app.post(
         "/v1/jobs",
@@ -257,8 +264,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         tags=["jobs"],
         responses={
             **error_responses,
-            400: {"model": ErrorBody, "description": "Unparseable body"},
-            415: {"model": ErrorBody, "description": "Unsupported content type"},
+            **body_responses,
             422: {
                 "model": ErrorBody,
                 "description": "The spec breaks the schema, or the models it names fail the submit-time "
@@ -271,7 +277,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         """Submit a DistillationJob, as JSON or YAML. It is checked first (the schema, then the models it
         names: tokenizers, chat templates, context); a job that passes starts at once: follow it with
         `/events`."""
-        job = await _job_from_body(request)
+        job = await _job_from_body(request, input_roots)
         if isinstance(job, JSONResponse):
             return job
         warnings = await _preflight(request, job.to_document()["spec"])
@@ -294,7 +300,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         tags=["jobs"],
         responses={
             **error_responses,
-            400: {"model": ErrorBody, "description": "Unparseable body"},
+            **body_responses,
             422: {
                 "model": ErrorBody,
                 "description": "The spec breaks the schema, the models it names fail the submit-time "
@@ -308,7 +314,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         (and refused the same way), then its prompts are built (deterministically, as the job will build
         them) and the teacher's answers to them priced. Teacher calls that prompt
         generation makes are real and cached, so the job itself does not pay for them again."""
-        job = await _job_from_body(request)
+        job = await _job_from_body(request, input_roots)
         if isinstance(job, JSONResponse):
             return job
         spec = job.to_document()["spec"]

@@ -38,6 +38,11 @@ class ControlPlaneSettings(Settings):
         default=None, description="File with one accepted token per line (a mounted Secret)."
     )
     services: ServiceAddresses = Field(default_factory=ServiceAddresses)
+    input_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a spec's local prompt sources and slot files must lie in (embedded mode); "
+        "none, the default, accepts s3:// inputs only. Checked at submit; the prompts service enforces it.",
+    )
     # How long a stage call may go without any answer from its service before the job fails.
     service_unavailable_timeout_seconds: float = 600.0
     # How often progress is written to the job's events at most (progress arrives faster).

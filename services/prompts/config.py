@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -16,6 +18,11 @@ class PromptsSettings(GrpcServiceSettings):
 
     port: int = 50051
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    input_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders local prompt sources and slot files must lie in (embedded mode); none, the "
+        "default, reads s3:// inputs only.",
+    )
     teacher_address: str = Field(
         default="127.0.0.1:50052",
         description="host:port of the teacher service, which self_instruct and evol_instruct call.",

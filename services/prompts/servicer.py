@@ -8,6 +8,7 @@ import grpc
 from google.protobuf import json_format
 
 from stillhouse.common.grpc_server import abort_for
+from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import EvaluationSpec, PromptsSpec, TeacherSpec
 from stillhouse.common.operations import (
     OperationConflict,
@@ -32,6 +33,7 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
         self._registry = registry
         self._store = store
         self._settings = settings
+        self._input_roots = InputRoots.of(settings.input_roots)
 
     async def GeneratePrompts(self, request, context):
         try:
@@ -45,6 +47,10 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
             teacher = None
             needs_teacher = spec.generate.strategy in TEACHER_STRATEGIES
             refuse_unworkable(spec, has_teacher=bool(request.teacher.fields))
+            try:
+                check_prompt_inputs(spec, self._input_roots)
+            except InputRefused as refused:
+                raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, str(refused)) from None
             if needs_teacher:
                 spec_section(TeacherSpec, request.teacher, "spec.teacher")
                 teacher = json_format.MessageToDict(request.teacher)
@@ -71,6 +77,7 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                         generation_ledger=client.ledger if client else None,
                         concurrency=self._settings.generation_concurrency,
                         patience=self._settings.generation_patience,
+                        input_roots=self._input_roots,
                     )
                     return await run.run()
 

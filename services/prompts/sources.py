@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from stillhouse.common.input_roots import NO_LOCAL_FILES, InputRefused, InputRoots, is_local
 from stillhouse.common.jobspec import PromptSource
 from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
 
@@ -60,11 +61,17 @@ class PromptSourceError(ValueError):
 
 
 def iter_source(
-    source: PromptSource, store: ObjectStore, seed: int, *, index: int | None = None
+    source: PromptSource,
+    store: ObjectStore,
+    seed: int,
+    *,
+    index: int | None = None,
+    roots: InputRoots = NO_LOCAL_FILES,
 ) -> Iterator[SourcePrompt]:
     """The prompts of one source, streamed (a seeded sample of them when `source.limit` is set).
 
     `index` is the source's position in `spec.prompts.sources`, used to name an inline source in errors.
+    A local file must lie inside `roots`.
     """
     if source.inline is not None:
         label = "inline source" if index is None else f"inline source #{index}"
@@ -76,7 +83,7 @@ def iter_source(
         return
     assert source.path is not None  # the spec requires exactly one of path and inline
     label = f"prompt source {source.path}"
-    with _local_copy(source.path, label, store) as path:
+    with _local_copy(source.path, label, store, roots) as path:
         rows = _rows(path, _format_of(source, path, label), source.column, label)
         yielded = False
         for number, row, group in _sampled(rows, source, seed, label):
@@ -86,10 +93,10 @@ def iter_source(
             raise PromptSourceError(label, "empty source: no rows")
 
 
-def read_lines(path: str, store: ObjectStore) -> list[str]:
-    """The non-empty lines of a text file (s3:// or a local path), stripped: slot values."""
+def read_lines(path: str, store: ObjectStore, roots: InputRoots = NO_LOCAL_FILES) -> list[str]:
+    """The non-empty lines of a text file (s3://, or a local path inside `roots`), stripped: slot values."""
     label = f"slot file {path}"
-    with _local_copy(path, label, store) as local:
+    with _local_copy(path, label, store, roots) as local:
         try:
             with _open_text(local) as lines:
                 values = [line.strip() for line in lines if line.strip()]
@@ -104,9 +111,12 @@ def read_lines(path: str, store: ObjectStore) -> list[str]:
 
 
 @contextmanager
-def _local_copy(path: str, label: str, store: ObjectStore) -> Iterator[Path]:
-    if not path.startswith("s3://"):
-        local = Path(path).expanduser()
+def _local_copy(path: str, label: str, store: ObjectStore, roots: InputRoots) -> Iterator[Path]:
+    if is_local(path):
+        try:
+            local = roots.confine(path, label)
+        except InputRefused as refused:
+            raise PromptSourceError(label, refused.message) from None
         if not local.is_file():
             raise PromptSourceError(label, "no such file", missing=True)
         yield local
@@ -202,7 +212,7 @@ def _parquet_rows(path: Path, column: str, label: str) -> Iterator[Row]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as error:
-        raise PromptSourceError(label, f"not a readable Parquet file ({error})") from None
+        raise PromptSourceError(label, f"not a readable Parquet file ({_cause(error)})") from None
     names = parquet.schema_arrow.names
     chosen = _prompt_column(names, column, label)
     grouped = GROUP_FIELD in names and chosen != GROUP_FIELD
@@ -216,7 +226,7 @@ def _parquet_rows(path: Path, column: str, label: str) -> Iterator[Row]:
                 number += 1
                 yield number, ({"messages": value} if chosen == "messages" else value), _group(group)
     except (pa.ArrowException, OSError) as error:
-        raise PromptSourceError(label, f"not a readable Parquet file ({error})") from None
+        raise PromptSourceError(label, f"not a readable Parquet file ({_cause(error)})") from None
 
 
 def _csv_rows(path: Path, column: str, label: str) -> Iterator[Row]:
@@ -224,7 +234,7 @@ def _csv_rows(path: Path, column: str, label: str) -> Iterator[Row]:
     try:
         reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=text_columns))
     except (pa.ArrowException, OSError) as error:
-        raise PromptSourceError(label, f"not a readable CSV file ({error})") from None
+        raise PromptSourceError(label, f"not a readable CSV file ({_cause(error)})") from None
     chosen = _prompt_column(reader.schema.names, column, label)
     grouped = GROUP_FIELD in reader.schema.names and chosen != GROUP_FIELD
     number = 0
@@ -244,7 +254,14 @@ def _csv_rows(path: Path, column: str, label: str) -> Iterator[Row]:
                 else:
                     yield number, value, _group(group)
     except (pa.ArrowException, OSError) as error:
-        raise PromptSourceError(label, f"not a readable CSV file ({error})") from None
+        raise PromptSourceError(label, f"not a readable CSV file ({_cause(error)})") from None
+
+
+def _cause(error: Exception) -> str:
+    """What went wrong reading a file, without the parser's message, which may quote the file."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__
 
 
 def _prompt_column(names: list[str], column: str, label: str) -> str:
@@ -256,8 +273,8 @@ def _prompt_column(names: list[str], column: str, label: str) -> str:
 
 
 def _no_prompt_column(column: str, found: list[str], where: str) -> str:
-    listed = ", ".join(repr(name) for name in found) or "none"
-    return f"{where} has no `messages` column and no column {column!r} (columns found: {listed})"
+    # The names found are not quoted: a refused file's first line is its content.
+    return f"{where} has no `messages` column and no column {column!r} among its {len(found)} columns"
 
 
 def _sampled(rows: Iterable[Row], source: PromptSource, seed: int, label: str) -> Iterator[Row]:
@@ -308,7 +325,7 @@ def _chat(label: str, number: int, messages: Any) -> Conversation:
             raise malformed(f"message {index} must be an object with exactly `role` and `content`")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise malformed(f"message {index} has role {role!r}; allowed: {', '.join(ROLES)}")
+            raise malformed(f"message {index} has a role other than {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise malformed(f"message {index} content must be text, got {_kind(content)}")
         if role == "system" and index != 0:

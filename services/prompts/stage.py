@@ -25,6 +25,7 @@ from itertools import islice
 import grpc
 import structlog
 
+from stillhouse.common.input_roots import NO_LOCAL_FILES, InputRoots
 from stillhouse.common.jobspec import GenerationStrategy, PromptSource, PromptsSpec
 from stillhouse.common.operations import OperationError, ProgressReporter
 from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
@@ -121,8 +122,11 @@ class GeneratePromptsRun:
         generation_ledger: Ledger | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         patience: int = DEFAULT_PATIENCE,
+        input_roots: InputRoots = NO_LOCAL_FILES,
     ) -> None:
+        """`input_roots`: the folders local sources and slot files may be read from."""
         self._store = store
+        self._input_roots = input_roots
         self._spec = spec
         self._job_id = job_id
         self._progress = progress
@@ -186,7 +190,9 @@ class GeneratePromptsRun:
         label = source_label(index, source)
         message = f"reading and cleaning source {index + 1}/{len(self._spec.sources)}: {label}"
         self._report(message, force=True)
-        conversations = iter_source(source, self._store, self._spec.seed, index=index)
+        conversations = iter_source(
+            source, self._store, self._spec.seed, index=index, roots=self._input_roots
+        )
         while await asyncio.to_thread(self._ingest_next_chunk, conversations):
             self._report(message)
 
@@ -264,7 +270,10 @@ class GeneratePromptsRun:
             both = sorted(set(generation.slots) & set(generation.slot_files))
             if both:
                 raise TemplateError(f"slot {both[0]!r} is given in both slots and slotFiles: give it once")
-            from_files = {name: read_lines(path, self._store) for name, path in generation.slot_files.items()}
+            from_files = {
+                name: read_lines(path, self._store, self._input_roots)
+                for name, path in generation.slot_files.items()
+            }
             return {**generation.slots, **from_files}
 
         self._report("rendering the templates", force=True, done=0, total=generation.count)

@@ -12,7 +12,7 @@ with the teacher and with its own untrained baseline, with the definition of the
 - ``student_init``: how the student was initialised; ``base_model``: the pretrained model it started
   from (front matter ``base_model``; the teacher's model when absent); ``teacher_layers_kept``: the
   teacher's decoder layers a depth-pruned student started from;
-- ``steps``, ``epochs``, ``seconds``, ``gpu_hours``, ``final_loss``: training figures.
+- ``steps``, ``epochs``, ``precision``, ``seconds``, ``gpu_hours``, ``final_loss``: training figures.
 
 `evaluation` is what `stillhouse.trainer.evaluation` measured: ``metrics`` (per model and reference
 row: uniform, unigram, baseline, control-sft, student, teacher), ``recovery`` (the headline: ``sentence``
@@ -47,6 +47,7 @@ _DATA_LABELS = {
     "teacher_layers_kept": "Teacher layers kept",
     "steps": "Optimizer steps",
     "epochs": "Epochs",
+    "precision": "Precision",
     "seconds": "Training time (s)",
     "gpu_hours": "GPU hours",
     "final_loss": "Final training loss",

@@ -11,8 +11,9 @@ micro-batches whose gradients accumulate. The loss is the mean over every labell
 every worker: each micro-batch's mean is weighted by its share of the step's labelled tokens. The
 model's own forward computes logits only at labelled positions (`student_logits`). AdamW
 (betas 0.9/0.95, weight decay 0.1 on matrices only), linear warm-up over `warmupRatio` of the steps,
-then cosine decay to a tenth of the peak learning rate; gradients clipped to norm 1. On a GPU the
-forward pass runs under bf16 autocast (float32 master weights) with gradient checkpointing.
+then cosine decay to a tenth of the peak learning rate; gradients clipped to norm 1. The forward pass
+runs in `training.precision` (`precision`: bf16 autocast over float32 master weights on a GPU and on a
+CPU with AMX); on a GPU with gradient checkpointing.
 
 With `training.onPolicy`, a share of the steps trains on the student's own generations of the step's
 prompts, scored by the local teacher's full logits (`on_policy`); the others train as above. The
@@ -97,6 +98,7 @@ from stillhouse.trainer.on_policy import (
     on_policy_loss,
     on_policy_steps,
 )
+from stillhouse.trainer.precision import autocast, autocast_dtype, precision_label
 from stillhouse.trainer.run_config import (
     IncompatibleTokenizers,
     TrainingDataError,
@@ -472,6 +474,7 @@ class TrainingLoop:
         self.report_interval = run.report_every_steps or max(1, self.total_steps // 100)
         self.training_log: list[dict[str, Any]] = []
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.autocast_dtype = autocast_dtype(training.precision, workers.device)
 
     @classmethod
     def for_student(
@@ -706,9 +709,7 @@ class TrainingLoop:
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.workers.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.workers.device, self.autocast_dtype)
 
     def _teacher_signal(
         self, batch: PackedBatch, labelled: torch.Tensor, teacher_model: PreTrainedModel | None
@@ -843,6 +844,7 @@ class TrainingLoop:
             "student_init": init.model_dump(mode="json", by_alias=True, exclude_none=True),
             "steps": position.step,
             "epochs": self.run.training.epochs,
+            "precision": precision_label(self.autocast_dtype),
             "seconds": round(seconds, 1),
             "truncated_rows": counts.truncated,
             "dropped_rows": counts.rows - counts.kept,

@@ -212,7 +212,8 @@ def test_min_chars_must_not_exceed_max_chars() -> None:
     "name", ["Support-Bot", "support_bot", "-support", "support-", "a" * 64, "support\n", ""]
 )
 def test_bad_metadata_name_is_refused(name: str) -> None:
-    refused_at(with_changes(("metadata",), {"name": name}), ("metadata", "name"), "lower-case letters")
+    words = "at most 63 characters" if len(name) > 63 else "lower-case letters"
+    refused_at(with_changes(("metadata",), {"name": name}), ("metadata", "name"), words)
 
 
 @pytest.mark.parametrize("name", ["a", "support-bot-2", "a" * 63])
@@ -315,7 +316,8 @@ OPENAI_TEACHER = {
         ({"Top-K": 4}, "lower-case letters"),
         ({"repeat_penalty": float("inf")}, "finite"),
         ({"stop": "x" * 300}, "longer than 256"),
-        ({f"field_{index}": 1 for index in range(17)}, "at most 16 fields"),
+        ({"top_k": 10**15}, "must lie between -1e+12 and 1e+12"),
+        ({f"field_{index}": 1 for index in range(17)}, "at most 16 items"),
     ],
 )
 def test_server_specific_sampling_fields_are_plain_bounded_and_never_our_own(extra: dict, fragment: str):
@@ -333,3 +335,58 @@ def test_server_specific_sampling_fields_are_taken_for_an_api_teacher_only():
     assert job.spec.teacher.sampling.extra_body == {"repeat_penalty": 1.0, "top_k": 40}
     local = {**MINIMAL["spec"]["teacher"], "sampling": {"extraBody": {"top_k": 40}}}
     refused_at(with_changes(("spec", "teacher"), local), ("spec", "teacher"), "`local` teacher has none")
+
+
+def _unbounded(schema: dict[str, Any], where: str, definitions: dict[str, Any]) -> list[str]:
+    """Every place in a JSON schema where a number, string, list or map has no upper bound."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return _unbounded(definitions[name], f"{where}", definitions) if name in definitions else []
+    found = []
+    for key in ("anyOf", "oneOf", "allOf"):
+        for index, option in enumerate(schema.get(key, [])):
+            found += _unbounded(option, f"{where}|{index}", definitions)
+    kind = schema.get("type")
+    if "enum" in schema or "const" in schema or "pattern" in schema:
+        return found
+    if kind in ("integer", "number") and "maximum" not in schema and "exclusiveMaximum" not in schema:
+        found.append(where)
+    if kind == "string" and "maxLength" not in schema and "format" not in schema:
+        found.append(where)
+    if kind == "array":
+        if "maxItems" not in schema and not (schema.get("uniqueItems") and "enum" in schema.get("items", {})):
+            found.append(where)
+        found += _unbounded(schema.get("items", {}), f"{where}[]", definitions)
+    if kind == "object":
+        for name, child in schema.get("properties", {}).items():
+            found += _unbounded(child, f"{where}.{name}", definitions)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            if "maxProperties" not in schema:
+                found.append(f"{where}{{}}")
+            found += _unbounded(extra, f"{where}{{}}", definitions)
+    return found
+
+
+def test_every_size_and_number_in_the_schema_has_an_upper_bound():
+    """A spec comes from any user of a shared cluster: the schema (which the API publishes) bounds every
+    number, text, list and map in it."""
+    schema = DistillationJob.model_json_schema(by_alias=True)
+    definitions = schema.pop("$defs")
+    # Enumerations and the few lists of enumerations are bounded by their values.
+    bounded_by_values = {"spec.evaluation.controls", "spec.prompts.generate.evolutions"}
+    unbounded = [
+        where
+        for where in _unbounded(schema, "job", definitions)
+        if not any(where.startswith(f"job.{name}") for name in bounded_by_values)
+    ]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_no_float_may_be_infinite_or_nan(value):
+    for section, field in [("training", "learningRate"), ("evaluation", "holdoutFraction")]:
+        spec = copy.deepcopy(MINIMAL)
+        spec["spec"][section] = {field: value}
+        with pytest.raises(ValidationError, match="finite number"):
+            DistillationJob.model_validate(spec)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-SCRIPTED_STAGES = Path(__file__).with_name("scripted_stages.py")
 VALID_YAML = """
 apiVersion: stillhouse.dev/v1
 kind: DistillationJob
@@ -22,21 +19,6 @@ spec:
   training: {loss: {kind: forward_kl, ceWeight: 0.5}, epochs: 2}
 """
 MINIMAL = {"spec": {"teacher": {"backend": "local", "model": "smollm2"}, "student": {"init": {"config": {}}}}}
-
-
-@pytest.fixture
-def api(control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path):
-    # The stage services are absent: jobs wait in Prompts, retrying, which is all these tests need. The
-    # trainer's submit-time check is scripted to find nothing.
-    trainer = f"127.0.0.1:{free_port()}"
-    processes.start(
-        "stages", [sys.executable, str(SCRIPTED_STAGES), trainer.split(":")[1], str(tmp_path / "j"), "0"]
-    )
-    wait_until(lambda: grpc_ready(trainer), 20, "the scripted stage services")
-    services = {name: f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")}
-    control_plane = control_plane_at({**services, "trainer": trainer})
-    control_plane.start()
-    return control_plane
 
 
 def post_job(client: httpx.Client, document: dict) -> httpx.Response:

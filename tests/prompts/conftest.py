@@ -104,11 +104,13 @@ def prompts_argv(port: int) -> list[str]:
     return [sys.executable, "-m", "stillhouse.cli.main", "serve", "prompts", "--port", str(port)]
 
 
-def prompts_env(home: Path, teacher_address: str) -> dict[str, str]:
+def prompts_env(home: Path, teacher_address: str, input_root: Path) -> dict[str, str]:
+    """`input_root`: the folder the tests' local prompt files lie in."""
     return {
         "STILLHOUSE_HOME": str(home),
         "STILLHOUSE_PROMPTS_TEACHER_ADDRESS": teacher_address,
         "STILLHOUSE_PROMPTS_LOG_FORMAT": "console",
+        "STILLHOUSE_PROMPTS_INPUT_ROOTS": json.dumps([str(input_root)]),
     }
 
 
@@ -138,7 +140,10 @@ def fake_teacher(tmp_path_factory) -> Iterator[FakeTeacher]:
 def prompts_service(fake_teacher, tmp_path_factory) -> Iterator[PromptsService]:
     """The prompts service (`stillhouse serve prompts`), generating through the fake teacher."""
     folder, port = tmp_path_factory.mktemp("prompts-service"), pick_free_port()
-    home, env = folder / "home", prompts_env(folder / "home", fake_teacher.address)
+    home, env = (
+        folder / "home",
+        prompts_env(folder / "home", fake_teacher.address, tmp_path_factory.getbasetemp()),
+    )
     with shared_server("the prompts service", prompts_argv(port), env, port, folder / "server.log"):
         yield started_service(home, port)
 
@@ -149,7 +154,7 @@ def prompts_service_at(processes, free_port, grpc_ready, wait_until, tmp_path):
 
     def start(teacher_address: str, **settings: str) -> PromptsService:
         home, port = tmp_path / "home", free_port()
-        env = {**prompts_env(home, teacher_address), **settings}
+        env = {**prompts_env(home, teacher_address, tmp_path), **settings}
         processes.start("prompts", prompts_argv(port), env)
         wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 60, "the prompts service")
         return started_service(home, port)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.jobspec import PromptSource
 from stillhouse.common.records import MESSAGE
 from stillhouse.prompts.sources import PromptSourceError, iter_source, read_lines
@@ -48,12 +49,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def beside(store: LocalObjectStore) -> InputRoots:
+    """The input roots of these tests: the test's own folder, which holds the store and the local files."""
+    return InputRoots.of([store.root.parent])
+
+
 def read(source: PromptSource, store: LocalObjectStore, seed: int = 0) -> list[list[dict[str, str]]]:
-    return [prompt.conversation for prompt in iter_source(source, store, seed)]
+    return [prompt.conversation for prompt in iter_source(source, store, seed, roots=beside(store))]
 
 
 def groups_of(source: PromptSource, store: LocalObjectStore) -> list[str | None]:
-    return [prompt.group for prompt in iter_source(source, store, 0)]
+    return [prompt.group for prompt in iter_source(source, store, 0, roots=beside(store))]
 
 
 def test_rows_may_name_their_group_in_every_format(tmp_path, store):
@@ -175,9 +181,9 @@ def test_limit_sample_is_uniform(tmp_path, store):
 def test_read_lines_for_slot_files(tmp_path, store):
     path = tmp_path / "cities.txt"
     path.write_text("Paris\n\n  Lagos  \nLima\n")
-    assert read_lines(str(path), store) == ["Paris", "Lagos", "Lima"]
+    assert read_lines(str(path), store, beside(store)) == ["Paris", "Lagos", "Lima"]
     store.put_file("slots/cities.txt", path)
-    assert read_lines(f"s3://{BUCKET}/slots/cities.txt", store) == ["Paris", "Lagos", "Lima"]
+    assert read_lines(f"s3://{BUCKET}/slots/cities.txt", store, beside(store)) == ["Paris", "Lagos", "Lima"]
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def test_empty_sources(tmp_path, store):
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n")
     with pytest.raises(PromptSourceError, match=r"blank\.txt: empty source"):
-        read_lines(str(blank), store)
+        read_lines(str(blank), store, beside(store))
 
 
 def test_wrong_format_for_the_extension(tmp_path, store):
@@ -240,19 +246,21 @@ def test_wrong_format_for_the_extension(tmp_path, store):
     assert "cannot tell the format" in message and ".parquet" in message
 
 
-def test_missing_prompt_column_lists_the_columns_found(tmp_path, store):
+def test_missing_prompt_column_counts_the_columns_found(tmp_path, store):
     path = tmp_path / "seeds.parquet"
     pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), path)
     message = error_of(PromptSource(path=str(path)), store)
-    assert "no column 'prompt'" in message and "'question', 'answer'" in message
+    # The columns are counted, not named: a file's first line is its content.
+    assert "no column 'prompt'" in message and "among its 2 columns" in message
+    assert "question" not in message
 
     csv_path = tmp_path / "seeds.csv"
     csv_path.write_text("question\nwhy?\n")
-    assert "columns found: 'question'" in error_of(PromptSource(path=str(csv_path)), store)
+    assert "among its 1 columns" in error_of(PromptSource(path=str(csv_path)), store)
 
     jsonl = write_jsonl(tmp_path / "seeds.jsonl", [{"prompt": "ok"}, {"question": "why?"}])
     message = error_of(PromptSource(path=str(jsonl)), store)
-    assert "line 2" in message and "'question'" in message
+    assert "line 2" in message and "among its 1 columns" in message and "question" not in message
 
 
 @pytest.mark.parametrize(
@@ -261,7 +269,7 @@ def test_missing_prompt_column_lists_the_columns_found(tmp_path, store):
         ([], "non-empty list"),
         ("hello", "non-empty list"),
         ([{"role": "user"}], "content must be text"),
-        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+        ([{"role": "robot", "content": "x"}], "a role other than system, user, assistant"),
         ([{"role": "user", "content": "x", "name": "bob"}], "exactly `role` and `content`"),
         ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "only the first"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message"),

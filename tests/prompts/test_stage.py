@@ -143,26 +143,32 @@ UNKNOWN_SLOT = {
     "sources": [{"inline": SEEDS}],
     "generate": {"strategy": "template", "count": 3, "template": "{{ city }}", "slots": {"tone": ["calm"]}},
 }
-MISSING_SOURCE = {"sources": [{"path": "/nonexistent/seeds.jsonl"}]}
 NOTHING_LEFT = {"sources": [{"inline": SEEDS}], "filters": {"minChars": 500}}
 
 
 @pytest.mark.parametrize(
     ("prompts", "code", "words"),
     [
-        (UNKNOWN_SLOT, "INVALID_ARGUMENT", "'city'"),
-        (MISSING_SOURCE, "FAILED_PRECONDITION", "/nonexistent/seeds.jsonl"),
-        (NOTHING_LEFT, "FAILED_PRECONDITION", "no prompts left after cleaning"),
+        (lambda root: UNKNOWN_SLOT, "INVALID_ARGUMENT", "'city'"),
+        (
+            lambda root: {"sources": [{"path": f"{root}/nonexistent/seeds.jsonl"}]},
+            "FAILED_PRECONDITION",
+            "/nonexistent/seeds.jsonl: no such file",
+        ),
+        (lambda root: NOTHING_LEFT, "FAILED_PRECONDITION", "no prompts left after cleaning"),
     ],
     ids=["unknown-slot", "missing-source", "nothing-left"],
 )
-def test_unusable_prompts_specs_fail_the_operation_clearly(prompts_service, prompts, code, words, request):
+def test_unusable_prompts_specs_fail_the_operation_clearly(
+    prompts_service, prompts, code, words, request, tmp_path_factory
+):
     job = f"job-bad-{request.node.callspec.id}"
-    operation = prompts_service.generate(f"op-{job}", prompts, job_id=job)
+    spec = prompts(tmp_path_factory.getbasetemp())
+    operation = prompts_service.generate(f"op-{job}", spec, job_id=job)
     assert operation.state == State.OPERATION_STATE_FAILED
     assert operation.error.code == getattr(grpc.StatusCode, code).value[0], operation.error.message
     assert words in operation.error.message
-    if prompts is NOTHING_LEFT:
+    if spec is NOTHING_LEFT:
         assert "too_short: 8" in operation.error.message
 
 
@@ -175,15 +181,35 @@ def test_unusable_prompts_specs_fail_the_operation_clearly(prompts_service, prom
             "spec.teacher",
         ),
         ({}, "no sources and generates no prompts"),
+        (
+            {"sources": [{"path": "/etc/passwd"}]},
+            "spec.prompts.sources[0].path: '/etc/passwd' is outside the input roots",
+        ),
+        ({"sources": [{"path": "ROOT/../../etc/passwd"}]}, "is outside the input roots"),
+        (
+            {
+                "sources": [{"inline": SEEDS}],
+                "generate": {
+                    "strategy": "template",
+                    "count": 1,
+                    "template": "{{ x }}",
+                    "slotFiles": {"x": "/etc/hosts"},
+                },
+            },
+            "spec.prompts.generate.slotFiles.x: '/etc/hosts' is outside the input roots",
+        ),
     ],
+    ids=["bad-count", "no-teacher", "nothing", "etc-passwd", "dot-dot", "slot-file"],
 )
-def test_invalid_requests_are_refused_at_once(prompts_service, prompts, words):
+def test_invalid_requests_are_refused_at_once(prompts_service, prompts, words, tmp_path_factory):
     request = prompts_pb2.GeneratePromptsRequest(operation_id="op-refused", job_id="job-refused")
-    request.prompts.update(prompts)
+    root = str(tmp_path_factory.getbasetemp())
+    request.prompts.update(json.loads(json.dumps(prompts).replace("ROOT/", root + "/")))
     with grpc.insecure_channel(prompts_service.address) as channel, pytest.raises(grpc.RpcError) as refused:
         prompts_pb2_grpc.PromptsStub(channel).GeneratePrompts(request)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert words in refused.value.details()
+    assert "root:" not in refused.value.details()
 
 
 def test_self_instruct_generates_through_the_teacher_service(prompts_service, fake_teacher, teacher_spec):
