@@ -295,6 +295,10 @@ class Supervisor:
         }
         if "STILLHOUSE_TEACHER_API_KEY_DIR" not in base_env:
             service_env["teacher"] = {"STILLHOUSE_TEACHER_API_KEY_DIR": str(ensure_secrets_dir(self.home))}
+        if "STILLHOUSE_TEACHER_EGRESS_ALLOW" not in base_env:
+            # On one machine, an OpenAI-compatible server on loopback (llama.cpp, vLLM) is a normal teacher.
+            loopback = json.dumps(["127.0.0.0/8", "::1/128"])
+            service_env.setdefault("teacher", {})["STILLHOUSE_TEACHER_EGRESS_ALLOW"] = loopback
         for child in services:
             self._spawn(child, {**base_env, **service_env.get(child.name, {})})
         self._spawn(control_plane, control_plane_env)

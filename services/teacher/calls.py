@@ -94,6 +94,7 @@ class FailureKind(StrEnum):
     MISSING_LOGPROBS = "missing_logprobs"
     UNMAPPABLE_TOKEN = "unmappable_token"  # a generated token whose id cannot be known
     CIRCUIT_OPEN = "circuit_open"
+    EGRESS_REFUSED = "egress_refused"  # the teacher's address is outside the egress policy
 
 
 # Failures that may pass if the same call is made again later.

@@ -18,7 +18,7 @@ from stillhouse.common.spec_sections import spec_section
 from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
 from stillhouse.storage.objects import ObjectStore, ObjectStoreError
 from stillhouse.teacher.cache import TeacherCache
-from stillhouse.teacher.calls import ChatMessage, TeacherCallError
+from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCallError
 from stillhouse.teacher.estimate import estimate_cost, prompt_tokens
 from stillhouse.teacher.ledger import Ledger, PriceTable
 from stillhouse.teacher.stage import AnswerPromptsRun, call_for
@@ -124,6 +124,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             await abort_for(context, exc)
         except TeacherCallError as exc:
             code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.FAILED_PRECONDITION
+            if exc.kind is FailureKind.EGRESS_REFUSED:
+                code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(code, f"the teacher {spec.model!r}: {exc}")
         ledger = Ledger()
         ledger.record(answer, price, cached=cached is not None)

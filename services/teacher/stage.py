@@ -42,6 +42,7 @@ FATAL_FAILURES = {
     FailureKind.MODEL_NOT_FOUND: grpc.StatusCode.FAILED_PRECONDITION,
     FailureKind.CIRCUIT_OPEN: grpc.StatusCode.UNAVAILABLE,
     FailureKind.UNREACHABLE: grpc.StatusCode.UNAVAILABLE,
+    FailureKind.EGRESS_REFUSED: grpc.StatusCode.PERMISSION_DENIED,
 }
 # Prompts read and looked up in the cache at once.
 READ_CHUNK_ROWS = 512

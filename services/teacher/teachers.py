@@ -16,6 +16,7 @@ from stillhouse.common.jobspec import SECRET_NAME_PATTERN, TeacherBackend, Teach
 from stillhouse.common.operations import OperationError
 from stillhouse.teacher.backends.base import TeacherBackend as Backend
 from stillhouse.teacher.config import TeacherSettings
+from stillhouse.teacher.egress import EgressPolicy, EgressRefused
 from stillhouse.teacher.resilience import ResilientTeacher
 
 log = structlog.get_logger(__name__)
@@ -70,10 +71,15 @@ def _teacher_key(spec: TeacherSpec) -> str:
 class TeacherPool:
     def __init__(self, settings: TeacherSettings) -> None:
         self._settings = settings
+        self._egress = EgressPolicy.from_entries(settings.egress_allow)
         self._teachers: dict[tuple[str, str], ResilientTeacher] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, spec: TeacherSpec) -> ResilientTeacher:
+        """The teacher for `spec`. An HTTP teacher's baseURL is checked against the egress policy every
+        time, so that a stage or call for a refused address fails before any request."""
+        if spec.backend is TeacherBackend.OPENAI:
+            await self._check_egress(spec.base_url or "")
         key = (_teacher_key(spec), spec.limits.model_dump_json())
         async with self._lock:
             if key not in self._teachers:
@@ -111,7 +117,16 @@ class TeacherPool:
                 max_connections=spec.limits.max_concurrency,
                 timeout_seconds=spec.limits.timeout_seconds,
                 tokenizer=tokenizer,
+                egress=self._egress,
             )
+        except ValueError as exc:
+            raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"teacher: {exc}") from exc
+
+    async def _check_egress(self, base_url: str) -> None:
+        try:
+            await self._egress.check_url(base_url)
+        except EgressRefused as exc:
+            raise OperationError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from exc
         except ValueError as exc:
             raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, f"teacher: {exc}") from exc
 

@@ -3,17 +3,20 @@ the API the chart uses (podSelector/namespaceSelector matchLabels, ipBlock, nume
 
 A connection from pod A to port P of pod B is allowed when some egress rule of a policy selecting A
 admits (B, P) — or no policy selecting A lists Egress — and likewise for B's ingress. ipBlock peers are
-taken to mean addresses outside the cluster.
+taken to mean addresses outside the cluster: `OUTSIDE` stands for some such address, and an
+`ipaddress` address for that one (matched against the block's `cidr` and `except`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # A port no container declares: stands for "any port" in rules without ports.
 UNDECLARED_PORT = 12345
 OUTSIDE = "outside"
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,9 @@ class Endpoint:
     namespace: str
     labels: Mapping[str, str] = field(hash=False)
     ports: frozenset[int] = frozenset()
+
+
+Target = Endpoint | str | Address
 
 
 def _labels_match(selector: Mapping, labels: Mapping[str, str]) -> bool:
@@ -33,7 +39,16 @@ def namespace_labels(namespace: str) -> dict[str, str]:
     return {"kubernetes.io/metadata.name": namespace}
 
 
-def _peer_matches(peer: Mapping, endpoint: Endpoint | str, policy_namespace: str) -> bool:
+def _in_block(block: Mapping, address: Address) -> bool:
+    def holds(cidr: str) -> bool:
+        return address in ipaddress.ip_network(cidr)
+
+    return holds(block["cidr"]) and not any(holds(cidr) for cidr in block.get("except", []))
+
+
+def _peer_matches(peer: Mapping, endpoint: Target, policy_namespace: str) -> bool:
+    if isinstance(endpoint, Address):
+        return "ipBlock" in peer and _in_block(peer["ipBlock"], endpoint)
     if "ipBlock" in peer:
         return endpoint == OUTSIDE
     if endpoint == OUTSIDE:
@@ -46,7 +61,7 @@ def _peer_matches(peer: Mapping, endpoint: Endpoint | str, policy_namespace: str
     return _labels_match(peer.get("podSelector", {}), endpoint.labels)
 
 
-def _rule_admits(rule: Mapping, peers_key: str, other: Endpoint | str, port: int, namespace: str) -> bool:
+def _rule_admits(rule: Mapping, peers_key: str, other: Target, port: int, namespace: str) -> bool:
     peers = rule.get(peers_key)
     if peers is not None and not any(_peer_matches(peer, other, namespace) for peer in peers):
         return False
@@ -74,7 +89,7 @@ class NetworkModel:
     def is_isolated(self, endpoint: Endpoint) -> bool:
         return bool(self._selecting(endpoint, "Ingress")) and bool(self._selecting(endpoint, "Egress"))
 
-    def egress_allowed(self, source: Endpoint, target: Endpoint | str, port: int) -> bool:
+    def egress_allowed(self, source: Endpoint, target: Target, port: int) -> bool:
         policies = self._selecting(source, "Egress")
         return not policies or any(
             _rule_admits(rule, "to", target, port, source.namespace)

@@ -4,10 +4,13 @@ network flows, Secrets kept out of plain text, GPU workers, autoscaling, disrupt
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 from pathlib import Path
 
 import pytest
+
+from stillhouse.teacher.config import TeacherSettings
 
 from .conftest import NAMESPACE, RELEASE, VALUES_SETS, component_of, named, of_kind, pod_templates
 from .network_model import OUTSIDE, Endpoint, NetworkModel
@@ -259,6 +262,26 @@ def test_only_the_teacher_reaches_outside_the_cluster(default_network) -> None:
         assert any_port == (name == "teacher"), name
         if name == "ray-head":
             assert all(model.egress_allowed(point, OUTSIDE, port) for port in kube_api_ports)
+
+
+def test_the_teacher_reaches_only_public_addresses_by_default(default_network) -> None:
+    model, points = default_network
+
+    def reaches(address: str) -> bool:
+        return model.egress_allowed(points["teacher"], ipaddress.ip_address(address), 443)
+
+    refused = ["169.254.169.254", "10.0.0.5", "10.96.0.1", "172.16.0.1", "192.168.1.1", "100.64.0.1"]
+    refused += ["127.0.0.1", "fd00:ec2::254", "fe80::1", "::1"]
+    assert [address for address in refused if reaches(address)] == []
+    assert reaches("104.18.6.192") and reaches("2606:4700::6812:6c0")
+
+
+def test_the_teacher_service_gets_its_egress_allow_list(render) -> None:
+    assert env_of(render(None), "teacher")["STILLHOUSE_TEACHER_EGRESS_ALLOW"]["value"] == "[]"
+    manifests = render(None, overrides=["teacher.egressAllow={vllm.models.svc.cluster.local,10.8.0.0/16}"])
+    value = env_of(manifests, "teacher")["STILLHOUSE_TEACHER_EGRESS_ALLOW"]["value"]
+    assert json.loads(value) == ["vllm.models.svc.cluster.local", "10.8.0.0/16"]
+    assert TeacherSettings(egress_allow=json.loads(value)).egress_allow == json.loads(value)
 
 
 def test_every_pod_but_the_databases_may_resolve_names(default_network) -> None:

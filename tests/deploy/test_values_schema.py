@@ -85,6 +85,11 @@ BAD_VALUES = [
         {"teacher": {"apiKeys": {"existingSecrets": [{"name": "deepseek"}]}}},
         "secretName",
     ),
+    (
+        "teacher egress allow entries",
+        {"teacher": {"egressAllow": ["http://vllm:8000/v1"]}},
+        "/teacher/egressAllow/0",
+    ),
     ("limiter storage scheme", ["teacher.limiterStorageUri=mysql://db"], "/teacher/limiterStorageUri"),
     (
         "teacher autoscaling bounds",

@@ -89,7 +89,7 @@ async def _answers(base_url: str, tokenizer_dir: Path):
             "limits": {"maxConcurrency": 1, "maxRetries": 0},
         }
     )
-    pool = TeacherPool(TeacherSettings())
+    pool = TeacherPool(TeacherSettings(egress_allow=["127.0.0.0/8"]))  # the server is on loopback
     try:
         teacher = await pool.get(spec)
         results = []

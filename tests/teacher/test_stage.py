@@ -46,8 +46,14 @@ def write_prompts(store: LocalObjectStore, dataset_id: str, texts: list[str]) ->
         writer.commit()
 
 
+# The fake server listens on loopback, which the teacher's egress policy refuses unless allow-listed.
+LOOPBACK_EGRESS = '["127.0.0.0/8", "::1/128"]'
+
+
 @pytest.fixture
-def teacher_service(processes, free_port, grpc_ready, wait_until, tmp_path):
+def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_path):
+    """The teacher service, allowed to reach loopback, or what an indirect parameter allows."""
+    egress_allow = getattr(request, "param", LOOPBACK_EGRESS)
     home = tmp_path / "home"
     prices = tmp_path / "prices.yaml"
     prices.write_text("models:\n  fake-teacher: {prompt: 100.0, completion: 1000.0}\n")
@@ -58,6 +64,7 @@ def teacher_service(processes, free_port, grpc_ready, wait_until, tmp_path):
             "STILLHOUSE_HOME": str(home),
             "STILLHOUSE_TEACHER_PRICE_TABLE": str(prices),
             "STILLHOUSE_TEACHER_LOG_FORMAT": "console",
+            "STILLHOUSE_TEACHER_EGRESS_ALLOW": egress_allow,
         }
         argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "teacher", "--port", str(port)]
         processes.start("teacher", argv, env)
@@ -230,6 +237,35 @@ def test_a_teacher_that_cannot_answer_fails_the_stage_clearly(
     assert operation.state == State.OPERATION_STATE_FAILED
     assert operation.error.code == getattr(grpc.StatusCode, code).value[0]
     assert words in operation.error.message
+
+
+@pytest.mark.parametrize("teacher_service", ["[]"], indirect=True)  # public addresses only
+def test_a_teacher_outside_the_egress_policy_is_refused_before_any_request(teacher_service, fake_openai):
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", ["hello"])
+    refusals = [
+        ("http://169.254.169.254/v1", "169.254.169.254 is a link-local address"),
+        (fake_openai.base_url, "127.0.0.1 is a loopback address"),  # a server that would answer
+    ]
+    for number, (base_url, words) in enumerate(refusals):
+        operation = answer_prompts(teacher_service, f"op-egress-{number}", teacher_struct(base_url))
+
+        assert operation.state == State.OPERATION_STATE_FAILED
+        assert operation.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert words in operation.error.message
+        assert "STILLHOUSE_TEACHER_EGRESS_ALLOW" in operation.error.message
+
+    with grpc.insecure_channel(teacher_service.address) as channel:
+        stub, _ = teacher_service.stubs(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Complete(
+                teacher_pb2.CompleteRequest(
+                    teacher=teacher_struct("http://169.254.169.254/v1"),
+                    messages=[teacher_pb2.ChatMessage(role="user", content="hello")],
+                )
+            )
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "169.254.169.254 is a link-local address" in refused.value.details()
+    assert fake_openai.calls()["completions"] == 0
 
 
 def test_an_invalid_teacher_spec_is_refused_naming_the_field(teacher_service, fake_openai):

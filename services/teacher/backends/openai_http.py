@@ -24,7 +24,9 @@ import msgspec
 
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.base import TeacherBackend
+from stillhouse.teacher.backends.egress_transport import EgressCheckedTransport
 from stillhouse.teacher.calls import FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
+from stillhouse.teacher.egress import EgressPolicy, EgressRefused
 from stillhouse.teacher.token_vocabulary import TokenVocabulary
 
 TokenIdOption = Literal["auto", "server", "tokenizer"]
@@ -42,10 +44,12 @@ class OpenAICompatibleBackend(TeacherBackend):
         timeout_seconds: float = 120.0,
         token_ids: TokenIdOption = "auto",
         tokenizer: TokenVocabulary | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         """`base_url` is the API root (``https://api.openai.com/v1``, ``http://vllm:8000/v1``).
         `timeout_seconds` bounds connecting and each wait for the server's next bytes; waiting for a
-        free pooled connection is not bounded (callers bound concurrency instead)."""
+        free pooled connection is not bounded (callers bound concurrency instead). With `egress`, every
+        connection goes only where that policy allows (see `egress_transport`); without, anywhere."""
         parsed = httpx.URL(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(
@@ -68,10 +72,12 @@ class OpenAICompatibleBackend(TeacherBackend):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout_seconds, pool=None),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=limits,
+            transport=None if egress is None else EgressCheckedTransport(egress, limits=limits),
         )
 
     def __repr__(self) -> str:
@@ -102,6 +108,8 @@ class OpenAICompatibleBackend(TeacherBackend):
             raise self._scrubbed(
                 TeacherCallError(FailureKind.UNREACHABLE, f"cannot reach {self.base_url}: {error}")
             ) from None
+        except EgressRefused as refused:
+            raise TeacherCallError(FailureKind.EGRESS_REFUSED, str(refused)) from None
         except httpx.TransportError as error:
             raise self._scrubbed(
                 TeacherCallError(
