@@ -278,15 +278,16 @@ class GeneratePromptsRun:
 
         self._report("rendering the templates", force=True, done=0, total=generation.count)
         values = await asyncio.to_thread(slot_values)
-        rendered = render_templates(generation, values, self._spec.seed)
         kept = 0
-        while prompts := await asyncio.to_thread(lambda: list(islice(rendered, CHUNK_PROMPTS))):
-            self._collected += len(prompts)
-            texts = [prompt.text for prompt in prompts]
-            groups = [template_group(generation.template, prompt.first_slot_value) for prompt in prompts]
-            verdicts = await asyncio.to_thread(self._ingest_texts, texts, groups)
-            kept += sum(verdict is None for verdict in verdicts)
-            self._report(f"rendering the templates: {kept} kept", done=kept, total=generation.count)
+        # Leaving the block (also when the job is cancelled) ends the renderer process.
+        with render_templates(generation, values, self._spec.seed) as rendered:
+            while prompts := await asyncio.to_thread(lambda: list(islice(rendered, CHUNK_PROMPTS))):
+                self._collected += len(prompts)
+                texts = [prompt.text for prompt in prompts]
+                groups = [template_group(generation.template, prompt.first_slot_value) for prompt in prompts]
+                verdicts = await asyncio.to_thread(self._ingest_texts, texts, groups)
+                kept += sum(verdict is None for verdict in verdicts)
+                self._report(f"rendering the templates: {kept} kept", done=kept, total=generation.count)
         return kept
 
     # --- cleaning, splitting, writing ---------------------------------------------------------------

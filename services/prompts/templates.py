@@ -2,7 +2,9 @@
 
 Templates render in Jinja's sandbox with strict undefined variables, so a template can neither reach
 Python internals (`{{ ''.__class__ }}` is refused) nor silently render a missing slot as "". The
-template's variables are checked against the known slots before anything renders.
+template's variables are checked against the known slots before anything renders. Rendering is bounded
+in output, time and memory, in a process of its own that closing the prompts ends (`template_sandbox`,
+`template_renderer`).
 
 Each prompt comes with the value of the template's first slot (the first one it uses, in reading order),
 which the held-out split groups prompts by (see `split`).
@@ -17,23 +19,22 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
 from typing import NamedTuple
 
 import jinja2
 import numpy as np
-from jinja2 import meta, nodes
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import nodes
 
 from stillhouse.common.jobspec import PromptGeneration, SlotCombination
+from stillhouse.prompts.template_renderer import RENDER_CHUNK, RendererClosed, TemplateRenderer
+from stillhouse.prompts.template_sandbox import BoundedSandbox, TemplateError
 
 # Products up to this size are shuffled with an explicit permutation (8 bytes per combination).
 MATERIALISED_PERMUTATION_MAX = 1 << 20
 FEISTEL_ROUNDS = 6
-
-
-class TemplateError(ValueError):
-    """A template that cannot produce prompts: syntax, unknown slots, empty slots, a refused operation."""
 
 
 class RenderedPrompt(NamedTuple):
@@ -41,23 +42,77 @@ class RenderedPrompt(NamedTuple):
     first_slot_value: str  # the value of the template's first slot ("" for a template without slots)
 
 
+class RenderedPrompts:
+    """The prompts of a template, in order, rendered `RENDER_CHUNK` at a time by a renderer process
+    that starts on the first prompt asked for. Closing it, or leaving its `with` block, ends that
+    process: from any thread, also while another thread waits for prompts."""
+
+    def __init__(
+        self, renderer: TemplateRenderer, combinations: Iterator[list[str]], first: int | None
+    ) -> None:
+        self._renderer = renderer
+        self._combinations = combinations
+        self._first = first
+        self._ready: deque[RenderedPrompt] = deque()
+
+    @property
+    def pid(self) -> int | None:
+        """The renderer process's id, once it has started."""
+        return self._renderer.pid
+
+    def close(self) -> None:
+        self._renderer.close()
+
+    def __enter__(self) -> RenderedPrompts:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> RenderedPrompts:
+        return self
+
+    def __next__(self) -> RenderedPrompt:
+        if not self._ready and not self._renderer.closed:
+            self._render_next_chunk()
+        if not self._ready or self._renderer.closed:
+            self.close()
+            raise StopIteration
+        return self._ready.popleft()
+
+    def _render_next_chunk(self) -> None:
+        chunk = list(islice(self._combinations, RENDER_CHUNK))
+        if not chunk:
+            return
+        try:
+            texts = self._renderer.render(chunk)
+        except RendererClosed:
+            return
+        first = self._first
+        self._ready.extend(
+            RenderedPrompt(text, "" if first is None else combination[first])
+            for text, combination in zip(texts, chunk, strict=True)
+        )
+
+
 def render_templates(
     generation: PromptGeneration, slot_values: Mapping[str, Sequence[str]], seed: int
-) -> Iterator[RenderedPrompt]:
+) -> RenderedPrompts:
     """Up to `generation.count` prompts from `generation.template` (fewer when `all` runs out of
     combinations). `slot_values` holds `slots` and the values read from `slotFiles`, merged.
 
     The template and its slots are checked when this is called; a `TemplateError` while rendering
-    (a refused operation, an undefined attribute) comes from the iterator."""
+    (a refused operation, an undefined attribute, a limit exceeded) comes from the iterator. Close the
+    iterator (or use it in a `with` block) when stopping before its end."""
     if not generation.template:
         raise TemplateError("no template given")
-    environment = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    environment = BoundedSandbox()
     try:
         syntax_tree = environment.parse(generation.template)
+        environment.from_string(syntax_tree)  # compiling finds unknown filters and tests
     except jinja2.TemplateSyntaxError as error:
         raise TemplateError(f"template syntax error on line {error.lineno}: {error.message}") from None
-    template = environment.from_string(syntax_tree)
-    names = sorted(meta.find_undeclared_variables(syntax_tree))
+    names = sorted(environment.undeclared_variables(syntax_tree))
     unknown = [name for name in names if name not in slot_values]
     if unknown:
         known = ", ".join(repr(name) for name in sorted(slot_values)) or "none"
@@ -76,7 +131,8 @@ def render_templates(
     else:
         combinations = _sampled_combinations(values, generation.count, seed)
     first = _first_slot(syntax_tree, names)
-    return _rendered(template, names, None if first is None else names.index(first), combinations)
+    renderer = TemplateRenderer(generation.template, names)
+    return RenderedPrompts(renderer, combinations, None if first is None else names.index(first))
 
 
 def _first_slot(syntax_tree: nodes.Template, names: list[str]) -> str | None:
@@ -85,17 +141,6 @@ def _first_slot(syntax_tree: nodes.Template, names: list[str]) -> str | None:
         if name.name in names:
             return name.name
     return None
-
-
-def _rendered(
-    template: jinja2.Template, names: list[str], first: int | None, combinations: Iterator[list[str]]
-) -> Iterator[RenderedPrompt]:
-    for combination in combinations:
-        try:
-            text = template.render(dict(zip(names, combination, strict=True)))
-        except jinja2.TemplateError as error:
-            raise TemplateError(f"template cannot render: {error}") from None
-        yield RenderedPrompt(text, "" if first is None else combination[first])
 
 
 def _all_combinations(values: list[list[str]], count: int, seed: int) -> Iterator[list[str]]:

@@ -143,6 +143,10 @@ UNKNOWN_SLOT = {
     "sources": [{"inline": SEEDS}],
     "generate": {"strategy": "template", "count": 3, "template": "{{ city }}", "slots": {"tone": ["calm"]}},
 }
+HUGE_TEMPLATE = {
+    "sources": [{"inline": SEEDS}],
+    "generate": {"strategy": "template", "count": 3, "template": "{{ 'A' * 10**7 }}"},
+}
 NOTHING_LEFT = {"sources": [{"inline": SEEDS}], "filters": {"minChars": 500}}
 
 
@@ -151,13 +155,18 @@ NOTHING_LEFT = {"sources": [{"inline": SEEDS}], "filters": {"minChars": 500}}
     [
         (lambda root: UNKNOWN_SLOT, "INVALID_ARGUMENT", "'city'"),
         (
+            lambda root: HUGE_TEMPLATE,
+            "INVALID_ARGUMENT",
+            "10,000,000 characters with '*', more than the limit of 65,536",
+        ),
+        (
             lambda root: {"sources": [{"path": f"{root}/nonexistent/seeds.jsonl"}]},
             "FAILED_PRECONDITION",
             "/nonexistent/seeds.jsonl: no such file",
         ),
         (lambda root: NOTHING_LEFT, "FAILED_PRECONDITION", "no prompts left after cleaning"),
     ],
-    ids=["unknown-slot", "missing-source", "nothing-left"],
+    ids=["unknown-slot", "huge-template", "missing-source", "nothing-left"],
 )
 def test_unusable_prompts_specs_fail_the_operation_clearly(
     prompts_service, prompts, code, words, request, tmp_path_factory

@@ -1,13 +1,16 @@
-"""Template prompts: every combination or sampled ones, deterministic, and refused when unsafe or wrong."""
+"""Template prompts: every combination or sampled ones, deterministic, refused when unsafe or wrong,
+and bounded in size, time and memory by a renderer process that closing the prompts ends."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
+import psutil
 import pytest
 
 from stillhouse.common.jobspec import PromptGeneration
-from stillhouse.prompts import templates
+from stillhouse.prompts import template_renderer, templates
 from stillhouse.prompts.templates import TemplateError, render_templates, shuffled_indices
 
 TEMPLATE = "Write a {{ tone }} product description for {{ product }}."
@@ -115,3 +118,75 @@ def test_sandbox_refuses_attribute_tricks(template):
 def test_undefined_attributes_fail_instead_of_rendering_empty():
     with pytest.raises(TemplateError, match="cannot render"):
         list(render_templates(generation(template="{{ product.colour }}"), SLOTS, seed=1))
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("{{ 'A' * 10**7 }}", "a string of 10,000,000 characters with '*', more than the limit of 65,536"),
+        ("{{ 10**(10**10) }}", "a number of more than 65,536 digits"),
+        ("{{ 'a'|center(100000000) }}", "a prompt of more than 65,536 characters, the limit for one prompt"),
+        ("{{ '%99999999s'|format('x') }}", "a prompt of more than 65,536 characters"),
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+            "a prompt of more than 65,536 characters",
+        ),
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+            "took more than 1 s to render one prompt, the limit for one prompt",
+        ),
+        ("{{ 'a'|center(2000000000) }}", "more than 512 MiB of memory to render one prompt"),
+    ],
+    ids=["repeat", "power", "center", "format", "printing-loops", "silent-loops", "memory"],
+)
+def test_hostile_templates_are_refused_naming_the_limit(template, words):
+    rendering = render_templates(generation(template=template), SLOTS, seed=1)
+    with pytest.raises(TemplateError) as refused:
+        list(rendering)
+    assert words in str(refused.value)
+    assert not psutil.pid_exists(rendering.pid)
+
+
+def test_one_renderer_process_serves_all_chunks_and_ends_with_the_prompts(monkeypatch):
+    monkeypatch.setattr(templates, "RENDER_CHUNK", 5)
+    rendering = render_templates(generation("sampled", count=23), SLOTS, seed=1)
+    first = next(rendering)
+    renderer = psutil.Process(rendering.pid)
+    assert "stillhouse.prompts.template_renderer" in renderer.cmdline()
+
+    rest = list(rendering)
+
+    assert [first, *rest] == list(render_templates(generation("sampled", count=23), SLOTS, seed=1))
+    assert rendering.pid == renderer.pid
+    assert not renderer.is_running()
+
+
+def test_closing_the_prompts_early_ends_the_renderer_process():
+    with render_templates(generation(count=12), SLOTS, seed=1) as rendering:
+        next(rendering)
+        renderer = psutil.Process(rendering.pid)
+        assert renderer.is_running()
+    assert not renderer.is_running()
+    assert list(rendering) == []
+
+
+async def test_cancelling_the_consumer_ends_a_renderer_busy_with_a_prompt(monkeypatch):
+    # A budget no test waits for: only the cancellation can end this renderer.
+    monkeypatch.setattr(template_renderer, "RENDER_SECONDS", 3600.0)
+    endless = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    rendering = render_templates(generation(template=endless), SLOTS, seed=1)
+
+    async def consume() -> None:  # as the prompts stage does
+        with rendering:
+            await asyncio.to_thread(lambda: list(itertools.islice(rendering, 8)))
+
+    task = asyncio.create_task(consume())
+    while rendering.pid is None:
+        await asyncio.sleep(0.01)
+    renderer = psutil.Process(rendering.pid)
+    while renderer.cpu_times().user < 0.2:  # rendering, not starting
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not renderer.is_running()

@@ -24,7 +24,9 @@ Control, for tests (JSON bodies):
   `{"mode": M, "times": N, "model": NAME, "retry_after": S, "delay": S, "status": CODE}` where M is
   `ok`, `429` (with a Retry-After header of `retry_after` seconds when given), `500` (or `status`),
   `slow` (answers after `delay` seconds), `garbage` (200 with a body that is not JSON),
-  `missing_fields` (200, JSON without choices) or `no_logprobs` (200, logprobs null even when asked).
+  `missing_fields` (200, JSON without choices), `no_logprobs` (200, logprobs null even when asked) or
+  `padded` (the answer followed by spaces up to `size` bytes, with a Content-Length; without `size`,
+  spaces that never end).
   `times` limits it to that many calls (default: until reset); `model` to calls for that model;
   `echo_key: true` makes a 429 or 500 message quote the caller's bearer token, as a careless gateway
   might. The first queued behaviour that matches a call applies. The same body may also change
@@ -43,6 +45,7 @@ import functools
 import hashlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,7 +54,7 @@ import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 VOCAB_SIZE = 512
@@ -90,6 +93,7 @@ class Rule:
     delay: float = 0.0
     status: int = 500
     echo_key: bool = False
+    size: int | None = None
 
 
 @dataclass
@@ -340,7 +344,29 @@ async def _complete(state: State, request: Request, payload: Any) -> Response:
         return _json({"id": "chatcmpl-partial", "object": "chat.completion", "model": model})
     if mode == "slow":
         await asyncio.sleep(rule.delay)
+    if mode == "padded":
+        return _padded(_encode(_answer(payload, settings, with_logprobs=True)), rule.size)
     return _json(_answer(payload, settings, with_logprobs=mode != "no_logprobs"))
+
+
+def _padded(answer: bytes, size: int | None) -> StreamingResponse:
+    """`answer` and then spaces (still valid JSON), a MiB at a time: up to `size` bytes in all, or
+    without end when `size` is None."""
+    chunk = b" " * 2**20
+
+    async def body() -> AsyncIterator[bytes]:
+        yield answer
+        left = None if size is None else size - len(answer)
+        while left is None or left > 0:
+            piece = chunk if left is None or left >= len(chunk) else chunk[:left]
+            yield piece
+            if left is not None:
+                left -= len(piece)
+            # Once the client is gone, sending returns at once: give the loop a turn to notice.
+            await asyncio.sleep(0)
+
+    headers = {} if size is None else {"content-length": str(size)}
+    return StreamingResponse(body(), media_type="application/json", headers=headers)
 
 
 def build_app(startup: Settings) -> Starlette:
@@ -396,7 +422,8 @@ def build_app(startup: Settings) -> Starlette:
         if "models" in script:
             state.settings.models = tuple(script.pop("models"))
         if "mode" in script:
-            if script["mode"] not in ("ok", "429", "500", "slow", "garbage", "missing_fields", "no_logprobs"):
+            modes = ("ok", "429", "500", "slow", "garbage", "missing_fields", "no_logprobs", "padded")
+            if script["mode"] not in modes:
                 return _json({"error": f"unknown mode {script['mode']!r}"}, 400)
             try:
                 state.rules.append(Rule(**script))

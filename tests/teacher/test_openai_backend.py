@@ -355,6 +355,24 @@ def test_retry_after_comes_from_any_header_servers_use():
     assert _error(429, "", {"Retry-After": "soon"}).retry_after is None
 
 
+def test_a_server_cannot_ask_for_a_wait_longer_than_the_cap():
+    cap = openai_wire.MAX_RETRY_AFTER_SECONDS
+    assert _error(429, "", {"Retry-After": "86400"}).retry_after == cap
+    assert _error(429, "", {"retry-after-ms": "1e12"}).retry_after == cap
+    next_week = format_datetime(datetime.now(UTC) + timedelta(days=7), usegmt=True)
+    assert _error(503, "", {"Retry-After": next_week}).retry_after == cap
+    daily = {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "23h59m0s"}
+    assert _error(429, "", daily).retry_after == cap
+    assert _error(429, "", {"Retry-After": f"{cap - 1:g}"}).retry_after == cap - 1
+
+
+def test_the_response_limit_grows_with_the_logprobs_a_call_asks_for():
+    small = make_call("http://x/v1", max_tokens=64, top_logprobs=20)
+    assert openai_wire.response_byte_limit(small) == openai_wire.MIN_RESPONSE_BYTES
+    large = make_call("http://x/v1", max_tokens=8192, top_logprobs=256)
+    assert openai_wire.response_byte_limit(large) == 8192 * 257 * openai_wire.LOGPROB_ENTRY_BYTES
+
+
 # --- the backend against a real server ------------------------------------------------------------
 
 
@@ -413,6 +431,36 @@ async def test_no_logprobs_asked_none_returned(fake_openai):
         await backend.aclose()
     assert answer.logprobs is None and answer.token_ids is None
     assert answer.finish_reason == "stop" and answer.completion_tokens == 64 and answer.text
+
+
+async def test_a_long_response_within_the_limit_is_read_whole(fake_openai):
+    fake_openai.control(mode="padded", size=3 * 2**20 + 123, times=1)
+    backend = OpenAICompatibleBackend(fake_openai.base_url, None)
+    try:
+        call = make_call(fake_openai.base_url)
+        padded, plain = await backend.answer(call), await backend.answer(call)
+    finally:
+        await backend.aclose()
+    assert padded.text == plain.text and padded.completion_tokens == plain.completion_tokens == 16
+    assert np.array_equal(padded.token_ids, plain.token_ids)
+
+
+@pytest.mark.parametrize(
+    ("size", "says"), [(None, "sent more than"), (2**30, "announced 1,073,741,824 bytes")]
+)
+async def test_a_response_over_the_limit_is_refused_without_reading_it_whole(fake_openai, size, says):
+    fake_openai.control(mode="padded", size=size, times=1)
+    call = make_call(fake_openai.base_url)
+    limit = openai_wire.response_byte_limit(call)
+
+    error = await _failure(fake_openai.base_url, call)
+
+    assert error.kind is FailureKind.MALFORMED_RESPONSE and not error.retryable
+    assert says in error.message
+    assert (
+        f"over the limit of {limit:,} bytes for an answer of max_tokens 16 with top_logprobs 5"
+        in error.message
+    )
 
 
 async def _failure(

@@ -2,7 +2,8 @@
 
 One `httpx.AsyncClient` per backend, its keep-alive pool sized to the concurrency the caller allows,
 so that connections are reused across calls (a TLS handshake per call would cost more than the call's
-JSON). The wire format itself lives in `openai_wire`; this module only sends and maps failures.
+JSON). The wire format itself lives in `openai_wire`; this module only sends, reads the response
+(within `openai_wire.response_byte_limit`, as it arrives) and maps failures.
 
 Logprob tokens must become token ids for the sparse layout (see `openai_capture`):
 - ``token_ids="server"``: send vLLM's ``return_tokens_as_token_ids`` extension and read ``token_id:N``
@@ -89,9 +90,11 @@ class OpenAICompatibleBackend(TeacherBackend):
         body = _encoder.encode(
             openai_wire.chat_request(call, token_ids_from_server=self.token_ids == "server")
         )
+        limit = openai_wire.response_byte_limit(call)
         started = time.perf_counter()
         try:
-            response = await self._client.post(self._url, content=body)
+            async with self._client.stream("POST", self._url, content=body) as response:
+                content = await self._read_body(response, call, limit)
         except httpx.ConnectTimeout:
             raise self._scrubbed(
                 TeacherCallError(
@@ -121,12 +124,12 @@ class OpenAICompatibleBackend(TeacherBackend):
         if response.status_code != 200:
             raise self._scrubbed(
                 openai_wire.error_from_response(
-                    response.status_code, response.headers, response.content, model=call.model, url=self._url
+                    response.status_code, response.headers, content, model=call.model, url=self._url
                 )
             )
         try:
             return openai_wire.parse_chat_completion(
-                response.content,
+                content,
                 call,
                 self._vocabulary,
                 ids_from_server=self.token_ids == "server",
@@ -134,6 +137,19 @@ class OpenAICompatibleBackend(TeacherBackend):
             )
         except TeacherCallError as error:
             raise self._scrubbed(error) from None
+
+    async def _read_body(self, response: httpx.Response, call: TeacherCall, limit: int) -> bytes:
+        """The body, read as it arrives and refused once it is known to be over `limit` bytes: from its
+        Content-Length before reading, else on the chunk that crosses the limit."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise openai_wire.response_too_large(self._url, call, limit, declared=int(declared))
+        body = bytearray()
+        async for chunk in response.aiter_bytes():  # decompressed: the limit bounds what memory holds
+            body += chunk
+            if len(body) > limit:
+                raise openai_wire.response_too_large(self._url, call, limit)
+        return bytes(body)
 
     async def aclose(self) -> None:
         await self._client.aclose()

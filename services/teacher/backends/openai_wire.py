@@ -55,6 +55,32 @@ def chat_request(call: TeacherCall, *, token_ids_from_server: bool) -> dict[str,
 
 # --- response ----------------------------------------------------------------------------------
 
+# The most a response may take, in bytes: a server that sends more is broken or hostile, and reading it
+# whole would hold it all in memory. A logprob entry ({token, logprob, bytes}) is about 75 bytes of JSON,
+# so a 64-token answer with top-20 logprobs is about 100 KB; every call may take MIN_RESPONSE_BYTES, and
+# a call that asks for more entries (max_tokens positions of top_logprobs + 1 entries each) may take
+# LOGPROB_ENTRY_BYTES per entry, several times the usual size, for long tokens and escaped text.
+MIN_RESPONSE_BYTES = 16 * 2**20
+LOGPROB_ENTRY_BYTES = 512
+
+
+def response_byte_limit(call: TeacherCall) -> int:
+    """The most bytes an answer to `call` may take (see MIN_RESPONSE_BYTES)."""
+    return max(MIN_RESPONSE_BYTES, call.max_tokens * (call.top_logprobs + 1) * LOGPROB_ENTRY_BYTES)
+
+
+def response_too_large(
+    url: str, call: TeacherCall, limit: int, *, declared: int | None = None
+) -> TeacherCallError:
+    """The failure of a response over `response_byte_limit(call)`: announced by its Content-Length, or
+    found while it arrived."""
+    size = f"sent more than {limit:,} bytes" if declared is None else f"announced {declared:,} bytes"
+    return TeacherCallError(
+        FailureKind.MALFORMED_RESPONSE,
+        f"{url} {size}, over the limit of {limit:,} bytes for an answer of max_tokens {call.max_tokens} "
+        f"with top_logprobs {call.top_logprobs}",
+    )
+
 
 class TopLogprob(msgspec.Struct):
     token: str
@@ -235,9 +261,20 @@ def _error_details(body: bytes) -> tuple[str, str | None]:
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
+# The longest wait a server's answer can ask for. A longer one (a daily quota's reset, a mistaken
+# header) is waited as this long: the next attempt asks the server again, and it says what is left.
+MAX_RETRY_AFTER_SECONDS = 300.0
+
+
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asked us to wait: `retry-after-ms` (OpenAI), `Retry-After` (seconds or an
-    HTTP date), else the `x-ratelimit-reset-*` (OpenAI, "6m0s") of each budget that is used up."""
+    """Seconds the server asked us to wait, at most MAX_RETRY_AFTER_SECONDS: `retry-after-ms` (OpenAI),
+    `Retry-After` (seconds or an HTTP date), else the `x-ratelimit-reset-*` (OpenAI, "6m0s") of each
+    budget that is used up."""
+    wait = _requested_wait(headers)
+    return None if wait is None else min(wait, MAX_RETRY_AFTER_SECONDS)
+
+
+def _requested_wait(headers: Mapping[str, str]) -> float | None:
     if (milliseconds := _number(headers.get("retry-after-ms"))) is not None:
         return max(milliseconds / 1000, 0.0)
     if (value := headers.get("retry-after")) is not None:
