@@ -16,13 +16,17 @@ from typing import Annotated, Any
 import prometheus_client
 import structlog
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
@@ -87,8 +91,51 @@ def new_job_id() -> str:
     return f"job-{secrets.token_hex(6)}"
 
 
+# What a job id may look like in a path: the ids `new_job_id` makes, and nothing with ':' so that
+# `/v1/jobs/{id}:cancel` is never read as the job `{id}:cancel`.
+JOB_ID_REGEX = "[a-z0-9][a-z0-9-]{0,62}"
+JobId = Annotated[str, Path(pattern=f"^{JOB_ID_REGEX}$", description="A job id, such as job-1a2b3c4d5e6f.")]
+
+
+class _JobIdConvertor(Convertor[str]):
+    regex = JOB_ID_REGEX
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", _JobIdConvertor())
+
+
 def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
+
+
+async def known_query_parameters_only(request: Request) -> None:
+    """Refuse a query parameter the route does not take, as the spec refuses an unknown field: a typo
+    must not quietly fall back to a default."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = {param.alias for param in route.dependant.query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        taken = ", ".join(sorted(known)) or "none"
+        listed = ", ".join(repr(name[:64]) for name in unknown[:8])
+        raise ApiError(422, f"unknown query parameter {listed}; this route takes: {taken}")
+
+
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> set[str]:
+    """The methods of every route whose path matches the request's."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 def _openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
@@ -101,10 +148,11 @@ def _openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
     components.update(job_schema.pop("$defs", {}))
     components["DistillationJob"] = job_schema
     reference = {"schema": {"$ref": "#/components/schemas/DistillationJob"}}
-    schema["paths"]["/v1/jobs"]["post"]["requestBody"] = {
-        "required": True,
-        "content": {"application/json": reference, "application/yaml": reference},
-    }
+    for path in ("/v1/jobs", "/v1/jobs:estimate"):
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": reference, "application/yaml": reference},
+        }
     app.openapi_schema = schema
     return schema
 
@@ -181,6 +229,8 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         description="Distil big teacher LLMs into small, cheap students. Every `/v1` route and `/metrics` "
         "need `Authorization: Bearer <token>`.",
         lifespan=lifespan,
+        dependencies=[Depends(known_query_parameters_only)],
+        responses={422: {"model": ErrorBody, "description": "A parameter refused, or one not taken"}},
     )
     app.openapi = lambda: _openapi_with_job_schema(app)
 
@@ -204,6 +254,14 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     async def request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = field_errors(exc.errors())
         return _error(422, ErrorBody(message=summarise("request", errors), errors=errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; a path can have several routes.
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request.app, request.scope)))
+        return _error(exc.status_code, ErrorBody(message=str(exc.detail)), headers)
 
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
@@ -235,7 +293,19 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             )
         return JSONResponse(content={"status": "ok"})
 
-    @app.get("/metrics", tags=["health"], dependencies=authenticated, response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        dependencies=authenticated,
+        response_class=PlainTextResponse,
+        # The metrics are text; a refusal is JSON, as on every other route.
+        responses={
+            401: {
+                "description": "Missing or invalid bearer token",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            }
+        },
+    )
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics of this process."""
         return PlainTextResponse(
@@ -332,7 +402,10 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         response_model=JobList,
         dependencies=authenticated,
         tags=["jobs"],
-        responses=error_responses,
+        responses={
+            **error_responses,
+            400: {"model": ErrorBody, "description": "A pageToken this API did not give out"},
+        },
     )
     async def list_jobs(
         request: Request,
@@ -350,14 +423,14 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         return JobList(jobs=[JobView.of(job) for job in jobs], next_page_token=next_token)
 
     @app.post(
-        "/v1/jobs/{job_id}:cancel",
+        "/v1/jobs/{job_id:job_id}:cancel",
         status_code=202,
         response_model=JobView,
         dependencies=authenticated,
         tags=["jobs"],
         responses={**error_responses, 409: {"model": ErrorBody, "description": "The job has already ended"}},
     )
-    async def cancel_job(job_id: str, request: Request) -> JobView:
+    async def cancel_job(job_id: JobId, request: Request) -> JobView:
         """Ask a job to stop. The running stage is cancelled in its service; the job ends Cancelled."""
         store: JobStore = request.app.state.store
         try:
@@ -369,19 +442,19 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         return JobView.of(record, await store.steps(job_id))
 
     @app.get(
-        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id:job_id}",
         response_model=JobView,
         dependencies=authenticated,
         tags=["jobs"],
         responses=error_responses,
     )
-    async def get_job(job_id: str, request: Request) -> JobView:
+    async def get_job(job_id: JobId, request: Request) -> JobView:
         """One job, with the steps it has run."""
         store: JobStore = request.app.state.store
         return JobView.of(await store.get_job(job_id), await store.steps(job_id))
 
     @app.get(
-        "/v1/jobs/{job_id}/artifacts/{name}",
+        "/v1/jobs/{job_id:job_id}/artifacts/{name}",
         response_model=ArtifactLinks,
         dependencies=authenticated,
         tags=["jobs"],
@@ -390,7 +463,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             503: {"model": ErrorBody, "description": "The storage service cannot be reached"},
         },
     )
-    async def job_artifact(job_id: str, name: ArtifactName, request: Request) -> ArtifactLinks:
+    async def job_artifact(job_id: JobId, name: ArtifactName, request: Request) -> ArtifactLinks:
         """The files of one of the job's artifacts (`student`, `baseline`, `report`), each with a
         time-limited URL to download it straight from object storage, and its size and sha256."""
         store: JobStore = request.app.state.store
@@ -405,13 +478,13 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             raise ApiError(exc.status, f"cannot list the {name.value} of job {job_id}: {exc}") from exc
 
     @app.get(
-        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id:job_id}/events",
         dependencies=authenticated,
         tags=["jobs"],
         responses={**error_responses, 200: {"content": {"text/event-stream": {}}}},
     )
     async def job_events(
-        job_id: str,
+        job_id: JobId,
         request: Request,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> EventSourceResponse:

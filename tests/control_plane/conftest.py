@@ -26,20 +26,33 @@ async def store(database_url: str) -> AsyncIterator[JobStore]:
 
 
 @pytest.fixture
-def api(control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path):
-    """A control plane process whose trainer is scripted; local inputs may come from `tmp_path/inputs`."""
-    # The stage services are absent: jobs wait in Prompts, retrying, which is all these tests need. The
-    # trainer's submit-time check is scripted to find nothing.
-    trainer = f"127.0.0.1:{free_port()}"
-    processes.start(
-        "stages", [sys.executable, str(SCRIPTED_STAGES), trainer.split(":")[1], str(tmp_path / "j"), "0"]
-    )
-    wait_until(lambda: grpc_ready(trainer), 20, "the scripted stage services")
-    services = {name: f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")}
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    control_plane = control_plane_at(
-        {**services, "trainer": trainer}, STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)])
-    )
-    control_plane.start()
-    return control_plane
+def start_api(control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path):
+    """Start a control plane process whose stage services are scripted; local inputs may come from
+    `tmp_path/inputs`. With `every_stage`, the scripted process serves Prompts and Teacher as well, so
+    jobs and estimates run through (in no time); otherwise only the trainer (its submit-time check finds
+    nothing) and jobs wait in Prompts, retrying."""
+
+    def start(*, every_stage: bool = False):
+        scripted = f"127.0.0.1:{free_port()}"
+        processes.start(
+            "stages", [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j"), "0"]
+        )
+        wait_until(lambda: grpc_ready(scripted), 20, "the scripted stage services")
+        services = {
+            name: scripted if every_stage else f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")
+        }
+        inputs = tmp_path / "inputs"
+        inputs.mkdir()
+        control_plane = control_plane_at(
+            {**services, "trainer": scripted}, STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)])
+        )
+        control_plane.start()
+        return control_plane
+
+    return start
+
+
+@pytest.fixture
+def api(start_api):
+    """A control plane process whose trainer is scripted, the other stages absent."""
+    return start_api()
