@@ -6,12 +6,13 @@ job spec in `stillhouse.common.jobspec`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import prometheus_client
 import structlog
@@ -27,6 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
@@ -45,7 +47,7 @@ from stillhouse.control_plane.api_models import (
 )
 from stillhouse.control_plane.artifact_links import ArtifactUnavailable, artifact_id_of, artifact_links
 from stillhouse.control_plane.config import ControlPlaneSettings
-from stillhouse.control_plane.estimate import EstimateFailed, estimate_job
+from stillhouse.control_plane.estimate import EstimateFailed, EstimateTimedOut, estimate_job
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
 from stillhouse.control_plane.phases import IllegalTransition, Phase
@@ -64,6 +66,10 @@ log = structlog.get_logger(__name__)
 
 # Seconds between two looks at the store while nothing has been announced (another process may write).
 EVENT_POLL_SECONDS = 1.0
+
+# How often a long request looks whether its caller is still there.
+DISCONNECT_POLL_SECONDS = 1.0
+T = TypeVar("T")
 
 # Module level: FastAPI resolves the annotations of dependencies against the module's names.
 bearer = HTTPBearer(auto_error=False)
@@ -126,6 +132,49 @@ async def known_query_parameters_only(request: Request) -> None:
         taken = ", ".join(sorted(known)) or "none"
         listed = ", ".join(repr(name[:64]) for name in unknown[:8])
         raise ApiError(422, f"unknown query parameter {listed}; this route takes: {taken}")
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or its cancellation once the client has gone (an HTTP handler is not cancelled
+    when its caller disconnects)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                break
+        return await task
+    finally:
+        task.cancel()
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by route template and status. A plain ASGI middleware: one
+    built on BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            template = getattr(scope.get("route"), "path_format", "unmatched")
+            HTTP_REQUESTS.labels(scope["method"], template, status).inc()
+            HTTP_SECONDS.labels(scope["method"], template).observe(time.perf_counter() - started)
 
 
 def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> set[str]:
@@ -267,15 +316,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return _error(404, ErrorBody(message=str(exc)))
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, template, response.status_code).inc()
-        HTTP_SECONDS.labels(request.method, template).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -377,6 +418,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
                 "check, or its prompts cannot be built",
             },
             503: {"model": ErrorBody, "description": "A stage service cannot be reached"},
+            504: {"model": ErrorBody, "description": "The estimate passed its deadline and was stopped"},
         },
     )
     async def estimate(request: Request) -> EstimateView | JSONResponse:
@@ -392,10 +434,15 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         if isinstance(warnings, JSONResponse):
             return warnings
         try:
-            estimate = await estimate_job(request.app.state.channels, spec)
+            estimate = await until_disconnected(
+                request,
+                estimate_job(request.app.state.channels, spec, settings.estimate_timeout_seconds),
+            )
             return EstimateView.model_validate({**estimate, "warnings": warnings})
         except EstimateFailed as exc:
             raise ApiError(503 if exc.retryable else 422, f"cannot estimate the job: {exc}") from exc
+        except EstimateTimedOut as exc:
+            raise ApiError(504, str(exc)) from exc
 
     @app.get(
         "/v1/jobs",

@@ -45,6 +45,9 @@ class ControlPlaneSettings(Settings):
     )
     # How long a stage call may go without any answer from its service before the job fails.
     service_unavailable_timeout_seconds: float = 600.0
+    estimate_timeout_seconds: float = Field(
+        default=600.0, gt=0, le=3600, description="Longest an estimate may take before it is stopped (504)."
+    )
     # How often progress is written to the job's events at most (progress arrives faster).
     progress_event_interval_seconds: float = 1.0
 

@@ -4,11 +4,15 @@ The prompts stage runs for real, under a job id derived from the parts of the sp
 prompts: it is deterministic, so the estimate sees exactly the prompts the job will send, and the teacher
 calls that generation makes land in the teacher cache, so the job later gets them for free. The teacher
 stage is only priced (`Teacher.EstimateCost`), never run.
+
+An estimate is bounded in time: past its deadline, or when the caller goes away, the prompts operation
+is cancelled in its service (`EstimateTimedOut` says which, for a 504).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -24,6 +28,12 @@ from stillhouse.control_plane.phases import Stage
 from stillhouse.control_plane.stage_calls import STAGE_CALLS
 from stillhouse.prompts.v1 import prompts_pb2
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
+
+CANCEL_SECONDS = 10.0
+
+
+class EstimateTimedOut(Exception):
+    """The estimate passed its deadline; its prompts operation was cancelled."""
 
 
 class EstimateFailed(Exception):
@@ -65,11 +75,26 @@ async def _prompts(
             raise EstimateFailed("prompts service closed the progress stream early", retryable=True)
     except grpc.aio.AioRpcError as exc:
         raise _failure(call.service, exc) from exc
+    except asyncio.CancelledError:
+        await _cancel(operations, request.operation_id)
+        raise
     if operation.state != State.OPERATION_STATE_SUCCEEDED:
         raise EstimateFailed(f"prompts service: {operation.error.message or 'the stage did not finish'}")
     result = prompts_pb2.GeneratePromptsResult()
     operation.result.Unpack(result)
     return result
+
+
+async def _cancel(operations: operations_pb2_grpc.OperationsStub, operation_id: str) -> None:
+    """Ask the prompts service to stop the estimate's operation (an estimate that is given up on must
+    not go on generating, and paying for, prompts)."""
+    # A service that is gone, or an operation that has ended, leaves nothing to stop.
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        await asyncio.shield(
+            operations.CancelOperation(
+                operations_pb2.CancelOperationRequest(operation_id=operation_id), timeout=CANCEL_SECONDS
+            )
+        )
 
 
 async def _price(
@@ -102,8 +127,22 @@ def _sum(*estimates: teacher_pb2.CostEstimate) -> teacher_pb2.CostEstimate:
     return total
 
 
-async def estimate_job(channels: ServiceChannels, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The prompts (built for real) and the teacher's price for answering them, in EstimateView's fields."""
+async def estimate_job(
+    channels: ServiceChannels, spec: Mapping[str, Any], deadline_seconds: float
+) -> dict[str, Any]:
+    """The prompts (built for real) and the teacher's price for answering them, in EstimateView's fields;
+    `EstimateTimedOut` after `deadline_seconds`."""
+    try:
+        async with asyncio.timeout(deadline_seconds):
+            return await _estimate(channels, spec)
+    except TimeoutError:
+        raise EstimateTimedOut(
+            f"the estimate took longer than {deadline_seconds:g} s and was stopped; a job with this spec "
+            "may still run (the limit is the control plane's estimate_timeout_seconds)"
+        ) from None
+
+
+async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any]) -> dict[str, Any]:
     job_id = estimate_job_id(spec)
     prompts = await _prompts(channels, job_id, spec)
     train, holdout = await asyncio.gather(

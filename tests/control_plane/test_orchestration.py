@@ -187,10 +187,16 @@ def test_a_real_stage_failure_reaches_the_job_with_its_cause(
     processes.start(
         "prompts",
         [sys.executable, "-m", "stillhouse.cli.main", "serve", "prompts", "--port", str(port)],
-        {"STILLHOUSE_HOME": str(tmp_path / "home")},
+        {
+            "STILLHOUSE_HOME": str(tmp_path / "home"),
+            "STILLHOUSE_PROMPTS_INPUT_ROOTS": json.dumps([str(tmp_path)]),
+        },
     )
     wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 20, "the prompts service")
-    control_plane = control_plane_at({"prompts": f"127.0.0.1:{port}", "trainer": checking_trainer})
+    control_plane = control_plane_at(
+        {"prompts": f"127.0.0.1:{port}", "trainer": checking_trainer},
+        STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(tmp_path)]),
+    )
     control_plane.start()
     missing = tmp_path / "seeds.jsonl"
     job = {"spec": {**MINIMAL_JOB["spec"], "prompts": {"sources": [{"path": str(missing)}]}}}
@@ -252,6 +258,43 @@ def test_estimate_builds_the_prompts_and_prices_them_without_running_the_job(pla
     assert sorted(priced) == sorted(
         [f"jobs/{estimate['estimateId']}/prompts/{part}" for part in ("train", "holdout")] * 2
     )
+
+
+@pytest.fixture
+def slow_platform(processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path):
+    """Scripted stages that take a minute each, behind a control plane that gives an estimate the
+    deadline asked for."""
+
+    def start(estimate_deadline: float):
+        stages = start_stages(processes, free_port(), tmp_path / "journal.jsonl", 60)
+        wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+        control_plane = control_plane_at(
+            {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")},
+            STILLHOUSE_CONTROL_PLANE_ESTIMATE_TIMEOUT_SECONDS=str(estimate_deadline),
+        )
+        control_plane.start()
+        return control_plane, stages
+
+    return start
+
+
+def test_an_estimate_past_its_deadline_is_stopped_in_the_service(slow_platform, wait_until):
+    control_plane, stages = slow_platform(estimate_deadline=2)
+    with control_plane.client() as client:
+        response = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60)
+    assert response.status_code == 504, response.text
+    assert "longer than 2 s and was stopped" in response.json()["message"]
+    [operation] = stages.new_starts("GeneratePrompts")
+    wait_until(lambda: {"cancelled": operation} in stages.journal(), 10, "the prompts operation cancelled")
+
+
+def test_an_estimate_whose_caller_goes_away_is_stopped_in_the_service(slow_platform, wait_until):
+    control_plane, stages = slow_platform(estimate_deadline=600)
+    with control_plane.client() as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=httpx.Timeout(5, read=2))
+    wait_until(lambda: stages.new_starts("GeneratePrompts"), 10, "the estimate's prompts operation")
+    [operation] = stages.new_starts("GeneratePrompts")
+    wait_until(lambda: {"cancelled": operation} in stages.journal(), 10, "the prompts operation cancelled")
 
 
 def test_estimate_and_submit_refuse_a_bad_spec_and_an_unreachable_trainer(control_plane_at, free_port):
