@@ -248,6 +248,7 @@ async def stillhouse_run(
         price=FREE,
         job_id=run_name,
         progress=NoProgress(),  # type: ignore[arg-type]
+        scope="",
     )
     try:
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -356,7 +357,8 @@ async def _bench(prompts: int, concurrency: int, rounds: int, distilabel_python:
         with fake_openai(home / "fake-openai.log") as base_url:
             spec = teacher_spec(base_url, concurrency)
             bodies = [
-                openai_wire.chat_request(call_for(spec, m), token_ids_from_server=True) for m in messages
+                openai_wire.chat_request(call_for(spec, m, scope=""), token_ids_from_server=True)
+                for m in messages
             ]
             url = f"{base_url}/chat/completions"
             # Warm-up, not timed: first-call costs of both in-process clients and of the server.

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from stillhouse.control_plane.phases import Phase, Stage
-from stillhouse.control_plane.store import JobRecord, StepRecord, StepState
+from stillhouse.control_plane.store import AuditRecord, JobRecord, StepRecord, StepState
 from stillhouse.control_plane.summary import job_summary
 
 
@@ -126,6 +126,10 @@ class JobView(WireModel):
     message: str | None = Field(description="Why the job is in its phase, e.g. the cause of a failure.")
     cancel_requested: bool
     labels: dict[str, str]
+    tenant: str = Field(description="The tenant the job belongs to: only its users (and admins) see it.")
+    owner: str | None = Field(
+        description="The principal that submitted the job (null for jobs submitted before owners existed)."
+    )
     created_at: datetime
     updated_at: datetime
     spec: dict[str, Any] = Field(description="The submitted DistillationJob with every default filled in.")
@@ -146,6 +150,8 @@ class JobView(WireModel):
             message=job.message,
             cancel_requested=job.cancel_requested,
             labels=job.labels,
+            tenant=job.tenant,
+            owner=job.owner,
             created_at=job.created_at,
             updated_at=job.updated_at,
             spec=job.document,
@@ -157,6 +163,30 @@ class JobView(WireModel):
 class JobList(WireModel):
     jobs: list[JobView]
     next_page_token: str | None = Field(description="Pass as `pageToken` for the next page; null at the end.")
+
+
+class AuditEntry(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: datetime = Field(description="When the call was answered (UTC).")
+    principal: str = Field(description="Who made the call (`system:expiry` for the expiry sweep).")
+    tenant: str = Field(description="The principal's tenant; for the expiry sweep, the job's.")
+    method: str
+    route: str = Field(description="The route's template, e.g. `/v1/jobs/{job_id}:cancel`.")
+    job_id: str | None = Field(description="The job the call named or created, if any.")
+    status: int = Field(description="The HTTP status of the answer.")
+
+
+class AuditList(WireModel):
+    entries: list[AuditEntry]
+    next_page_token: str | None = Field(description="Pass as `pageToken` for the next page; null at the end.")
+
+    @classmethod
+    def of(cls, records: list[AuditRecord], next_page_token: str | None) -> AuditList:
+        return cls(
+            entries=[AuditEntry.model_validate(record) for record in records], next_page_token=next_page_token
+        )
 
 
 class PromptsEstimate(WireModel):

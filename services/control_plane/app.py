@@ -1,7 +1,9 @@
-"""The control plane's REST API: submit, list, inspect, follow and cancel distillation jobs.
+"""The control plane's REST API: submit, list, inspect, follow, cancel and delete distillation jobs.
 
 Handlers translate between HTTP and the store/orchestrator; the wire schema is in `api_models`, the
-job spec in `stillhouse.common.jobspec`.
+job spec in `stillhouse.common.jobspec`. Every `/v1` call is made by a principal (`principals.py`): a
+`user` sees only its tenant's jobs, and any other job is 404 to it, exactly as a job that does not
+exist; an `admin` sees every job and the audit log. Mutating calls are audited (`audit`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import prometheus_client
@@ -20,7 +23,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -36,6 +39,7 @@ from stillhouse.common.logging import configure_logging
 from stillhouse.control_plane.api_models import (
     ArtifactLinks,
     ArtifactName,
+    AuditList,
     ErrorBody,
     EstimateView,
     FieldError,
@@ -46,12 +50,23 @@ from stillhouse.control_plane.api_models import (
     summarise,
 )
 from stillhouse.control_plane.artifact_links import ArtifactUnavailable, artifact_id_of, artifact_links
+from stillhouse.control_plane.audit import record_call
 from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.estimate import EstimateFailed, EstimateTimedOut, estimate_job
 from stillhouse.control_plane.events import JobEventBus
+from stillhouse.control_plane.job_removal import ExpirySweep, RemovalFailed, remove_job
 from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
 from stillhouse.control_plane.phases import IllegalTransition, Phase
 from stillhouse.control_plane.preflight import PreflightRefused, PreflightUnavailable, check_job
+from stillhouse.control_plane.principals import AccessControl, Principal
+from stillhouse.control_plane.quotas import (
+    BudgetRequired,
+    QuotaExceeded,
+    budget_of,
+    check_admission,
+    require_budget,
+    start_of_day,
+)
 from stillhouse.control_plane.spec_body import (
     MAX_DEPTH,
     MAX_EXPANDED_VALUES,
@@ -60,7 +75,7 @@ from stillhouse.control_plane.spec_body import (
     parse_document,
     read_capped,
 )
-from stillhouse.control_plane.store import JobNotFound, JobStore
+from stillhouse.control_plane.store import JobNotFinished, JobNotFound, JobRecord, JobStore, TenantUsage
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +131,32 @@ class _JobIdConvertor(Convertor[str]):
 register_url_convertor("job_id", _JobIdConvertor())
 
 
+async def current_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    """The principal of the bearer token, or 401. Kept on the request for the audit log."""
+    access: AccessControl = request.app.state.access
+    principal = access.authenticate(credentials.credentials) if credentials else None
+    if principal is None:
+        log.warning(
+            "unauthenticated request refused", path=request.url.path, had_token=credentials is not None
+        )
+        raise ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+    request.state.principal = principal
+    return principal
+
+
+Caller = Annotated[Principal, Depends(current_principal)]
+
+
+async def visible_job(store: JobStore, principal: Principal, job_id: JobId) -> JobRecord:
+    """The job, if `principal` may see it; another tenant's job is not found, as if it did not exist."""
+    job = await store.get_job(job_id)
+    if not principal.sees(job.tenant):
+        raise JobNotFound(job_id)
+    return job
+
+
 def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
 
@@ -149,9 +190,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
 
 
-class RequestMetrics:
-    """Counts and times every HTTP request by route template and status. A plain ASGI middleware: one
-    built on BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
+class AnsweredRequests:
+    """After every HTTP request: its count and time by route template and status (metrics), and the
+    audit record of a mutating call (`audit.record_call`). A plain ASGI middleware: one built on
+    BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -175,6 +217,7 @@ class RequestMetrics:
             template = getattr(scope.get("route"), "path_format", "unmatched")
             HTTP_REQUESTS.labels(scope["method"], template, status).inc()
             HTTP_SECONDS.labels(scope["method"], template).observe(time.perf_counter() - started)
+            await record_call(Request(scope), status)
 
 
 def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> set[str]:
@@ -244,10 +287,8 @@ async def _preflight(request: Request, spec: dict[str, Any]) -> list[FieldError]
 
 
 def create_app(settings: ControlPlaneSettings) -> FastAPI:
-    accepted_tokens = [token.encode() for token in settings.accepted_tokens()]
+    access = settings.access_control()
     input_roots = InputRoots.of(settings.input_roots)
-    if not accepted_tokens:
-        raise ValueError("no API token configured: the token file is empty")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -264,10 +305,21 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         app.state.store, app.state.bus, app.state.orchestrator = store, bus, orchestrator
         app.state.channels = channels
         await orchestrator.resume_unfinished()
+        sweep = None
+        if settings.finished_job_max_age_hours is not None:
+            sweep = ExpirySweep(
+                store,
+                channels,
+                max_age=timedelta(hours=settings.finished_job_max_age_hours),
+                interval_seconds=settings.expiry_sweep_interval_seconds,
+            )
+            sweep.start()
         log.info("control plane ready", address=f"{settings.host}:{settings.port}")
         try:
             yield
         finally:
+            if sweep is not None:
+                await sweep.stop()
             await orchestrator.stop()
             await channels.close()
             await store.close()
@@ -276,24 +328,16 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         title="Stillhouse",
         version="v1",
         description="Distil big teacher LLMs into small, cheap students. Every `/v1` route and `/metrics` "
-        "need `Authorization: Bearer <token>`.",
+        "need `Authorization: Bearer <token>`; a `user` token sees its tenant's jobs only (any other job is "
+        "404), an `admin` token every job and `/v1/audit`.",
         lifespan=lifespan,
         dependencies=[Depends(known_query_parameters_only)],
         responses={422: {"model": ErrorBody, "description": "A parameter refused, or one not taken"}},
     )
     app.openapi = lambda: _openapi_with_job_schema(app)
+    app.state.access = access
 
-    async def require_token(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> None:
-        given = credentials.credentials.encode() if credentials else b""
-        # Compare against every token so the time taken does not tell which one was close.
-        matches = [secrets.compare_digest(given, token) for token in accepted_tokens]
-        if not any(matches):
-            log.warning("unauthenticated request refused", path=request.url.path, had_token=bool(given))
-            raise ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-
-    authenticated = [Depends(require_token)]
+    authenticated = [Depends(current_principal)]
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -316,7 +360,11 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return _error(404, ErrorBody(message=str(exc)))
 
-    app.add_middleware(RequestMetrics)
+    @app.exception_handler(QuotaExceeded)
+    async def quota_exceeded(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        return _error(429, ErrorBody(message=str(exc)))
+
+    app.add_middleware(AnsweredRequests)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -355,7 +403,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
     error_responses = {
         401: {"model": ErrorBody, "description": "Missing or invalid bearer token"},
-        404: {"model": ErrorBody, "description": "No such job"},
+        404: {"model": ErrorBody, "description": "No such job, or another tenant's (users see their own)"},
     }
     body_responses = {
         400: {
@@ -371,7 +419,6 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         "/v1/jobs",
         status_code=201,
         response_model=JobView,
-        dependencies=authenticated,
         tags=["jobs"],
         responses={
             **error_responses,
@@ -379,27 +426,54 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             422: {
                 "model": ErrorBody,
                 "description": "The spec breaks the schema, or the models it names fail the submit-time "
-                "check; each error names its field",
+                "check, or it sets no `teacher.budgetUSD` while the tenant has a spend quota; each error "
+                "names its field",
+            },
+            429: {
+                "model": ErrorBody,
+                "description": "The tenant's quota (maxConcurrentJobs or maxTeacherSpendUsdPerDay) would be "
+                "exceeded; the message names it",
             },
             503: {"model": ErrorBody, "description": "The trainer service cannot check the job"},
         },
     )
-    async def submit_job(request: Request) -> JobView | JSONResponse:
+    async def submit_job(request: Request, principal: Caller) -> JobView | JSONResponse:
         """Submit a DistillationJob, as JSON or YAML. It is checked first (the schema, then the models it
-        names: tokenizers, chat templates, context); a job that passes starts at once: follow it with
-        `/events`."""
+        names: tokenizers, chat templates, context), then against the tenant's quotas; a job that passes
+        starts at once: follow it with `/events`. The job belongs to the caller's tenant."""
         job = await _job_from_body(request, input_roots)
         if isinstance(job, JSONResponse):
             return job
-        warnings = await _preflight(request, job.to_document()["spec"])
+        document = job.to_document()
+        quota = access.quota(principal.tenant)
+        try:
+            require_budget(quota, principal.tenant, document["spec"])
+        except BudgetRequired as exc:
+            error = FieldError(field="spec.teacher.budgetUSD", message=str(exc), type="quota")
+            return _error(422, ErrorBody(message=str(exc), errors=[error]))
+        warnings = await _preflight(request, document["spec"])
         if isinstance(warnings, JSONResponse):
             return warnings
+
+        def admit(usage: TenantUsage) -> None:
+            check_admission(quota, principal.tenant, usage, budget_of(document["spec"]))
+
         job_id = new_job_id()
         record = await request.app.state.store.create_job(
-            job_id, job.metadata.name or job_id, job.to_document(), dict(job.metadata.labels)
+            job_id,
+            job.metadata.name or job_id,
+            document,
+            dict(job.metadata.labels),
+            owner=principal.name,
+            tenant=principal.tenant,
+            admit=admit if quota.max_concurrent_jobs or quota.max_teacher_spend_usd_per_day else None,
+            usage_since=start_of_day(datetime.now(UTC)),
         )
+        request.state.created_job_id = job_id
         JOBS_SUBMITTED.inc()
-        log.info("job submitted", job_id=job_id, name=record.name)
+        log.info(
+            "job submitted", job_id=job_id, name=record.name, owner=principal.name, tenant=principal.tenant
+        )
         request.app.state.orchestrator.run(job_id)
         request.app.state.bus.notify()
         return JobView.of(record).model_copy(update={"warnings": warnings})
@@ -407,7 +481,6 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     @app.post(
         "/v1/jobs:estimate",
         response_model=EstimateView,
-        dependencies=authenticated,
         tags=["jobs"],
         responses={
             **error_responses,
@@ -421,7 +494,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             504: {"model": ErrorBody, "description": "The estimate passed its deadline and was stopped"},
         },
     )
-    async def estimate(request: Request) -> EstimateView | JSONResponse:
+    async def estimate(request: Request, principal: Caller) -> EstimateView | JSONResponse:
         """What a DistillationJob would cost, without running it: it is checked as a submit checks it
         (and refused the same way), then its prompts are built (deterministically, as the job will build
         them) and the teacher's answers to them priced. Teacher calls that prompt
@@ -436,7 +509,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         try:
             estimate = await until_disconnected(
                 request,
-                estimate_job(request.app.state.channels, spec, settings.estimate_timeout_seconds),
+                estimate_job(
+                    request.app.state.channels, spec, principal.tenant, settings.estimate_timeout_seconds
+                ),
             )
             return EstimateView.model_validate({**estimate, "warnings": warnings})
         except EstimateFailed as exc:
@@ -447,23 +522,31 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     @app.get(
         "/v1/jobs",
         response_model=JobList,
-        dependencies=authenticated,
         tags=["jobs"],
         responses={
-            **error_responses,
+            401: error_responses[401],
             400: {"model": ErrorBody, "description": "A pageToken this API did not give out"},
         },
     )
     async def list_jobs(
         request: Request,
+        principal: Caller,
         phase: Phase | None = None,
+        tenant: Annotated[
+            str | None,
+            Query(description="Only this tenant's jobs (a user's list holds its own tenant's only)."),
+        ] = None,
         page_size: Annotated[int, Query(alias="pageSize", ge=1, le=500)] = 50,
         page_token: Annotated[str | None, Query(alias="pageToken")] = None,
     ) -> JobList:
-        """Jobs, newest first, optionally only those in one phase."""
+        """Jobs the caller may see, newest first, optionally only those in one phase or tenant."""
+        if not principal.is_admin:
+            if tenant not in (None, principal.tenant):
+                return JobList(jobs=[], next_page_token=None)
+            tenant = principal.tenant
         try:
             jobs, next_token = await request.app.state.store.list_jobs(
-                phase=phase, limit=page_size, page_token=page_token
+                phase=phase, tenant=tenant, limit=page_size, page_token=page_token
             )
         except ValueError as exc:
             raise ApiError(400, f"pageToken: {exc}") from exc
@@ -473,13 +556,13 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         "/v1/jobs/{job_id:job_id}:cancel",
         status_code=202,
         response_model=JobView,
-        dependencies=authenticated,
         tags=["jobs"],
         responses={**error_responses, 409: {"model": ErrorBody, "description": "The job has already ended"}},
     )
-    async def cancel_job(job_id: JobId, request: Request) -> JobView:
+    async def cancel_job(job_id: JobId, request: Request, principal: Caller) -> JobView:
         """Ask a job to stop. The running stage is cancelled in its service; the job ends Cancelled."""
         store: JobStore = request.app.state.store
+        await visible_job(store, principal, job_id)
         try:
             record = await store.request_cancel(job_id)
         except IllegalTransition as exc:
@@ -491,30 +574,61 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     @app.get(
         "/v1/jobs/{job_id:job_id}",
         response_model=JobView,
-        dependencies=authenticated,
         tags=["jobs"],
         responses=error_responses,
     )
-    async def get_job(job_id: JobId, request: Request) -> JobView:
+    async def get_job(job_id: JobId, request: Request, principal: Caller) -> JobView:
         """One job, with the steps it has run."""
         store: JobStore = request.app.state.store
-        return JobView.of(await store.get_job(job_id), await store.steps(job_id))
+        return JobView.of(await visible_job(store, principal, job_id), await store.steps(job_id))
+
+    @app.delete(
+        "/v1/jobs/{job_id:job_id}",
+        status_code=204,
+        response_class=Response,
+        tags=["jobs"],
+        responses={
+            **error_responses,
+            409: {"model": ErrorBody, "description": "The job has not finished: cancel it first"},
+            502: {
+                "model": ErrorBody,
+                "description": "The storage service failed to delete the job's objects",
+            },
+            503: {"model": ErrorBody, "description": "The storage service cannot be reached"},
+        },
+    )
+    async def delete_job(job_id: JobId, request: Request, principal: Caller) -> Response:
+        """Delete a finished job: its objects in object storage (everything under `jobs/<id>/`: prompts,
+        answers, checkpoints, the student, the report), then the job with its steps and events. A delete
+        that fails midway can be asked again."""
+        store: JobStore = request.app.state.store
+        await visible_job(store, principal, job_id)
+        try:
+            await remove_job(store, request.app.state.channels, job_id)
+        except JobNotFinished as exc:
+            raise ApiError(
+                409, f"job {job_id} is {exc.phase.value}: cancel it first (POST /v1/jobs/{job_id}:cancel)"
+            ) from exc
+        except RemovalFailed as exc:
+            raise ApiError(exc.status, f"cannot delete the objects of job {job_id}: {exc}") from exc
+        return Response(status_code=204)
 
     @app.get(
         "/v1/jobs/{job_id:job_id}/artifacts/{name}",
         response_model=ArtifactLinks,
-        dependencies=authenticated,
         tags=["jobs"],
         responses={
             **error_responses,
             503: {"model": ErrorBody, "description": "The storage service cannot be reached"},
         },
     )
-    async def job_artifact(job_id: JobId, name: ArtifactName, request: Request) -> ArtifactLinks:
+    async def job_artifact(
+        job_id: JobId, name: ArtifactName, request: Request, principal: Caller
+    ) -> ArtifactLinks:
         """The files of one of the job's artifacts (`student`, `baseline`, `report`), each with a
         time-limited URL to download it straight from object storage, and its size and sha256."""
         store: JobStore = request.app.state.store
-        job = await store.get_job(job_id)
+        job = await visible_job(store, principal, job_id)
         results = {step.stage: step.result or {} for step in await store.steps(job_id) if step.result}
         artifact_id = artifact_id_of(results, name.value)
         if artifact_id is None:
@@ -526,13 +640,13 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
     @app.get(
         "/v1/jobs/{job_id:job_id}/events",
-        dependencies=authenticated,
         tags=["jobs"],
         responses={**error_responses, 200: {"content": {"text/event-stream": {}}}},
     )
     async def job_events(
         job_id: JobId,
         request: Request,
+        principal: Caller,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> EventSourceResponse:
         """Server-sent events: `phase`, `progress` and `error`, from the start (or after Last-Event-ID).
@@ -541,7 +655,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         """
         store: JobStore = request.app.state.store
         bus: JobEventBus = request.app.state.bus
-        await store.get_job(job_id)
+        await visible_job(store, principal, job_id)
         try:
             after = int(last_event_id) if last_event_id else 0
         except ValueError as exc:
@@ -563,11 +677,45 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
         return EventSourceResponse(stream(), ping=15)
 
+    @app.get(
+        "/v1/audit",
+        response_model=AuditList,
+        tags=["audit"],
+        responses={
+            401: error_responses[401],
+            400: {"model": ErrorBody, "description": "Invalid pageToken"},
+            403: {"model": ErrorBody, "description": "The caller is not an admin"},
+        },
+    )
+    async def list_audit(
+        request: Request,
+        principal: Caller,
+        tenant: str | None = None,
+        job_id: Annotated[str | None, Query(alias="jobId")] = None,
+        page_size: Annotated[int, Query(alias="pageSize", ge=1, le=500)] = 50,
+        page_token: Annotated[str | None, Query(alias="pageToken")] = None,
+    ) -> AuditList:
+        """The audit log, newest first (admins only): who made each mutating call (submit, estimate,
+        cancel, delete), what it was, when, and how it was answered; optionally of one tenant or job."""
+        if not principal.is_admin:
+            raise ApiError(403, f"the audit log is for admins; {principal.name} is a {principal.role.value}")
+        try:
+            entries, next_token = await request.app.state.store.list_audit(
+                tenant=tenant, job_id=job_id, limit=page_size, page_token=page_token
+            )
+        except ValueError as exc:
+            raise ApiError(400, f"pageToken: {exc}") from exc
+        return AuditList.of(entries, next_token)
+
     return app
 
 
 def run(settings: ControlPlaneSettings) -> None:
     """Blocking entry point of `stillhouse serve control-plane`."""
     configure_logging(settings.log_level, settings.log_format, service="control-plane")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start the control plane", error=str(exc))
+        raise SystemExit(2) from None
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, lifespan="on")

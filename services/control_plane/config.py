@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import Settings
 from stillhouse.common.paths import stillhouse_home
+from stillhouse.control_plane.principals import AccessControl, PrincipalsFile, read_principals_file
 
 
 class ServiceAddresses(BaseModel):
@@ -37,6 +38,12 @@ class ControlPlaneSettings(Settings):
     api_token_file: Path | None = Field(
         default=None, description="File with one accepted token per line (a mounted Secret)."
     )
+    principals_file: Path | None = Field(
+        default=None,
+        description="YAML file of principals (name, tenant, role, token or tokenSha256) and tenant quotas "
+        "(a mounted Secret); see stillhouse.control_plane.principals. Tokens of `api_tokens` and "
+        "`api_token_file` are admins of the tenant `default`.",
+    )
     services: ServiceAddresses = Field(default_factory=ServiceAddresses)
     input_roots: list[Path] = Field(
         default_factory=list,
@@ -50,11 +57,27 @@ class ControlPlaneSettings(Settings):
     )
     # How often progress is written to the job's events at most (progress arrives faster).
     progress_event_interval_seconds: float = 1.0
+    finished_job_max_age_hours: float | None = Field(
+        default=None,
+        gt=0,
+        description="Delete jobs (their rows and objects) this many hours after they finished; none, the "
+        "default, keeps them until DELETE /v1/jobs/{id}.",
+    )
+    # How often the sweep looks for expired jobs, when `finished_job_max_age_hours` is set.
+    expiry_sweep_interval_seconds: float = Field(default=3600.0, gt=0)
+
+    # Read and checked once, at load, so that a bad file stops the process with an error naming it.
+    _principals: PrincipalsFile | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _some_token(self) -> ControlPlaneSettings:
-        if not self.api_tokens and self.api_token_file is None:
-            raise ValueError("set `api_tokens` or `api_token_file`: the API refuses to run without a token")
+        if not self.api_tokens and self.api_token_file is None and self.principals_file is None:
+            raise ValueError(
+                "set `api_tokens`, `api_token_file` or `principals_file`: the API refuses to run without a "
+                "token"
+            )
+        if self.principals_file is not None:
+            self._principals = read_principals_file(self.principals_file)
         return self
 
     def accepted_tokens(self) -> list[str]:
@@ -62,3 +85,7 @@ class ControlPlaneSettings(Settings):
         if self.api_token_file is not None:
             tokens += [line.strip() for line in self.api_token_file.read_text().splitlines() if line.strip()]
         return tokens
+
+    def access_control(self) -> AccessControl:
+        """The principals of the tokens and of the principals file, and the tenants' quotas."""
+        return AccessControl.of(self.accepted_tokens(), self._principals)

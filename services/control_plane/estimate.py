@@ -44,9 +44,10 @@ class EstimateFailed(Exception):
         self.retryable = retryable
 
 
-def estimate_job_id(spec: Mapping[str, Any]) -> str:
-    """The same id for every spec that yields the same prompts, so a repeated estimate reuses them."""
-    deciding = {part: spec[part] for part in ("prompts", "teacher", "evaluation")}
+def estimate_job_id(spec: Mapping[str, Any], tenant: str) -> str:
+    """The same id for every spec of a tenant that yields the same prompts, so a repeated estimate reuses
+    them; another tenant's estimate is its own (its generation calls are cached apart)."""
+    deciding = {"tenant": tenant, **{part: spec[part] for part in ("prompts", "teacher", "evaluation")}}
     digest = hashlib.sha256(json.dumps(deciding, sort_keys=True).encode()).hexdigest()
     return f"estimate-{digest[:16]}"
 
@@ -57,11 +58,11 @@ def _failure(service: str, exc: grpc.aio.AioRpcError) -> EstimateFailed:
 
 
 async def _prompts(
-    channels: ServiceChannels, job_id: str, spec: Mapping[str, Any]
+    channels: ServiceChannels, job_id: str, tenant: str, spec: Mapping[str, Any]
 ) -> prompts_pb2.GeneratePromptsResult:
     call = STAGE_CALLS[Stage.PROMPTS]
     channel = channels.get(call.service)
-    request = call.build_request(f"{job_id}.prompts.1", job_id, spec, {})
+    request = call.build_request(f"{job_id}.prompts.1", job_id, tenant, spec, {})
     operations = operations_pb2_grpc.OperationsStub(channel)
     try:
         await call.start(channel, request)
@@ -128,13 +129,13 @@ def _sum(*estimates: teacher_pb2.CostEstimate) -> teacher_pb2.CostEstimate:
 
 
 async def estimate_job(
-    channels: ServiceChannels, spec: Mapping[str, Any], deadline_seconds: float
+    channels: ServiceChannels, spec: Mapping[str, Any], tenant: str, deadline_seconds: float
 ) -> dict[str, Any]:
-    """The prompts (built for real) and the teacher's price for answering them, in EstimateView's fields;
-    `EstimateTimedOut` after `deadline_seconds`."""
+    """The prompts (built for real, for `tenant`) and the teacher's price for answering them, in
+    EstimateView's fields; `EstimateTimedOut` after `deadline_seconds`."""
     try:
         async with asyncio.timeout(deadline_seconds):
-            return await _estimate(channels, spec)
+            return await _estimate(channels, spec, tenant)
     except TimeoutError:
         raise EstimateTimedOut(
             f"the estimate took longer than {deadline_seconds:g} s and was stopped; a job with this spec "
@@ -142,9 +143,9 @@ async def estimate_job(
         ) from None
 
 
-async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any]) -> dict[str, Any]:
-    job_id = estimate_job_id(spec)
-    prompts = await _prompts(channels, job_id, spec)
+async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any], tenant: str) -> dict[str, Any]:
+    job_id = estimate_job_id(spec, tenant)
+    prompts = await _prompts(channels, job_id, tenant, spec)
     train, holdout = await asyncio.gather(
         _price(channels, prompts.train, spec), _price(channels, prompts.holdout, spec)
     )

@@ -186,7 +186,7 @@ class Orchestrator:
         if step is None:
             step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt=1))
         results = await self._stage_results(job.id)
-        request = call.build_request(step.operation_id, job.id, job.document["spec"], results)
+        request = call.build_request(step.operation_id, job.id, job.tenant, job.document["spec"], results)
         try:
             operation = await self._until_final(job.id, call, step, request)
         except StageFailed as exc:

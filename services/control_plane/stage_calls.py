@@ -1,7 +1,8 @@
 """How each stage of a job is asked of its service: which RPC, built from which parts of the job.
 
-Pure mapping, no I/O: the orchestrator owns the calls. A stage's request is built from the job
-document and the stored results of earlier stages; its result is stored as JSON (proto field names).
+Pure mapping, no I/O: the orchestrator owns the calls. A stage's request is built from the job (its
+document and tenant) and the stored results of earlier stages; its result is stored as JSON (proto
+field names).
 """
 
 from __future__ import annotations
@@ -46,34 +47,39 @@ class StageCall:
     rpc: str
     stub: Callable[[Any], Any]
     result_type: type[message.Message]
-    build_request: Callable[[str, str, Mapping[str, Any], StageResults], message.Message]
+    # (operation id, job id, tenant, spec, results of earlier stages) -> request
+    build_request: Callable[[str, str, str, Mapping[str, Any], StageResults], message.Message]
 
     def start(self, channel: Any, request: message.Message):
         return getattr(self.stub(channel), self.rpc)(request)
 
 
-def _prompts_request(operation_id: str, job_id: str, spec: Mapping[str, Any], _: StageResults):
+def _prompts_request(operation_id: str, job_id: str, tenant: str, spec: Mapping[str, Any], _: StageResults):
     return prompts_pb2.GeneratePromptsRequest(
         operation_id=operation_id,
         job_id=job_id,
+        tenant=tenant,
         prompts=_struct(spec["prompts"]),
         teacher=_struct(spec["teacher"]),
         evaluation=_struct(spec["evaluation"]),
     )
 
 
-def _teacher_request(operation_id: str, job_id: str, spec: Mapping[str, Any], results: StageResults):
+def _teacher_request(
+    operation_id: str, job_id: str, tenant: str, spec: Mapping[str, Any], results: StageResults
+):
     prompts = results[Stage.PROMPTS]
     return teacher_pb2.AnswerPromptsRequest(
         operation_id=operation_id,
         job_id=job_id,
+        tenant=tenant,
         prompts=_dataset(prompts, "train"),
         holdout=_dataset(prompts, "holdout"),
         teacher=_struct(spec["teacher"]),
     )
 
 
-def _train_request(operation_id: str, job_id: str, spec: Mapping[str, Any], results: StageResults):
+def _train_request(operation_id: str, job_id: str, _: str, spec: Mapping[str, Any], results: StageResults):
     return trainer_pb2.TrainStudentRequest(
         operation_id=operation_id,
         job_id=job_id,
@@ -85,7 +91,7 @@ def _train_request(operation_id: str, job_id: str, spec: Mapping[str, Any], resu
     )
 
 
-def _evaluate_request(operation_id: str, job_id: str, spec: Mapping[str, Any], results: StageResults):
+def _evaluate_request(operation_id: str, job_id: str, _: str, spec: Mapping[str, Any], results: StageResults):
     trained = results[Stage.TRAIN]
     return trainer_pb2.EvaluateStudentRequest(
         operation_id=operation_id,

@@ -1,4 +1,5 @@
-"""The job store: jobs, the steps each job has run and the events it has emitted.
+"""The job store: jobs (each owned by a principal of a tenant), the steps each job has run, the events it
+has emitted, and the audit log of the API's mutating calls.
 
 One code path over SQLite (embedded mode) and PostgreSQL (cluster mode). The schema is owned by the
 Alembic migrations beside this module; `JobStore.open` brings the database to the latest revision.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,12 +30,15 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    delete,
     false,
+    func,
     select,
     text,
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -44,6 +49,8 @@ from stillhouse.control_plane.phases import TERMINAL_PHASES, IllegalTransition, 
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_JOB_ID_LENGTH = 64
+MAX_OWNER_LENGTH = 128
+MAX_TENANT_LENGTH = 63
 # Any constant will do: it only has to be the same in every process migrating the same database.
 _MIGRATION_LOCK_KEY = 0x5717_1405
 
@@ -69,6 +76,9 @@ class JobRecord:
     cancel_requested: bool
     created_at: datetime
     updated_at: datetime
+    tenant: str
+    # The principal that submitted the job; None for jobs submitted before jobs had owners.
+    owner: str | None
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,36 @@ class EventRecord:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    created_at: datetime
+    principal: str
+    tenant: str
+    method: str
+    route: str
+    job_id: str | None
+    status: int
+
+
+@dataclass(frozen=True)
+class JobActivity:
+    """One job as a tenant's quota sees it: its steps, and its latest progress event (the running or last
+    step's, which holds what that step had spent when it ended)."""
+
+    job: JobRecord
+    steps: list[StepRecord]
+    last_progress: EventRecord | None
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What a tenant has running, and its jobs submitted since the start of the quota's day."""
+
+    unfinished_jobs: int
+    jobs_since: list[JobActivity]
+
+
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r}")
@@ -103,6 +143,13 @@ class JobAlreadyExists(ValueError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"a job with id {job_id!r} already exists")
         self.job_id = job_id
+
+
+class JobNotFinished(ValueError):
+    def __init__(self, job_id: str, phase: Phase) -> None:
+        super().__init__(f"job {job_id!r} is {phase.value}, not finished")
+        self.job_id = job_id
+        self.phase = phase
 
 
 class StepNotFound(LookupError):
@@ -152,6 +199,7 @@ class JobRow(Base):
     __table_args__ = (
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_phase_created_at_id", "phase", "created_at", "id"),
+        Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(MAX_JOB_ID_LENGTH), primary_key=True)
@@ -163,6 +211,8 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    tenant: Mapped[str] = mapped_column(String(MAX_TENANT_LENGTH))
+    owner: Mapped[str | None] = mapped_column(String(MAX_OWNER_LENGTH))
 
 
 class StepRow(Base):
@@ -191,6 +241,32 @@ class EventRow(Base):
     created_at: Mapped[datetime]
 
 
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[datetime]
+    principal: Mapped[str] = mapped_column(String(MAX_OWNER_LENGTH))
+    tenant: Mapped[str] = mapped_column(String(MAX_TENANT_LENGTH))
+    method: Mapped[str] = mapped_column(String(16))
+    route: Mapped[str] = mapped_column(String(255))
+    # No foreign key: the record of a DELETE outlives the job.
+    job_id: Mapped[str | None] = mapped_column(String(MAX_JOB_ID_LENGTH))
+    status: Mapped[int]
+
+
+class TenantAdmissionRow(Base):
+    """One row per tenant that has submitted a job. A submit under quota updates its tenant's row first,
+    which serialises the tenant's submits (a row lock on PostgreSQL, the write lock on SQLite), so two
+    concurrent submits cannot both pass the check on the same usage."""
+
+    __tablename__ = "tenant_admissions"
+
+    tenant: Mapped[str] = mapped_column(String(MAX_TENANT_LENGTH), primary_key=True)
+    admitted_jobs: Mapped[int] = mapped_column(BigInteger)
+
+
 def _job_record(row: JobRow) -> JobRecord:
     return JobRecord(
         id=row.id,
@@ -202,6 +278,21 @@ def _job_record(row: JobRow) -> JobRecord:
         cancel_requested=row.cancel_requested,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        tenant=row.tenant,
+        owner=row.owner,
+    )
+
+
+def _audit_record(row: AuditRow) -> AuditRecord:
+    return AuditRecord(
+        id=row.id,
+        created_at=row.created_at,
+        principal=row.principal,
+        tenant=row.tenant,
+        method=row.method,
+        route=row.route,
+        job_id=row.job_id,
+        status=row.status,
     )
 
 
@@ -258,6 +349,18 @@ def _decode_page_token(token: str) -> tuple[datetime, str]:
     return when, job_id
 
 
+def _encode_audit_token(row: AuditRow) -> str:
+    return base64.urlsafe_b64encode(str(row.id).encode()).decode().rstrip("=")
+
+
+def _decode_audit_token(token: str) -> int:
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        return int(raw.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("invalid page token") from None
+
+
 # --- The store ------------------------------------------------------------------------------------
 
 
@@ -283,8 +386,20 @@ class JobStore:
     # Jobs
 
     async def create_job(
-        self, job_id: str, name: str, document: dict[str, Any], labels: dict[str, str]
+        self,
+        job_id: str,
+        name: str,
+        document: dict[str, Any],
+        labels: dict[str, str],
+        *,
+        owner: str,
+        tenant: str,
+        admit: Callable[[TenantUsage], None] | None = None,
+        usage_since: datetime | None = None,
     ) -> JobRecord:
+        """Store a new Pending job. With `admit`, the tenant's usage (its unfinished jobs, and its jobs
+        created since `usage_since`) is read and handed to it first, in the same transaction and alone
+        among the tenant's submits; whatever `admit` raises refuses the job."""
         if not 0 < len(job_id) <= MAX_JOB_ID_LENGTH:
             raise ValueError(f"job id {job_id!r} must be 1 to {MAX_JOB_ID_LENGTH} characters long")
         now = _now()
@@ -298,9 +413,14 @@ class JobStore:
             cancel_requested=False,
             created_at=now,
             updated_at=now,
+            tenant=tenant,
+            owner=owner,
         )
         try:
             async with self._sessions.begin() as session:
+                if admit is not None:
+                    await self._lock_tenant(session, tenant)
+                    admit(await _tenant_usage(session, tenant, usage_since or now))
                 session.add(row)
                 await session.flush()
                 session.add(_phase_event(job_id, Phase.PENDING, None, now))
@@ -313,14 +433,21 @@ class JobStore:
             return _job_record(await _job_row(session, job_id))
 
     async def list_jobs(
-        self, *, phase: Phase | None = None, limit: int = 50, page_token: str | None = None
+        self,
+        *,
+        phase: Phase | None = None,
+        tenant: str | None = None,
+        limit: int = 50,
+        page_token: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
-        """Newest first; the token, when not None, fetches the next page."""
+        """Newest first, of every tenant or of one; the token, when not None, fetches the next page."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
         if phase is not None:
             query = query.where(JobRow.phase == phase.value)
+        if tenant is not None:
+            query = query.where(JobRow.tenant == tenant)
         if page_token is not None:
             # A plain tuple takes the columns' types, so the datetime is bound as UTC on SQLite too.
             query = query.where(tuple_(JobRow.created_at, JobRow.id) < _decode_page_token(page_token))
@@ -338,6 +465,37 @@ class JobStore:
         )
         async with self._sessions() as session:
             return [_job_record(row) for row in await session.scalars(query)]
+
+    async def finished_before(self, cutoff: datetime, limit: int = 100) -> list[JobRecord]:
+        """Jobs in a final phase whose last change is older than `cutoff`, oldest first."""
+        query = (
+            select(JobRow)
+            .where(JobRow.phase.in_([phase.value for phase in TERMINAL_PHASES]), JobRow.updated_at < cutoff)
+            .order_by(JobRow.updated_at, JobRow.id)
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            return [_job_record(row) for row in await session.scalars(query)]
+
+    async def delete_job(self, job_id: str) -> None:
+        """Remove a finished job with its steps and events; JobNotFinished while it may still change."""
+        async with self._sessions.begin() as session:
+            row = await _job_row(session, job_id, for_update=True)
+            if not Phase(row.phase).is_terminal:
+                raise JobNotFinished(job_id, Phase(row.phase))
+            await session.execute(delete(EventRow).where(EventRow.job_id == job_id))
+            await session.execute(delete(StepRow).where(StepRow.job_id == job_id))
+            await session.execute(delete(JobRow).where(JobRow.id == job_id))
+
+    async def _lock_tenant(self, session: AsyncSession, tenant: str) -> None:
+        insert = postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
+        statement = insert(TenantAdmissionRow).values(tenant=tenant, admitted_jobs=1)
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[TenantAdmissionRow.tenant],
+                set_={"admitted_jobs": TenantAdmissionRow.admitted_jobs + 1},
+            )
+        )
 
     async def set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> JobRecord:
         """Move the job to `phase` and record a "phase" event, or raise IllegalTransition."""
@@ -499,6 +657,85 @@ class JobStore:
         )
         async with self._sessions() as session:
             return [_event_record(row) for row in await session.scalars(query)]
+
+    # Audit log
+
+    async def record_audit(
+        self,
+        *,
+        principal: str,
+        tenant: str,
+        method: str,
+        route: str,
+        job_id: str | None,
+        status: int,
+    ) -> AuditRecord:
+        row = AuditRow(
+            created_at=_now(),
+            principal=principal,
+            tenant=tenant,
+            method=method,
+            route=route,
+            job_id=job_id,
+            status=status,
+        )
+        async with self._sessions.begin() as session:
+            session.add(row)
+            await session.flush()
+            return _audit_record(row)
+
+    async def list_audit(
+        self,
+        *,
+        tenant: str | None = None,
+        job_id: str | None = None,
+        limit: int = 50,
+        page_token: str | None = None,
+    ) -> tuple[list[AuditRecord], str | None]:
+        """Newest first, optionally of one tenant or one job; the token fetches the next page."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(AuditRow.tenant == tenant)
+        if job_id is not None:
+            query = query.where(AuditRow.job_id == job_id)
+        if page_token is not None:
+            query = query.where(AuditRow.id < _decode_audit_token(page_token))
+        async with self._sessions() as session:
+            rows = list((await session.scalars(query)).all())
+        next_token = _encode_audit_token(rows[limit - 1]) if len(rows) > limit else None
+        return [_audit_record(row) for row in rows[:limit]], next_token
+
+
+async def _tenant_usage(session: AsyncSession, tenant: str, since: datetime) -> TenantUsage:
+    unfinished = await session.scalar(
+        select(func.count())
+        .select_from(JobRow)
+        .where(JobRow.tenant == tenant, JobRow.phase.not_in([p.value for p in TERMINAL_PHASES]))
+    )
+    jobs = list(
+        await session.scalars(
+            select(JobRow).where(JobRow.tenant == tenant, JobRow.created_at >= since).order_by(JobRow.id)
+        )
+    )
+    ids = [job.id for job in jobs]
+    steps: dict[str, list[StepRecord]] = {job_id: [] for job_id in ids}
+    last_progress: dict[str, EventRecord] = {}
+    if ids:
+        for step in await session.scalars(select(StepRow).where(StepRow.job_id.in_(ids))):
+            steps[step.job_id].append(_step_record(step))
+        latest = (
+            select(func.max(EventRow.id))
+            .where(EventRow.job_id.in_(ids), EventRow.type == "progress")
+            .group_by(EventRow.job_id)
+        )
+        for event in await session.scalars(select(EventRow).where(EventRow.id.in_(latest))):
+            last_progress[event.job_id] = _event_record(event)
+    return TenantUsage(
+        unfinished_jobs=unfinished or 0,
+        jobs_since=[JobActivity(_job_record(job), steps[job.id], last_progress.get(job.id)) for job in jobs],
+    )
 
 
 async def _job_row(session: AsyncSession, job_id: str, *, for_update: bool = False) -> JobRow:

@@ -63,6 +63,7 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                             TeacherClient(
                                 self._settings.teacher_address,
                                 job_id=request.job_id,
+                                tenant=request.tenant,
                                 teacher=teacher,
                                 timeout_seconds=self._settings.teacher_timeout_seconds,
                             )

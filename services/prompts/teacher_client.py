@@ -44,10 +44,13 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 class TeacherClient:
     """Completes chats through the teacher service at `address`; `ledger` sums what every call spent."""
 
-    def __init__(self, address: str, *, job_id: str, teacher: dict[str, Any], timeout_seconds: float) -> None:
+    def __init__(
+        self, address: str, *, job_id: str, tenant: str, teacher: dict[str, Any], timeout_seconds: float
+    ) -> None:
         self.address = address
         self.ledger = Ledger()
         self._job_id = job_id
+        self._tenant = tenant
         self._teacher = teacher
         self._timeout = timeout_seconds
         self._channel = grpc.aio.insecure_channel(
@@ -66,6 +69,7 @@ class TeacherClient:
     async def complete(self, messages: list[dict[str, str]], *, temperature: float, seed: int) -> str:
         request = teacher_pb2.CompleteRequest(
             job_id=self._job_id,
+            tenant=self._tenant,
             messages=[teacher_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
             teacher=self._teacher_struct(temperature, seed),
         )

@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 MAX_KEY_BYTES = 1024
+# Keys per delete call: S3's DeleteObjects takes at most 1,000.
+DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,19 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, keys: Iterable[str]) -> None:
         """Delete these objects; keys that do not exist are ignored."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under the folder `prefix` (not empty, ending in '/'); return how many.
+        A missing bucket holds nothing to delete."""
+        if not prefix.endswith("/") or validate_prefix(prefix) == "":
+            raise InvalidKey(prefix, "a prefix to delete must name a folder: not empty, ending in '/'")
+        try:
+            keys = [info.key for info in self.list(prefix)]
+        except BucketNotFound:
+            return 0
+        for start in range(0, len(keys), DELETE_BATCH):
+            self.delete(keys[start : start + DELETE_BATCH])
+        return len(keys)
 
     @abc.abstractmethod
     def presign_get(self, key: str, expires: timedelta) -> str: ...

@@ -286,3 +286,11 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             return storage_pb2.PresignResponse(url=url, expire_time=stamp)
 
         return await self._call(context, presign)
+
+    async def DeletePrefix(self, request, context):
+        def delete() -> storage_pb2.DeletePrefixResponse:
+            deleted = self._store.delete_prefix(request.prefix)
+            log.info("prefix deleted", prefix=request.prefix, objects=deleted)
+            return storage_pb2.DeletePrefixResponse(deleted_objects=deleted)
+
+        return await self._call(context, delete)

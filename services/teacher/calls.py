@@ -1,7 +1,8 @@
 """What is asked of a teacher and what it answers, independent of the backend that answers.
 
-`TeacherCall` holds everything that can change an answer, so its `cache_key` is the identity of the
-call: two calls with the same key get the same stored answer and the teacher is asked only once.
+`TeacherCall` holds everything that can change an answer, and whose answer it is (`cache_scope`), so
+its `cache_key` is the identity of the call: two calls with the same key get the same stored answer and
+the teacher is asked only once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
 
 # Bump when the meaning of a stored answer changes, so old cache entries stop matching.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+
+
+def cache_scope(tenant: str, api_key: str | None) -> str:
+    """Who may read a cached answer: the tenant that asked and the API key that paid, the key by its
+    SHA-256 only. Two jobs of one tenant using one key share answers; other tenants or keys do not."""
+    credential = hashlib.sha256(api_key.encode()).hexdigest() if api_key else ""
+    return f"{tenant}/{credential}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class TeacherCall:
     top_logprobs: int
     # Server-specific request fields (`sampling.extraBody`), sorted by name.
     extra_body: tuple[tuple[str, bool | int | float | str], ...] = ()
+    # `cache_scope(tenant, api_key)`: part of the key, never sent to the teacher.
+    scope: str = ""
 
     def cache_key(self) -> str:
         identity = {"format": CACHE_FORMAT, **asdict(self)}

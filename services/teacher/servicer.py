@@ -69,6 +69,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
             async def work(progress):
                 teacher = await self._teachers.get(spec)
+                scope = self._teachers.cache_scope(spec, request.tenant)
                 run = AnswerPromptsRun(
                     store=self._store,
                     cache=self._cache,
@@ -77,6 +78,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                     price=price,
                     job_id=request.job_id,
                     progress=progress,
+                    scope=scope,
                 )
                 try:
                     return await run.run(request.prompts.dataset_id, request.holdout.dataset_id)
@@ -115,7 +117,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             spec = teacher_spec(request.teacher)
             price = self._prices.price(spec.model)
             teacher = await self._teachers.get(spec)
-            call = call_for(spec, [{"role": m.role, "content": m.content} for m in request.messages])
+            scope = self._teachers.cache_scope(spec, request.tenant)
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            call = call_for(spec, messages, scope=scope)
             cached = (await self._cache.get_many([call.cache_key()])).get(call.cache_key())
             answer = cached or await teacher.answer(call, prompt_tokens(call.messages) + call.max_tokens)
             if cached is None:

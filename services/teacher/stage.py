@@ -64,7 +64,8 @@ class StageTotals:
     in_flight_usd: float = 0.0
 
 
-def call_for(spec: TeacherSpec, messages: Sequence[dict[str, str]]) -> TeacherCall:
+def call_for(spec: TeacherSpec, messages: Sequence[dict[str, str]], *, scope: str) -> TeacherCall:
+    """The call that asks `messages` of the teacher of `spec`, cached within `scope` (`cache_scope`)."""
     return TeacherCall(
         backend=spec.backend.value,
         base_url=spec.base_url or "",
@@ -77,6 +78,7 @@ def call_for(spec: TeacherSpec, messages: Sequence[dict[str, str]]) -> TeacherCa
         seed=spec.sampling.seed,
         top_logprobs=spec.top_logprobs,
         extra_body=tuple(sorted(spec.sampling.extra_body.items())),
+        scope=scope,
     )
 
 
@@ -124,6 +126,7 @@ class AnswerPromptsRun:
         price: Price,
         job_id: str,
         progress: ProgressReporter,
+        scope: str,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -132,6 +135,7 @@ class AnswerPromptsRun:
         self._price = price
         self._job_id = job_id
         self._progress = progress
+        self._scope = scope
         self._budget = Budget(spec.budget_usd)
         # Enough calls queued behind the ones in flight that a slow answer does not idle the teacher.
         self._window = 4 * spec.limits.max_concurrency
@@ -207,7 +211,7 @@ class AnswerPromptsRun:
         pending: deque[tuple[dict[str, Any], asyncio.Future[TeacherAnswer | None]]] = deque()
         try:
             async for chunk in self._prompt_chunks(reader):
-                calls = [call_for(self._spec, row["messages"]) for row in chunk]
+                calls = [call_for(self._spec, row["messages"], scope=self._scope) for row in chunk]
                 hits = await self._cache.get_many([call.cache_key() for call in calls])
                 for row, call in zip(chunk, calls, strict=True):
                     while len(pending) >= self._window:

@@ -15,6 +15,7 @@ import structlog
 from stillhouse.common.jobspec import SECRET_NAME_PATTERN, TeacherBackend, TeacherSpec
 from stillhouse.common.operations import OperationError
 from stillhouse.teacher.backends.base import TeacherBackend as Backend
+from stillhouse.teacher.calls import cache_scope
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.egress import EgressPolicy, EgressRefused
 from stillhouse.teacher.resilience import ResilientTeacher
@@ -68,11 +69,17 @@ def _teacher_key(spec: TeacherSpec) -> str:
     return "|".join([spec.backend.value, spec.base_url or "", spec.model, spec.api_key_secret or ""])
 
 
+def _pool_key(spec: TeacherSpec) -> tuple[str, str]:
+    return (_teacher_key(spec), spec.limits.model_dump_json())
+
+
 class TeacherPool:
     def __init__(self, settings: TeacherSettings) -> None:
         self._settings = settings
         self._egress = EgressPolicy.from_entries(settings.egress_allow)
         self._teachers: dict[tuple[str, str], ResilientTeacher] = {}
+        # The API key each teacher was built with: what `cache_scope` fingerprints.
+        self._api_keys: dict[tuple[str, str], str | None] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, spec: TeacherSpec) -> ResilientTeacher:
@@ -80,7 +87,7 @@ class TeacherPool:
         time, so that a stage or call for a refused address fails before any request."""
         if spec.backend is TeacherBackend.OPENAI:
             await self._check_egress(spec.base_url or "")
-        key = (_teacher_key(spec), spec.limits.model_dump_json())
+        key = _pool_key(spec)
         async with self._lock:
             if key not in self._teachers:
                 backend = await self._backend(spec)
@@ -90,10 +97,16 @@ class TeacherPool:
                 log.info("teacher ready", backend=spec.backend.value, model=spec.model)
             return self._teachers[key]
 
+    def cache_scope(self, spec: TeacherSpec, tenant: str) -> str:
+        """Whose cached answers a call of `tenant` to the teacher of `spec` may read: the tenant's, paid
+        with the API key that teacher is called with. Ask after `get(spec)`, which resolves the key."""
+        return cache_scope(tenant, self._api_keys[_pool_key(spec)])
+
     async def _backend(self, spec: TeacherSpec) -> Backend:
         if spec.backend is TeacherBackend.LOCAL:
             from stillhouse.teacher.backends.local_hf import LocalHFBackend
 
+            self._api_keys[_pool_key(spec)] = None
             device = None if self._settings.local_device == "auto" else self._settings.local_device
             try:
                 return await asyncio.to_thread(
@@ -110,10 +123,12 @@ class TeacherPool:
         from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
 
         tokenizer = await asyncio.to_thread(_token_vocabulary, spec.tokenizer) if spec.tokenizer else None
+        api_key = resolve_api_key(spec.api_key_secret, self._settings.api_key_dir)
+        self._api_keys[_pool_key(spec)] = api_key
         try:
             return OpenAICompatibleBackend(
                 spec.base_url or "",
-                resolve_api_key(spec.api_key_secret, self._settings.api_key_dir),
+                api_key,
                 max_connections=spec.limits.max_concurrency,
                 timeout_seconds=spec.limits.timeout_seconds,
                 tokenizer=tokenizer,
@@ -134,6 +149,7 @@ class TeacherPool:
         for teacher in self._teachers.values():
             await teacher.aclose()
         self._teachers.clear()
+        self._api_keys.clear()
 
 
 def _token_vocabulary(reference: str):

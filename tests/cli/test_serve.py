@@ -49,7 +49,10 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_control_plane_without_a_token() -> None:
     code, stderr = serve("control-plane", "--port", "0")
     assert code == 2
-    assert "  set `api_tokens` or `api_token_file`: the API refuses to run without a token" in stderr
+    assert (
+        "  set `api_tokens`, `api_token_file` or `principals_file`: the API refuses to run without a token"
+        in stderr
+    )
 
 
 def test_control_plane_has_no_metrics_port() -> None:

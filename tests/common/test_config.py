@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from stillhouse.common.config import ConfigFileError
 from stillhouse.control_plane.config import ControlPlaneSettings
+from stillhouse.control_plane.principals import Principal, Role, TenantQuota
 from stillhouse.teacher.config import TeacherSettings
 
 
@@ -150,3 +152,100 @@ def test_control_plane_reads_tokens_from_the_file(tmp_path: Path, monkeypatch: p
     # Read on every call, not cached at start-up.
     token_file.write_text("third-token\n")
     assert settings.accepted_tokens() == ["third-token"]
+
+
+def test_control_plane_principals_from_a_file_and_tokens_as_default_admins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest = hashlib.sha256(b"alice-token-0123456789").hexdigest()
+    principals = write(
+        tmp_path / "principals.yaml",
+        f"principals:\n"
+        f"  - {{name: alice, tenant: team-a, role: user, tokenSha256: {digest}}}\n"
+        f"  - {{name: ops@example.com, tenant: platform, role: admin, token: ops-token-0123456789}}\n"
+        f"tenants:\n  team-a: {{maxConcurrentJobs: 3, maxTeacherSpendUsdPerDay: 25.5}}\n",
+    )
+    monkeypatch.setenv("STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE", str(principals))
+    monkeypatch.setenv("STILLHOUSE_CONTROL_PLANE_API_TOKENS", '["legacy-token"]')
+    access = ControlPlaneSettings.load().access_control()
+
+    assert access.authenticate("alice-token-0123456789") == Principal("alice", "team-a", Role.USER)
+    assert access.authenticate("ops-token-0123456789") == Principal("ops@example.com", "platform", Role.ADMIN)
+    legacy = access.authenticate("legacy-token")
+    assert (legacy.tenant, legacy.role) == ("default", Role.ADMIN)
+    assert "legacy" not in legacy.name
+    assert access.authenticate(digest) is None and access.authenticate("") is None
+    assert access.quota("team-a") == TenantQuota(max_concurrent_jobs=3, max_teacher_spend_usd_per_day=25.5)
+    assert access.quota("platform") == TenantQuota()
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (
+            "principals:\n  - {name: a, tenant: Team_A, role: root, token: short}\n",
+            [
+                "principals.0.tenant: a tenant is 1 to 63 lower-case letters",
+                "principals.0.role: Input should be 'admin' or 'user'",
+                "principals.0.token: a token must be at least 16 characters long",
+            ],
+        ),
+        (
+            "principals:\n  - {name: a, tenant: t, role: user}\n",
+            ["principals.0: give exactly one of `token` and `tokenSha256`"],
+        ),
+        (
+            "principals:\n  - {name: a, tenant: t, role: user, tokenSha256: ABC}\n",
+            ["principals.0.tokenSha256: must be 64 lower-case hex digits"],
+        ),
+        (
+            "principals:\n  - {name: a, tenant: t, role: user, token: same-token-0123456789}\n"
+            "  - {name: a, tenant: u, role: user, token: other-token-0123456789}\n",
+            ["principal names must be unique: a appear"],
+        ),
+        (
+            "principals:\n  - {name: a, tenant: t, role: user, token: same-token-0123456789}\n"
+            "  - {name: b, tenant: u, role: user, token: same-token-0123456789}\n",
+            ["two principals have the same token"],
+        ),
+        (
+            "principals:\n  - {name: a, tenant: t, role: user, token: a-token-0123456789}\n"
+            "tenants: {t: {maxConcurrentJobs: 0, maxJobs: 1}}\n",
+            ["tenants.t.maxConcurrentJobs: Input should be greater than or equal to 1", "tenants.t.maxJobs"],
+        ),
+        ("principals: [\n", ["is not valid YAML"]),
+        ("principals: []\n", ["principals: List should have at least 1 item"]),
+    ],
+    ids=["fields", "no-token", "bad-digest", "names-twice", "token-twice", "quota", "yaml", "empty"],
+)
+def test_control_plane_refuses_a_bad_principals_file_naming_file_and_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, fragments: list[str]
+) -> None:
+    principals = write(tmp_path / "principals.yaml", content)
+    monkeypatch.setenv("STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE", str(principals))
+    with pytest.raises(ValidationError) as refused:
+        ControlPlaneSettings.load()
+    message = str(refused.value)
+    assert str(principals) in message
+    for fragment in fragments:
+        assert fragment in message
+    assert "0123456789" not in message  # no token, even a duplicated one, is quoted
+
+
+def test_control_plane_names_a_missing_principals_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE", str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(ValidationError, match=r"cannot read the principals file .*nowhere\.yaml"):
+        ControlPlaneSettings.load()
+
+
+def test_a_token_given_twice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    principals = write(
+        tmp_path / "principals.yaml",
+        "principals:\n  - {name: a, tenant: t, role: user, token: shared-token-0123456789}\n",
+    )
+    monkeypatch.setenv("STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE", str(principals))
+    monkeypatch.setenv("STILLHOUSE_CONTROL_PLANE_API_TOKENS", '["shared-token-0123456789"]')
+    with pytest.raises(ValueError, match="a token is configured twice"):
+        ControlPlaneSettings.load().access_control()

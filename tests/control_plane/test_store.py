@@ -41,7 +41,9 @@ DOCUMENT = {
 
 
 async def new_job(store: JobStore, job_id: str = "job-1") -> JobRecord:
-    return await store.create_job(job_id, "support-bot-small", DOCUMENT, {"team": "support"})
+    return await store.create_job(
+        job_id, "support-bot-small", DOCUMENT, {"team": "support"}, owner="alice", tenant="team-a"
+    )
 
 
 async def phase_events(store: JobStore, job_id: str) -> list[tuple[str, str | None]]:
@@ -60,7 +62,7 @@ async def test_migrations_bring_an_empty_database_to_head(database_url: str) -> 
     with engine.connect() as connection:
         context = MigrationContext.configure(connection)
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-        assert context.get_current_revision() == head == "0001"
+        assert context.get_current_revision() == head == "0002"
         # The ORM tables and the migrations describe the same schema.
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()

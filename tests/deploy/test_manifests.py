@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stillhouse.teacher.config import TeacherSettings
 
@@ -152,6 +153,56 @@ def test_teacher_mounts_api_key_secrets_as_files_named_for_job_specs(render) -> 
         for item in source["secret"].get("items", [])
     }
     assert files == {("deepseek-api", "api-key"): "deepseek", ("openai-api", "api-key"): "openai"}
+
+
+def control_plane_pod(manifests: list[dict]) -> dict:
+    return named(manifests, "Deployment", f"{PREFIX}-control-plane")["spec"]["template"]
+
+
+def mounted_secret_file(pod: dict, variable: str) -> tuple[str, str] | None:
+    """(Secret name, key) of the file the control plane's `variable` names, or None without it."""
+    (container,) = pod["spec"]["containers"]
+    env = {entry["name"]: entry for entry in container["env"]}
+    if variable not in env:
+        return None
+    path = Path(env[variable]["value"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    return volume["secret"]["secretName"], path.name
+
+
+def test_the_principals_file_reaches_the_control_plane_from_a_secret(render) -> None:
+    digest = "ab" * 32
+    given = render(
+        None,
+        (
+            "controlPlane.principals.file.principals[0].name=alice",
+            "controlPlane.principals.file.principals[0].tenant=team-a",
+            "controlPlane.principals.file.principals[0].role=user",
+            f"controlPlane.principals.file.principals[0].tokenSha256={digest}",
+            "controlPlane.principals.file.tenants.team-a.maxConcurrentJobs=4",
+            "controlPlane.finishedJobMaxAgeHours=720",
+        ),
+    )
+    existing = render(None, ("controlPlane.principals.existingSecret=our-principals",))
+    variable = "STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE"
+
+    secret = named(given, "Secret", f"{PREFIX}-principals")
+    assert mounted_secret_file(control_plane_pod(given), variable) == (
+        f"{PREFIX}-principals",
+        "principals.yaml",
+    )
+    assert yaml.safe_load(base64.b64decode(secret["data"]["principals.yaml"])) == {
+        "principals": [{"name": "alice", "tenant": "team-a", "role": "user", "tokenSha256": digest}],
+        "tenants": {"team-a": {"maxConcurrentJobs": 4}},
+    }
+    assert "checksum/principals" in control_plane_pod(given)["metadata"]["annotations"]
+    env = {e["name"]: e for e in control_plane_pod(given)["spec"]["containers"][0]["env"]}
+    assert env["STILLHOUSE_CONTROL_PLANE_FINISHED_JOB_MAX_AGE_HOURS"]["value"] == "720"
+    assert mounted_secret_file(control_plane_pod(existing), variable) == ("our-principals", "principals.yaml")
+    assert not [s for s in of_kind(existing, "Secret") if s["metadata"]["name"].endswith("-principals")]
+    # By default there is no principals file: the API tokens are admins of the tenant `default`.
+    assert mounted_secret_file(control_plane_pod(render(None)), variable) is None
 
 
 # --- network -----------------------------------------------------------------------------------------

@@ -102,6 +102,45 @@ BAD_VALUES = [
         "targetCPUUtilizationPercentage",
     ),
     ("spread policy", ["topologySpread.whenUnsatisfiable=Maybe"], "/topologySpread/whenUnsatisfiable"),
+    (
+        "principals have a role",
+        {
+            "controlPlane": {
+                "principals": {
+                    "file": {"principals": [{"name": "a", "tenant": "t", "role": "root", "token": "t" * 16}]}
+                }
+            }
+        },
+        "/controlPlane/principals/file/principals/0/role",
+    ),
+    (
+        "principals give a token or its hash",
+        {
+            "controlPlane": {
+                "principals": {"file": {"principals": [{"name": "a", "tenant": "t", "role": "user"}]}}
+            }
+        },
+        "/controlPlane/principals/file/principals/0",
+    ),
+    (
+        "a principals file lists principals",
+        {"controlPlane": {"principals": {"file": {"tenants": {"t": {"maxConcurrentJobs": 2}}}}}},
+        "principals",
+    ),
+    (
+        "tenant quotas are positive",
+        {
+            "controlPlane": {
+                "principals": {"file": {"principals": [], "tenants": {"t": {"maxConcurrentJobs": 0}}}}
+            }
+        },
+        "/controlPlane/principals/file/tenants/t/maxConcurrentJobs",
+    ),
+    (
+        "job expiry is positive",
+        ["controlPlane.finishedJobMaxAgeHours=0"],
+        "/controlPlane/finishedJobMaxAgeHours",
+    ),
 ]
 
 

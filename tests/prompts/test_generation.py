@@ -41,7 +41,9 @@ async def generate(strategy, address: str, teacher: dict, *, job_id: str, seed: 
 
     options = {key: generation.pop(key) for key in ("concurrency", "patience") if key in generation}
     spec = PromptGeneration.model_validate({"strategy": strategy.__name__, **generation})
-    async with TeacherClient(address, job_id=job_id, teacher=teacher, timeout_seconds=30) as client:
+    async with TeacherClient(
+        address, job_id=job_id, tenant="t", teacher=teacher, timeout_seconds=30
+    ) as client:
         outcome = await strategy(spec, SEEDS, client, admit, seed=seed, **options)
     return outcome, client.ledger, cleaner
 
@@ -152,7 +154,7 @@ async def test_strategies_refuse_to_start_without_seed_prompts(strategy):
 async def test_teacher_failures_become_clear_stage_errors(fake_teacher, teacher_spec, free_port):
     messages = [{"role": "user", "content": "hello"}]
     async with TeacherClient(
-        fake_teacher.address, job_id="j", teacher=teacher_spec("fake-missing"), timeout_seconds=5
+        fake_teacher.address, job_id="j", tenant="t", teacher=teacher_spec("fake-missing"), timeout_seconds=5
     ) as client:
         with pytest.raises(OperationError) as refused:
             await client.complete(messages, temperature=1.0, seed=1)
@@ -160,7 +162,9 @@ async def test_teacher_failures_become_clear_stage_errors(fake_teacher, teacher_
     assert "fake-missing" in refused.value.message
 
     nowhere = f"127.0.0.1:{free_port()}"
-    async with TeacherClient(nowhere, job_id="j", teacher=teacher_spec(), timeout_seconds=5) as client:
+    async with TeacherClient(
+        nowhere, job_id="j", tenant="t", teacher=teacher_spec(), timeout_seconds=5
+    ) as client:
         with pytest.raises(OperationError) as unreachable:
             await client.complete(messages, temperature=1.0, seed=1)
     assert unreachable.value.code is grpc.StatusCode.UNAVAILABLE

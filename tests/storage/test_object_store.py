@@ -310,3 +310,20 @@ def test_local_store_specifics(tmp_path: Path):
     assert [info.key for info in store.list()] == ["a/b", "shared/data.bin"]
     with pytest.raises(ValueError, match="invalid bucket name"):
         LocalObjectStore(tmp_path, "../escape")
+
+
+def test_delete_prefix_deletes_a_folder_in_batches(
+    object_store: ObjectStore, object_store_settings: ObjectStoreSettings, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr("stillhouse.storage.objects.DELETE_BATCH", 2)
+    for name in ("a", "b/c", "b/d", "e"):
+        object_store.put_bytes(f"jobs/job-1/{name}", b"x")
+    object_store.put_bytes("jobs/job-1x/kept", b"x")
+
+    assert object_store.delete_prefix("jobs/job-1/") == 4
+    assert [info.key for info in object_store.list()] == ["jobs/job-1x/kept"]
+    assert object_store.delete_prefix("jobs/job-1/") == 0
+    assert never_created(object_store_settings).delete_prefix("jobs/job-1/") == 0
+    for folder in ("", "jobs/job-1x"):
+        with pytest.raises(InvalidKey, match="must name a folder"):
+            object_store.delete_prefix(folder)

@@ -182,9 +182,29 @@ def test_delete_removes_the_dataset(service: StorageService) -> None:
     assert not list(service.store.list(f"{DATASET_ID}/"))
 
 
+def test_delete_prefix_removes_one_jobs_objects_and_can_be_repeated(service: StorageService) -> None:
+    service.stub.CommitDataset(commit_request(upload_shards(service, DATASET_ID, [1, 2])))
+    service.store.put_bytes("jobs/job-1/train/student/model.safetensors", b"weights")
+    service.store.put_bytes("jobs/job-10/prompts/train/manifest.json", b"{}")  # a job whose id extends it
+    service.store.put_bytes("seeds/support.jsonl", b"{}")
+
+    deleted = service.stub.DeletePrefix(storage_pb2.DeletePrefixRequest(prefix="jobs/job-1/"))
+    again = service.stub.DeletePrefix(storage_pb2.DeletePrefixRequest(prefix="jobs/job-1/"))
+
+    assert deleted.deleted_objects == 4  # two shards, the manifest, the weights
+    assert again.deleted_objects == 0
+    assert [info.key for info in service.store.list()] == [
+        "jobs/job-10/prompts/train/manifest.json",
+        "seeds/support.jsonl",
+    ]
+
+
 @pytest.mark.parametrize(
     ("call", "request_message", "words"),
     [
+        ("DeletePrefix", storage_pb2.DeletePrefixRequest(prefix=""), "must name a folder"),
+        ("DeletePrefix", storage_pb2.DeletePrefixRequest(prefix="jobs/job-1"), "must name a folder"),
+        ("DeletePrefix", storage_pb2.DeletePrefixRequest(prefix="jobs/../"), "'..'"),
         ("GetDataset", storage_pb2.GetDatasetRequest(dataset_id="../etc/passwd"), "../etc/passwd"),
         (
             "CreateDataset",

@@ -13,7 +13,7 @@ from sqlalchemy import event
 from stillhouse.control_plane.store import JobStore
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.cache import CacheWriter, TeacherCache, pack_logprobs, unpack_logprobs
-from stillhouse.teacher.calls import ChatMessage, TeacherAnswer, TeacherCall, TokenIdSource
+from stillhouse.teacher.calls import ChatMessage, TeacherAnswer, TeacherCall, TokenIdSource, cache_scope
 
 BASE_CALL = TeacherCall(
     backend="openai",
@@ -26,6 +26,7 @@ BASE_CALL = TeacherCall(
     max_tokens=512,
     seed=7,
     top_logprobs=20,
+    scope=cache_scope("team-a", "sk-one"),
 )
 
 
@@ -125,6 +126,9 @@ async def test_an_answer_with_logprobs_comes_back_exactly_and_marked_cached(cach
         {"seed": 8},
         {"seed": None},
         {"top_logprobs": 5},
+        {"scope": cache_scope("team-b", "sk-one")},
+        {"scope": cache_scope("team-a", "sk-two")},
+        {"scope": cache_scope("team-a", None)},
     ],
     ids=lambda change: "-".join(change),
 )
@@ -138,6 +142,12 @@ async def test_a_call_differing_in_any_identity_field_misses(
     found = await cache.get_many([other.cache_key(), call().cache_key()])
 
     assert set(found) == {call().cache_key()}
+
+
+def test_a_scope_names_the_key_by_its_hash_only() -> None:
+    scope = cache_scope("team-a", "sk-secret-key")
+    assert "sk-secret-key" not in scope
+    assert scope == cache_scope("team-a", "sk-secret-key") != cache_scope("team-a", "sk-secret-kez")
 
 
 async def test_the_first_answer_stored_for_a_key_wins(cache: TeacherCache) -> None:
@@ -205,7 +215,7 @@ async def test_the_cache_shares_a_database_with_the_job_store(database_url: str)
     jobs = await JobStore.open(database_url)
     cache = await TeacherCache.open(database_url)
     try:
-        await jobs.create_job("job-1", "support-bot", {}, {})
+        await jobs.create_job("job-1", "support-bot", {}, {}, owner="alice", tenant="team-a")
         await cache.put_many([(call(), answer())])
         assert call().cache_key() in await cache.get_many([call().cache_key()])
         assert (await jobs.get_job("job-1")).name == "support-bot"

@@ -94,7 +94,7 @@ async def _answers(base_url: str, tokenizer_dir: Path):
         teacher = await pool.get(spec)
         results = []
         for prompt in PROMPTS:
-            call = call_for(spec, [{"role": "user", "content": prompt}])
+            call = call_for(spec, [{"role": "user", "content": prompt}], scope="")
             try:
                 results.append(await teacher.answer(call, estimated_tokens=200))
             except TeacherCallError as error:

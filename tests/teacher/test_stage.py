@@ -65,6 +65,7 @@ def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_p
             "STILLHOUSE_TEACHER_PRICE_TABLE": str(prices),
             "STILLHOUSE_TEACHER_LOG_FORMAT": "console",
             "STILLHOUSE_TEACHER_EGRESS_ALLOW": egress_allow,
+            "STILLHOUSE_TEACHER_API_KEY_DIR": str(home / "keys"),
         }
         argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "teacher", "--port", str(port)]
         processes.start("teacher", argv, env)
@@ -92,14 +93,23 @@ def teacher_struct(base_url: str, **overrides) -> struct_pb2.Struct:
     return value
 
 
-def answer_prompts(service: TeacherService, operation_id: str, teacher: struct_pb2.Struct, holdout: str = ""):
+def answer_prompts(
+    service: TeacherService,
+    operation_id: str,
+    teacher: struct_pb2.Struct,
+    holdout: str = "",
+    *,
+    job: str = JOB,
+    tenant: str = "team-a",
+):
     with grpc.insecure_channel(service.address) as channel:
         stub, operations = service.stubs(channel)
         stub.AnswerPrompts(
             teacher_pb2.AnswerPromptsRequest(
                 operation_id=operation_id,
-                job_id=JOB,
-                prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{JOB}/prompts/train"),
+                job_id=job,
+                tenant=tenant,
+                prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{job}/prompts/train"),
                 holdout=operations_pb2.DatasetRef(dataset_id=holdout),
                 teacher=teacher,
             )
@@ -166,6 +176,7 @@ def test_a_killed_stage_resumes_without_paying_twice(teacher_service, fake_opena
             teacher_pb2.AnswerPromptsRequest(
                 operation_id="op-resume",
                 job_id=JOB,
+                tenant="team-a",
                 prompts=operations_pb2.DatasetRef(dataset_id=f"jobs/{JOB}/prompts/train"),
                 teacher=teacher_struct(fake_openai.base_url),
             )
@@ -187,6 +198,50 @@ def test_a_killed_stage_resumes_without_paying_twice(teacher_service, fake_opena
     assert result.ledger.cached_requests == 10
     assert first_run["by_status"]["200"] + second_run["by_status"]["200"] == 24  # each prompt paid for once
     assert len(answered_first) == 10  # the ten answered before the kill were not asked again
+
+
+def write_keys(service: TeacherService, **keys: str) -> None:
+    folder = service.home / "keys"
+    folder.mkdir(exist_ok=True)
+    for name, key in keys.items():
+        (folder / name.replace("_", "-")).write_text(key)
+
+
+def test_answers_are_shared_within_a_tenant_and_key_only(teacher_service, fake_openai):
+    write_keys(teacher_service, key_a="sk-key-a-0123456789", key_b="sk-key-b-0123456789")
+    texts = [f"who pays for question {i}?" for i in range(4)]
+    runs = [
+        ("job-a1", "team-a", "key-a"),
+        ("job-a2", "team-a", "key-a"),  # same tenant, same key: every answer from the cache
+        ("job-b1", "team-b", "key-a"),  # another tenant, same key
+        ("job-a3", "team-a", "key-b"),  # same tenant, another key
+    ]
+    paid = []
+    for job, tenant, key in runs:
+        write_prompts(teacher_service.store, f"jobs/{job}/prompts/train", texts)
+        before = fake_openai.calls().get("completions", 0)
+        teacher = teacher_struct(fake_openai.base_url, apiKeySecret=key)
+        operation = answer_prompts(teacher_service, f"{job}.teacher.1", teacher, job=job, tenant=tenant)
+        result = result_of(operation)
+        paid.append((fake_openai.calls()["completions"] - before, result.ledger.cached_requests))
+
+    assert paid == [(4, 0), (0, 4), (4, 0), (4, 0)]
+
+
+def test_single_completions_are_cached_per_tenant(teacher_service, fake_openai):
+    messages = [teacher_pb2.ChatMessage(role="user", content="write one question about tides")]
+    teacher = teacher_struct(fake_openai.base_url)
+    cached = []
+    with grpc.insecure_channel(teacher_service.address) as channel:
+        stub, _ = teacher_service.stubs(channel)
+        for tenant in ("team-a", "team-a", "team-b"):
+            request = teacher_pb2.CompleteRequest(
+                job_id=JOB, tenant=tenant, messages=messages, teacher=teacher
+            )
+            cached.append(stub.Complete(request).ledger.cached_requests)
+
+    assert cached == [0, 1, 0]
+    assert fake_openai.calls()["completions"] == 2
 
 
 def test_budget_stops_the_stage_cleanly_with_a_usable_partial_dataset(teacher_service, fake_openai):

@@ -57,7 +57,7 @@ def answers_dataset() -> Callable[..., None]:
             backend = LocalHFBackend(str(teacher_dir), device="cpu", max_batch_size=16)
             try:
                 return await asyncio.gather(
-                    *(backend.answer(call_for(spec, row["messages"])) for row in rows)
+                    *(backend.answer(call_for(spec, row["messages"], scope="")) for row in rows)
                 )
             finally:
                 await backend.aclose()

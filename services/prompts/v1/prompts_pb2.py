@@ -27,7 +27,7 @@ from stillhouse.common.v1 import operations_pb2 as stillhouse_dot_common_dot_v1_
 from stillhouse.teacher.v1 import teacher_pb2 as stillhouse_dot_teacher_dot_v1_dot_teacher__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/prompts/v1/prompts.proto\x12\x15stillhouse.prompts.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\x1a#stillhouse/teacher/v1/teacher.proto\"\xbf\x01\n\x16GeneratePromptsRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x07prompts\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xfd\x02\n\x15GeneratePromptsResult\x12/\n\x05train\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12\x31\n\x07holdout\x18\x02 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12\x11\n\tcollected\x18\x03 \x01(\x03\x12X\n\x0fremoved_by_rule\x18\x04 \x03(\x0b\x32?.stillhouse.prompts.v1.GeneratePromptsResult.RemovedByRuleEntry\x12\x38\n\x11generation_ledger\x18\x05 \x01(\x0b\x32\x1d.stillhouse.teacher.v1.Ledger\x12\x11\n\tshortfall\x18\x06 \x01(\x03\x12\x10\n\x08warnings\x18\x07 \x03(\t\x1a\x34\n\x12RemovedByRuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32l\n\x07Prompts\x12\x61\n\x0fGeneratePrompts\x12-.stillhouse.prompts.v1.GeneratePromptsRequest\x1a\x1f.stillhouse.common.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/prompts/v1/prompts.proto\x12\x15stillhouse.prompts.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\x1a#stillhouse/teacher/v1/teacher.proto\"\xcf\x01\n\x16GeneratePromptsRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x07prompts\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"\xfd\x02\n\x15GeneratePromptsResult\x12/\n\x05train\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12\x31\n\x07holdout\x18\x02 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12\x11\n\tcollected\x18\x03 \x01(\x03\x12X\n\x0fremoved_by_rule\x18\x04 \x03(\x0b\x32?.stillhouse.prompts.v1.GeneratePromptsResult.RemovedByRuleEntry\x12\x38\n\x11generation_ledger\x18\x05 \x01(\x0b\x32\x1d.stillhouse.teacher.v1.Ledger\x12\x11\n\tshortfall\x18\x06 \x01(\x03\x12\x10\n\x08warnings\x18\x07 \x03(\t\x1a\x34\n\x12RemovedByRuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32l\n\x07Prompts\x12\x61\n\x0fGeneratePrompts\x12-.stillhouse.prompts.v1.GeneratePromptsRequest\x1a\x1f.stillhouse.common.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEPROMPTSRESULT_REMOVEDBYRULEENTRY']._loaded_options = None
   _globals['_GENERATEPROMPTSRESULT_REMOVEDBYRULEENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEPROMPTSREQUEST']._serialized_start=169
-  _globals['_GENERATEPROMPTSREQUEST']._serialized_end=360
-  _globals['_GENERATEPROMPTSRESULT']._serialized_start=363
-  _globals['_GENERATEPROMPTSRESULT']._serialized_end=744
-  _globals['_GENERATEPROMPTSRESULT_REMOVEDBYRULEENTRY']._serialized_start=692
-  _globals['_GENERATEPROMPTSRESULT_REMOVEDBYRULEENTRY']._serialized_end=744
-  _globals['_PROMPTS']._serialized_start=746
-  _globals['_PROMPTS']._serialized_end=854
+  _globals['_GENERATEPROMPTSREQUEST']._serialized_end=376
+  _globals['_GENERATEPROMPTSRESULT']._serialized_start=379
+  _globals['_GENERATEPROMPTSRESULT']._serialized_end=760
+  _globals['_GENERATEPROMPTSRESULT_REMOVEDBYRULEENTRY']._serialized_start=708
+  _globals['_GENERATEPROMPTSRESULT_REMOVEDBYRULEENTRY']._serialized_end=760
+  _globals['_PROMPTS']._serialized_start=762
+  _globals['_PROMPTS']._serialized_end=870
 # @@protoc_insertion_point(module_scope)

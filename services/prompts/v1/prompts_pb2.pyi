@@ -10,18 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GeneratePromptsRequest(_message.Message):
-    __slots__ = ("operation_id", "job_id", "prompts", "teacher", "evaluation")
+    __slots__ = ("operation_id", "job_id", "prompts", "teacher", "evaluation", "tenant")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     job_id: str
     prompts: _struct_pb2.Struct
     teacher: _struct_pb2.Struct
     evaluation: _struct_pb2.Struct
-    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompts: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompts: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class GeneratePromptsResult(_message.Message):
     __slots__ = ("train", "holdout", "collected", "removed_by_rule", "generation_ledger", "shortfall", "warnings")

@@ -208,3 +208,15 @@ class PresignResponse(_message.Message):
     url: str
     expire_time: _timestamp_pb2.Timestamp
     def __init__(self, url: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DeletePrefixRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class DeletePrefixResponse(_message.Message):
+    __slots__ = ("deleted_objects",)
+    DELETED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_objects: int
+    def __init__(self, deleted_objects: _Optional[int] = ...) -> None: ...

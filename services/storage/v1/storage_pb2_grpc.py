@@ -84,6 +84,11 @@ class StorageStub:
                 request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.PresignRequest.SerializeToString,
                 response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.PresignResponse.FromString,
                 _registered_method=True)
+        self.DeletePrefix = channel.unary_unary(
+                '/stillhouse.storage.v1.Storage/DeletePrefix',
+                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeletePrefixRequest.SerializeToString,
+                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeletePrefixResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServicer:
@@ -155,6 +160,14 @@ class StorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeletePrefix(self, request, context):
+        """Deletes every object under a folder of the bucket, e.g. "jobs/<job-id>/" when a job is deleted.
+        Idempotent: a folder with nothing left in it (or a bucket not made yet) deletes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +220,11 @@ def add_StorageServicer_to_server(servicer, server):
                     servicer.Presign,
                     request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.PresignRequest.FromString,
                     response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.PresignResponse.SerializeToString,
+            ),
+            'DeletePrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePrefix,
+                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeletePrefixRequest.FromString,
+                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeletePrefixResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +497,33 @@ class Storage:
             '/stillhouse.storage.v1.Storage/Presign',
             stillhouse_dot_storage_dot_v1_dot_storage__pb2.PresignRequest.SerializeToString,
             stillhouse_dot_storage_dot_v1_dot_storage__pb2.PresignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillhouse.storage.v1.Storage/DeletePrefix',
+            stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeletePrefixRequest.SerializeToString,
+            stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeletePrefixResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stillhouse.common.v1 import operations_pb2 as stillhouse_dot_common_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/teacher/v1/teacher.proto\x12\x15stillhouse.teacher.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"\xcc\x01\n\x14\x41nswerPromptsRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07prompts\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\x07holdout\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"\xe3\x01\n\x06Ledger\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\x12\x19\n\x11\x61lternative_slots\x18\x06 \x01(\x03\x12\x1b\n\x13masked_alternatives\x18\x07 \x01(\x03\x12\x17\n\x0ftop1_mismatches\x18\x08 \x01(\x03\x12\x19\n\x11stop_tokens_added\x18\t \x01(\x03\"\xe2\x01\n\x13\x41nswerPromptsResult\x12\x31\n\x07\x61nswers\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12-\n\x06ledger\x18\x02 \x01(\x0b\x32\x1d.stillhouse.teacher.v1.Ledger\x12\x16\n\x0e\x66\x61iled_prompts\x18\x03 \x01(\x03\x12\x16\n\x0estopped_reason\x18\x04 \x01(\t\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"r\n\x13\x45stimateCostRequest\x12\x31\n\x07prompts\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"d\n\x0c\x43ostEstimate\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x81\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".stillhouse.teacher.v1.ChatMessage\x12(\n\x07teacher\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"f\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12-\n\x06ledger\x18\x03 \x01(\x0b\x32\x1d.stillhouse.teacher.v1.Ledger2\xa6\x02\n\x07Teacher\x12]\n\rAnswerPrompts\x12+.stillhouse.teacher.v1.AnswerPromptsRequest\x1a\x1f.stillhouse.common.v1.Operation\x12_\n\x0c\x45stimateCost\x12*.stillhouse.teacher.v1.EstimateCostRequest\x1a#.stillhouse.teacher.v1.CostEstimate\x12[\n\x08\x43omplete\x12&.stillhouse.teacher.v1.CompleteRequest\x1a\'.stillhouse.teacher.v1.CompleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/teacher/v1/teacher.proto\x12\x15stillhouse.teacher.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"\xdc\x01\n\x14\x41nswerPromptsRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07prompts\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\x07holdout\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"\xe3\x01\n\x06Ledger\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\x12\x19\n\x11\x61lternative_slots\x18\x06 \x01(\x03\x12\x1b\n\x13masked_alternatives\x18\x07 \x01(\x03\x12\x17\n\x0ftop1_mismatches\x18\x08 \x01(\x03\x12\x19\n\x11stop_tokens_added\x18\t \x01(\x03\"\xe2\x01\n\x13\x41nswerPromptsResult\x12\x31\n\x07\x61nswers\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12-\n\x06ledger\x18\x02 \x01(\x0b\x32\x1d.stillhouse.teacher.v1.Ledger\x12\x16\n\x0e\x66\x61iled_prompts\x18\x03 \x01(\x03\x12\x16\n\x0estopped_reason\x18\x04 \x01(\t\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"r\n\x13\x45stimateCostRequest\x12\x31\n\x07prompts\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"d\n\x0c\x43ostEstimate\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x91\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".stillhouse.teacher.v1.ChatMessage\x12(\n\x07teacher\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"f\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12-\n\x06ledger\x18\x03 \x01(\x0b\x32\x1d.stillhouse.teacher.v1.Ledger2\xa6\x02\n\x07Teacher\x12]\n\rAnswerPrompts\x12+.stillhouse.teacher.v1.AnswerPromptsRequest\x1a\x1f.stillhouse.common.v1.Operation\x12_\n\x0c\x45stimateCost\x12*.stillhouse.teacher.v1.EstimateCostRequest\x1a#.stillhouse.teacher.v1.CostEstimate\x12[\n\x08\x43omplete\x12&.stillhouse.teacher.v1.CompleteRequest\x1a\'.stillhouse.teacher.v1.CompleteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stillhouse.teacher.v1.teach
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANSWERPROMPTSREQUEST']._serialized_start=132
-  _globals['_ANSWERPROMPTSREQUEST']._serialized_end=336
-  _globals['_LEDGER']._serialized_start=339
-  _globals['_LEDGER']._serialized_end=566
-  _globals['_ANSWERPROMPTSRESULT']._serialized_start=569
-  _globals['_ANSWERPROMPTSRESULT']._serialized_end=795
-  _globals['_ESTIMATECOSTREQUEST']._serialized_start=797
-  _globals['_ESTIMATECOSTREQUEST']._serialized_end=911
-  _globals['_COSTESTIMATE']._serialized_start=913
-  _globals['_COSTESTIMATE']._serialized_end=1013
-  _globals['_CHATMESSAGE']._serialized_start=1015
-  _globals['_CHATMESSAGE']._serialized_end=1059
-  _globals['_COMPLETEREQUEST']._serialized_start=1062
-  _globals['_COMPLETEREQUEST']._serialized_end=1191
-  _globals['_COMPLETERESPONSE']._serialized_start=1193
-  _globals['_COMPLETERESPONSE']._serialized_end=1295
-  _globals['_TEACHER']._serialized_start=1298
-  _globals['_TEACHER']._serialized_end=1592
+  _globals['_ANSWERPROMPTSREQUEST']._serialized_end=352
+  _globals['_LEDGER']._serialized_start=355
+  _globals['_LEDGER']._serialized_end=582
+  _globals['_ANSWERPROMPTSRESULT']._serialized_start=585
+  _globals['_ANSWERPROMPTSRESULT']._serialized_end=811
+  _globals['_ESTIMATECOSTREQUEST']._serialized_start=813
+  _globals['_ESTIMATECOSTREQUEST']._serialized_end=927
+  _globals['_COSTESTIMATE']._serialized_start=929
+  _globals['_COSTESTIMATE']._serialized_end=1029
+  _globals['_CHATMESSAGE']._serialized_start=1031
+  _globals['_CHATMESSAGE']._serialized_end=1075
+  _globals['_COMPLETEREQUEST']._serialized_start=1078
+  _globals['_COMPLETEREQUEST']._serialized_end=1223
+  _globals['_COMPLETERESPONSE']._serialized_start=1225
+  _globals['_COMPLETERESPONSE']._serialized_end=1327
+  _globals['_TEACHER']._serialized_start=1330
+  _globals['_TEACHER']._serialized_end=1624
 # @@protoc_insertion_point(module_scope)

@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnswerPromptsRequest(_message.Message):
-    __slots__ = ("operation_id", "job_id", "prompts", "teacher", "holdout")
+    __slots__ = ("operation_id", "job_id", "prompts", "teacher", "holdout", "tenant")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     job_id: str
     prompts: _operations_pb2.DatasetRef
     teacher: _struct_pb2.Struct
     holdout: _operations_pb2.DatasetRef
-    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompts: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., holdout: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompts: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., holdout: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Ledger(_message.Message):
     __slots__ = ("requests", "cached_requests", "prompt_tokens", "completion_tokens", "cost_usd", "alternative_slots", "masked_alternatives", "top1_mismatches", "stop_tokens_added")
@@ -87,14 +89,16 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("job_id", "messages", "teacher")
+    __slots__ = ("job_id", "messages", "teacher", "tenant")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     teacher: _struct_pb2.Struct
-    def __init__(self, job_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, job_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class CompleteResponse(_message.Message):
     __slots__ = ("text", "finish_reason", "ledger")

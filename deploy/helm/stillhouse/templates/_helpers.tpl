@@ -70,6 +70,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-api-tokens" (include "stillhouse.fullname" .)) .Values.controlPlane.apiTokens.existingSecret }}
 {{- end }}
 
+{{/* The Secret holding the principals file; empty when there is none. */}}
+{{- define "stillhouse.principalsSecret" -}}
+{{- $principals := .Values.controlPlane.principals }}
+{{- if $principals.existingSecret }}
+{{- $principals.existingSecret }}
+{{- else if $principals.file }}
+{{- printf "%s-principals" (include "stillhouse.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{- define "stillhouse.minioSecret" -}}
 {{- default (printf "%s-minio" (include "stillhouse.fullname" .)) .Values.minio.existingSecret }}
 {{- end }}
