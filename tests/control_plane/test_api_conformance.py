@@ -32,11 +32,14 @@ CONFIG = {
             }
             for path in ("/v1/jobs", "/v1/jobs:estimate")
         ),
-        {
-            # pageToken is opaque: only a token the API gave out is one; any other string is a 400.
-            "include-name": "GET /v1/jobs",
-            "checks": {"positive_data_acceptance": {"expected-statuses": [*VALID_DATA_ACCEPTED, "400"]}},
-        },
+        *(
+            {
+                # pageToken is opaque: only a token the API gave out is one; any other string is a 400.
+                "include-name": f"GET {path}",
+                "checks": {"positive_data_acceptance": {"expected-statuses": [*VALID_DATA_ACCEPTED, "400"]}},
+            }
+            for path in ("/v1/jobs", "/v1/audit")
+        ),
     ],
 }
 
