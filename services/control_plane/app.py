@@ -27,6 +27,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.control_plane.api_models import (
     ArtifactLinks,
     ArtifactName,
@@ -148,6 +149,7 @@ async def _preflight(request: Request, spec: dict[str, Any]) -> list[FieldError]
 
 def create_app(settings: ControlPlaneSettings) -> FastAPI:
     accepted_tokens = [token.encode() for token in settings.accepted_tokens()]
+    service_credentials = ServiceCredentials.load(settings)
     input_roots = InputRoots.of(settings.input_roots)
     if not accepted_tokens:
         raise ValueError("no API token configured: the token file is empty")
@@ -155,7 +157,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await JobStore.open(settings.database_url)
-        channels = ServiceChannels(settings.services.model_dump())
+        channels = ServiceChannels(settings.services.model_dump(), service_credentials)
         bus = JobEventBus()
         orchestrator = Orchestrator(
             store,
