@@ -21,6 +21,7 @@ import torch
 import transformers
 from background import stop_process
 from psycopg import sql
+from service_token import SERVICE_PREFIXES, SERVICE_TOKEN, TOKEN_FILE_VARIABLE
 from sqlalchemy.engine import make_url
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -31,6 +32,20 @@ from waiting import grpc_serving, http_ok, pick_free_port, wait_until
 from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def service_token_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every service and control plane the tests start (and every settings object they build) reads the
+    suite's service token: its file is in each one's STILLHOUSE_<SERVICE>_SERVICE_TOKEN_FILE."""
+    path = tmp_path_factory.mktemp("service-token") / "service-token"
+    path.write_text(SERVICE_TOKEN + "\n")
+    path.chmod(0o600)
+    with pytest.MonkeyPatch.context() as environment:
+        for prefix in SERVICE_PREFIXES:
+            environment.setenv(f"STILLHOUSE_{prefix}_SERVICE_TOKEN_FILE", str(path))
+        environment.setenv(TOKEN_FILE_VARIABLE, str(path))
+        yield path
 
 
 @dataclass

@@ -8,12 +8,17 @@ supervisor leaves nothing behind.
 
 Jobs read local files only from the input roots the supervisor gives the control plane and the prompts
 service: `<home>/inputs` and the folders it was given (`stillhouse run` gives the spec's folder).
+
+Everything listens on loopback only, and every internal call carries the service token the supervisor
+keeps in `<home>/service-token`. The home folder and all it holds are its owner's alone: folders 0700,
+files 0600, and the services (and the Ray head the trainer starts) run with umask 077.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import secrets
@@ -40,8 +45,10 @@ SECRETS_DIR = "secrets"
 INPUTS_DIR = "inputs"  # always an input root of `stillhouse up`
 CONTROL_PLANE = "control-plane"
 TOKEN_FILE = "api-token"
+SERVICE_TOKEN_FILE = "service-token"
 ENDPOINT_FILE = "endpoint.json"
 LOOPBACK = "127.0.0.1"
+PRIVATE_UMASK = 0o077
 
 # After SIGTERM, children get this long in all to stop before they are killed.
 STOP_GRACE_SECONDS = 10.0
@@ -99,9 +106,8 @@ class Child:
         return text.splitlines()[-lines:]
 
 
-def ensure_api_token(home: Path) -> Path:
-    """`<home>/api-token`, created (mode 0600) with a fresh random token unless one is already there."""
-    path = home / TOKEN_FILE
+def ensure_token_file(path: Path) -> Path:
+    """`path`, created (mode 0600) with a fresh random token unless one is already there."""
     if path.exists() and path.read_text().strip():
         path.chmod(0o600)
         return path
@@ -112,13 +118,41 @@ def ensure_api_token(home: Path) -> Path:
     return path
 
 
+def ensure_api_token(home: Path) -> Path:
+    """`<home>/api-token`: the token the CLI sends to the REST API."""
+    return ensure_token_file(home / TOKEN_FILE)
+
+
+def ensure_service_token(home: Path) -> Path:
+    """`<home>/service-token`: the token every internal gRPC call carries."""
+    return ensure_token_file(home / SERVICE_TOKEN_FILE)
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """`path`, created if missing, and kept readable by its owner only (mode 0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def check_loopback(host: str) -> str:
+    """`host` if it is a loopback address; EmbeddedError otherwise: embedded mode serves this machine only."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise EmbeddedError(
+            f"--host {host} is not a loopback address: `stillhouse up` serves this machine only "
+            "(127.0.0.1, ::1 or localhost); to serve others, install the Helm chart on a cluster"
+        )
+    return host
+
+
 def ensure_secrets_dir(home: Path) -> Path:
     """`<home>/secrets`, the embedded teacher's key folder (`apiKeySecret: NAME` reads the file NAME):
     created, and kept, readable by its owner only (mode 0700)."""
-    path = home / SECRETS_DIR
-    path.mkdir(mode=0o700, exist_ok=True)
-    path.chmod(0o700)
-    return path
+    return ensure_private_dir(home / SECRETS_DIR)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -148,17 +182,17 @@ def free_loopback_ports(count: int) -> list[int]:
 
 
 def api_url_for(host: str, port: int) -> str:
-    """The URL a local client uses: a wildcard listen address is reached over loopback."""
-    if host in ("0.0.0.0", "", "::"):
-        host = LOOPBACK
+    """The URL a local client uses to reach the API listening on `host`."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def write_endpoint_file(home: Path, endpoint: dict[str, Any]) -> Path:
-    """Write `<home>/endpoint.json` atomically, so a reader never sees half of it."""
+    """Write `<home>/endpoint.json` (mode 0600) atomically, so a reader never sees half of it."""
     path = home / ENDPOINT_FILE
     tmp = path.with_name(f".{ENDPOINT_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(endpoint, indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as endpoint_file:
+        endpoint_file.write(json.dumps(endpoint, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -223,8 +257,9 @@ class Supervisor:
     def run(self, session: Callable[[ApiEndpoint], int] | None = None) -> int:
         """Start everything and serve until asked to stop, or, given a `session`, until the session
         (run in a thread against the API) returns; the process exit code."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.logs_dir.mkdir(exist_ok=True)
+        check_loopback(self.host)
+        ensure_private_dir(self.home)
+        ensure_private_dir(self.logs_dir)
         running = running_instance(self.home)
         if running is not None:
             raise EmbeddedError(
@@ -233,10 +268,11 @@ class Supervisor:
             )
         check_port_free(self.host, self.api_port)
         token_file = ensure_api_token(self.home)
+        service_token_file = ensure_service_token(self.home)
 
         with self._stop_on_signals():
             try:
-                self._start_children(token_file)
+                self._start_children(token_file, service_token_file)
                 failed = self._wait_until_healthy()
                 if failed is not None:
                     self._report_failure(*failed)
@@ -267,7 +303,7 @@ class Supervisor:
 
     # --- start-up -------------------------------------------------------------------------------
 
-    def _start_children(self, token_file: Path) -> None:
+    def _start_children(self, token_file: Path, service_token_file: Path) -> None:
         ports = free_loopback_ports(2 * len(STAGE_SERVICES))
         services = [
             Child(name, port=port, metrics_port=metrics_port, log_path=self.logs_dir / f"{name}.log")
@@ -280,6 +316,7 @@ class Supervisor:
         control_plane_env = {
             **base_env,
             "STILLHOUSE_CONTROL_PLANE_API_TOKEN_FILE": str(token_file),
+            "STILLHOUSE_CONTROL_PLANE_SERVICE_TOKEN_FILE": str(service_token_file),
             "STILLHOUSE_CONTROL_PLANE_DATABASE_URL": f"sqlite:///{self.home / 'stillhouse.db'}",
             **{f"STILLHOUSE_CONTROL_PLANE_SERVICES__{svc.name.upper()}": svc.address for svc in services},
         }
@@ -300,17 +337,23 @@ class Supervisor:
             loopback = json.dumps(["127.0.0.0/8", "::1/128"])
             service_env.setdefault("teacher", {})["STILLHOUSE_TEACHER_EGRESS_ALLOW"] = loopback
         for child in services:
-            self._spawn(child, {**base_env, **service_env.get(child.name, {})})
+            prefix = f"STILLHOUSE_{child.name.upper()}_"
+            credential_env = {
+                f"{prefix}SERVICE_TOKEN_FILE": str(service_token_file),
+                # Handy on one machine (grpcurl); still behind the service token.
+                f"{prefix}REFLECTION": "true",
+            }
+            self._spawn(child, {**base_env, **credential_env, **service_env.get(child.name, {})})
         self._spawn(control_plane, control_plane_env)
 
     def _input_roots(self) -> list[Path]:
-        inputs = self.home / INPUTS_DIR
-        inputs.mkdir(mode=0o700, exist_ok=True)
-        return [inputs, *self.input_roots]
+        return [ensure_private_dir(self.home / INPUTS_DIR), *self.input_roots]
 
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
         self.children.append(child)
-        with child.log_path.open("ab") as log:
+        fd = os.open(child.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log:
             child.log_offset = log.tell()
             started = datetime.now(UTC).isoformat(timespec="seconds")
             log.write(f"=== stillhouse up: starting {child.name} on {child.address} at {started}\n".encode())
@@ -322,6 +365,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 env=env,
                 preexec_fn=_die_with_parent(),
+                umask=PRIVATE_UMASK,
             )
 
     def _wait_until_healthy(self) -> tuple[list[Child], str] | None:

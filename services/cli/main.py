@@ -111,6 +111,7 @@ def serve(
     from pydantic import ValidationError
 
     from stillhouse.common.config import ConfigFileError
+    from stillhouse.common.service_credentials import ServiceCredentialsError
 
     settings_module, settings_class, server_module = _SERVICES[service]
     flags: dict[str, Any] = {"host": host, "port": port}
@@ -131,7 +132,10 @@ def serve(
         for line in settings_error_lines(exc):
             err_console.print(f"  {line}", markup=False)
         raise typer.Exit(2) from None
-    importlib.import_module(server_module).run(settings)
+    try:
+        importlib.import_module(server_module).run(settings)
+    except ServiceCredentialsError as exc:
+        raise _fail(f"cannot start the {service} service: {exc}", 2) from None
 
 
 def settings_error_lines(exc: Any) -> list[str]:
@@ -148,7 +152,9 @@ def settings_error_lines(exc: Any) -> list[str]:
 def up(
     home: HomeOption = None,
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 8080,
-    host: Annotated[str, typer.Option(help="Address the REST API listens on.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Loopback address the REST API listens on (127.0.0.1, ::1 or localhost).")
+    ] = "127.0.0.1",
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for every service to become healthy.")
     ] = 60.0,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -66,7 +67,37 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, file_settings)
 
 
-class GrpcServiceSettings(Settings):
+class ServiceCallSettings(Settings):
+    """How a process proves itself to the stage services it calls; a stage service checks its callers
+    with the same settings."""
+
+    service_token_file: Path | None = Field(
+        default=None,
+        description="File holding the shared service token (a mounted Secret; `stillhouse up` generates "
+        "one): its first line is sent as `authorization: Bearer <token>` on every call, and a service "
+        "accepts any of its lines, so a new token can be rolled out beside the old one.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate this process presents: a service's server certificate, a caller's "
+        "client certificate. Set with tls_key_file.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that the other side's certificate must chain to. A service with it "
+        "requires a client certificate (mutual TLS); a caller with it (or with its own certificate) calls "
+        "over TLS.",
+    )
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set tls_cert_file and tls_key_file together, or neither")
+        return self
+
+
+class GrpcServiceSettings(ServiceCallSettings):
     """What every gRPC service process needs to serve."""
 
     host: str = "127.0.0.1"
@@ -76,3 +107,12 @@ class GrpcServiceSettings(Settings):
     shutdown_grace_seconds: float = 5.0
     # Largest request accepted (larger ones get RESOURCE_EXHAUSTED): bulk bytes go to object storage.
     max_request_bytes: int = 4 * 1024 * 1024
+    reflection: bool = Field(
+        default=False,
+        description="Serve gRPC reflection (for grpcurl and the like); `stillhouse up` turns it on.",
+    )
+    allow_unauthenticated_calls: bool = Field(
+        default=False,
+        description="Serve without a service token, taking calls from anyone who can reach the port. Without "
+        "it, a service with no service_token_file refuses to start.",
+    )

@@ -1,4 +1,5 @@
-"""What every Stillhouse gRPC service process shares: health, reflection, metrics, logs, shutdown.
+"""What every Stillhouse gRPC service process shares: the callers' check, health, reflection, metrics,
+logs, shutdown.
 
 A service's `server.py` builds its servicers and calls `run_grpc_service`; this module does the rest.
 """
@@ -25,6 +26,8 @@ from stillhouse.common.operations import (
     OperationNotFound,
     OperationRegistry,
 )
+from stillhouse.common.service_auth import caller_check
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -139,12 +142,19 @@ class ServiceBinding:
 async def serve_grpc(
     settings: GrpcServiceSettings,
     build: Callable[[OperationRegistry], Iterable[ServiceBinding]],
+    credentials: ServiceCredentials | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then report NOT_SERVING, stop running operations and drain."""
+    """Serve until SIGTERM/SIGINT, then report NOT_SERVING, stop running operations and drain.
+
+    `credentials` are the settings' own, read already by a service that also calls other services.
+    ServiceCredentialsError, before anything listens, when the settings give no usable token."""
+    credentials = credentials or ServiceCredentials.load(settings)
+    check = caller_check(settings, credentials)
     registry = OperationRegistry()
     bindings = list(build(registry))
+    # The metrics come first, so they count the calls the token check refuses.
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor()],
+        interceptors=[MetricsInterceptor(), *([check] if check else [])],
         options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
     )
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(registry), server)
@@ -155,9 +165,12 @@ async def serve_grpc(
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    if settings.reflection:
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
 
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    tls = credentials.server_credentials()
+    port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (in use, or not a local address)")
     if settings.metrics_port is not None:
@@ -165,7 +178,14 @@ async def serve_grpc(
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", address=f"{settings.host}:{port}", services=names, metrics_port=settings.metrics_port)
+    log.info(
+        "serving",
+        address=f"{settings.host}:{port}",
+        services=names,
+        metrics_port=settings.metrics_port,
+        tls=tls is not None,
+        reflection=settings.reflection,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.control_plane.api_models import (
     ArtifactLinks,
     ArtifactName,
@@ -288,12 +289,13 @@ async def _preflight(request: Request, spec: dict[str, Any]) -> list[FieldError]
 
 def create_app(settings: ControlPlaneSettings) -> FastAPI:
     access = settings.access_control()
+    service_credentials = ServiceCredentials.load(settings)
     input_roots = InputRoots.of(settings.input_roots)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await JobStore.open(settings.database_url)
-        channels = ServiceChannels(settings.services.model_dump())
+        channels = ServiceChannels(settings.services.model_dump(), service_credentials)
         bus = JobEventBus()
         orchestrator = Orchestrator(
             store,

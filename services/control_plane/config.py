@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from stillhouse.common.config import Settings
+from stillhouse.common.config import ServiceCallSettings
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.control_plane.principals import AccessControl, PrincipalsFile, read_principals_file
 
@@ -23,7 +23,9 @@ class ServiceAddresses(BaseModel):
     trainer: str = "127.0.0.1:50054"
 
 
-class ControlPlaneSettings(Settings):
+class ControlPlaneSettings(ServiceCallSettings):
+    """The REST API's own settings; `service_token_file` and `tls_*` are how it calls the stage services."""
+
     model_config = SettingsConfigDict(
         env_prefix="STILLHOUSE_CONTROL_PLANE_", extra="forbid", env_nested_delimiter="__"
     )

@@ -19,6 +19,7 @@ import structlog
 import tenacity
 
 from stillhouse.common.operations import FINAL_STATES, State
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.phases import STAGE_OF_PHASE, Phase, Stage, next_phase
@@ -48,15 +49,16 @@ class _WatchEnded(Exception):
 
 
 class ServiceChannels:
-    """One gRPC channel per stage service, opened on first use."""
+    """One gRPC channel per stage service, opened on first use; every call carries the service credential."""
 
-    def __init__(self, addresses: Mapping[str, str]) -> None:
+    def __init__(self, addresses: Mapping[str, str], credentials: ServiceCredentials) -> None:
         self._addresses = dict(addresses)
+        self._credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.aio.insecure_channel(self._addresses[service])
+            self._channels[service] = self._credentials.open_channel(self._addresses[service])
         return self._channels[service]
 
     async def close(self) -> None:

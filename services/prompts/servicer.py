@@ -15,6 +15,7 @@ from stillhouse.common.operations import (
     OperationError,
     OperationRegistry,
 )
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.spec_sections import spec_section
 from stillhouse.prompts.config import PromptsSettings
 from stillhouse.prompts.stage import TEACHER_STRATEGIES, GeneratePromptsRun, refuse_unworkable
@@ -29,10 +30,17 @@ GENERATE_PROMPTS = (
 
 
 class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
-    def __init__(self, registry: OperationRegistry, store: ObjectStore, settings: PromptsSettings) -> None:
+    def __init__(
+        self,
+        registry: OperationRegistry,
+        store: ObjectStore,
+        settings: PromptsSettings,
+        credentials: ServiceCredentials,
+    ) -> None:
         self._registry = registry
         self._store = store
         self._settings = settings
+        self._credentials = credentials
         self._input_roots = InputRoots.of(settings.input_roots)
 
     async def GeneratePrompts(self, request, context):
@@ -62,6 +70,7 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                         client = await resources.enter_async_context(
                             TeacherClient(
                                 self._settings.teacher_address,
+                                credentials=self._credentials,
                                 job_id=request.job_id,
                                 tenant=request.tenant,
                                 teacher=teacher,

@@ -17,6 +17,7 @@ import structlog
 from google.protobuf import struct_pb2
 
 from stillhouse.common.operations import OperationError
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.teacher.ledger import Ledger
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
@@ -42,10 +43,18 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 
 
 class TeacherClient:
-    """Completes chats through the teacher service at `address`; `ledger` sums what every call spent."""
+    """Completes chats through the teacher service at `address`, each call carrying `credentials`;
+    `ledger` sums what every call spent."""
 
     def __init__(
-        self, address: str, *, job_id: str, tenant: str, teacher: dict[str, Any], timeout_seconds: float
+        self,
+        address: str,
+        *,
+        credentials: ServiceCredentials,
+        job_id: str,
+        tenant: str,
+        teacher: dict[str, Any],
+        timeout_seconds: float,
     ) -> None:
         self.address = address
         self.ledger = Ledger()
@@ -53,7 +62,7 @@ class TeacherClient:
         self._tenant = tenant
         self._teacher = teacher
         self._timeout = timeout_seconds
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = credentials.open_channel(
             address, options=[("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         )
         self._stub = teacher_pb2_grpc.TeacherStub(self._channel)

@@ -51,3 +51,9 @@ class StorageSettings(GrpcServiceSettings):
 
     port: int = 50053
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    presign_max_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Longest validity of a presigned download URL (the S3 API allows at most 7 days).",
+    )

@@ -26,7 +26,7 @@ def run(settings: StorageSettings) -> None:
         except ObjectStoreError as exc:
             # Not fatal: the store may come up later; each call reports its own failure meanwhile.
             log.warning("bucket not ready", bucket=store.bucket, error=str(exc))
-        servicer = StorageServicer(store)
+        servicer = StorageServicer(store, presign_max_seconds=settings.presign_max_seconds)
         return [
             ServiceBinding(
                 SERVICE.full_name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from stillhouse.storage.objects import (
     StoreUnavailable,
     validate_key,
 )
+from stillhouse.storage.presign_policy import DEFAULT_PRESIGN_SECONDS, PresignRefused, presign_expiry
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -36,7 +37,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 MAX_PAGE_SIZE = 1000
-MAX_PRESIGN = timedelta(days=7)  # the S3 API's own limit
 
 # Which status each storage error stands for.
 STATUS_OF_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -104,8 +104,9 @@ def _page(ids: list[str], page_size: int, page_token: str) -> tuple[list[str], s
 
 
 class StorageServicer(storage_pb2_grpc.StorageServicer):
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, presign_max_seconds: int = DEFAULT_PRESIGN_SECONDS) -> None:
         self._store = store
+        self._presign_max_seconds = presign_max_seconds
 
     async def _call(self, context: grpc.aio.ServicerContext, work: Callable[[], T]) -> T:
         try:
@@ -268,18 +269,13 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     # --- bulk transfer -----------------------------------------------------------------------------
 
     async def Presign(self, request, context):
+        try:
+            expires = presign_expiry(request, self._presign_max_seconds)
+        except PresignRefused as refused:
+            await context.abort(refused.code, refused.message)
+
         def presign() -> storage_pb2.PresignResponse:
-            validate_key(request.key)
-            expires = timedelta(seconds=request.expires_seconds or 3600)
-            if not timedelta(seconds=1) <= expires <= MAX_PRESIGN:
-                raise ValueError(f"expires_seconds must be between 1 and {int(MAX_PRESIGN.total_seconds())}")
-            method = request.method
-            if method == storage_pb2.PresignRequest.METHOD_GET:
-                url = self._store.presign_get(request.key, expires)
-            elif method == storage_pb2.PresignRequest.METHOD_PUT:
-                url = self._store.presign_put(request.key, expires)
-            else:
-                raise ValueError("method must be METHOD_GET or METHOD_PUT")
+            url = self._store.presign_get(request.key, expires)
             stamp = timestamp_pb2.Timestamp()
             stamp.GetCurrentTime()
             stamp.FromSeconds(stamp.seconds + int(expires.total_seconds()))

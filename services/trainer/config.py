@@ -14,9 +14,9 @@ from stillhouse.common.config import GrpcServiceSettings
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.storage.config import ObjectStoreSettings
 
-# Ray puts Unix sockets at `<temp dir>/session_<date>_<time>_<pid>/sockets/plasma_store` (about 62 more
+# Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
 # characters), and a socket path may not exceed 107 bytes.
-MAX_RAY_TEMP_DIR_CHARS = 44
+MAX_RAY_TEMP_DIR_CHARS = 42
 
 
 def default_ray_temp_dir(home: Path) -> Path:
@@ -43,9 +43,16 @@ class LocalRaySettings(BaseModel):
         description="Ray's session files, logs and the Ray Train storage of local runs; default: "
         "`<STILLHOUSE_HOME>/ray`, or a short folder in the system's temp dir when that path is too long.",
     )
-    # Ray 2.60 turns token auth on for new clusters unless told otherwise; the local head listens on
-    # loopback only, so it is off by default.
-    auth_mode: Literal["disabled", "token"] = "disabled"
+    # Loopback is shared by every local user and process, so the head wants its token as a cluster does.
+    auth_mode: Literal["disabled", "token"] = Field(
+        default="token",
+        description="`token`: every call to the head (job API, dashboard, GCS, Ray client) must carry the "
+        "token in auth_token_file; `disabled` takes calls from any local process.",
+    )
+    auth_token_file: Path = Field(
+        default_factory=lambda: stillhouse_home() / "ray-auth-token",
+        description="The local head's token, generated (mode 0600) on first start and kept.",
+    )
     startup_timeout_seconds: float = Field(default=90.0, gt=0)
 
 

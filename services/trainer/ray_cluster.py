@@ -3,6 +3,10 @@
 The local head is `ray start --head --block` as a child process. Ray ties the head's own processes to
 that child (they die with it), and the kernel tells the child to exit when this process dies
 (PR_SET_PDEATHSIG), so a killed service leaves no Ray behind.
+
+The head serves this machine only: every Ray process binds 127.0.0.1 (Ray otherwise puts its GCS, raylet
+and agents on all interfaces, and its client server on the machine's network address), it wants its
+auth token on every call, and its files are its owner's alone (umask 077).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import httpx
 from stillhouse.trainer.config import LocalRaySettings
 
 LOOPBACK = "127.0.0.1"
-AUTH_TOKEN_FILE = "auth_token"
 HEAD_LOG_FILE = "ray-head.log"
+RAY_DIR = "r"  # short: Ray's socket paths under it are limited (see config.MAX_RAY_TEMP_DIR_CHARS)
 STOP_GRACE_SECONDS = 15.0
+PRIVATE_UMASK = 0o077
 
 
 class RayUnreachable(Exception):
@@ -100,26 +105,36 @@ class LocalRayHead:
         return self._settings.temp_dir
 
     @property
+    def ray_dir(self) -> Path:
+        """Ray's own temp dir, which Ray opens to everyone (mode 0777): inside the private `temp_dir`, only
+        its owner reaches the sockets (the object store's takes no token) and files under it."""
+        return self.temp_dir / RAY_DIR
+
+    @property
     def log_path(self) -> Path:
         return self.temp_dir / HEAD_LOG_FILE
 
     def start(self) -> None:
         """Spawn the head; `wait_ready` then waits for its job API."""
         settings = self._settings
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.temp_dir.chmod(0o700)
         gcs_port, client_port, agent_port, free_dashboard_port = _free_ports(4)
         dashboard_port = settings.dashboard_port or free_dashboard_port
         env = {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name != "RAY_AUTH_TOKEN"},
             **self._extra_env,
             "RAY_AUTH_MODE": settings.auth_mode,
+            # Ray's single-machine mode: `ray start` would otherwise replace --node-ip-address=127.0.0.1
+            # with the machine's network address, and its servers would bind every interface.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             # SIGTERM stops the head at once: it runs nothing that needs draining.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         if settings.auth_mode == "token":
             self.token = self._ensure_token()
-            env["RAY_AUTH_TOKEN_PATH"] = str(self.temp_dir / AUTH_TOKEN_FILE)
+            env["RAY_AUTH_TOKEN_PATH"] = str(settings.auth_token_file)
         command = [
             sys.executable,
             "-m",
@@ -127,7 +142,8 @@ class LocalRayHead:
             "start",
             "--head",
             "--block",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self.ray_dir}",
+            f"--node-ip-address={LOOPBACK}",
             f"--port={gcs_port}",
             f"--dashboard-host={LOOPBACK}",
             f"--dashboard-port={dashboard_port}",
@@ -147,6 +163,7 @@ class LocalRayHead:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                umask=PRIVATE_UMASK,
             )
         self.address = f"http://{LOOPBACK}:{dashboard_port}"
 
@@ -184,11 +201,15 @@ class LocalRayHead:
             process.wait(5)
 
     def _ensure_token(self) -> str:
-        path = self.temp_dir / AUTH_TOKEN_FILE
-        if not path.exists():
+        """The head's token, from its file (created, mode 0600, in a folder created 0700, if missing)."""
+        path = self._settings.auth_token_file
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists() or not path.read_text().strip():
+            path.unlink(missing_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as token_file:
                 token_file.write(secrets.token_hex(32))
+        path.chmod(0o600)
         return path.read_text().strip()
 
     def _tail(self, lines: int = 5) -> str:

@@ -15,19 +15,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from service_token import authorized_channel, token_metadata
+from sockets import is_loopback, listening_sockets
 from typer.testing import CliRunner
 
 from stillhouse.cli.embedded import (
     EmbeddedError,
     api_url_for,
+    check_loopback,
     check_port_free,
     ensure_api_token,
     ensure_secrets_dir,
+    ensure_service_token,
     write_endpoint_file,
 )
 from stillhouse.cli.main import app
+from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 
 STILLHOUSE = Path(sys.executable).with_name("stillhouse")
 INVALID_SPEC = (
@@ -105,10 +112,30 @@ def test_endpoint_file_is_replaced_whole(tmp_path: Path) -> None:
     assert [path.name for path in tmp_path.iterdir()] == ["endpoint.json"]
 
 
-def test_api_url_reaches_wildcard_hosts_over_loopback() -> None:
-    assert api_url_for("0.0.0.0", 8080) == "http://127.0.0.1:8080"
+def test_api_url_of_a_loopback_host() -> None:
+    assert api_url_for("127.0.0.1", 8080) == "http://127.0.0.1:8080"
     assert api_url_for("::1", 8080) == "http://[::1]:8080"
-    assert api_url_for("10.1.2.3", 80) == "http://10.1.2.3:80"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.com"])
+def test_up_listens_on_loopback_only(tmp_path: Path, host: str) -> None:
+    with pytest.raises(EmbeddedError, match=f"--host {host} is not a loopback address"):
+        check_loopback(host)
+    result = CliRunner().invoke(app, ["up", "--home", str(tmp_path / "home"), "--host", host])
+    assert result.exit_code == 1
+    assert "is not a loopback address" in result.stderr and "Helm chart" in result.stderr
+    assert not (tmp_path / "home").exists()
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert check_loopback(loopback) == loopback
+
+
+def test_the_service_token_is_private_and_kept(tmp_path: Path) -> None:
+    path = ensure_service_token(tmp_path)
+    token = path.read_text().strip()
+    assert path == tmp_path / "service-token" and len(token) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_service_token(tmp_path).read_text().strip() == token
+    assert token != ensure_api_token(tmp_path).read_text().strip()
 
 
 # --- the whole platform ---------------------------------------------------------------------------
@@ -201,7 +228,7 @@ def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded, tokenizer_only_mod
     commands = {child.cmdline()[4] for child in embedded.children}
     assert commands == SERVICES
 
-    spec = embedded.home / "job.yaml"
+    spec = tmp_path / "job.yaml"
     spec.write_text(valid_spec(tokenizer_only_model, tmp_path / "teacher"))
     submitted = embedded.cli("submit", "--quiet", str(spec))
     assert submitted.returncode == 0, submitted.stderr
@@ -224,6 +251,10 @@ def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded, tokenizer_only_mod
     assert "spec.teacher.temprature" in refused.stderr
     assert embedded.process.poll() is None
 
+    assert_only_loopback_listeners(embedded)
+    assert_internal_calls_need_the_service_token(embedded)
+    assert_home_is_private(embedded.home)
+
     embedded.process.send_signal(signal.SIGINT)
     assert wait_gone(embedded.descendants, timeout=15) == []
     assert embedded.process.wait(timeout=15) == 0
@@ -231,6 +262,49 @@ def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded, tokenizer_only_mod
     gone = embedded.cli("status")
     assert gone.returncode == 1
     assert "no Stillhouse API found" in gone.stderr
+
+
+def assert_only_loopback_listeners(embedded: Embedded) -> None:
+    """Every socket the platform's processes listen on is bound to a loopback address."""
+    listening = listening_sockets([psutil.Process(embedded.process.pid), *embedded.descendants])
+    ports = {port for _, _, port in listening}
+    api_port = int(embedded.endpoint["apiUrl"].rsplit(":", 1)[1])
+    service_ports = {int(address.rsplit(":", 1)[1]) for address in embedded.endpoint["services"].values()}
+    assert {api_port, *service_ports} <= ports, listening
+    assert [entry for entry in listening if not is_loopback(entry[1])] == []
+
+
+def assert_internal_calls_need_the_service_token(embedded: Embedded) -> None:
+    token = (embedded.home / "service-token").read_text().strip()
+    get = operations_pb2.GetOperationRequest(operation_id="nope")
+    for address in embedded.endpoint["services"].values():
+        with grpc.insecure_channel(address) as channel:
+            operations = operations_pb2_grpc.OperationsStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                operations.GetOperation(get, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED, address
+            with pytest.raises(grpc.RpcError) as passed:
+                operations.GetOperation(get, metadata=token_metadata(token), timeout=10)
+            assert passed.value.code() is grpc.StatusCode.NOT_FOUND, address
+        # Reflection is on in embedded mode, behind the token.
+        with authorized_channel(address, token) as channel:
+            services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "stillhouse.common.v1.Operations" in services
+
+
+def assert_home_is_private(home: Path) -> None:
+    """The home and everything the platform wrote in it: folders 0700, files 0600 (or stricter)."""
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    written = list(home.rglob("*"))
+    assert {"api-token", "service-token", "endpoint.json", "stillhouse.db", "logs"} <= {
+        p.name for p in written
+    }
+    open_to_others = [
+        (str(path), oct(stat.S_IMODE(path.lstat().st_mode)))
+        for path in written
+        if not path.is_symlink() and stat.S_IMODE(path.lstat().st_mode) & 0o077
+    ]
+    assert open_to_others == []
 
 
 def test_sigterm_stops_everything(embedded: Embedded) -> None:

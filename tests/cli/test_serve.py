@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from stillhouse.cli.main import app
 
 
-def serve(*args: str, **env: str) -> tuple[int, str]:
+def serve(*args: str, **env: str | None) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["serve", *args], env={"STILLHOUSE_HOME": "/nonexistent", **env})
     return result.exit_code, result.stderr
 
@@ -64,3 +64,17 @@ def test_control_plane_has_no_metrics_port() -> None:
 def test_unknown_service() -> None:
     code, _ = serve("kitchen")
     assert code == 2
+
+
+def test_a_service_without_a_service_token_refuses_to_start() -> None:
+    code, stderr = serve("storage", "--port", "0", STILLHOUSE_STORAGE_SERVICE_TOKEN_FILE=None)
+    assert code == 2
+    assert stderr.startswith("cannot start the storage service: no service token: set service_token_file")
+    assert "allow_unauthenticated_calls" in stderr
+
+
+def test_an_unreadable_service_token_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "service-token"
+    code, stderr = serve("teacher", "--port", "0", STILLHOUSE_TEACHER_SERVICE_TOKEN_FILE=str(missing))
+    assert code == 2
+    assert f"cannot read the service token file {missing}: No such file or directory" in stderr

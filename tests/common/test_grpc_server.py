@@ -1,4 +1,5 @@
-"""What every service process shares: health, reflection, refused requests, metrics, JSON logs, SIGTERM.
+"""What every service process shares: the service token, health, reflection, refused requests, metrics,
+JSON logs, SIGTERM.
 
 The service processes run for real (`stillhouse serve <service>`); the operations adapter is also tested
 in-process over a real grpc.aio server.
@@ -23,6 +24,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
+from service_token import SERVICE_TOKEN, authorized_channel, token_metadata
 
 from stillhouse.common.grpc_server import MetricsInterceptor, OperationsServicer, abort_for
 from stillhouse.common.operations import (
@@ -35,6 +37,7 @@ from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
 
 OPERATIONS = "stillhouse.common.v1.Operations"
+OPERATIONS_SERVICE = operations_pb2.DESCRIPTOR.services_by_name["Operations"]
 PROMPTS = "stillhouse.prompts.v1.Prompts"
 State = operations_pb2.OperationState
 
@@ -45,21 +48,23 @@ class ServiceProcess:
     process: subprocess.Popen
     address: str
     metrics_url: str
+    log: Callable[[], str]
 
 
 @pytest.fixture
 def serve(processes, free_port, wait_until, grpc_ready) -> Callable[[str], ServiceProcess]:
     """Start `stillhouse serve <service>` on free ports and wait until it reports SERVING."""
 
-    def start(service: str) -> ServiceProcess:
+    def start(service: str, **env: str) -> ServiceProcess:
         port, metrics_port = free_port(), free_port()
         argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", service]
         argv += ["--port", str(port), "--metrics-port", str(metrics_port)]
-        process = processes.start(service, argv)
+        process = processes.start(service, argv, env)
         address = f"127.0.0.1:{port}"
         wait_until(lambda: grpc_ready(address) or process.poll() is not None, 30, f"the {service} service")
         assert process.poll() is None, processes.log(service)
-        return ServiceProcess(service, process, address, f"http://127.0.0.1:{metrics_port}/metrics")
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        return ServiceProcess(service, process, address, metrics_url, lambda: processes.log(service))
 
     return start
 
@@ -80,15 +85,31 @@ def handled_counts(metrics_url: str) -> dict[tuple[str, str], float]:
     }
 
 
-def test_health_and_reflection(serve) -> None:
+def reflected_services(channel: grpc.Channel) -> set[str]:
+    return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def test_health_is_open_and_reflection_off_by_default(serve) -> None:
     service = serve("prompts")
+    # Health needs no token: Kubernetes probes send none.
     with grpc.insecure_channel(service.address) as channel:
         for name in ("", PROMPTS, OPERATIONS):
             assert health_status(channel, name) == health_pb2.HealthCheckResponse.SERVING, name
         with pytest.raises(grpc.RpcError) as caught:
             health_status(channel, "stillhouse.kitchen.v1.Kitchen")
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with authorized_channel(service.address) as channel, pytest.raises(grpc.RpcError) as caught:
+        reflected_services(channel)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
+
+def test_reflection_when_turned_on_needs_the_token(serve) -> None:
+    service = serve("prompts", STILLHOUSE_PROMPTS_REFLECTION="true")
+    with grpc.insecure_channel(service.address) as channel, pytest.raises(grpc.RpcError) as caught:
+        reflected_services(channel)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    with authorized_channel(service.address) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())
         assert {PROMPTS, OPERATIONS, "grpc.health.v1.Health"} <= services
@@ -101,7 +122,7 @@ def test_health_and_reflection(serve) -> None:
 
 def test_refused_requests_and_unknown_operations_are_answered_and_counted(serve) -> None:
     service = serve("prompts")
-    with grpc.insecure_channel(service.address) as channel:
+    with authorized_channel(service.address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             prompts_pb2_grpc.PromptsStub(channel).GeneratePrompts(
                 prompts_pb2.GeneratePromptsRequest(operation_id="op-1", job_id="job-1"), timeout=5
@@ -120,6 +141,12 @@ def test_refused_requests_and_unknown_operations_are_answered_and_counted(serve)
     assert counts[(f"/{OPERATIONS}/GetOperation", "NOT_FOUND")] == 2
     assert counts[("/grpc.health.v1.Health/Check", "OK")] >= 1
     assert (f"/{OPERATIONS}/GetOperation", "OK") not in counts
+
+    with grpc.insecure_channel(service.address) as channel, pytest.raises(grpc.RpcError):
+        operations_pb2_grpc.OperationsStub(channel).GetOperation(
+            operations_pb2.GetOperationRequest(operation_id="nope"), timeout=5
+        )
+    assert handled_counts(service.metrics_url)[(f"/{OPERATIONS}/GetOperation", "UNAUTHENTICATED")] == 1
 
 
 def test_sigterm_stops_cleanly_with_json_logs(serve, processes) -> None:
@@ -144,13 +171,29 @@ def test_sigterm_stops_cleanly_with_json_logs(serve, processes) -> None:
         ("trainer", "stillhouse.trainer.v1.Trainer"),
     ],
 )
-def test_every_stage_service_serves_its_contract(serve, service: str, full_name: str) -> None:
+def test_every_stage_service_serves_its_contract_to_token_holders_only(
+    serve, service: str, full_name: str
+) -> None:
     running = serve(service)
     module = importlib.import_module(f"stillhouse.{service}.server")
     assert module.SERVICE.full_name == full_name
     with grpc.insecure_channel(running.address) as channel:
         assert health_status(channel, full_name) == health_pb2.HealthCheckResponse.SERVING
         assert health_status(channel, OPERATIONS) == health_pb2.HealthCheckResponse.SERVING
+        for method in [*module.SERVICE.methods, *OPERATIONS_SERVICE.methods]:
+            call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}")
+            for metadata, words in [
+                ((), "send the metadata `authorization: Bearer <token>`"),
+                (token_metadata("x" * 40), "not one this service accepts"),
+                ((("authorization", "Basic dXNlcjpwYXNz"),), "must be one `Bearer <service token>`"),
+            ]:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(b"", metadata=metadata, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
+                assert words in refused.value.details()
+                assert SERVICE_TOKEN not in refused.value.details()
+    assert SERVICE_TOKEN not in running.log()
+    with authorized_channel(running.address) as channel:
         for method in module.SERVICE.methods:
             # An empty request is a valid proto3 message of any type.
             call = channel.unary_unary(f"/{full_name}/{method.name}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -156,7 +157,13 @@ def main() -> None:
     port, journal_path, seconds = int(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
     fail_rpc = sys.argv[4] if len(sys.argv) > 4 else None
     journal = Journal(journal_path)
-    settings = GrpcServiceSettings(port=port, log_format="console", shutdown_grace_seconds=0.5)
+    settings = GrpcServiceSettings(
+        port=port,
+        log_format="console",
+        shutdown_grace_seconds=0.5,
+        # The suite's service token (tests/conftest.py), which the control plane under test must send.
+        service_token_file=Path(os.environ["STILLHOUSE_TEST_SERVICE_TOKEN_FILE"]),
+    )
     run_grpc_service(
         "scripted-stages", settings, lambda registry: build(registry, journal, seconds, fail_rpc)
     )

@@ -327,3 +327,22 @@ def test_estimate_names_an_unreachable_stage_service(control_plane_at, free_port
         down = client.post("/v1/jobs:estimate", json=MINIMAL_JOB, timeout=60)
     assert down.status_code == 503, down.text
     assert "prompts service: UNAVAILABLE" in down.json()["message"]
+
+
+def test_a_control_plane_with_another_service_token_is_refused_by_the_services(
+    control_plane_at, checking_trainer, tmp_path
+):
+    other_token = tmp_path / "other-service-token"
+    other_token.write_text("another-service-token-" + "e" * 32 + "\n")
+    control_plane = control_plane_at(
+        {"trainer": checking_trainer}, STILLHOUSE_CONTROL_PLANE_SERVICE_TOKEN_FILE=str(other_token)
+    )
+    control_plane.start()
+    with control_plane.client() as client:
+        response = client.post("/v1/jobs", json=MINIMAL_JOB)
+    assert response.status_code == 503
+    assert (
+        "trainer service could not check the job (UNAUTHENTICATED: the service token sent"
+        in (response.json()["message"])
+    )
+    assert "e" * 32 not in control_plane.log

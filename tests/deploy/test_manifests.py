@@ -205,6 +205,36 @@ def test_the_principals_file_reaches_the_control_plane_from_a_secret(render) -> 
     assert mounted_secret_file(control_plane_pod(render(None)), variable) is None
 
 
+def service_token_source(manifests: list[dict], deployment: str) -> tuple[str, str]:
+    """(Secret name, key) of the file a Deployment's STILLHOUSE_*_SERVICE_TOKEN_FILE names."""
+    pod = named(manifests, "Deployment", f"{PREFIX}-{deployment}")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    prefix = f"STILLHOUSE_{deployment.upper().replace('-', '_')}_"
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert not any(name.endswith("_REFLECTION") for name in env), "reflection stays off on a cluster"
+    token_file = Path(env[f"{prefix}SERVICE_TOKEN_FILE"]["value"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(token_file.parent))
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    return volume["secret"]["secretName"], token_file.name
+
+
+def test_every_stillhouse_process_reads_the_same_service_token(rendered: list[dict]) -> None:
+    sources = {deployment: service_token_source(rendered, deployment) for deployment in DEPLOYMENTS}
+    assert set(sources.values()) == {(f"{PREFIX}-service-token", "token")}
+    secret = named(rendered, "Secret", f"{PREFIX}-service-token")
+    assert len(base64.b64decode(secret["data"]["token"])) >= 32
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_an_existing_service_token_secret_replaces_the_generated_one(render) -> None:
+    manifests = render(None, ("serviceToken.existingSecret=platform-token", "serviceToken.key=current"))
+    assert {service_token_source(manifests, deployment) for deployment in DEPLOYMENTS} == {
+        ("platform-token", "current")
+    }
+    assert not [s for s in of_kind(manifests, "Secret") if s["metadata"]["name"].endswith("service-token")]
+
+
 # --- network -----------------------------------------------------------------------------------------
 
 EXPECTED_FLOWS = {

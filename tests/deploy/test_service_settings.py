@@ -71,6 +71,9 @@ def test_settings_load_from_the_chart_environment(
     settings = settings_class.load(None, **flags(container["args"][1:]))
 
     assert settings.host == "0.0.0.0"
+    assert settings.service_token_file is not None
+    assert not getattr(settings, "reflection", False)
+    assert not getattr(settings, "allow_unauthenticated_calls", False)
     assert settings.port == next(p["containerPort"] for p in container["ports"])
     if hasattr(settings, "object_store"):
         assert settings.object_store.backend == "s3"

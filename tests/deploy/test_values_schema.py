@@ -15,6 +15,8 @@ BAD_VALUES = [
     ("unknown top-level key", {"teachr": {"replicas": 2}}, "teachr"),
     ("unknown nested key", {"teacher": {"replica": 2}}, "replica"),
     ("control plane runs once", ["controlPlane.replicas=2"], "/controlPlane/replicas"),
+    ("service token key is a file name", ["serviceToken.key=../token"], "/serviceToken/key"),
+    ("service token settings are known", ["serviceToken.secret=x"], "secret"),
     ("port out of range", ["prompts.port=70000"], "/prompts/port"),
     ("pull policy", ["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     ("log level", ["logLevel=verbose"], "/logLevel"),

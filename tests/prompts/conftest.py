@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from background import background_server
 from google.protobuf import struct_pb2
+from service_token import authorized_channel
 from waiting import grpc_serving, pick_free_port
 
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
@@ -82,7 +82,7 @@ class PromptsService:
             teacher=struct(teacher) if teacher else None,
             evaluation=struct(evaluation) if evaluation else None,
         )
-        with grpc.insecure_channel(self.address) as channel:
+        with authorized_channel(self.address) as channel:
             prompts_pb2_grpc.PromptsStub(channel).GeneratePrompts(request)
             operations = operations_pb2_grpc.OperationsStub(channel)
             for _ in operations.WatchOperation(
@@ -129,9 +129,15 @@ def shared_server(
 
 
 @pytest.fixture(scope="module")
-def fake_teacher(tmp_path_factory) -> Iterator[FakeTeacher]:
+def fake_teacher(tmp_path_factory, service_token_file) -> Iterator[FakeTeacher]:
     folder, port = tmp_path_factory.mktemp("fake-teacher"), pick_free_port()
-    argv = [sys.executable, str(FAKE_TEACHER), str(port), str(folder / "calls.jsonl")]
+    argv = [
+        sys.executable,
+        str(FAKE_TEACHER),
+        str(port),
+        str(folder / "calls.jsonl"),
+        str(service_token_file),
+    ]
     with shared_server("the fake teacher", argv, {}, port, folder / "server.log") as address:
         yield FakeTeacher(address, folder / "calls.jsonl")
 

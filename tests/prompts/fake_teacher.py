@@ -1,6 +1,6 @@
 """A teacher service (the Teacher contract's `Complete`) with canned answers, for prompt generation tests.
 
-    python tests/prompts/fake_teacher.py PORT CALLS_FILE
+    python tests/prompts/fake_teacher.py PORT CALLS_FILE SERVICE_TOKEN_FILE
 
 Answers are a pure function of the request (its messages and sampling seed), so a run is repeatable:
 - a Self-Instruct request (asks for a numbered list) gets five numbered instructions: three new ones
@@ -31,6 +31,8 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stillhouse.common.service_auth import ServiceTokenInterceptor
+from stillhouse.common.service_credentials import read_service_tokens
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
 VERBS = ["Explain", "Summarise", "Compare", "Plan", "Describe", "Teach", "Outline", "Critique", "Write about"]
@@ -141,8 +143,9 @@ class FakeTeacher(teacher_pb2_grpc.TeacherServicer):
         return teacher_pb2.CompleteResponse(text=text, finish_reason="stop", ledger=ledger)
 
 
-async def serve(port: int, calls_file: Path) -> None:
-    server = grpc.aio.server()
+async def serve(port: int, calls_file: Path, token_file: Path) -> None:
+    # Checks callers as the real teacher service does, so the prompts service must send the token.
+    server = grpc.aio.server(interceptors=[ServiceTokenInterceptor(read_service_tokens(token_file))])
     teacher_pb2_grpc.add_TeacherServicer_to_server(FakeTeacher(calls_file), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -153,4 +156,4 @@ async def serve(port: int, calls_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1]), Path(sys.argv[2])))
+    asyncio.run(serve(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))

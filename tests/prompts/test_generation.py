@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from service_token import SERVICE_TOKEN
 
 from stillhouse.common.jobspec import PromptFilters, PromptGeneration
 from stillhouse.common.operations import OperationError
+from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.prompts.cleaning import PromptCleaner, normalise
 from stillhouse.prompts.generation import (
     GenerationError,
@@ -19,6 +21,7 @@ from stillhouse.prompts.generation import (
 )
 from stillhouse.prompts.teacher_client import TeacherClient
 
+CREDENTIALS = ServiceCredentials(tokens=(SERVICE_TOKEN,), tls=None)
 SEEDS = [
     "Write a haiku about the first snow of the winter in a mountain village.",
     "How do I reverse a linked list in Python without using recursion?",
@@ -42,7 +45,7 @@ async def generate(strategy, address: str, teacher: dict, *, job_id: str, seed: 
     options = {key: generation.pop(key) for key in ("concurrency", "patience") if key in generation}
     spec = PromptGeneration.model_validate({"strategy": strategy.__name__, **generation})
     async with TeacherClient(
-        address, job_id=job_id, tenant="t", teacher=teacher, timeout_seconds=30
+        address, credentials=CREDENTIALS, job_id=job_id, tenant="t", teacher=teacher, timeout_seconds=30
     ) as client:
         outcome = await strategy(spec, SEEDS, client, admit, seed=seed, **options)
     return outcome, client.ledger, cleaner
@@ -154,7 +157,12 @@ async def test_strategies_refuse_to_start_without_seed_prompts(strategy):
 async def test_teacher_failures_become_clear_stage_errors(fake_teacher, teacher_spec, free_port):
     messages = [{"role": "user", "content": "hello"}]
     async with TeacherClient(
-        fake_teacher.address, job_id="j", tenant="t", teacher=teacher_spec("fake-missing"), timeout_seconds=5
+        fake_teacher.address,
+        credentials=CREDENTIALS,
+        job_id="j",
+        tenant="t",
+        teacher=teacher_spec("fake-missing"),
+        timeout_seconds=5,
     ) as client:
         with pytest.raises(OperationError) as refused:
             await client.complete(messages, temperature=1.0, seed=1)
@@ -163,7 +171,7 @@ async def test_teacher_failures_become_clear_stage_errors(fake_teacher, teacher_
 
     nowhere = f"127.0.0.1:{free_port()}"
     async with TeacherClient(
-        nowhere, job_id="j", tenant="t", teacher=teacher_spec(), timeout_seconds=5
+        nowhere, credentials=CREDENTIALS, job_id="j", tenant="t", teacher=teacher_spec(), timeout_seconds=5
     ) as client:
         with pytest.raises(OperationError) as unreachable:
             await client.complete(messages, temperature=1.0, seed=1)

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from service_token import authorized_channel
 
 from stillhouse.common.records import prompt_id
 from stillhouse.common.v1 import operations_pb2
@@ -214,7 +215,7 @@ def test_invalid_requests_are_refused_at_once(prompts_service, prompts, words, t
     request = prompts_pb2.GeneratePromptsRequest(operation_id="op-refused", job_id="job-refused")
     root = str(tmp_path_factory.getbasetemp())
     request.prompts.update(json.loads(json.dumps(prompts).replace("ROOT/", root + "/")))
-    with grpc.insecure_channel(prompts_service.address) as channel, pytest.raises(grpc.RpcError) as refused:
+    with authorized_channel(prompts_service.address) as channel, pytest.raises(grpc.RpcError) as refused:
         prompts_pb2_grpc.PromptsStub(channel).GeneratePrompts(request)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert words in refused.value.details()

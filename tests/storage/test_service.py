@@ -7,6 +7,7 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import httpx
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import SecretStr
+from service_token import authorized_channel
 
 from stillhouse.storage.artifacts import download_artifact
 from stillhouse.storage.config import ObjectStoreSettings
@@ -61,7 +63,7 @@ def start_storage(processes, free_port, grpc_ready, wait_until, settings: Object
 @pytest.fixture
 def service(object_store_settings, processes, free_port, grpc_ready, wait_until):
     address = start_storage(processes, free_port, grpc_ready, wait_until, object_store_settings)
-    with grpc.insecure_channel(address) as channel:
+    with authorized_channel(address) as channel:
         yield StorageService(
             storage_pb2_grpc.StorageStub(channel),
             open_object_store(object_store_settings),
@@ -219,9 +221,9 @@ def test_delete_prefix_removes_one_jobs_objects_and_can_be_repeated(service: Sto
         (
             "Presign",
             storage_pb2.PresignRequest(
-                method=storage_pb2.PresignRequest.METHOD_PUT, key="a", expires_seconds=10**7
+                method=storage_pb2.PresignRequest.METHOD_GET, key="jobs/job-1/a", expires_seconds=3601
             ),
-            "expires_seconds",
+            "expires_seconds must be between 1 and 3600",
         ),
         ("Presign", storage_pb2.PresignRequest(key="a"), "METHOD_GET"),
         ("GetArtifact", storage_pb2.GetArtifactRequest(artifact_id="/abs"), "/abs"),
@@ -277,6 +279,24 @@ def test_presigned_get_reads_the_object_without_credentials(service: StorageServ
         assert httpx.get(url).content == b'{"recovery": 91.5}'
 
 
+def test_presign_signs_downloads_of_job_objects_only(service: StorageService) -> None:
+    def refusal(method, key: str) -> grpc.RpcError:
+        return rpc_error(service.stub.Presign, storage_pb2.PresignRequest(method=method, key=key))
+
+    get, put = storage_pb2.PresignRequest.METHOD_GET, storage_pb2.PresignRequest.METHOD_PUT
+    upload = refusal(put, "jobs/job-1/train/student/model.safetensors")
+    assert upload.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "download URLs only (METHOD_GET)" in upload.details()
+    for key in ("models/base/config.json", "jobs/report.json", "teacher-cache.db"):
+        outside = refusal(get, key)
+        assert outside.code() is grpc.StatusCode.PERMISSION_DENIED, key
+        assert f"keys under 'jobs/<job-id>/'), not {key!r}" in outside.details()
+
+    url = service.stub.Presign(storage_pb2.PresignRequest(method=get, key="jobs/job-1/report.json")).url
+    if service.settings.backend == "s3":
+        assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["3600"]
+
+
 @pytest.mark.parametrize("fault", ["wrong-secret", "endpoint-down"])
 def test_object_store_faults_become_clear_statuses(
     seaweedfs, fault, processes, free_port, grpc_ready, wait_until
@@ -288,7 +308,7 @@ def test_object_store_faults_become_clear_statuses(
     )
     settings = seaweedfs.settings("stillhouse-faults", **overrides)
     address = start_storage(processes, free_port, grpc_ready, wait_until, settings)
-    with grpc.insecure_channel(address) as channel:
+    with authorized_channel(address) as channel:
         stub = storage_pb2_grpc.StorageStub(channel)
         error = rpc_error(
             stub.CreateDataset, storage_pb2.CreateDatasetRequest(dataset_id=DATASET_ID, lineage=LINEAGE)

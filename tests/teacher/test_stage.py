@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
+from service_token import authorized_channel
 
 from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
@@ -102,7 +103,7 @@ def answer_prompts(
     job: str = JOB,
     tenant: str = "team-a",
 ):
-    with grpc.insecure_channel(service.address) as channel:
+    with authorized_channel(service.address) as channel:
         stub, operations = service.stubs(channel)
         stub.AnswerPrompts(
             teacher_pb2.AnswerPromptsRequest(
@@ -170,7 +171,7 @@ def test_a_killed_stage_resumes_without_paying_twice(teacher_service, fake_opena
     # The first 10 calls are answered; the rest hang, as a teacher does when the process dies mid-call.
     fake_openai.control(mode="ok", times=10)
     fake_openai.control(mode="slow", delay=600)
-    with grpc.insecure_channel(teacher_service.address) as channel:
+    with authorized_channel(teacher_service.address) as channel:
         stub, _ = teacher_service.stubs(channel)
         stub.AnswerPrompts(
             teacher_pb2.AnswerPromptsRequest(
@@ -232,7 +233,7 @@ def test_single_completions_are_cached_per_tenant(teacher_service, fake_openai):
     messages = [teacher_pb2.ChatMessage(role="user", content="write one question about tides")]
     teacher = teacher_struct(fake_openai.base_url)
     cached = []
-    with grpc.insecure_channel(teacher_service.address) as channel:
+    with authorized_channel(teacher_service.address) as channel:
         stub, _ = teacher_service.stubs(channel)
         for tenant in ("team-a", "team-a", "team-b"):
             request = teacher_pb2.CompleteRequest(
@@ -309,7 +310,7 @@ def test_a_teacher_outside_the_egress_policy_is_refused_before_any_request(teach
         assert words in operation.error.message
         assert "STILLHOUSE_TEACHER_EGRESS_ALLOW" in operation.error.message
 
-    with grpc.insecure_channel(teacher_service.address) as channel:
+    with authorized_channel(teacher_service.address) as channel:
         stub, _ = teacher_service.stubs(channel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.Complete(
@@ -324,7 +325,7 @@ def test_a_teacher_outside_the_egress_policy_is_refused_before_any_request(teach
 
 
 def test_an_invalid_teacher_spec_is_refused_naming_the_field(teacher_service, fake_openai):
-    with grpc.insecure_channel(teacher_service.address) as channel:
+    with authorized_channel(teacher_service.address) as channel:
         stub, _ = teacher_service.stubs(channel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.AnswerPrompts(
@@ -342,7 +343,7 @@ def test_an_invalid_teacher_spec_is_refused_naming_the_field(teacher_service, fa
 def test_estimate_prices_the_prompts_without_calling_the_teacher(teacher_service, fake_openai):
     texts = ["x" * 400, "y" * 40]  # about 100 and 10 tokens at 4 characters a token
     write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", texts)
-    with grpc.insecure_channel(teacher_service.address) as channel:
+    with authorized_channel(teacher_service.address) as channel:
         stub, _ = teacher_service.stubs(channel)
         estimate = stub.EstimateCost(
             teacher_pb2.EstimateCostRequest(

@@ -25,7 +25,7 @@ from stillhouse.storage.artifacts import read_artifact_manifest
 from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.trainer.checkpoints import committed_steps
 from stillhouse.trainer.config import LocalRaySettings
-from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable
+from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable, auth_headers
 from stillhouse.trainer.ray_credentials import key_environment, run_without_keys
 from stillhouse.trainer.ray_entrypoint import error_summary, outcome_key
 from stillhouse.trainer.ray_jobs import (
@@ -57,7 +57,8 @@ def object_store_settings(s3: SeaweedFS) -> ObjectStoreSettings:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[LocalRayHead]:
-    settings = LocalRaySettings(temp_dir=tmp_path_factory.mktemp("ray"), num_cpus=2)
+    temp_dir = tmp_path_factory.mktemp("ray")
+    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=2)
     head = LocalRayHead(settings, key_environment(s3.settings("any")))
     head.start()
     try:
@@ -69,7 +70,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterato
 
 @pytest.fixture
 def jobs(ray_head: LocalRayHead) -> RayJobs:
-    return RayJobs(ray_head.address, poll_seconds=0.5)
+    return RayJobs(ray_head.address, headers=auth_headers(ray_head.token), poll_seconds=0.5)
 
 
 @pytest.fixture
@@ -247,7 +248,8 @@ import sys, time
 from pathlib import Path
 from stillhouse.trainer.config import LocalRaySettings
 from stillhouse.trainer.ray_cluster import LocalRayHead
-head = LocalRayHead(LocalRaySettings(temp_dir=Path(sys.argv[1]), num_cpus=1))
+temp_dir = Path(sys.argv[1])
+head = LocalRayHead(LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=1))
 head.start()
 head.wait_ready()
 print("ready", flush=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from service_token import authorized_channel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
@@ -32,11 +33,11 @@ class TrainerService:
     store: LocalObjectStore
 
     def call(self, rpc: str, request) -> operations_pb2.Operation:
-        with grpc.insecure_channel(self.address) as channel:
+        with authorized_channel(self.address) as channel:
             return getattr(trainer_pb2_grpc.TrainerStub(channel), rpc)(request, timeout=30)
 
     def watch(self, operation_id: str, seen: list | None = None) -> operations_pb2.Operation:
-        with grpc.insecure_channel(self.address) as channel:
+        with authorized_channel(self.address) as channel:
             stub = operations_pb2_grpc.OperationsStub(channel)
             final = None
             for operation in stub.WatchOperation(

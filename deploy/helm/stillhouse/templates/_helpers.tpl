@@ -80,6 +80,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{- define "stillhouse.serviceTokenSecret" -}}
+{{- default (printf "%s-service-token" (include "stillhouse.fullname" .)) .Values.serviceToken.existingSecret }}
+{{- end }}
+
 {{- define "stillhouse.minioSecret" -}}
 {{- default (printf "%s-minio" (include "stillhouse.fullname" .)) .Values.minio.existingSecret }}
 {{- end }}
@@ -225,6 +229,25 @@ topologySpreadConstraints:
       matchLabels:
         {{- include "stillhouse.selectorLabels" . | nindent 8 }}
 {{- end }}
+{{- end }}
+
+{{/* The service token, as a file, for a Stillhouse process: (dict "root" $ "prefix" "PROMPTS"). */}}
+{{- define "stillhouse.serviceTokenEnv" -}}
+- name: STILLHOUSE_{{ .prefix }}_SERVICE_TOKEN_FILE
+  value: /var/run/secrets/stillhouse/service-token/{{ .root.Values.serviceToken.key }}
+{{- end }}
+
+{{- define "stillhouse.serviceTokenVolume" -}}
+- name: service-token
+  secret:
+    secretName: {{ include "stillhouse.serviceTokenSecret" . }}
+    defaultMode: 0440
+{{- end }}
+
+{{- define "stillhouse.serviceTokenMount" -}}
+- name: service-token
+  mountPath: /var/run/secrets/stillhouse/service-token
+  readOnly: true
 {{- end }}
 
 {{/* The writable folders of a read-only Stillhouse container. */}}

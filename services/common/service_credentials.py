@@ -1,0 +1,159 @@
+"""The credential every internal gRPC call carries: a shared service token, and TLS where configured.
+
+Read once at start-up from a process's `ServiceCallSettings`. A caller opens its channels with
+`open_channel`, which sends `authorization: Bearer <token>` on every call; a service checks that header
+with `ServiceTokenInterceptor` (service_auth.py). The token file may hold several tokens, one a line:
+the first is the one sent, and any of them is accepted, so a new token can be rolled out beside the old.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from stillhouse.common.config import ServiceCallSettings
+
+AUTHORIZATION = "authorization"
+BEARER = "Bearer "
+# Long enough that guessing is hopeless; `stillhouse up` and the Helm chart generate 43 and 48 characters.
+MIN_TOKEN_CHARS = 32
+
+
+class ServiceCredentialsError(ValueError):
+    """A token or TLS file named by the settings cannot be used; the message names the file and why."""
+
+
+def read_service_tokens(path: Path) -> tuple[str, ...]:
+    """The tokens in `path`, one per non-empty line, each checked; never shown in a message."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ServiceCredentialsError(f"cannot read the service token file {path}: {exc.strerror}") from exc
+    tokens = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        token = line.strip()
+        if not token:
+            continue
+        if len(token) < MIN_TOKEN_CHARS or any(char.isspace() or not char.isprintable() for char in token):
+            raise ServiceCredentialsError(
+                f"line {number} of the service token file {path} is not a usable token: it must be at "
+                f"least {MIN_TOKEN_CHARS} printable characters without spaces"
+            )
+        tokens.append(token)
+    if not tokens:
+        raise ServiceCredentialsError(f"the service token file {path} holds no token")
+    return tuple(tokens)
+
+
+def _read_pem(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ServiceCredentialsError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True, repr=False)
+class TlsFiles:
+    """PEM contents of the TLS settings: this process's certificate and key, and the peers' CA."""
+
+    cert: bytes | None
+    key: bytes | None
+    ca: bytes | None
+
+
+@dataclass(frozen=True, repr=False)
+class ServiceCredentials:
+    tokens: tuple[str, ...]
+    tls: TlsFiles | None
+
+    @classmethod
+    def load(cls, settings: ServiceCallSettings) -> ServiceCredentials:
+        """Read the token and TLS files the settings name; ServiceCredentialsError if one is unusable."""
+        tokens = read_service_tokens(settings.service_token_file) if settings.service_token_file else ()
+        tls = None
+        if settings.tls_cert_file or settings.tls_ca_file:
+            tls = TlsFiles(
+                cert=_read_pem(settings.tls_cert_file, "tls_cert_file"),
+                key=_read_pem(settings.tls_key_file, "tls_key_file"),
+                ca=_read_pem(settings.tls_ca_file, "tls_ca_file"),
+            )
+        return cls(tokens, tls)
+
+    @property
+    def token(self) -> str | None:
+        """The token this process sends, None when it has none."""
+        return self.tokens[0] if self.tokens else None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS for a service's port (None: plaintext); a CA makes client certificates required."""
+        if self.tls is None or self.tls.cert is None or self.tls.key is None:
+            return None
+        return grpc.ssl_server_credentials(
+            [(self.tls.key, self.tls.cert)],
+            root_certificates=self.tls.ca,
+            require_client_auth=self.tls.ca is not None,
+        )
+
+    def open_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """A channel to the service at `address` whose every call carries this process's token."""
+        interceptors = bearer_interceptors(self.token) if self.token else []
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+        )
+        return grpc.aio.secure_channel(address, credentials, options=list(options), interceptors=interceptors)
+
+    def __repr__(self) -> str:
+        return f"ServiceCredentials(tokens={len(self.tokens)}, tls={self.tls is not None})"
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, authorization: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata[AUTHORIZATION] = authorization
+    return details._replace(metadata=metadata)
+
+
+class _BearerUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, authorization: str) -> None:
+        self._authorization = authorization
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_with_token(client_call_details, self._authorization), request)
+
+
+class _BearerUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, authorization: str) -> None:
+        self._authorization = authorization
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with_token(client_call_details, self._authorization), request)
+
+
+class _BearerStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, authorization: str) -> None:
+        self._authorization = authorization
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_token(client_call_details, self._authorization), request_iterator)
+
+
+class _BearerStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, authorization: str) -> None:
+        self._authorization = authorization
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_token(client_call_details, self._authorization), request_iterator)
+
+
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that add `authorization: Bearer <token>` to calls of every kind (grpc.aio
+    files an interceptor under one kind only, so there is one per kind)."""
+    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
+    return [kind(f"{BEARER}{token}") for kind in kinds]
