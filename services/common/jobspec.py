@@ -502,7 +502,7 @@ class TrainingSpec(SpecModel):
         "generations) and a logit loss. Off (null) by default.",
     )
     epochs: Annotated[int, Field(gt=0, le=1000)] = 1
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2.0e-5
+    learning_rate: Annotated[float, Field(gt=0, le=1e6)] = 2.0e-5
     batch_tokens: Annotated[int, Field(gt=0, le=1 << 26)] = Field(
         default=16384, description="Tokens per optimizer step."
     )

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 MAX_EXAMPLES = 30
+UNPARSEABLE_HTTP = "Invalid HTTP request received."  # uvicorn's answer to a request it cannot parse
 NEGATIVE_DATA_REJECTED = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429"]
 VALID_DATA_ACCEPTED = ["2xx", "401", "403", "404", "409", "429"]
 
@@ -63,4 +64,9 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_answer_conforms_to_the_published_schema(case, api):
-    case.call_and_validate(headers={"Authorization": f"Bearer {api.token}"})
+    response = case.call(headers={"Authorization": f"Bearer {api.token}"})
+    if response.status_code == 400 and response.text == UNPARSEABLE_HTTP:
+        # Generated headers can break HTTP itself (a Content-Length of "56{|/"): the HTTP server refuses
+        # such a request before the API sees it, so the API's schema has nothing to say about the answer.
+        return
+    case.validate_response(response)
