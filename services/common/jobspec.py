@@ -19,7 +19,7 @@ API_VERSION = "stillhouse.dev/v1"
 KIND = "DistillationJob"
 
 # RFC 1123 label, the rule Kubernetes applies to object names.
-_NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+KUBERNETES_NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 # A key's name in the teacher's key store: a file name in one folder or the suffix of one environment
@@ -72,7 +72,7 @@ class Metadata(SpecModel):
     @field_validator("name")
     @classmethod
     def _name_is_label(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME_PATTERN.fullmatch(value):
+        if value is not None and not KUBERNETES_NAME_PATTERN.fullmatch(value):
             raise ValueError(
                 "must be lower-case letters, digits and '-', start and end with a letter or digit, "
                 "at most 63 characters"

@@ -407,6 +407,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         401: {"model": ErrorBody, "description": "Missing or invalid bearer token"},
         404: {"model": ErrorBody, "description": "No such job, or another tenant's (users see their own)"},
     }
+    page_token_responses = {
+        400: {"model": ErrorBody, "description": "A pageToken this API did not give out"},
+    }
     body_responses = {
         400: {
             "model": ErrorBody,
@@ -527,7 +530,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         tags=["jobs"],
         responses={
             401: error_responses[401],
-            400: {"model": ErrorBody, "description": "A pageToken this API did not give out"},
+            **page_token_responses,
         },
     )
     async def list_jobs(
@@ -685,7 +688,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         tags=["audit"],
         responses={
             401: error_responses[401],
-            400: {"model": ErrorBody, "description": "Invalid pageToken"},
+            **page_token_responses,
             403: {"model": ErrorBody, "description": "The caller is not an admin"},
         },
     )

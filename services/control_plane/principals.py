@@ -37,15 +37,16 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from stillhouse.common.jobspec import KUBERNETES_NAME_PATTERN
+
 DEFAULT_TENANT = "default"
-TENANT_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 PRINCIPAL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._@-]{0,126}[A-Za-z0-9])?")
 MAX_PRINCIPAL_LENGTH = 128
 MIN_TOKEN_LENGTH = 16
 
 
 def _tenant_name(value: str) -> str:
-    if not TENANT_PATTERN.fullmatch(value):
+    if not KUBERNETES_NAME_PATTERN.fullmatch(value):
         raise ValueError(
             "a tenant is 1 to 63 lower-case letters, digits and '-', not starting or ending with '-'"
         )
