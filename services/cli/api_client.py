@@ -27,8 +27,9 @@ TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 REQUEST_TIMEOUT = 30.0
 # The control plane waits up to 120 s for the trainer's submit-time check.
 SUBMIT_TIMEOUT = 150.0
-# A dropped event stream is reopened (from the last event seen) this many times in a row at most.
-STREAM_RECONNECTS = 5
+# A dropped event stream is reopened (from the last event seen) for this long at most: long enough for
+# `stillhouse up` to restart a control plane that crashed.
+STREAM_RECONNECT_SECONDS = 120.0
 
 
 class ApiError(Exception):
@@ -209,6 +210,7 @@ class StillhouseClient:
         recorded so far have been read (the stream goes quiet for a moment)."""
         last_event_id: str | None = None
         reconnects = 0
+        lost_since: float | None = None
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             read_timeout = None if follow else 1.0
@@ -223,7 +225,7 @@ class StillhouseClient:
                             continue  # a keep-alive ping: a comment line, which carries no event
                         if event.id:
                             last_event_id = event.id
-                        reconnects = 0
+                        reconnects, lost_since = 0, None
                         yield event
                         if event.event == "phase" and event.json().get("phase") in TERMINAL_PHASES:
                             return
@@ -237,8 +239,11 @@ class StillhouseClient:
             if not follow:
                 return
             reconnects += 1
-            if reconnects > STREAM_RECONNECTS:
-                raise ApiUnreachable(f"lost the event stream of job {job_id} at {self.url}")
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > STREAM_RECONNECT_SECONDS:
+                raise ApiUnreachable(
+                    f"lost the event stream of job {job_id} at {self.url} for {STREAM_RECONNECT_SECONDS:g} s"
+                )
             time.sleep(min(2.0, 0.2 * 2**reconnects))
 
     def _call(self, method: str, path: str, job_id: str | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 The supervisor starts the four stage services and the control plane (each one `stillhouse serve ...`),
 waits until every one answers its health check, writes `<home>/endpoint.json` for the CLI to find the
-API, and then watches: on Ctrl-C or SIGTERM it stops them all; if one dies it stops the rest and fails.
+API, and then watches, as Kubernetes would (restart_policy.py): a service that exits is started again
+with backoff, and one that stops answering its health check is killed and started again; jobs carry on
+(the control plane re-attaches to their running stages). On Ctrl-C or SIGTERM it stops them all.
 Children are told by the kernel to exit when the supervisor does (PR_SET_PDEATHSIG), so even a killed
 supervisor leaves nothing behind.
 
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +42,7 @@ from rich.text import Text
 
 from stillhouse.cli.api_client import ApiEndpoint
 from stillhouse.cli.display import endpoint_panel
+from stillhouse.cli.restart_policy import RestartPolicy
 
 STAGE_SERVICES = ("prompts", "teacher", "storage", "trainer")
 SECRETS_DIR = "secrets"
@@ -74,8 +78,18 @@ class Child:
     metrics_port: int | None = None
     host: str = LOOPBACK
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     # Where this run's output starts in the (appended) log file.
     log_offset: int = 0
+    # Keeping it running: when this run started, crashes without a long enough run in between, when
+    # the next start is due (set while it waits to be restarted), failed health checks in a row, and
+    # whether this run has answered one yet.
+    started_at: float = 0.0
+    crashes: int = 0
+    restart_at: float | None = None
+    probe_failures: int = 0
+    answered: bool = False
+    next_probe_at: float = 0.0
 
     @property
     def address(self) -> str:
@@ -240,10 +254,13 @@ class Supervisor:
     startup_timeout: float = 60.0
     # Folders jobs may read local prompt sources and slot files from, besides $STILLHOUSE_HOME/inputs.
     input_roots: tuple[Path, ...] = ()
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     console: Console = field(default_factory=Console)
     err_console: Console = field(default_factory=lambda: Console(stderr=True))
 
     children: list[Child] = field(default_factory=list, init=False)
+    # The environment the services start from: this process's, as it was before `run` changed it.
+    _child_env: dict[str, str] = field(default_factory=dict, init=False)
     _stop_signals: int = field(default=0, init=False)
 
     @property
@@ -267,6 +284,10 @@ class Supervisor:
                 f"API {running.get('apiUrl')}): stop it, or give another --home"
             )
         check_port_free(self.host, self.api_port)
+        self._child_env = dict(os.environ)
+        # Children are forked while the health probes' gRPC threads run; gRPC's fork handlers then abort
+        # a child now and then before it can exec. Nothing here uses gRPC after a fork, so they are off.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         token_file = ensure_api_token(self.home)
         service_token_file = ensure_service_token(self.home)
 
@@ -281,7 +302,7 @@ class Supervisor:
                     return 0
                 self._publish_endpoint(token_file)
                 if session is None:
-                    died = self._watch()
+                    self._watch()
                 else:
                     endpoint = ApiEndpoint(self.api_url, token_file.read_text().strip())
                     outcome: dict[str, int] = {}
@@ -289,10 +310,7 @@ class Supervisor:
                         target=lambda: outcome.update(code=session(endpoint)), name="session", daemon=True
                     )
                     worker.start()
-                    died = self._watch(until=lambda: not worker.is_alive())
-                if died is not None:
-                    self._report_failure([died], f"{died.name} exited unexpectedly (code {died.exit_code()})")
-                    return 1
+                    self._watch(until=lambda: not worker.is_alive())
                 if session is not None:
                     # Stopped by Ctrl-C before the session ended: the shell's code for an interrupt.
                     return outcome.get("code", 130)
@@ -312,7 +330,7 @@ class Supervisor:
         control_plane = Child(
             CONTROL_PLANE, port=self.api_port, host=self.host, log_path=self.logs_dir / f"{CONTROL_PLANE}.log"
         )
-        base_env = {**os.environ, "STILLHOUSE_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        base_env = {**self._child_env, "STILLHOUSE_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
         control_plane_env = {
             **base_env,
             "STILLHOUSE_CONTROL_PLANE_API_TOKEN_FILE": str(token_file),
@@ -343,14 +361,17 @@ class Supervisor:
                 # Handy on one machine (grpcurl); still behind the service token.
                 f"{prefix}REFLECTION": "true",
             }
-            self._spawn(child, {**base_env, **credential_env, **service_env.get(child.name, {})})
-        self._spawn(control_plane, control_plane_env)
+            child.env = {**base_env, **credential_env, **service_env.get(child.name, {})}
+            self.children.append(child)
+            self._spawn(child)
+        control_plane.env = control_plane_env
+        self.children.append(control_plane)
+        self._spawn(control_plane)
 
     def _input_roots(self) -> list[Path]:
         return [ensure_private_dir(self.home / INPUTS_DIR), *self.input_roots]
 
-    def _spawn(self, child: Child, env: dict[str, str]) -> None:
-        self.children.append(child)
+    def _spawn(self, child: Child) -> None:
         fd = os.open(child.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "ab") as log:
@@ -363,52 +384,35 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=child.env,
                 preexec_fn=_die_with_parent(),
                 umask=PRIVATE_UMASK,
             )
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        child.probe_failures = 0
+        child.answered = False
+        child.next_probe_at = child.started_at + self.restart_policy.probe_period_seconds
 
     def _wait_until_healthy(self) -> tuple[list[Child], str] | None:
         """None once every child answers healthy (or a stop was asked for); else the culprits and why."""
-        import grpc
-        import httpx
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        # Short reconnect backoff: the default (1 s growing to 2 min) would notice a new server late.
-        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
         pending = {child.name: child for child in self.children}
-        channels = {
-            child.name: grpc.insecure_channel(child.address, options=options)
-            for child in self.children
-            if child.name != CONTROL_PLANE
-        }
         deadline = time.monotonic() + self.startup_timeout
-        try:
-            with (
-                httpx.Client(timeout=2.0) as http,
-                self.err_console.status("starting Stillhouse...") as status,
-            ):
-                while pending and not self._stop_signals:
-                    for name, child in list(pending.items()):
-                        if child.exit_code() is not None:
-                            return [child], f"{name} exited during start-up (code {child.exit_code()})"
-                        if name == CONTROL_PLANE:
-                            healthy = _http_ready(http, f"{self.api_url}/readyz")
-                        else:
-                            healthy = _grpc_serving(health_pb2_grpc.HealthStub(channels[name]), health_pb2)
-                        if healthy:
-                            del pending[name]
-                    status.update(f"starting Stillhouse... waiting for {', '.join(pending) or 'nothing'}")
-                    if not pending:
-                        break
-                    if time.monotonic() > deadline:
-                        names = ", ".join(pending)
-                        reason = f"{names} did not become healthy within {self.startup_timeout:g} s"
-                        return list(pending.values()), reason
-                    time.sleep(POLL_SECONDS)
-        finally:
-            for channel in channels.values():
-                channel.close()
+        with HealthProbe(self.api_url) as probe, self.err_console.status("starting Stillhouse...") as status:
+            while pending and not self._stop_signals:
+                for name, child in list(pending.items()):
+                    if child.exit_code() is not None:
+                        return [child], f"{name} exited during start-up (code {child.exit_code()})"
+                    if probe.answers(child, timeout=1.0, ready=True):
+                        child.answered = True
+                        del pending[name]
+                status.update(f"starting Stillhouse... waiting for {', '.join(pending) or 'nothing'}")
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    reason = f"{', '.join(pending)} did not become healthy within {self.startup_timeout:g} s"
+                    return list(pending.values()), reason
+                time.sleep(POLL_SECONDS)
         return None
 
     def _publish_endpoint(self, token_file: Path) -> None:
@@ -427,14 +431,80 @@ class Supervisor:
 
     # --- running and stopping -------------------------------------------------------------------
 
-    def _watch(self, until: Callable[[], bool] = lambda: False) -> Child | None:
-        """Block until a stop is asked for or `until()` holds (None), or a child dies (that child)."""
-        while not self._stop_signals and not until():
-            for child in self.children:
-                if child.exit_code() is not None and not self._stop_signals:
-                    return child
-            time.sleep(POLL_SECONDS)
-        return None
+    def _watch(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Keep every child running until a stop is asked for or `until()` holds. Health checks run side
+        by side in threads, so a child that hangs its check delays no other child's."""
+        with (
+            HealthProbe(self.api_url) as probe,
+            ThreadPoolExecutor(len(self.children), thread_name_prefix="health-check") as checks,
+        ):
+            running: dict[str, tuple[int, Future[bool]]] = {}
+            while not self._stop_signals and not until():
+                for child in self.children:
+                    if self._stop_signals:
+                        break
+                    self._keep_running(child, probe, checks, running)
+                time.sleep(POLL_SECONDS)
+
+    def _keep_running(
+        self,
+        child: Child,
+        probe: HealthProbe,
+        checks: ThreadPoolExecutor,
+        running: dict[str, tuple[int, Future[bool]]],
+    ) -> None:
+        """One look at `child`: restart it when due, note that it exited, or check its health."""
+        policy = self.restart_policy
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                self._spawn(child)
+            return
+        code = child.exit_code()
+        if code is not None:
+            child.crashes = policy.crashes_in_a_row(child.crashes, now - child.started_at)
+            delay = policy.backoff_seconds(child.crashes)
+            child.restart_at = now + delay
+            self.err_console.print(
+                Text(
+                    f"{child.name} exited unexpectedly (code {code}): restarting it in {delay:g} s "
+                    f"(crash {child.crashes} in a row; its log is {child.log_path})",
+                    style="bold yellow",
+                ),
+                highlight=False,
+            )
+            return
+        assert child.process is not None
+        if child.name not in running:
+            if now >= child.next_probe_at:
+                child.next_probe_at = now + policy.probe_period_seconds
+                check = checks.submit(probe.answers, child, timeout=policy.probe_timeout_seconds)
+                running[child.name] = (child.process.pid, check)
+            return
+        pid, check = running[child.name]
+        if not check.done():
+            return
+        del running[child.name]
+        if pid != child.process.pid:
+            return  # a check of the process before a restart
+        if check.result():
+            child.answered, child.probe_failures = True, 0
+            return
+        if child.answered:
+            child.probe_failures += 1
+            if child.probe_failures < policy.probe_failure_threshold:
+                return
+            reason = f"did not answer {child.probe_failures} health checks in a row"
+        elif now - child.started_at > policy.start_timeout_seconds:
+            reason = f"did not answer its health check within {policy.start_timeout_seconds:g} s of starting"
+        else:
+            return
+        warning = Text(f"{child.name} {reason}: killing it", style="bold yellow")
+        self.err_console.print(warning, highlight=False)
+        _send(child, signal.SIGKILL)
+        # A stopped process takes SIGKILL at once; reap it so the next look sees it exited.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(timeout=5)
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -491,26 +561,65 @@ class Supervisor:
                     self.err_console.print(Text(f"  {line}", style="dim"), highlight=False)
 
 
+class HealthProbe:
+    """Asks each child whether it is alive: the gRPC health service of a stage service, `/healthz` (or
+    `/readyz` at start-up) of the control plane. Holds one channel per child for as long as it is open."""
+
+    def __init__(self, api_url: str) -> None:
+        self._api_url = api_url
+        self._channels: dict[str, Any] = {}
+        self._http: Any = None
+
+    def __enter__(self) -> HealthProbe:
+        import httpx
+
+        self._http = httpx.Client()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._http.close()
+
+    def answers(self, child: Child, *, timeout: float, ready: bool = False) -> bool:
+        if child.name == CONTROL_PLANE:
+            path = "/readyz" if ready else "/healthz"
+            return _http_ok(self._http, f"{self._api_url}{path}", timeout)
+        return _grpc_serving(self._channel(child), timeout)
+
+    def _channel(self, child: Child) -> Any:
+        import grpc
+
+        if child.name not in self._channels:
+            # Short reconnect backoff: the default (1 s growing to 2 min) notices a restarted server late.
+            options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+            self._channels[child.name] = grpc.insecure_channel(child.address, options=options)
+        return self._channels[child.name]
+
+
 def _send(child: Child, signum: signal.Signals) -> None:
     if child.process is not None and child.process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             child.process.send_signal(signum)
 
 
-def _grpc_serving(stub: Any, health_pb2: Any) -> bool:
+def _grpc_serving(channel: Any, timeout: float) -> bool:
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout
+        )
     except grpc.RpcError:
         return False
     return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _http_ready(http: Any, url: str) -> bool:
+def _http_ok(http: Any, url: str, timeout: float) -> bool:
     import httpx
 
     try:
-        return http.get(url).status_code == 200
+        return http.get(url, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False

@@ -18,6 +18,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stillhouse.common import grpc_keepalive as keepalive
 from stillhouse.common.config import GrpcServiceSettings
 from stillhouse.common.logging import configure_logging
 from stillhouse.common.operations import (
@@ -155,7 +156,7 @@ async def serve_grpc(
     # The metrics come first, so they count the calls the token check refuses.
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(), *([check] if check else [])],
-        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes), *keepalive.SERVER_OPTIONS],
     )
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(registry), server)
     names = [operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name]

@@ -8,6 +8,7 @@ adapter (`OperationsServicer` in `grpc_server`) only translates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
@@ -27,6 +28,10 @@ FINAL_STATES = frozenset(
 )
 
 log = structlog.get_logger(__name__)
+
+# A watch re-sends the operation at least this often, unchanged or not: a watcher that hears nothing
+# for several times this long knows the service has stalled (a stopped process keeps its connections).
+WATCH_HEARTBEAT_SECONDS = 5.0
 
 
 def request_fingerprint(request: message.Message) -> bytes:
@@ -129,9 +134,12 @@ class OperationConflict(ValueError):
 class OperationRegistry:
     """The operations of one service process. Finished ones are kept until `retain_finished` is exceeded."""
 
-    def __init__(self, retain_finished: int = 10_000) -> None:
+    def __init__(
+        self, retain_finished: int = 10_000, heartbeat_seconds: float = WATCH_HEARTBEAT_SECONDS
+    ) -> None:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retain_finished = retain_finished
+        self._heartbeat_seconds = heartbeat_seconds
         self._shutting_down = False
 
     @property
@@ -192,8 +200,9 @@ class OperationRegistry:
             # Decided on what was sent: the operation may have ended while that message was on its way.
             if snapshot.state in FINAL_STATES:
                 return
-            async with entry.condition:
-                await entry.condition.wait_for(lambda seen=seen: entry.version != seen)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._heartbeat_seconds), entry.condition:
+                    await entry.condition.wait_for(lambda seen=seen: entry.version != seen)
 
     async def shutdown(self) -> None:
         """Cancel every running operation (the process is stopping)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from stillhouse.common import grpc_keepalive as keepalive
 from stillhouse.common.config import ServiceCallSettings
 
 AUTHORIZATION = "authorization"
@@ -101,14 +102,16 @@ class ServiceCredentials:
         )
 
     def open_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        """A channel to the service at `address` whose every call carries this process's token."""
+        """A channel to the service at `address` whose every call carries this process's token, and whose
+        connections are kept alive (a peer that vanishes is noticed)."""
         interceptors = bearer_interceptors(self.token) if self.token else []
+        options = [*keepalive.CHANNEL_OPTIONS, *options]
         if self.tls is None:
-            return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+            return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
         )
-        return grpc.aio.secure_channel(address, credentials, options=list(options), interceptors=interceptors)
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
     def __repr__(self) -> str:
         return f"ServiceCredentials(tokens={len(self.tokens)}, tls={self.tls is not None})"

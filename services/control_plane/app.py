@@ -303,6 +303,8 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             bus,
             unavailable_timeout_seconds=settings.service_unavailable_timeout_seconds,
             progress_interval_seconds=settings.progress_event_interval_seconds,
+            call_timeout_seconds=settings.service_call_timeout_seconds,
+            watch_idle_timeout_seconds=settings.watch_idle_timeout_seconds,
         )
         app.state.store, app.state.bus, app.state.orchestrator = store, bus, orchestrator
         app.state.channels = channels

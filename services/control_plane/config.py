@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import ServiceCallSettings
+from stillhouse.common.operations import WATCH_HEARTBEAT_SECONDS
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.control_plane.principals import AccessControl, PrincipalsFile, read_principals_file
 
@@ -52,8 +53,21 @@ class ControlPlaneSettings(ServiceCallSettings):
         description="Folders a spec's local prompt sources and slot files must lie in (embedded mode); "
         "none, the default, accepts s3:// inputs only. Checked at submit; the prompts service enforces it.",
     )
-    # How long a stage call may go without any answer from its service before the job fails.
-    service_unavailable_timeout_seconds: float = 600.0
+    service_unavailable_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a stage's service may go without answering (down, restarting or stalled) "
+        "before its job fails with a message naming it; until then the job re-attaches as it comes back.",
+    )
+    service_call_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Deadline of each call that starts or re-attaches a stage."
+    )
+    watch_idle_timeout_seconds: float = Field(
+        default=30.0,
+        gt=WATCH_HEARTBEAT_SECONDS,
+        description="A stage's progress stream that sends nothing, not even the heartbeat its service "
+        f"sends every {WATCH_HEARTBEAT_SECONDS:g} s, for this long is given up and re-attached.",
+    )
     estimate_timeout_seconds: float = Field(
         default=600.0, gt=0, le=3600, description="Longest an estimate may take before it is stopped (504)."
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -46,6 +46,28 @@ class StageCancelled(Exception):
 
 class _WatchEnded(Exception):
     """The watch stream closed before the operation was final (e.g. the service is shutting down)."""
+
+
+class _WatchStalled(Exception):
+    """The watch stream sent nothing, not even its heartbeat, for longer than the idle bound: the
+    service is stalled (a stopped process keeps its connections open) or the network is."""
+
+
+async def _until_idle(
+    stream: grpc.aio.UnaryStreamCall, idle_seconds: float
+) -> AsyncIterator[operations_pb2.Operation]:
+    """The stream's messages; `_WatchStalled` (the call cancelled) once none comes for `idle_seconds`."""
+    messages = aiter(stream)
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                message = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            stream.cancel()
+            raise _WatchStalled from None
+        yield message
 
 
 class ServiceChannels:
@@ -87,12 +109,16 @@ class Orchestrator:
         *,
         unavailable_timeout_seconds: float,
         progress_interval_seconds: float,
+        call_timeout_seconds: float,
+        watch_idle_timeout_seconds: float,
     ) -> None:
         self._store = store
         self._channels = channels
         self._bus = bus
         self._unavailable_timeout = unavailable_timeout_seconds
         self._progress_interval = progress_interval_seconds
+        self._call_timeout = call_timeout_seconds
+        self._watch_idle_timeout = watch_idle_timeout_seconds
         self._runners: dict[str, asyncio.Task] = {}
         self._cancel_requests: dict[str, asyncio.Event] = {}
 
@@ -245,7 +271,7 @@ class Orchestrator:
 
         def retryable(exc: BaseException) -> bool:
             # NOT_FOUND: the service restarted and forgot the operation; starting again re-creates it.
-            return isinstance(exc, _WatchEnded) or (
+            return isinstance(exc, _WatchEnded | _WatchStalled) or (
                 isinstance(exc, grpc.aio.AioRpcError)
                 and (exc.code() in TRANSIENT_CODES or exc.code() is grpc.StatusCode.NOT_FOUND)
             )
@@ -253,12 +279,12 @@ class Orchestrator:
         async def attempt() -> operations_pb2.Operation:
             nonlocal last_contact, last_progress_event
             # Start is idempotent on the operation id: after a restart this re-attaches.
-            await call.start(channel, request)
+            await call.start(channel, request, timeout=self._call_timeout)
             last_contact = time.monotonic()
             watch = operations.WatchOperation(
                 operations_pb2.WatchOperationRequest(operation_id=step.operation_id)
             )
-            async for operation in watch:
+            async for operation in _until_idle(watch, self._watch_idle_timeout):
                 last_contact = time.monotonic()
                 final = operation.state in FINAL_STATES
                 if final or last_contact - last_progress_event >= self._progress_interval:
@@ -278,11 +304,18 @@ class Orchestrator:
             return await retrying(attempt)
         except _WatchEnded as exc:
             raise StageFailed(f"{call.service} service kept closing the progress stream") from exc
+        except _WatchStalled as exc:
+            raise StageFailed(
+                f"{call.service} service stopped answering: nothing about operation {step.operation_id} "
+                f"for {self._unavailable_timeout:.0f} s (the limit is the control plane's "
+                "service_unavailable_timeout_seconds)"
+            ) from exc
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 raise StageFailed(
                     f"{call.service} service unreachable for {self._unavailable_timeout:.0f} s: "
-                    f"{exc.code().name}: {exc.details()}"
+                    f"{exc.code().name}: {exc.details()} (the limit is the control plane's "
+                    "service_unavailable_timeout_seconds)"
                 ) from exc
             raise StageFailed(_describe(call.service, exc)) from exc
 

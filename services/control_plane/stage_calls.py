@@ -50,8 +50,8 @@ class StageCall:
     # (operation id, job id, tenant, spec, results of earlier stages) -> request
     build_request: Callable[[str, str, str, Mapping[str, Any], StageResults], message.Message]
 
-    def start(self, channel: Any, request: message.Message):
-        return getattr(self.stub(channel), self.rpc)(request)
+    def start(self, channel: Any, request: message.Message, timeout: float | None = None):
+        return getattr(self.stub(channel), self.rpc)(request, timeout=timeout)
 
 
 def _prompts_request(operation_id: str, job_id: str, tenant: str, spec: Mapping[str, Any], _: StageResults):

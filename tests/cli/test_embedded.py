@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from service_token import authorized_channel, token_metadata
 from sockets import is_loopback, listening_sockets
 from typer.testing import CliRunner
+from waiting import grpc_serving
 
 from stillhouse.cli.embedded import (
     EmbeddedError,
@@ -195,11 +197,10 @@ def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Pr
     return alive
 
 
-@pytest.fixture
-def embedded(tmp_path: Path, free_port) -> Iterator[Embedded]:
-    home = tmp_path / "home"
+@contextlib.contextmanager
+def running_up(home: Path, api_port: int, env: dict[str, str] | None = None) -> Iterator[Embedded]:
     started = time.monotonic()
-    process = start_up(home, free_port(), own_group=True)
+    process = start_up(home, api_port, env=env, own_group=True)
     try:
         endpoint = wait_for_endpoint(home, process, timeout=60)
         healthy_after = time.monotonic() - started
@@ -217,6 +218,26 @@ def embedded(tmp_path: Path, free_port) -> Iterator[Embedded]:
         for child in psutil.Process().children(recursive=True):
             if child.pid != process.pid and child.is_running():
                 child.kill()
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, free_port) -> Iterator[Embedded]:
+    with running_up(tmp_path / "home", free_port()) as platform:
+        yield platform
+
+
+# Health checks every second, two missed in a row kill a service: a stall is found within seconds.
+QUICK_PROBES = {
+    "STILLHOUSE_UP_PROBE_PERIOD_SECONDS": "1",
+    "STILLHOUSE_UP_PROBE_TIMEOUT_SECONDS": "1",
+    "STILLHOUSE_UP_PROBE_FAILURE_THRESHOLD": "2",
+}
+
+
+@pytest.fixture
+def probed(tmp_path: Path, free_port) -> Iterator[Embedded]:
+    with running_up(tmp_path / "home", free_port(), env=QUICK_PROBES) as platform:
+        yield platform
 
 
 def test_up_serves_jobs_and_stops_cleanly(embedded: Embedded, tokenizer_only_model, tmp_path: Path) -> None:
@@ -322,13 +343,65 @@ def test_killed_supervisor_leaves_no_orphans(embedded: Embedded) -> None:
     assert "is no longer running" in stale.stderr
 
 
-def test_a_dying_service_stops_the_rest(embedded: Embedded) -> None:
-    teacher = next(child for child in embedded.children if "teacher" in child.cmdline())
-    teacher.kill()
-    assert embedded.process.wait(timeout=20) == 1
-    assert "teacher exited unexpectedly" in embedded.output()
+def service_process(embedded: Embedded, name: str) -> psutil.Process:
+    """The running process of service `name` under the supervisor (a restart makes a new one)."""
+    return next(
+        child for child in psutil.Process(embedded.process.pid).children() if child.cmdline()[4:5] == [name]
+    )
+
+
+def restarted(embedded: Embedded, name: str, old_pid: int, timeout: float = 60) -> psutil.Process:
+    """The new process of `name` once it serves again."""
+    address = embedded.endpoint["services"].get(name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert embedded.process.poll() is None, embedded.output()
+        with contextlib.suppress(StopIteration, psutil.Error):
+            process = service_process(embedded, name)
+            if process.pid != old_pid and (address is None or grpc_serving(address)):
+                return process
+        time.sleep(0.2)
+    pytest.fail(f"{name} was not serving again within {timeout} s")
+
+
+def test_a_killed_service_is_restarted_with_backoff(embedded: Embedded) -> None:
+    first = service_process(embedded, "teacher")
+    first.kill()
+    second = restarted(embedded, "teacher", first.pid)
+    second.kill()  # at once: a second crash in a row waits twice as long
+    restarted(embedded, "teacher", second.pid)
+    # The rest kept running throughout, and the CLI still finds the API.
+    assert embedded.cli("status").returncode == 0
+    others = {name: service_process(embedded, name).pid for name in SERVICES - {"teacher"}}
+    assert others == {child.cmdline()[4]: child.pid for child in embedded.children if child.pid != first.pid}
+    embedded.process.send_signal(signal.SIGINT)
+    assert embedded.process.wait(timeout=30) == 0
+    output = embedded.output()
+    assert "teacher exited unexpectedly (code -9): restarting it in 1 s (crash 1 in a row" in output
+    assert "teacher exited unexpectedly (code -9): restarting it in 2 s (crash 2 in a row" in output
     assert wait_gone(embedded.descendants, timeout=5) == []
-    assert not (embedded.home / "endpoint.json").exists()
+
+
+def test_a_killed_control_plane_is_restarted_and_the_api_answers_again(embedded: Embedded) -> None:
+    first = service_process(embedded, "control-plane")
+    first.kill()
+    restarted(embedded, "control-plane", first.pid)
+    deadline = time.monotonic() + 30
+    while (status := embedded.cli("status")).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status.returncode == 0, status.stderr
+
+
+def test_a_stopped_service_is_killed_and_restarted(probed: Embedded) -> None:
+    stalled = service_process(probed, "storage")
+    stalled.suspend()  # SIGSTOP: it keeps its port and connections, and answers nothing
+    restarted(probed, "storage", stalled.pid)
+    assert not stalled.is_running() or stalled.status() == psutil.STATUS_ZOMBIE
+    probed.process.send_signal(signal.SIGINT)
+    assert probed.process.wait(timeout=30) == 0
+    output = probed.output()
+    assert "storage did not answer 2 health checks in a row: killing it" in output
+    assert "storage exited unexpectedly (code -9): restarting it in 1 s" in output
 
 
 def test_a_second_up_on_the_same_home_is_refused(embedded: Embedded, free_port) -> None:

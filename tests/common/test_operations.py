@@ -143,6 +143,24 @@ async def test_watch_sees_every_progress_update_in_order_then_the_result(
     ]
 
 
+async def test_watch_repeats_an_unchanged_operation_as_a_heartbeat() -> None:
+    registry = OperationRegistry(heartbeat_seconds=0.05)
+    work = BlockedWork()
+    start(registry, "op-quiet", work)
+    seen = []
+    async with asyncio.timeout(5):
+        async for operation in registry.watch("op-quiet"):
+            seen.append(operation)
+            if len(seen) == 4:
+                work.release.set()
+    # Nothing changed for the first messages: they repeat the operation, so a watcher hears from a
+    # live service even while its work is quiet; then the change ends the watch as usual.
+    assert [operation.state for operation in seen[:4]] == [State.OPERATION_STATE_RUNNING] * 4
+    assert len({operation.update_time.ToNanoseconds() for operation in seen[:4]}) == 1
+    assert seen[-1].state == State.OPERATION_STATE_SUCCEEDED
+    await registry.shutdown()
+
+
 async def test_success_packs_the_result(registry: OperationRegistry) -> None:
     work = BlockedWork(result=dataset("holdout", rows=42))
     start(registry, "op-1", work)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -222,6 +224,67 @@ def test_unreachable_service_fails_the_job_after_the_configured_patience(
         assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=30) == "Failed"
         message = client.get(f"/v1/jobs/{job_id}").json()["message"]
     assert message.startswith("prompts service unreachable for 2 s: UNAVAILABLE")
+
+
+def stalling_platform(
+    processes, free_port, wait_until, grpc_ready, control_plane_at, journal: Path, patience: str
+):
+    """Scripted stages that take 8 s each, and a control plane with short deadlines: a
+    Start gets 2 s, a silent progress stream 6 s (a little over the services' 5 s heartbeat)."""
+    stages = start_stages(processes, free_port(), journal, 8.0)
+    wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+    control_plane = control_plane_at(
+        {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")},
+        STILLHOUSE_CONTROL_PLANE_SERVICE_UNAVAILABLE_TIMEOUT_SECONDS=patience,
+        STILLHOUSE_CONTROL_PLANE_SERVICE_CALL_TIMEOUT_SECONDS="2",
+        STILLHOUSE_CONTROL_PLANE_WATCH_IDLE_TIMEOUT_SECONDS="6",
+    )
+    control_plane.start()
+    return control_plane, stages
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_service_fails_the_job_within_the_bound_naming_it(
+    processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path
+):
+    control_plane, stages = stalling_platform(
+        processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path / "journal.jsonl", "8"
+    )
+    with control_plane.client() as client:
+        job_id = submit(client)
+        wait_until(lambda: stages.new_starts("AnswerPrompts"), 60, "the teacher stage to start")
+        # A stopped process keeps its connections open: only a deadline or a silence tells.
+        processes.running["stages"].send_signal(signal.SIGSTOP)
+        try:
+            # 6 s of silence, then at most 8 s of failing re-attaches (plus the wait's own polling).
+            assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=40) == "Failed"
+        finally:
+            processes.running["stages"].send_signal(signal.SIGCONT)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["message"].startswith("teacher service "), job["message"]
+    assert "8 s" in job["message"] and "service_unavailable_timeout_seconds" in job["message"]
+    assert [step["state"] for step in job["steps"]] == ["succeeded", "failed"]
+
+
+@pytest.mark.timeout(120)
+def test_a_service_that_resumes_within_the_bound_is_re_attached(
+    processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path
+):
+    control_plane, stages = stalling_platform(
+        processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path / "journal.jsonl", "120"
+    )
+    with control_plane.client() as client:
+        job_id = submit(client)
+        wait_until(lambda: stages.new_starts("AnswerPrompts"), 60, "the teacher stage to start")
+        processes.running["stages"].send_signal(signal.SIGSTOP)
+        before = len(stages.journal())
+        time.sleep(10)  # past the 6 s idle bound: the control plane gives the stream up and re-attaches
+        processes.running["stages"].send_signal(signal.SIGCONT)
+        assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=90) == "Succeeded"
+    reattached = [entry for entry in stages.journal()[before:] if entry.get("rpc") == "AnswerPrompts"]
+    assert reattached and not any(entry["new"] for entry in reattached)
+    for rpc in STAGE_RPCS:
+        assert len(stages.new_starts(rpc)) == 1, f"{rpc} ran {len(stages.new_starts(rpc))} times"
 
 
 def test_estimate_builds_the_prompts_and_prices_them_without_running_the_job(platform):

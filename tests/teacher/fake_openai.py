@@ -30,9 +30,11 @@ Control, for tests (JSON bodies):
   `times` limits it to that many calls (default: until reset); `model` to calls for that model;
   `echo_key: true` makes a 429 or 500 message quote the caller's bearer token, as a careless gateway
   might. The first queued behaviour that matches a call applies. The same body may also change
-  settings: `api_key`, `models`, `flavor`, `max_prompt_chars`, `answer_tokens`.
-- `GET /_calls`: `{"completions": N, "by_prompt": {last message content: N}, "by_status": {code: N},
-  "in_flight": N, "max_in_flight": N}`.
+  settings: `api_key`, `models`, `flavor`, `max_prompt_chars`, `answer_tokens`. `{"clear": true}` drops
+  the queued behaviours (calls already waiting keep theirs) and keeps the counts.
+- `GET /_calls`: `{"completions": N, "by_prompt": {last message content: N}, "answered_by_prompt":
+  {last message content: N}, "by_status": {code: N}, "in_flight": N, "max_in_flight": N}`:
+  `by_prompt` counts calls as they arrive, `answered_by_prompt` the 200 answers sent.
 - `POST /_reset`: forget calls and behaviours, restore the start-up settings.
 - `GET /_vocab`: the vocabulary, a list of token texts indexed by token id.
 """
@@ -103,6 +105,7 @@ class State:
     rules: list[Rule] = field(default_factory=list)
     completions: int = 0
     by_prompt: Counter = field(default_factory=Counter)
+    answered_by_prompt: Counter = field(default_factory=Counter)
     by_status: Counter = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -115,6 +118,7 @@ class State:
         self.rules.clear()
         self.completions = self.in_flight = self.max_in_flight = 0
         self.by_prompt.clear()
+        self.answered_by_prompt.clear()
         self.by_status.clear()
 
     def take_rule(self, model: str) -> Rule | None:
@@ -374,6 +378,7 @@ def build_app(startup: Settings) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         generation = state.generation
+        prompt = None
         state.completions += 1
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
@@ -394,13 +399,16 @@ def build_app(startup: Settings) -> Starlette:
                     and payload["messages"]
                 ):
                     last = payload["messages"][-1]
-                    state.by_prompt[str(last.get("content", "")) if isinstance(last, dict) else ""] += 1
+                    prompt = str(last.get("content", "")) if isinstance(last, dict) else ""
+                    state.by_prompt[prompt] += 1
                 response = await _complete(state, request, payload)
         finally:
             if state.generation == generation:
                 state.in_flight -= 1
         if state.generation == generation:
             state.by_status[str(response.status_code)] += 1
+            if response.status_code == 200 and prompt is not None:
+                state.answered_by_prompt[prompt] += 1
         return response
 
     async def models(request: Request) -> Response:
@@ -416,6 +424,8 @@ def build_app(startup: Settings) -> Starlette:
 
     async def control(request: Request) -> Response:
         script = msgspec.json.decode(await request.body())
+        if script.pop("clear", False):
+            state.rules.clear()
         for name in ("api_key", "flavor", "max_prompt_chars", "answer_tokens"):
             if name in script:
                 setattr(state.settings, name, script.pop(name))
@@ -438,6 +448,7 @@ def build_app(startup: Settings) -> Starlette:
             {
                 "completions": state.completions,
                 "by_prompt": dict(state.by_prompt),
+                "answered_by_prompt": dict(state.answered_by_prompt),
                 "by_status": dict(state.by_status),
                 "in_flight": state.in_flight,
                 "max_in_flight": state.max_in_flight,
