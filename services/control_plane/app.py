@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from stillhouse.common.database_retry import RetryPolicy
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
@@ -294,7 +295,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = await JobStore.open(settings.database_url)
+        store = await JobStore.open(settings.database_url, RetryPolicy(settings.database_retry_seconds))
         channels = ServiceChannels(settings.services.model_dump(), service_credentials)
         bus = JobEventBus()
         orchestrator = Orchestrator(

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import ServiceCallSettings
+from stillhouse.common.database_retry import DEFAULT_RETRY_SECONDS
 from stillhouse.common.operations import WATCH_HEARTBEAT_SECONDS
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.control_plane.principals import AccessControl, PrincipalsFile, read_principals_file
@@ -52,6 +53,12 @@ class ControlPlaneSettings(ServiceCallSettings):
         default_factory=list,
         description="Folders a spec's local prompt sources and slot files must lie in (embedded mode); "
         "none, the default, accepts s3:// inputs only. Checked at submit; the prompts service enforces it.",
+    )
+    database_retry_seconds: float = Field(
+        default=DEFAULT_RETRY_SECONDS,
+        ge=0,
+        description="How long a job store call keeps trying through transient database errors (a dropped "
+        "connection, a failover, a locked SQLite file) before it fails; running jobs outlast longer outages.",
     )
     service_unavailable_timeout_seconds: float = Field(
         default=600.0,

@@ -18,6 +18,7 @@ import grpc
 import structlog
 import tenacity
 
+from stillhouse.common.database_retry import describe, is_transient
 from stillhouse.common.operations import FINAL_STATES, State
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
@@ -157,28 +158,47 @@ class Orchestrator:
 
     async def _drive(self, job_id: str) -> None:
         bound = log.bind(job_id=job_id)
+
+        def log_outage(state: tenacity.RetryCallState) -> None:
+            assert state.outcome is not None
+            bound.warning(
+                "job store unavailable; driving the job on after a pause",
+                error=describe(state.outcome.exception()),
+                retry_in_seconds=round(state.upcoming_sleep, 1),
+            )
+
+        # The store has already retried each call; what still fails is an outage that the job outlasts,
+        # pausing up to 30 s between tries, then carrying on from whatever the store says (the steps
+        # make that safe), until the orchestrator stops.
+        outlast_store_outages = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            wait=tenacity.wait_exponential_jitter(max=30.0),
+            before_sleep=log_outage,
+        )
         try:
-            while True:
-                job = await self._store.get_job(job_id)
-                if job.phase.is_terminal:
-                    return
-                if job.cancel_requested:
-                    await self._cancel_running_step(job)
-                    await self._set_phase(job_id, Phase.CANCELLED, "cancelled on request")
-                    return
-                if job.phase is Phase.PENDING:
-                    await self._set_phase(job_id, next_phase(job.phase))
-                    continue
-                stage = STAGE_OF_PHASE[job.phase]
-                try:
-                    await self._run_stage(job, stage)
-                except StageCancelled:
-                    await self._set_phase(job_id, Phase.CANCELLED, "cancelled on request")
-                    return
-                except StageFailed as exc:
-                    await self._fail(job_id, str(exc))
-                    return
-                await self._set_phase(job_id, next_phase(job.phase))
+            async for attempt in outlast_store_outages:
+                with attempt:
+                    while True:
+                        job = await self._store.get_job(job_id)
+                        if job.phase.is_terminal:
+                            return
+                        if job.cancel_requested:
+                            await self._cancel_running_step(job)
+                            await self._set_phase(job_id, Phase.CANCELLED, "cancelled on request")
+                            return
+                        if job.phase is Phase.PENDING:
+                            await self._set_phase(job_id, next_phase(job.phase))
+                            continue
+                        stage = STAGE_OF_PHASE[job.phase]
+                        try:
+                            await self._run_stage(job, stage)
+                        except StageCancelled:
+                            await self._set_phase(job_id, Phase.CANCELLED, "cancelled on request")
+                            return
+                        except StageFailed as exc:
+                            await self._fail(job_id, str(exc))
+                            return
+                        await self._set_phase(job_id, next_phase(job.phase))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: the job must not hang in a working phase
@@ -296,7 +316,7 @@ class Orchestrator:
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(retryable),
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0),
             stop=out_of_patience,
             reraise=True,
         )

@@ -4,6 +4,12 @@ has emitted, and the audit log of the API's mutating calls.
 One code path over SQLite (embedded mode) and PostgreSQL (cluster mode). The schema is owned by the
 Alembic migrations beside this module; `JobStore.open` brings the database to the latest revision.
 Callers get frozen records, never ORM objects, so no session ever leaves this module.
+
+Every call outlasts transient database errors (a dropped connection, a failover, a locked SQLite file)
+under the store's `RetryPolicy`; each retried unit is one transaction, run again from the start. A write
+whose commit landed but whose answer was lost is therefore run twice: conditional updates make the second
+run a no-op, and the writes that check what they find recognise their own earlier attempt by the
+timestamp the call wrote.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from stillhouse.common import database
+from stillhouse.common.database_retry import DEFAULT_RETRY_POLICY, RetryPolicy, retry_transient
 from stillhouse.control_plane.phases import TERMINAL_PHASES, IllegalTransition, Phase, Stage, check_transition
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -365,21 +372,23 @@ def _decode_audit_token(token: str) -> int:
 
 
 class JobStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.retry_policy = retry_policy
 
     @classmethod
-    async def open(cls, database_url: str) -> JobStore:
+    async def open(cls, database_url: str, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> JobStore:
         """Migrate the database to the latest revision, then connect to it."""
         await asyncio.to_thread(migrate, database_url)
         engine = database.create_engine_for(database_url)
-        return cls(engine)
+        return cls(engine, retry_policy)
 
     async def close(self) -> None:
         await self._engine.dispose()
 
     async def ping(self) -> None:
+        """Not retried: a readiness probe reports the database as it is now."""
         async with self._engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
@@ -403,12 +412,12 @@ class JobStore:
         if not 0 < len(job_id) <= MAX_JOB_ID_LENGTH:
             raise ValueError(f"job id {job_id!r} must be 1 to {MAX_JOB_ID_LENGTH} characters long")
         now = _now()
-        row = JobRow(
+        job = JobRecord(
             id=job_id,
             name=name,
             document=document,
             labels=labels,
-            phase=Phase.PENDING.value,
+            phase=Phase.PENDING,
             message=None,
             cancel_requested=False,
             created_at=now,
@@ -416,22 +425,50 @@ class JobStore:
             tenant=tenant,
             owner=owner,
         )
+        return await self._insert_job(job, admit, usage_since or now)
+
+    @retry_transient
+    async def _insert_job(
+        self, job: JobRecord, admit: Callable[[TenantUsage], None] | None, usage_since: datetime
+    ) -> JobRecord:
         try:
             async with self._sessions.begin() as session:
+                existing = await session.get(JobRow, job.id)
+                if existing is not None:
+                    if _is_submission(existing, job):
+                        # This very call's insert, committed by an attempt whose answer was lost.
+                        return _job_record(existing)
+                    raise JobAlreadyExists(job.id)
                 if admit is not None:
-                    await self._lock_tenant(session, tenant)
-                    admit(await _tenant_usage(session, tenant, usage_since or now))
-                session.add(row)
+                    await self._lock_tenant(session, job.tenant)
+                    admit(await _tenant_usage(session, job.tenant, usage_since))
+                session.add(
+                    JobRow(
+                        id=job.id,
+                        name=job.name,
+                        document=job.document,
+                        labels=job.labels,
+                        phase=job.phase.value,
+                        message=job.message,
+                        cancel_requested=job.cancel_requested,
+                        created_at=job.created_at,
+                        updated_at=job.updated_at,
+                        tenant=job.tenant,
+                        owner=job.owner,
+                    )
+                )
                 await session.flush()
-                session.add(_phase_event(job_id, Phase.PENDING, None, now))
+                session.add(_phase_event(job.id, Phase.PENDING, None, job.created_at))
         except IntegrityError:
-            raise JobAlreadyExists(job_id) from None
-        return _job_record(row)
+            raise JobAlreadyExists(job.id) from None
+        return job
 
+    @retry_transient
     async def get_job(self, job_id: str) -> JobRecord:
         async with self._sessions() as session:
             return _job_record(await _job_row(session, job_id))
 
+    @retry_transient
     async def list_jobs(
         self,
         *,
@@ -456,6 +493,7 @@ class JobStore:
         next_token = _encode_page_token(rows[limit - 1]) if len(rows) > limit else None
         return [_job_record(row) for row in rows[:limit]], next_token
 
+    @retry_transient
     async def unfinished_jobs(self) -> list[JobRecord]:
         """Jobs not in a terminal phase, oldest first: what a restarted orchestrator picks up."""
         query = (
@@ -466,6 +504,7 @@ class JobStore:
         async with self._sessions() as session:
             return [_job_record(row) for row in await session.scalars(query)]
 
+    @retry_transient
     async def finished_before(self, cutoff: datetime, limit: int = 100) -> list[JobRecord]:
         """Jobs in a final phase whose last change is older than `cutoff`, oldest first."""
         query = (
@@ -477,8 +516,10 @@ class JobStore:
         async with self._sessions() as session:
             return [_job_record(row) for row in await session.scalars(query)]
 
+    @retry_transient
     async def delete_job(self, job_id: str) -> None:
-        """Remove a finished job with its steps and events; JobNotFinished while it may still change."""
+        """Remove a finished job with its steps and events; JobNotFinished while it may still change.
+        JobNotFound when it is gone, which is also what a retry finds after a commit whose answer was lost."""
         async with self._sessions.begin() as session:
             row = await _job_row(session, job_id, for_update=True)
             if not Phase(row.phase).is_terminal:
@@ -499,24 +540,37 @@ class JobStore:
 
     async def set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> JobRecord:
         """Move the job to `phase` and record a "phase" event, or raise IllegalTransition."""
+        now = _now()
         while True:
-            async with self._sessions.begin() as session:
-                current = Phase((await _job_row(session, job_id)).phase)
-                check_transition(current, phase)
-                now = _now()
-                # Conditional on the phase just read: of two writers, the second matches no row.
-                moved = await session.scalar(
-                    update(JobRow)
-                    .where(JobRow.id == job_id, JobRow.phase == current.value)
-                    .values(phase=phase.value, message=message, updated_at=now)
-                    .returning(JobRow)
-                    .execution_options(populate_existing=True)
-                )
-                if moved is None:
-                    continue  # another writer moved the job first: check again from where it is now
-                session.add(_phase_event(job_id, phase, message, now))
-                return _job_record(moved)
+            moved = await self._move_phase(job_id, phase, message, now)
+            if moved is not None:
+                return moved
 
+    @retry_transient
+    async def _move_phase(
+        self, job_id: str, phase: Phase, message: str | None, now: datetime
+    ) -> JobRecord | None:
+        """One try of set_phase; None when another writer moved the job first (then it checks again)."""
+        async with self._sessions.begin() as session:
+            row = await _job_row(session, job_id)
+            current = Phase(row.phase)
+            if current is phase and row.updated_at == now:
+                return _job_record(row)  # this call's own move, committed by an attempt whose answer was lost
+            check_transition(current, phase)
+            # Conditional on the phase just read: of two writers, the second matches no row.
+            moved = await session.scalar(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.phase == current.value)
+                .values(phase=phase.value, message=message, updated_at=now)
+                .returning(JobRow)
+                .execution_options(populate_existing=True)
+            )
+            if moved is None:
+                return None
+            session.add(_phase_event(job_id, phase, message, now))
+            return _job_record(moved)
+
+    @retry_transient
     async def request_cancel(self, job_id: str) -> JobRecord:
         """Flag the job for the orchestrator to cancel; idempotent until the job ends."""
         async with self._sessions.begin() as session:
@@ -533,6 +587,7 @@ class JobStore:
 
     # Steps
 
+    @retry_transient
     async def get_step(self, job_id: str, stage: Stage) -> StepRecord | None:
         async with self._sessions() as session:
             row = await session.get(StepRow, (job_id, stage.value))
@@ -570,6 +625,7 @@ class JobStore:
             if retried is not None:
                 return retried
 
+    @retry_transient
     async def _insert_step(self, job_id: str, stage: Stage, operation_id: str) -> StepRecord:
         async with self._sessions.begin() as session:
             await _job_row(session, job_id)
@@ -587,6 +643,7 @@ class JobStore:
             session.add(row)
         return _step_record(row)
 
+    @retry_transient
     async def _update_step(self, step: StepRecord, **values: Any) -> StepRecord | None:
         """Update `step` unless another writer changed it since it was read (then None)."""
         async with self._sessions.begin() as session:
@@ -615,18 +672,22 @@ class JobStore:
         """End the running step as succeeded, failed or cancelled."""
         if state == StepState.RUNNING:
             raise ValueError("a step finishes as succeeded, failed or cancelled, not running")
+        finished_at = _now()
         while True:
             step = await self.get_step(job_id, stage)
             if step is None:
                 raise StepNotFound(job_id, stage)
+            if step.state == state and step.finished_at == finished_at:
+                return step  # this call's own update, committed by an attempt whose answer was lost
             if step.state != StepState.RUNNING:
                 raise ValueError(f"the {stage} step of job {job_id!r} is already {step.state}")
             finished = await self._update_step(
-                step, state=state.value, result=result, error=error, finished_at=_now()
+                step, state=state.value, result=result, error=error, finished_at=finished_at
             )
             if finished is not None:
                 return finished
 
+    @retry_transient
     async def steps(self, job_id: str) -> list[StepRecord]:
         """The job's steps in pipeline order (empty for an unknown job)."""
         async with self._sessions() as session:
@@ -637,7 +698,10 @@ class JobStore:
 
     # Events
 
+    @retry_transient
     async def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
+        # A retry after a commit whose answer was lost appends the event twice: a repeated progress or
+        # error event, which its readers can bear.
         async with self._sessions.begin() as session:
             # Holding the job's row lock while inserting makes a job's events commit in id order,
             # so a reader resuming after the last id it saw never skips one.
@@ -647,6 +711,7 @@ class JobStore:
             await session.flush()
             return _event_record(row)
 
+    @retry_transient
     async def events_after(self, job_id: str, after_id: int = 0, limit: int = 500) -> list[EventRecord]:
         """The job's events with an id above `after_id`, oldest first (empty for an unknown job)."""
         query = (
@@ -660,6 +725,7 @@ class JobStore:
 
     # Audit log
 
+    @retry_transient
     async def record_audit(
         self,
         *,
@@ -670,6 +736,7 @@ class JobStore:
         job_id: str | None,
         status: int,
     ) -> AuditRecord:
+        # A retry after a commit whose answer was lost records the call twice, which an audit log can bear.
         row = AuditRow(
             created_at=_now(),
             principal=principal,
@@ -684,6 +751,7 @@ class JobStore:
             await session.flush()
             return _audit_record(row)
 
+    @retry_transient
     async def list_audit(
         self,
         *,
@@ -744,6 +812,16 @@ async def _job_row(session: AsyncSession, job_id: str, *, for_update: bool = Fal
     if row is None:
         raise JobNotFound(job_id)
     return row
+
+
+def _is_submission(row: JobRow, job: JobRecord) -> bool:
+    """Whether `row` holds `job` as this call submitted it: its creation time is the call's own."""
+    return (row.created_at, row.owner, row.tenant, row.document) == (
+        job.created_at,
+        job.owner,
+        job.tenant,
+        job.document,
+    )
 
 
 def _phase_event(job_id: str, phase: Phase, message: str | None, now: datetime) -> EventRow:

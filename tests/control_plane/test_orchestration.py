@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from httpx_sse import connect_sse
+from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
 
 SCRIPTED_STAGES = Path(__file__).with_name("scripted_stages.py")
 MINIMAL_JOB = {
@@ -180,6 +182,37 @@ def test_a_failed_stage_fails_the_job_with_its_cause(platform, wait_until):
     assert job["message"] == "trainer service: FAILED_PRECONDITION: scripted failure"
     assert [step["state"] for step in job["steps"]] == ["succeeded", "succeeded", "failed"]
     assert not stages.new_starts("EvaluateStudent")
+
+
+def test_a_job_outlasts_a_database_outage_longer_than_the_stores_retries(
+    processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path, postgres_database_url
+):
+    stages = start_stages(processes, free_port(), tmp_path / "journal.jsonl", 1.0)
+    wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+    # The control plane reaches PostgreSQL through a proxy, cut for longer than its store retries (1 s).
+    database = make_url(postgres_database_url)
+    with TcpProxy(database.host or "127.0.0.1", database.port or 5432) as network:
+        proxied = database.set(port=network.port).render_as_string(hide_password=False)
+        control_plane = control_plane_at(
+            {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")},
+            STILLHOUSE_CONTROL_PLANE_DATABASE_URL=proxied,
+            STILLHOUSE_CONTROL_PLANE_DATABASE_RETRY_SECONDS="1",
+        )
+        control_plane.start()
+        with control_plane.client() as client:
+            job_id = submit(client)
+            wait_for_phase(wait_until, client, job_id, {"Teacher"})
+            network.cut()
+            wait_until(lambda: "database stayed unavailable" in control_plane.log, 30, "the store to give up")
+            network.heal()
+            assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}) == "Succeeded"
+            job = client.get(f"/v1/jobs/{job_id}").json()
+
+    assert network.dropped_connections > 0
+    assert "job store unavailable; driving the job on after a pause" in control_plane.log
+    assert [step["attempt"] for step in job["steps"]] == [1, 1, 1, 1]
+    for rpc in STAGE_RPCS:
+        assert len(stages.new_starts(rpc)) == 1, rpc
 
 
 def test_a_real_stage_failure_reaches_the_job_with_its_cause(

@@ -1,0 +1,119 @@
+"""A TCP proxy in front of a real PostgreSQL server, for tests of what its clients do when the network
+fails them: `cut()` drops every connection and refuses new ones until `heal()` (an outage, a failover),
+and `lose_next_commit_answer()` lets the next COMMIT reach the server but drops the server's answer with
+the connection (the commit landed; the client cannot know)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from types import TracebackType
+
+# PostgreSQL's simple query protocol sends COMMIT as this text, NUL-terminated (psycopg does so).
+_COMMIT_QUERY = b"COMMIT\x00"
+
+
+class _Link:
+    """One client connection and its connection to the server."""
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client = client
+        self.server = server
+        self.drop_next_answer = False
+
+    def close(self) -> None:
+        for sock in (self.client, self.server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._cut = False
+        self._closed = False
+        self._commit_armed = False
+        self.dropped_connections = 0
+        self.lost_commit_answers = 0
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def cut(self) -> None:
+        """Close every connection now and every new one at once, until `heal()`."""
+        with self._lock:
+            self._cut = True
+            links, self._links = self._links, set()
+            self.dropped_connections += len(links)
+        for link in links:
+            link.close()
+
+    def heal(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def lose_next_commit_answer(self) -> None:
+        with self._lock:
+            self._commit_armed = True
+
+    def close(self) -> None:
+        self._closed = True
+        self._acceptor.join()
+        self._listener.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                server = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            link = _Link(client, server)
+            with self._lock:
+                cut = self._cut
+                if cut:
+                    self.dropped_connections += 1
+                else:
+                    self._links.add(link)
+            if cut:
+                link.close()
+                continue
+            threading.Thread(target=self._pump, args=(link, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(link, False), daemon=True).start()
+
+    def _pump(self, link: _Link, upstream: bool) -> None:
+        source, sink = (link.client, link.server) if upstream else (link.server, link.client)
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if upstream and _COMMIT_QUERY in data:
+                    with self._lock:
+                        # Marked before the COMMIT goes on, so its answer cannot overtake the mark.
+                        link.drop_next_answer, self._commit_armed = self._commit_armed, False
+                elif not upstream and link.drop_next_answer:
+                    with self._lock:
+                        self.lost_commit_answers += 1
+                    break  # the server has committed; its answer goes nowhere
+                sink.sendall(data)
+        with self._lock:
+            self._links.discard(link)
+        link.close()
