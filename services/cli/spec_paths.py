@@ -17,18 +17,36 @@ import yaml
 from stillhouse.cli.api_client import content_type_for
 
 
-def _resolved(value: Any, base: Path) -> Any:
+def _resolved(value: Any, base: Path, *, folders: bool = False) -> Any:
     if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
         return value
     candidate = (base / value).resolve()
-    return str(candidate) if candidate.is_file() else value
+    found = candidate.is_file() or (folders and candidate.is_dir())
+    return str(candidate) if found else value
+
+
+def _resolve_models(spec: dict[str, Any], base: Path) -> None:
+    """Model folders (and .gguf files): a local teacher, the teacher's tokenizer, a pretrained student.
+    A name that is no path next to the spec (`smollm2`, `<distribution>/<file>`) is left as it is."""
+    teacher = spec.get("teacher")
+    if isinstance(teacher, dict):
+        for key in ("model", "tokenizer"):
+            if key in teacher:
+                teacher[key] = _resolved(teacher[key], base, folders=True)
+    init = spec.get("student", {}).get("init") if isinstance(spec.get("student"), dict) else None
+    if isinstance(init, dict) and "pretrained" in init:
+        init["pretrained"] = _resolved(init["pretrained"], base, folders=True)
 
 
 def resolve_spec_paths(document: Any, base: Path) -> Any:
-    """`document` with `spec.prompts.sources[].path` and `spec.prompts.generate.slotFiles` made absolute
-    against `base` where they name files there. Anything malformed is returned as it is, for the API to
-    refuse with its own message."""
-    prompts = document.get("spec", {}).get("prompts") if isinstance(document, dict) else None
+    """`document` with `spec.prompts.sources[].path`, `spec.prompts.generate.slotFiles` and the model
+    paths (`teacher.model`, `teacher.tokenizer`, `student.init.pretrained`) made absolute against `base`
+    where they name files (or model folders) there. Anything malformed is returned as it is, for the API
+    to refuse with its own message."""
+    spec = document.get("spec") if isinstance(document, dict) else None
+    if isinstance(spec, dict):
+        _resolve_models(spec, base)
+    prompts = spec.get("prompts") if isinstance(spec, dict) else None
     if not isinstance(prompts, dict):
         return document
     for source in prompts.get("sources") or []:

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stillhouse.common.database_retry import RetryPolicy
+from stillhouse.common.database_retry import DatabaseUnavailable, RetryPolicy
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.common.logging import configure_logging
@@ -337,7 +337,10 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         "404), an `admin` token every job and `/v1/audit`.",
         lifespan=lifespan,
         dependencies=[Depends(known_query_parameters_only)],
-        responses={422: {"model": ErrorBody, "description": "A parameter refused, or one not taken"}},
+        responses={
+            422: {"model": ErrorBody, "description": "A parameter refused, or one not taken"},
+            503: {"model": ErrorBody, "description": "The job store is unavailable for now: try again later"},
+        },
     )
     app.openapi = lambda: _openapi_with_job_schema(app)
     app.state.access = access
@@ -364,6 +367,11 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return _error(404, ErrorBody(message=str(exc)))
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def store_unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        # The store has already retried for `database_retry_seconds`; the client may try again later.
+        return _error(503, ErrorBody(message=f"the job store is unavailable: {exc}"), {"Retry-After": "10"})
 
     @app.exception_handler(QuotaExceeded)
     async def quota_exceeded(_: Request, exc: QuotaExceeded) -> JSONResponse:

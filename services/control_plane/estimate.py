@@ -1,12 +1,13 @@
 """What a job would cost before it runs: its prompts, then the teacher's price for answering them.
 
-The prompts stage runs for real, under a job id derived from the parts of the spec that decide the
-prompts: it is deterministic, so the estimate sees exactly the prompts the job will send, and the teacher
-calls that generation makes land in the teacher cache, so the job later gets them for free. The teacher
-stage is only priced (`Teacher.EstimateCost`), never run.
+The prompts stage runs for real, under an estimate id of its own: it is deterministic, so the estimate
+sees exactly the prompts the job will send, and the teacher calls that generation makes land in the
+teacher cache, so the job (or a repeated estimate) later gets them for free. The teacher stage is only
+priced (`Teacher.EstimateCost`), never run.
 
 An estimate is bounded in time: past its deadline, or when the caller goes away, the prompts operation
-is cancelled in its service (`EstimateTimedOut` says which, for a 504).
+is cancelled in its service (`EstimateTimedOut` says which, for a 504). However it ends, it leaves
+nothing behind: its prompts operation is let finish or stopped, then its datasets are deleted.
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import json_format
 
 from stillhouse.common.operations import FINAL_STATES, State
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+from stillhouse.control_plane.job_removal import job_prefix
 from stillhouse.control_plane.orchestrator import ServiceChannels
 from stillhouse.control_plane.phases import Stage
 from stillhouse.control_plane.stage_calls import STAGE_CALLS
 from stillhouse.prompts.v1 import prompts_pb2
+from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
+
+log = structlog.get_logger(__name__)
 
 CANCEL_SECONDS = 10.0
 
@@ -45,11 +52,11 @@ class EstimateFailed(Exception):
 
 
 def estimate_job_id(spec: Mapping[str, Any], tenant: str) -> str:
-    """The same id for every spec of a tenant that yields the same prompts, so a repeated estimate reuses
-    them; another tenant's estimate is its own (its generation calls are cached apart)."""
+    """A new id for each estimate (two at once must not share, nor delete, each other's datasets),
+    beginning with a digest of what decides the prompts, so that the objects of one spec sort together."""
     deciding = {"tenant": tenant, **{part: spec[part] for part in ("prompts", "teacher", "evaluation")}}
     digest = hashlib.sha256(json.dumps(deciding, sort_keys=True).encode()).hexdigest()
-    return f"estimate-{digest[:16]}"
+    return f"estimate-{digest[:16]}-{secrets.token_hex(4)}"
 
 
 def _failure(service: str, exc: grpc.aio.AioRpcError) -> EstimateFailed:
@@ -88,14 +95,36 @@ async def _prompts(
 
 async def _cancel(operations: operations_pb2_grpc.OperationsStub, operation_id: str) -> None:
     """Ask the prompts service to stop the estimate's operation (an estimate that is given up on must
-    not go on generating, and paying for, prompts)."""
+    not go on generating, and paying for, prompts), and wait a little for it to stop writing."""
     # A service that is gone, or an operation that has ended, leaves nothing to stop.
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-        await asyncio.shield(
-            operations.CancelOperation(
-                operations_pb2.CancelOperationRequest(operation_id=operation_id), timeout=CANCEL_SECONDS
-            )
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError, TimeoutError):
+        await asyncio.shield(_stop(operations, operation_id))
+
+
+async def _stop(operations: operations_pb2_grpc.OperationsStub, operation_id: str) -> None:
+    async with asyncio.timeout(CANCEL_SECONDS):
+        request = operations_pb2.CancelOperationRequest(operation_id=operation_id)
+        operation = await operations.CancelOperation(request, timeout=CANCEL_SECONDS)
+        if operation.state in FINAL_STATES:
+            return
+        watch = operations.WatchOperation(operations_pb2.WatchOperationRequest(operation_id=operation_id))
+        async for operation in watch:
+            if operation.state in FINAL_STATES:
+                return
+
+
+async def _delete_datasets(channels: ServiceChannels, job_id: str) -> None:
+    """Delete everything the estimate wrote (`jobs/<estimate id>/`); a failure is logged, not raised: the
+    estimate itself is still good."""
+    storage = storage_pb2_grpc.StorageStub(channels.get("storage"))
+    try:
+        deleted = await storage.DeletePrefix(
+            storage_pb2.DeletePrefixRequest(prefix=job_prefix(job_id)), timeout=CANCEL_SECONDS
         )
+    except grpc.aio.AioRpcError as exc:
+        log.warning("estimate datasets not deleted", estimate_id=job_id, error=str(_failure("storage", exc)))
+        return
+    log.info("estimate datasets deleted", estimate_id=job_id, objects=deleted.deleted_objects)
 
 
 async def _price(
@@ -145,10 +174,14 @@ async def estimate_job(
 
 async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any], tenant: str) -> dict[str, Any]:
     job_id = estimate_job_id(spec, tenant)
-    prompts = await _prompts(channels, job_id, tenant, spec)
-    train, holdout = await asyncio.gather(
-        _price(channels, prompts.train, spec), _price(channels, prompts.holdout, spec)
-    )
+    try:
+        prompts = await _prompts(channels, job_id, tenant, spec)
+        train, holdout = await asyncio.gather(
+            _price(channels, prompts.train, spec), _price(channels, prompts.holdout, spec)
+        )
+    finally:
+        # Shielded: a deadline or a caller who went away must not leave the datasets behind.
+        await asyncio.shield(_delete_datasets(channels, job_id))
     teacher = _sum(train, holdout)
     generation = prompts.generation_ledger
     return {

@@ -242,3 +242,23 @@ def test_local_files_in_a_spec_are_sent_relative_to_the_spec(cli, api: FakeApi, 
         "seeds/missing.jsonl",
     ]
     assert prompts["generate"]["slotFiles"] == {"city": str(specs / "seeds" / "cities.txt")}
+
+
+def test_model_folders_in_a_spec_are_sent_relative_to_the_spec(cli, api: FakeApi, tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    (specs / "models" / "student").mkdir(parents=True)
+    (specs / "models" / "tokenizer").mkdir()
+    path = spec_file(
+        specs,
+        "job.yaml",
+        "spec:\n"
+        "  teacher: {backend: openai, baseURL: 'https://api.example.com/v1', model: models/teacher-name,\n"
+        "            tokenizer: models/tokenizer}\n"
+        "  student: {init: {pretrained: models/student}}\n",
+    )
+    assert cli("submit", str(path)).exit_code == 0
+    spec = json.loads(api.requests[-1]["body"])["spec"]
+    # A folder next to the spec becomes its absolute path; a model name that is no path stays as it is.
+    assert spec["student"]["init"]["pretrained"] == str(specs / "models" / "student")
+    assert spec["teacher"]["tokenizer"] == str(specs / "models" / "tokenizer")
+    assert spec["teacher"]["model"] == "models/teacher-name"

@@ -1,11 +1,12 @@
-"""A process serving the Prompts, Teacher and Trainer contracts with scripted work, for orchestrator tests.
+"""A process serving the Prompts, Teacher and Trainer contracts with scripted work, and Storage's
+DeletePrefix, for orchestrator tests.
 
 The real stage services do not do their work yet; this stands in for them over real gRPC, built on the
 same operation registry and server bootstrap they use. Each stage takes STAGE_SECONDS, reports progress,
 and returns a well-formed result; the trainer's submit-time check finds nothing. Every Start call is
 appended to the journal file as a JSON line ({"rpc", "operation_id", "new"}), and every cancelled
 operation as {"cancelled": operation_id}, so a test can prove that no work ran twice and that a cancel
-reached the service.
+reached the service; a DeletePrefix as {"rpc": "DeletePrefix", "prefix": prefix}.
 
     python scripted_stages.py PORT JOURNAL STAGE_SECONDS [FAIL_RPC]
 """
@@ -26,6 +27,7 @@ from stillhouse.common.grpc_server import ServiceBinding, run_grpc_service
 from stillhouse.common.operations import OperationError, OperationRegistry, ProgressReporter
 from stillhouse.common.v1 import operations_pb2
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
+from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -133,10 +135,15 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
             )
             return start("EvaluateStudent", request, result)
 
+    class Storage(storage_pb2_grpc.StorageServicer):
+        async def DeletePrefix(self, request, context):
+            journal.write({"rpc": "DeletePrefix", "prefix": request.prefix})
+            return storage_pb2.DeletePrefixResponse(deleted_objects=2)
+
     def service(module, name: str):
         return module.DESCRIPTOR.services_by_name[name].full_name
 
-    prompts, teacher, trainer = Prompts(), Teacher(), Trainer()
+    prompts, teacher, trainer, storage = Prompts(), Teacher(), Trainer(), Storage()
     return [
         ServiceBinding(
             service(prompts_pb2, "Prompts"),
@@ -149,6 +156,10 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
         ServiceBinding(
             service(trainer_pb2, "Trainer"),
             lambda server: trainer_pb2_grpc.add_TrainerServicer_to_server(trainer, server),
+        ),
+        ServiceBinding(
+            service(storage_pb2, "Storage"),
+            lambda server: storage_pb2_grpc.add_StorageServicer_to_server(storage, server),
         ),
     ]
 

@@ -204,6 +204,11 @@ def test_a_job_outlasts_a_database_outage_longer_than_the_stores_retries(
             wait_for_phase(wait_until, client, job_id, {"Teacher"})
             network.cut()
             wait_until(lambda: "database stayed unavailable" in control_plane.log, 30, "the store to give up")
+            # Meanwhile the API answers 503 and when to try again, not a 500.
+            during = client.get(f"/v1/jobs/{job_id}")
+            assert during.status_code == 503, during.text
+            assert during.headers["Retry-After"] == "10"
+            assert during.json()["message"].startswith("the job store is unavailable: ")
             network.heal()
             assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}) == "Succeeded"
             job = client.get(f"/v1/jobs/{job_id}").json()
@@ -346,13 +351,22 @@ def test_estimate_builds_the_prompts_and_prices_them_without_running_the_job(pla
     }
     assert estimate["generation"]["requests"] == 4
     assert estimate["totalUsd"] == pytest.approx(1.25)
-    # The same spec is the same estimate: its prompts operation is started once and re-attached.
-    assert again["estimateId"] == estimate["estimateId"]
-    assert len(stages.new_starts("GeneratePrompts")) == 1
+    # Each estimate is its own: it builds its prompts, prices them, then deletes them.
+    assert again["estimateId"] != estimate["estimateId"]
+    assert again["prompts"] == estimate["prompts"] and again["totalUsd"] == estimate["totalUsd"]
+    assert len(stages.new_starts("GeneratePrompts")) == 2
     assert stages.new_starts("AnswerPrompts") == []
-    priced = [entry["dataset_id"] for entry in stages.journal() if entry.get("rpc") == "EstimateCost"]
-    assert sorted(priced) == sorted(
-        [f"jobs/{estimate['estimateId']}/prompts/{part}" for part in ("train", "holdout")] * 2
+    ids = [estimate["estimateId"], again["estimateId"]]
+    after_pricing = [
+        (entry["rpc"], entry.get("dataset_id") or entry["prefix"])
+        for entry in stages.journal()
+        if entry.get("rpc") in ("EstimateCost", "DeletePrefix")
+    ]
+    assert after_pricing[2::3] == [("DeletePrefix", f"jobs/{estimate_id}/") for estimate_id in ids]
+    assert sorted(after_pricing[0:2] + after_pricing[3:5]) == sorted(
+        ("EstimateCost", f"jobs/{estimate_id}/prompts/{part}")
+        for estimate_id in ids
+        for part in ("train", "holdout")
     )
 
 
@@ -382,6 +396,11 @@ def test_an_estimate_past_its_deadline_is_stopped_in_the_service(slow_platform, 
     assert "longer than 2 s and was stopped" in response.json()["message"]
     [operation] = stages.new_starts("GeneratePrompts")
     wait_until(lambda: {"cancelled": operation} in stages.journal(), 10, "the prompts operation cancelled")
+    # Stopped first, then its datasets deleted: nothing is left behind, nor written after.
+    estimate_id = operation.removesuffix(".prompts.1")
+    cleaned = {"rpc": "DeletePrefix", "prefix": f"jobs/{estimate_id}/"}
+    wait_until(lambda: cleaned in stages.journal(), 10, "the estimate's datasets deleted")
+    assert stages.journal().index({"cancelled": operation}) < stages.journal().index(cleaned)
 
 
 def test_an_estimate_whose_caller_goes_away_is_stopped_in_the_service(slow_platform, wait_until):
@@ -391,6 +410,8 @@ def test_an_estimate_whose_caller_goes_away_is_stopped_in_the_service(slow_platf
     wait_until(lambda: stages.new_starts("GeneratePrompts"), 10, "the estimate's prompts operation")
     [operation] = stages.new_starts("GeneratePrompts")
     wait_until(lambda: {"cancelled": operation} in stages.journal(), 10, "the prompts operation cancelled")
+    cleaned = {"rpc": "DeletePrefix", "prefix": f"jobs/{operation.removesuffix('.prompts.1')}/"}
+    wait_until(lambda: cleaned in stages.journal(), 10, "the estimate's datasets deleted")
 
 
 def test_estimate_and_submit_refuse_a_bad_spec_and_an_unreachable_trainer(control_plane_at, free_port):
