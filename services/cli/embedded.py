@@ -120,6 +120,20 @@ class Child:
         return text.splitlines()[-lines:]
 
 
+def restart_policy_from_environment() -> RestartPolicy:
+    """The `STILLHOUSE_UP_*` settings; EmbeddedError naming each one that is refused, and why."""
+    from pydantic import ValidationError
+
+    try:
+        return RestartPolicy()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"STILLHOUSE_UP_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise EmbeddedError(f"cannot use the restart settings: {problems}") from None
+
+
 def ensure_token_file(path: Path) -> Path:
     """`path`, created (mode 0600) with a fresh random token unless one is already there."""
     if path.exists() and path.read_text().strip():
@@ -254,7 +268,7 @@ class Supervisor:
     startup_timeout: float = 60.0
     # Folders jobs may read local prompt sources and slot files from, besides $STILLHOUSE_HOME/inputs.
     input_roots: tuple[Path, ...] = ()
-    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_policy: RestartPolicy = field(default_factory=lambda: restart_policy_from_environment())
     console: Console = field(default_factory=Console)
     err_console: Console = field(default_factory=lambda: Console(stderr=True))
 

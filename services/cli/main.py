@@ -171,16 +171,16 @@ def up(
     """Run every Stillhouse service on this machine until Ctrl-C."""
     from stillhouse.cli.embedded import EmbeddedError, Supervisor
 
-    supervisor = Supervisor(
-        home=(home or stillhouse_home()).expanduser().absolute(),
-        api_port=api_port,
-        host=host,
-        startup_timeout=timeout,
-        input_roots=tuple(folder.absolute() for folder in input_root or ()),
-        console=console,
-        err_console=err_console,
-    )
     try:
+        supervisor = Supervisor(
+            home=(home or stillhouse_home()).expanduser().absolute(),
+            api_port=api_port,
+            host=host,
+            startup_timeout=timeout,
+            input_roots=tuple(folder.absolute() for folder in input_root or ()),
+            console=console,
+            err_console=err_console,
+        )
         code = supervisor.run()
     except EmbeddedError as exc:
         raise _fail(str(exc)) from None
@@ -365,14 +365,14 @@ def run(
             err_console.print(str(exc), markup=False)
             return exc.exit_code
 
-    supervisor = Supervisor(
-        home=(home or stillhouse_home()).expanduser().absolute(),
-        api_port=api_port,
-        input_roots=(file.parent.absolute(),),
-        console=console,
-        err_console=err_console,
-    )
     try:
+        supervisor = Supervisor(
+            home=(home or stillhouse_home()).expanduser().absolute(),
+            api_port=api_port,
+            input_roots=(file.parent.absolute(),),
+            console=console,
+            err_console=err_console,
+        )
         code = supervisor.run(session)
     except EmbeddedError as exc:
         raise _fail(str(exc)) from None

@@ -475,3 +475,11 @@ def test_run_refuses_a_bad_spec_naming_the_field(tmp_path: Path, free_port) -> N
     result = run_job(tmp_path, INVALID_SPEC, free_port())
     assert result.returncode == 2, result.stdout + result.stderr
     assert "spec.teacher.temprature" in result.stderr
+
+
+def test_a_bad_restart_setting_is_refused_naming_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STILLHOUSE_UP_PROBE_PERIOD_SECONDS", "-1")
+    result = CliRunner().invoke(app, ["up", "--home", str(tmp_path / "home")])
+    assert result.exit_code == 1
+    assert "STILLHOUSE_UP_PROBE_PERIOD_SECONDS: Input should be greater than 0" in result.stderr
+    assert not (tmp_path / "home").exists()

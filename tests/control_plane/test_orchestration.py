@@ -267,9 +267,9 @@ def test_unreachable_service_fails_the_job_after_the_configured_patience(
 def stalling_platform(
     processes, free_port, wait_until, grpc_ready, control_plane_at, journal: Path, patience: str
 ):
-    """Scripted stages that take 8 s each, and a control plane with short deadlines: a
+    """Scripted stages that take 4 s each, and a control plane with short deadlines: a
     Start gets 2 s, a silent progress stream 6 s (a little over the services' 5 s heartbeat)."""
-    stages = start_stages(processes, free_port(), journal, 8.0)
+    stages = start_stages(processes, free_port(), journal, 4.0)
     wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
     control_plane = control_plane_at(
         {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")},
@@ -316,7 +316,7 @@ def test_a_service_that_resumes_within_the_bound_is_re_attached(
         wait_until(lambda: stages.new_starts("AnswerPrompts"), 60, "the teacher stage to start")
         processes.running["stages"].send_signal(signal.SIGSTOP)
         before = len(stages.journal())
-        time.sleep(10)  # past the 6 s idle bound: the control plane gives the stream up and re-attaches
+        time.sleep(8)  # past the 6 s idle bound: the control plane gives the stream up and re-attaches
         processes.running["stages"].send_signal(signal.SIGCONT)
         assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=90) == "Succeeded"
     reattached = [entry for entry in stages.journal()[before:] if entry.get("rpc") == "AnswerPrompts"]
