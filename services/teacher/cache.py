@@ -16,6 +16,10 @@ have to ask for again.
 A cached answer is one row: the text, finish reason, token counts, latency and how its token ids were
 captured as plain columns, the backend, model and revision for whoever inspects the table, and the
 logprobs as one binary blob (`pack_logprobs`; see there for the layout).
+
+Nothing leaves the cache unless the operator bounds it: `TeacherCache.expire` deletes answers older
+than an age and the oldest beyond a number of entries, both by the time an answer was written (see
+there for why not by last use). An expired answer is simply asked, and paid for, again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +40,22 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
     Text,
+    and_,
+    delete,
     func,
+    or_,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from stillhouse.common import database
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
@@ -58,6 +68,9 @@ MIGRATIONS = Path(__file__).parent / "cache_migrations"
 VERSION_TABLE = "teacher_cache_alembic_version"
 # Keys per SELECT: well under SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
 KEYS_PER_QUERY = 5_000
+# Rows per DELETE when expiring: each is its own short transaction, so a large backlog never holds the
+# table's locks (SQLite's write lock, PostgreSQL's row locks) for long.
+ROWS_PER_DELETE = 10_000
 # Any constant will do: it only has to be the same in every process migrating the same database.
 _MIGRATION_LOCK_KEY = 0x5717_7EAC
 
@@ -89,7 +102,10 @@ answers = Table(
     Column("masked_alternatives", Integer, nullable=False),
     Column("top1_mismatches", Integer, nullable=False),
     Column("stop_token_added", Boolean, nullable=False),
+    # When the answer was written (put_many's clock; older rows: the database's): what expiry goes by.
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Expiry reads and deletes oldest first, and finds the n-th newest, without scanning the table.
+    Index("ix_teacher_answers_created_at_key", "created_at", "key"),
 )
 
 _ANSWER_COLUMNS = (
@@ -208,7 +224,9 @@ def _unshuffle(payload: memoryview, dtype: np.dtype, count: int) -> np.ndarray:
 # --- Rows -----------------------------------------------------------------------------------------
 
 
-def _rows_of(entries: Iterable[tuple[TeacherCall, TeacherAnswer]]) -> list[dict[str, Any]]:
+def _rows_of(
+    entries: Iterable[tuple[TeacherCall, TeacherAnswer]], written_at: datetime
+) -> list[dict[str, Any]]:
     """One row per distinct key (the first entry wins), in key order so that two concurrent batches
     lock their rows in the same order and cannot deadlock on PostgreSQL."""
     rows: dict[str, dict[str, Any]] = {}
@@ -231,6 +249,7 @@ def _rows_of(entries: Iterable[tuple[TeacherCall, TeacherAnswer]]) -> list[dict[
             "masked_alternatives": answer.masked_alternatives,
             "top1_mismatches": answer.top1_mismatches,
             "stop_token_added": answer.stop_token_added,
+            "created_at": written_at,
         }
     return [rows[key] for key in sorted(rows)]
 
@@ -306,13 +325,90 @@ class TeacherCache:
         return await asyncio.to_thread(_answers_of, rows)
 
     async def put_many(self, entries: Iterable[tuple[TeacherCall, TeacherAnswer]]) -> None:
-        """Store answers in one transaction. A key that already has an answer keeps it (first write
-        wins), within the batch as across batches."""
-        rows = await asyncio.to_thread(_rows_of, entries)
+        """Store answers in one transaction, stamped with the time of writing. A key that already has an
+        answer keeps it, and its time (first write wins), within the batch as across batches."""
+        rows = await asyncio.to_thread(_rows_of, entries, datetime.now(UTC))
         if not rows:
             return
         async with self._engine.begin() as connection:
             await connection.execute(self._insert, rows)
+
+    async def expire(
+        self,
+        *,
+        max_age: timedelta | None = None,
+        max_entries: int | None = None,
+        batch_size: int = ROWS_PER_DELETE,
+    ) -> int:
+        """Delete the answers written more than `max_age` ago, then the oldest beyond the newest
+        `max_entries`; return how many were deleted. None sets no bound of that kind.
+
+        Both bounds go by the time an answer was written, not by when it was last read: recording every
+        read would make each cache hit a write. The entry bound therefore evicts the least recently
+        *written* answers, however often they are read; an evicted answer a job needs again is asked
+        (and paid for) again, and written anew. Deletes remove `batch_size` rows per transaction, oldest
+        first, so that a large backlog never holds a long lock and a sweep cut short has removed the
+        oldest. Replicas may expire at once: the entry bound is a fixed boundary row, not a count, so
+        two sweeps never delete more than one would; on PostgreSQL each skips the rows the other holds.
+        """
+        if batch_size < 1 or (max_entries is not None and max_entries < 1):
+            raise ValueError(f"expire needs batch_size and max_entries >= 1; got {batch_size}, {max_entries}")
+        removed = 0
+        if max_age is not None:
+            cutoff = datetime.now(UTC) - max_age
+            removed += await self._delete_oldest(answers.c.created_at < cutoff, batch_size)
+        if max_entries is not None and (beyond := await self._beyond_newest(max_entries)) is not None:
+            removed += await self._delete_oldest(beyond, batch_size)
+        return removed
+
+    async def _beyond_newest(self, count: int) -> ColumnElement[bool] | None:
+        """The rows older than the newest `count` (ties in time broken by key), or None if there are none.
+        The boundary is compared inside the database, so that SQLite's text timestamps never round-trip."""
+        async with self._engine.connect() as connection:
+            key = await connection.scalar(
+                select(answers.c.key)
+                .order_by(answers.c.created_at.desc(), answers.c.key.desc())
+                .offset(count)
+                .limit(1)
+            )
+        if key is None:
+            return None
+        boundary = answers.alias("boundary")
+        written = select(boundary.c.created_at).where(boundary.c.key == key).scalar_subquery()
+        # `created_at <= written` bounds the index scan; the rest settles ties.
+        created_at = answers.c.created_at
+        return and_(created_at <= written, or_(created_at < written, answers.c.key <= key))
+
+    async def _delete_oldest(self, condition: ColumnElement[bool], batch_size: int) -> int:
+        removed = 0
+        while True:
+            doomed = (
+                select(answers.c.key)
+                .where(condition)
+                .order_by(answers.c.created_at, answers.c.key)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)  # PostgreSQL only; SQLite has one writer anyway
+            )
+            async with self._engine.begin() as connection:
+                result = await connection.execute(delete(answers).where(answers.c.key.in_(doomed)))
+            removed += result.rowcount
+            if result.rowcount < batch_size:
+                return removed
+
+
+async def expire_periodically(
+    cache: TeacherCache, *, max_age: timedelta | None, max_entries: int | None, interval_seconds: float
+) -> None:
+    """`cache.expire` now and every `interval_seconds` until cancelled. A failed sweep is logged and
+    tried again next time: the database may be down for a while, and the cache works meanwhile."""
+    while True:
+        try:
+            removed = await cache.expire(max_age=max_age, max_entries=max_entries)
+        except Exception:
+            log.exception("teacher cache expiry failed")
+        else:
+            log.info("teacher cache expired", removed=removed)
+        await asyncio.sleep(interval_seconds)
 
 
 class CacheWriter:

@@ -24,6 +24,28 @@ class TeacherSettings(GrpcServiceSettings):
         default_factory=lambda: f"sqlite:///{stillhouse_home() / 'teacher-cache.db'}",
         description="Database of the answer cache: sqlite:///PATH or postgresql://USER@HOST/DB.",
     )
+    # Expiry bounds the number of answers, not their bytes: a size bound would need each answer's size
+    # stored and summed, and PostgreSQL keeps a deleted row's space for reuse rather than handing it back.
+    # An answer's size is close to predictable (its logprobs, at most 8 bytes per alternative per token).
+    cache_max_age_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Delete cached answers this many days after they were written; none, the default, keeps "
+        "them. An expired answer a job needs is asked (and paid for) again.",
+    )
+    cache_max_entries: int | None = Field(
+        default=None,
+        gt=0,
+        description="Keep at most this many cached answers, deleting the least recently written beyond it "
+        "(not the least recently read: a read does not write); none, the default, sets no bound.",
+    )
+    cache_sweep_interval_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86_400,
+        description="How often the cache is brought within `cache_max_age_days` and `cache_max_entries`, "
+        "when either is set (and once at start-up).",
+    )
     limiter_storage_uri: str = Field(
         default="memory://",
         description="Where the rate-limit buckets live; a shared Redis (redis://HOST:6379) makes the "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from datetime import timedelta
 
 import structlog
 
@@ -10,7 +12,7 @@ from stillhouse.common.grpc_server import ServiceBinding, serve_grpc
 from stillhouse.common.logging import configure_logging
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.storage.open_store import open_object_store
-from stillhouse.teacher.cache import TeacherCache
+from stillhouse.teacher.cache import TeacherCache, expire_periodically
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.ledger import PriceTable
 from stillhouse.teacher.servicer import TeacherServicer
@@ -37,9 +39,25 @@ async def serve(settings: TeacherSettings) -> None:
             )
         ]
 
+    expiry = None
+    if settings.cache_max_age_days is not None or settings.cache_max_entries is not None:
+        max_age = None if settings.cache_max_age_days is None else timedelta(days=settings.cache_max_age_days)
+        expiry = asyncio.create_task(
+            expire_periodically(
+                cache,
+                max_age=max_age,
+                max_entries=settings.cache_max_entries,
+                interval_seconds=settings.cache_sweep_interval_seconds,
+            ),
+            name="teacher cache expiry",
+        )
     try:
         await serve_grpc(settings, build)
     finally:
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         await teachers.close()
         await cache.close()
 

@@ -365,6 +365,17 @@ def test_the_teacher_service_gets_its_egress_allow_list(render) -> None:
     assert TeacherSettings(egress_allow=json.loads(value)).egress_allow == json.loads(value)
 
 
+def test_the_teacher_service_gets_its_cache_bounds_when_set(render) -> None:
+    bounds = {"STILLHOUSE_TEACHER_CACHE_MAX_AGE_DAYS", "STILLHOUSE_TEACHER_CACHE_MAX_ENTRIES"}
+    assert not bounds & set(env_of(render(None), "teacher"))
+    # From a values file, where Helm reads numbers as floats: 50000000 must not arrive as 5e+07.
+    env = env_of(render(VALUES_SETS["gpu-workers-values"]), "teacher")
+    assert [env[name]["value"] for name in sorted(bounds)] == ["90", "50000000"]
+    env = env_of(render(None, overrides=["teacher.cache.maxEntries=1000"]), "teacher")
+    assert env["STILLHOUSE_TEACHER_CACHE_MAX_ENTRIES"]["value"] == "1000"
+    assert "STILLHOUSE_TEACHER_CACHE_MAX_AGE_DAYS" not in env
+
+
 def test_every_pod_but_the_databases_may_resolve_names(default_network) -> None:
     model, points = default_network
     dns = Endpoint("coredns", "kube-system", {"k8s-app": "kube-dns"}, frozenset({53}))

@@ -143,6 +143,10 @@ BAD_VALUES = [
         ["controlPlane.finishedJobMaxAgeHours=0"],
         "/controlPlane/finishedJobMaxAgeHours",
     ),
+    ("cache age is positive", ["teacher.cache.maxAgeDays=0"], "/teacher/cache/maxAgeDays"),
+    ("cache bound is positive", ["teacher.cache.maxEntries=0"], "/teacher/cache/maxEntries"),
+    ("cache bound is whole", ["teacher.cache.maxEntries=1.5"], "/teacher/cache/maxEntries"),
+    ("cache settings are known", ["teacher.cache.maxBytes=1"], "maxBytes"),
 ]
 
 

@@ -1,18 +1,20 @@
-"""The teacher cache on SQLite and PostgreSQL: identity, first write wins, durability, batching."""
+"""The teacher cache on SQLite and PostgreSQL: identity, first write wins, durability, batching, expiry."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, func, select, update
 
 from stillhouse.control_plane.store import JobStore
 from stillhouse.storage.sparse_logprobs import SparseLogprobs
-from stillhouse.teacher.cache import CacheWriter, TeacherCache, pack_logprobs, unpack_logprobs
+from stillhouse.teacher.cache import CacheWriter, TeacherCache, answers, pack_logprobs, unpack_logprobs
 from stillhouse.teacher.calls import ChatMessage, TeacherAnswer, TeacherCall, TokenIdSource, cache_scope
 
 BASE_CALL = TeacherCall(
@@ -225,6 +227,133 @@ async def test_the_cache_shares_a_database_with_the_job_store(database_url: str)
     # Each keeps its own migration history: opening both again finds both at head.
     for store in (await JobStore.open(database_url), await TeacherCache.open(database_url)):
         await store.close()
+
+
+# Expiry
+
+
+async def stored_calls(cache: TeacherCache, count: int) -> list[TeacherCall]:
+    calls = [call(number) for number in range(1, count + 1)]
+    await cache.put_many(
+        (each, answer(f"answer {number}", logprobs=None)) for number, each in enumerate(calls)
+    )
+    return calls
+
+
+async def set_written(cache: TeacherCache, times: dict[TeacherCall, datetime]) -> None:
+    """Backdate answers, as if they had been written at those times."""
+    async with cache._engine.begin() as connection:
+        for each, when in times.items():
+            await connection.execute(
+                update(answers).where(answers.c.key == each.cache_key()).values(created_at=when)
+            )
+
+
+async def kept(cache: TeacherCache, calls: Iterable[TeacherCall]) -> set[TeacherCall]:
+    calls = list(calls)
+    found = await cache.get_many(each.cache_key() for each in calls)
+    return {each for each in calls if each.cache_key() in found}
+
+
+async def stored_count(cache: TeacherCache) -> int:
+    async with cache._engine.connect() as connection:
+        return await connection.scalar(select(func.count()).select_from(answers))
+
+
+async def test_answers_are_stamped_with_the_time_they_were_written(cache: TeacherCache) -> None:
+    before = datetime.now(UTC)
+    (stored,) = await stored_calls(cache, 1)
+    async with cache._engine.connect() as connection:
+        written = await connection.scalar(
+            select(answers.c.created_at).where(answers.c.key == stored.cache_key())
+        )
+    written = written if written.tzinfo else written.replace(tzinfo=UTC)  # SQLite keeps no zone: UTC
+    assert before - timedelta(seconds=1) <= written <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+async def test_expiry_by_age_deletes_answers_written_before_it_and_keeps_the_rest(
+    cache: TeacherCache,
+) -> None:
+    calls = await stored_calls(cache, 6)
+    now = datetime.now(UTC)
+    await set_written(cache, {each: now - timedelta(days=10) for each in calls[:3]})
+    await set_written(cache, {each: now - timedelta(days=4, hours=23) for each in calls[3:5]})
+
+    assert await cache.expire(max_age=timedelta(days=5)) == 3
+
+    assert await kept(cache, calls) == set(calls[3:])
+    assert await cache.expire(max_age=timedelta(days=5)) == 0
+    # An expired answer asked again is stored again, as new.
+    await cache.put_many([(calls[0], answer("asked again", logprobs=None))])
+    assert (await cache.get_many([calls[0].cache_key()]))[calls[0].cache_key()].text == "asked again"
+    assert await cache.expire(max_age=timedelta(days=5)) == 0
+
+
+async def test_expiry_by_count_deletes_the_oldest_written_down_to_the_limit(cache: TeacherCache) -> None:
+    calls = await stored_calls(cache, 12)
+    # Written in an order unrelated to the keys', with three answers in the same instant at the limit.
+    order = random.Random(3).sample(calls, len(calls))
+    start = datetime.now(UTC) - timedelta(days=1)
+    minutes = [0, 1, 2, 3, 4, 5, 6, 6, 6, 7, 8, 9]
+    await set_written(
+        cache, {each: start + timedelta(minutes=m) for each, m in zip(order, minutes, strict=True)}
+    )
+
+    assert await cache.expire(max_entries=5) == 7
+
+    survivors = await kept(cache, calls)
+    assert len(survivors) == 5
+    assert set(order[-3:]) <= survivors  # the three written last
+    assert survivors <= set(order[6:9]) | set(order[-3:])  # and two of the three written at minute 6
+    assert await cache.expire(max_entries=5) == 0
+    assert await cache.expire(max_entries=100) == 0
+    assert await kept(cache, calls) == survivors
+
+
+async def test_age_and_count_bounds_apply_together(cache: TeacherCache) -> None:
+    calls = await stored_calls(cache, 8)
+    now = datetime.now(UTC)
+    await set_written(cache, {each: now - timedelta(days=30 - number) for number, each in enumerate(calls)})
+
+    # Two are older than 28.5 days; of the six left, the oldest two go for the limit of four.
+    assert await cache.expire(max_age=timedelta(days=28, hours=12), max_entries=4) == 4
+
+    assert await kept(cache, calls) == set(calls[4:])
+
+
+async def test_expiry_deletes_in_batches_until_every_expired_answer_is_gone(cache: TeacherCache) -> None:
+    calls = await stored_calls(cache, 27)
+    old = datetime.now(UTC) - timedelta(days=10)
+    await set_written(cache, {each: old + timedelta(seconds=number) for number, each in enumerate(calls)})
+    deleted: list[int] = []
+    engine = cache._engine.sync_engine
+
+    def count_deleted(_connection, cursor, statement, *_args) -> None:
+        if statement.lstrip().upper().startswith("DELETE"):
+            deleted.append(cursor.rowcount)
+
+    event.listen(engine, "after_cursor_execute", count_deleted)
+    try:
+        assert await cache.expire(max_entries=3, batch_size=4) == 24
+        assert deleted == [4, 4, 4, 4, 4, 4, 0]
+        deleted.clear()
+        assert await cache.expire(max_age=timedelta(days=1), batch_size=2) == 3
+        assert deleted == [2, 1]
+    finally:
+        event.remove(engine, "after_cursor_execute", count_deleted)
+
+    assert await stored_count(cache) == 0
+
+
+async def test_expiry_without_bounds_deletes_nothing(cache: TeacherCache) -> None:
+    calls = await stored_calls(cache, 3)
+    await set_written(cache, {each: datetime.now(UTC) - timedelta(days=3650) for each in calls})
+
+    assert await cache.expire() == 0
+
+    assert await kept(cache, calls) == set(calls)
+    with pytest.raises(ValueError, match="max_entries"):
+        await cache.expire(max_entries=0)
 
 
 # CacheWriter

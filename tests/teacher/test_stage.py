@@ -3,6 +3,8 @@ answers datasets, resume without a repeated call, budget stop, and faults record
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +54,13 @@ LOOPBACK_EGRESS = '["127.0.0.0/8", "::1/128"]'
 
 
 @pytest.fixture
-def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_path):
+def teacher_env() -> dict[str, str]:
+    """More settings of the teacher service (STILLHOUSE_TEACHER_*); a test parametrizes it to set some."""
+    return {}
+
+
+@pytest.fixture
+def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_path, teacher_env):
     """The teacher service, allowed to reach loopback, or what an indirect parameter allows."""
     egress_allow = getattr(request, "param", LOOPBACK_EGRESS)
     home = tmp_path / "home"
@@ -67,6 +75,7 @@ def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_p
             "STILLHOUSE_TEACHER_LOG_FORMAT": "console",
             "STILLHOUSE_TEACHER_EGRESS_ALLOW": egress_allow,
             "STILLHOUSE_TEACHER_API_KEY_DIR": str(home / "keys"),
+            **teacher_env,
         }
         argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "teacher", "--port", str(port)]
         processes.start("teacher", argv, env)
@@ -243,6 +252,41 @@ def test_single_completions_are_cached_per_tenant(teacher_service, fake_openai):
 
     assert cached == [0, 1, 0]
     assert fake_openai.calls()["completions"] == 2
+
+
+@pytest.mark.parametrize(
+    "teacher_env",
+    [
+        {
+            "STILLHOUSE_TEACHER_CACHE_MAX_AGE_DAYS": str(1 / 86_400),
+            "STILLHOUSE_TEACHER_CACHE_SWEEP_INTERVAL_SECONDS": "0.2",
+        }
+    ],
+)
+def test_an_expired_answer_is_asked_of_the_teacher_again(teacher_service, fake_openai, processes, wait_until):
+    request = teacher_pb2.CompleteRequest(
+        job_id=JOB,
+        tenant="team-a",
+        messages=[teacher_pb2.ChatMessage(role="user", content="how long do tides last?")],
+        teacher=teacher_struct(fake_openai.base_url),
+    )
+    cache = teacher_service.home / "teacher-cache.db"
+    with authorized_channel(teacher_service.address) as channel:
+        stub, _ = teacher_service.stubs(channel)
+        cached = [stub.Complete(request).ledger.cached_requests]
+        # Answers expire one second after they are written, and the service looks every 0.2 s.
+        wait_until(lambda: cached_answers(cache) == 0, 10, "the answer to expire")
+        cached.append(stub.Complete(request).ledger.cached_requests)
+
+    assert cached == [0, 0]
+    assert fake_openai.calls()["completions"] == 2
+    lines = processes.log("teacher").splitlines()
+    assert any("teacher cache expired" in line and "removed=1" in line for line in lines)
+
+
+def cached_answers(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        return database.execute("SELECT count(*) FROM teacher_answers").fetchone()[0]
 
 
 def test_budget_stops_the_stage_cleanly_with_a_usable_partial_dataset(teacher_service, fake_openai):
