@@ -86,8 +86,9 @@ class ServiceCallSettings(Settings):
     tls_ca_file: Path | None = Field(
         default=None,
         description="PEM CA bundle that the other side's certificate must chain to. A service with it "
-        "requires a client certificate (mutual TLS); a caller with it (or with its own certificate) calls "
-        "over TLS.",
+        "(and with its own certificate, which it then needs) requires a client certificate (mutual TLS); a "
+        "caller with it (or with its own certificate) calls over TLS, and the service's certificate must "
+        "name the host it calls.",
     )
 
     @model_validator(mode="after")
@@ -116,3 +117,12 @@ class GrpcServiceSettings(ServiceCallSettings):
         description="Serve without a service token, taking calls from anyone who can reach the port. Without "
         "it, a service with no service_token_file refuses to start.",
     )
+
+    @model_validator(mode="after")
+    def _tls_with_a_certificate(self) -> Self:
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "a service with tls_ca_file needs its own certificate, tls_cert_file and tls_key_file: "
+                "without one its port would take plaintext calls"
+            )
+        return self

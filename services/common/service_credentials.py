@@ -67,6 +67,24 @@ class TlsFiles:
     key: bytes | None
     ca: bytes | None
 
+    @classmethod
+    def load(cls, settings: ServiceCallSettings) -> TlsFiles | None:
+        """The files the settings name; None when they name no certificate and no CA (plaintext)."""
+        if settings.tls_cert_file is None and settings.tls_ca_file is None:
+            return None
+        return cls(
+            cert=_read_pem(settings.tls_cert_file, "tls_cert_file"),
+            key=_read_pem(settings.tls_key_file, "tls_key_file"),
+            ca=_read_pem(settings.tls_ca_file, "tls_ca_file"),
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """TLS for a caller's channel: the server's certificate must chain to the CA (the system's roots
+        without one) and name the host called; this process's certificate, if any, is its client's."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
 
 @dataclass(frozen=True, repr=False)
 class ServiceCredentials:
@@ -77,14 +95,7 @@ class ServiceCredentials:
     def load(cls, settings: ServiceCallSettings) -> ServiceCredentials:
         """Read the token and TLS files the settings name; ServiceCredentialsError if one is unusable."""
         tokens = read_service_tokens(settings.service_token_file) if settings.service_token_file else ()
-        tls = None
-        if settings.tls_cert_file or settings.tls_ca_file:
-            tls = TlsFiles(
-                cert=_read_pem(settings.tls_cert_file, "tls_cert_file"),
-                key=_read_pem(settings.tls_key_file, "tls_key_file"),
-                ca=_read_pem(settings.tls_ca_file, "tls_ca_file"),
-            )
-        return cls(tokens, tls)
+        return cls(tokens, TlsFiles.load(settings))
 
     @property
     def token(self) -> str | None:
@@ -108,10 +119,9 @@ class ServiceCredentials:
         options = [*keepalive.CHANNEL_OPTIONS, *options]
         if self.tls is None:
             return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+        return grpc.aio.secure_channel(
+            address, self.tls.channel_credentials(), options=options, interceptors=interceptors
         )
-        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
     def __repr__(self) -> str:
         return f"ServiceCredentials(tokens={len(self.tokens)}, tls={self.tls is not None})"

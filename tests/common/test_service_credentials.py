@@ -1,11 +1,9 @@
 """The service credential: token files, the token check on a real grpc.aio server (unary and streaming
-calls, rotation), the refusal to serve without a token, and mutual TLS on a real service process."""
+calls, rotation), the refusal to serve without a token, and mutual TLS with real certificates: on a real
+service process, and the host names and key usages the Helm chart's shared certificate needs."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import stat
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -13,14 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 from service_token import SERVICE_TOKEN
+from tls_certificates import CLIENT_AUTH, SERVER_AUTH, issue, make_ca
 
-from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.common.config import GrpcServiceSettings, ServiceCallSettings
 from stillhouse.common.grpc_server import OperationsServicer
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.common.service_auth import ServiceTokenInterceptor, caller_check
@@ -146,69 +142,31 @@ async def test_a_caller_still_sending_the_old_token_is_accepted_during_rotation(
         assert await call_codes(channel) == (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND)
 
 
-# --- mutual TLS on a service process --------------------------------------------------------------
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    folder: Path, name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A certificate (a CA when `issuer` is None) and its key, written as NAME.pem and NAME.key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(issuer[0].subject if issuer else _name(name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    certificate = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    (folder / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    (folder / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    (folder / f"{name}.key").chmod(stat.S_IRUSR)
-    return certificate, key
+# --- mutual TLS ----------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> Path:
-    """ca.pem, server.pem/.key and client.pem/.key, the leaves signed by the CA; other-ca.pem, and a
-    client certificate it signed (stranger.pem/.key)."""
+    """ca.pem, server.pem/.key and client.pem/.key, the leaves signed by the CA for localhost and
+    127.0.0.1; other-ca.pem, and a client certificate it signed (stranger.pem/.key)."""
     folder = tmp_path / "tls"
     folder.mkdir()
-    ca = _certificate(folder, "ca", None)
-    _certificate(folder, "server", ca)
-    _certificate(folder, "client", ca)
-    other = _certificate(folder, "other-ca", None)
-    _certificate(folder, "stranger", other)
+    ca = make_ca(folder, "ca")
+    issue(folder, "server", ca)
+    issue(folder, "client", ca)
+    issue(folder, "stranger", make_ca(folder, "other-ca"))
     return folder
 
 
-def tls_caller(folder: Path, cert: str | None) -> ServiceCredentials:
-    settings = GrpcServiceSettings(
+def tls_caller(folder: Path, cert: str | None, token: str | None = SERVICE_TOKEN) -> ServiceCredentials:
+    """A caller's credentials: the CA ca.pem, the certificate `cert` (none: no client certificate)."""
+    settings = ServiceCallSettings(
         service_token_file=None,
         tls_ca_file=folder / "ca.pem",
         tls_cert_file=folder / f"{cert}.pem" if cert else None,
         tls_key_file=folder / f"{cert}.key" if cert else None,
     )
-    return ServiceCredentials(tokens=(SERVICE_TOKEN,), tls=ServiceCredentials.load(settings).tls)
+    return ServiceCredentials(tokens=(token,) if token else (), tls=ServiceCredentials.load(settings).tls)
 
 
 async def storage_answer(credentials: ServiceCredentials, address: str) -> grpc.StatusCode:
@@ -233,6 +191,7 @@ def tls_storage(processes, free_port, wait_until, tls_files, tmp_path) -> Callab
     }
     processes.start("storage", argv, env)
     wait_until(lambda: "serving" in processes.log("storage"), 30, "the storage service")
+    assert '"tls": true' in processes.log("storage")
     return f"localhost:{port}"
 
 
@@ -247,5 +206,83 @@ async def test_mutual_tls_takes_callers_with_a_certificate_of_its_ca(tls_storage
         assert await storage_answer(refused, address) == grpc.StatusCode.UNAVAILABLE
 
     # TLS does not stand in for the token.
-    no_token = ServiceCredentials(tokens=(), tls=tls_caller(tls_files, "client").tls)
+    no_token = tls_caller(tls_files, "client", token=None)
     assert await storage_answer(no_token, address) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_service_with_a_ca_but_no_certificate_of_its_own_is_refused(tls_files: Path) -> None:
+    """It would require nothing of its callers: without a certificate its port is plaintext."""
+    with pytest.raises(ValidationError, match="tls_ca_file needs its own certificate"):
+        GrpcServiceSettings(tls_ca_file=tls_files / "ca.pem")
+    # A caller may have a CA alone: it calls over TLS without a client certificate.
+    assert tls_caller(tls_files, None).tls is not None
+
+
+# The Helm chart's layout: one certificate, for every Service's name and both usages, in every pod; the
+# pods call each other by Service name. Here a name override stands in for the cluster's DNS.
+SERVICE_NAME = "demo-stillhouse-storage"
+SERVICE_NAMES = (SERVICE_NAME, f"{SERVICE_NAME}.distil.svc", f"{SERVICE_NAME}.distil.svc.cluster.local")
+
+
+@pytest.fixture
+def chart_certificates(tmp_path: Path) -> Path:
+    """ca.pem; shared.pem/.key, for the Service names (no IP address, no localhost) and both usages; and
+    server-only.pem/.key, for the same names but server authentication only."""
+    folder = tmp_path / "chart-tls"
+    folder.mkdir()
+    ca = make_ca(folder, "ca")
+    issue(folder, "shared", ca, dns_names=SERVICE_NAMES, ip_addresses=(), usages=(SERVER_AUTH, CLIENT_AUTH))
+    issue(folder, "server-only", ca, dns_names=SERVICE_NAMES, ip_addresses=(), usages=(SERVER_AUTH,))
+    return folder
+
+
+@pytest.fixture
+async def shared_certificate_server(free_port, chart_certificates: Path) -> AsyncIterator[int]:
+    """The port of a real grpc.aio server (health) serving mutual TLS with the shared certificate."""
+    credentials = tls_caller(chart_certificates, "shared")
+    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server_credentials = credentials.server_credentials()
+    assert server_credentials is not None
+    port = server.add_secure_port(f"127.0.0.1:{free_port()}", server_credentials)
+    await server.start()
+    yield port
+    await server.stop(None)
+
+
+async def health_answer(credentials: ServiceCredentials, address: str, server_name: str | None) -> str:
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    async with credentials.open_channel(address, options=options) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}: {error.details()}"
+    return "OK"
+
+
+async def test_a_caller_checks_that_the_certificate_names_the_host_it_calls(
+    shared_certificate_server: int, chart_certificates: Path
+) -> None:
+    shared = tls_caller(chart_certificates, "shared")
+    for name in SERVICE_NAMES:
+        assert await health_answer(shared, f"127.0.0.1:{shared_certificate_server}", name) == "OK"
+    # Called by an address or a name the certificate does not hold, the handshake fails.
+    answer = await health_answer(shared, f"127.0.0.1:{shared_certificate_server}", None)
+    assert answer.startswith("UNAVAILABLE") and "Hostname" in answer, answer
+    for address, name in [
+        (f"localhost:{shared_certificate_server}", None),
+        (f"127.0.0.1:{shared_certificate_server}", "demo-stillhouse-teacher"),
+    ]:
+        answer = await health_answer(shared, address, name)
+        assert answer.startswith("UNAVAILABLE"), answer
+
+
+async def test_one_certificate_serves_and_calls_only_with_both_usages(
+    shared_certificate_server: int, chart_certificates: Path
+) -> None:
+    address = f"127.0.0.1:{shared_certificate_server}"
+    assert await health_answer(tls_caller(chart_certificates, "shared"), address, SERVICE_NAME) == "OK"
+    # A certificate for server authentication alone is no client certificate: the service refuses it.
+    server_only = tls_caller(chart_certificates, "server-only")
+    assert (await health_answer(server_only, address, SERVICE_NAME)).startswith("UNAVAILABLE")

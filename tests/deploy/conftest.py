@@ -175,3 +175,10 @@ def pod_templates(manifests: Iterable[Manifest]) -> dict[str, dict]:
 
 def component_of(pod: dict) -> str:
     return pod["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def internal_tls_enabled(values_set: tuple[str, Path | None]) -> bool:
+    """Whether a values set turns on mutual TLS of the internal calls (`internalTLS.enabled`)."""
+    path = values_set[1]
+    values = yaml.safe_load(path.read_text()) if path else {}
+    return bool(values.get("internalTLS", {}).get("enabled", False))

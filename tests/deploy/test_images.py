@@ -1,8 +1,10 @@
 """The container images: what their Dockerfiles promise (pinned bases, non-root final stages, no build
-tools, the Ray version of the services), and the image's health check against real service processes."""
+tools, the Ray version of the services), and the image's health check against real service processes,
+in plaintext and over mutual TLS."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from tls_certificates import CLIENT_AUTH, SERVER_AUTH, issue, make_ca
 
 from .conftest import CHART, REPO
 
@@ -116,9 +119,14 @@ def answers(url: str) -> bool:
         return False
 
 
-def run_healthcheck(*command: str) -> subprocess.CompletedProcess[str]:
+def run_healthcheck(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(HEALTHCHECK), *command], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, str(HEALTHCHECK), *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -147,6 +155,39 @@ def test_healthcheck_asks_a_grpc_service_for_its_health(
     result = run_healthcheck(*command)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"storage at 127.0.0.1:{port}: healthy" in result.stdout
+
+
+def test_healthcheck_asks_a_service_serving_mutual_tls_with_its_own_certificate(
+    processes, free_port, wait_until, tmp_path
+):
+    """The chart's layout: the service's certificate names its Service, not the loopback address the
+    check calls, and serves as the check's client certificate too."""
+    ca = make_ca(tmp_path, "ca")
+    names = ["demo-stillhouse-storage", "demo-stillhouse-storage.distil.svc"]
+    shared = issue(
+        tmp_path, "shared", ca, dns_names=names, ip_addresses=(), usages=(SERVER_AUTH, CLIENT_AUTH)
+    )
+    tls = {
+        "STILLHOUSE_STORAGE_TLS_CERT_FILE": str(shared.cert),
+        "STILLHOUSE_STORAGE_TLS_KEY_FILE": str(shared.key),
+        "STILLHOUSE_STORAGE_TLS_CA_FILE": str(ca.cert),
+    }
+    port = free_port()
+    command = ["stillhouse", "serve", "storage", "--host=0.0.0.0", f"--port={port}"]
+    argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "storage", "--port", str(port)]
+    processes.start("storage", argv, {"STILLHOUSE_HOME": str(tmp_path), **tls})
+    wait_until(lambda: "serving" in processes.log("storage"), 30, "the storage service")
+
+    server_name = {"STILLHOUSE_HEALTHCHECK_TLS_SERVER_NAME": "demo-stillhouse-storage"}
+    result = run_healthcheck(*command, env={**tls, **server_name})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"storage at 127.0.0.1:{port}: healthy" in result.stdout
+    # The name is checked: 127.0.0.1, or a name the certificate does not hold, fails the check.
+    assert run_healthcheck(*command, env=tls).returncode == 1
+    other_name = {"STILLHOUSE_HEALTHCHECK_TLS_SERVER_NAME": "demo-stillhouse-teacher"}
+    assert run_healthcheck(*command, env={**tls, **other_name}).returncode == 1
+    # Plaintext is refused.
+    assert run_healthcheck(*command, env=server_name).returncode == 1
 
 
 def test_healthcheck_reads_the_port_from_the_settings_and_asks_the_control_plane_over_http(

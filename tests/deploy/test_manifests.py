@@ -4,22 +4,36 @@ network flows, Secrets kept out of plain text, GPU workers, autoscaling, disrupt
 from __future__ import annotations
 
 import base64
+import importlib.util
 import ipaddress
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
 
 from stillhouse.teacher.config import TeacherSettings
 
-from .conftest import NAMESPACE, RELEASE, VALUES_SETS, component_of, named, of_kind, pod_templates
+from .conftest import (
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    VALUES_SETS,
+    component_of,
+    internal_tls_enabled,
+    named,
+    of_kind,
+    pod_templates,
+)
 from .network_model import OUTSIDE, Endpoint, NetworkModel
 
 PREFIX = f"{RELEASE}-stillhouse"
 STAGE_SERVICES = ["prompts", "teacher", "storage", "trainer"]
 DEPLOYMENTS = ["control-plane", *STAGE_SERVICES]
 RAY = ["ray-head", "ray-worker"]
+HEALTHCHECK = REPO / "deploy" / "docker" / "healthcheck.py"
 
 
 def containers(pod: dict) -> list[dict]:
@@ -57,13 +71,37 @@ def test_every_long_running_container_has_probes(rendered: list[dict]) -> None:
                 assert probe in container, f"{name}/{container['name']} has no {probe}"
 
 
-def test_grpc_services_use_native_grpc_probes_and_the_control_plane_http(rendered: list[dict]) -> None:
+def healthcheck_script() -> ModuleType:
+    """deploy/docker/healthcheck.py, the image's health check, as a module."""
+    spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclass looks its module up while being defined.
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grpc_services_probe_their_grpc_health_and_the_control_plane_http(
+    rendered: list[dict], values_set: tuple[str, Path | None]
+) -> None:
+    """Native gRPC probes, which speak plaintext only; under internal mutual TLS, the image's health
+    check, which asks the same health service over TLS with the pod's certificate."""
+    tls = internal_tls_enabled(values_set)
+    healthcheck = healthcheck_script()
     for service in STAGE_SERVICES:
         deployment = named(rendered, "Deployment", f"{PREFIX}-{service}")
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}
+            if not tls:
+                assert container[probe]["grpc"] == {"port": port}
+                continue
+            command = container[probe]["exec"]["command"]
+            assert command[:2] == ["python", "/opt/stillhouse/healthcheck.py"]
+            target = healthcheck.target_of(command[2:])
+            assert (target.service, target.host, target.port) == (service, "127.0.0.1", port)
+            assert container[probe]["timeoutSeconds"] > healthcheck.TIMEOUT_SECONDS
         metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
         assert f"--metrics-port={metrics_port}" in container["args"]
     control_plane = named(rendered, "Deployment", f"{PREFIX}-control-plane")
@@ -233,6 +271,58 @@ def test_an_existing_service_token_secret_replaces_the_generated_one(render) -> 
         ("platform-token", "current")
     }
     assert not [s for s in of_kind(manifests, "Secret") if s["metadata"]["name"].endswith("service-token")]
+
+
+TLS_SETTINGS = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE")
+
+
+def tls_sources(manifests: list[dict], deployment: str) -> dict[str, tuple[str, str]]:
+    """(Secret name, key) of the file each STILLHOUSE_*_TLS_*_FILE of a Deployment names."""
+    pod = named(manifests, "Deployment", f"{PREFIX}-{deployment}")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    prefix = f"STILLHOUSE_{deployment.upper().replace('-', '_')}_"
+    env = {entry["name"]: entry for entry in container["env"]}
+    sources = {}
+    for setting in TLS_SETTINGS:
+        path = Path(env[prefix + setting]["value"])
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent))
+        assert mount["readOnly"] is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        sources[setting] = (volume["secret"]["secretName"], path.name)
+    return sources
+
+
+def test_internal_tls_gives_every_stillhouse_process_the_certificate_of_the_secret(render) -> None:
+    manifests = render(None, ("internalTLS.enabled=true", "internalTLS.secretName=platform-tls"))
+    expected = {
+        "TLS_CERT_FILE": ("platform-tls", "tls.crt"),
+        "TLS_KEY_FILE": ("platform-tls", "tls.key"),
+        "TLS_CA_FILE": ("platform-tls", "ca.crt"),
+    }
+    for deployment in DEPLOYMENTS:
+        assert tls_sources(manifests, deployment) == expected, deployment
+    for name, pod in pod_templates(manifests).items():
+        if component_of(pod) not in DEPLOYMENTS:
+            secrets = [v["secret"]["secretName"] for v in pod["spec"].get("volumes", []) if "secret" in v]
+            assert "platform-tls" not in secrets, f"{name} needs no certificate"
+    # The probes' health check expects the service's certificate to hold the name its callers call.
+    addresses = env_of(manifests, "control-plane")
+    for service in STAGE_SERVICES:
+        host = addresses[f"STILLHOUSE_CONTROL_PLANE_SERVICES__{service.upper()}"]["value"].rsplit(":", 1)[0]
+        assert env_of(manifests, service)["STILLHOUSE_HEALTHCHECK_TLS_SERVER_NAME"]["value"] == host
+
+
+def test_internal_tls_is_off_by_default(render) -> None:
+    for name, pod in pod_templates(render(None)).items():
+        assert "internal-tls" not in [volume["name"] for volume in pod["spec"].get("volumes", [])], name
+        for container in containers(pod):
+            names = [entry["name"] for entry in container.get("env", [])]
+            assert not [n for n in names if "_TLS_" in n or "HEALTHCHECK" in n], f"{name}: {names}"
+            probes = [
+                container.get(probe, {}) for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+            ]
+            commands = [" ".join(probe["exec"]["command"]) for probe in probes if "exec" in probe]
+            assert not [command for command in commands if "healthcheck" in command], name
 
 
 # --- network -----------------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
 """The chart configures each process with settings the process actually has: every STILLHOUSE_* variable
 of a Deployment names a field of that service's settings class, and the settings load from exactly
-that environment (Secret references stand in as placeholder values) and the container's arguments."""
+that environment (Secret references stand in as placeholder values) and the container's arguments, and
+read the mounted certificate exactly where mutual TLS is turned on."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from .conftest import RELEASE, named
+from .conftest import RELEASE, internal_tls_enabled, named
 
 SERVICES = {
     "control-plane": ("stillhouse.control_plane.config", "ControlPlaneSettings"),
@@ -52,7 +54,7 @@ def flags(args: list[str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("service", list(SERVICES))
 def test_settings_load_from_the_chart_environment(
-    rendered: list[dict], service: str, monkeypatch: pytest.MonkeyPatch
+    rendered: list[dict], values_set: tuple[str, Path | None], service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module, class_name = SERVICES[service]
     settings_class = getattr(importlib.import_module(module), class_name)
@@ -75,6 +77,11 @@ def test_settings_load_from_the_chart_environment(
     assert not getattr(settings, "reflection", False)
     assert not getattr(settings, "allow_unauthenticated_calls", False)
     assert settings.port == next(p["containerPort"] for p in container["ports"])
+    tls_files = (settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+    if internal_tls_enabled(values_set):
+        assert [path.name for path in tls_files if path] == ["tls.crt", "tls.key", "ca.crt"]
+    else:
+        assert tls_files == (None, None, None)
     if hasattr(settings, "object_store"):
         assert settings.object_store.backend == "s3"
         assert settings.object_store.secret_key.get_secret_value().startswith("secret-")

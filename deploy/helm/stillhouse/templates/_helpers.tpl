@@ -250,6 +250,50 @@ topologySpreadConstraints:
   readOnly: true
 {{- end }}
 
+{{/* Mutual TLS of the internal calls (internalTLS.enabled): the files of the mounted Secret as a
+process's TLS settings: (dict "prefix" "PROMPTS"). */}}
+{{- define "stillhouse.internalTlsEnv" -}}
+- name: STILLHOUSE_{{ .prefix }}_TLS_CERT_FILE
+  value: /var/run/secrets/stillhouse/internal-tls/tls.crt
+- name: STILLHOUSE_{{ .prefix }}_TLS_KEY_FILE
+  value: /var/run/secrets/stillhouse/internal-tls/tls.key
+- name: STILLHOUSE_{{ .prefix }}_TLS_CA_FILE
+  value: /var/run/secrets/stillhouse/internal-tls/ca.crt
+{{- end }}
+
+{{- define "stillhouse.internalTlsVolume" -}}
+- name: internal-tls
+  secret:
+    secretName: {{ required "internalTLS.secretName is required when internalTLS.enabled is true" .Values.internalTLS.secretName }}
+    defaultMode: 0440
+{{- end }}
+
+{{- define "stillhouse.internalTlsMount" -}}
+- name: internal-tls
+  mountPath: /var/run/secrets/stillhouse/internal-tls
+  readOnly: true
+{{- end }}
+
+{{/* What a stage service's probes ask: its gRPC health service, with the kubelet's native gRPC probe,
+which speaks plaintext only; over mutual TLS, the image's health check, which calls with the pod's own
+certificate. (dict "root" $ "component" "teacher" "values" .Values.teacher) */}}
+{{- define "stillhouse.grpcProbeHandler" -}}
+{{- if .root.Values.internalTLS.enabled -}}
+exec:
+  command:
+    - python
+    - /opt/stillhouse/healthcheck.py
+    - stillhouse
+    - serve
+    - {{ .component }}
+    - --host={{ .root.Values.listenHost }}
+    - --port={{ .values.port }}
+{{- else -}}
+grpc:
+  port: {{ .values.port }}
+{{- end }}
+{{- end }}
+
 {{/* The writable folders of a read-only Stillhouse container. */}}
 {{- define "stillhouse.scratchVolumes" -}}
 - name: tmp
