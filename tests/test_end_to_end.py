@@ -103,7 +103,7 @@ def test_a_tiny_job_runs_end_to_end_and_a_repeat_pays_the_teacher_nothing(
                 "learningRate": 1.0e-3,
                 "batchTokens": 1024,
                 "maxSeqLen": 128,
-                "workers": 2,
+                "workers": 1,  # two workers (DDP) are tests/trainer/test_ray_training.py's
             },
             "evaluation": {"holdoutFraction": 0.2, "maxNewTokens": 12},
         },
