@@ -285,6 +285,8 @@ class Orchestrator:
         operations = operations_pb2_grpc.OperationsStub(channel)
         last_contact = time.monotonic()
         last_progress_event = 0.0
+        # What the last progress event said: a heartbeat, or a re-attach, repeats it and is not written.
+        last_written: tuple[int, bytes] | None = None
 
         def out_of_patience(_: tenacity.RetryCallState) -> bool:
             return time.monotonic() - last_contact > self._unavailable_timeout
@@ -297,7 +299,7 @@ class Orchestrator:
             )
 
         async def attempt() -> operations_pb2.Operation:
-            nonlocal last_contact, last_progress_event
+            nonlocal last_contact, last_progress_event, last_written
             # Start is idempotent on the operation id: after a restart this re-attaches.
             await call.start(channel, request, timeout=self._call_timeout)
             last_contact = time.monotonic()
@@ -307,8 +309,10 @@ class Orchestrator:
             async for operation in _until_idle(watch, self._watch_idle_timeout):
                 last_contact = time.monotonic()
                 final = operation.state in FINAL_STATES
-                if final or last_contact - last_progress_event >= self._progress_interval:
-                    last_progress_event = last_contact
+                said = (operation.state, operation.progress.SerializeToString(deterministic=True))
+                due = last_contact - last_progress_event >= self._progress_interval
+                if said != last_written and (final or due):
+                    last_progress_event, last_written = last_contact, said
                     await self._progress_event(job_id, call.stage, operation)
                 if final:
                     return operation

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -319,6 +320,11 @@ def test_a_service_that_resumes_within_the_bound_is_re_attached(
         time.sleep(8)  # past the 6 s idle bound: the control plane gives the stream up and re-attaches
         processes.running["stages"].send_signal(signal.SIGCONT)
         assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, timeout=90) == "Succeeded"
+        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", timeout=60) as source:
+            progress = [json.loads(event.data) for event in source.iter_sse() if event.event == "progress"]
+    # Heartbeats and the re-attach repeat what the service said last: the job's events do not.
+    repeats = [later for earlier, later in pairwise(progress) if later == earlier]
+    assert repeats == []
     reattached = [entry for entry in stages.journal()[before:] if entry.get("rpc") == "AnswerPrompts"]
     assert reattached and not any(entry["new"] for entry in reattached)
     for rpc in STAGE_RPCS:
