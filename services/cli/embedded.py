@@ -268,7 +268,7 @@ class Supervisor:
     startup_timeout: float = 60.0
     # Folders jobs may read local prompt sources and slot files from, besides $STILLHOUSE_HOME/inputs.
     input_roots: tuple[Path, ...] = ()
-    restart_policy: RestartPolicy = field(default_factory=lambda: restart_policy_from_environment())
+    restart_policy: RestartPolicy = field(default_factory=restart_policy_from_environment)
     console: Console = field(default_factory=Console)
     err_console: Console = field(default_factory=lambda: Console(stderr=True))
 
