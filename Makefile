@@ -40,9 +40,11 @@ test-image: $(STAMP)
 	deploy/local/ensure-image-tools.sh
 	$(BIN)/pytest -m image
 
+## lint: ruff, formatting, and the import contracts between the services and the shared library
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -30,9 +30,9 @@ from _table import print_grid, verdict
 from train_bench import bench_train_run, make_student, write_answers
 from transformers import AutoConfig
 
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.open_store import open_object_store
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.train_loop import train_worker
 
 H100_H200_BF16_DENSE_TFLOPS = 989.0

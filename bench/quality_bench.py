@@ -36,19 +36,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from _table import print_grid, verdict
 
-from stillhouse.common.records import answers_schema, prompt_id
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import DatasetWriter
-from stillhouse.storage.manifest import Lineage
-from stillhouse.storage.open_store import open_object_store
-from stillhouse.teacher.backends.local_hf import DecodeRequest, default_stop_ids, generate_batch
-from stillhouse.teacher.calls import TeacherAnswer, TokenIdSource
-from stillhouse.teacher.model_loading import (
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.datasets.records import answers_schema, prompt_id
+from stillhouse.common.datasets.store import DatasetWriter
+from stillhouse.common.models.generation import DecodeRequest, default_stop_ids, generate_batch
+from stillhouse.common.models.model_loading import (
     EMBEDDED_TEACHER,
     load_model,
     load_tokenizer,
     resolve_model_reference,
 )
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.teacher.calls import TeacherAnswer, TokenIdSource
 from stillhouse.teacher.stage import answers_table
 from stillhouse.trainer.evaluation import run_evaluation
 from stillhouse.trainer.run_config import EvaluateRun, TrainRun

@@ -32,8 +32,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests" / "suppo
 from _table import print_grid, verdict
 from s3_server import SeaweedFS, seaweedfs_server
 
-from stillhouse.storage import sparse_logprobs as sparse
-from stillhouse.storage.datasets import (
+from stillhouse.common.datasets import sparse_logprobs as sparse
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.datasets.store import (
     DEFAULT_ENCODE_THREADS,
     DEFAULT_MAX_SHARD_BYTES,
     DEFAULT_UPLOAD_THREADS,
@@ -41,8 +42,7 @@ from stillhouse.storage.datasets import (
     DatasetWriter,
     parquet_encodings,
 )
-from stillhouse.storage.manifest import Lineage
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.open_store import open_object_store
 
 MB = 1_000_000
 MIB = 1024 * 1024

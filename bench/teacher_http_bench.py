@@ -50,11 +50,11 @@ import httpx
 import structlog
 from _table import print_grid, verdict
 
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.datasets.records import PROMPTS_SCHEMA, prompt_id
+from stillhouse.common.datasets.store import DatasetReader, DatasetWriter
 from stillhouse.common.jobspec import TeacherSpec
-from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
-from stillhouse.storage.datasets import DatasetReader, DatasetWriter
-from stillhouse.storage.local_store import LocalObjectStore
-from stillhouse.storage.manifest import Lineage
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
 from stillhouse.teacher.cache import TeacherCache

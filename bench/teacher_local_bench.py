@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from _table import print_grid, verdict
 
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER
 from stillhouse.teacher.backends.local_hf import LocalHFBackend
 from stillhouse.teacher.calls import ChatMessage, TeacherCall
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER
 
 BATCH_SIZE = 8
 TOP_K = 20

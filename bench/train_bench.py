@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from _table import print_grid, verdict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from stillhouse.common.records import answers_schema, prompt_id
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import DatasetWriter
-from stillhouse.storage.manifest import Lineage
-from stillhouse.storage.open_store import open_object_store
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.datasets.records import answers_schema, prompt_id
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.store import DatasetWriter
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.calls import TeacherAnswer
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
 from stillhouse.teacher.stage import answers_table
 from stillhouse.trainer.data import BatchPlan, EpochData, collate, read_answer_rows, tokenize_answers
 from stillhouse.trainer.precision import cpu_has_bf16_matrix_units

@@ -29,7 +29,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from waiting import grpc_serving, http_ok, pick_free_port, wait_until
 
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stillhouse.storage.artifacts import download_artifact
-from stillhouse.storage.local_store import LocalObjectStore
+from stillhouse.common.datasets.artifacts import download_artifact
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
 STILLHOUSE = [sys.executable, "-m", "stillhouse.cli.main"]

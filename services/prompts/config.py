@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 
 class PromptsSettings(GrpcServiceSettings):

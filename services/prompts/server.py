@@ -6,12 +6,12 @@ import asyncio
 
 from stillhouse.common.grpc_server import ServiceBinding, serve_grpc
 from stillhouse.common.logging import configure_logging
+from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.prompts.config import PromptsSettings
 from stillhouse.prompts.servicer import PromptsServicer
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
-from stillhouse.storage.open_store import open_object_store
 
 SERVICE = prompts_pb2.DESCRIPTOR.services_by_name["Prompts"]
 

@@ -7,9 +7,11 @@ from contextlib import AsyncExitStack
 import grpc
 from google.protobuf import json_format
 
+from stillhouse.common.datasets.manifest import validate_dataset_id
 from stillhouse.common.grpc_server import abort_for
 from stillhouse.common.input_roots import InputRefused, InputRoots, check_prompt_inputs
 from stillhouse.common.jobspec import EvaluationSpec, PromptsSpec, TeacherSpec
+from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
@@ -21,8 +23,6 @@ from stillhouse.prompts.config import PromptsSettings
 from stillhouse.prompts.stage import TEACHER_STRATEGIES, GeneratePromptsRun, refuse_unworkable
 from stillhouse.prompts.teacher_client import TeacherClient
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
-from stillhouse.storage.manifest import validate_dataset_id
-from stillhouse.storage.objects import ObjectStore
 
 GENERATE_PROMPTS = (
     prompts_pb2.DESCRIPTOR.services_by_name["Prompts"].methods_by_name["GeneratePrompts"].full_name

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from stillhouse.common.input_roots import NO_LOCAL_FILES, InputRefused, InputRoots, is_local
 from stillhouse.common.jobspec import PromptSource
-from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
+from stillhouse.common.objectstore.objects import ObjectNotFound, ObjectStore, ObjectStoreError
 
 Conversation = list[dict[str, str]]
 

@@ -25,10 +25,13 @@ from itertools import islice
 import grpc
 import structlog
 
+from stillhouse.common.datasets.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
+from stillhouse.common.datasets.records import PROMPTS_SCHEMA, prompt_id
+from stillhouse.common.datasets.store import DatasetConflict, DatasetWriter
 from stillhouse.common.input_roots import NO_LOCAL_FILES, InputRoots
 from stillhouse.common.jobspec import GenerationStrategy, PromptSource, PromptsSpec
+from stillhouse.common.objectstore.objects import ObjectStore, ObjectStoreError
 from stillhouse.common.operations import OperationError, ProgressReporter
-from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
 from stillhouse.common.v1 import operations_pb2
 from stillhouse.prompts.cleaning import PromptCleaner
 from stillhouse.prompts.generation import (
@@ -44,10 +47,7 @@ from stillhouse.prompts.sources import PromptSourceError, SourcePrompt, iter_sou
 from stillhouse.prompts.split import HoldoutSplitter, source_group, template_group
 from stillhouse.prompts.templates import TemplateError, render_templates
 from stillhouse.prompts.v1 import prompts_pb2
-from stillhouse.storage.datasets import DatasetConflict, DatasetWriter
-from stillhouse.storage.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
-from stillhouse.storage.objects import ObjectStore, ObjectStoreError
-from stillhouse.teacher.ledger import Ledger
+from stillhouse.teacher.v1 import teacher_pb2
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +119,7 @@ class GeneratePromptsRun:
         job_id: str,
         progress: ProgressReporter,
         completer: Completer | None = None,
-        generation_ledger: Ledger | None = None,
+        generation_ledger: teacher_pb2.Ledger | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         patience: int = DEFAULT_PATIENCE,
         input_roots: InputRoots = NO_LOCAL_FILES,
@@ -131,7 +131,7 @@ class GeneratePromptsRun:
         self._job_id = job_id
         self._progress = progress
         self._completer = completer
-        self._ledger = generation_ledger or Ledger()
+        self._ledger = generation_ledger or teacher_pb2.Ledger()
         self._concurrency = concurrency
         self._patience = patience
         self._cleaner = PromptCleaner(spec.filters)
@@ -179,7 +179,7 @@ class GeneratePromptsRun:
             holdout=self._reference(committed["holdout"]),
             collected=self._collected,
             removed_by_rule=self._removed_by_rule(),
-            generation_ledger=self._ledger.to_proto(),
+            generation_ledger=self._ledger,
             shortfall=self._shortfall,
             warnings=self._warnings,
         )

@@ -18,7 +18,6 @@ from google.protobuf import struct_pb2
 
 from stillhouse.common.operations import OperationError
 from stillhouse.common.service_credentials import ServiceCredentials
-from stillhouse.teacher.ledger import Ledger
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -42,6 +41,12 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 
+def add_ledger(total: teacher_pb2.Ledger, part: teacher_pb2.Ledger) -> None:
+    """Add every count of `part` to `total` (a ledger's fields are all counts or sums)."""
+    for field, value in part.ListFields():
+        setattr(total, field.name, getattr(total, field.name) + value)
+
+
 class TeacherClient:
     """Completes chats through the teacher service at `address`, each call carrying `credentials`;
     `ledger` sums what every call spent."""
@@ -57,7 +62,7 @@ class TeacherClient:
         timeout_seconds: float,
     ) -> None:
         self.address = address
-        self.ledger = Ledger()
+        self.ledger = teacher_pb2.Ledger()
         self._job_id = job_id
         self._tenant = tenant
         self._teacher = teacher
@@ -93,7 +98,7 @@ class TeacherClient:
                 debug=error.debug_error_string(),
             )
             raise self._stage_error(error) from error
-        self.ledger.add(Ledger.from_proto(response.ledger))
+        add_ledger(self.ledger, response.ledger)
         return response.text
 
     def _teacher_struct(self, temperature: float, seed: int) -> struct_pb2.Struct:

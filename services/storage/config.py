@@ -1,47 +1,12 @@
-"""Settings of the storage service (environment variables STILLHOUSE_STORAGE_*), and the object-store
-settings that every service writing or reading data carries as its `object_store` section."""
+"""Settings of the storage service (environment variables STILLHOUSE_STORAGE_*)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
-from stillhouse.common.paths import stillhouse_home
-
-
-class ObjectStoreSettings(BaseModel):
-    """Where datasets and artifacts live: a local folder (embedded default) or an S3 API (MinIO, AWS...)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["local", "s3"] = "local"
-    bucket: str = Field(default="stillhouse", min_length=3, max_length=63)
-    local_root: Path = Field(
-        default_factory=lambda: stillhouse_home() / "objects",
-        description="For `local`: the folder that holds the bucket folder.",
-    )
-    endpoint: str | None = Field(default=None, description="For `s3`: host:port of the S3 API.")
-    secure: bool = Field(default=False, description="For `s3`: use HTTPS.")
-    region: str | None = None
-    access_key: SecretStr | None = None
-    secret_key: SecretStr | None = None
-    # Multipart uploads: size of one part and how many parts go up at once.
-    part_size_mb: int = Field(default=16, ge=5, le=5120)
-    parallel_uploads: int = Field(default=4, ge=1, le=64)
-
-    @model_validator(mode="after")
-    def _s3_needs_endpoint_and_keys(self) -> ObjectStoreSettings:
-        if self.backend == "s3":
-            missing = [
-                name for name in ("endpoint", "access_key", "secret_key") if getattr(self, name) is None
-            ]
-            if missing:
-                raise ValueError(f"the s3 backend needs {', '.join(missing)}")
-        return self
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 
 class StorageSettings(GrpcServiceSettings):

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import grpc
 
-from stillhouse.storage.objects import InvalidKey, validate_key
+from stillhouse.common.objectstore.objects import InvalidKey, validate_key
 from stillhouse.storage.v1 import storage_pb2
 
 SIGNED_PREFIX = "jobs/"

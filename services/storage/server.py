@@ -5,10 +5,10 @@ from __future__ import annotations
 import structlog
 
 from stillhouse.common.grpc_server import ServiceBinding, run_grpc_service
+from stillhouse.common.objectstore.objects import ObjectStoreError
+from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.operations import OperationRegistry
 from stillhouse.storage.config import StorageSettings
-from stillhouse.storage.objects import ObjectStoreError
-from stillhouse.storage.open_store import open_object_store
 from stillhouse.storage.servicer import StorageServicer
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 import structlog
 from google.protobuf import json_format, timestamp_pb2
 
-from stillhouse.common.v1 import operations_pb2
-from stillhouse.storage import artifacts, datasets, manifest
-from stillhouse.storage.objects import (
+from stillhouse.common.datasets import artifacts, manifest
+from stillhouse.common.datasets import store as datasets
+from stillhouse.common.objectstore.objects import (
     AccessDenied,
     BucketNotFound,
     IntegrityError,
@@ -29,6 +29,7 @@ from stillhouse.storage.objects import (
     StoreUnavailable,
     validate_key,
 )
+from stillhouse.common.v1 import operations_pb2
 from stillhouse.storage.presign_policy import DEFAULT_PRESIGN_SECONDS, PresignRefused, presign_expiry
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 

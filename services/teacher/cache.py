@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from stillhouse.common import database
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.calls import TeacherAnswer, TeacherCall, TokenIdSource
 
 log = structlog.get_logger(__name__)

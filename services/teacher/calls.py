@@ -14,7 +14,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
 
 # Bump when the meaning of a stored answer changes, so old cache entries stop matching.
 CACHE_FORMAT = 3

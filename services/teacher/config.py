@@ -8,8 +8,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.common.paths import stillhouse_home
-from stillhouse.storage.config import ObjectStoreSettings
 from stillhouse.teacher.egress import parse_allow_entry
 
 

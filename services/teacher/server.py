@@ -10,8 +10,8 @@ import structlog
 
 from stillhouse.common.grpc_server import ServiceBinding, serve_grpc
 from stillhouse.common.logging import configure_logging
+from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.operations import OperationRegistry
-from stillhouse.storage.open_store import open_object_store
 from stillhouse.teacher.cache import TeacherCache, expire_periodically
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.ledger import PriceTable

@@ -7,16 +7,16 @@ import asyncio
 import grpc
 from google.protobuf import message
 
+from stillhouse.common.datasets.store import DatasetNotFound, DatasetReader
 from stillhouse.common.grpc_server import abort_for
 from stillhouse.common.jobspec import TeacherBackend, TeacherSpec
+from stillhouse.common.objectstore.objects import ObjectStore, ObjectStoreError
 from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
     OperationRegistry,
 )
 from stillhouse.common.spec_sections import spec_section
-from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
-from stillhouse.storage.objects import ObjectStore, ObjectStoreError
 from stillhouse.teacher.cache import TeacherCache
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCallError
 from stillhouse.teacher.estimate import estimate_cost, prompt_tokens

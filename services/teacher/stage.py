@@ -20,14 +20,14 @@ import numpy as np
 import pyarrow as pa
 import structlog
 
+from stillhouse.common.datasets.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
+from stillhouse.common.datasets.records import FAILURES_SCHEMA, answers_schema
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs, rows_to_arrow
+from stillhouse.common.datasets.store import DatasetReader, DatasetWriter
 from stillhouse.common.jobspec import TeacherSpec
+from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.operations import OperationError, ProgressReporter
-from stillhouse.common.records import FAILURES_SCHEMA, answers_schema
 from stillhouse.common.v1 import operations_pb2
-from stillhouse.storage.datasets import DatasetReader, DatasetWriter
-from stillhouse.storage.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.sparse_logprobs import SparseLogprobs, rows_to_arrow
 from stillhouse.teacher.cache import CacheWriter, TeacherCache
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
 from stillhouse.teacher.estimate import call_estimate_usd, prompt_tokens

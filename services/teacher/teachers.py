@@ -153,7 +153,7 @@ class TeacherPool:
 
 
 def _token_vocabulary(reference: str):
-    from stillhouse.teacher import model_loading
+    from stillhouse.common.models import model_loading
     from stillhouse.teacher.token_vocabulary import TokenVocabulary
 
     return TokenVocabulary.from_tokenizer(model_loading.load_tokenizer_reference(reference))

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from stillhouse.storage.artifacts import (
+from stillhouse.common.datasets.artifacts import (
     MANIFEST_NAME,
     download_artifact,
     list_artifacts,
     upload_folder,
 )
-from stillhouse.storage.objects import ObjectStore
+from stillhouse.common.objectstore.objects import ObjectStore
 
 _NAME = re.compile(r"^step-(\d{8})$")
 

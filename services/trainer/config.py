@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from stillhouse.common.config import GrpcServiceSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.common.paths import stillhouse_home
-from stillhouse.storage.config import ObjectStoreSettings
 
 # Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
 # characters), and a socket path may not exceed 107 bytes.

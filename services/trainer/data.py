@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stillhouse.storage.datasets import DatasetReader
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs, topk_of
+from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs, topk_of
+from stillhouse.common.datasets.store import DatasetReader
+from stillhouse.common.objectstore.objects import ObjectStore
 
 IGNORE_INDEX = -100
 

@@ -48,14 +48,19 @@ import structlog
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from stillhouse.common.datasets.artifacts import ArtifactExists, download_artifact, upload_folder
+from stillhouse.common.datasets.sparse_logprobs import MASKED_ID, SparseLogprobs
 from stillhouse.common.headline import gap_closed_sentence
 from stillhouse.common.jobspec import LossKind, LossSpec, TeacherBackend, TeacherSpec
-from stillhouse.storage.artifacts import ArtifactExists, download_artifact, upload_folder
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.open_store import open_object_store
-from stillhouse.storage.sparse_logprobs import MASKED_ID, SparseLogprobs
-from stillhouse.teacher.backends.local_hf import DecodeRequest, default_stop_ids, generate_batch
-from stillhouse.teacher.model_loading import ModelSource, default_device, load_model, resolve_model_reference
+from stillhouse.common.models.generation import DecodeRequest, default_stop_ids, generate_batch
+from stillhouse.common.models.model_loading import (
+    ModelSource,
+    default_device,
+    load_model,
+    resolve_model_reference,
+)
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.trainer import data, report
 from stillhouse.trainer.losses import IGNORE_INDEX, SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import card_settings

@@ -67,8 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID
 from stillhouse.common.jobspec import LossKind, LossSpec
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID
 
 IGNORE_INDEX = -100
 

@@ -26,7 +26,7 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from stillhouse.common.jobspec import LossSpec, OnPolicySpec
-from stillhouse.teacher.backends.local_hf import DecodeRequest, generate_batch
+from stillhouse.common.models.generation import DecodeRequest, generate_batch
 from stillhouse.trainer.data import TokenizedAnswer
 
 # Prompts decoded together: enough to keep matrix kernels busy, few enough to bound the KV cache.

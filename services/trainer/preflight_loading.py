@@ -16,11 +16,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from stillhouse.common.datasets.artifacts import download_artifact
 from stillhouse.common.jobspec import DistillationJobSpec, TeacherBackend
-from stillhouse.storage.artifacts import download_artifact
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.objects import BucketNotFound, ObjectNotFound
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.objects import BucketNotFound, ObjectNotFound
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.preflight import (
     STUDENT_PRETRAINED,
     TEACHER_MODEL,
@@ -140,7 +140,9 @@ class ModelFactsLoader:
         folder = Path(reference).expanduser()
         if folder.is_dir() and not (folder / "config.json").is_file():
             return folder, None
-        from stillhouse.teacher.model_loading import resolve_model_reference  # imports torch: see _tokenizer
+        from stillhouse.common.models.model_loading import (
+            resolve_model_reference,  # imports torch: see _tokenizer
+        )
 
         try:
             source = resolve_model_reference(reference)

@@ -16,9 +16,14 @@ from typing import Any
 
 import structlog
 
+from stillhouse.common.datasets.artifacts import (
+    MANIFEST_NAME,
+    ArtifactExists,
+    download_artifact,
+    upload_folder,
+)
 from stillhouse.common.jobspec import TeacherSpec
-from stillhouse.storage.artifacts import MANIFEST_NAME, ArtifactExists, download_artifact, upload_folder
-from stillhouse.storage.objects import ObjectStore
+from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.trainer.model_card import card_settings, evaluation_section, model_card
 
 log = structlog.get_logger(__name__)

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 ACCESS_KEY_ENV = "STILLHOUSE_OBJECT_STORE_ACCESS_KEY"
 SECRET_KEY_ENV = "STILLHOUSE_OBJECT_STORE_SECRET_KEY"

@@ -39,7 +39,7 @@ def print_progress(record: dict[str, Any]) -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from stillhouse.storage.open_store import open_object_store
+    from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.train_loop import train_worker
 
     run = run_with_keys(TrainRun, config["run"])
@@ -88,7 +88,7 @@ def train(run_json: str, given_storage_path: str | None) -> None:
 def evaluate(run_json: str, num_gpus: float) -> None:
     import ray
 
-    from stillhouse.storage.open_store import open_object_store
+    from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.evaluation import run_evaluation
 
     @ray.remote(num_cpus=1, num_gpus=num_gpus)

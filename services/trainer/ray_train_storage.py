@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 RAY_TRAIN_FOLDER = "ray"
 DEFAULT_REGION = "us-east-1"

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field_serializer
 
 from stillhouse.common.jobspec import EvaluationSpec, SpecModel, StudentSpec, TeacherSpec, TrainingSpec
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 
 class _RunModel(BaseModel):

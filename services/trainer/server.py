@@ -6,8 +6,8 @@ import asyncio
 
 from stillhouse.common.grpc_server import ServiceBinding, serve_grpc
 from stillhouse.common.logging import configure_logging
+from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.operations import OperationRegistry
-from stillhouse.storage.open_store import open_object_store
 from stillhouse.trainer.config import TrainerSettings
 from stillhouse.trainer.preflight_loading import ModelFactsLoader
 from stillhouse.trainer.ray_connection import RayConnection

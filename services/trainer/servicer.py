@@ -14,8 +14,12 @@ import grpc
 from google.protobuf import json_format, message
 from ray.job_submission import JobStatus
 
+from stillhouse.common.datasets.artifacts import manifest_sha256, read_artifact_manifest
+from stillhouse.common.datasets.store import DatasetNotFound, DatasetReader
 from stillhouse.common.grpc_server import abort_for
 from stillhouse.common.jobspec import DistillationJobSpec, EvaluationSpec, TeacherSpec
+from stillhouse.common.objectstore.objects import ObjectNotFound, ObjectStore, ObjectStoreError
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
@@ -24,10 +28,6 @@ from stillhouse.common.operations import (
 )
 from stillhouse.common.spec_sections import spec_section, validated
 from stillhouse.common.v1 import operations_pb2
-from stillhouse.storage.artifacts import manifest_sha256, read_artifact_manifest
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import DatasetNotFound, DatasetReader
-from stillhouse.storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
 from stillhouse.trainer.preflight import Finding, PreflightReport, capacity_violations
 from stillhouse.trainer.preflight_loading import ModelFactsLoader
 from stillhouse.trainer.ray_cluster import RayUnreachable

@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from stillhouse.common.jobspec import StudentInit, TeacherBackend, TeacherSpec
-from stillhouse.teacher.model_loading import (
+from stillhouse.common.models.model_loading import (
     ModelSource,
     load_model,
     load_tokenizer,

@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stillhouse.common.datasets.artifacts import MANIFEST_NAME, download_artifact, upload_folder
 from stillhouse.common.jobspec import (
     LossKind,
     LossSpec,
@@ -67,12 +68,11 @@ from stillhouse.common.jobspec import (
     TrainingSpec,
     TrainingStrategy,
 )
-from stillhouse.storage.artifacts import MANIFEST_NAME, download_artifact, upload_folder
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.open_store import open_object_store
-from stillhouse.teacher import model_loading
-from stillhouse.teacher.backends.local_hf import default_stop_ids
+from stillhouse.common.models import model_loading
+from stillhouse.common.models.generation import default_stop_ids
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer import checkpoints
 from stillhouse.trainer.checkpoints import Checkpoint, TrainingPosition
 from stillhouse.trainer.data import (

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from stillhouse.storage.artifacts import upload_folder
-from stillhouse.storage.local_store import LocalObjectStore
+from stillhouse.common.datasets.artifacts import upload_folder
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 
 CLUSTER_EXAMPLE = Path(__file__).parents[2] / "examples" / "gpu-cluster.yaml"
 OTHER_TEMPLATE = "{% for message in messages %}[{{ message['content'] }}]{% endfor %}"

@@ -17,9 +17,9 @@ from google.protobuf import struct_pb2
 from service_token import authorized_channel
 from waiting import grpc_serving, pick_free_port
 
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
-from stillhouse.storage.local_store import LocalObjectStore
 
 FAKE_TEACHER = Path(__file__).with_name("fake_teacher.py")
 

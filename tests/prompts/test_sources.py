@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stillhouse.common.datasets.records import MESSAGE
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.jobspec import PromptSource
-from stillhouse.common.records import MESSAGE
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.prompts.sources import PromptSourceError, iter_source, read_lines
-from stillhouse.storage.local_store import LocalObjectStore
 
 BUCKET = "prompts"
 

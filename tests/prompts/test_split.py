@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from stillhouse.common.records import prompt_id
+from stillhouse.common.datasets.records import prompt_id
 from stillhouse.prompts.cleaning import MinHashSigner, normalise
 from stillhouse.prompts.split import (
     HoldoutSplitter,

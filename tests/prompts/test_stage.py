@@ -11,10 +11,10 @@ import grpc
 import pytest
 from service_token import authorized_channel
 
-from stillhouse.common.records import prompt_id
+from stillhouse.common.datasets.records import prompt_id
+from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.common.v1 import operations_pb2
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
-from stillhouse.storage.datasets import DatasetReader
 
 State = operations_pb2.OperationState
 JOB = "job-p1"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from s3_server import SeaweedFS, seaweedfs_server
 
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 
 @pytest.fixture(scope="session")

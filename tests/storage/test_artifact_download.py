@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from stillhouse.cli.main import app
-from stillhouse.storage.artifacts import upload_folder
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.datasets.artifacts import upload_folder
+from stillhouse.common.objectstore.open_store import open_object_store
 
 from .test_service import start_storage
 

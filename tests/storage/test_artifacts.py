@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stillhouse.storage.artifacts import (
+from stillhouse.common.datasets.artifacts import (
     MANIFEST_NAME,
     ArtifactExists,
     ArtifactFileRecord,
@@ -20,7 +20,12 @@ from stillhouse.storage.artifacts import (
     read_artifact_manifest,
     upload_folder,
 )
-from stillhouse.storage.objects import IntegrityError, ObjectNotFound, ObjectStore, ObjectStoreError
+from stillhouse.common.objectstore.objects import (
+    IntegrityError,
+    ObjectNotFound,
+    ObjectStore,
+    ObjectStoreError,
+)
 
 LINEAGE = {"job": "support-bot-small", "stage": "train", "inputs": ["s3://stillhouse/datasets/d1/"]}
 

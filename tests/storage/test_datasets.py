@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stillhouse.storage import sparse_logprobs as sparse
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import (
+from stillhouse.common.datasets import sparse_logprobs as sparse
+from stillhouse.common.datasets.manifest import Lineage, ShardRecord, manifest_key, manifest_sha256, shard_key
+from stillhouse.common.datasets.store import (
     DatasetConflict,
     DatasetNotFound,
     DatasetReader,
@@ -28,9 +28,9 @@ from stillhouse.storage.datasets import (
     delete_dataset,
     list_datasets,
 )
-from stillhouse.storage.local_store import LocalObjectStore
-from stillhouse.storage.manifest import Lineage, ShardRecord, manifest_key, manifest_sha256, shard_key
-from stillhouse.storage.objects import IntegrityError, ObjectNotFound, ObjectStore
+from stillhouse.common.objectstore.local_store import LocalObjectStore
+from stillhouse.common.objectstore.objects import IntegrityError, ObjectNotFound, ObjectStore
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 DATASET = "jobs/job-1a2b/teacher/train"
 LINEAGE = Lineage(
@@ -155,10 +155,10 @@ def test_leaving_without_commit_deletes_the_shards(object_store: ObjectStore) ->
 CRASHING_WRITER = """
 import json, os, signal, sys
 import pyarrow as pa
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import DatasetWriter
-from stillhouse.storage.manifest import Lineage
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.datasets.store import DatasetWriter
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.objectstore.open_store import open_object_store
 
 store = open_object_store(ObjectStoreSettings.model_validate(json.loads(os.environ["TEST_OBJECT_STORE"])))
 schema = pa.schema([pa.field("i", pa.int64()), pa.field("text", pa.string())])

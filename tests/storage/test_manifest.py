@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stillhouse.storage.manifest import (
+from stillhouse.common.datasets.manifest import (
     DatasetManifest,
     Lineage,
     ShardRecord,

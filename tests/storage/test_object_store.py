@@ -18,9 +18,8 @@ import httpx
 import psutil
 import pytest
 
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.local_store import LocalObjectStore
-from stillhouse.storage.objects import (
+from stillhouse.common.objectstore.local_store import LocalObjectStore
+from stillhouse.common.objectstore.objects import (
     AccessDenied,
     BucketNotFound,
     InvalidKey,
@@ -28,7 +27,8 @@ from stillhouse.storage.objects import (
     ObjectStore,
     StoreUnavailable,
 )
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 MIB = 1024 * 1024
 BIG_FILE_BYTES = 70 * MIB
@@ -315,7 +315,7 @@ def test_local_store_specifics(tmp_path: Path):
 def test_delete_prefix_deletes_a_folder_in_batches(
     object_store: ObjectStore, object_store_settings: ObjectStoreSettings, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr("stillhouse.storage.objects.DELETE_BATCH", 2)
+    monkeypatch.setattr("stillhouse.common.objectstore.objects.DELETE_BATCH", 2)
     for name in ("a", "b/c", "b/d", "e"):
         object_store.put_bytes(f"jobs/job-1/{name}", b"x")
     object_store.put_bytes("jobs/job-1x/kept", b"x")

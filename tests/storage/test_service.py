@@ -17,11 +17,11 @@ import pytest
 from pydantic import SecretStr
 from service_token import authorized_channel
 
-from stillhouse.storage.artifacts import download_artifact
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import DatasetReader
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.datasets.artifacts import download_artifact
+from stillhouse.common.datasets.store import DatasetReader
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 
 SCHEMA = pa.schema([("prompt", pa.string()), ("answer", pa.string())])

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stillhouse.storage import sparse_logprobs as sparse
-from stillhouse.storage.datasets import parquet_encodings
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets import sparse_logprobs as sparse
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.store import parquet_encodings
 
 
 def exact_log_softmax(logits: np.ndarray) -> np.ndarray:

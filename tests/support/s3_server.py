@@ -15,7 +15,7 @@ from pathlib import Path
 from background import background_server
 from minio import Minio
 
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 # Every port `weed mini` opens, each set explicitly so that nothing listens on a fixed default port.
 WEED_PORT_FLAGS = (

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sqlalchemy import event, func, select, update
 
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
 from stillhouse.control_plane.store import JobStore
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.cache import CacheWriter, TeacherCache, answers, pack_logprobs, unpack_logprobs
 from stillhouse.teacher.calls import ChatMessage, TeacherAnswer, TeacherCall, TokenIdSource, cache_scope
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stillhouse.common.config import ConfigFileError
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.backends.openai_capture import with_end_label
 from stillhouse.teacher.calls import ChatMessage, TeacherAnswer
 from stillhouse.teacher.estimate import (

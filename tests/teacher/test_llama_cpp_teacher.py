@@ -18,9 +18,9 @@ from transformers import AutoTokenizer
 from waiting import http_ok, pick_free_port
 
 from stillhouse.common.jobspec import TeacherSpec
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, resolve_model_reference
 from stillhouse.teacher.calls import TeacherCallError, TokenIdSource
 from stillhouse.teacher.config import TeacherSettings
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, resolve_model_reference
 from stillhouse.teacher.stage import call_for
 from stillhouse.teacher.teachers import TeacherPool
 

@@ -16,14 +16,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stillhouse.teacher.backends.local_hf import LocalHFBackend, _rows_to_keep, _Waiting, take_batch
-from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError
-from stillhouse.teacher.model_loading import (
+from stillhouse.common.models.generation import _rows_to_keep
+from stillhouse.common.models.model_loading import (
     EMBEDDED_TEACHER,
     load_model,
     resolve_model_reference,
     save_dequantized,
 )
+from stillhouse.teacher.backends.local_hf import LocalHFBackend, _Waiting, take_batch
+from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 _WORD_LIST = (

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import structlog
 
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR
+from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.openai_capture import capture_logprobs, token_ids_from_server
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend

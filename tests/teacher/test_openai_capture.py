@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR
+from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.openai_capture import capture_logprobs
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError, TokenIdSource

@@ -16,12 +16,12 @@ import pytest
 from google.protobuf import struct_pb2
 from service_token import authorized_channel
 
-from stillhouse.common.records import PROMPTS_SCHEMA, prompt_id
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.datasets.records import PROMPTS_SCHEMA, prompt_id
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.store import DatasetReader, DatasetWriter
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
-from stillhouse.storage.datasets import DatasetReader, DatasetWriter
-from stillhouse.storage.local_store import LocalObjectStore
-from stillhouse.storage.manifest import Lineage
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
 State = operations_pb2.OperationState

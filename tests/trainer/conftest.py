@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from stillhouse.common.datasets.manifest import Lineage
+from stillhouse.common.datasets.records import answers_schema, prompt_id
+from stillhouse.common.datasets.store import DatasetWriter
 from stillhouse.common.jobspec import TeacherSpec
-from stillhouse.common.records import answers_schema, prompt_id
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.datasets import DatasetWriter
-from stillhouse.storage.manifest import Lineage
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.backends.local_hf import LocalHFBackend
 from stillhouse.teacher.stage import answers_table, call_for
 

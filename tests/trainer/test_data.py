@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stillhouse.storage.datasets import DatasetReader
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
+from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.trainer.data import (
     IGNORE_INDEX,
     BatchPlan,

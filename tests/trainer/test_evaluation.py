@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stillhouse.common.datasets.artifacts import download_artifact, read_artifact_manifest, upload_folder
+from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
 from stillhouse.common.jobspec import EvaluationSpec, TeacherBackend, TeacherSpec, TrainingSpec
-from stillhouse.storage.artifacts import download_artifact, read_artifact_manifest, upload_folder
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.sparse_logprobs import SparseLogprobs
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer import evaluation
 from stillhouse.trainer.data import answers_topk, read_answer_rows
 from stillhouse.trainer.evaluation import (

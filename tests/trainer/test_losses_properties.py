@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR
 from stillhouse.common.jobspec import LossSpec
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR
 from stillhouse.trainer.losses import SparseTeacher, distillation_loss
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]

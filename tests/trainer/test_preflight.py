@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stillhouse.common.datasets.artifacts import upload_folder
 from stillhouse.common.jobspec import DistillationJob, DistillationJobSpec
-from stillhouse.storage.artifacts import upload_folder
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.open_store import open_object_store
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, resolve_model_reference
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, resolve_model_reference
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.preflight import (
     Finding,
     ModelShape,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.ray_credentials import (
     ACCESS_KEY_ENV,
     SECRET_KEY_ENV,

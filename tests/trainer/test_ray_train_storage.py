@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from s3_server import SeaweedFS, seaweedfs_server
 
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.open_store import open_object_store
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.ray_train_storage import ray_train_storage
 
 

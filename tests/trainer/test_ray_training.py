@@ -21,8 +21,8 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 from s3_server import SeaweedFS, seaweedfs_server
 from waiting import wait_until
 
-from stillhouse.storage.artifacts import read_artifact_manifest
-from stillhouse.storage.config import ObjectStoreSettings
+from stillhouse.common.datasets.artifacts import read_artifact_manifest
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.checkpoints import committed_steps
 from stillhouse.trainer.config import LocalRaySettings
 from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable, auth_headers

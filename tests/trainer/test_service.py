@@ -15,9 +15,9 @@ from google.protobuf import struct_pb2
 from service_token import authorized_channel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stillhouse.common.datasets.artifacts import download_artifact, upload_folder
+from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
-from stillhouse.storage.artifacts import download_artifact, upload_folder
-from stillhouse.storage.local_store import LocalObjectStore
 from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 State = operations_pb2.OperationState

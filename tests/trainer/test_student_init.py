@@ -25,10 +25,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stillhouse.common.datasets.artifacts import download_artifact, upload_folder
 from stillhouse.common.jobspec import StudentInit, TeacherSpec
-from stillhouse.storage.artifacts import download_artifact, upload_folder
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.teacher.model_loading import EMBEDDED_TEACHER, load_model, resolve_model_reference
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_model, resolve_model_reference
+from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.trainer.layer_influence import evenly_spread_layers
 from stillhouse.trainer.student_init import (
     build_student,

@@ -19,8 +19,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stillhouse.common.datasets.artifacts import download_artifact, list_artifacts
 from stillhouse.common.jobspec import StudentSpec
-from stillhouse.storage.artifacts import download_artifact, list_artifacts
 from stillhouse.trainer.run_config import (
     IncompatibleTokenizers,
     TrainingDataError,

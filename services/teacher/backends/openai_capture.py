@@ -33,7 +33,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from stillhouse.storage.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs
+from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs
 from stillhouse.teacher.calls import FailureKind, TeacherCallError, TokenIdSource
 from stillhouse.teacher.token_vocabulary import REPLACEMENT_BYTES, TokenVocabulary
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from minio import Minio
 
-from stillhouse.storage.config import ObjectStoreSettings
-from stillhouse.storage.local_store import LocalObjectStore
-from stillhouse.storage.objects import ObjectStore
-from stillhouse.storage.s3_store import S3ObjectStore, s3_http_pool
+from stillhouse.common.objectstore.local_store import LocalObjectStore
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.s3_store import S3ObjectStore, s3_http_pool
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
 MIB = 1024 * 1024
 

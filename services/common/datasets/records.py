@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from stillhouse.storage import sparse_logprobs
+from stillhouse.common.datasets import sparse_logprobs
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stillhouse.storage.objects import (
+from stillhouse.common.objectstore.objects import (
     IntegrityError,
     ObjectStore,
     ObjectStoreError,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import structlog
 
-from stillhouse.storage.manifest import (
+from stillhouse.common.datasets.manifest import (
     MANIFEST_NAME,
     SHARDS_FOLDER,
     DatasetManifest,
@@ -42,7 +42,7 @@ from stillhouse.storage.manifest import (
     shard_path,
     validate_dataset_id,
 )
-from stillhouse.storage.objects import (
+from stillhouse.common.objectstore.objects import (
     IntegrityError,
     ObjectInfo,
     ObjectNotFound,

@@ -18,7 +18,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
 
-from stillhouse.storage.objects import (
+from stillhouse.common.objectstore.objects import (
     BucketNotFound,
     InvalidKey,
     ObjectInfo,

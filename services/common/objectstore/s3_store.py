@@ -19,8 +19,8 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from stillhouse.storage.local_store import COPY_CHUNK_BYTES, write_atomically
-from stillhouse.storage.objects import (
+from stillhouse.common.objectstore.local_store import COPY_CHUNK_BYTES, write_atomically
+from stillhouse.common.objectstore.objects import (
     AccessDenied,
     BucketNotFound,
     ObjectInfo,
