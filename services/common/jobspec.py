@@ -80,7 +80,7 @@ class Metadata(SpecModel):
         return value
 
 
-# --- stage 1: prompts ---------------------------------------------------------------------------
+# --- the prompts stage --------------------------------------------------------------------------
 
 
 class PromptSource(SpecModel):
@@ -234,7 +234,7 @@ class PromptsSpec(SpecModel):
     seed: Seed = Field(default=0, description="Seed for sampling, generation and the held-out split.")
 
 
-# --- stage 2: teacher ---------------------------------------------------------------------------
+# --- the teacher stage --------------------------------------------------------------------------
 
 
 class TeacherBackend(StrEnum):
@@ -388,7 +388,7 @@ class TeacherSpec(SpecModel):
         return self
 
 
-# --- stage 4: student and training --------------------------------------------------------------
+# --- the train stage: student and training ------------------------------------------------------
 
 
 class StudentInit(SpecModel):

@@ -1,4 +1,7 @@
-"""The Storage gRPC service: translates requests to the storage library and its errors to status codes.
+"""The Storage gRPC service: what a client without the shared storage library needs (the control plane
+and the CLI): a job's artifacts, a presigned link to download one of their files, and deleting a job's
+folder. The services themselves read and write datasets and artifacts through `stillhouse.common`. Each
+call goes to that library; its errors become status codes.
 
 All object-store I/O is blocking (the S3 client is synchronous), so every call runs in a worker thread.
 """
@@ -6,18 +9,15 @@ All object-store I/O is blocking (the S3 client is synchronous), so every call r
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
 import grpc
-import pyarrow as pa
 import structlog
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
-from stillhouse.common.datasets import artifacts, manifest
-from stillhouse.common.datasets import store as datasets
+from stillhouse.common.datasets import artifacts
 from stillhouse.common.objectstore.objects import (
     AccessDenied,
     BucketNotFound,
@@ -41,9 +41,7 @@ MAX_PAGE_SIZE = 1000
 
 # Which status each storage error stands for.
 STATUS_OF_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (datasets.DatasetNotFound, grpc.StatusCode.NOT_FOUND),
     (ObjectNotFound, grpc.StatusCode.NOT_FOUND),
-    (datasets.DatasetConflict, grpc.StatusCode.ALREADY_EXISTS),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (InvalidKey, grpc.StatusCode.INVALID_ARGUMENT),
     (BucketNotFound, grpc.StatusCode.FAILED_PRECONDITION),
@@ -65,34 +63,6 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-def _lineage_message(lineage: manifest.Lineage) -> storage_pb2.Lineage:
-    return storage_pb2.Lineage(
-        job_id=lineage.job_id,
-        stage=lineage.stage,
-        input_ids=lineage.input_ids,
-        code_version=lineage.code_version,
-    )
-
-
-def _lineage(message: storage_pb2.Lineage) -> manifest.Lineage:
-    return manifest.Lineage(
-        job_id=message.job_id,
-        stage=message.stage,
-        input_ids=list(message.input_ids),
-        code_version=message.code_version,
-    )
-
-
-def check_job_layout(item_id: str, lineage: storage_pb2.Lineage) -> None:
-    """A job's data lives under jobs/<job-id>/<stage>/, so one job's data never lands in another's."""
-    if lineage.job_id:
-        expected = f"jobs/{lineage.job_id}/{lineage.stage}/"
-        if not item_id.startswith(expected):
-            raise ValueError(
-                f"{item_id!r} must start with {expected!r} for job {lineage.job_id}, stage {lineage.stage}"
-            )
 
 
 def _page(ids: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
@@ -121,89 +91,6 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             await context.abort(code, str(exc))
             raise AssertionError("unreachable") from exc
 
-    def _dataset_message(
-        self, dataset: manifest.DatasetManifest, manifest_bytes: bytes
-    ) -> storage_pb2.Dataset:
-        return storage_pb2.Dataset(
-            ref=operations_pb2.DatasetRef(
-                dataset_id=dataset.dataset_id,
-                manifest_uri=self._store.uri(manifest.manifest_key(dataset.dataset_id)),
-                manifest_sha256=manifest.manifest_sha256(manifest_bytes),
-                num_rows=dataset.num_rows,
-            ),
-            shards=[
-                storage_pb2.Shard(path=s.path, num_rows=s.num_rows, size_bytes=s.size_bytes, sha256=s.sha256)
-                for s in dataset.shards
-            ],
-            lineage=_lineage_message(dataset.lineage),
-            arrow_schema=base64.b64decode(dataset.schema),
-            create_time=_timestamp(datetime.fromisoformat(dataset.created_at)),
-        )
-
-    def _committed(self, dataset: manifest.DatasetManifest) -> storage_pb2.Dataset:
-        return self._dataset_message(dataset, dataset.to_json())
-
-    # --- datasets ----------------------------------------------------------------------------------
-
-    async def CreateDataset(self, request, context):
-        def create() -> storage_pb2.DatasetUpload:
-            manifest.validate_dataset_id(request.dataset_id)
-            check_job_layout(request.dataset_id, request.lineage)
-            self._store.ensure_bucket()
-            return storage_pb2.DatasetUpload(
-                dataset_id=request.dataset_id, prefix=self._store.uri(request.dataset_id) + "/shards/"
-            )
-
-        return await self._call(context, create)
-
-    async def CommitDataset(self, request, context):
-        def commit() -> storage_pb2.Dataset:
-            manifest.validate_dataset_id(request.dataset_id)
-            check_job_layout(request.dataset_id, request.lineage)
-            try:
-                schema = pa.ipc.read_schema(pa.py_buffer(request.arrow_schema))
-            except pa.ArrowInvalid as exc:
-                raise ValueError(f"arrow_schema is not a serialised Arrow schema: {exc}") from exc
-            shards = [
-                manifest.ShardRecord(
-                    path=s.path, num_rows=s.num_rows, size_bytes=s.size_bytes, sha256=s.sha256
-                )
-                for s in request.shards
-            ]
-            committed = datasets.commit_shards(
-                self._store, request.dataset_id, shards, schema, _lineage(request.lineage)
-            )
-            log.info("dataset committed", dataset_id=request.dataset_id, rows=committed.num_rows)
-            return self._committed(committed)
-
-        return await self._call(context, commit)
-
-    async def GetDataset(self, request, context):
-        def get() -> storage_pb2.Dataset:
-            manifest.validate_dataset_id(request.dataset_id)
-            return self._committed(datasets.DatasetReader(self._store, request.dataset_id).manifest)
-
-        return await self._call(context, get)
-
-    async def ListDatasets(self, request, context):
-        def list_page() -> storage_pb2.ListDatasetsResponse:
-            found = {item.dataset_id: item for item in datasets.list_datasets(self._store, request.prefix)}
-            page, next_token = _page(list(found), request.page_size, request.page_token)
-            return storage_pb2.ListDatasetsResponse(
-                datasets=[self._committed(found[item]) for item in page], next_page_token=next_token
-            )
-
-        return await self._call(context, list_page)
-
-    async def DeleteDataset(self, request, context):
-        def delete() -> storage_pb2.DeleteDatasetResponse:
-            manifest.validate_dataset_id(request.dataset_id)
-            datasets.delete_dataset(self._store, request.dataset_id)
-            log.info("dataset deleted", dataset_id=request.dataset_id)
-            return storage_pb2.DeleteDatasetResponse()
-
-        return await self._call(context, delete)
-
     # --- artifacts ---------------------------------------------------------------------------------
 
     def _artifact_message(self, artifact_id: str, record: artifacts.ArtifactManifest) -> storage_pb2.Artifact:
@@ -221,32 +108,6 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             lineage=storage_pb2.Lineage(**record.lineage),
             create_time=_timestamp(record.created_at),
         )
-
-    async def CreateArtifact(self, request, context):
-        def create() -> storage_pb2.ArtifactUpload:
-            validate_key(request.artifact_id)
-            check_job_layout(request.artifact_id, request.lineage)
-            self._store.ensure_bucket()
-            return storage_pb2.ArtifactUpload(
-                artifact_id=request.artifact_id, prefix=self._store.uri(request.artifact_id) + "/"
-            )
-
-        return await self._call(context, create)
-
-    async def CommitArtifact(self, request, context):
-        def commit() -> storage_pb2.Artifact:
-            validate_key(request.artifact_id)
-            check_job_layout(request.artifact_id, request.lineage)
-            files = [
-                artifacts.ArtifactFileRecord(path=file.path, size=file.size_bytes, sha256=file.sha256)
-                for file in request.files
-            ]
-            lineage = json_format.MessageToDict(request.lineage, preserving_proto_field_name=True)
-            record = artifacts.commit_artifact(self._store, request.artifact_id, files, lineage)
-            log.info("artifact committed", artifact_id=request.artifact_id, files=len(files))
-            return self._artifact_message(request.artifact_id, record)
-
-        return await self._call(context, commit)
 
     async def GetArtifact(self, request, context):
         def get() -> storage_pb2.Artifact:

@@ -1,4 +1,4 @@
-"""Stage 5: the student against the teacher, on the teacher's answers to the held-out prompts.
+"""The evaluate stage: the student against the teacher, on the teacher's answers to the held-out prompts.
 
 Rows of the report, all on the same held-out answers: two context-free references (`references`: a
 uniform distribution over the vocabulary, and a unigram fitted on the training answers), the untrained

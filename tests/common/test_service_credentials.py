@@ -173,7 +173,7 @@ async def storage_answer(credentials: ServiceCredentials, address: str) -> grpc.
     async with credentials.open_channel(address) as channel:
         stub = storage_pb2_grpc.StorageStub(channel)
         try:
-            await stub.ListDatasets(storage_pb2.ListDatasetsRequest(prefix="jobs/"), timeout=5)
+            await stub.ListArtifacts(storage_pb2.ListArtifactsRequest(prefix="jobs/"), timeout=5)
         except grpc.aio.AioRpcError as error:
             return error.code()
     return grpc.StatusCode.OK

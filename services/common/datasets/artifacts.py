@@ -116,39 +116,6 @@ def upload_folder(
     return records
 
 
-def commit_artifact(
-    store: ObjectStore,
-    artifact_prefix: str,
-    files: list[ArtifactFileRecord],
-    lineage: Mapping[str, Any] | None = None,
-) -> ArtifactManifest:
-    """Commit files someone else uploaded under `artifact_prefix`: each must exist with its stated size
-    (and sha256, where the store recorded one). Committing the same files again returns the committed
-    manifest; different files raise ArtifactExists."""
-    prefix = _as_folder(artifact_prefix)
-    if not files:
-        raise ValueError("an artifact needs at least one file")
-    manifest_key = prefix + MANIFEST_NAME
-    if store.exists(manifest_key):
-        committed = read_artifact_manifest(store, prefix)
-        if sorted(committed.files, key=_path) == sorted(files, key=_path):
-            return committed
-        raise ArtifactExists(f"artifact {store.uri(manifest_key)} is already committed with other files")
-    for record in files:
-        if validate_key(record.path) == MANIFEST_NAME:
-            raise ValueError(f"{MANIFEST_NAME} is the manifest's own name; a file cannot use it")
-        found = store.stat(prefix + record.path)
-        if found.size != record.size:
-            raise IntegrityError(
-                f"artifact file {record.path!r}", str(record.size), str(found.size), measure="size"
-            )
-        if found.sha256 is not None and found.sha256 != record.sha256:
-            raise IntegrityError(f"artifact file {record.path!r}", record.sha256, found.sha256)
-    manifest = ArtifactManifest(sorted(files, key=_path), dict(lineage or {}))
-    store.put_bytes(manifest_key, manifest_to_json(manifest))
-    return manifest
-
-
 def list_artifacts(store: ObjectStore, prefix: str = "") -> dict[str, ArtifactManifest]:
     """Every committed artifact under `prefix`, by artifact id (its prefix without the trailing '/')."""
     suffix = "/" + MANIFEST_NAME

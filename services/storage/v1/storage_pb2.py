@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from stillhouse.common.v1 import operations_pb2 as stillhouse_dot_common_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/storage/v1/storage.proto\x12\x15stillhouse.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%stillhouse/common/v1/operations.proto\"Q\n\x07Lineage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x11\n\tinput_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x63ode_version\x18\x04 \x01(\t\"K\n\x05Shard\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x03\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"[\n\x14\x43reateDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12/\n\x07lineage\x18\x02 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\"3\n\rDatasetUpload\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"\x9f\x01\n\x14\x43ommitDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12,\n\x06shards\x18\x02 \x03(\x0b\x32\x1c.stillhouse.storage.v1.Shard\x12\x14\n\x0c\x61rrow_schema\x18\x03 \x01(\x0c\x12/\n\x07lineage\x18\x04 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\"\xde\x01\n\x07\x44\x61taset\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12,\n\x06shards\x18\x02 \x03(\x0b\x32\x1c.stillhouse.storage.v1.Shard\x12/\n\x07lineage\x18\x03 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\x12\x14\n\x0c\x61rrow_schema\x18\x04 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"L\n\x13ListDatasetsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x14ListDatasetsResponse\x12\x30\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1e.stillhouse.storage.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"]\n\x15\x43reateArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12/\n\x07lineage\x18\x02 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\"5\n\x0e\x41rtifactUpload\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"@\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x91\x01\n\x15\x43ommitArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x32\n\x05\x66iles\x18\x02 \x03(\x0b\x32#.stillhouse.storage.v1.ArtifactFile\x12/\n\x07lineage\x18\x03 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\"\xd0\x01\n\x08\x41rtifact\x12.\n\x03ref\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x32\n\x05\x66iles\x18\x02 \x03(\x0b\x32#.stillhouse.storage.v1.ArtifactFile\x12/\n\x07lineage\x18\x03 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"M\n\x14ListArtifactsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x15ListArtifactsResponse\x12\x32\n\tartifacts\x18\x01 \x03(\x0b\x32\x1f.stillhouse.storage.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\x0ePresignRequest\x12<\n\x06method\x18\x01 \x01(\x0e\x32,.stillhouse.storage.v1.PresignRequest.Method\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_seconds\x18\x03 \x01(\x05\"@\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_GET\x10\x01\x12\x0e\n\nMETHOD_PUT\x10\x02\"O\n\x0fPresignResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x13\x44\x65letePrefixRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"/\n\x14\x44\x65letePrefixResponse\x12\x17\n\x0f\x64\x65leted_objects\x18\x01 \x01(\x03\x32\xca\x08\n\x07Storage\x12\x62\n\rCreateDataset\x12+.stillhouse.storage.v1.CreateDatasetRequest\x1a$.stillhouse.storage.v1.DatasetUpload\x12\\\n\rCommitDataset\x12+.stillhouse.storage.v1.CommitDatasetRequest\x1a\x1e.stillhouse.storage.v1.Dataset\x12V\n\nGetDataset\x12(.stillhouse.storage.v1.GetDatasetRequest\x1a\x1e.stillhouse.storage.v1.Dataset\x12g\n\x0cListDatasets\x12*.stillhouse.storage.v1.ListDatasetsRequest\x1a+.stillhouse.storage.v1.ListDatasetsResponse\x12j\n\rDeleteDataset\x12+.stillhouse.storage.v1.DeleteDatasetRequest\x1a,.stillhouse.storage.v1.DeleteDatasetResponse\x12\x65\n\x0e\x43reateArtifact\x12,.stillhouse.storage.v1.CreateArtifactRequest\x1a%.stillhouse.storage.v1.ArtifactUpload\x12_\n\x0e\x43ommitArtifact\x12,.stillhouse.storage.v1.CommitArtifactRequest\x1a\x1f.stillhouse.storage.v1.Artifact\x12Y\n\x0bGetArtifact\x12).stillhouse.storage.v1.GetArtifactRequest\x1a\x1f.stillhouse.storage.v1.Artifact\x12j\n\rListArtifacts\x12+.stillhouse.storage.v1.ListArtifactsRequest\x1a,.stillhouse.storage.v1.ListArtifactsResponse\x12X\n\x07Presign\x12%.stillhouse.storage.v1.PresignRequest\x1a&.stillhouse.storage.v1.PresignResponse\x12g\n\x0c\x44\x65letePrefix\x12*.stillhouse.storage.v1.DeletePrefixRequest\x1a+.stillhouse.storage.v1.DeletePrefixResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/storage/v1/storage.proto\x12\x15stillhouse.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%stillhouse/common/v1/operations.proto\"Q\n\x07Lineage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x11\n\tinput_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x63ode_version\x18\x04 \x01(\t\"@\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xd0\x01\n\x08\x41rtifact\x12.\n\x03ref\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x32\n\x05\x66iles\x18\x02 \x03(\x0b\x32#.stillhouse.storage.v1.ArtifactFile\x12/\n\x07lineage\x18\x03 \x01(\x0b\x32\x1e.stillhouse.storage.v1.Lineage\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"M\n\x14ListArtifactsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x15ListArtifactsResponse\x12\x32\n\tartifacts\x18\x01 \x03(\x0b\x32\x1f.stillhouse.storage.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\x0ePresignRequest\x12<\n\x06method\x18\x01 \x01(\x0e\x32,.stillhouse.storage.v1.PresignRequest.Method\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_seconds\x18\x03 \x01(\x05\"@\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_GET\x10\x01\x12\x0e\n\nMETHOD_PUT\x10\x02\"O\n\x0fPresignResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x13\x44\x65letePrefixRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"/\n\x14\x44\x65letePrefixResponse\x12\x17\n\x0f\x64\x65leted_objects\x18\x01 \x01(\x03\x32\x93\x03\n\x07Storage\x12Y\n\x0bGetArtifact\x12).stillhouse.storage.v1.GetArtifactRequest\x1a\x1f.stillhouse.storage.v1.Artifact\x12j\n\rListArtifacts\x12+.stillhouse.storage.v1.ListArtifactsRequest\x1a,.stillhouse.storage.v1.ListArtifactsResponse\x12X\n\x07Presign\x12%.stillhouse.storage.v1.PresignRequest\x1a&.stillhouse.storage.v1.PresignResponse\x12g\n\x0c\x44\x65letePrefix\x12*.stillhouse.storage.v1.DeletePrefixRequest\x1a+.stillhouse.storage.v1.DeletePrefixResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,52 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LINEAGE']._serialized_start=134
   _globals['_LINEAGE']._serialized_end=215
-  _globals['_SHARD']._serialized_start=217
-  _globals['_SHARD']._serialized_end=292
-  _globals['_CREATEDATASETREQUEST']._serialized_start=294
-  _globals['_CREATEDATASETREQUEST']._serialized_end=385
-  _globals['_DATASETUPLOAD']._serialized_start=387
-  _globals['_DATASETUPLOAD']._serialized_end=438
-  _globals['_COMMITDATASETREQUEST']._serialized_start=441
-  _globals['_COMMITDATASETREQUEST']._serialized_end=600
-  _globals['_DATASET']._serialized_start=603
-  _globals['_DATASET']._serialized_end=825
-  _globals['_GETDATASETREQUEST']._serialized_start=827
-  _globals['_GETDATASETREQUEST']._serialized_end=866
-  _globals['_LISTDATASETSREQUEST']._serialized_start=868
-  _globals['_LISTDATASETSREQUEST']._serialized_end=944
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=946
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1043
-  _globals['_DELETEDATASETREQUEST']._serialized_start=1045
-  _globals['_DELETEDATASETREQUEST']._serialized_end=1087
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=1089
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=1112
-  _globals['_CREATEARTIFACTREQUEST']._serialized_start=1114
-  _globals['_CREATEARTIFACTREQUEST']._serialized_end=1207
-  _globals['_ARTIFACTUPLOAD']._serialized_start=1209
-  _globals['_ARTIFACTUPLOAD']._serialized_end=1262
-  _globals['_ARTIFACTFILE']._serialized_start=1264
-  _globals['_ARTIFACTFILE']._serialized_end=1328
-  _globals['_COMMITARTIFACTREQUEST']._serialized_start=1331
-  _globals['_COMMITARTIFACTREQUEST']._serialized_end=1476
-  _globals['_ARTIFACT']._serialized_start=1479
-  _globals['_ARTIFACT']._serialized_end=1687
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1689
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1730
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1732
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1809
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1811
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1911
-  _globals['_PRESIGNREQUEST']._serialized_start=1914
-  _globals['_PRESIGNREQUEST']._serialized_end=2096
-  _globals['_PRESIGNREQUEST_METHOD']._serialized_start=2032
-  _globals['_PRESIGNREQUEST_METHOD']._serialized_end=2096
-  _globals['_PRESIGNRESPONSE']._serialized_start=2098
-  _globals['_PRESIGNRESPONSE']._serialized_end=2177
-  _globals['_DELETEPREFIXREQUEST']._serialized_start=2179
-  _globals['_DELETEPREFIXREQUEST']._serialized_end=2216
-  _globals['_DELETEPREFIXRESPONSE']._serialized_start=2218
-  _globals['_DELETEPREFIXRESPONSE']._serialized_end=2265
-  _globals['_STORAGE']._serialized_start=2268
-  _globals['_STORAGE']._serialized_end=3366
+  _globals['_ARTIFACTFILE']._serialized_start=217
+  _globals['_ARTIFACTFILE']._serialized_end=281
+  _globals['_ARTIFACT']._serialized_start=284
+  _globals['_ARTIFACT']._serialized_end=492
+  _globals['_GETARTIFACTREQUEST']._serialized_start=494
+  _globals['_GETARTIFACTREQUEST']._serialized_end=535
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=537
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=614
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=616
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=716
+  _globals['_PRESIGNREQUEST']._serialized_start=719
+  _globals['_PRESIGNREQUEST']._serialized_end=901
+  _globals['_PRESIGNREQUEST_METHOD']._serialized_start=837
+  _globals['_PRESIGNREQUEST_METHOD']._serialized_end=901
+  _globals['_PRESIGNRESPONSE']._serialized_start=903
+  _globals['_PRESIGNRESPONSE']._serialized_end=982
+  _globals['_DELETEPREFIXREQUEST']._serialized_start=984
+  _globals['_DELETEPREFIXREQUEST']._serialized_end=1021
+  _globals['_DELETEPREFIXRESPONSE']._serialized_start=1023
+  _globals['_DELETEPREFIXRESPONSE']._serialized_end=1070
+  _globals['_STORAGE']._serialized_start=1073
+  _globals['_STORAGE']._serialized_end=1476
 # @@protoc_insertion_point(module_scope)

@@ -23,110 +23,6 @@ class Lineage(_message.Message):
     code_version: str
     def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[str] = ..., input_ids: _Optional[_Iterable[str]] = ..., code_version: _Optional[str] = ...) -> None: ...
 
-class Shard(_message.Message):
-    __slots__ = ("path", "num_rows", "size_bytes", "sha256")
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
-    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
-    path: str
-    num_rows: int
-    size_bytes: int
-    sha256: str
-    def __init__(self, path: _Optional[str] = ..., num_rows: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
-
-class CreateDatasetRequest(_message.Message):
-    __slots__ = ("dataset_id", "lineage")
-    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
-    LINEAGE_FIELD_NUMBER: _ClassVar[int]
-    dataset_id: str
-    lineage: Lineage
-    def __init__(self, dataset_id: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
-
-class DatasetUpload(_message.Message):
-    __slots__ = ("dataset_id", "prefix")
-    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
-    PREFIX_FIELD_NUMBER: _ClassVar[int]
-    dataset_id: str
-    prefix: str
-    def __init__(self, dataset_id: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
-
-class CommitDatasetRequest(_message.Message):
-    __slots__ = ("dataset_id", "shards", "arrow_schema", "lineage")
-    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
-    SHARDS_FIELD_NUMBER: _ClassVar[int]
-    ARROW_SCHEMA_FIELD_NUMBER: _ClassVar[int]
-    LINEAGE_FIELD_NUMBER: _ClassVar[int]
-    dataset_id: str
-    shards: _containers.RepeatedCompositeFieldContainer[Shard]
-    arrow_schema: bytes
-    lineage: Lineage
-    def __init__(self, dataset_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., arrow_schema: _Optional[bytes] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
-
-class Dataset(_message.Message):
-    __slots__ = ("ref", "shards", "lineage", "arrow_schema", "create_time")
-    REF_FIELD_NUMBER: _ClassVar[int]
-    SHARDS_FIELD_NUMBER: _ClassVar[int]
-    LINEAGE_FIELD_NUMBER: _ClassVar[int]
-    ARROW_SCHEMA_FIELD_NUMBER: _ClassVar[int]
-    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
-    ref: _operations_pb2.DatasetRef
-    shards: _containers.RepeatedCompositeFieldContainer[Shard]
-    lineage: Lineage
-    arrow_schema: bytes
-    create_time: _timestamp_pb2.Timestamp
-    def __init__(self, ref: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., arrow_schema: _Optional[bytes] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
-
-class GetDatasetRequest(_message.Message):
-    __slots__ = ("dataset_id",)
-    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
-    dataset_id: str
-    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
-
-class ListDatasetsRequest(_message.Message):
-    __slots__ = ("prefix", "page_size", "page_token")
-    PREFIX_FIELD_NUMBER: _ClassVar[int]
-    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    prefix: str
-    page_size: int
-    page_token: str
-    def __init__(self, prefix: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
-
-class ListDatasetsResponse(_message.Message):
-    __slots__ = ("datasets", "next_page_token")
-    DATASETS_FIELD_NUMBER: _ClassVar[int]
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
-    next_page_token: str
-    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
-
-class DeleteDatasetRequest(_message.Message):
-    __slots__ = ("dataset_id",)
-    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
-    dataset_id: str
-    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
-
-class DeleteDatasetResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class CreateArtifactRequest(_message.Message):
-    __slots__ = ("artifact_id", "lineage")
-    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
-    LINEAGE_FIELD_NUMBER: _ClassVar[int]
-    artifact_id: str
-    lineage: Lineage
-    def __init__(self, artifact_id: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
-
-class ArtifactUpload(_message.Message):
-    __slots__ = ("artifact_id", "prefix")
-    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
-    PREFIX_FIELD_NUMBER: _ClassVar[int]
-    artifact_id: str
-    prefix: str
-    def __init__(self, artifact_id: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
-
 class ArtifactFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -136,16 +32,6 @@ class ArtifactFile(_message.Message):
     size_bytes: int
     sha256: str
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
-
-class CommitArtifactRequest(_message.Message):
-    __slots__ = ("artifact_id", "files", "lineage")
-    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
-    FILES_FIELD_NUMBER: _ClassVar[int]
-    LINEAGE_FIELD_NUMBER: _ClassVar[int]
-    artifact_id: str
-    files: _containers.RepeatedCompositeFieldContainer[ArtifactFile]
-    lineage: Lineage
-    def __init__(self, artifact_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("ref", "files", "lineage", "create_time")

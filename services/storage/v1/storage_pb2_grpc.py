@@ -34,41 +34,6 @@ class StorageStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.CreateDataset = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/CreateDataset',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CreateDatasetRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DatasetUpload.FromString,
-                _registered_method=True)
-        self.CommitDataset = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/CommitDataset',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CommitDatasetRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.Dataset.FromString,
-                _registered_method=True)
-        self.GetDataset = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/GetDataset',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.GetDatasetRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.Dataset.FromString,
-                _registered_method=True)
-        self.ListDatasets = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/ListDatasets',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.ListDatasetsRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.ListDatasetsResponse.FromString,
-                _registered_method=True)
-        self.DeleteDataset = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/DeleteDataset',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeleteDatasetRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeleteDatasetResponse.FromString,
-                _registered_method=True)
-        self.CreateArtifact = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/CreateArtifact',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CreateArtifactRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.ArtifactUpload.FromString,
-                _registered_method=True)
-        self.CommitArtifact = channel.unary_unary(
-                '/stillhouse.storage.v1.Storage/CommitArtifact',
-                request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CommitArtifactRequest.SerializeToString,
-                response_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.Artifact.FromString,
-                _registered_method=True)
         self.GetArtifact = channel.unary_unary(
                 '/stillhouse.storage.v1.Storage/GetArtifact',
                 request_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.GetArtifactRequest.SerializeToString,
@@ -94,55 +59,9 @@ class StorageStub:
 class StorageServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def CreateDataset(self, request, context):
-        """Says where the shards of a dataset go (creating the bucket if missing). Dataset ids of a job live
-        under "jobs/<job-id>/<stage>/", matching the lineage. Idempotent.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CommitDataset(self, request, context):
-        """Verifies the shards and commits the manifest: only now does the dataset become visible.
-        Committing again with the same schema returns the committed dataset (ALREADY_EXISTS if different).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetDataset(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListDatasets(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeleteDataset(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CreateArtifact(self, request, context):
-        """Artifacts (model folders, checkpoints, reports) follow the same reserve-then-commit pattern.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CommitArtifact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def GetArtifact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """An artifact (a model folder or a report) with its files, as committed.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,7 +73,7 @@ class StorageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Presign(self, request, context):
-        """A time-limited URL to GET or PUT one object under the bucket.
+        """A time-limited URL to GET one object under jobs/<job-id>/.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,41 +90,6 @@ class StorageServicer:
 
 def add_StorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'CreateDataset': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateDataset,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CreateDatasetRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DatasetUpload.SerializeToString,
-            ),
-            'CommitDataset': grpc.unary_unary_rpc_method_handler(
-                    servicer.CommitDataset,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CommitDatasetRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.Dataset.SerializeToString,
-            ),
-            'GetDataset': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetDataset,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.GetDatasetRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.Dataset.SerializeToString,
-            ),
-            'ListDatasets': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListDatasets,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.ListDatasetsRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.ListDatasetsResponse.SerializeToString,
-            ),
-            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteDataset,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeleteDatasetRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeleteDatasetResponse.SerializeToString,
-            ),
-            'CreateArtifact': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateArtifact,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CreateArtifactRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.ArtifactUpload.SerializeToString,
-            ),
-            'CommitArtifact': grpc.unary_unary_rpc_method_handler(
-                    servicer.CommitArtifact,
-                    request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.CommitArtifactRequest.FromString,
-                    response_serializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.Artifact.SerializeToString,
-            ),
             'GetArtifact': grpc.unary_unary_rpc_method_handler(
                     servicer.GetArtifact,
                     request_deserializer=stillhouse_dot_storage_dot_v1_dot_storage__pb2.GetArtifactRequest.FromString,
@@ -236,195 +120,6 @@ def add_StorageServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Storage:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def CreateDataset(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/CreateDataset',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.CreateDatasetRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.DatasetUpload.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CommitDataset(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/CommitDataset',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.CommitDatasetRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.Dataset.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetDataset(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/GetDataset',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.GetDatasetRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.Dataset.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListDatasets(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/ListDatasets',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.ListDatasetsRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.ListDatasetsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeleteDataset(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/DeleteDataset',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeleteDatasetRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.DeleteDatasetResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CreateArtifact(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/CreateArtifact',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.CreateArtifactRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.ArtifactUpload.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CommitArtifact(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stillhouse.storage.v1.Storage/CommitArtifact',
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.CommitArtifactRequest.SerializeToString,
-            stillhouse_dot_storage_dot_v1_dot_storage__pb2.Artifact.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def GetArtifact(request,
