@@ -62,12 +62,13 @@ from stillhouse.common.models.model_loading import (
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.trainer import data, report
+from stillhouse.trainer.failures import UserFixableError
 from stillhouse.trainer.losses import IGNORE_INDEX, SparseTeacher, distillation_loss
-from stillhouse.trainer.model_card import card_settings
+from stillhouse.trainer.model_card import CardSettings, card_settings
 from stillhouse.trainer.model_size import non_embedding_parameters
 from stillhouse.trainer.publish import MODEL_CARD, is_committed, publish_student
 from stillhouse.trainer.references import ContextFreeModel, uniform_model, unigram_counts, unigram_model
-from stillhouse.trainer.run_config import EvaluateRun
+from stillhouse.trainer.run_config import EvaluateRun, EvaluationOutcome
 from stillhouse.trainer.student_init import check_tokenizers, teacher_tokenizer
 
 log = structlog.get_logger(__name__)
@@ -305,7 +306,7 @@ def headline(unigram: dict[str, float], student: dict[str, float], teacher: dict
 # --- running the models --------------------------------------------------------------------------
 
 
-class EvaluationError(Exception):
+class EvaluationError(UserFixableError):
     """An evaluation that cannot run, for a reason the job's author can act on."""
 
 
@@ -321,19 +322,6 @@ REFERENCE_MODELS = ("uniform", "unigram")
 
 def _work_in_all(answers: int, trained_models: int) -> int:
     return (2 * trained_models + len(REFERENCE_MODELS)) * answers + 1
-
-
-@dataclass(frozen=True)
-class EvaluationOutcome:
-    report_prefix: str
-    student_prefix: str  # the published student
-    recovery_percent: float  # the headline's lead figure (see `Headline`); NaN when undefined
-    student_metrics: dict[str, float]
-    baseline_metrics: dict[str, float]
-    teacher_metrics: dict[str, float]
-    # The reference rows by name: uniform, unigram, and control-sft when it was trained.
-    reference_metrics: dict[str, dict[str, float]]
-    gap_closed: dict[str, float]  # the share of the unigram's gap closed, per metric where defined
 
 
 @dataclass(frozen=True)
@@ -667,39 +655,14 @@ def _evaluate(
     """The report document of one evaluation; `folders`: the trained models, downloaded, by name."""
     student_folder = folders["student"]
     tokenizer = AutoTokenizer.from_pretrained(student_folder)
-    teacher_tok = teacher_tokenizer(run.teacher)
-    difference = (
-        check_tokenizers(tokenizer, teacher_tok)
-        if teacher_tok is not None
-        else "the teacher's tokenizer is not known: set teacher.tokenizer"
-    )
-    topk = data.answers_topk(store, run.holdout_dataset_id)
-    rows = list(data.read_answer_rows(store, run.holdout_dataset_id))
     max_seq_len = _context_length(student_folder, tokenizer)
-    holdout = prepare_holdout(
-        rows,
-        topk,
-        tokenizer,
-        difference,
-        max_seq_len=max_seq_len,
-        max_new_tokens=run.evaluation.max_new_tokens,
-    )
+    holdout = _student_holdout(run, store, tokenizer, max_seq_len)
     device = default_device()
     settings = EvaluationSettings.for_device(device)
-    total = _work_in_all(len(holdout.answers), len(folders))
-    done = 0
-
-    def advancing(name: str) -> Callable[[int], None]:
-        def advance(count: int) -> None:
-            nonlocal done
-            done += count
-            progress(f"the {name}", done, total)
-
-        return advance
-
+    work = _WorkDone(progress, _work_in_all(len(holdout.answers), len(folders)))
     student_config = AutoConfig.from_pretrained(student_folder)
     vocab_size = student_config.get_text_config().vocab_size
-    progress("fitting the unigram on the training answers", done, total)
+    work.report("fitting the unigram on the training answers")
     unigram = fit_unigram(
         store,
         run.training_dataset_id,
@@ -714,35 +677,82 @@ def _evaluate(
             tokenizer,
             holdout,
             settings,
-            advancing("uniform"),
+            work.advancing("uniform"),
             has_top_token=False,
         ),
         "unigram": context_free_metrics(
-            unigram.to(device), tokenizer, holdout, settings, advancing("unigram"), has_top_token=True
+            unigram.to(device), tokenizer, holdout, settings, work.advancing("unigram"), has_top_token=True
         ),
     }
     for name, folder in folders.items():
-        metrics[name] = model_metrics(folder, tokenizer, holdout, device, settings, advancing(name))
+        metrics[name] = model_metrics(folder, tokenizer, holdout, device, settings, work.advancing(name))
         log.info("model evaluated", model=name, **metrics[name])
     metrics["teacher"] = teacher_metrics(holdout)
-    lead = headline(metrics["unigram"], metrics["student"], metrics["teacher"])
-    notes = list(holdout.notes)
-    notes.append(
-        "The uniform reference has no most likely token: its top-1 agreement and greedy answers (exact "
-        "match, token F1, repeated 4-grams) are n/a."
+    return _report_document(
+        run,
+        holdout,
+        metrics,
+        training_log,
+        card=card_settings(_read_text(student_folder / MODEL_CARD)),
+        student_config=student_config,
+        device=device,
     )
-    temperature = run.teacher.sampling.temperature
-    if temperature > 0:
-        notes.append(
-            f"The teacher sampled its answers at temperature {temperature:g}: exact match and token F1 "
-            "compare greedy answers with sampled ones, which even the teacher's own greedy answers would "
-            "not always match."
-        )
-    if lead.percent is None:
-        notes.append(
-            f"The gap closed is undefined: the unigram's {lead.metric} already equals the teacher's."
-        )
-    card = card_settings(_read_text(student_folder / MODEL_CARD))
+
+
+class _WorkDone:
+    """The work done so far of `total` (see `Progress`), told to `progress` as it advances."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self._progress = progress
+        self._total = total
+        self._done = 0
+
+    def report(self, message: str) -> None:
+        self._progress(message, self._done, self._total)
+
+    def advancing(self, name: str) -> Callable[[int], None]:
+        """Advances the work by a count of answers run through the model `name`."""
+
+        def advance(count: int) -> None:
+            self._done += count
+            self.report(f"the {name}")
+
+        return advance
+
+
+def _student_holdout(
+    run: EvaluateRun, store: ObjectStore, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> Holdout:
+    """The held-out answers as the student (and every model beside it) sees them, with its `tokenizer`."""
+    teacher_tok = teacher_tokenizer(run.teacher)
+    difference = (
+        check_tokenizers(tokenizer, teacher_tok)
+        if teacher_tok is not None
+        else "the teacher's tokenizer is not known: set teacher.tokenizer"
+    )
+    return prepare_holdout(
+        list(data.read_answer_rows(store, run.holdout_dataset_id)),
+        data.answers_topk(store, run.holdout_dataset_id),
+        tokenizer,
+        difference,
+        max_seq_len=max_seq_len,
+        max_new_tokens=run.evaluation.max_new_tokens,
+    )
+
+
+def _report_document(
+    run: EvaluateRun,
+    holdout: Holdout,
+    metrics: dict[str, dict[str, float]],
+    training_log: list[dict[str, Any]],
+    *,
+    card: CardSettings | None,
+    student_config: PretrainedConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The report document of the figures of every model; `card`: what the student's model card says of
+    its training."""
+    lead = headline(metrics["unigram"], metrics["student"], metrics["teacher"])
     response_tokens = sum(len(answer.response_ids) for answer in holdout.answers)
     return report.build_report(
         job_id=run.job_id,
@@ -759,7 +769,7 @@ def _evaluate(
             "holdout_dataset": run.holdout_dataset_id,
             "holdout_rows": len(holdout.answers),
             "holdout_response_tokens": response_tokens,
-            "teacher_topk": topk,
+            "teacher_topk": holdout.topk,
             "unigram_fitted_on": run.training_dataset_id,
             "trained_on": card.data if card else {},
         },
@@ -771,8 +781,29 @@ def _evaluate(
         metrics=metrics,
         recovery=lead.as_dict(),
         training_log=training_log,
-        notes=notes,
+        notes=_report_notes(run, holdout, lead),
     )
+
+
+def _report_notes(run: EvaluateRun, holdout: Holdout, lead: Headline) -> list[str]:
+    """The report's notes: the held-out answers' own, then what the figures cannot say."""
+    notes = list(holdout.notes)
+    notes.append(
+        "The uniform reference has no most likely token: its top-1 agreement and greedy answers (exact "
+        "match, token F1, repeated 4-grams) are n/a."
+    )
+    temperature = run.teacher.sampling.temperature
+    if temperature > 0:
+        notes.append(
+            f"The teacher sampled its answers at temperature {temperature:g}: exact match and token F1 "
+            "compare greedy answers with sampled ones, which even the teacher's own greedy answers would "
+            "not always match."
+        )
+    if lead.percent is None:
+        notes.append(
+            f"The gap closed is undefined: the unigram's {lead.metric} already equals the teacher's."
+        )
+    return notes
 
 
 def model_sizes(student: PretrainedConfig, teacher: TeacherSpec) -> dict[str, Any]:

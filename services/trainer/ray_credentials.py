@@ -14,6 +14,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.trainer.failures import UserFixableError
 
 ACCESS_KEY_ENV = "STILLHOUSE_OBJECT_STORE_ACCESS_KEY"
 SECRET_KEY_ENV = "STILLHOUSE_OBJECT_STORE_SECRET_KEY"
@@ -22,8 +23,8 @@ KEY_FIELDS = {"access_key": ACCESS_KEY_ENV, "secret_key": SECRET_KEY_ENV}
 Run = TypeVar("Run", bound=BaseModel)
 
 
-class MissingObjectStoreKeys(RuntimeError):
-    pass
+class MissingObjectStoreKeys(UserFixableError):
+    """A Ray node without the keys of the run's S3 store."""
 
 
 def key_environment(store: ObjectStoreSettings) -> dict[str, str]:

@@ -3,8 +3,9 @@
 The run (a TrainRun or EvaluateRun as JSON) comes in the job's environment, so that no shell quoting or
 argument length limit touches it. `train` runs the training loop on Ray Train workers; `evaluate` runs
 the evaluation as one Ray task. Progress goes to stdout as `STILLHOUSE_PROGRESS {json}` lines (from rank
-0 only), the outcome to `<output_prefix>/outcome.json` in object storage, and a failure's reason to a
-last `STILLHOUSE_ERROR {json}` line before a non-zero exit.
+0 only), the outcome (a TrainOutcome or EvaluationOutcome as JSON) to `<output_prefix>/outcome.json` in
+object storage, and a failure's reason and kind (`failures.FailureKind`) to a last `STILLHOUSE_ERROR
+{json}` line before a non-zero exit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from stillhouse.trainer.failures import kind_of_error
 from stillhouse.trainer.ray_credentials import run_with_keys
 from stillhouse.trainer.ray_jobs import (
     ERROR_PREFIX,
@@ -98,24 +100,16 @@ def evaluate(run_json: str, num_gpus: float) -> None:
         def progress(stage: str, done: int, total: int) -> None:
             print_progress({"kind": "evaluate", "stage": stage, "done": done, "total": total})
 
-        return json.dumps(_as_json(run_evaluation(run, progress)))
+        return run_evaluation(run, progress).model_dump_json()
 
     run = run_with_keys(EvaluateRun, run_json)
     outcome = ray.get(evaluation_task.remote(run_json))
     open_object_store(run.object_store).put_bytes(outcome_key(run.output_prefix), outcome.encode())
 
 
-def _as_json(outcome: Any) -> dict[str, Any]:
-    if hasattr(outcome, "model_dump"):
-        return outcome.model_dump(mode="json")
-    from dataclasses import asdict
-
-    return asdict(outcome)
-
-
-def error_summary(exc: BaseException) -> str:
-    """`Name: message` of the error at the root of a failure. Ray wraps a worker's exception twice: in a
-    WorkerGroupError (per rank) and in a RayTaskError (whose `cause` is the worker's own)."""
+def root_error(exc: BaseException) -> BaseException:
+    """The error at the root of a failure. Ray wraps a worker's exception twice: in a WorkerGroupError
+    (per rank) and in a RayTaskError (whose `cause` is the worker's own)."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
         exc = failures[min(failures)]
@@ -124,8 +118,20 @@ def error_summary(exc: BaseException) -> str:
         exc = cause
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+    return exc
+
+
+def error_summary(exc: BaseException) -> str:
+    """`Name: message` of the error at the root of a failure."""
+    root = root_error(exc)
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[-1] if lines else ''}"
+
+
+def error_line(exc: BaseException) -> str:
+    """The STILLHOUSE_ERROR line of a failure: its summary, and the kind of its root error by type."""
+    record = {"message": error_summary(exc), "kind": kind_of_error(root_error(exc)).value}
+    return ERROR_PREFIX + json.dumps(record)
 
 
 def main(argv: list[str]) -> int:
@@ -142,7 +148,7 @@ def main(argv: list[str]) -> int:
         else:
             evaluate(run_json, float(os.environ.get(EVALUATION_GPUS_ENV) or 0))
     except Exception as exc:
-        print(ERROR_PREFIX + json.dumps({"message": error_summary(exc)}), flush=True)
+        print(error_line(exc), flush=True)
         raise
     return 0
 

@@ -5,7 +5,8 @@ attempts: a running one is re-attached to (a restarted service never starts the 
 or failed one is followed by the next attempt, which resumes from the run's last checkpoint.
 
 The program inside the job (`ray_entrypoint`) prints progress as `STILLHOUSE_PROGRESS {json}` lines and
-its failure as a `STILLHOUSE_ERROR {json}` line; everything else in the logs is Ray's and the run's.
+its failure as a `STILLHOUSE_ERROR {json}` line (its reason and the kind of failure); everything else in
+the logs is Ray's and the run's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from stillhouse.trainer.failures import FailureKind, kind_of_reason
 from stillhouse.trainer.ray_cluster import check_reachable
 
 PROGRESS_PREFIX = "STILLHOUSE_PROGRESS "
@@ -44,6 +46,12 @@ class JobEnd:
     status: JobStatus
 
 
+@dataclass(frozen=True)
+class JobFailure:
+    reason: str
+    kind: FailureKind
+
+
 def submission_id(operation_id: str, attempt: int) -> str:
     return f"{_UNSAFE.sub('_', operation_id)}-{attempt}"
 
@@ -63,18 +71,40 @@ def parse_progress(line: str) -> dict[str, Any] | None:
 def failure_reason(logs: str, fallback: str) -> str:
     """Why a job failed: the run's last STILLHOUSE_ERROR line, else the last line that names an error,
     else `fallback` (Ray's own message)."""
-    lines = logs.splitlines()
-    for line in reversed(lines):
-        _, found, payload = line.partition(ERROR_PREFIX)
-        if found:
-            try:
-                return str(json.loads(payload)["message"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                return payload.strip()
-    for line in reversed(lines):
+    payload = _error_payload(logs)
+    if payload is not None:
+        message = _error_field(payload, "message")
+        return payload.strip() if message is None else message
+    for line in reversed(logs.splitlines()):
         if re.search(r"(Error|Exception|Killed|out of memory)\b", line):
             return line.strip()
     return fallback
+
+
+def failure_kind(logs: str, reason: str) -> FailureKind:
+    """The kind of a job's failure: the one on the run's last STILLHOUSE_ERROR line; for a failure the run
+    did not report (Ray ended it), what `reason` says (`failures.kind_of_reason`)."""
+    payload = _error_payload(logs)
+    reported = _error_field(payload, "kind") if payload is not None else None
+    if reported in {kind.value for kind in FailureKind}:
+        return FailureKind(reported)
+    return kind_of_reason(reason)
+
+
+def _error_payload(logs: str) -> str | None:
+    """The JSON of the run's last STILLHOUSE_ERROR line; None when it printed none."""
+    for line in reversed(logs.splitlines()):
+        _, found, payload = line.partition(ERROR_PREFIX)
+        if found:
+            return payload
+    return None
+
+
+def _error_field(payload: str, name: str) -> str | None:
+    try:
+        return str(json.loads(payload)[name])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def entrypoint(python: str, command: str) -> str:
@@ -154,14 +184,16 @@ class RayJobs:
     def stop(self, sub_id: str) -> None:
         self.client.stop_job(sub_id)
 
-    def explain_failure(self, sub_id: str) -> str:
+    def explain_failure(self, sub_id: str) -> JobFailure:
+        """Why the job failed, and the kind of its failure (see `failure_reason` and `failure_kind`)."""
         info = self.client.get_job_info(sub_id)
         fallback = info.message or f"the Ray job {sub_id} ended {info.status.value}"
         try:
             logs = self.client.get_job_logs(sub_id)
         except RuntimeError:
-            return fallback
-        return failure_reason(logs, fallback)
+            logs = ""
+        reason = failure_reason(logs, fallback)
+        return JobFailure(reason, failure_kind(logs, reason))
 
     def _info(self, sub_id: str):
         try:

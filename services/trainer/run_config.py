@@ -1,4 +1,4 @@
-"""What one training or evaluation run is given, what a training run gives back, and how it fails.
+"""What one training or evaluation run is given, what it gives back, and how a training run fails.
 
 `TrainRun` and `EvaluateRun` are built by the trainer service from a job and handed to the workers
 (Ray Train pickles them), so they carry everything a worker needs and nothing it must look up.
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field
 
 from stillhouse.common.jobspec import EvaluationSpec, SpecModel, StudentSpec, TeacherSpec, TrainingSpec
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.trainer.failures import UserFixableError
 
 
 class _RunModel(BaseModel):
@@ -104,7 +105,22 @@ class TrainOutcome(BaseModel):
     controls: dict[str, TrainOutcome] = Field(default_factory=dict)  # by control name: "sft"
 
 
-class TrainingError(Exception):
+class EvaluationOutcome(BaseModel):
+    # An undefined recovery (NaN) stays NaN in the outcome's JSON, where pydantic would write null.
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+
+    report_prefix: str
+    student_prefix: str  # the published student
+    recovery_percent: float  # the headline's lead figure (see `evaluation.Headline`); NaN when undefined
+    student_metrics: dict[str, float]
+    baseline_metrics: dict[str, float]
+    teacher_metrics: dict[str, float]
+    # The reference rows by name: uniform, unigram, and control-sft when it was trained.
+    reference_metrics: dict[str, dict[str, float]]
+    gap_closed: dict[str, float]  # the share of the unigram's gap closed, per metric where defined
+
+
+class TrainingError(UserFixableError):
     """A training run that cannot go on, for a reason the job's author can act on."""
 
 

@@ -27,17 +27,18 @@ from stillhouse.trainer.checkpoints import committed_steps
 from stillhouse.trainer.config import LocalRaySettings
 from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable, auth_headers
 from stillhouse.trainer.ray_credentials import key_environment, run_without_keys
-from stillhouse.trainer.ray_entrypoint import error_summary, outcome_key
+from stillhouse.trainer.ray_entrypoint import error_line, error_summary, outcome_key
 from stillhouse.trainer.ray_jobs import (
     RUN_CONFIG_ENV,
     RayJobs,
     entrypoint,
+    failure_kind,
     failure_reason,
     parse_progress,
     submission_id,
 )
 from stillhouse.trainer.run_config import TrainingDataError, TrainOutcome, TrainRun
-from stillhouse.trainer.servicer import failure_code
+from stillhouse.trainer.servicer import STATUS_CODES
 
 TOPICS = ["cats", "dogs", "rain", "the sea", "mountains", "bread", "music", "trains"]
 PROMPTS = [f"question {i}: tell me about {topic}" for i, topic in enumerate(TOPICS * 2)]
@@ -222,10 +223,13 @@ def test_a_workers_own_error_is_dug_out_of_rays_wrappers():
         raise TrainingDataError("every row was dropped")
     except TrainingDataError as exc:
         wrapped = RayTaskError("train_fn", "Traceback ...", exc).as_instanceof_cause()
-    summary = error_summary(WorkerGroupError("rank 0 failed", {0: wrapped}))
+    failure = WorkerGroupError("rank 0 failed", {0: wrapped})
+    summary = error_summary(failure)
     assert summary == "TrainingDataError: every row was dropped"
-    assert failure_code(summary) == grpc.StatusCode.FAILED_PRECONDITION
-    assert failure_code("OutOfMemoryError: Task was killed") == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert STATUS_CODES[failure_kind(error_line(failure), summary)] == grpc.StatusCode.FAILED_PRECONDITION
+    # Ray's own message for a job it killed: the run printed no error line.
+    oom = "OutOfMemoryError: Task was killed"
+    assert STATUS_CODES[failure_kind("", oom)] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.slow
