@@ -1,7 +1,8 @@
 """What every Stillhouse gRPC service process shares: the callers' check, health, reflection, metrics,
 logs, shutdown.
 
-A service's `server.py` builds its servicers and calls `run_grpc_service`; this module does the rest.
+A service's `server.py` builds its servicers (opening first what they need, if anything) and calls
+`run_grpc_service`; this module does the rest.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import prometheus_client
 import structlog
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -139,20 +143,44 @@ class ServiceBinding:
     full_name: str
     add_to_server: Callable[[grpc.aio.Server], None]
 
+    @classmethod
+    def of(
+        cls, service: ServiceDescriptor, add_servicer: Callable[[Any, grpc.aio.Server], None], servicer: Any
+    ) -> ServiceBinding:
+        """`servicer` of `service`, added by the generated `add_<Service>Servicer_to_server`."""
+        return cls(service.full_name, lambda server: add_servicer(servicer, server))
 
-async def serve_grpc(
+
+# Builds a service's servicers on the process's operation registry; returns what to serve.
+ServiceBuild = Callable[[OperationRegistry], Iterable[ServiceBinding]]
+# The build of a service that must first open what it serves with (stores, a database, background tasks),
+# given the process's service credentials too: entered before the server is built and left after it has
+# stopped, so what it opened is closed last.
+ServiceSetup = Callable[
+    [OperationRegistry, ServiceCredentials], AbstractAsyncContextManager[Iterable[ServiceBinding]]
+]
+
+
+def _setup_of(build: ServiceBuild) -> ServiceSetup:
+    """The setup of a service that opens nothing: its build, as it is."""
+
+    @asynccontextmanager
+    async def setup(
+        registry: OperationRegistry, _: ServiceCredentials
+    ) -> AsyncIterator[Iterable[ServiceBinding]]:
+        yield build(registry)
+
+    return setup
+
+
+def _server(
     settings: GrpcServiceSettings,
-    build: Callable[[OperationRegistry], Iterable[ServiceBinding]],
-    credentials: ServiceCredentials | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT, then report NOT_SERVING, stop running operations and drain.
-
-    `credentials` are the settings' own, read already by a service that also calls other services.
-    ServiceCredentialsError, before anything listens, when the settings give no usable token."""
-    credentials = credentials or ServiceCredentials.load(settings)
-    check = caller_check(settings, credentials)
-    registry = OperationRegistry()
-    bindings = list(build(registry))
+    check: grpc.aio.ServerInterceptor | None,
+    registry: OperationRegistry,
+    bindings: Iterable[ServiceBinding],
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, list[str]]:
+    """The server with the operations, the service's own bindings, health and (when set) reflection;
+    with the full names of what it serves."""
     # The metrics come first, so they count the calls the token check refuses.
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(), *([check] if check else [])],
@@ -168,44 +196,72 @@ async def serve_grpc(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    return server, health_servicer, names
 
+
+def _listen(
+    server: grpc.aio.Server, settings: GrpcServiceSettings, tls: grpc.ServerCredentials | None
+) -> int:
+    """The port the server listens on, with TLS when the credentials have it."""
     address = f"{settings.host}:{settings.port}"
-    tls = credentials.server_credentials()
     port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (in use, or not a local address)")
-    if settings.metrics_port is not None:
-        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
-    await server.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving",
-        address=f"{settings.host}:{port}",
-        services=names,
-        metrics_port=settings.metrics_port,
-        tls=tls is not None,
-        reflection=settings.reflection,
-    )
+    return port
 
+
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
-    log.info("stopping", grace_seconds=settings.shutdown_grace_seconds)
-    await health_servicer.enter_graceful_shutdown()
-    await registry.shutdown()
-    await server.stop(settings.shutdown_grace_seconds)
-    log.info("stopped")
+
+async def serve_grpc(settings: GrpcServiceSettings, setup: ServiceSetup) -> None:
+    """Serve until SIGTERM/SIGINT, then report NOT_SERVING, stop running operations and drain.
+
+    ServiceCredentialsError, before anything is opened or listens, when the settings give no usable
+    token."""
+    credentials = ServiceCredentials.load(settings)
+    check = caller_check(settings, credentials)
+    registry = OperationRegistry()
+    async with setup(registry, credentials) as bindings:
+        server, health_servicer, names = _server(settings, check, registry, bindings)
+        tls = credentials.server_credentials()
+        port = _listen(server, settings, tls)
+        if settings.metrics_port is not None:
+            prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        await server.start()
+        for name in ["", *names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            address=f"{settings.host}:{port}",
+            services=names,
+            metrics_port=settings.metrics_port,
+            tls=tls is not None,
+            reflection=settings.reflection,
+        )
+        await _until_signalled()
+
+        log.info("stopping", grace_seconds=settings.shutdown_grace_seconds)
+        await health_servicer.enter_graceful_shutdown()
+        await registry.shutdown()
+        await server.stop(settings.shutdown_grace_seconds)
+        log.info("stopped")
 
 
 def run_grpc_service(
     service_label: str,
     settings: GrpcServiceSettings,
-    build: Callable[[OperationRegistry], Iterable[ServiceBinding]],
+    build: ServiceBuild | None = None,
+    *,
+    setup: ServiceSetup | None = None,
 ) -> None:
-    """Blocking entry point of a service process (`stillhouse serve <service>`)."""
+    """Blocking entry point of a service process (`stillhouse serve <service>`): serves what `build`
+    returns or, for a service that opens things first, what `setup` yields (one of the two)."""
+    if (build is None) == (setup is None):
+        raise TypeError("run_grpc_service takes one of `build` and `setup`")
     configure_logging(settings.log_level, settings.log_format, service=service_label)
-    asyncio.run(serve_grpc(settings, build))
+    asyncio.run(serve_grpc(settings, setup or _setup_of(build)))

@@ -77,6 +77,7 @@ from stillhouse.control_plane.spec_body import (
     parse_document,
     read_capped,
 )
+from stillhouse.control_plane.start_and_follow import FollowBounds
 from stillhouse.control_plane.store import JobNotFinished, JobNotFound, JobRecord, JobStore, TenantUsage
 
 log = structlog.get_logger(__name__)
@@ -296,16 +297,12 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await JobStore.open(settings.database_url, RetryPolicy(settings.database_retry_seconds))
-        channels = ServiceChannels(settings.services.model_dump(), service_credentials)
+        channels = ServiceChannels(
+            settings.services.model_dump(), service_credentials, FollowBounds.of(settings)
+        )
         bus = JobEventBus()
         orchestrator = Orchestrator(
-            store,
-            channels,
-            bus,
-            unavailable_timeout_seconds=settings.service_unavailable_timeout_seconds,
-            progress_interval_seconds=settings.progress_event_interval_seconds,
-            call_timeout_seconds=settings.service_call_timeout_seconds,
-            watch_idle_timeout_seconds=settings.watch_idle_timeout_seconds,
+            store, channels, bus, progress_interval_seconds=settings.progress_event_interval_seconds
         )
         app.state.store, app.state.bus, app.state.orchestrator = store, bus, orchestrator
         app.state.channels = channels

@@ -2,8 +2,10 @@
 
 The prompts stage runs for real, under an estimate id of its own: it is deterministic, so the estimate
 sees exactly the prompts the job will send, and the teacher calls that generation makes land in the
-teacher cache, so the job (or a repeated estimate) later gets them for free. The teacher stage is only
-priced (`Teacher.EstimateCost`), never run.
+teacher cache, so the job (or a repeated estimate) later gets them for free. It is started and followed
+as a job's stage is (`start_and_follow`), within the same bounds and re-attached the same way, except
+that a prompts service that has not answered at all fails the estimate at once. The teacher stage is
+only priced (`Teacher.EstimateCost`), never run.
 
 An estimate is bounded in time: past its deadline, or when the caller goes away, the prompts operation
 is cancelled in its service (`EstimateTimedOut` says which, for a 504). However it ends, it leaves
@@ -30,6 +32,7 @@ from stillhouse.control_plane.job_removal import job_prefix
 from stillhouse.control_plane.orchestrator import ServiceChannels
 from stillhouse.control_plane.phases import Stage
 from stillhouse.control_plane.stage_calls import STAGE_CALLS
+from stillhouse.control_plane.start_and_follow import FollowFailed, describe_rpc_error, start_and_follow
 from stillhouse.prompts.v1 import prompts_pb2
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
@@ -59,9 +62,15 @@ def estimate_job_id(spec: Mapping[str, Any], tenant: str) -> str:
     return f"estimate-{digest[:16]}-{secrets.token_hex(4)}"
 
 
+def _retryable(exc: Exception) -> bool:
+    """Whether the failure may pass: a service that is away, or a stream that closed or went silent."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return True
+
+
 def _failure(service: str, exc: grpc.aio.AioRpcError) -> EstimateFailed:
-    retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return EstimateFailed(f"{service} service: {exc.code().name}: {exc.details()}", retryable=retryable)
+    return EstimateFailed(describe_rpc_error(service, exc), retryable=_retryable(exc))
 
 
 async def _prompts(
@@ -70,21 +79,15 @@ async def _prompts(
     call = STAGE_CALLS[Stage.PROMPTS]
     channel = channels.get(call.service)
     request = call.build_request(f"{job_id}.prompts.1", job_id, tenant, spec, {})
-    operations = operations_pb2_grpc.OperationsStub(channel)
     try:
-        await call.start(channel, request)
-        watch = operations.WatchOperation(
-            operations_pb2.WatchOperationRequest(operation_id=request.operation_id)
+        # A prompts service that cannot be reached is reported at once: the caller is waiting.
+        operation = await start_and_follow(
+            channel, call, request, channels.bounds, wait_for_first_answer=False
         )
-        async for operation in watch:
-            if operation.state in FINAL_STATES:
-                break
-        else:
-            raise EstimateFailed("prompts service closed the progress stream early", retryable=True)
-    except grpc.aio.AioRpcError as exc:
-        raise _failure(call.service, exc) from exc
+    except FollowFailed as exc:
+        raise EstimateFailed(str(exc), retryable=_retryable(exc.cause)) from exc
     except asyncio.CancelledError:
-        await _cancel(operations, request.operation_id)
+        await _cancel(operations_pb2_grpc.OperationsStub(channel), request.operation_id)
         raise
     if operation.state != State.OPERATION_STATE_SUCCEEDED:
         raise EstimateFailed(f"prompts service: {operation.error.message or 'the stage did not finish'}")

@@ -10,8 +10,7 @@ already has (or starts anew if the service itself forgot it).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -19,20 +18,23 @@ import structlog
 import tenacity
 
 from stillhouse.common.database_retry import describe, is_transient
-from stillhouse.common.operations import FINAL_STATES, State
+from stillhouse.common.operations import State
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.phases import STAGE_OF_PHASE, Phase, Stage, next_phase
+from stillhouse.control_plane.progress_events import ProgressEvents
 from stillhouse.control_plane.stage_calls import STAGE_CALLS, StageCall, operation_id_for, result_to_json
+from stillhouse.control_plane.start_and_follow import (
+    FollowBounds,
+    FollowFailed,
+    describe_rpc_error,
+    start_and_follow,
+)
 from stillhouse.control_plane.store import JobRecord, JobStore, StepRecord, StepState
 
 log = structlog.get_logger(__name__)
 
-# Codes that say "the service is not there right now", not "the request is wrong".
-TRANSIENT_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-)
 # How long a cancelled operation gets to stop before the job is marked Cancelled anyway.
 CANCEL_GRACE_SECONDS = 30.0
 
@@ -45,39 +47,17 @@ class StageCancelled(Exception):
     pass
 
 
-class _WatchEnded(Exception):
-    """The watch stream closed before the operation was final (e.g. the service is shutting down)."""
-
-
-class _WatchStalled(Exception):
-    """The watch stream sent nothing, not even its heartbeat, for longer than the idle bound: the
-    service is stalled (a stopped process keeps its connections open) or the network is."""
-
-
-async def _until_idle(
-    stream: grpc.aio.UnaryStreamCall, idle_seconds: float
-) -> AsyncIterator[operations_pb2.Operation]:
-    """The stream's messages; `_WatchStalled` (the call cancelled) once none comes for `idle_seconds`."""
-    messages = aiter(stream)
-    while True:
-        try:
-            async with asyncio.timeout(idle_seconds):
-                message = await anext(messages)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            stream.cancel()
-            raise _WatchStalled from None
-        yield message
-
-
 class ServiceChannels:
-    """One gRPC channel per stage service, opened on first use; every call carries the service credential."""
+    """One gRPC channel per stage service, opened on first use; every call carries the service credential,
+    and a stage's operation is followed within `bounds`."""
 
-    def __init__(self, addresses: Mapping[str, str], credentials: ServiceCredentials) -> None:
+    def __init__(
+        self, addresses: Mapping[str, str], credentials: ServiceCredentials, bounds: FollowBounds
+    ) -> None:
         self._addresses = dict(addresses)
         self._credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.bounds = bounds
 
     def get(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
@@ -87,10 +67,6 @@ class ServiceChannels:
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
         self._channels.clear()
-
-
-def _describe(service: str, exc: grpc.aio.AioRpcError) -> str:
-    return f"{service} service: {exc.code().name}: {exc.details()}"
 
 
 def _status_text(service: str, operation: operations_pb2.Operation) -> str:
@@ -108,18 +84,12 @@ class Orchestrator:
         channels: ServiceChannels,
         bus: JobEventBus,
         *,
-        unavailable_timeout_seconds: float,
         progress_interval_seconds: float,
-        call_timeout_seconds: float,
-        watch_idle_timeout_seconds: float,
     ) -> None:
         self._store = store
         self._channels = channels
         self._bus = bus
-        self._unavailable_timeout = unavailable_timeout_seconds
         self._progress_interval = progress_interval_seconds
-        self._call_timeout = call_timeout_seconds
-        self._watch_idle_timeout = watch_idle_timeout_seconds
         self._runners: dict[str, asyncio.Task] = {}
         self._cancel_requests: dict[str, asyncio.Event] = {}
 
@@ -262,7 +232,7 @@ class Orchestrator:
         self, job_id: str, call: StageCall, step: StepRecord, request
     ) -> operations_pb2.Operation:
         """Start (or re-attach to) the step's operation and follow it to a final state."""
-        watcher = asyncio.create_task(self._follow(job_id, call, step, request))
+        watcher = asyncio.create_task(self._follow(job_id, call, request))
         cancel_requested = asyncio.create_task(self._cancel_requests[job_id].wait())
         try:
             done, _ = await asyncio.wait({watcher, cancel_requested}, return_when=asyncio.FIRST_COMPLETED)
@@ -278,70 +248,16 @@ class Orchestrator:
             for task in (watcher, cancel_requested):
                 task.cancel()
 
-    async def _follow(
-        self, job_id: str, call: StageCall, step: StepRecord, request
-    ) -> operations_pb2.Operation:
-        channel = self._channels.get(call.service)
-        operations = operations_pb2_grpc.OperationsStub(channel)
-        last_contact = time.monotonic()
-        last_progress_event = 0.0
-        # What the last progress event said: a heartbeat, or a re-attach, repeats it and is not written.
-        last_written: tuple[int, bytes] | None = None
+    async def _follow(self, job_id: str, call: StageCall, request) -> operations_pb2.Operation:
+        async def write(operation: operations_pb2.Operation) -> None:
+            await self._progress_event(job_id, call.stage, operation)
 
-        def out_of_patience(_: tenacity.RetryCallState) -> bool:
-            return time.monotonic() - last_contact > self._unavailable_timeout
-
-        def retryable(exc: BaseException) -> bool:
-            # NOT_FOUND: the service restarted and forgot the operation; starting again re-creates it.
-            return isinstance(exc, _WatchEnded | _WatchStalled) or (
-                isinstance(exc, grpc.aio.AioRpcError)
-                and (exc.code() in TRANSIENT_CODES or exc.code() is grpc.StatusCode.NOT_FOUND)
-            )
-
-        async def attempt() -> operations_pb2.Operation:
-            nonlocal last_contact, last_progress_event, last_written
-            # Start is idempotent on the operation id: after a restart this re-attaches.
-            await call.start(channel, request, timeout=self._call_timeout)
-            last_contact = time.monotonic()
-            watch = operations.WatchOperation(
-                operations_pb2.WatchOperationRequest(operation_id=step.operation_id)
-            )
-            async for operation in _until_idle(watch, self._watch_idle_timeout):
-                last_contact = time.monotonic()
-                final = operation.state in FINAL_STATES
-                said = (operation.state, operation.progress.SerializeToString(deterministic=True))
-                due = last_contact - last_progress_event >= self._progress_interval
-                if said != last_written and (final or due):
-                    last_progress_event, last_written = last_contact, said
-                    await self._progress_event(job_id, call.stage, operation)
-                if final:
-                    return operation
-            raise _WatchEnded
-
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception(retryable),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0),
-            stop=out_of_patience,
-            reraise=True,
-        )
+        progress = ProgressEvents(write, self._progress_interval)
+        channel, bounds = self._channels.get(call.service), self._channels.bounds
         try:
-            return await retrying(attempt)
-        except _WatchEnded as exc:
-            raise StageFailed(f"{call.service} service kept closing the progress stream") from exc
-        except _WatchStalled as exc:
-            raise StageFailed(
-                f"{call.service} service stopped answering: nothing about operation {step.operation_id} "
-                f"for {self._unavailable_timeout:.0f} s (the limit is the control plane's "
-                "service_unavailable_timeout_seconds)"
-            ) from exc
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in TRANSIENT_CODES:
-                raise StageFailed(
-                    f"{call.service} service unreachable for {self._unavailable_timeout:.0f} s: "
-                    f"{exc.code().name}: {exc.details()} (the limit is the control plane's "
-                    "service_unavailable_timeout_seconds)"
-                ) from exc
-            raise StageFailed(_describe(call.service, exc)) from exc
+            return await start_and_follow(channel, call, request, bounds, on_update=progress.seen)
+        except FollowFailed as exc:
+            raise StageFailed(str(exc)) from exc
 
     async def _cancel_running_step(self, job: JobRecord) -> None:
         """A cancel request found after a restart: stop the work the previous control plane started."""
@@ -362,7 +278,7 @@ class Orchestrator:
             log.warning(
                 "cancel did not reach the operation",
                 operation_id=operation_id,
-                error=_describe(call.service, exc),
+                error=describe_rpc_error(call.service, exc),
             )
             return False
         return True

@@ -27,11 +27,6 @@ def run(settings: StorageSettings) -> None:
             # Not fatal: the store may come up later; each call reports its own failure meanwhile.
             log.warning("bucket not ready", bucket=store.bucket, error=str(exc))
         servicer = StorageServicer(store, presign_max_seconds=settings.presign_max_seconds)
-        return [
-            ServiceBinding(
-                SERVICE.full_name,
-                lambda server: storage_pb2_grpc.add_StorageServicer_to_server(servicer, server),
-            )
-        ]
+        return [ServiceBinding.of(SERVICE, storage_pb2_grpc.add_StorageServicer_to_server, servicer)]
 
     run_grpc_service("storage", settings, build)

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 
@@ -329,6 +330,28 @@ def test_a_service_that_resumes_within_the_bound_is_re_attached(
     assert reattached and not any(entry["new"] for entry in reattached)
     for rpc in STAGE_RPCS:
         assert len(stages.new_starts(rpc)) == 1, f"{rpc} ran {len(stages.new_starts(rpc))} times"
+
+
+@pytest.mark.timeout(120)
+def test_an_estimate_whose_service_stalls_is_re_attached_as_a_job_is(
+    processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path
+):
+    control_plane, stages = stalling_platform(
+        processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path / "journal.jsonl", "120"
+    )
+    with control_plane.client() as client, ThreadPoolExecutor(1) as background:
+        estimating = background.submit(client.post, "/v1/jobs:estimate", json=MINIMAL_JOB, timeout=90)
+        wait_until(lambda: stages.new_starts("GeneratePrompts"), 60, "the estimate's prompts to start")
+        processes.running["stages"].send_signal(signal.SIGSTOP)
+        before = len(stages.journal())
+        time.sleep(8)  # past the 6 s idle bound: the control plane gives the stream up and re-attaches
+        processes.running["stages"].send_signal(signal.SIGCONT)
+        response = estimating.result()
+    assert response.status_code == 200, response.text
+    assert response.json()["prompts"]["train"] == 90
+    reattached = [entry for entry in stages.journal()[before:] if entry.get("rpc") == "GeneratePrompts"]
+    assert reattached and not any(entry["new"] for entry in reattached)
+    assert len(stages.new_starts("GeneratePrompts")) == 1
 
 
 def test_estimate_builds_the_prompts_and_prices_them_without_running_the_job(platform):
