@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -13,6 +13,10 @@ from pydantic.alias_generators import to_camel
 from stillhouse.control_plane.phases import Phase, Stage
 from stillhouse.control_plane.store import AuditRecord, JobRecord, StepRecord, StepState
 from stillhouse.control_plane.summary import job_summary
+
+if TYPE_CHECKING:
+    from stillhouse.control_plane.estimate import Estimate
+    from stillhouse.prompts.v1 import prompts_pb2
 
 
 class WireModel(BaseModel):
@@ -197,12 +201,28 @@ class PromptsEstimate(WireModel):
     shortfall: int = Field(description="Prompts asked for but not reached.")
     warnings: list[str]
 
+    @classmethod
+    def of(cls, result: prompts_pb2.GeneratePromptsResult) -> PromptsEstimate:
+        return cls(
+            train=result.train.num_rows,
+            holdout=result.holdout.num_rows,
+            collected=result.collected,
+            removed_by_rule=dict(result.removed_by_rule),
+            shortfall=result.shortfall,
+            warnings=list(result.warnings),
+        )
+
 
 class TeacherCost(WireModel):
     requests: int
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+
+    @classmethod
+    def of(cls, counts: Any) -> Self:
+        """The counts of a teacher `Ledger` or `CostEstimate` message, read by field name."""
+        return cls.model_validate(counts, from_attributes=True)
 
 
 class GenerationCost(TeacherCost):
@@ -223,6 +243,18 @@ class EstimateView(WireModel):
         default_factory=list,
         description="What the submit-time check found that would not stop the job.",
     )
+
+    @classmethod
+    def of(cls, estimate: Estimate, warnings: list[FieldError]) -> EstimateView:
+        generation = estimate.prompts.generation_ledger
+        return cls(
+            estimate_id=estimate.estimate_id,
+            prompts=PromptsEstimate.of(estimate.prompts),
+            teacher=TeacherCost.of(estimate.teacher),
+            generation=GenerationCost.of(generation),
+            total_usd=estimate.teacher.cost_usd + generation.cost_usd,
+            warnings=warnings,
+        )
 
 
 class ArtifactName(StrEnum):
@@ -247,6 +279,11 @@ class ArtifactLinks(WireModel):
 class ErrorBody(WireModel):
     message: str
     errors: list[FieldError] = Field(default_factory=list)
+
+
+class HealthStatus(WireModel):
+    status: Literal["ok", "unavailable"]
+    reason: str | None = Field(default=None, description="Why the process is not ready (not when `ok`).")
 
 
 def _field_path(location: tuple[int | str, ...]) -> str:

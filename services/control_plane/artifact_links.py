@@ -1,28 +1,18 @@
-"""Where a job's artifacts are and how to fetch them: files and presigned URLs from the storage service.
+"""How to fetch a job's artifacts: their files, each with a presigned URL from the storage service.
 
 The control plane never moves artifact bytes: a client downloads each file straight from object storage
 with the URL given here, and checks it against the size and sha256 the artifact's manifest recorded.
+Which artifact a job's results name is `stage_results.StageResults.artifact_id`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import grpc
-from google.protobuf import json_format
 
+from stillhouse.control_plane.api_models import ArtifactFileLink, ArtifactLinks
 from stillhouse.control_plane.orchestrator import ServiceChannels
-from stillhouse.control_plane.phases import Stage
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 
-# Which step result names each downloadable artifact, the preferred one first: the published student
-# (with the evaluation in its model card) once evaluation has run, else the trained one.
-ARTIFACT_SOURCES: dict[str, list[tuple[Stage, str]]] = {
-    "student": [(Stage.EVALUATE, "student"), (Stage.TRAIN, "student")],
-    "baseline": [(Stage.TRAIN, "baseline")],
-    "report": [(Stage.EVALUATE, "report")],
-}
 LINK_SECONDS = 3600
 
 
@@ -34,17 +24,8 @@ class ArtifactUnavailable(Exception):
         self.status = status
 
 
-def artifact_id_of(results: Mapping[Stage, Mapping[str, Any]], name: str) -> str | None:
-    """The artifact id a job's finished steps give for `name`, or None if none of them has produced it."""
-    for stage, field in ARTIFACT_SOURCES[name]:
-        artifact_id = results.get(stage, {}).get(field, {}).get("artifact_id")
-        if artifact_id:
-            return artifact_id
-    return None
-
-
-async def artifact_links(channels: ServiceChannels, artifact_id: str) -> dict[str, Any]:
-    """The artifact's files, each with a URL valid for LINK_SECONDS (proto field names)."""
+async def artifact_links(channels: ServiceChannels, artifact_id: str) -> ArtifactLinks:
+    """The artifact's files, each with a URL valid for LINK_SECONDS."""
     storage = storage_pb2_grpc.StorageStub(channels.get("storage"))
     try:
         artifact = await storage.GetArtifact(
@@ -60,9 +41,11 @@ async def artifact_links(channels: ServiceChannels, artifact_id: str) -> dict[st
                 timeout=30,
             )
             files.append(
-                {**json_format.MessageToDict(record, preserving_proto_field_name=True), "url": link.url}
+                ArtifactFileLink(
+                    path=record.path, size_bytes=record.size_bytes, sha256=record.sha256, url=link.url
+                )
             )
     except grpc.aio.AioRpcError as exc:
         status = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.UNAVAILABLE: 503}.get(exc.code(), 502)
         raise ArtifactUnavailable(status, f"storage service: {exc.code().name}: {exc.details()}") from exc
-    return {"artifact_id": artifact_id, "files": files, "expires_in_seconds": LINK_SECONDS}
+    return ArtifactLinks(artifact_id=artifact_id, files=files, expires_in_seconds=LINK_SECONDS)

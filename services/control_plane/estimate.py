@@ -20,11 +20,11 @@ import hashlib
 import json
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import json_format
 
 from stillhouse.common.operations import FINAL_STATES, State
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
@@ -52,6 +52,15 @@ class EstimateFailed(Exception):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The prompts an estimate built (the prompts stage's result) and the teacher's price for them."""
+
+    estimate_id: str
+    prompts: prompts_pb2.GeneratePromptsResult
+    teacher: teacher_pb2.CostEstimate
 
 
 def estimate_job_id(spec: Mapping[str, Any], tenant: str) -> str:
@@ -144,12 +153,6 @@ async def _price(
         raise _failure("teacher", exc) from exc
 
 
-def _ledger(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
 def _sum(*estimates: teacher_pb2.CostEstimate) -> teacher_pb2.CostEstimate:
     total = teacher_pb2.CostEstimate()
     for estimate in estimates:
@@ -162,9 +165,9 @@ def _sum(*estimates: teacher_pb2.CostEstimate) -> teacher_pb2.CostEstimate:
 
 async def estimate_job(
     channels: ServiceChannels, spec: Mapping[str, Any], tenant: str, deadline_seconds: float
-) -> dict[str, Any]:
-    """The prompts (built for real, for `tenant`) and the teacher's price for answering them, in
-    EstimateView's fields; `EstimateTimedOut` after `deadline_seconds`."""
+) -> Estimate:
+    """The prompts (built for real, for `tenant`) and the teacher's price for answering them;
+    `EstimateTimedOut` after `deadline_seconds`."""
     try:
         async with asyncio.timeout(deadline_seconds):
             return await _estimate(channels, spec, tenant)
@@ -175,7 +178,7 @@ async def estimate_job(
         ) from None
 
 
-async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any], tenant: str) -> dict[str, Any]:
+async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any], tenant: str) -> Estimate:
     job_id = estimate_job_id(spec, tenant)
     try:
         prompts = await _prompts(channels, job_id, tenant, spec)
@@ -185,19 +188,4 @@ async def _estimate(channels: ServiceChannels, spec: Mapping[str, Any], tenant: 
     finally:
         # Shielded: a deadline or a caller who went away must not leave the datasets behind.
         await asyncio.shield(_delete_datasets(channels, job_id))
-    teacher = _sum(train, holdout)
-    generation = prompts.generation_ledger
-    return {
-        "estimate_id": job_id,
-        "prompts": {
-            "train": prompts.train.num_rows,
-            "holdout": prompts.holdout.num_rows,
-            "collected": prompts.collected,
-            "removed_by_rule": dict(prompts.removed_by_rule),
-            "shortfall": prompts.shortfall,
-            "warnings": list(prompts.warnings),
-        },
-        "teacher": _ledger(teacher),
-        "generation": _ledger(generation),
-        "total_usd": teacher.cost_usd + generation.cost_usd,
-    }
+    return Estimate(job_id, prompts, _sum(train, holdout))

@@ -141,6 +141,11 @@ STAGE_CALLS: dict[Stage, StageCall] = {
 }
 
 
+def result_from_json(stage: Stage, stored: Mapping[str, Any]) -> message.Message:
+    """A stage's result as `result_to_json` stored it, read back into the stage's own message."""
+    return json_format.ParseDict(stored, STAGE_CALLS[stage].result_type(), ignore_unknown_fields=True)
+
+
 def operation_id_for(job_id: str, stage: Stage, attempt: int) -> str:
     """The same id for every retry of one attempt, so a repeated Start never starts new work."""
     return f"{job_id}.{stage.value}.{attempt}"

@@ -1,0 +1,103 @@
+"""What handlers take from FastAPI: the principal that makes the call, and the state the app keeps on
+`app.state` (set by `app.create_app`, and by `lifespan` for what lives while the app serves).
+
+Every `/v1` call is made by a principal (`principals.py`): a `user` sees only its tenant's jobs, and any
+other job is 404 to it, exactly as a job that does not exist; an `admin` sees every job.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from stillhouse.common.input_roots import InputRoots
+from stillhouse.control_plane.api.errors import ApiError
+from stillhouse.control_plane.config import ControlPlaneSettings
+from stillhouse.control_plane.events import JobEventBus
+from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
+from stillhouse.control_plane.principals import AccessControl, Principal
+from stillhouse.control_plane.store import JobNotFound, JobRecord, JobStore
+
+log = structlog.get_logger(__name__)
+
+# Module level: FastAPI resolves the annotations of dependencies against the module's names.
+bearer = HTTPBearer(auto_error=False)
+
+
+async def current_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    """The principal of the bearer token, or 401. Kept on the request for the audit log."""
+    access: AccessControl = request.app.state.access
+    principal = access.authenticate(credentials.credentials) if credentials else None
+    if principal is None:
+        log.warning(
+            "unauthenticated request refused", path=request.url.path, had_token=credentials is not None
+        )
+        raise ApiError(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    request.state.principal = principal
+    return principal
+
+
+async def known_query_parameters_only(request: Request) -> None:
+    """Refuse a query parameter the route does not take, as the spec refuses an unknown field: a typo
+    must not quietly fall back to a default."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = {param.alias for param in route.dependant.query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        taken = ", ".join(sorted(known)) or "none"
+        listed = ", ".join(repr(name[:64]) for name in unknown[:8])
+        raise ApiError(422, f"unknown query parameter {listed}; this route takes: {taken}")
+
+
+async def control_plane_settings(request: Request) -> ControlPlaneSettings:
+    return request.app.state.settings
+
+
+async def access_control(request: Request) -> AccessControl:
+    return request.app.state.access
+
+
+async def input_roots(request: Request) -> InputRoots:
+    return request.app.state.input_roots
+
+
+async def job_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+async def service_channels(request: Request) -> ServiceChannels:
+    return request.app.state.channels
+
+
+async def job_event_bus(request: Request) -> JobEventBus:
+    return request.app.state.bus
+
+
+async def orchestrator(request: Request) -> Orchestrator:
+    return request.app.state.orchestrator
+
+
+Caller = Annotated[Principal, Depends(current_principal)]
+Settings = Annotated[ControlPlaneSettings, Depends(control_plane_settings)]
+Access = Annotated[AccessControl, Depends(access_control)]
+Roots = Annotated[InputRoots, Depends(input_roots)]
+Store = Annotated[JobStore, Depends(job_store)]
+Channels = Annotated[ServiceChannels, Depends(service_channels)]
+EventBus = Annotated[JobEventBus, Depends(job_event_bus)]
+JobOrchestrator = Annotated[Orchestrator, Depends(orchestrator)]
+
+
+async def visible_job(store: JobStore, principal: Principal, job_id: str) -> JobRecord:
+    """The job, if `principal` may see it; another tenant's job is not found, as if it did not exist."""
+    job = await store.get_job(job_id)
+    if not principal.sees(job.tenant):
+        raise JobNotFound(job_id)
+    return job
