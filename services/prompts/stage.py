@@ -1,4 +1,4 @@
-"""Stage 1 of a job: read the seed prompts, generate more, clean them, split off the held-out prompts
+"""The prompts stage of a job: read the seed prompts, generate more, clean them, split off the held-out prompts
 and write both datasets.
 
 Prompts stream through in chunks: read (or generated), cleaned (duplicates, lengths, languages), given
