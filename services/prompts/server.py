@@ -1,4 +1,4 @@
-"""The prompts service process: builds each job's prompts and held-out datasets (stage 1)."""
+"""The prompts service process: builds each job's prompts and held-out datasets (the prompts stage)."""
 
 from __future__ import annotations
 
