@@ -15,6 +15,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from stillhouse.common.objectstore.settings import ObjectStoreSettings
+
 # The settings class being loaded and its file's values; nested settings objects must not see them.
 _file_values: contextvars.ContextVar[tuple[type, dict[str, Any]]] = contextvars.ContextVar("_file_values")
 
@@ -33,6 +35,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigFileError(f"config file {path} must hold a mapping of setting names to values")
     return values
+
+
+def settings_config(env_prefix: str) -> SettingsConfigDict:
+    """The configuration of a process's settings: environment variables named `env_prefix` + the field
+    (nested fields joined by `__`), and no field the settings do not declare."""
+    return SettingsConfigDict(env_prefix=env_prefix, extra="forbid", env_nested_delimiter="__")
 
 
 class Settings(BaseSettings):
@@ -112,6 +120,7 @@ class GrpcServiceSettings(ServiceCallSettings):
         default=False,
         description="Serve gRPC reflection (for grpcurl and the like); `stillhouse up` turns it on.",
     )
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     allow_unauthenticated_calls: bool = Field(
         default=False,
         description="Serve without a service token, taking calls from anyone who can reach the port. Without "

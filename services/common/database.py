@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alembic import command
+from alembic import command, context
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
@@ -87,6 +87,40 @@ def migrate(
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+def run_migrations_in_env(**options: Any) -> None:
+    """The body of an Alembic env.py: run the migrations with `options` for `context.configure`.
+
+    `migrate` passes its connection in `config.attributes["connection"]`; developers running the
+    `alembic` command give the database as `-x url=sqlite:///PATH` instead (or offline, for SQL only).
+    """
+    if context.is_offline_mode():
+        context.configure(url=_developer_url(), literal_binds=True, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+    elif (connection := context.config.attributes.get("connection")) is not None:
+        _run_on(connection, options)
+    else:
+        engine = create_engine(_developer_url(), poolclass=NullPool)
+        with engine.connect() as connection:
+            _run_on(connection, options)
+        engine.dispose()
+
+
+def _run_on(connection: Any, options: dict[str, Any]) -> None:
+    context.configure(connection=connection, render_as_batch=True, **options)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _developer_url() -> URL:
+    url = context.get_x_argument(as_dictionary=True).get("url") or context.config.get_main_option(
+        "sqlalchemy.url"
+    )
+    if not url:
+        raise SystemExit("give the database with: alembic -x url=sqlite:///PATH ...")
+    return database_urls(url)[1]
 
 
 def create_engine_for(

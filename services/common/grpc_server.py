@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,30 +73,29 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         RPC_HANDLED.labels(method, code.name).inc()
         RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
+    @contextmanager
+    def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        started, error = time.perf_counter(), False
+        try:
+            yield
+        except BaseException:
+            error = True
+            raise
+        finally:
+            self._record(method, context, started, error)
+
     def _wrap_unary(self, behaviour, method: str):
         async def wrapped(request, context):
-            started, error = time.perf_counter(), False
-            try:
+            with self._recorded(method, context):
                 return await behaviour(request, context)
-            except BaseException:
-                error = True
-                raise
-            finally:
-                self._record(method, context, started, error)
 
         return wrapped
 
     def _wrap_stream(self, behaviour, method: str):
         async def wrapped(request, context):
-            started, error = time.perf_counter(), False
-            try:
+            with self._recorded(method, context):
                 async for response in behaviour(request, context):
                     yield response
-            except BaseException:
-                error = True
-                raise
-            finally:
-                self._record(method, context, started, error)
 
         return wrapped
 

@@ -133,36 +133,30 @@ def _with_token(details: grpc.aio.ClientCallDetails, authorization: str) -> grpc
     return details._replace(metadata=metadata)
 
 
-class _BearerUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+class _Bearer:
+    """Passes each call on with the `authorization` header added to its metadata."""
+
     def __init__(self, authorization: str) -> None:
         self._authorization = authorization
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(_with_token(client_call_details, self._authorization), request)
+    async def _pass_on(self, continuation, client_call_details, request_or_iterator):
+        return await continuation(_with_token(client_call_details, self._authorization), request_or_iterator)
 
 
-class _BearerUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, authorization: str) -> None:
-        self._authorization = authorization
-
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(_with_token(client_call_details, self._authorization), request)
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _Bearer._pass_on
 
 
-class _BearerStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, authorization: str) -> None:
-        self._authorization = authorization
-
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_token(client_call_details, self._authorization), request_iterator)
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _Bearer._pass_on
 
 
-class _BearerStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, authorization: str) -> None:
-        self._authorization = authorization
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    intercept_stream_unary = _Bearer._pass_on
 
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_token(client_call_details, self._authorization), request_iterator)
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _Bearer._pass_on
 
 
 def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
-from pydantic_settings import SettingsConfigDict
 
-from stillhouse.common.config import ServiceCallSettings
+from stillhouse.common.config import ServiceCallSettings, settings_config
 from stillhouse.common.database_retry import DEFAULT_RETRY_SECONDS
 from stillhouse.common.operations import WATCH_HEARTBEAT_SECONDS
 from stillhouse.common.paths import stillhouse_home
@@ -28,9 +27,7 @@ class ServiceAddresses(BaseModel):
 class ControlPlaneSettings(ServiceCallSettings):
     """The REST API's own settings; `service_token_file` and `tls_*` are how it calls the stage services."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="STILLHOUSE_CONTROL_PLANE_", extra="forbid", env_nested_delimiter="__"
-    )
+    model_config = settings_config("STILLHOUSE_CONTROL_PLANE_")
 
     host: str = "127.0.0.1"
     port: int = 8080

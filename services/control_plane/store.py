@@ -18,11 +18,11 @@ import asyncio
 import base64
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic.config import Config
 from sqlalchemy import (
@@ -274,51 +274,30 @@ class TenantAdmissionRow(Base):
     admitted_jobs: Mapped[int] = mapped_column(BigInteger)
 
 
+_Record = TypeVar("_Record")
+_Row = TypeVar("_Row", bound=Base)
+
+
+def _record(record_type: type[_Record], row: Base, **converted: Any) -> _Record:
+    """The record of `row`: each field is the row's column of that name unless `converted` gives it."""
+    values = {field.name: getattr(row, field.name) for field in fields(record_type)}
+    return record_type(**{**values, **converted})
+
+
 def _job_record(row: JobRow) -> JobRecord:
-    return JobRecord(
-        id=row.id,
-        name=row.name,
-        document=row.document,
-        labels=row.labels,
-        phase=Phase(row.phase),
-        message=row.message,
-        cancel_requested=row.cancel_requested,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        tenant=row.tenant,
-        owner=row.owner,
-    )
+    return _record(JobRecord, row, phase=Phase(row.phase))
 
 
 def _audit_record(row: AuditRow) -> AuditRecord:
-    return AuditRecord(
-        id=row.id,
-        created_at=row.created_at,
-        principal=row.principal,
-        tenant=row.tenant,
-        method=row.method,
-        route=row.route,
-        job_id=row.job_id,
-        status=row.status,
-    )
+    return _record(AuditRecord, row)
 
 
 def _step_record(row: StepRow) -> StepRecord:
-    return StepRecord(
-        job_id=row.job_id,
-        stage=Stage(row.stage),
-        operation_id=row.operation_id,
-        state=StepState(row.state),
-        attempt=row.attempt,
-        result=row.result,
-        error=row.error,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    )
+    return _record(StepRecord, row, stage=Stage(row.stage), state=StepState(row.state))
 
 
 def _event_record(row: EventRow) -> EventRecord:
-    return EventRecord(id=row.id, job_id=row.job_id, type=row.type, data=row.data, created_at=row.created_at)
+    return _record(EventRecord, row)
 
 
 # --- migrations ----------------------------------------------------------------------------------
@@ -337,15 +316,54 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _encode_page_token(row: JobRow) -> str:
-    key = json.dumps([row.created_at.isoformat(), row.id])
+def _columns(record: Any) -> dict[str, Any]:
+    """A record's fields by name, its values as they are (not copied, unlike `dataclasses.asdict`)."""
+    return {field.name: getattr(record, field.name) for field in fields(record)}
+
+
+def _running_step(operation_id: str, attempt: int) -> dict[str, Any]:
+    """The columns of a step that starts its `attempt`th run as `operation_id` now."""
+    return {
+        "operation_id": operation_id,
+        "state": StepState.RUNNING.value,
+        "attempt": attempt,
+        "result": None,
+        "error": None,
+        "started_at": _now(),
+        "finished_at": None,
+    }
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+
+
+def _page(
+    rows: list[_Row], limit: int, record: Callable[[_Row], _Record], encode_token: Callable[[_Row], str]
+) -> tuple[list[_Record], str | None]:
+    """The first `limit` of `rows` (a query asks for one more than it shows) as records, and the token of
+    the next page: None when no row is left over."""
+    next_token = encode_token(rows[limit - 1]) if len(rows) > limit else None
+    return [record(row) for row in rows[:limit]], next_token
+
+
+def _encode_token(key: str) -> str:
     return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def _token_bytes(token: str) -> bytes:
+    """The bytes `_encode_token` encoded; ValueError for a token it did not make."""
+    return base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+
+
+def _encode_page_token(row: JobRow) -> str:
+    return _encode_token(json.dumps([row.created_at.isoformat(), row.id]))
 
 
 def _decode_page_token(token: str) -> tuple[datetime, str]:
     try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        created_at, job_id = json.loads(raw)
+        created_at, job_id = json.loads(_token_bytes(token))
         if not isinstance(created_at, str) or not isinstance(job_id, str):
             raise TypeError
         when = datetime.fromisoformat(created_at)
@@ -357,13 +375,12 @@ def _decode_page_token(token: str) -> tuple[datetime, str]:
 
 
 def _encode_audit_token(row: AuditRow) -> str:
-    return base64.urlsafe_b64encode(str(row.id).encode()).decode().rstrip("=")
+    return _encode_token(str(row.id))
 
 
 def _decode_audit_token(token: str) -> int:
     try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        return int(raw.decode("ascii"))
+        return int(_token_bytes(token).decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         raise ValueError("invalid page token") from None
 
@@ -442,21 +459,7 @@ class JobStore:
                 if admit is not None:
                     await self._lock_tenant(session, job.tenant)
                     admit(await _tenant_usage(session, job.tenant, usage_since))
-                session.add(
-                    JobRow(
-                        id=job.id,
-                        name=job.name,
-                        document=job.document,
-                        labels=job.labels,
-                        phase=job.phase.value,
-                        message=job.message,
-                        cancel_requested=job.cancel_requested,
-                        created_at=job.created_at,
-                        updated_at=job.updated_at,
-                        tenant=job.tenant,
-                        owner=job.owner,
-                    )
-                )
+                session.add(JobRow(**{**_columns(job), "phase": job.phase.value}))
                 await session.flush()
                 session.add(_phase_event(job.id, Phase.PENDING, None, job.created_at))
         except IntegrityError:
@@ -478,8 +481,7 @@ class JobStore:
         page_token: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
         """Newest first, of every tenant or of one; the token, when not None, fetches the next page."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        _check_limit(limit)
         query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
         if phase is not None:
             query = query.where(JobRow.phase == phase.value)
@@ -490,8 +492,7 @@ class JobStore:
             query = query.where(tuple_(JobRow.created_at, JobRow.id) < _decode_page_token(page_token))
         async with self._sessions() as session:
             rows = list((await session.scalars(query)).all())
-        next_token = _encode_page_token(rows[limit - 1]) if len(rows) > limit else None
-        return [_job_record(row) for row in rows[:limit]], next_token
+        return _page(rows, limit, _job_record, _encode_page_token)
 
     @retry_transient
     async def unfinished_jobs(self) -> list[JobRecord]:
@@ -612,16 +613,7 @@ class JobStore:
                 return existing
             if existing.state == StepState.SUCCEEDED:
                 raise ValueError(f"the {stage} step of job {job_id!r} already succeeded")
-            retried = await self._update_step(
-                existing,
-                operation_id=operation_id,
-                state=StepState.RUNNING.value,
-                attempt=existing.attempt + 1,
-                result=None,
-                error=None,
-                started_at=_now(),
-                finished_at=None,
-            )
+            retried = await self._update_step(existing, **_running_step(operation_id, existing.attempt + 1))
             if retried is not None:
                 return retried
 
@@ -629,17 +621,7 @@ class JobStore:
     async def _insert_step(self, job_id: str, stage: Stage, operation_id: str) -> StepRecord:
         async with self._sessions.begin() as session:
             await _job_row(session, job_id)
-            row = StepRow(
-                job_id=job_id,
-                stage=stage.value,
-                operation_id=operation_id,
-                state=StepState.RUNNING.value,
-                attempt=1,
-                result=None,
-                error=None,
-                started_at=_now(),
-                finished_at=None,
-            )
+            row = StepRow(job_id=job_id, stage=stage.value, **_running_step(operation_id, attempt=1))
             session.add(row)
         return _step_record(row)
 
@@ -761,8 +743,7 @@ class JobStore:
         page_token: str | None = None,
     ) -> tuple[list[AuditRecord], str | None]:
         """Newest first, optionally of one tenant or one job; the token fetches the next page."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        _check_limit(limit)
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit + 1)
         if tenant is not None:
             query = query.where(AuditRow.tenant == tenant)
@@ -772,8 +753,7 @@ class JobStore:
             query = query.where(AuditRow.id < _decode_audit_token(page_token))
         async with self._sessions() as session:
             rows = list((await session.scalars(query)).all())
-        next_token = _encode_audit_token(rows[limit - 1]) if len(rows) > limit else None
-        return [_audit_record(row) for row in rows[:limit]], next_token
+        return _page(rows, limit, _audit_record, _encode_audit_token)
 
 
 async def _tenant_usage(session: AsyncSession, tenant: str, since: datetime) -> TenantUsage:

@@ -27,7 +27,7 @@ import re
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import py3langid
@@ -74,21 +74,26 @@ def words(normalised: str) -> list[str]:
     return _WORD.findall(normalised) or [normalised]
 
 
-def _fmix64(values: np.ndarray) -> np.ndarray:
-    values = values ^ (values >> np.uint64(33))
-    values = values * np.uint64(0xFF51AFD7ED558CCD)
-    values = values ^ (values >> np.uint64(33))
-    values = values * np.uint64(0xC4CEB9FE1A85EC53)
-    return values ^ (values >> np.uint64(33))
+def _finalizer(
+    width: type[np.unsignedinteger], shifts: tuple[int, int, int], multipliers: tuple[int, int]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A MurmurHash3 finalizer: xor-shift, multiply, xor-shift, multiply, xor-shift, in `width` bits."""
+    first, second, third = (width(shift) for shift in shifts)
+    times_first, times_second = (width(multiplier) for multiplier in multipliers)
+
+    def fmix(values: np.ndarray) -> np.ndarray:
+        values = values ^ (values >> first)
+        values = values * times_first
+        values = values ^ (values >> second)
+        values = values * times_second
+        return values ^ (values >> third)
+
+    return fmix
 
 
-def _fmix32(values: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies to every input hash."""
-    values = values ^ (values >> np.uint32(16))
-    values = values * np.uint32(0x85EBCA6B)
-    values = values ^ (values >> np.uint32(13))
-    values = values * np.uint32(0xC2B2AE35)
-    return values ^ (values >> np.uint32(16))
+_fmix64 = _finalizer(np.uint64, (33, 33, 33), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
+# The 32-bit one is what datasketch's affine32 scheme applies to every input hash.
+_fmix32 = _finalizer(np.uint32, (16, 13, 16), (0x85EBCA6B, 0xC2B2AE35))
 
 
 def _shingle_hashes_of(word_lists: Sequence[list[str]]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,19 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
-from stillhouse.common.config import GrpcServiceSettings
-from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.config import GrpcServiceSettings, settings_config
 
 
 class PromptsSettings(GrpcServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="STILLHOUSE_PROMPTS_", extra="forbid", env_nested_delimiter="__"
-    )
+    model_config = settings_config("STILLHOUSE_PROMPTS_")
 
     port: int = 50051
-    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     input_roots: list[Path] = Field(
         default_factory=list,
         description="Folders local prompt sources and slot files must lie in (embedded mode); none, the "

@@ -106,6 +106,38 @@ def _length_rule(text: str) -> str | None:
     return None
 
 
+# --- what makes a strategy ----------------------------------------------------------------------------
+
+# The teacher call of step `index`, given the outcome so far.
+NextCall = Callable[[int, GenerationOutcome], Awaitable[Step]]
+PlanCalls = Callable[[PromptGeneration, Sequence[str], Completer, int], NextCall]
+Strategy = Callable[..., Awaitable[GenerationOutcome]]
+
+
+def _strategy(name: str, seeds_needed_as: str, plan_calls: PlanCalls) -> Strategy:
+    """The strategy `name`: it asks the teacher the calls `plan_calls` makes from the seeds until
+    `generation.count` prompts are admitted (or it runs out of patience)."""
+
+    async def strategy(
+        generation: PromptGeneration,
+        seeds: Sequence[str],
+        completer: Completer,
+        admit: Admit,
+        *,
+        seed: int,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        patience: int = DEFAULT_PATIENCE,
+        on_progress: Callable[[GenerationOutcome], None] = lambda outcome: None,
+    ) -> GenerationOutcome:
+        if not seeds:
+            raise GenerationError(f"{name} needs {seeds_needed_as}: add spec.prompts.sources")
+        next_call = plan_calls(generation, seeds, completer, seed)
+        return await _generate(generation.count, next_call, admit, concurrency, patience, on_progress)
+
+    strategy.__name__ = strategy.__qualname__ = name
+    return strategy
+
+
 # --- Self-Instruct ----------------------------------------------------------------------------------
 
 # "12. text", "12) text", "12: text"; small teachers often answer with bullets instead.
@@ -158,21 +190,9 @@ def instruction_rule(text: str) -> str | None:
     return None
 
 
-async def self_instruct(
-    generation: PromptGeneration,
-    seeds: Sequence[str],
-    completer: Completer,
-    admit: Admit,
-    *,
-    seed: int,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    patience: int = DEFAULT_PATIENCE,
-    on_progress: Callable[[GenerationOutcome], None] = lambda outcome: None,
-) -> GenerationOutcome:
-    if not seeds:
-        raise GenerationError(
-            "self_instruct needs seed prompts to show the teacher: add spec.prompts.sources"
-        )
+def _self_instruct_calls(
+    generation: PromptGeneration, seeds: Sequence[str], completer: Completer, seed: int
+) -> NextCall:
     rng = random.Random(f"self_instruct:{seed}")
 
     def next_call(index: int, outcome: GenerationOutcome) -> Awaitable[Step]:
@@ -195,7 +215,10 @@ async def self_instruct(
                 step.candidates.append(text)
         return step
 
-    return await _generate(generation.count, next_call, admit, concurrency, patience, on_progress)
+    return next_call
+
+
+self_instruct = _strategy("self_instruct", "seed prompts to show the teacher", _self_instruct_calls)
 
 
 # --- Evol-Instruct ----------------------------------------------------------------------------------
@@ -258,21 +281,11 @@ def _word_jaccard(first: str, second: str) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-async def evol_instruct(
-    generation: PromptGeneration,
-    seeds: Sequence[str],
-    completer: Completer,
-    admit: Admit,
-    *,
-    seed: int,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    patience: int = DEFAULT_PATIENCE,
-    on_progress: Callable[[GenerationOutcome], None] = lambda outcome: None,
-) -> GenerationOutcome:
+def _evol_instruct_calls(
+    generation: PromptGeneration, seeds: Sequence[str], completer: Completer, seed: int
+) -> NextCall:
     """Each step here is one chain of `rounds` rewrites of one seed prompt; its last rewrite is the
     candidate. A chain stops at its first eliminated rewrite and then offers nothing."""
-    if not seeds:
-        raise GenerationError("evol_instruct needs prompts to evolve: add spec.prompts.sources")
     rng = random.Random(f"evol_instruct:{seed}")
 
     def next_call(index: int, outcome: GenerationOutcome) -> Awaitable[Step]:
@@ -297,7 +310,10 @@ async def evol_instruct(
         step.candidates.append(current)
         return step
 
-    return await _generate(generation.count, next_call, admit, concurrency, patience, on_progress)
+    return next_call
+
+
+evol_instruct = _strategy("evol_instruct", "prompts to evolve", _evol_instruct_calls)
 
 
 # --- the loop both strategies share -----------------------------------------------------------------
@@ -305,7 +321,7 @@ async def evol_instruct(
 
 async def _generate(
     count: int,
-    next_call: Callable[[int, GenerationOutcome], Awaitable[Step]],
+    next_call: NextCall,
     admit: Admit,
     concurrency: int,
     patience: int,

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
-from stillhouse.common.config import GrpcServiceSettings
-from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.config import GrpcServiceSettings, settings_config
 
 
 class StorageSettings(GrpcServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="STILLHOUSE_STORAGE_", extra="forbid", env_nested_delimiter="__"
-    )
+    model_config = settings_config("STILLHOUSE_STORAGE_")
 
     port: int = 50053
-    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     presign_max_seconds: int = Field(
         default=3600,
         ge=1,

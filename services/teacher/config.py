@@ -5,21 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
 
-from stillhouse.common.config import GrpcServiceSettings
-from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.config import GrpcServiceSettings, settings_config
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.teacher.egress import parse_allow_entry
 
 
 class TeacherSettings(GrpcServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="STILLHOUSE_TEACHER_", extra="forbid", env_nested_delimiter="__"
-    )
+    model_config = settings_config("STILLHOUSE_TEACHER_")
 
     port: int = 50052
-    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     cache_url: str = Field(
         default_factory=lambda: f"sqlite:///{stillhouse_home() / 'teacher-cache.db'}",
         description="Database of the answer cache: sqlite:///PATH or postgresql://USER@HOST/DB.",

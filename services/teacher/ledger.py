@@ -7,7 +7,7 @@ in it, and asks its `Budget` before it starts each call.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -142,15 +142,8 @@ class Ledger:
         return cost
 
     def add(self, other: Ledger) -> None:
-        self.requests += other.requests
-        self.cached_requests += other.cached_requests
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.cost_usd += other.cost_usd
-        self.alternative_slots += other.alternative_slots
-        self.masked_alternatives += other.masked_alternatives
-        self.top1_mismatches += other.top1_mismatches
-        self.stop_tokens_added += other.stop_tokens_added
+        for count in fields(self):
+            setattr(self, count.name, getattr(self, count.name) + getattr(other, count.name))
 
     def __add__(self, other: Ledger) -> Ledger:
         total = Ledger()
@@ -159,31 +152,11 @@ class Ledger:
         return total
 
     def to_proto(self) -> teacher_pb2.Ledger:
-        return teacher_pb2.Ledger(
-            requests=self.requests,
-            cached_requests=self.cached_requests,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cost_usd=self.cost_usd,
-            alternative_slots=self.alternative_slots,
-            masked_alternatives=self.masked_alternatives,
-            top1_mismatches=self.top1_mismatches,
-            stop_tokens_added=self.stop_tokens_added,
-        )
+        return teacher_pb2.Ledger(**{count.name: getattr(self, count.name) for count in fields(self)})
 
     @classmethod
     def from_proto(cls, message: teacher_pb2.Ledger) -> Ledger:
-        return cls(
-            requests=message.requests,
-            cached_requests=message.cached_requests,
-            prompt_tokens=message.prompt_tokens,
-            completion_tokens=message.completion_tokens,
-            cost_usd=message.cost_usd,
-            alternative_slots=message.alternative_slots,
-            masked_alternatives=message.masked_alternatives,
-            top1_mismatches=message.top1_mismatches,
-            stop_tokens_added=message.stop_tokens_added,
-        )
+        return cls(**{count.name: getattr(message, count.name) for count in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import SettingsConfigDict
 
-from stillhouse.common.config import GrpcServiceSettings
-from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.config import GrpcServiceSettings, settings_config
 from stillhouse.common.paths import stillhouse_home
 
 # Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
@@ -57,12 +55,9 @@ class LocalRaySettings(BaseModel):
 
 
 class TrainerSettings(GrpcServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="STILLHOUSE_TRAINER_", extra="forbid", env_nested_delimiter="__"
-    )
+    model_config = settings_config("STILLHOUSE_TRAINER_")
 
     port: int = 50054
-    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     ray_address: str | None = Field(
         default=None,
         description="Job-submission (dashboard) address of a Ray cluster, e.g. http://raycluster-head:8265; "

@@ -118,14 +118,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 with failures_as_status_codes():
                     trained = await self._runs.train(request.operation_id, spec, run, progress)
                 outcome = trained.outcome
-                sft_control = (
-                    await asyncio.to_thread(self._artifact_ref, run.sft_control_prefix)
-                    if "sft" in run.controls
-                    else None
-                )
+                sft_control = await self._artifact(run.sft_control_prefix) if "sft" in run.controls else None
                 return trainer_pb2.TrainStudentResult(
-                    student=await asyncio.to_thread(self._artifact_ref, run.student_prefix),
-                    baseline=await asyncio.to_thread(self._artifact_ref, run.baseline_prefix),
+                    student=await self._artifact(run.student_prefix),
+                    baseline=await self._artifact(run.baseline_prefix),
                     steps=outcome.steps,
                     tokens=outcome.tokens,
                     gpu_hours=trained.gpu_hours,
@@ -168,8 +164,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     outcome = await self._runs.evaluate(request.operation_id, run, progress)
                 references = outcome.reference_metrics
                 return trainer_pb2.EvaluateStudentResult(
-                    report=await asyncio.to_thread(self._artifact_ref, outcome.report_prefix),
-                    student=await asyncio.to_thread(self._artifact_ref, outcome.student_prefix),
+                    report=await self._artifact(outcome.report_prefix),
+                    student=await self._artifact(outcome.student_prefix),
                     recovery_percent=outcome.recovery_percent,
                     student_metrics=outcome.student_metrics,
                     baseline_metrics=outcome.baseline_metrics,
@@ -207,6 +203,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         )
 
     # --- results ----------------------------------------------------------------------------------
+
+    async def _artifact(self, prefix: str) -> operations_pb2.ArtifactRef:
+        """The artifact written under `prefix`, its manifest read off the event loop."""
+        return await asyncio.to_thread(self._artifact_ref, prefix)
 
     def _artifact_ref(self, prefix: str) -> operations_pb2.ArtifactRef:
         manifest = read_artifact_manifest(self._store, prefix)

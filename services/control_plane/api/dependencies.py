@@ -7,7 +7,8 @@ other job is 404 to it, exactly as a job that does not exist; an `admin` sees ev
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, Request
@@ -57,42 +58,23 @@ async def known_query_parameters_only(request: Request) -> None:
         raise ApiError(422, f"unknown query parameter {listed}; this route takes: {taken}")
 
 
-async def control_plane_settings(request: Request) -> ControlPlaneSettings:
-    return request.app.state.settings
+def app_state(attribute: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency that gives what the app keeps on `app.state` under `attribute`."""
 
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, attribute)
 
-async def access_control(request: Request) -> AccessControl:
-    return request.app.state.access
-
-
-async def input_roots(request: Request) -> InputRoots:
-    return request.app.state.input_roots
-
-
-async def job_store(request: Request) -> JobStore:
-    return request.app.state.store
-
-
-async def service_channels(request: Request) -> ServiceChannels:
-    return request.app.state.channels
-
-
-async def job_event_bus(request: Request) -> JobEventBus:
-    return request.app.state.bus
-
-
-async def orchestrator(request: Request) -> Orchestrator:
-    return request.app.state.orchestrator
+    return dependency
 
 
 Caller = Annotated[Principal, Depends(current_principal)]
-Settings = Annotated[ControlPlaneSettings, Depends(control_plane_settings)]
-Access = Annotated[AccessControl, Depends(access_control)]
-Roots = Annotated[InputRoots, Depends(input_roots)]
-Store = Annotated[JobStore, Depends(job_store)]
-Channels = Annotated[ServiceChannels, Depends(service_channels)]
-EventBus = Annotated[JobEventBus, Depends(job_event_bus)]
-JobOrchestrator = Annotated[Orchestrator, Depends(orchestrator)]
+Settings = Annotated[ControlPlaneSettings, Depends(app_state("settings"))]
+Access = Annotated[AccessControl, Depends(app_state("access"))]
+Roots = Annotated[InputRoots, Depends(app_state("input_roots"))]
+Store = Annotated[JobStore, Depends(app_state("store"))]
+Channels = Annotated[ServiceChannels, Depends(app_state("channels"))]
+EventBus = Annotated[JobEventBus, Depends(app_state("bus"))]
+JobOrchestrator = Annotated[Orchestrator, Depends(app_state("orchestrator"))]
 
 
 async def visible_job(store: JobStore, principal: Principal, job_id: str) -> JobRecord:

@@ -1,21 +1,12 @@
-"""teacher answers, keyed by the identity of the call
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-12-01
-"""
+"""teacher answers, keyed by the identity of the call"""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0001"
-down_revision: str | Sequence[str] | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0001"
+down_revision = None
 
 
 def upgrade() -> None:

@@ -2,23 +2,15 @@
 
 Answers stored before this revision were keyed with cache format 1 and no call asks for them any more;
 they get the values of an answer whose capture is not known.
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-12-02
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | Sequence[str] | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0002"
+down_revision = "0001"
 
 
 def upgrade() -> None:
