@@ -1,5 +1,5 @@
-"""The prompts stage of a job: read the seed prompts, generate more, clean them, split off the held-out prompts
-and write both datasets.
+"""The prompts stage of a job: read the seed prompts, generate more, clean them, split off the
+held-out prompts and write both datasets.
 
 Prompts stream through in chunks: read (or generated), cleaned (duplicates, lengths, languages), given
 the system prompt and their id, assigned to train or holdout by group (a template prompt with the others

@@ -1,4 +1,5 @@
-"""The teacher stage of a job: ask the teacher every prompt of the prompts datasets, write the answers datasets.
+"""The teacher stage of a job: ask the teacher every prompt of the prompts datasets, write the answers
+datasets.
 
 The prompts are read in order and answered by a sliding window of concurrent calls, so the answers
 dataset keeps the prompts' order. Every call goes through the cache first: a resumed or repeated stage
