@@ -58,7 +58,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "stillhouse.rayImage" -}}
 {{- $image := .Values.rayCluster.image }}
-{{- printf "%s/%s:%s" $image.registry $image.repository (default (printf "%s-gpu" .Chart.AppVersion) $image.tag) }}
+{{- printf "%s/%s:%s" $image.registry $image.repository (default .Chart.AppVersion $image.tag) }}
 {{- end }}
 
 {{- define "stillhouse.serviceAccountName" -}}
