@@ -558,7 +558,9 @@ def test_gpu_workers_request_gpus_and_land_on_gpu_nodes(render, values_name, gpu
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert pod["nodeSelector"]
+    # No node label by default: a node autoscaler matches the GPU request and toleration.
+    expected = {} if values_name == "default" else {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    assert pod.get("nodeSelector", {}) == expected
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"

@@ -206,31 +206,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Scheduling of a Deployment's pods: (dict "root" $ "component" "teacher" "values" .Values.teacher). */}}
-{{- define "stillhouse.scheduling" -}}
-{{- with .values.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .values.tolerations }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- if .root.Values.topologySpread.enabled }}
-topologySpreadConstraints:
-  - topologyKey: {{ .root.Values.topologySpread.topologyKey }}
-    maxSkew: {{ .root.Values.topologySpread.maxSkew }}
-    whenUnsatisfiable: {{ .root.Values.topologySpread.whenUnsatisfiable }}
-    labelSelector:
-      matchLabels:
-        {{- include "stillhouse.selectorLabels" . | nindent 8 }}
-{{- end }}
-{{- end }}
-
 {{/* The service token, as a file, for a Stillhouse process: (dict "root" $ "prefix" "PROMPTS"). */}}
 {{- define "stillhouse.serviceTokenEnv" -}}
 - name: STILLHOUSE_{{ .prefix }}_SERVICE_TOKEN_FILE
