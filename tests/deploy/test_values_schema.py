@@ -151,6 +151,19 @@ BAD_VALUES = [
     ("cache bound is whole", ["teacher.cache.maxEntries=1.5"], "/teacher/cache/maxEntries"),
     ("cache settings are known", ["teacher.cache.maxBytes=1"], "maxBytes"),
     ("pod settings are known", ["podDefaults.hostNetwork=true"], "hostNetwork"),
+    (
+        "no catch-all API server block",
+        ["networkPolicy.kubeApiServer.cidrs={0.0.0.0/0}"],
+        "/networkPolicy/kubeApiServer/cidrs",
+    ),
+    (
+        "API server CIDR syntax",
+        ["networkPolicy.kubeApiServer.cidrs={10.0.0.1}"],
+        "/networkPolicy/kubeApiServer/cidrs/0",
+    ),
+    ("private ranges are CIDRs", ["networkPolicy.privateCidrs={private}"], "/networkPolicy/privateCidrs/0"),
+    ("DNS needs a port", ["networkPolicy.dns.ports=null"], "ports"),
+    ("DNS settings are known", ["networkPolicy.dnsTo=null", "networkPolicy.dns.servers=x"], "servers"),
     ("runtime class name", ["teacher.runtimeClassName=Not_A_Name"], "/teacher/runtimeClassName"),
     (
         "priority class name",

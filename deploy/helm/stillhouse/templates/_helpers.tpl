@@ -342,13 +342,54 @@ securityContext:
 {{- end }}
 
 {{- define "stillhouse.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
 - to:
-    {{- toYaml .Values.networkPolicy.dnsTo | nindent 4 }}
+    {{- toYaml $dns.to | nindent 4 }}
   ports:
-    - port: 53
+    {{- range $dns.ports }}
+    - port: {{ . }}
       protocol: UDP
-    - port: 53
+    - port: {{ . }}
       protocol: TCP
+    {{- end }}
+{{- end }}
+
+{{/* The Kubernetes API server, for the Ray autoscaler: `networkPolicy.kubeApiServer.cidrs`, or, when
+empty, a rule without peers (any address on the API server's ports). */}}
+{{- define "stillhouse.kubeApiServerEgress" -}}
+{{- $api := .Values.networkPolicy.kubeApiServer -}}
+-
+  {{- with $api.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+  ports:
+    {{- range $api.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+
+{{/* Public addresses, for the teacher: every IPv4 and IPv6 address but link-local (cloud metadata),
+loopback and `networkPolicy.privateCidrs`. */}}
+{{- define "stillhouse.publicPeers" -}}
+{{- $private := .Values.networkPolicy.privateCidrs }}
+{{- $v4 := list "169.254.0.0/16" "127.0.0.0/8" }}
+{{- $v6 := list "fe80::/10" "::1/128" }}
+{{- range $private }}
+{{- if contains ":" . }}{{ $v6 = append $v6 . }}{{ else }}{{ $v4 = append $v4 . }}{{ end }}
+{{- end -}}
+- ipBlock:
+    cidr: 0.0.0.0/0
+    except:
+      {{- toYaml $v4 | nindent 6 }}
+- ipBlock:
+    cidr: ::/0
+    except:
+      {{- toYaml $v6 | nindent 6 }}
 {{- end }}
 
 {{/* (dict "root" $ "port" 9090) */}}
