@@ -4,9 +4,9 @@ protocols, rules without peers or ports).
 
 A connection from pod A to port P (TCP unless told otherwise) of pod B is allowed when some egress
 rule of a policy selecting A admits (B, P) — or no policy selecting A lists Egress — and likewise for
-B's ingress. ipBlock peers are
-taken to mean addresses outside the cluster: `OUTSIDE` stands for some such address, and an
-`ipaddress` address for that one (matched against the block's `cidr` and `except`).
+B's ingress. ipBlock peers are taken to mean addresses outside the cluster: `OUTSIDE` stands for some
+such address, and an `ipaddress` address for that one (matched against the block's `cidr` and
+`except`).
 """
 
 from __future__ import annotations

@@ -402,12 +402,24 @@ loopback and `networkPolicy.privateCidrs`. */}}
 {{- end }}
 
 {{/* A generated Secret value that stays the same on upgrades: the value already in the cluster if
-there is one, else a new random one. (dict "root" $ "secret" NAME "key" KEY "length" N) */}}
+there is one; else one derived from `generatedSecrets.seed`; else, when the render can read the cluster
+(helm install, upgrade, --dry-run=server) or `generatedSecrets.withoutCluster` is random, a new random
+one; else (helm template, helm lint) the render fails, naming the values that would make it stable.
+(dict "root" $ "secret" NAME "key" KEY "length" N "existing" "VALUE NAMING AN EXISTING SECRET") */}}
 {{- define "stillhouse.keptValue" -}}
-{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret }}
-{{- if and $existing (hasKey $existing.data .key) }}
+{{- $root := .root }}
+{{- $generated := $root.Values.generatedSecrets }}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace .secret }}
+{{- if and $existing (hasKey (default dict $existing.data) .key) }}
 {{- index $existing.data .key | b64dec }}
-{{- else }}
+{{- else if $generated.seed }}
+{{- sha256sum (printf "%s\n%s\n%s\n%s" $generated.seed $root.Release.Namespace .secret .key) | trunc (int .length) }}
+{{- else if eq $generated.withoutCluster "random" }}
 {{- randAlphaNum (int .length) }}
+{{- else if lookup "v1" "Secret" $root.Release.Namespace "" }}
+{{- /* The cluster answered a list (empty or not): a first install. */}}
+{{- randAlphaNum (int .length) }}
+{{- else }}
+{{- fail (printf "Secret %s (key %s) would get a new random value on every render: this render cannot read the cluster (helm template, helm lint, a client-side dry run) and generatedSecrets.withoutCluster is fail. Set generatedSecrets.seed (e.g. the output of `openssl rand -hex 32`) to derive every generated value from it, or %s." .secret .key .existing) }}
 {{- end }}
 {{- end }}
