@@ -20,9 +20,16 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "stillhouse"
 KIND = REPO / "deploy" / "kind"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+EXAMPLE_VALUES = sorted((CHART / "examples").glob("*.yaml"))
 DEV_VALUES = KIND / "dev-values.yaml"
-# The values sets every chart check runs over: the defaults, each ci/*.yaml, and Tilt's dev values.
-VALUES_SETS = {"default": None, **{path.stem: path for path in CI_VALUES}, "kind-dev": DEV_VALUES}
+# The values sets every chart check runs over: the defaults, each ci/*.yaml, each examples/*.yaml (one
+# per platform), and Tilt's dev values.
+VALUES_SETS = {
+    "default": None,
+    **{path.stem: path for path in CI_VALUES},
+    **{f"example-{path.stem}": path for path in EXAMPLE_VALUES},
+    "kind-dev": DEV_VALUES,
+}
 RELEASE = "demo"
 NAMESPACE = "distil"
 

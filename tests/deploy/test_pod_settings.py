@@ -211,8 +211,8 @@ def test_the_chart_keeps_its_own_annotations(helm: Helm, tmp_path: Path) -> None
     assert pods[f"Deployment/{PREFIX}-teacher"]["metadata"]["annotations"]["prometheus.io/port"] == "9090"
 
 
-def test_no_settings_no_extra_fields(rendered: list[Manifest]) -> None:
-    for name, pod in pod_templates(rendered).items():
+def test_no_settings_no_extra_fields(render) -> None:
+    for name, pod in pod_templates(render(None)).items():
         assert not {"runtimeClassName", "priorityClassName"} & set(pod["spec"]), name
         assert "envFrom" not in main_container(pod), name
 
