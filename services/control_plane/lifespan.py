@@ -12,6 +12,7 @@ import structlog
 from fastapi import FastAPI
 
 from stillhouse.common.database_retry import RetryPolicy
+from stillhouse.common.metrics_listener import start_metrics_listener
 from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.job_removal import ExpirySweep
@@ -59,10 +60,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sweep = _expiry_sweep(settings, store, channels)
     if sweep is not None:
         sweep.start()
-    log.info("control plane ready", address=f"{settings.host}:{settings.port}")
+    metrics = (
+        start_metrics_listener(settings.host, settings.metrics_port)
+        if settings.metrics_port is not None
+        else None
+    )
+    log.info(
+        "control plane ready",
+        address=f"{settings.host}:{settings.port}",
+        metrics_port=metrics.port if metrics else None,
+    )
     try:
         yield
     finally:
+        if metrics is not None:
+            metrics.close()
         if sweep is not None:
             await sweep.stop()
         await orchestrator.stop()
