@@ -1,6 +1,7 @@
 """What the control plane runs while it serves: the job store, the channels to the stage services, the
 orchestrator that drives jobs (resuming the unfinished ones at start) and, when configured, the sweep
-that deletes old jobs. Opened at startup onto `app.state`, closed at shutdown."""
+that deletes old jobs and the listener that serves the metrics without a token on `metrics_port`. Opened
+at startup onto `app.state`, closed at shutdown."""
 
 from __future__ import annotations
 
@@ -60,17 +61,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sweep = _expiry_sweep(settings, store, channels)
     if sweep is not None:
         sweep.start()
-    metrics = (
-        start_metrics_listener(settings.host, settings.metrics_port)
-        if settings.metrics_port is not None
-        else None
-    )
-    log.info(
-        "control plane ready",
-        address=f"{settings.host}:{settings.port}",
-        metrics_port=metrics.port if metrics else None,
-    )
+    metrics = None
     try:
+        if settings.metrics_port is not None:
+            metrics = start_metrics_listener(settings.host, settings.metrics_port)
+        log.info(
+            "control plane ready",
+            address=f"{settings.host}:{settings.port}",
+            metrics_port=metrics.port if metrics else None,
+        )
         yield
     finally:
         if metrics is not None:
