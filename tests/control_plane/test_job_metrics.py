@@ -1,0 +1,38 @@
+"""The running stages a control plane follows, as its metrics show them: how many of each stage, and the
+longest any of them has gone without progress."""
+
+from __future__ import annotations
+
+import time
+
+from stillhouse.control_plane.job_metrics import RunningStages
+from stillhouse.control_plane.phases import Stage
+
+
+def gauges(stages: RunningStages) -> dict[tuple[str, str], float]:
+    return {
+        (family.name, sample.labels["stage"]): sample.value
+        for family in stages.collect()
+        for sample in family.samples
+    }
+
+
+def test_a_quiet_stage_shows_beside_one_that_progresses() -> None:
+    stages = RunningStages()
+    stages.began("job-quiet", Stage.TEACHER)
+    stages.began("job-busy", Stage.TEACHER)
+    stages.began("job-train", Stage.TRAIN)
+    time.sleep(0.2)
+    stages.progressed("job-busy", Stage.TEACHER)
+    stages.progressed("job-train", Stage.TRAIN)
+
+    shown = gauges(stages)
+    assert shown[("stillhouse_stages_running", "teacher")] == 2
+    assert shown[("stillhouse_stages_running", "prompts")] == 0
+    assert shown[("stillhouse_stage_seconds_since_progress", "teacher")] >= 0.2
+    assert shown[("stillhouse_stage_seconds_since_progress", "train")] < 0.2
+
+    stages.ended("job-quiet")
+    shown = gauges(stages)
+    assert shown[("stillhouse_stages_running", "teacher")] == 1
+    assert shown[("stillhouse_stage_seconds_since_progress", "teacher")] < 0.2
