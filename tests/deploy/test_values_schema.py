@@ -150,6 +150,15 @@ BAD_VALUES = [
     ("cache bound is positive", ["teacher.cache.maxEntries=0"], "/teacher/cache/maxEntries"),
     ("cache bound is whole", ["teacher.cache.maxEntries=1.5"], "/teacher/cache/maxEntries"),
     ("cache settings are known", ["teacher.cache.maxBytes=1"], "maxBytes"),
+    ("metrics port in range", ["metrics.controlPlanePort=0"], "/metrics/controlPlanePort"),
+    ("alert window is a duration", ["metrics.prometheusRule.failedJobsWindow=soon"], "failedJobsWindow"),
+    (
+        "error ratio is a share",
+        {"metrics": {"prometheusRule": {"teacherErrorRatio": 1.5}}},
+        "teacherErrorRatio",
+    ),
+    ("dashboard labels are label names", {"metrics": {"grafanaDashboard": {"labels": {"a b": "1"}}}}, "a b"),
+    ("monitoring settings are known", ["metrics.serviceMonitor.port=9090"], "port"),
 ]
 
 
