@@ -56,7 +56,9 @@ class RunningStages(Collector):
         self._last_progress[job_id] = (stage, time.monotonic())
 
     def progressed(self, job_id: str, stage: Stage) -> None:
-        self._last_progress[job_id] = (stage, time.monotonic())
+        # Only a stage still followed: a late report must not bring back one that has ended.
+        if job_id in self._last_progress:
+            self._last_progress[job_id] = (stage, time.monotonic())
         STAGE_PROGRESS_EVENTS.labels(stage.value).inc()
 
     def ended(self, job_id: str) -> None:

@@ -36,3 +36,11 @@ def test_a_quiet_stage_shows_beside_one_that_progresses() -> None:
     shown = gauges(stages)
     assert shown[("stillhouse_stages_running", "teacher")] == 1
     assert shown[("stillhouse_stage_seconds_since_progress", "teacher")] < 0.2
+
+
+def test_a_report_after_the_stage_ended_does_not_bring_it_back() -> None:
+    stages = RunningStages()
+    stages.began("job-1", Stage.PROMPTS)
+    stages.ended("job-1")
+    stages.progressed("job-1", Stage.PROMPTS)
+    assert gauges(stages)[("stillhouse_stages_running", "prompts")] == 0
