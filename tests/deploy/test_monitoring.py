@@ -84,6 +84,16 @@ def test_every_process_has_a_metrics_port_that_its_service_monitor_scrapes(rende
         assert f"--metrics-port={declared['containerPort']}" in container["args"], process
 
 
+def test_annotation_based_scrapers_find_every_process_on_its_metrics_port(rendered: list[dict]) -> None:
+    for process in PROCESSES:
+        pod = named(rendered, "Deployment", f"{RELEASE}-stillhouse-{process}")["spec"]["template"]
+        annotations = pod["metadata"]["annotations"]
+        (port,) = [p for p in pod["spec"]["containers"][0]["ports"] if p["name"] == "metrics"]
+        assert annotations["prometheus.io/scrape"] == "true", process
+        assert annotations["prometheus.io/port"] == str(port["containerPort"]), process
+        assert annotations["prometheus.io/path"] == "/metrics", process
+
+
 def test_the_control_plane_metrics_port_is_not_its_api_port(render) -> None:
     manifests = render(None, ["metrics.controlPlanePort=9100"])
     container = named(manifests, "Deployment", f"{RELEASE}-stillhouse-control-plane")["spec"]["template"]
