@@ -104,7 +104,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.", show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.", show_default=False)] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Port of the Prometheus /metrics endpoint.", show_default=False)
+        int | None,
+        typer.Option(
+            help="Port of the Prometheus /metrics endpoint, open without a token.", show_default=False
+        ),
     ] = None,
 ) -> None:
     """Run one Stillhouse service in the foreground until SIGTERM or Ctrl-C."""
@@ -114,12 +117,7 @@ def serve(
     from stillhouse.common.service_credentials import ServiceCredentialsError
 
     settings_module, settings_class, server_module = _SERVICES[service]
-    flags: dict[str, Any] = {"host": host, "port": port}
-    if service is ServiceName.CONTROL_PLANE:
-        if metrics_port is not None:
-            raise _fail("the control plane serves its metrics on /metrics of the API: drop --metrics-port", 2)
-    else:
-        flags["metrics_port"] = metrics_port
+    flags: dict[str, Any] = {"host": host, "port": port, "metrics_port": metrics_port}
     settings_type = getattr(importlib.import_module(settings_module), settings_class)
     try:
         settings = settings_type.load(config, **flags)

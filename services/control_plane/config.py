@@ -31,6 +31,13 @@ class ControlPlaneSettings(ServiceCallSettings):
 
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of a second listener that serves only the Prometheus /metrics, without a token, "
+        "for the scraper (0: a free port); none serves no such port. The API's own /metrics needs a token.",
+    )
     database_url: str = Field(
         default_factory=lambda: f"sqlite:///{stillhouse_home() / 'stillhouse.db'}",
         description="sqlite:///PATH or postgresql://USER@HOST/DB",
@@ -88,6 +95,15 @@ class ControlPlaneSettings(ServiceCallSettings):
 
     # Read and checked once, at load, so that a bad file stops the process with an error naming it.
     _principals: PrincipalsFile | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _metrics_on_a_port_of_their_own(self) -> ControlPlaneSettings:
+        if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
+            raise ValueError(
+                f"metrics_port must differ from port ({self.port}): the API port serves metrics only with "
+                "a token"
+            )
+        return self
 
     @model_validator(mode="after")
     def _some_token(self) -> ControlPlaneSettings:

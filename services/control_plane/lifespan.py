@@ -1,6 +1,7 @@
 """What the control plane runs while it serves: the job store, the channels to the stage services, the
 orchestrator that drives jobs (resuming the unfinished ones at start) and, when configured, the sweep
-that deletes old jobs. Opened at startup onto `app.state`, closed at shutdown."""
+that deletes old jobs and the listener that serves the metrics without a token on `metrics_port`. Opened
+at startup onto `app.state`, closed at shutdown."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import structlog
 from fastapi import FastAPI
 
 from stillhouse.common.database_retry import RetryPolicy
+from stillhouse.common.metrics_listener import start_metrics_listener
 from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.job_removal import ExpirySweep
@@ -59,10 +61,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sweep = _expiry_sweep(settings, store, channels)
     if sweep is not None:
         sweep.start()
-    log.info("control plane ready", address=f"{settings.host}:{settings.port}")
+    metrics = None
     try:
+        if settings.metrics_port is not None:
+            metrics = start_metrics_listener(settings.host, settings.metrics_port)
+        log.info(
+            "control plane ready",
+            address=f"{settings.host}:{settings.port}",
+            metrics_port=metrics.port if metrics else None,
+        )
         yield
     finally:
+        if metrics is not None:
+            metrics.close()
         if sweep is not None:
             await sweep.stop()
         await orchestrator.stop()

@@ -22,6 +22,7 @@ from stillhouse.common.operations import State
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.control_plane.events import JobEventBus
+from stillhouse.control_plane.job_metrics import RUNNING_STAGES, entered_phase, stage_ended
 from stillhouse.control_plane.phases import STAGE_OF_PHASE, Phase, Stage, next_phase
 from stillhouse.control_plane.progress_events import ProgressEvents
 from stillhouse.control_plane.stage_calls import STAGE_CALLS, StageCall, operation_id_for, result_to_json
@@ -179,7 +180,8 @@ class Orchestrator:
             self._runners.pop(job_id, None)
 
     async def _set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> None:
-        await self._store.set_phase(job_id, phase, message)
+        job = await self._store.set_phase(job_id, phase, message)
+        entered_phase(job.tenant, phase)
         log.info("job phase", job_id=job_id, phase=phase.value, message=message)
         self._bus.notify()
 
@@ -205,28 +207,37 @@ class Orchestrator:
             step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt=1))
         results = await self._stage_results(job.id)
         request = call.build_request(step.operation_id, job.id, job.tenant, job.document["spec"], results)
+        RUNNING_STAGES.began(job.id, stage)
         try:
             operation = await self._until_final(job.id, call, step, request)
         except StageFailed as exc:
-            await self._store.finish_step(job.id, stage, StepState.FAILED, error=str(exc))
+            await self._finish_step(step, StepState.FAILED, error=str(exc))
             raise
         except StageCancelled:
-            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error="cancelled on request")
+            await self._finish_step(step, StepState.CANCELLED, error="cancelled on request")
             raise
+        finally:
+            RUNNING_STAGES.ended(job.id)
 
         if operation.state == State.OPERATION_STATE_SUCCEEDED:
             result = call.result_type()
             operation.result.Unpack(result)
-            await self._store.finish_step(job.id, stage, StepState.SUCCEEDED, result=result_to_json(result))
+            await self._finish_step(step, StepState.SUCCEEDED, result=result_to_json(result))
             return
         message = _status_text(call.service, operation)
         if operation.state == State.OPERATION_STATE_CANCELLED:
-            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error=message)
+            await self._finish_step(step, StepState.CANCELLED, error=message)
             if self._cancel_requests[job.id].is_set() or (await self._store.get_job(job.id)).cancel_requested:
                 raise StageCancelled
             raise StageFailed(message)
-        await self._store.finish_step(job.id, stage, StepState.FAILED, error=message)
+        await self._finish_step(step, StepState.FAILED, error=message)
         raise StageFailed(message)
+
+    async def _finish_step(self, step: StepRecord, state: StepState, **outcome: Any) -> None:
+        """Record how the step ended, and its time from start to end in the stage metrics."""
+        finished = await self._store.finish_step(step.job_id, step.stage, state, **outcome)
+        ended_at = finished.finished_at if finished.finished_at is not None else step.started_at
+        stage_ended(step.stage, state.value, (ended_at - step.started_at).total_seconds())
 
     async def _until_final(
         self, job_id: str, call: StageCall, step: StepRecord, request
@@ -265,7 +276,7 @@ class Orchestrator:
         step = await self._store.get_step(job.id, stage) if stage else None
         if step is not None and step.state is StepState.RUNNING:
             await self._cancel_operation(STAGE_CALLS[stage], step.operation_id)
-            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error="cancelled on request")
+            await self._finish_step(step, StepState.CANCELLED, error="cancelled on request")
 
     async def _cancel_operation(self, call: StageCall, operation_id: str) -> bool:
         """Ask the service to stop the operation; False when the service does not have it running."""
@@ -284,6 +295,7 @@ class Orchestrator:
         return True
 
     async def _progress_event(self, job_id: str, stage: Stage, operation: operations_pb2.Operation) -> None:
+        RUNNING_STAGES.progressed(job_id, stage)
         progress = operation.progress
         await self._store.append_event(
             job_id,

@@ -386,7 +386,7 @@ def test_pods_talk_exactly_along_the_designed_flows(default_network) -> None:
 def test_each_side_alone_allows_only_the_designed_flows(default_network) -> None:
     """Egress and ingress rules each enforce the flows, so one mistake does not open a path."""
     model, points = default_network
-    public_ports = {"control-plane": {8080}, "ray-head": {8080}, "ray-worker": {8080}} | {
+    public_ports = {"control-plane": {8080, 9090}, "ray-head": {8080, 44217, 44227}, "ray-worker": {8080}} | {
         service: {9090} for service in STAGE_SERVICES
     }
     egress, ingress = set(), set()
@@ -415,9 +415,9 @@ def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_n
     prometheus = Endpoint("prometheus", "monitoring", {"app": "prometheus"})
     reachable = {name: model.open_ports(prometheus, point) for name, point in points.items()}
     assert reachable == {
-        "control-plane": {8080},
+        "control-plane": {8080, 9090},
         **{service: {9090} for service in STAGE_SERVICES},
-        "ray-head": {8080},
+        "ray-head": {8080, 44217, 44227},
         "ray-worker": {8080},
         "minio": set(),
         "postgresql": set(),
@@ -570,8 +570,10 @@ def test_api_restricted_to_the_ingress_controller(render) -> None:
     points = by_name(endpoints(manifests))
     controller = Endpoint("nginx", "ingress-nginx", {"app": "ingress-nginx"})
     stranger = Endpoint("stranger", "default", {"app": "curl"})
-    assert model.open_ports(controller, points["control-plane"]) == {8080}
-    assert model.open_ports(stranger, points["control-plane"]) == set()
+    # The metrics port is open to networkPolicy.metricsFrom (pods in any namespace by default).
+    metrics = {9090}
+    assert model.open_ports(controller, points["control-plane"]) == {8080} | metrics
+    assert model.open_ports(stranger, points["control-plane"]) == metrics
     # `helm test` still reaches the API.
     assert model.open_ports(points["tests"], points["control-plane"]) == {8080}
     assert model.open_ports(points["tests"], points["teacher"]) == set()

@@ -215,6 +215,15 @@ BAD_VALUES = [
         },
         "/rayCluster/additionalWorkerGroups/0/name",
     ),
+    ("metrics port in range", ["metrics.controlPlanePort=0"], "/metrics/controlPlanePort"),
+    ("alert window is a duration", ["metrics.prometheusRule.failedJobsWindow=soon"], "failedJobsWindow"),
+    (
+        "error ratio is a share",
+        {"metrics": {"prometheusRule": {"teacherErrorRatio": 1.5}}},
+        "teacherErrorRatio",
+    ),
+    ("dashboard labels are label names", {"metrics": {"grafanaDashboard": {"labels": {"a b": "1"}}}}, "a b"),
+    ("monitoring settings are known", ["metrics.serviceMonitor.port=9090"], "port"),
 ]
 
 

@@ -31,6 +31,7 @@ from stillhouse.control_plane.api.openapi import (
 )
 from stillhouse.control_plane.api.submitted_job import SubmittedJob, preflight_warnings
 from stillhouse.control_plane.api_models import ErrorBody, FieldError, JobList, JobView
+from stillhouse.control_plane.job_metrics import entered_phase
 from stillhouse.control_plane.job_removal import RemovalFailed, remove_job
 from stillhouse.control_plane.phases import IllegalTransition, Phase
 from stillhouse.control_plane.principals import Principal, TenantQuota
@@ -126,6 +127,7 @@ async def submit_job(
     record = await _stored(store, job, document, principal, quota)
     request.state.created_job_id = record.id
     JOBS_SUBMITTED.inc()
+    entered_phase(record.tenant, record.phase)
     log.info(
         "job submitted", job_id=record.id, name=record.name, owner=principal.name, tenant=principal.tenant
     )

@@ -22,7 +22,7 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
   minReplicas: {{ $group.minReplicas }}
   maxReplicas: {{ $group.maxReplicas }}
   rayStartParams:
-    {{- toYaml (default dict $group.rayStartParams) | nindent 4 }}
+    {{- toYaml (merge (dict "metrics-export-port" "8080") (deepCopy (default dict $group.rayStartParams))) | nindent 4 }}
   template:
     metadata:
       {{- include "stillhouse.podMetadata" $ctx | nindent 6 }}
