@@ -94,23 +94,30 @@ class Orchestrator:
         self._cancel_requests: dict[str, asyncio.Event] = {}
 
     async def resume_unfinished(self) -> int:
-        """Pick up every job a previous control plane left unfinished."""
+        """Drive every unfinished job not driven yet (one a previous leader left, or one submitted through
+        another control plane) and pass on the cancel requests the store holds: how many it picked up."""
         jobs = await self._store.unfinished_jobs()
+        picked_up = [job.id for job in jobs if self.run(job.id)]
         for job in jobs:
-            self.run(job.id)
-        if jobs:
-            log.info("resuming unfinished jobs", count=len(jobs))
-        return len(jobs)
+            if job.cancel_requested:
+                self.request_cancel(job.id)
+        if picked_up:
+            log.info("resuming unfinished jobs", count=len(picked_up))
+        return len(picked_up)
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str) -> bool:
+        """Drive the job, unless it is being driven already (then False)."""
         if job_id in self._runners and not self._runners[job_id].done():
-            return
+            return False
         self._cancel_requests.setdefault(job_id, asyncio.Event())
         self._runners[job_id] = asyncio.create_task(self._drive(job_id), name=f"job {job_id}")
+        return True
 
     def request_cancel(self, job_id: str) -> None:
-        """Wake the job's runner after the store has recorded the cancel request."""
-        self._cancel_requests.setdefault(job_id, asyncio.Event()).set()
+        """Wake the job's runner after the store has recorded the cancel request (a job not being driven
+        finds the request in the store when it is)."""
+        if job_id in self._cancel_requests:
+            self._cancel_requests[job_id].set()
 
     async def stop(self) -> None:
         """Stop driving jobs; they stay as they are in the store and carry on after a restart."""

@@ -1,0 +1,144 @@
+"""The orchestrator's lease on real PostgreSQL: two holders, expiry, renewal, terms, and a leader cut
+off from the database that stops driving before another can take over."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
+
+from stillhouse.common import database
+from stillhouse.control_plane.leadership import DatabaseLease, Leadership
+from stillhouse.control_plane.store import JobStore
+
+LEASE_SECONDS = 2.0
+
+
+@pytest.fixture
+async def lease_for(postgres_database_url: str) -> AsyncIterator[Callable[..., DatabaseLease]]:
+    """Factory: `lease_for(holder, seconds=LEASE_SECONDS, url=...)`, a lease client on its own engine."""
+    await (await JobStore.open(postgres_database_url)).close()
+    leases: list[DatabaseLease] = []
+
+    def make(holder: str, seconds: float = LEASE_SECONDS, url: str = postgres_database_url) -> DatabaseLease:
+        leases.append(DatabaseLease(database.create_engine_for(url), holder, seconds))
+        return leases[-1]
+
+    yield make
+    for lease in leases:
+        await lease.close()
+
+
+async def test_one_holder_at_a_time_and_renewal_keeps_the_term(lease_for) -> None:
+    first, second = lease_for("first"), lease_for("second")
+    assert await first.acquire() == 1
+    assert await second.acquire() is None
+    for _ in range(3):
+        await asyncio.sleep(LEASE_SECONDS / 2)
+        assert await first.acquire() == 1  # renewed within its length: the same term
+        assert await second.acquire() is None
+
+
+async def test_an_expired_lease_passes_to_another_holder_in_a_new_term_and_fences_the_old(
+    lease_for,
+) -> None:
+    first, second = lease_for("first"), lease_for("second")
+    assert await first.acquire() == 1
+    taken_at = time.monotonic()
+    while (epoch := await second.acquire()) is None:
+        await asyncio.sleep(0.05)
+    waited = time.monotonic() - taken_at
+
+    assert epoch == 2
+    assert LEASE_SECONDS * 0.9 <= waited <= LEASE_SECONDS + 1.0
+    # The old holder's renewal finds its term taken: refused, however soon it asks.
+    assert await first.acquire() is None
+    await first.release(1)  # releasing a term it no longer holds changes nothing
+    assert await second.acquire() == 2
+
+
+async def test_a_released_lease_is_free_at_once(lease_for) -> None:
+    first, second = lease_for("first"), lease_for("second", seconds=60)
+    first_long = lease_for("first", seconds=60)
+    assert await first_long.acquire() == 1
+    await first_long.release(1)
+    assert await second.acquire() == 2
+    assert await first.acquire() is None
+
+
+class Recorder:
+    """The callbacks of one Leadership, with when each ran."""
+
+    def __init__(self) -> None:
+        self.elected: list[float] = []
+        self.deposed: list[float] = []
+
+    async def on_elected(self) -> None:
+        self.elected.append(time.monotonic())
+
+    async def on_deposed(self) -> None:
+        self.deposed.append(time.monotonic())
+
+    @property
+    def leading(self) -> bool:
+        return len(self.elected) > len(self.deposed)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_a_follower_takes_over_when_the_leader_stops_and_at_once_when_it_lets_go(lease_for) -> None:
+    first, second = Recorder(), Recorder()
+    leader = Leadership(lease_for("first"), first.on_elected, first.on_deposed)
+    follower = Leadership(lease_for("second"), second.on_elected, second.on_deposed)
+    await leader.start()
+    await wait_for(lambda: first.leading, LEASE_SECONDS, "the first to lead")
+    await follower.start()
+    await asyncio.sleep(LEASE_SECONDS * 1.5)  # renewals keep the lead where it is
+    assert first.leading and not second.leading and leader.epoch == 1
+
+    await leader.stop()  # a clean shutdown lets the lease go
+    took = await wait_for(lambda: second.leading, LEASE_SECONDS, "the follower to take over")
+    assert took < LEASE_SECONDS * 0.5 and follower.epoch == 2
+    assert first.deposed and not first.leading
+    await follower.stop()
+
+
+async def test_a_leader_cut_off_from_the_database_stops_driving_before_another_can_lead(
+    postgres_database_url: str, lease_for
+) -> None:
+    url = make_url(postgres_database_url)
+    first, second = Recorder(), Recorder()
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as network:
+        proxied = url.set(port=network.port).render_as_string(hide_password=False)
+        leader = Leadership(lease_for("first", url=proxied), first.on_elected, first.on_deposed)
+        follower = Leadership(lease_for("second"), second.on_elected, second.on_deposed)
+        await leader.start()
+        await wait_for(lambda: first.leading, LEASE_SECONDS, "the first to lead")
+        await follower.start()
+        await asyncio.sleep(LEASE_SECONDS / 2)
+
+        network.cut()
+        cut_at = time.monotonic()
+        await wait_for(lambda: second.leading, LEASE_SECONDS * 3, "the follower to take over")
+        network.heal()
+
+        # The cut-off leader stopped on its own, within its lease, and before the follower led.
+        assert first.deposed and first.deposed[0] - cut_at < LEASE_SECONDS
+        assert first.deposed[0] < second.elected[0]
+        assert not leader.leading and follower.epoch == 2
+        # Once it reaches the database again, it finds the lease taken and stays a follower.
+        await asyncio.sleep(LEASE_SECONDS)
+        assert not first.leading and len(first.elected) == 1
+        await leader.stop()
+        await follower.stop()
