@@ -1,5 +1,6 @@
 """The orchestrator's lease on real PostgreSQL: two holders, expiry, renewal, terms, and a leader cut
-off from the database that stops driving before another can take over."""
+off from the database that stops driving before another can take over; and the notifications that
+carry what one control plane writes to the others."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from tcp_proxy import TcpProxy
 
 from stillhouse.common import database
 from stillhouse.control_plane.leadership import DatabaseLease, Leadership
+from stillhouse.control_plane.notifications import (
+    CANCEL_REQUESTED,
+    EVENTS_WRITTEN,
+    JOB_SUBMITTED,
+    DatabaseListener,
+)
 from stillhouse.control_plane.store import JobStore
 
 LEASE_SECONDS = 2.0
@@ -142,3 +149,27 @@ async def test_a_leader_cut_off_from_the_database_stops_driving_before_another_c
         assert not first.leading and len(first.elected) == 1
         await leader.stop()
         await follower.stop()
+
+
+async def test_what_one_store_writes_is_announced_to_a_listener_of_another_process(
+    postgres_database_url: str,
+) -> None:
+    heard: dict[str, list[str]] = {JOB_SUBMITTED: [], CANCEL_REQUESTED: [], EVENTS_WRITTEN: []}
+    handlers = {channel: heard[channel].append for channel in heard}
+    listener = DatabaseListener(postgres_database_url, handlers)
+    store = await JobStore.open(postgres_database_url)
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        await store.create_job("job-1", "a", {"spec": {}}, {}, owner="alice", tenant="team-a")
+        await store.append_event("job-1", "progress", {"done": 1})
+        await store.request_cancel("job-1")
+        await wait_for(
+            lambda: len(heard[EVENTS_WRITTEN]) >= 2 and heard[CANCEL_REQUESTED], 5, "notifications"
+        )
+    finally:
+        await listener.stop()
+        await store.close()
+    assert heard[JOB_SUBMITTED] == ["job-1"]
+    assert heard[CANCEL_REQUESTED] == ["job-1"]
+    assert set(heard[EVENTS_WRITTEN]) == {"job-1"}  # the Pending phase event, then the progress event
