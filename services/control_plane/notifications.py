@@ -53,7 +53,7 @@ class DatabaseListener:
         while True:
             try:
                 await self._listen()
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:  # a lost connection above all; whatever it was, listen again
                 self.listening.clear()
                 log.warning("database notifications interrupted; reconnecting", error=str(exc))
             await asyncio.sleep(RECONNECT_SECONDS)

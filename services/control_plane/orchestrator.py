@@ -4,7 +4,12 @@ Every step is written to the store before it starts (with its operation id) and 
 every service call is idempotent on that id. A control plane that is killed and started again finds
 each unfinished job in the store and carries on: a finished step is not run again, and a running one is
 re-attached by calling Start again with the same id, which the service answers with the operation it
-already has (or starts anew if the service itself forgot it).
+already has (or starts anew if the service itself forgot it). The id is recorded before Start is sent and
+is the same for every try of one attempt (`operation_id_for`), so no Start can go out under an id the
+store does not hold.
+
+Among control planes sharing a database, only the leader's orchestrator drives jobs (`leadership`,
+`dispatch`): a new leader resumes the unfinished jobs exactly as a restarted control plane does.
 """
 
 from __future__ import annotations

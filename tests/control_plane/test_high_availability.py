@@ -13,6 +13,8 @@ import time
 import pytest
 from httpx_sse import connect_sse
 from scripted_jobs import STAGE_RPCS, start_stages, submit, wait_for_phase
+from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
 
 LEASE_SECONDS = 2.0
 LEADING = "leading: driving the jobs"
@@ -134,6 +136,42 @@ def test_the_follower_takes_over_from_a_killed_leader_and_starts_no_stage_twice(
         assert len(stages.new_starts(rpc)) == 1, f"{rpc} ran {len(stages.new_starts(rpc))} times"
     assert [step["attempt"] for step in job["steps"]] == [1, 1, 1, 1]
     assert drove(follower, job_id)
+
+
+def logged_at(control_plane, event: str) -> str:
+    """When the control plane first logged `event` (its JSON log's ISO timestamp)."""
+    for line in control_plane.log.splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == event:
+            return json.loads(line)["timestamp"]
+    raise AssertionError(f"{control_plane.name} never logged {event!r}")
+
+
+def test_a_leader_cut_off_from_the_database_stops_driving_and_the_follower_carries_on(
+    postgres_database_url, processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path
+):
+    stages = start_stages(processes, free_port(), tmp_path / "journal.jsonl", 2.0)
+    wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+    migrate(postgres_database_url)
+    services = {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")}
+    database = make_url(postgres_database_url)
+    # The leader reaches PostgreSQL through a proxy that the test cuts; the stage services it still reaches.
+    with TcpProxy(database.host or "127.0.0.1", database.port or 5432) as network:
+        proxied = database.set(port=network.port).render_as_string(hide_password=False)
+        leader = control_plane_on(control_plane_at, services, proxied, "leader")
+        leader.start()
+        wait_until(lambda: LEADING in leader.log, LEASE_SECONDS * 2, "the first control plane to lead")
+        follower = control_plane_on(control_plane_at, services, postgres_database_url, "follower")
+        follower.start()
+        with follower.client() as client:
+            job_id = submit(client)
+            wait_for_phase(wait_until, client, job_id, {"Teacher"})
+            network.cut()
+            wait_until(lambda: LEADING in follower.log, LEASE_SECONDS * 3, "the follower to take the lead")
+            assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, 60) == "Succeeded"
+
+    assert logged_at(leader, "no longer leading: stopped driving the jobs") < logged_at(follower, LEADING)
+    for rpc in STAGE_RPCS:
+        assert len(stages.new_starts(rpc)) == 1, f"{rpc} ran {len(stages.new_starts(rpc))} times"
 
 
 def test_a_control_plane_that_leaves_migrating_to_the_command_waits_for_it(
