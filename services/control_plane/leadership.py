@@ -8,7 +8,9 @@ outright simply stops renewing, and a follower takes the lease once it has expir
 is away, or a network partition cuts it off) stops driving jobs once four fifths of the lease, counted
 from before it asked for its last renewal, have passed: before the lease can have expired in the
 database, so two leaders never drive at once. Each new holder starts a new term (`epoch`); a holder
-whose term has been taken over cannot renew it.
+whose term has been taken over cannot renew it. The leader's orchestrator writes through a store fenced
+with its term (`JobStore.fenced`): should a leader be paused past its lease (a frozen VM) and wake
+driving, its next write of a phase, step or event fails (`LeaseLost`) instead of landing.
 
 A control plane on SQLite (embedded mode) is the only one on its database and always leads.
 """
@@ -27,7 +29,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stillhouse.common.database_retry import describe
-from stillhouse.control_plane.store import LeaseRow
+from stillhouse.control_plane.store import LeaseFence, LeaseRow
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +53,8 @@ class DatabaseLease:
         self.holder = holder
         self.seconds = seconds
         self.name = name
+        # The term the leader's writes are fenced with (`JobStore.fenced`): set only while it leads.
+        self.fence = LeaseFence(name, holder)
 
     async def acquire(self) -> int | None:
         """Renew the lease if this holder has it, or take it if it is free or expired: its epoch. None
@@ -159,7 +163,7 @@ class Leadership:
     async def _take_term(self, epoch: int) -> None:
         if self.leading:
             await self._step_down("the lease lapsed into a new term")
-        self._epoch = epoch
+        self._epoch = self._lease.fence.epoch = epoch
         log.info("leading: driving the jobs", holder=self._lease.holder, epoch=epoch)
         try:
             await self._on_elected()
@@ -169,7 +173,7 @@ class Leadership:
 
     async def _step_down(self, reason: str) -> None:
         log.warning("no longer leading: stopped driving the jobs", reason=reason, epoch=self._epoch)
-        self._epoch = None
+        self._epoch = self._lease.fence.epoch = None
         await self._on_deposed()
 
 

@@ -46,12 +46,12 @@ def _shares_database(settings: ControlPlaneSettings) -> bool:
     return database.database_urls(settings.database_url)[0].get_backend_name() == "postgresql"
 
 
-def _leadership(settings: ControlPlaneSettings, dispatch: JobDispatch) -> Leadership | SoleLeader:
+def _lease(settings: ControlPlaneSettings) -> DatabaseLease | None:
+    """The orchestrator's lease, on a connection pool of its own (busy jobs never hold up a renewal)."""
     if not _shares_database(settings):
-        return SoleLeader(dispatch.lead, dispatch.follow)
+        return None
     engine = database.create_engine_for(settings.database_url)
-    lease = DatabaseLease(engine, new_holder_id(), settings.leader_lease_seconds)
-    return Leadership(lease, dispatch.lead, dispatch.follow)
+    return DatabaseLease(engine, new_holder_id(), settings.leader_lease_seconds)
 
 
 def _listener(
@@ -93,13 +93,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.services.model_dump(), app.state.service_credentials, FollowBounds.of(settings)
     )
     bus = JobEventBus()
-    dispatch = _dispatch(settings, store, channels, bus)
+    lease = _lease(settings)
+    dispatch = _dispatch(settings, store if lease is None else store.fenced(lease.fence), channels, bus)
     app.state.store, app.state.bus, app.state.dispatch = store, bus, dispatch
     app.state.channels = channels
     listener = _listener(settings, dispatch, bus)
     if listener is not None:
         listener.start()
-    leadership = _leadership(settings, dispatch)
+    leadership = (
+        SoleLeader(dispatch.lead, dispatch.follow)
+        if lease is None
+        else Leadership(lease, dispatch.lead, dispatch.follow)
+    )
     await leadership.start()
     sweep = _expiry_sweep(settings, store, channels)
     if sweep is not None:

@@ -36,7 +36,7 @@ from stillhouse.control_plane.start_and_follow import (
     describe_rpc_error,
     start_and_follow,
 )
-from stillhouse.control_plane.store import JobRecord, JobStore, StepRecord, StepState
+from stillhouse.control_plane.store import JobRecord, JobStore, LeaseLost, StepRecord, StepState
 
 log = structlog.get_logger(__name__)
 
@@ -183,6 +183,8 @@ class Orchestrator:
                         await self._set_phase(job_id, next_phase(job.phase))
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:
+            bound.warning("no longer leading: the job is left to the next leader", error=str(exc))
         except Exception as exc:  # a bug: the job must not hang in a working phase
             bound.exception("job runner crashed")
             await self._fail(job_id, f"internal error in the control plane: {type(exc).__name__}: {exc}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -150,6 +151,23 @@ class TenantUsage:
 
     unfinished_jobs: int
     jobs_since: list[JobActivity]
+
+
+@dataclass
+class LeaseFence:
+    """A term of a lease (`LeaseRow`) that a store's writes must be made under: the holder sets `epoch`
+    when it takes the lease up and clears it when it stops leading."""
+
+    name: str
+    holder: str
+    epoch: int | None = None
+
+
+class LeaseLost(RuntimeError):
+    """A fenced write found its term of the lease over: another control plane may lead now."""
+
+    def __init__(self, fence: LeaseFence) -> None:
+        super().__init__(f"the {fence.name} lease is no longer held by {fence.holder} in term {fence.epoch}")
 
 
 class JobNotFound(LookupError):
@@ -431,6 +449,32 @@ class JobStore:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.retry_policy = retry_policy
+        self._fence: LeaseFence | None = None
+
+    def fenced(self, fence: LeaseFence) -> JobStore:
+        """This store, but its writes of phases, steps and events are made only under `fence`'s term of the
+        lease (LeaseLost otherwise); each write holds the lease row share-locked until it commits, so a
+        takeover cannot come in between the check and the write."""
+        view = copy.copy(self)
+        view._fence = fence
+        return view
+
+    async def _check_fence(self, session: AsyncSession) -> None:
+        fence = self._fence
+        if fence is None:
+            return
+        held = fence.epoch is not None and await session.scalar(
+            select(LeaseRow.epoch)
+            .where(
+                LeaseRow.name == fence.name,
+                LeaseRow.holder == fence.holder,
+                LeaseRow.epoch == fence.epoch,
+                LeaseRow.expires_at > func.now(),
+            )
+            .with_for_update(read=True)
+        )
+        if not held:
+            raise LeaseLost(fence)
 
     @classmethod
     async def open(
@@ -608,6 +652,7 @@ class JobStore:
     ) -> JobRecord | None:
         """One try of set_phase; None when another writer moved the job first (then it checks again)."""
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             row = await _job_row(session, job_id)
             current = Phase(row.phase)
             if current is phase and row.updated_at == now:
@@ -677,6 +722,7 @@ class JobStore:
     @retry_transient
     async def _insert_step(self, job_id: str, stage: Stage, operation_id: str) -> StepRecord:
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             await _job_row(session, job_id)
             row = StepRow(job_id=job_id, stage=stage.value, **_running_step(operation_id, attempt=1))
             session.add(row)
@@ -686,6 +732,7 @@ class JobStore:
     async def _update_step(self, step: StepRecord, **values: Any) -> StepRecord | None:
         """Update `step` unless another writer changed it since it was read (then None)."""
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             row = await session.scalar(
                 update(StepRow)
                 .where(
@@ -742,6 +789,7 @@ class JobStore:
         # A retry after a commit whose answer was lost appends the event twice: a repeated progress or
         # error event, which its readers can bear.
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             # Holding the job's row lock while inserting makes a job's events commit in id order,
             # so a reader resuming after the last id it saw never skips one.
             await _job_row(session, job_id, for_update=True)

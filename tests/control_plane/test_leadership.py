@@ -20,7 +20,8 @@ from stillhouse.control_plane.notifications import (
     JOB_SUBMITTED,
     DatabaseListener,
 )
-from stillhouse.control_plane.store import JobStore
+from stillhouse.control_plane.phases import Phase, Stage
+from stillhouse.control_plane.store import JobStore, LeaseLost, StepState
 
 LEASE_SECONDS = 2.0
 
@@ -75,6 +76,41 @@ async def test_a_released_lease_is_free_at_once(lease_for) -> None:
     await first_long.release(1)
     assert await second.acquire() == 2
     assert await first.acquire() is None
+
+
+async def test_a_fenced_store_writes_only_under_its_term_of_the_lease(
+    postgres_database_url, lease_for
+) -> None:
+    first, second = lease_for("first"), lease_for("second")
+    store = await JobStore.open(postgres_database_url)
+    fenced = store.fenced(first.fence)
+    try:
+        await store.create_job("job-1", "a", {"spec": {}}, {}, owner="alice", tenant="team-a")
+        with pytest.raises(LeaseLost):  # a fence without a term: not leading yet
+            await fenced.set_phase("job-1", Phase.PROMPTS)
+        first.fence.epoch = await first.acquire()
+        await fenced.set_phase("job-1", Phase.PROMPTS)
+        await fenced.begin_step("job-1", Stage.PROMPTS, "job-1.prompts.1")
+        await fenced.append_event("job-1", "progress", {"done": 1})
+
+        await asyncio.sleep(LEASE_SECONDS + 0.2)  # expired, though nobody has taken it yet
+        with pytest.raises(LeaseLost):
+            await fenced.append_event("job-1", "progress", {"done": 2})
+        assert await second.acquire() == 2
+        with pytest.raises(LeaseLost):
+            await fenced.finish_step("job-1", Stage.PROMPTS, StepState.SUCCEEDED, result={})
+        with pytest.raises(LeaseLost):
+            await fenced.set_phase("job-1", Phase.TEACHER)
+
+        # Nothing of the old term's late writes landed; the store without a fence still writes.
+        assert (await store.get_job("job-1")).phase is Phase.PROMPTS
+        assert (await store.get_step("job-1", Stage.PROMPTS)).state is StepState.RUNNING
+        assert [event.data for event in await store.events_after("job-1") if event.type == "progress"] == [
+            {"done": 1}
+        ]
+        await store.finish_step("job-1", Stage.PROMPTS, StepState.SUCCEEDED, result={})
+    finally:
+        await store.close()
 
 
 class Recorder:
