@@ -152,10 +152,17 @@ class Leadership:
         patience = self._lease.seconds * RENEW_FRACTION
         if self.leading:
             patience = max(0.05, self._stop_at - loop.time())
-        try:
-            return True, await asyncio.wait_for(self._lease.acquire(), patience)
-        except TimeoutError:
+        asking = asyncio.ensure_future(self._lease.acquire())
+        # Not wait_for: behind a partition, even the cancelled call's clean-up (a ROLLBACK) hangs, and
+        # the step-down must not wait for it.
+        await asyncio.wait({asking}, timeout=patience)
+        if not asking.done():
+            asking.cancel()
+            asking.add_done_callback(_forget)
             log.warning("the lease's database did not answer in time", seconds=round(patience, 2))
+            return False, None
+        try:
+            return True, asking.result()
         except Exception as exc:  # any database error: unreachable for now, as far as leading goes
             log.warning("cannot reach the lease's database", error=describe(exc))
         return False, None
@@ -175,6 +182,12 @@ class Leadership:
         log.warning("no longer leading: stopped driving the jobs", reason=reason, epoch=self._epoch)
         self._epoch = self._lease.fence.epoch = None
         await self._on_deposed()
+
+
+def _forget(task: asyncio.Future) -> None:
+    """Retrieve the outcome of a call given up on, so that asyncio does not report it as never seen."""
+    if not task.cancelled():
+        task.exception()
 
 
 class SoleLeader:

@@ -146,9 +146,11 @@ def logged_at(control_plane, event: str) -> str:
     raise AssertionError(f"{control_plane.name} never logged {event!r}")
 
 
+@pytest.mark.parametrize("partition", ["cut", "stall"])
 def test_a_leader_cut_off_from_the_database_stops_driving_and_the_follower_carries_on(
-    postgres_database_url, processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path
+    postgres_database_url, processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path, partition
 ):
+    """`cut`: the leader's connections are dropped and refused; `stall`: they hang, answering nothing."""
     stages = start_stages(processes, free_port(), tmp_path / "journal.jsonl", 2.0)
     wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
     migrate(postgres_database_url)
@@ -165,7 +167,7 @@ def test_a_leader_cut_off_from_the_database_stops_driving_and_the_follower_carri
         with follower.client() as client:
             job_id = submit(client)
             wait_for_phase(wait_until, client, job_id, {"Teacher"})
-            network.cut()
+            getattr(network, partition)()
             wait_until(lambda: LEADING in follower.log, LEASE_SECONDS * 3, "the follower to take the lead")
             assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed"}, 60) == "Succeeded"
 

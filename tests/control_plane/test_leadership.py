@@ -157,9 +157,11 @@ async def test_a_follower_takes_over_when_the_leader_stops_and_at_once_when_it_l
     await follower.stop()
 
 
+@pytest.mark.parametrize("partition", ["cut", "stall"])
 async def test_a_leader_cut_off_from_the_database_stops_driving_before_another_can_lead(
-    postgres_database_url: str, lease_for
+    postgres_database_url: str, lease_for, partition: str
 ) -> None:
+    """`cut`: its connections are dropped and refused; `stall`: they hang, answering nothing."""
     url = make_url(postgres_database_url)
     first, second = Recorder(), Recorder()
     with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as network:
@@ -171,7 +173,7 @@ async def test_a_leader_cut_off_from_the_database_stops_driving_before_another_c
         await follower.start()
         await asyncio.sleep(LEASE_SECONDS / 2)
 
-        network.cut()
+        getattr(network, partition)()
         cut_at = time.monotonic()
         await wait_for(lambda: second.leading, LEASE_SECONDS * 3, "the follower to take over")
         network.heal()
