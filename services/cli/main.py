@@ -185,6 +185,35 @@ def up(
     raise typer.Exit(code)
 
 
+@app.command()
+def migrate(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="STILLHOUSE_CONTROL_PLANE_DATABASE_URL",
+            help="The job store: sqlite:///PATH or postgresql://USER@HOST/DB (default: the database of "
+            "`stillhouse up` in $STILLHOUSE_HOME).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Bring the job store's database to this release's schema (idempotent). The Helm chart runs it
+    before every install and upgrade; embedded mode migrates at start-up by itself."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from stillhouse.control_plane.store import migrate as migrate_job_store
+
+    url = database_url or f"sqlite:///{stillhouse_home() / 'stillhouse.db'}"
+    try:
+        migrate_job_store(url)
+    except ValueError as exc:
+        raise _fail(f"--database-url: {exc}", 2) from None
+    except SQLAlchemyError as exc:
+        raise _fail(f"cannot migrate the job store: {type(exc).__name__}: {exc.orig or exc}") from None
+    console.print("the job store's schema is up to date")
+
+
 # --- driving jobs -------------------------------------------------------------------------------
 
 

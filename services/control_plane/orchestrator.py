@@ -4,7 +4,12 @@ Every step is written to the store before it starts (with its operation id) and 
 every service call is idempotent on that id. A control plane that is killed and started again finds
 each unfinished job in the store and carries on: a finished step is not run again, and a running one is
 re-attached by calling Start again with the same id, which the service answers with the operation it
-already has (or starts anew if the service itself forgot it).
+already has (or starts anew if the service itself forgot it). The id is recorded before Start is sent and
+is the same for every try of one attempt (`operation_id_for`), so no Start can go out under an id the
+store does not hold.
+
+Among control planes sharing a database, only the leader's orchestrator drives jobs (`leadership`,
+`dispatch`): a new leader resumes the unfinished jobs exactly as a restarted control plane does.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from stillhouse.control_plane.start_and_follow import (
     describe_rpc_error,
     start_and_follow,
 )
-from stillhouse.control_plane.store import JobRecord, JobStore, StepRecord, StepState
+from stillhouse.control_plane.store import JobRecord, JobStore, LeaseLost, StepRecord, StepState
 
 log = structlog.get_logger(__name__)
 
@@ -95,23 +100,30 @@ class Orchestrator:
         self._cancel_requests: dict[str, asyncio.Event] = {}
 
     async def resume_unfinished(self) -> int:
-        """Pick up every job a previous control plane left unfinished."""
+        """Drive every unfinished job not driven yet (one a previous leader left, or one submitted through
+        another control plane) and pass on the cancel requests the store holds: how many it picked up."""
         jobs = await self._store.unfinished_jobs()
+        picked_up = [job.id for job in jobs if self.run(job.id)]
         for job in jobs:
-            self.run(job.id)
-        if jobs:
-            log.info("resuming unfinished jobs", count=len(jobs))
-        return len(jobs)
+            if job.cancel_requested:
+                self.request_cancel(job.id)
+        if picked_up:
+            log.info("resuming unfinished jobs", count=len(picked_up))
+        return len(picked_up)
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str) -> bool:
+        """Drive the job, unless it is being driven already (then False)."""
         if job_id in self._runners and not self._runners[job_id].done():
-            return
+            return False
         self._cancel_requests.setdefault(job_id, asyncio.Event())
         self._runners[job_id] = asyncio.create_task(self._drive(job_id), name=f"job {job_id}")
+        return True
 
     def request_cancel(self, job_id: str) -> None:
-        """Wake the job's runner after the store has recorded the cancel request."""
-        self._cancel_requests.setdefault(job_id, asyncio.Event()).set()
+        """Wake the job's runner after the store has recorded the cancel request (a job not being driven
+        finds the request in the store when it is)."""
+        if job_id in self._cancel_requests:
+            self._cancel_requests[job_id].set()
 
     async def stop(self) -> None:
         """Stop driving jobs; they stay as they are in the store and carry on after a restart."""
@@ -172,6 +184,8 @@ class Orchestrator:
                         await self._set_phase(job_id, next_phase(job.phase))
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:
+            bound.warning("no longer leading: the job is left to the next leader", error=str(exc))
         except Exception as exc:  # a bug: the job must not hang in a working phase
             bound.exception("job runner crashed")
             await self._fail(job_id, f"internal error in the control plane: {type(exc).__name__}: {exc}")

@@ -155,11 +155,11 @@ def named(manifests: Iterable[Manifest], kind: str, name: str) -> Manifest:
 
 def pod_templates(manifests: Iterable[Manifest]) -> dict[str, dict]:
     """Every pod the release makes, by a readable name -> {"metadata": ..., "spec": ...}: Deployments,
-    StatefulSets, the RayCluster's head and worker groups, and the `helm test` pods."""
+    StatefulSets, Jobs, the RayCluster's head and worker groups, and the `helm test` pods."""
     pods = {}
     for manifest in manifests:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
-        if kind in ("Deployment", "StatefulSet"):
+        if kind in ("Deployment", "StatefulSet", "Job"):
             pods[f"{kind}/{name}"] = manifest["spec"]["template"]
         elif kind == "Pod":
             pods[f"Pod/{name}"] = {"metadata": manifest["metadata"], "spec": manifest["spec"]}

@@ -42,7 +42,7 @@ def test_eks_gives_roles_to_the_ray_pods_and_trainer_and_scales_gpus_from_zero(r
 def test_gke_uses_workload_identity_and_accelerator_labels(render) -> None:
     manifests = render(VALUES_SETS["example-gke-values"])
     accounts = annotations_by_account(manifests)
-    assert len(accounts) == 8
+    assert len(accounts) == 9
     assert {a["iam.gke.io/gcp-service-account"] for a in accounts.values()} == {
         "stillhouse@acme-ml.iam.gserviceaccount.com"
     }

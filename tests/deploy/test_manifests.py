@@ -62,9 +62,10 @@ def test_every_container_has_requests_and_a_memory_limit(rendered: list[dict]) -
 
 
 def test_every_long_running_container_has_probes(rendered: list[dict]) -> None:
-    """Ray containers are left out: KubeRay adds its own probes to the Ray containers it runs."""
+    """Ray containers are left out: KubeRay adds its own probes to the Ray containers it runs; and pods
+    that run to completion (Jobs, `helm test` pods)."""
     for name, pod in pod_templates(rendered).items():
-        if name.startswith("Pod/") or is_ray(name):
+        if name.startswith(("Pod/", "Job/")) or is_ray(name):
             continue
         for container in pod["spec"]["containers"]:
             for probe in ("readinessProbe", "livenessProbe"):
@@ -347,6 +348,7 @@ EXPECTED_FLOWS = {
     ("ray-head", "minio"),
     ("ray-worker", "minio"),
     ("tests", "control-plane"),
+    ("migrations", "postgresql"),
 }
 
 
@@ -422,6 +424,7 @@ def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_n
         "minio": set(),
         "postgresql": set(),
         "tests": set(),
+        "migrations": set(),
     }
 
 
@@ -710,15 +713,49 @@ def test_each_deployment_has_a_disruption_budget_and_spreads_over_nodes(render) 
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         budget = budgets[f"{PREFIX}-{component}"]
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        assert budget["spec"]["maxUnavailable"] >= 1
+        if component == "control-plane":  # one pod stays up, and one may go: drains proceed
+            assert deployment["spec"]["replicas"] > budget["spec"]["minAvailable"] >= 1
+        else:
+            assert budget["spec"]["maxUnavailable"] >= 1
         (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
         assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
-def test_control_plane_never_runs_twice(rendered: list[dict]) -> None:
+def test_control_plane_replicas_roll_with_one_always_serving(rendered: list[dict]) -> None:
     deployment = named(rendered, "Deployment", f"{PREFIX}-control-plane")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    assert env["STILLHOUSE_CONTROL_PLANE_MIGRATE_AT_START"] == "false"
+    assert float(env["STILLHOUSE_CONTROL_PLANE_LEADER_LEASE_SECONDS"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("values_name", "install_hook"), [("default", "post-install"), ("external-storage-values", "pre-install")]
+)
+def test_migrations_run_as_a_hook_job_with_the_control_planes_image_and_database(
+    render, values_name: str, install_hook: str
+) -> None:
+    """With the chart's PostgreSQL, which the install creates, the migrations run right after install."""
+    manifests = render(VALUES_SETS[values_name])
+    job = named(manifests, "Job", f"{PREFIX}-migrations")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == f"{install_hook},pre-upgrade"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    control_plane = named(manifests, "Deployment", f"{PREFIX}-control-plane")["spec"]["template"]["spec"]
+    assert container["command"] == ["stillhouse", "migrate"]
+    assert container["image"] == control_plane["containers"][0]["image"]
+    assert container["securityContext"] == control_plane["containers"][0]["securityContext"]
+    assert job["spec"]["template"]["spec"]["securityContext"] == control_plane["securityContext"]
+    database_url = [v for v in container["env"] if v["name"] == "STILLHOUSE_CONTROL_PLANE_DATABASE_URL"]
+    assert database_url == [
+        v
+        for v in control_plane["containers"][0]["env"]
+        if v["name"] == "STILLHOUSE_CONTROL_PLANE_DATABASE_URL"
+    ]
 
 
 def test_teacher_autoscaler_owns_the_replica_count(render) -> None:

@@ -14,7 +14,13 @@ from .conftest import Helm
 BAD_VALUES = [
     ("unknown top-level key", {"teachr": {"replicas": 2}}, "teachr"),
     ("unknown nested key", {"teacher": {"replica": 2}}, "replica"),
-    ("control plane runs once", ["controlPlane.replicas=2"], "/controlPlane/replicas"),
+    ("control plane runs at least once", ["controlPlane.replicas=0"], "/controlPlane/replicas"),
+    (
+        "a leader's lease is bounded",
+        ["controlPlane.leaderLeaseSeconds=0.5"],
+        "/controlPlane/leaderLeaseSeconds",
+    ),
+    ("control plane budget keeps pods up", ["controlPlane.pdb.maxUnavailable=1"], "maxUnavailable"),
     ("service token key is a file name", ["serviceToken.key=../token"], "/serviceToken/key"),
     ("service token settings are known", ["serviceToken.secret=x"], "secret"),
     ("internal TLS needs a Secret", ["internalTLS.enabled=true"], "/internalTLS/secretName"),
