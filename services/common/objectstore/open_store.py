@@ -7,9 +7,11 @@ from minio import Minio
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.s3_store import S3ObjectStore, s3_http_pool
-from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.objectstore.settings import ObjectStoreSettings, check_public_endpoint
 
 MIB = 1024 * 1024
+# The region a link signer states when the settings name none: MinIO's and most S3 servers' default.
+DEFAULT_SIGNING_REGION = "us-east-1"
 
 
 def open_object_store(settings: ObjectStoreSettings) -> ObjectStore:
@@ -22,6 +24,24 @@ def open_object_store(settings: ObjectStoreSettings) -> ObjectStore:
         part_size=settings.part_size_mb * MIB,
         parallel_uploads=settings.parallel_uploads,
         endpoint_label=f"{scheme}://{settings.endpoint}",
+        link_signer=public_link_signer(settings),
+    )
+
+
+def public_link_signer(settings: ObjectStoreSettings) -> Minio | None:
+    """A client that signs presigned URLs for `public_endpoint` (None when unset), never for a request
+    of its own. The region is explicit: without one, signing would first ask the server for the bucket's
+    location, through a host this process may not reach."""
+    if settings.public_endpoint is None:
+        return None
+    host, secure = check_public_endpoint(settings.public_endpoint)
+    assert settings.access_key is not None and settings.secret_key is not None  # the settings check this
+    return Minio(
+        host,
+        access_key=settings.access_key.get_secret_value(),
+        secret_key=settings.secret_key.get_secret_value(),
+        secure=secure,
+        region=settings.region or DEFAULT_SIGNING_REGION,
     )
 
 
