@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from stillhouse.common.models.references import check_model_reference
+
 API_VERSION = "stillhouse.dev/v1"
 KIND = "DistillationJob"
 
@@ -334,7 +336,12 @@ class TeacherLimits(SpecModel):
 class TeacherSpec(SpecModel):
     backend: TeacherBackend = Field(description="`openai` (any OpenAI-compatible API) or `local`.")
     model: str = Field(
-        min_length=1, max_length=MAX_PATH, description="Model name (openai) or model path/package (local)."
+        min_length=1,
+        max_length=MAX_PATH,
+        description="Model name (openai); for `local`, the model's folder or .gguf file: "
+        "s3://<bucket>/<prefix> (downloaded once into the model cache), an absolute path under the "
+        "platform's models root, or "
+        "`<distribution>/<file>` of an installed package.",
     )
     base_url: str | None = Field(
         default=None,
@@ -379,6 +386,8 @@ class TeacherSpec(SpecModel):
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> TeacherSpec:
+        if self.backend is TeacherBackend.LOCAL:
+            check_model_reference(self.model, "teacher.model")
         if self.backend is TeacherBackend.OPENAI and not self.base_url:
             raise ValueError("`baseURL` is required when `backend` is `openai`")
         if self.backend is TeacherBackend.LOCAL and self.sampling.extra_body:
@@ -394,7 +403,11 @@ class TeacherSpec(SpecModel):
 class StudentInit(SpecModel):
     """Exactly one way to initialise the student."""
 
-    pretrained: SpecPath | None = Field(default=None, description="Local path or s3:// folder of a HF model.")
+    pretrained: SpecPath | None = Field(
+        default=None,
+        description="A Hugging Face model to start from: s3://<bucket>/<prefix> (downloaded once into the "
+        "model cache) or an absolute path under the platform's models root.",
+    )
     prune_teacher_depth: Annotated[int, Field(gt=0, le=1024)] | None = Field(
         default=None, description="Copy the teacher keeping this many layers."
     )
@@ -413,6 +426,13 @@ class StudentInit(SpecModel):
         "Influence); `spread`, the first, the last and the others evenly spaced between them (needs no "
         "data).",
     )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_is_a_model_reference(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_model_reference(value, "student.init.pretrained")
+        return value
 
     @field_validator("config")
     @classmethod

@@ -159,7 +159,7 @@ class S3ObjectStore(ObjectStore):
         validate_prefix(prefix)
         with self._errors():
             found = [
-                ObjectInfo(item.object_name, item.size or 0, item.last_modified)
+                ObjectInfo(item.object_name, item.size or 0, item.last_modified, etag=item.etag)
                 for item in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
             ]
         # S3 lists in UTF-8 byte order, but not every S3 server does (SeaweedFS lists folder by folder).
