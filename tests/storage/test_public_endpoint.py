@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 from s3_server import SeaweedFS
 
-from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.objects import AccessDenied, ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 
@@ -117,3 +117,36 @@ def test_a_public_endpoint_is_scheme_host_and_port(good: str):
 def test_a_public_endpoint_needs_the_s3_backend():
     with pytest.raises(ValidationError, match="public_endpoint is for the s3 backend only"):
         ObjectStoreSettings(backend="local", public_endpoint="https://minio.example.com")
+
+
+def test_credentials_from_the_environment_read_write_and_sign(
+    seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+):
+    """`credentials: environment` (IRSA on EKS): no key in the settings; the process's own are used."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    settings = seaweedfs.settings(
+        f"env-{secrets.token_hex(6)}",
+        access_key=None,
+        secret_key=None,
+        credentials="environment",
+        public_endpoint=public_endpoint_of(seaweedfs),
+    )
+    store = open_object_store(settings)
+    store.ensure_bucket()
+    store.put_bytes("jobs/j3/model.safetensors", PAYLOAD)
+
+    url = store.presign_get("jobs/j3/model.safetensors", timedelta(minutes=5))
+
+    assert store.get_bytes("jobs/j3/model.safetensors") == PAYLOAD
+    assert httpx.get(url, timeout=10).content == PAYLOAD
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-right-one")
+    with pytest.raises(AccessDenied):
+        open_object_store(settings).get_bytes("jobs/j3/model.safetensors")
+
+
+def test_credentials_from_the_environment_take_no_keys():
+    with pytest.raises(ValidationError, match="credentials `environment` takes no access_key"):
+        ObjectStoreSettings(
+            backend="s3", endpoint="s3:443", credentials="environment", access_key="a", secret_key="b"
+        )

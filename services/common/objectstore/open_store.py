@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from minio import Minio
+from minio.credentials import ChainedProvider, EnvAWSProvider, IamAwsProvider, Provider, StaticProvider
 
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.objectstore.objects import ObjectStore
@@ -35,14 +36,20 @@ def public_link_signer(settings: ObjectStoreSettings) -> Minio | None:
     if settings.public_endpoint is None:
         return None
     host, secure = check_public_endpoint(settings.public_endpoint)
-    assert settings.access_key is not None and settings.secret_key is not None  # the settings check this
     return Minio(
         host,
-        access_key=settings.access_key.get_secret_value(),
-        secret_key=settings.secret_key.get_secret_value(),
+        credentials=credentials(settings),
         secure=secure,
         region=settings.region or DEFAULT_SIGNING_REGION,
     )
+
+
+def credentials(settings: ObjectStoreSettings) -> Provider:
+    """The keys of the settings, or for `environment` those of the process (see the setting)."""
+    if settings.credentials == "environment":
+        return ChainedProvider([EnvAWSProvider(), IamAwsProvider()])
+    assert settings.access_key is not None and settings.secret_key is not None  # the settings check this
+    return StaticProvider(settings.access_key.get_secret_value(), settings.secret_key.get_secret_value())
 
 
 def minio_client(settings: ObjectStoreSettings) -> Minio:
@@ -51,11 +58,9 @@ def minio_client(settings: ObjectStoreSettings) -> Minio:
         raise ValueError(
             f"object_store.endpoint must be host:port, got {endpoint!r}; set object_store.secure for HTTPS"
         )
-    assert settings.access_key is not None and settings.secret_key is not None  # the settings check this
     return Minio(
         endpoint,
-        access_key=settings.access_key.get_secret_value(),
-        secret_key=settings.secret_key.get_secret_value(),
+        credentials=credentials(settings),
         secure=settings.secure,
         region=settings.region,
         # Artifact uploads run files in parallel and each file's parts in parallel.

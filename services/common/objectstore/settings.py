@@ -33,6 +33,12 @@ class ObjectStoreSettings(BaseModel):
         "for this host (a signature covers the host); unset, for `endpoint`.",
     )
     region: str | None = None
+    credentials: Literal["keys", "environment"] = Field(
+        default="keys",
+        description="For `s3`: `keys`, the access_key and secret_key here; `environment`, the process's "
+        "own: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, else a web identity (IRSA on EKS: "
+        "AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE), else the instance's role.",
+    )
     access_key: SecretStr | None = None
     secret_key: SecretStr | None = None
     # Multipart uploads: size of one part and how many parts go up at once.
@@ -50,9 +56,10 @@ class ObjectStoreSettings(BaseModel):
     @model_validator(mode="after")
     def _s3_needs_endpoint_and_keys(self) -> ObjectStoreSettings:
         if self.backend == "s3":
-            missing = [
-                name for name in ("endpoint", "access_key", "secret_key") if getattr(self, name) is None
-            ]
+            needed = ("endpoint", "access_key", "secret_key") if self.credentials == "keys" else ("endpoint",)
+            missing = [name for name in needed if getattr(self, name) is None]
+            if self.credentials == "environment" and (self.access_key or self.secret_key):
+                raise ValueError("object_store credentials `environment` takes no access_key or secret_key")
             if missing:
                 raise ValueError(f"the s3 backend needs {', '.join(missing)}")
         elif self.public_endpoint is not None:
