@@ -126,3 +126,21 @@ def test_a_bad_public_endpoint_or_ingress_is_refused(helm, override: str, compla
     result = helm.template(overrides=[override])
     assert result.returncode != 0
     assert complaint in result.stderr
+
+
+def test_external_s3_credentials_may_come_from_each_pods_role(render):
+    manifests = render(
+        CHART / "ci" / "external-storage-values.yaml", ["objectStore.external.credentials=environment"]
+    )
+    for component in ("prompts", "teacher", "storage", "trainer"):
+        variables = env(manifests, component)
+        prefix = f"STILLHOUSE_{component.upper()}_OBJECT_STORE__"
+        assert variables[f"{prefix}CREDENTIALS"] == "environment"
+        assert f"{prefix}ACCESS_KEY" not in variables and f"{prefix}SECRET_KEY" not in variables
+    for name, pod in pod_templates(manifests).items():
+        names = {entry["name"] for entry in main_container(pod).get("env", [])}
+        assert not names & {"STILLHOUSE_OBJECT_STORE_ACCESS_KEY", "STILLHOUSE_OBJECT_STORE_SECRET_KEY"}, name
+    # The bundled MinIO has keys only.
+    assert "STILLHOUSE_STORAGE_OBJECT_STORE__CREDENTIALS" not in env(
+        render(None, ["objectStore.external.credentials=environment"]), "storage"
+    )
