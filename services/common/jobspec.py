@@ -12,7 +12,15 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from stillhouse.common.models.references import check_model_reference
@@ -384,10 +392,15 @@ class TeacherSpec(SpecModel):
         description="Hard spending limit; the stage stops cleanly when reached.",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _local_model_is_a_model_reference(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("backend") is TeacherBackend.LOCAL:
+            check_model_reference(value, "teacher.model")
+        return value
+
     @model_validator(mode="after")
     def _openai_needs_url(self) -> TeacherSpec:
-        if self.backend is TeacherBackend.LOCAL:
-            check_model_reference(self.model, "teacher.model")
         if self.backend is TeacherBackend.OPENAI and not self.base_url:
             raise ValueError("`baseURL` is required when `backend` is `openai`")
         if self.backend is TeacherBackend.LOCAL and self.sampling.extra_body:
