@@ -154,12 +154,17 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- if include "stillhouse.objectStoreKeysFromEnvironment" $root }}
+- name: {{ $var }}CREDENTIALS
+  value: environment
+{{- end }}
 {{ include "stillhouse.objectStoreKeyEnv" (dict "root" $root "access" (printf "%sACCESS_KEY" $var) "secret" (printf "%sSECRET_KEY" $var)) }}
 {{- end }}
 
 {{/* Two variables with the object store's keys, from its Secret: (dict "root" $ "access" NAME "secret" NAME). */}}
 {{- define "stillhouse.objectStoreKeyEnv" -}}
 {{- $root := .root }}
+{{- if not (include "stillhouse.objectStoreKeysFromEnvironment" $root) }}
 {{- $external := $root.Values.objectStore.external }}
 {{- $secret := ternary (include "stillhouse.minioSecret" $root) $external.existingSecret $root.Values.minio.enabled }}
 - name: {{ .access }}
@@ -172,6 +177,12 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ $secret }}
       key: {{ ternary "root-password" $external.secretKeyKey $root.Values.minio.enabled }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when an external S3's credentials come from each pod's environment (IRSA); else empty. */}}
+{{- define "stillhouse.objectStoreKeysFromEnvironment" -}}
+{{- if and (not .Values.minio.enabled) (eq .Values.objectStore.external.credentials "environment") }}true{{ end }}
 {{- end }}
 
 {{/* An environment variable holding the database URL, built from Secrets: (dict "root" $ "name" "..."). */}}

@@ -56,6 +56,7 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
               mountPath: /tmp
             - name: shared-mem
               mountPath: /dev/shm
+            {{- include "stillhouse.modelsMounts" $root | nindent 12 }}
             {{- include "stillhouse.extraVolumeMounts" $ctx | nindent 12 }}
       volumes:
         - name: tmp
@@ -65,5 +66,6 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
           emptyDir:
             medium: Memory
             sizeLimit: {{ $group.shmSizeLimit }}
+        {{- include "stillhouse.modelsVolumes" $root | nindent 8 }}
         {{- include "stillhouse.extraVolumes" $ctx | nindent 8 }}
 {{- end }}
