@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import and_, case, func, or_, update
+from sqlalchemy import and_, case, func, or_, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -54,7 +54,11 @@ class DatabaseLease:
         self.seconds = seconds
         self.name = name
         # The term the leader's writes are fenced with (`JobStore.fenced`): set only while it leads.
-        self.fence = LeaseFence(name, holder)
+        self.fence = LeaseFence(name, holder, idle_limit_ms=self._quarter_ms)
+
+    @property
+    def _quarter_ms(self) -> int:
+        return max(1, int(self.seconds * RENEW_FRACTION * 1000))
 
     async def acquire(self) -> int | None:
         """Renew the lease if this holder has it, or take it if it is free or expired: its epoch. None
@@ -75,6 +79,11 @@ class DatabaseLease:
             where=or_(held_by_me, table.c.expires_at <= func.now()),
         ).returning(table.c.epoch)
         async with self._engine.begin() as connection:
+            # A row lock held by a fenced write whose connection hangs makes this wait; give up for this
+            # round instead (the server ends that write's transaction after `fence.idle_limit_ms`).
+            await connection.execute(
+                text("SELECT set_config('lock_timeout', :limit, true)"), {"limit": str(self._quarter_ms)}
+            )
             return await connection.scalar(statement)
 
     async def close(self) -> None:

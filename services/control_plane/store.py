@@ -161,6 +161,10 @@ class LeaseFence:
     name: str
     holder: str
     epoch: int | None = None
+    # How long the server lets a fenced write sit idle in its transaction (its connection gone silent,
+    # say behind a partition) before it ends the transaction, and with it the lock that would keep a
+    # follower from taking the lease over.
+    idle_limit_ms: int = 5000
 
 
 class LeaseLost(RuntimeError):
@@ -463,7 +467,13 @@ class JobStore:
         fence = self._fence
         if fence is None:
             return
-        held = fence.epoch is not None and await session.scalar(
+        if fence.epoch is None:
+            raise LeaseLost(fence)
+        await session.execute(
+            text("SELECT set_config('idle_in_transaction_session_timeout', :limit, true)"),
+            {"limit": str(fence.idle_limit_ms)},
+        )
+        held = await session.scalar(
             select(LeaseRow.epoch)
             .where(
                 LeaseRow.name == fence.name,

@@ -69,6 +69,39 @@ async def test_an_expired_lease_passes_to_another_holder_in_a_new_term_and_fence
     assert await second.acquire() == 2
 
 
+async def test_a_fenced_write_left_hanging_in_its_transaction_does_not_keep_the_follower_out(
+    postgres_database_url, lease_for
+) -> None:
+    """A leader whose connection goes silent in the middle of a fenced write holds the lease row's lock;
+    the server ends that transaction after the fence's idle limit, and the follower takes the lease."""
+    first, second = lease_for("first"), lease_for("second")
+    store = await JobStore.open(postgres_database_url)
+    fenced = store.fenced(first.fence)
+    first.fence.epoch = await first.acquire()
+    locked = asyncio.Event()
+
+    async def write_and_go_silent() -> None:
+        async with fenced._sessions() as session, session.begin():
+            await fenced._check_fence(session)  # the lease row, share-locked as every fenced write does
+            locked.set()
+            await asyncio.Event().wait()
+
+    hanging = asyncio.create_task(write_and_go_silent())
+    try:
+        await locked.wait()
+        started = time.monotonic()
+        epoch = None
+        while epoch is None and time.monotonic() - started < LEASE_SECONDS * 3:
+            epoch = await asyncio.wait_for(second.acquire(), LEASE_SECONDS * 3)
+            await asyncio.sleep(0.05)
+        assert epoch == 2, "the follower never took the lease"
+        assert time.monotonic() - started <= LEASE_SECONDS * 1.25 + 1.0
+    finally:
+        hanging.cancel()
+        await asyncio.gather(hanging, return_exceptions=True)
+        await store.close()
+
+
 async def test_a_released_lease_is_free_at_once(lease_for) -> None:
     first, second = lease_for("first"), lease_for("second", seconds=60)
     first_long = lease_for("first", seconds=60)
