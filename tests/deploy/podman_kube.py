@@ -38,6 +38,9 @@ import yaml
 from .conftest import Manifest
 from .services_image import RUNTIME, ULIMITS, podman
 
+# `podman inspect` of each played container, by Deployment name and then container name.
+Pods = dict[str, dict[str, dict]]
+
 
 def pod_spec(deployment: Manifest) -> dict:
     return deployment["spec"]["template"]["spec"]
@@ -52,6 +55,9 @@ def secret_uses(deployments: Iterable[Manifest]) -> tuple[set[str], set[str]]:
             for variable in container.get("env", []):
                 if ref := variable.get("valueFrom", {}).get("secretKeyRef"):
                     by_variable.add(ref["name"])
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    by_variable.add(source["secretRef"]["name"])
         for volume in spec.get("volumes", []):
             if "secret" in volume:
                 by_volume.add(volume["secret"]["secretName"])
@@ -132,9 +138,9 @@ def kube_played(
     secrets: list[Manifest],
     host_names: Iterable[str],
     workdir: Path,
-) -> Iterator[dict[str, list[dict]]]:
+) -> Iterator[Pods]:
     """The Deployments running as pods on the host's network, with `host_names` resolving to the
-    loopback address. Yields `podman inspect` of each Deployment's containers, by Deployment name."""
+    loopback address. Yields `podman inspect` of their containers."""
     hosts = workdir / "hosts"
     hosts.write_text("".join(f"127.0.0.1 {name}\n" for name in host_names))
     env = {**os.environ, "CONTAINERS_CONF": str(containers_conf(workdir / "containers.conf", hosts))}
@@ -159,15 +165,15 @@ def kube_played(
         }
 
 
-def pod_containers(pod: str) -> list[dict]:
-    """`podman inspect` of the pod's containers, its infra container aside."""
+def pod_containers(pod: str) -> dict[str, dict]:
+    """`podman inspect` of the pod's containers by their name in the pod spec, infra container aside."""
     inspected = json.loads(podman("pod", "inspect", pod).stdout)
     if isinstance(inspected, list):  # podman 5 answers a list, podman 4 one object
         (inspected,) = inspected
     infra = inspected.get("InfraContainerID")
     ids = [c["Id"] for c in inspected.get("Containers", []) if c["Id"] != infra]
     assert ids, f"pod {pod} has no containers: {inspected}"
-    return json.loads(podman("inspect", *ids).stdout)
+    return {c["Name"].removeprefix(f"{pod}-"): c for c in json.loads(podman("inspect", *ids).stdout)}
 
 
 def remove_pods(pods: list[str], kube_yaml: Path, env: dict[str, str]) -> None:

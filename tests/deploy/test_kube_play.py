@@ -15,13 +15,17 @@ port so that nothing clashes, and the Service names the processes call (`<releas
 
 What podman 4.3 cannot take as rendered, and how it is given instead, is in podman_kube.py: Secrets
 become podman secrets (in the two formats its variables and volumes read), secret volumes get
-`optional: false` (the Kubernetes default, which podman crashes without), and the teacher's projected
-API-key volume, which projects one whole Secret, becomes a secret volume of that Secret. Nothing else
-changes: the pods keep the chart's security contexts, which the test checks with `podman inspect`
-(non-root user, read-only root filesystem, no capabilities, no privilege escalation) before it asks
-each process its health: `/healthz` and `/readyz` of the control plane, an authenticated API call with
-the chart's generated token, and the standard gRPC health check of each stage service, from the host
-and with the image's own health check (deploy/docker/healthcheck.py) inside each container.
+`optional: false` (the Kubernetes default, without which podman crashes), the teacher's projected
+API-key volume, which projects one whole Secret, becomes a secret volume of that Secret, and the
+containers' `ports` lists are dropped (podman refuses them on the host's network). Nothing else
+changes: the pods keep the chart's security contexts, which the test checks in `podman inspect`, in
+the kernel's view of each service process (/proc/1/status: the chart's non-root user, no capability,
+not even in the bounding set, no privilege escalation, a seccomp filter) and by a refused write to
+the root filesystem. Then it asks each process its health: `/healthz` and `/readyz` of the control
+plane and an API call with the chart's generated token; the standard gRPC health check of each stage
+service from the host, and the image's own health check (deploy/docker/healthcheck.py) in each
+container; and each stage service's object store, as its settings open it in its container, takes an
+object that the host then reads from SeaweedFS.
 """
 
 from __future__ import annotations
@@ -39,17 +43,17 @@ from s3_server import SeaweedFS, seaweedfs_server
 from waiting import TimedOut, grpc_serving, http_ok, pick_free_port, wait_until
 
 from .conftest import Helm, Manifest
-from .podman_kube import kube_played
+from .podman_kube import Pods, kube_played, pod_spec
 from .services_image import podman
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
 
 CONTROL_PLANE = "control-plane"
 STAGE_SERVICES = ("prompts", "teacher", "storage", "trainer")
-VALUES_KEYS = {CONTROL_PLANE: "controlPlane", **{service: service for service in STAGE_SERVICES}}
 PLAYED_KINDS = ("Deployment", "ConfigMap", "Secret")
 START_TIMEOUT_S = 420
 TEACHER_API_KEY = "sk-test-" + "0" * 24
+OBJECT_STORE_BUCKET = "stillhouse-kube-play"
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,7 @@ def release_values(image: str, release: str, ports: dict[str, int], s3: SeaweedF
         "externalDatabase": {"existingSecret": f"{release}-database", "urlKey": "url"},
         "minio": {"enabled": False},
         "objectStore": {
+            "bucket": OBJECT_STORE_BUCKET,
             "external": {
                 "endpoint": s3.endpoint,
                 "secure": False,
@@ -75,7 +80,7 @@ def release_values(image: str, release: str, ports: dict[str, int], s3: SeaweedF
                 "existingSecret": f"{release}-object-store",
                 "accessKeyKey": "accessKey",
                 "secretKeyKey": "secretKey",
-            }
+            },
         },
         "rayCluster": {"enabled": False},
         "teacher": {"apiKeys": {"values": {"test-backend": TEACHER_API_KEY}}},
@@ -133,40 +138,90 @@ def secret_value(secrets_: list[Manifest], name: str, key: str) -> str:
     return base64.b64decode(secret["data"][key]).decode()
 
 
-def logs(containers: dict[str, list[dict]]) -> str:
+def api_token(deployment: Manifest, secrets_: list[Manifest]) -> str:
+    """The first API token, found as the control plane finds it: through its token file's mount."""
+    spec = pod_spec(deployment)
+    (container,) = [c for c in spec["containers"] if c["name"] == CONTROL_PLANE]
+    path = next(
+        e["value"] for e in container["env"] if e["name"] == "STILLHOUSE_CONTROL_PLANE_API_TOKEN_FILE"
+    )
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    key = path.removeprefix(mount["mountPath"] + "/")
+    return secret_value(secrets_, volume["secret"]["secretName"], key).splitlines()[0]
+
+
+def logs(pods: Pods) -> str:
     parts = []
-    for name, inspected in containers.items():
-        for container in inspected:
-            tail = podman("logs", "--tail", "40", container["Id"], check=False)
-            parts.append(f"--- {name}:\n{tail.stdout}{tail.stderr}")
+    for containers in pods.values():
+        for inspected in containers.values():
+            tail = podman("logs", "--tail", "40", inspected["Id"], check=False)
+            parts.append(f"--- {inspected['Name']}:\n{tail.stdout}{tail.stderr}")
     return "\n".join(parts)
 
 
-def stopped(containers: dict[str, list[dict]]) -> list[str]:
-    ids = [container["Id"] for inspected in containers.values() for container in inspected]
+def stopped(pods: Pods) -> list[str]:
+    ids = [inspected["Id"] for containers in pods.values() for inspected in containers.values()]
     return [c["Name"] for c in json.loads(podman("inspect", *ids).stdout) if not c["State"]["Running"]]
 
 
-def wait_healthy(check: Callable[[], bool], what: str, containers: dict[str, list[dict]]) -> None:
+def wait_healthy(check: Callable[[], bool], what: str, pods: Pods) -> None:
     """Wait for `check`, failing with the containers' logs when it times out or a container stops."""
     try:
-        wait_until(lambda: check() or stopped(containers), START_TIMEOUT_S, what, interval=1)
+        wait_until(lambda: check() or stopped(pods), START_TIMEOUT_S, what, interval=1)
     except TimedOut as timed_out:
-        pytest.fail(f"{timed_out}\n{logs(containers)}")
-    if exited := stopped(containers):
-        pytest.fail(f"{', '.join(exited)} stopped while waiting for {what}\n{logs(containers)}")
+        pytest.fail(f"{timed_out}\n{logs(pods)}")
+    if exited := stopped(pods):
+        pytest.fail(f"{', '.join(exited)} stopped while waiting for {what}\n{logs(pods)}")
 
 
-def assert_runs_as_the_chart_says(deployment: Manifest, inspected: dict) -> None:
-    pod = deployment["spec"]["template"]["spec"]
-    uid, gid = pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
-    assert uid != 0
-    name = inspected["Name"]
+# Run in a stage service's container: writes an object with the object store of the service's own
+# settings (the chart's variables and Secrets), read back from the host.
+OBJECT_STORE_ROUND_TRIP = """
+import sys
+sys.path.insert(0, "/opt/stillhouse")
+from healthcheck import service_settings
+from stillhouse.common.objectstore.open_store import open_object_store
+store = open_object_store(service_settings(sys.argv[1], None).object_store)
+store.ensure_bucket()
+store.put_bytes(sys.argv[2], sys.argv[1].encode())
+"""
+
+
+def assert_reaches_the_object_store(service: str, container_id: str, s3: SeaweedFS, bucket: str) -> None:
+    key = f"kube-play/{service}-{secrets.token_hex(4)}"
+    wrote = podman("exec", container_id, "python", "-c", OBJECT_STORE_ROUND_TRIP, service, key, check=False)
+    assert wrote.returncode == 0, f"{service} cannot write to the object store:\n{wrote.stderr[-3000:]}"
+    response = s3.client().get_object(bucket, key)
+    try:
+        assert response.read() == service.encode()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def main_process_status(container_id: str) -> dict[str, str]:
+    """/proc/1/status of the container (the service: the pod shares no PID namespace), by field."""
+    status = podman("exec", container_id, "cat", "/proc/1/status").stdout
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in status.splitlines())}
+
+
+def assert_runs_as_the_chart_says(deployment: Manifest, container: dict, inspected: dict) -> None:
+    """The container's settings in podman, and what the kernel says of its main process."""
+    context = {**pod_spec(deployment).get("securityContext", {}), **container.get("securityContext", {})}
+    uid, gid, name = context["runAsUser"], context["runAsGroup"], inspected["Name"]
+    assert uid != 0 and context["runAsNonRoot"] is True, name
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"]["drop"] == ["ALL"], name
     assert inspected["Config"]["User"] == f"{uid}:{gid}", name
     assert inspected["HostConfig"]["ReadonlyRootfs"] is True, name
     assert not inspected["EffectiveCaps"], f"{name} keeps capabilities {inspected['EffectiveCaps']}"
     assert "no-new-privileges" in inspected["HostConfig"]["SecurityOpt"], name
-    assert podman("exec", inspected["Id"], "id", "-u").stdout.strip() == str(uid)
+    status = main_process_status(inspected["Id"])
+    assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(gid)] * 4, status
+    for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[capabilities], 16) == 0, f"{name}: {capabilities} {status[capabilities]}"
+    assert status["NoNewPrivs"] == "1", name
+    assert status["Seccomp"] == "2", f"{name} runs without a seccomp filter"
     unwritable = podman("exec", inspected["Id"], "touch", "/opt/stillhouse/written", check=False)
     assert unwritable.returncode != 0 and "Read-only file system" in unwritable.stderr, name
 
@@ -175,31 +230,37 @@ def test_the_charts_control_plane_and_stage_services_start_in_podman_and_answer_
     helm: Helm, services_image: str, postgres_database_url: str, s3: SeaweedFS, tmp_path: Path
 ):
     release = f"stillhouse-{secrets.token_hex(3)}"  # names the pods, secrets and volumes: no clash
-    ports = {name: pick_free_port() for name in VALUES_KEYS}
+    ports = {name: pick_free_port() for name in (CONTROL_PLANE, *STAGE_SERVICES)}
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(release_values(services_image, release, ports, s3)))
     rendered = helm.render(values_file, release=release)
     objects = workload_objects(rendered)
-    deployments = objects["Deployment"]
-    assert sorted(component(d) for d in deployments) == sorted([CONTROL_PLANE, *STAGE_SERVICES])
+    deployments = {component(d): d for d in objects["Deployment"]}
+    assert sorted(deployments) == sorted([CONTROL_PLANE, *STAGE_SERVICES])
     chart_secrets = objects["Secret"]
     played_secrets = chart_secrets + operator_secrets(release, postgres_database_url, s3)
     with kube_played(
-        deployments, objects["ConfigMap"], played_secrets, service_names(rendered), tmp_path
-    ) as containers:
+        list(deployments.values()), objects["ConfigMap"], played_secrets, service_names(rendered), tmp_path
+    ) as pods:
         url = f"http://127.0.0.1:{ports[CONTROL_PLANE]}"
-        wait_healthy(lambda: http_ok(f"{url}/healthz"), "the control plane's /healthz", containers)
+        wait_healthy(lambda: http_ok(f"{url}/healthz"), "the control plane's /healthz", pods)
         for service in STAGE_SERVICES:
             address = f"127.0.0.1:{ports[service]}"
-            wait_healthy(lambda a=address: grpc_serving(a), f"{service}'s gRPC health", containers)
+            wait_healthy(lambda a=address: grpc_serving(a), f"{service}'s gRPC health", pods)
 
-        assert http_ok(f"{url}/readyz"), "the control plane is not ready (PostgreSQL)\n" + logs(containers)
-        token = secret_value(chart_secrets, f"{release}-api-tokens", "tokens").splitlines()[0]
+        assert http_ok(f"{url}/readyz"), "the control plane is not ready (PostgreSQL)\n" + logs(pods)
+        token = api_token(deployments[CONTROL_PLANE], chart_secrets)
         listed = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert listed.status_code == 200, listed.text
-        for deployment in deployments:
-            (inspected,) = containers[deployment["metadata"]["name"]]
-            assert inspected["State"]["Running"], logs(containers)
-            assert_runs_as_the_chart_says(deployment, inspected)
-            checked = podman("exec", inspected["Id"], "python", "/opt/stillhouse/healthcheck.py", check=False)
-            assert checked.returncode == 0, f"{component(deployment)}: {checked.stdout}{checked.stderr}"
+        for name, deployment in deployments.items():
+            containers = pods[deployment["metadata"]["name"]]
+            for container in pod_spec(deployment)["containers"]:
+                assert_runs_as_the_chart_says(deployment, container, containers[container["name"]])
+            # The image's own health check, as the probes of a TLS release run it.
+            checked = podman(
+                "exec", containers[name]["Id"], "python", "/opt/stillhouse/healthcheck.py", check=False
+            )
+            assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+            if name in STAGE_SERVICES:
+                assert_reaches_the_object_store(name, containers[name]["Id"], s3, OBJECT_STORE_BUCKET)
+        assert not stopped(pods), logs(pods)
