@@ -1,5 +1,6 @@
-"""Rendered Deployments, ConfigMaps and Secrets run with `podman kube play` (the podman of Debian bookworm,
-4.3), on the host's network; everything it made is removed again when the block ends.
+"""Rendered Deployments, ConfigMaps and Secrets (and Jobs to run first) run with `podman kube play` (the
+podman of Debian bookworm, 4.3), on the host's network; everything it made is removed again when the
+block ends.
 
 podman 4.3 reads the pod specs as they are, with these exceptions, which change no setting of a pod:
 
@@ -13,6 +14,7 @@ podman 4.3 reads the pod specs as they are, with these exceptions, which change 
 - Projected volumes are not supported: one that projects a single whole Secret becomes a secret volume
   of that Secret (the same files); any other projection is refused.
 - Secret volumes are named volumes named after their Secret, which `podman kube down` leaves behind.
+- Jobs are not supported: a Job's pod is played as a Pod (its template's spec, unchanged).
 - On the host's network podman refuses containers with `ports` (it publishes every containerPort,
   which needs a network of its own): they are dropped. A process listens on its port all the same;
   in Kubernetes, too, the list only describes what the process opens.
@@ -28,29 +30,40 @@ import copy
 import json
 import os
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_until
 
 from .conftest import Manifest
 from .services_image import RUNTIME, ULIMITS, podman
+
+JOB_TIMEOUT_S = 600
 
 # `podman inspect` of each played container, by Deployment name and then container name.
 Pods = dict[str, dict[str, dict]]
 
 
-def pod_spec(deployment: Manifest) -> dict:
-    return deployment["spec"]["template"]["spec"]
+def pod_spec(workload: Manifest) -> dict:
+    """The pod spec of a Pod, or of the pods of a Deployment or Job."""
+    return workload["spec"] if workload["kind"] == "Pod" else workload["spec"]["template"]["spec"]
 
 
-def secret_uses(deployments: Iterable[Manifest]) -> tuple[set[str], set[str]]:
+def job_pod(job: Manifest) -> Manifest:
+    """The pod of a Job, as a Pod: podman 4.3 plays no Job."""
+    template = job["spec"]["template"]
+    metadata = {"name": job["metadata"]["name"], "labels": template["metadata"].get("labels", {})}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+
+
+def secret_uses(workloads: Iterable[Manifest]) -> tuple[set[str], set[str]]:
     """Names of the Secrets the pods read through variables, and those they mount as volumes."""
     by_variable, by_volume = set(), set()
-    for deployment in deployments:
-        spec = pod_spec(deployment)
+    for workload in workloads:
+        spec = pod_spec(workload)
         for container in spec["containers"]:
             for variable in container.get("env", []):
                 if ref := variable.get("valueFrom", {}).get("secretKeyRef"):
@@ -67,9 +80,9 @@ def secret_uses(deployments: Iterable[Manifest]) -> tuple[set[str], set[str]]:
     return by_variable, by_volume
 
 
-def podman_secret_payloads(secrets: Iterable[Manifest], deployments: Iterable[Manifest]) -> dict[str, str]:
+def podman_secret_payloads(secrets: Iterable[Manifest], workloads: Iterable[Manifest]) -> dict[str, str]:
     """What each podman secret holds, by Secret name, in the format its readers expect (module doc)."""
-    by_variable, by_volume = secret_uses(deployments)
+    by_variable, by_volume = secret_uses(workloads)
     payloads = {}
     for secret in secrets:
         name, data = secret["metadata"]["name"], secret.get("data") or {}
@@ -84,9 +97,9 @@ def podman_secret_payloads(secrets: Iterable[Manifest], deployments: Iterable[Ma
     return payloads
 
 
-def playable(deployment: Manifest) -> Manifest:
-    """The Deployment with the volume changes podman 4.3 needs (module doc), and no other change."""
-    played = copy.deepcopy(deployment)
+def playable(workload: Manifest) -> Manifest:
+    """The Deployment or Pod with the changes podman 4.3 needs (module doc), and no other change."""
+    played = copy.deepcopy(workload)
     for container in pod_spec(played)["containers"]:
         container.pop("ports", None)
     for volume in pod_spec(played).get("volumes", []):
@@ -138,9 +151,11 @@ def kube_played(
     secrets: list[Manifest],
     host_names: Iterable[str],
     workdir: Path,
+    jobs_first: Sequence[Manifest] = (),
 ) -> Iterator[Pods]:
     """The Deployments running as pods on the host's network, with `host_names` resolving to the
-    loopback address. Yields `podman inspect` of their containers."""
+    loopback address, after each of `jobs_first` ran to success (as `helm install` runs pre-install
+    hooks). Yields `podman inspect` of the Deployments' containers."""
     hosts = workdir / "hosts"
     hosts.write_text("".join(f"127.0.0.1 {name}\n" for name in host_names))
     env = {**os.environ, "CONTAINERS_CONF": str(containers_conf(workdir / "containers.conf", hosts))}
@@ -148,21 +163,53 @@ def kube_played(
     kube_yaml.write_text(yaml.safe_dump_all([*config_maps, *map(playable, deployments)]))
     pods = [f"{deployment['metadata']['name']}-pod-0" for deployment in deployments]
     with ExitStack() as cleanup:
-        cleanup.enter_context(podman_secrets(podman_secret_payloads(secrets, deployments), workdir))
+        payloads = podman_secret_payloads(secrets, [*deployments, *jobs_first])
+        cleanup.enter_context(podman_secrets(payloads, workdir))
         cleanup.callback(remove_volumes, [s["metadata"]["name"] for s in secrets])
+        for job in jobs_first:
+            run_to_success(job, config_maps, workdir, env)
         cleanup.callback(remove_pods, pods, kube_yaml, env)
-        played = subprocess.run(
-            ["podman", "kube", "play", "--network", "host", str(kube_yaml)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert played.returncode == 0, f"podman kube play failed:\n{played.stdout}\n{played.stderr}"
+        play(kube_yaml, env)
         yield {
             deployment["metadata"]["name"]: pod_containers(pod)
             for deployment, pod in zip(deployments, pods, strict=True)
         }
+
+
+def play(kube_yaml: Path, env: dict[str, str]) -> None:
+    played = subprocess.run(
+        ["podman", "kube", "play", "--network", "host", str(kube_yaml)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert played.returncode == 0, f"podman kube play failed:\n{played.stdout}\n{played.stderr}"
+
+
+def run_to_success(job: Manifest, config_maps: list[Manifest], workdir: Path, env: dict[str, str]) -> None:
+    """Play the Job's pod until its containers exit; fail with their logs unless each exits 0."""
+    pod = playable(job_pod(job))
+    name = pod["metadata"]["name"]
+    kube_yaml = workdir / f"job-{name}.yaml"
+    kube_yaml.write_text(yaml.safe_dump_all([*config_maps, pod]))
+    try:
+        play(kube_yaml, env)
+        ids = [container["Id"] for container in pod_containers(name).values()]
+        timeout = job["spec"].get("activeDeadlineSeconds", JOB_TIMEOUT_S)
+        finished = wait_until(lambda: exited(ids), timeout, f"the Job {name}", interval=1)
+        failed = {c["Name"]: c["State"]["ExitCode"] for c in finished if c["State"]["ExitCode"] != 0}
+        if failed:
+            logs = "\n".join(podman("logs", i, check=False).stdout[-3000:] for i in ids)
+            pytest.fail(f"the Job {name} failed: {failed}\n{logs}")
+    finally:
+        remove_pods([name], kube_yaml, env)
+
+
+def exited(ids: list[str]) -> list[dict] | None:
+    """`podman inspect` of the containers once none of them runs any more."""
+    inspected = json.loads(podman("inspect", *ids).stdout)
+    return None if any(c["State"]["Running"] for c in inspected) else inspected
 
 
 def pod_containers(pod: str) -> dict[str, dict]:

@@ -5,8 +5,9 @@ The release points at what runs on this machine: PostgreSQL on 127.0.0.1:5432 (a
 a SeaweedFS S3 API on a free loopback port, through the external database and object-store Secrets an
 operator would create; every workload runs the image built from these sources (pullPolicy Never), and
 the teacher has an API key in the chart's own Secret. The Deployments, ConfigMaps and Secrets of those
-five components are taken from the output (hooks, Services, NetworkPolicies, PDBs, HPA, RayCluster and
-monitoring objects are not played: podman runs pods, nothing else).
+five components are taken from the output, and its pre-install hook Jobs (schema migrations) run to
+success first, as `helm install` runs them; other hooks, Services, NetworkPolicies, PDBs, HPA,
+RayCluster and monitoring objects are not played: podman runs pods, nothing else.
 
 The pods use the host's network: the podman of Debian bookworm (4.3, CNI) has no DNS on its networks,
 and PostgreSQL and SeaweedFS listen on the host's loopback. The values give each process its own free
@@ -16,8 +17,9 @@ port so that nothing clashes, and the Service names the processes call (`<releas
 What podman 4.3 cannot take as rendered, and how it is given instead, is in podman_kube.py: Secrets
 become podman secrets (in the two formats its variables and volumes read), secret volumes get
 `optional: false` (the Kubernetes default, without which podman crashes), the teacher's projected
-API-key volume, which projects one whole Secret, becomes a secret volume of that Secret, and the
-containers' `ports` lists are dropped (podman refuses them on the host's network). Nothing else
+API-key volume, which projects one whole Secret, becomes a secret volume of that Secret, a Job's pod
+is played as a Pod (podman plays no Job), and the containers' `ports` lists are dropped (podman
+refuses them on the host's network). Nothing else
 changes: the pods keep the chart's security contexts, which the test checks in `podman inspect`, in
 the kernel's view of each service process (/proc/1/status: the chart's non-root user, no capability,
 not even in the bounding set, no privilege escalation, a seccomp filter) and by a refused write to
@@ -115,14 +117,26 @@ def workload_objects(rendered: list[Manifest]) -> dict[str, list[Manifest]]:
     (Secrets of no component, like the service token, included); no hook."""
     chosen: dict[str, list[Manifest]] = {kind: [] for kind in PLAYED_KINDS}
     for manifest in rendered:
-        kind, annotations = manifest["kind"], manifest["metadata"].get("annotations") or {}
-        if kind not in PLAYED_KINDS or "helm.sh/hook" in annotations:
+        kind = manifest["kind"]
+        if kind not in PLAYED_KINDS or hooks(manifest):
             continue
         if component(manifest) in (CONTROL_PLANE, *STAGE_SERVICES) or (
             kind == "Secret" and component(manifest) is None
         ):
             chosen[kind].append(manifest)
     return chosen
+
+
+def hooks(manifest: Manifest) -> list[str]:
+    annotations = manifest["metadata"].get("annotations") or {}
+    return [hook.strip() for hook in annotations.get("helm.sh/hook", "").split(",") if hook.strip()]
+
+
+def pre_install_jobs(rendered: list[Manifest]) -> list[Manifest]:
+    """The Jobs `helm install` runs before the release's objects (such as schema migrations), in the
+    order of their hook weights."""
+    jobs = [m for m in rendered if m["kind"] == "Job" and "pre-install" in hooks(m)]
+    return sorted(jobs, key=lambda job: int(job["metadata"]["annotations"].get("helm.sh/hook-weight", 0)))
 
 
 def service_names(rendered: list[Manifest]) -> list[str]:
@@ -240,7 +254,12 @@ def test_the_charts_control_plane_and_stage_services_start_in_podman_and_answer_
     chart_secrets = objects["Secret"]
     played_secrets = chart_secrets + operator_secrets(release, postgres_database_url, s3)
     with kube_played(
-        list(deployments.values()), objects["ConfigMap"], played_secrets, service_names(rendered), tmp_path
+        list(deployments.values()),
+        objects["ConfigMap"],
+        played_secrets,
+        service_names(rendered),
+        tmp_path,
+        jobs_first=pre_install_jobs(rendered),
     ) as pods:
         url = f"http://127.0.0.1:{ports[CONTROL_PLANE]}"
         wait_healthy(lambda: http_ok(f"{url}/healthz"), "the control plane's /healthz", pods)
