@@ -20,7 +20,8 @@ podman 4.3 reads the pod specs as they are, with these exceptions, which change 
   in Kubernetes, too, the list only describes what the process opens.
 
 Not carried over, as podman has no counterpart: the secret volumes' `defaultMode` and the pod's
-`fsGroup` (files are root's, mode 0644), probes, scheduling and service accounts.
+`fsGroup` (files are root's, mode 0644), gRPC probes and readiness (the tests ask those questions
+themselves), scheduling and service accounts.
 """
 
 from __future__ import annotations
