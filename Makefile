@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-image lint format protos kind-up dev clean
+.PHONY: setup demo test test-slow test-image lint format protos kind-up dev images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,22 @@ kind-up:
 ## dev: build the images and run Stillhouse on the kind cluster with live code updates (Tilt)
 dev:
 	tilt up
+
+# The chart's appVersion: the tag of both images, as the release workflow and the chart's defaults use it.
+APP_VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' deploy/helm/stillhouse/Chart.yaml)
+CONTAINER_ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+
+## images: build REGISTRY/stillhouse:APP_VERSION and REGISTRY/stillhouse-ray:APP_VERSION (docker or podman); PUSH=1 pushes them
+images:
+	@test -n "$(REGISTRY)" || { echo "make images needs REGISTRY, e.g. REGISTRY=registry.example.com/ml" >&2; exit 2; }
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make images needs docker or podman (or CONTAINER_ENGINE=...)" >&2; exit 2; }
+	@test -n "$(APP_VERSION)" || { echo "no appVersion in deploy/helm/stillhouse/Chart.yaml" >&2; exit 2; }
+	$(CONTAINER_ENGINE) build -f deploy/docker/Dockerfile -t $(REGISTRY)/stillhouse:$(APP_VERSION) .
+	$(CONTAINER_ENGINE) build -f deploy/docker/ray.Dockerfile -t $(REGISTRY)/stillhouse-ray:$(APP_VERSION) .
+ifeq ($(PUSH),1)
+	$(CONTAINER_ENGINE) push $(REGISTRY)/stillhouse:$(APP_VERSION)
+	$(CONTAINER_ENGINE) push $(REGISTRY)/stillhouse-ray:$(APP_VERSION)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

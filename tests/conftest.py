@@ -117,6 +117,8 @@ class ControlPlane:
     services: dict[str, str]
     token: str = "test-token-0123456789"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The process's name among the test's processes (and of its log); two control planes need two.
+    name: str = "control-plane"
 
     @property
     def url(self) -> str:
@@ -124,7 +126,7 @@ class ControlPlane:
 
     @property
     def log(self) -> str:
-        return self.processes.log("control-plane")
+        return self.processes.log(self.name)
 
     def start(self) -> None:
         token_file = self.home / "api-token"
@@ -140,11 +142,11 @@ class ControlPlane:
             },
             **self.extra_env,
         }
-        self.processes.start("control-plane", serve_argv("control-plane", self.port), env)
+        self.processes.start(self.name, serve_argv("control-plane", self.port), env)
         wait_until(lambda: http_ok(f"{self.url}/readyz"), 30, "the control plane to become ready")
 
     def kill(self) -> None:
-        self.processes.kill("control-plane")
+        self.processes.kill(self.name)
 
     def client(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(

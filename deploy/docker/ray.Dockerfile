@@ -2,7 +2,7 @@
 # The Ray image of the chart's RayCluster (head and GPU workers): Ray's own CUDA image of the same Ray
 # version as Stillhouse (2.60.0), with Stillhouse and a CUDA build of torch added. Build from the
 # repository root:
-#   docker build -f deploy/docker/ray.Dockerfile -t stillhouse-ray:0.1.0-gpu .
+#   docker build -f deploy/docker/ray.Dockerfile -t stillhouse-ray:0.1.0 .   (or `make images REGISTRY=...`)
 # For CPU-only clusters (kind): --build-arg RAY_IMAGE=docker.io/rayproject/ray:2.60.0-py311
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG RAY_IMAGE=docker.io/rayproject/ray:2.60.0-py311-gpu

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the kind cluster of deploy/kind/cluster.yaml with a local image registry at localhost:5001,
-# install the KubeRay operator, and fetch the chart's dependencies. Safe to run again.
+# and install the KubeRay operator, a prerequisite of the chart. Safe to run again.
 # Needs: docker (or podman with KIND_EXPERIMENTAL_PROVIDER=podman), kind >= 0.24, kubectl, helm.
 set -euo pipefail
 
@@ -43,8 +43,5 @@ YAML
 helm repo add kuberay https://ray-project.github.io/kuberay-helm/ --force-update >/dev/null
 helm upgrade --install kuberay-operator kuberay/kuberay-operator --version "$kuberay_version" \
   --kube-context "kind-$cluster" --namespace kuberay-system --create-namespace --wait
-
-# The chart declares the operator as an optional dependency; Helm wants it present even when off.
-helm dependency build "$here/../helm/stillhouse"
 
 echo "kind cluster '$cluster' is ready: run 'tilt up'"

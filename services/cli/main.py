@@ -104,7 +104,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.", show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.", show_default=False)] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Port of the Prometheus /metrics endpoint.", show_default=False)
+        int | None,
+        typer.Option(
+            help="Port of the Prometheus /metrics endpoint, open without a token.", show_default=False
+        ),
     ] = None,
 ) -> None:
     """Run one Stillhouse service in the foreground until SIGTERM or Ctrl-C."""
@@ -114,12 +117,7 @@ def serve(
     from stillhouse.common.service_credentials import ServiceCredentialsError
 
     settings_module, settings_class, server_module = _SERVICES[service]
-    flags: dict[str, Any] = {"host": host, "port": port}
-    if service is ServiceName.CONTROL_PLANE:
-        if metrics_port is not None:
-            raise _fail("the control plane serves its metrics on /metrics of the API: drop --metrics-port", 2)
-    else:
-        flags["metrics_port"] = metrics_port
+    flags: dict[str, Any] = {"host": host, "port": port, "metrics_port": metrics_port}
     settings_type = getattr(importlib.import_module(settings_module), settings_class)
     try:
         settings = settings_type.load(config, **flags)
@@ -185,6 +183,35 @@ def up(
     except EmbeddedError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def migrate(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="STILLHOUSE_CONTROL_PLANE_DATABASE_URL",
+            help="The job store: sqlite:///PATH or postgresql://USER@HOST/DB (default: the database of "
+            "`stillhouse up` in $STILLHOUSE_HOME).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Bring the job store's database to this release's schema (idempotent). The Helm chart runs it
+    before every install and upgrade; embedded mode migrates at start-up by itself."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from stillhouse.control_plane.store import migrate as migrate_job_store
+
+    url = database_url or f"sqlite:///{stillhouse_home() / 'stillhouse.db'}"
+    try:
+        migrate_job_store(url)
+    except ValueError as exc:
+        raise _fail(f"--database-url: {exc}", 2) from None
+    except SQLAlchemyError as exc:
+        raise _fail(f"cannot migrate the job store: {type(exc).__name__}: {exc.orig or exc}") from None
+    console.print("the job store's schema is up to date")
 
 
 # --- driving jobs -------------------------------------------------------------------------------

@@ -111,7 +111,13 @@ class GrpcServiceSettings(ServiceCallSettings):
 
     host: str = "127.0.0.1"
     port: int = 0
-    metrics_port: int | None = None
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint, open without a token (0: a free port); none "
+        "serves no metrics.",
+    )
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 5.0
     # Largest request accepted (larger ones get RESOURCE_EXHAUSTED): bulk bytes go to object storage.

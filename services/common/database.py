@@ -9,6 +9,8 @@ from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -87,6 +89,28 @@ def migrate(
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+def schema_is_behind(database_url: str, migrations: Path) -> bool:
+    """Whether the database still lacks the latest revision of `migrations` (blocking): it has none of
+    them yet, or an older one. A revision these migrations do not know is a newer release's: not behind."""
+    _, sync_url = database_urls(database_url)
+    engine = create_engine(sync_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    finally:
+        engine.dispose()
+    script = ScriptDirectory.from_config(alembic_config(migrations))
+    if set(script.get_heads()) <= current:
+        return False
+    return current <= {revision.revision for revision in script.walk_revisions()}
+
+
+def libpq_url(database_url: str) -> str:
+    """The PostgreSQL URL of `database_url` as libpq (psycopg's own connections) takes it."""
+    _, sync_url = database_urls(database_url)
+    return sync_url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def run_migrations_in_env(**options: Any) -> None:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from stillhouse.common import grpc_keepalive as keepalive
 from stillhouse.common.config import GrpcServiceSettings
 from stillhouse.common.logging import configure_logging
+from stillhouse.common.metrics_listener import start_metrics_listener
 from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
@@ -229,8 +230,11 @@ async def serve_grpc(settings: GrpcServiceSettings, setup: ServiceSetup) -> None
         server, health_servicer, names = _server(settings, check, registry, bindings)
         tls = credentials.server_credentials()
         port = _listen(server, settings, tls)
-        if settings.metrics_port is not None:
-            prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        metrics = (
+            start_metrics_listener(settings.host, settings.metrics_port)
+            if settings.metrics_port is not None
+            else None
+        )
         await server.start()
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -238,7 +242,7 @@ async def serve_grpc(settings: GrpcServiceSettings, setup: ServiceSetup) -> None
             "serving",
             address=f"{settings.host}:{port}",
             services=names,
-            metrics_port=settings.metrics_port,
+            metrics_port=metrics.port if metrics else None,
             tls=tls is not None,
             reflection=settings.reflection,
         )
@@ -248,6 +252,8 @@ async def serve_grpc(settings: GrpcServiceSettings, setup: ServiceSetup) -> None
         await health_servicer.enter_graceful_shutdown()
         await registry.shutdown()
         await server.stop(settings.shutdown_grace_seconds)
+        if metrics is not None:
+            metrics.close()
         log.info("stopped")
 
 

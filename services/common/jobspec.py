@@ -12,8 +12,18 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from stillhouse.common.models.references import check_model_reference
 
 API_VERSION = "stillhouse.dev/v1"
 KIND = "DistillationJob"
@@ -334,7 +344,12 @@ class TeacherLimits(SpecModel):
 class TeacherSpec(SpecModel):
     backend: TeacherBackend = Field(description="`openai` (any OpenAI-compatible API) or `local`.")
     model: str = Field(
-        min_length=1, max_length=MAX_PATH, description="Model name (openai) or model path/package (local)."
+        min_length=1,
+        max_length=MAX_PATH,
+        description="Model name (openai); for `local`, the model's folder or .gguf file: "
+        "s3://<bucket>/<prefix> (downloaded once into the model cache), an absolute path under the "
+        "platform's models root, or "
+        "`<distribution>/<file>` of an installed package.",
     )
     base_url: str | None = Field(
         default=None,
@@ -377,6 +392,13 @@ class TeacherSpec(SpecModel):
         description="Hard spending limit; the stage stops cleanly when reached.",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _local_model_is_a_model_reference(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("backend") is TeacherBackend.LOCAL:
+            check_model_reference(value, "teacher.model")
+        return value
+
     @model_validator(mode="after")
     def _openai_needs_url(self) -> TeacherSpec:
         if self.backend is TeacherBackend.OPENAI and not self.base_url:
@@ -394,7 +416,11 @@ class TeacherSpec(SpecModel):
 class StudentInit(SpecModel):
     """Exactly one way to initialise the student."""
 
-    pretrained: SpecPath | None = Field(default=None, description="Local path or s3:// folder of a HF model.")
+    pretrained: SpecPath | None = Field(
+        default=None,
+        description="A Hugging Face model to start from: s3://<bucket>/<prefix> (downloaded once into the "
+        "model cache) or an absolute path under the platform's models root.",
+    )
     prune_teacher_depth: Annotated[int, Field(gt=0, le=1024)] | None = Field(
         default=None, description="Copy the teacher keeping this many layers."
     )
@@ -413,6 +439,13 @@ class StudentInit(SpecModel):
         "Influence); `spread`, the first, the last and the others evenly spaced between them (needs no "
         "data).",
     )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_is_a_model_reference(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_model_reference(value, "student.init.pretrained")
+        return value
 
     @field_validator("config")
     @classmethod

@@ -31,6 +31,13 @@ class ControlPlaneSettings(ServiceCallSettings):
 
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of a second listener that serves only the Prometheus /metrics, without a token, "
+        "for the scraper (0: a free port); none serves no such port. The API's own /metrics needs a token.",
+    )
     database_url: str = Field(
         default_factory=lambda: f"sqlite:///{stillhouse_home() / 'stillhouse.db'}",
         description="sqlite:///PATH or postgresql://USER@HOST/DB",
@@ -86,8 +93,38 @@ class ControlPlaneSettings(ServiceCallSettings):
     # How often the sweep looks for expired jobs, when `finished_job_max_age_hours` is set.
     expiry_sweep_interval_seconds: float = Field(default=3600.0, gt=0)
 
+    migrate_at_start: bool = Field(
+        default=True,
+        description="Bring the job store's schema to this release at start-up. The Helm chart sets it false "
+        "and runs `stillhouse migrate` as a hook; the control plane then waits until the schema is there.",
+    )
+    leader_lease_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        le=300,
+        description="Control planes sharing a PostgreSQL database elect one to drive the jobs, through a "
+        "lease of this length: when the leader dies another takes over within 1.25 times it, and a leader "
+        "that cannot renew stops driving after 0.8 times it. SQLite (embedded mode): the only one leads.",
+    )
+    job_poll_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="How often the leader looks in the store for jobs submitted or cancelled through "
+        "another control plane whose notification it missed.",
+    )
+
     # Read and checked once, at load, so that a bad file stops the process with an error naming it.
     _principals: PrincipalsFile | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _metrics_on_a_port_of_their_own(self) -> ControlPlaneSettings:
+        if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
+            raise ValueError(
+                f"metrics_port must differ from port ({self.port}): the API port serves metrics only with "
+                "a token"
+            )
+        return self
 
     @model_validator(mode="after")
     def _some_token(self) -> ControlPlaneSettings:

@@ -1,8 +1,9 @@
 """Wakes the readers of job event streams when new events are stored.
 
 Events live in the store (so a reader can replay them and a restarted control plane keeps them); this
-only saves readers from polling in between. Readers still poll now and then, in case another process
-wrote the event.
+only saves readers from polling in between. Events another control plane writes wake it too, through the
+database's notifications (`notifications`, PostgreSQL only); readers still poll now and then, in case a
+notification was lost.
 """
 
 from __future__ import annotations

@@ -4,7 +4,12 @@ Every step is written to the store before it starts (with its operation id) and 
 every service call is idempotent on that id. A control plane that is killed and started again finds
 each unfinished job in the store and carries on: a finished step is not run again, and a running one is
 re-attached by calling Start again with the same id, which the service answers with the operation it
-already has (or starts anew if the service itself forgot it).
+already has (or starts anew if the service itself forgot it). The id is recorded before Start is sent and
+is the same for every try of one attempt (`operation_id_for`), so no Start can go out under an id the
+store does not hold.
+
+Among control planes sharing a database, only the leader's orchestrator drives jobs (`leadership`,
+`dispatch`): a new leader resumes the unfinished jobs exactly as a restarted control plane does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from stillhouse.common.operations import State
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.control_plane.events import JobEventBus
+from stillhouse.control_plane.job_metrics import RUNNING_STAGES, entered_phase, stage_ended
 from stillhouse.control_plane.phases import STAGE_OF_PHASE, Phase, Stage, next_phase
 from stillhouse.control_plane.progress_events import ProgressEvents
 from stillhouse.control_plane.stage_calls import STAGE_CALLS, StageCall, operation_id_for, result_to_json
@@ -31,7 +37,7 @@ from stillhouse.control_plane.start_and_follow import (
     describe_rpc_error,
     start_and_follow,
 )
-from stillhouse.control_plane.store import JobRecord, JobStore, StepRecord, StepState
+from stillhouse.control_plane.store import JobRecord, JobStore, LeaseLost, StepRecord, StepState
 
 log = structlog.get_logger(__name__)
 
@@ -94,23 +100,30 @@ class Orchestrator:
         self._cancel_requests: dict[str, asyncio.Event] = {}
 
     async def resume_unfinished(self) -> int:
-        """Pick up every job a previous control plane left unfinished."""
+        """Drive every unfinished job not driven yet (one a previous leader left, or one submitted through
+        another control plane) and pass on the cancel requests the store holds: how many it picked up."""
         jobs = await self._store.unfinished_jobs()
+        picked_up = [job.id for job in jobs if self.run(job.id)]
         for job in jobs:
-            self.run(job.id)
-        if jobs:
-            log.info("resuming unfinished jobs", count=len(jobs))
-        return len(jobs)
+            if job.cancel_requested:
+                self.request_cancel(job.id)
+        if picked_up:
+            log.info("resuming unfinished jobs", count=len(picked_up))
+        return len(picked_up)
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str) -> bool:
+        """Drive the job, unless it is being driven already (then False)."""
         if job_id in self._runners and not self._runners[job_id].done():
-            return
+            return False
         self._cancel_requests.setdefault(job_id, asyncio.Event())
         self._runners[job_id] = asyncio.create_task(self._drive(job_id), name=f"job {job_id}")
+        return True
 
     def request_cancel(self, job_id: str) -> None:
-        """Wake the job's runner after the store has recorded the cancel request."""
-        self._cancel_requests.setdefault(job_id, asyncio.Event()).set()
+        """Wake the job's runner after the store has recorded the cancel request (a job not being driven
+        finds the request in the store when it is)."""
+        if job_id in self._cancel_requests:
+            self._cancel_requests[job_id].set()
 
     async def stop(self) -> None:
         """Stop driving jobs; they stay as they are in the store and carry on after a restart."""
@@ -171,6 +184,8 @@ class Orchestrator:
                         await self._set_phase(job_id, next_phase(job.phase))
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:
+            bound.warning("no longer leading: the job is left to the next leader", error=str(exc))
         except Exception as exc:  # a bug: the job must not hang in a working phase
             bound.exception("job runner crashed")
             await self._fail(job_id, f"internal error in the control plane: {type(exc).__name__}: {exc}")
@@ -179,7 +194,8 @@ class Orchestrator:
             self._runners.pop(job_id, None)
 
     async def _set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> None:
-        await self._store.set_phase(job_id, phase, message)
+        job = await self._store.set_phase(job_id, phase, message)
+        entered_phase(job.tenant, phase)
         log.info("job phase", job_id=job_id, phase=phase.value, message=message)
         self._bus.notify()
 
@@ -205,28 +221,37 @@ class Orchestrator:
             step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt=1))
         results = await self._stage_results(job.id)
         request = call.build_request(step.operation_id, job.id, job.tenant, job.document["spec"], results)
+        RUNNING_STAGES.began(job.id, stage)
         try:
             operation = await self._until_final(job.id, call, step, request)
         except StageFailed as exc:
-            await self._store.finish_step(job.id, stage, StepState.FAILED, error=str(exc))
+            await self._finish_step(step, StepState.FAILED, error=str(exc))
             raise
         except StageCancelled:
-            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error="cancelled on request")
+            await self._finish_step(step, StepState.CANCELLED, error="cancelled on request")
             raise
+        finally:
+            RUNNING_STAGES.ended(job.id)
 
         if operation.state == State.OPERATION_STATE_SUCCEEDED:
             result = call.result_type()
             operation.result.Unpack(result)
-            await self._store.finish_step(job.id, stage, StepState.SUCCEEDED, result=result_to_json(result))
+            await self._finish_step(step, StepState.SUCCEEDED, result=result_to_json(result))
             return
         message = _status_text(call.service, operation)
         if operation.state == State.OPERATION_STATE_CANCELLED:
-            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error=message)
+            await self._finish_step(step, StepState.CANCELLED, error=message)
             if self._cancel_requests[job.id].is_set() or (await self._store.get_job(job.id)).cancel_requested:
                 raise StageCancelled
             raise StageFailed(message)
-        await self._store.finish_step(job.id, stage, StepState.FAILED, error=message)
+        await self._finish_step(step, StepState.FAILED, error=message)
         raise StageFailed(message)
+
+    async def _finish_step(self, step: StepRecord, state: StepState, **outcome: Any) -> None:
+        """Record how the step ended, and its time from start to end in the stage metrics."""
+        finished = await self._store.finish_step(step.job_id, step.stage, state, **outcome)
+        ended_at = finished.finished_at if finished.finished_at is not None else step.started_at
+        stage_ended(step.stage, state.value, (ended_at - step.started_at).total_seconds())
 
     async def _until_final(
         self, job_id: str, call: StageCall, step: StepRecord, request
@@ -265,7 +290,7 @@ class Orchestrator:
         step = await self._store.get_step(job.id, stage) if stage else None
         if step is not None and step.state is StepState.RUNNING:
             await self._cancel_operation(STAGE_CALLS[stage], step.operation_id)
-            await self._store.finish_step(job.id, stage, StepState.CANCELLED, error="cancelled on request")
+            await self._finish_step(step, StepState.CANCELLED, error="cancelled on request")
 
     async def _cancel_operation(self, call: StageCall, operation_id: str) -> bool:
         """Ask the service to stop the operation; False when the service does not have it running."""
@@ -284,6 +309,7 @@ class Orchestrator:
         return True
 
     async def _progress_event(self, job_id: str, stage: Stage, operation: operations_pb2.Operation) -> None:
+        RUNNING_STAGES.progressed(job_id, stage)
         progress = operation.progress
         await self._store.append_event(
             job_id,

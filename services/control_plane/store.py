@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -24,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
 from alembic.config import Config
 from sqlalchemy import (
     JSON,
@@ -51,15 +53,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from stillhouse.common import database
-from stillhouse.common.database_retry import DEFAULT_RETRY_POLICY, RetryPolicy, retry_transient
+from stillhouse.common.database_retry import (
+    DEFAULT_RETRY_POLICY,
+    RetryPolicy,
+    describe,
+    is_transient,
+    retry_transient,
+)
+from stillhouse.control_plane.notifications import CANCEL_REQUESTED, EVENTS_WRITTEN, JOB_SUBMITTED
 from stillhouse.control_plane.phases import TERMINAL_PHASES, IllegalTransition, Phase, Stage, check_transition
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_JOB_ID_LENGTH = 64
 MAX_OWNER_LENGTH = 128
 MAX_TENANT_LENGTH = 63
+# Seconds between two looks at a database whose schema is still behind (until `stillhouse migrate` ran).
+SCHEMA_WAIT_SECONDS = 2.0
 # Any constant will do: it only has to be the same in every process migrating the same database.
 _MIGRATION_LOCK_KEY = 0x5717_1405
+
+log = structlog.get_logger(__name__)
 
 
 # --- Records handed to callers ------------------------------------------------------------------
@@ -138,6 +151,23 @@ class TenantUsage:
 
     unfinished_jobs: int
     jobs_since: list[JobActivity]
+
+
+@dataclass
+class LeaseFence:
+    """A term of a lease (`LeaseRow`) that a store's writes must be made under: the holder sets `epoch`
+    when it takes the lease up and clears it when it stops leading."""
+
+    name: str
+    holder: str
+    epoch: int | None = None
+
+
+class LeaseLost(RuntimeError):
+    """A fenced write found its term of the lease over: another control plane may lead now."""
+
+    def __init__(self, fence: LeaseFence) -> None:
+        super().__init__(f"the {fence.name} lease is no longer held by {fence.holder} in term {fence.epoch}")
 
 
 class JobNotFound(LookupError):
@@ -274,6 +304,18 @@ class TenantAdmissionRow(Base):
     admitted_jobs: Mapped[int] = mapped_column(BigInteger)
 
 
+class LeaseRow(Base):
+    """Who leads (drives the jobs) among the control planes sharing a PostgreSQL database, until when
+    (the database's clock), and in which term: `epoch` grows with every change of holder."""
+
+    __tablename__ = "control_plane_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime]
+
+
 _Record = TypeVar("_Record")
 _Row = TypeVar("_Row", bound=Base)
 
@@ -310,6 +352,20 @@ def alembic_config() -> Config:
 def migrate(database_url: str) -> None:
     """Bring the database to the latest revision (blocking; idempotent)."""
     database.migrate(database_url, MIGRATIONS, lock_key=_MIGRATION_LOCK_KEY)
+
+
+async def _wait_for_schema(database_url: str) -> None:
+    """Return once the database has this release's latest revision (or a newer release's)."""
+    while True:
+        try:
+            if not await asyncio.to_thread(database.schema_is_behind, database_url, MIGRATIONS):
+                return
+            log.info("waiting for the job store's migrations: run `stillhouse migrate`")
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.info("waiting for the job store's database", error=describe(exc))
+        await asyncio.sleep(SCHEMA_WAIT_SECONDS)
 
 
 def _now() -> datetime:
@@ -393,16 +449,57 @@ class JobStore:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.retry_policy = retry_policy
+        self._fence: LeaseFence | None = None
+
+    def fenced(self, fence: LeaseFence) -> JobStore:
+        """This store, but its writes of phases, steps and events are made only under `fence`'s term of the
+        lease (LeaseLost otherwise); each write holds the lease row share-locked until it commits, so a
+        takeover cannot come in between the check and the write."""
+        view = copy.copy(self)
+        view._fence = fence
+        return view
+
+    async def _check_fence(self, session: AsyncSession) -> None:
+        fence = self._fence
+        if fence is None:
+            return
+        held = fence.epoch is not None and await session.scalar(
+            select(LeaseRow.epoch)
+            .where(
+                LeaseRow.name == fence.name,
+                LeaseRow.holder == fence.holder,
+                LeaseRow.epoch == fence.epoch,
+                LeaseRow.expires_at > func.now(),
+            )
+            .with_for_update(read=True)
+        )
+        if not held:
+            raise LeaseLost(fence)
 
     @classmethod
-    async def open(cls, database_url: str, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY) -> JobStore:
-        """Migrate the database to the latest revision, then connect to it."""
-        await asyncio.to_thread(migrate, database_url)
+    async def open(
+        cls,
+        database_url: str,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        *,
+        migrate_first: bool = True,
+    ) -> JobStore:
+        """Migrate the database to the latest revision (or, with `migrate_first` false, wait until
+        `stillhouse migrate` has), then connect to it."""
+        if migrate_first:
+            await asyncio.to_thread(migrate, database_url)
+        else:
+            await _wait_for_schema(database_url)
         engine = database.create_engine_for(database_url)
         return cls(engine, retry_policy)
 
     async def close(self) -> None:
         await self._engine.dispose()
+
+    async def _announce(self, session: AsyncSession, channel: str, job_id: str) -> None:
+        """Tell the other control planes on PostgreSQL, when the transaction commits (LISTEN/NOTIFY)."""
+        if self._engine.dialect.name == "postgresql":
+            await session.execute(select(func.pg_notify(channel, job_id)))
 
     async def ping(self) -> None:
         """Not retried: a readiness probe reports the database as it is now."""
@@ -462,6 +559,8 @@ class JobStore:
                 session.add(JobRow(**{**_columns(job), "phase": job.phase.value}))
                 await session.flush()
                 session.add(_phase_event(job.id, Phase.PENDING, None, job.created_at))
+                await self._announce(session, JOB_SUBMITTED, job.id)
+                await self._announce(session, EVENTS_WRITTEN, job.id)
         except IntegrityError:
             raise JobAlreadyExists(job.id) from None
         return job
@@ -553,6 +652,7 @@ class JobStore:
     ) -> JobRecord | None:
         """One try of set_phase; None when another writer moved the job first (then it checks again)."""
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             row = await _job_row(session, job_id)
             current = Phase(row.phase)
             if current is phase and row.updated_at == now:
@@ -569,6 +669,7 @@ class JobStore:
             if moved is None:
                 return None
             session.add(_phase_event(job_id, phase, message, now))
+            await self._announce(session, EVENTS_WRITTEN, job_id)
             return _job_record(moved)
 
     @retry_transient
@@ -584,6 +685,7 @@ class JobStore:
             )
             if row is None:
                 raise IllegalTransition(Phase((await _job_row(session, job_id)).phase), Phase.CANCELLED)
+            await self._announce(session, CANCEL_REQUESTED, job_id)
             return _job_record(row)
 
     # Steps
@@ -620,6 +722,7 @@ class JobStore:
     @retry_transient
     async def _insert_step(self, job_id: str, stage: Stage, operation_id: str) -> StepRecord:
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             await _job_row(session, job_id)
             row = StepRow(job_id=job_id, stage=stage.value, **_running_step(operation_id, attempt=1))
             session.add(row)
@@ -629,6 +732,7 @@ class JobStore:
     async def _update_step(self, step: StepRecord, **values: Any) -> StepRecord | None:
         """Update `step` unless another writer changed it since it was read (then None)."""
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             row = await session.scalar(
                 update(StepRow)
                 .where(
@@ -685,12 +789,14 @@ class JobStore:
         # A retry after a commit whose answer was lost appends the event twice: a repeated progress or
         # error event, which its readers can bear.
         async with self._sessions.begin() as session:
+            await self._check_fence(session)
             # Holding the job's row lock while inserting makes a job's events commit in id order,
             # so a reader resuming after the last id it saw never skips one.
             await _job_row(session, job_id, for_update=True)
             row = EventRow(job_id=job_id, type=type, data=data, created_at=_now())
             session.add(row)
             await session.flush()
+            await self._announce(session, EVENTS_WRITTEN, job_id)
             return _event_record(row)
 
     @retry_transient

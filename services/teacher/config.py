@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from stillhouse.common.config import GrpcServiceSettings, settings_config
+from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.teacher.egress import parse_allow_entry
 
@@ -15,6 +16,10 @@ class TeacherSettings(GrpcServiceSettings):
     model_config = settings_config("STILLHOUSE_TEACHER_")
 
     port: int = 50052
+    models: ModelSettings = Field(
+        default_factory=ModelSettings,
+        description="Where the weights of a `local` teacher are: its models root and download cache.",
+    )
     cache_url: str = Field(
         default_factory=lambda: f"sqlite:///{stillhouse_home() / 'teacher-cache.db'}",
         description="Database of the answer cache: sqlite:///PATH or postgresql://USER@HOST/DB.",

@@ -17,6 +17,7 @@ from stillhouse.common.operations import (
     OperationRegistry,
 )
 from stillhouse.common.spec_sections import spec_section
+from stillhouse.teacher import call_metrics
 from stillhouse.teacher.cache import TeacherCache
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCallError
 from stillhouse.teacher.estimate import estimate_cost, prompt_tokens
@@ -127,12 +128,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         except OperationError as exc:
             await abort_for(context, exc)
         except TeacherCallError as exc:
+            call_metrics.failed(spec, exc.kind)
             code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.FAILED_PRECONDITION
             if exc.kind is FailureKind.EGRESS_REFUSED:
                 code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(code, f"the teacher {spec.model!r}: {exc}")
         ledger = Ledger()
         ledger.record(answer, price, cached=cached is not None)
+        call_metrics.answered(spec, answer, price, cached=cached is not None)
         return teacher_pb2.CompleteResponse(
             text=answer.text, finish_reason=answer.finish_reason, ledger=ledger.to_proto()
         )

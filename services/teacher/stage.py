@@ -29,6 +29,7 @@ from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.operations import OperationError, ProgressReporter
 from stillhouse.common.v1 import operations_pb2
+from stillhouse.teacher import call_metrics
 from stillhouse.teacher.cache import CacheWriter, TeacherCache
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
 from stillhouse.teacher.estimate import call_estimate_usd, prompt_tokens
@@ -153,9 +154,13 @@ class AnswerPromptsRun:
         self._total_prompts = sum(reader.manifest.num_rows for reader in readers)
         self._report(force=True)
         outputs: dict[str, operations_pb2.DatasetRef] = {}
-        async with CacheWriter(self._cache) as cache_writer:
-            for reader, (dataset_id, name) in zip(readers, inputs, strict=True):
-                outputs[name] = await self._answer_dataset(reader, dataset_id, name, cache_writer)
+        call_metrics.RUNNING_BUDGETS.began(self._budget, self._totals.ledger)
+        try:
+            async with CacheWriter(self._cache) as cache_writer:
+                for reader, (dataset_id, name) in zip(readers, inputs, strict=True):
+                    outputs[name] = await self._answer_dataset(reader, dataset_id, name, cache_writer)
+        finally:
+            call_metrics.RUNNING_BUDGETS.ended(self._totals.ledger)
         if self._failures:
             await self._commit_failures(prompts_id)
         self._report(force=True)
@@ -248,6 +253,7 @@ class AnswerPromptsRun:
     ) -> asyncio.Future[TeacherAnswer | None]:
         if cached is not None:
             self._totals.ledger.record(cached, self._price, cached=True)
+            call_metrics.answered(self._spec, cached, self._price, cached=True)
             future: asyncio.Future[TeacherAnswer | None] = asyncio.get_running_loop().create_future()
             future.set_result(cached)
             return future
@@ -255,7 +261,9 @@ class AnswerPromptsRun:
         if self._totals.stopped_reason or self._budget.would_exceed(
             self._totals.ledger, estimate, self._totals.in_flight_usd
         ):
-            self._totals.stopped_reason = self._totals.stopped_reason or self._budget.stopped_reason
+            if not self._totals.stopped_reason:
+                self._totals.stopped_reason = self._budget.stopped_reason
+                call_metrics.budget_stopped(self._spec)
             return self._skipped()
         self._totals.in_flight_usd += estimate
         return asyncio.ensure_future(self._ask(row, call, estimate, cache_writer))
@@ -273,6 +281,7 @@ class AnswerPromptsRun:
         try:
             answer = await self._teacher.answer(call, estimated_tokens)
         except TeacherCallError as exc:
+            call_metrics.failed(self._spec, exc.kind)
             if exc.kind in FATAL_FAILURES:
                 raise OperationError(
                     FATAL_FAILURES[exc.kind], f"the teacher {self._spec.model!r}: {exc}"
@@ -285,6 +294,7 @@ class AnswerPromptsRun:
         finally:
             self._totals.in_flight_usd -= estimate_usd
         self._totals.ledger.record(answer, self._price, cached=False)
+        call_metrics.answered(self._spec, answer, self._price, cached=False)
         await cache_writer.put(call, answer)
         return answer
 

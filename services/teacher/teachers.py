@@ -13,6 +13,8 @@ import grpc
 import structlog
 
 from stillhouse.common.jobspec import SECRET_NAME_PATTERN, TeacherBackend, TeacherSpec
+from stillhouse.common.models.locator import ModelLocator
+from stillhouse.common.objectstore.objects import ObjectStoreError
 from stillhouse.common.operations import OperationError
 from stillhouse.teacher.backends.base import TeacherBackend as Backend
 from stillhouse.teacher.calls import cache_scope
@@ -77,6 +79,7 @@ class TeacherPool:
     def __init__(self, settings: TeacherSettings) -> None:
         self._settings = settings
         self._egress = EgressPolicy.from_entries(settings.egress_allow)
+        self._models = ModelLocator(settings.models, settings.object_store)
         self._teachers: dict[tuple[str, str], ResilientTeacher] = {}
         # The API key each teacher was built with: what `cache_scope` fingerprints.
         self._api_keys: dict[tuple[str, str], str | None] = {}
@@ -97,6 +100,17 @@ class TeacherPool:
                 log.info("teacher ready", backend=spec.backend.value, model=spec.model)
             return self._teachers[key]
 
+    def _local_backend(self, model: str, device: str | None) -> Backend:
+        """A local teacher on `model`, downloaded first when it is an s3:// model (this can take minutes)."""
+        from stillhouse.teacher.backends.local_hf import LocalHFBackend
+
+        return LocalHFBackend(
+            self._models.locate(model, "spec.teacher.model"),
+            name=model,
+            device=device,
+            max_batch_size=self._settings.local_max_batch_size,
+        )
+
     def cache_scope(self, spec: TeacherSpec, tenant: str) -> str:
         """Whose cached answers a call of `tenant` to the teacher of `spec` may read: the tenant's, paid
         with the API key that teacher is called with. Ask after `get(spec)`, which resolves the key."""
@@ -104,18 +118,11 @@ class TeacherPool:
 
     async def _backend(self, spec: TeacherSpec) -> Backend:
         if spec.backend is TeacherBackend.LOCAL:
-            from stillhouse.teacher.backends.local_hf import LocalHFBackend
-
             self._api_keys[_pool_key(spec)] = None
             device = None if self._settings.local_device == "auto" else self._settings.local_device
             try:
-                return await asyncio.to_thread(
-                    LocalHFBackend,
-                    spec.model,
-                    device=device,
-                    max_batch_size=self._settings.local_max_batch_size,
-                )
-            except (OSError, ValueError) as exc:
+                return await asyncio.to_thread(self._local_backend, spec.model, device)
+            except (OSError, ValueError, ObjectStoreError) as exc:
                 raise OperationError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"cannot load the local teacher {spec.model!r}: {exc}",

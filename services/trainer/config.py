@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stillhouse.common.config import GrpcServiceSettings, settings_config
+from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.paths import stillhouse_home
 
 # Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
@@ -81,6 +82,11 @@ class TrainerSettings(GrpcServiceSettings):
     )
     local_ray: LocalRaySettings = Field(default_factory=LocalRaySettings)
     evaluation_num_gpus: float = Field(default=0, ge=0, description="GPUs of the evaluation task.")
+    models: ModelSettings = Field(
+        default_factory=ModelSettings,
+        description="Where model weights are (models root, download cache), for this service's checks and "
+        "for the runs it hands to Ray, whose nodes must see the same folders.",
+    )
     preflight_dir: Path = Field(
         default_factory=lambda: stillhouse_home() / "preflight",
         description="Where the submit-time check keeps the tokenizers and configs it fetches from object "

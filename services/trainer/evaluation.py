@@ -53,6 +53,7 @@ from stillhouse.common.datasets.sparse_logprobs import MASKED_ID, SparseLogprobs
 from stillhouse.common.headline import gap_closed_sentence
 from stillhouse.common.jobspec import LossKind, LossSpec, TeacherBackend, TeacherSpec
 from stillhouse.common.models.generation import DecodeRequest, default_stop_ids, generate_batch
+from stillhouse.common.models.locator import Locate, ModelLocator
 from stillhouse.common.models.model_loading import (
     ModelSource,
     default_device,
@@ -720,11 +721,15 @@ class _WorkDone:
         return advance
 
 
+def run_locator(run: EvaluateRun) -> Locate:
+    return ModelLocator(run.models, run.object_store).locate
+
+
 def _student_holdout(
     run: EvaluateRun, store: ObjectStore, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
 ) -> Holdout:
     """The held-out answers as the student (and every model beside it) sees them, with its `tokenizer`."""
-    teacher_tok = teacher_tokenizer(run.teacher)
+    teacher_tok = teacher_tokenizer(run.teacher, run_locator(run))
     difference = (
         check_tokenizers(tokenizer, teacher_tok)
         if teacher_tok is not None
@@ -764,7 +769,9 @@ def _report_document(
             "published": published_student_prefix(run),
             **({"control_sft": run.control_sft_prefix} if run.control_sft_prefix else {}),
         },
-        model_size=model_sizes(student_config, run.teacher),
+        model_size=model_sizes(
+            student_config, run.teacher, ModelLocator(run.models, run.object_store).locate
+        ),
         data={
             "holdout_dataset": run.holdout_dataset_id,
             "holdout_rows": len(holdout.answers),
@@ -806,12 +813,12 @@ def _report_notes(run: EvaluateRun, holdout: Holdout, lead: Headline) -> list[st
     return notes
 
 
-def model_sizes(student: PretrainedConfig, teacher: TeacherSpec) -> dict[str, Any]:
+def model_sizes(student: PretrainedConfig, teacher: TeacherSpec, locate: Locate) -> dict[str, Any]:
     """The student's and the teacher's non-embedding parameters and their ratio; the teacher's only for a
     `local` teacher (an API teacher's architecture is not known here)."""
     sizes: dict[str, Any] = {"student_non_embedding_parameters": non_embedding_parameters(student)}
     if teacher.backend is TeacherBackend.LOCAL:
-        source = resolve_model_reference(teacher.model)
+        source = resolve_model_reference(locate(teacher.model, "teacher.model"))
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
         sizes["teacher_non_embedding_parameters"] = non_embedding_parameters(config)
         sizes["student_to_teacher"] = (

@@ -1,6 +1,6 @@
 """Finding and loading what the submit-time checks (`preflight`) look at: tokenizers and model configs,
-never weights. A `pretrained` student in object storage (``s3://<bucket>/<prefix>``, a committed
-artifact) is fetched without its weight files.
+never weights. A model in object storage (``s3://<bucket>/<prefix>``) is fetched without its weight
+files, into a cache of its own; a local path must lie under the models root (`ModelLocator`).
 
 Loaded tokenizers and context lengths are kept by reference for the life of the process: the same
 teacher is checked for every job, and reading a GGUF file's tokenizer takes seconds. A model that cannot
@@ -10,16 +10,16 @@ be found is a `ModelNotFound` naming the spec field; object storage that does no
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from stillhouse.common.datasets.artifacts import download_artifact
 from stillhouse.common.jobspec import DistillationJobSpec, TeacherBackend
-from stillhouse.common.objectstore.objects import BucketNotFound, ObjectNotFound
-from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.models.locator import ModelLocator
+from stillhouse.common.models.references import ModelReferenceRefused
+from stillhouse.common.models.settings import ModelSettings
+from stillhouse.common.objectstore.objects import BucketNotFound
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.preflight import (
     STUDENT_PRETRAINED,
@@ -56,11 +56,13 @@ def is_weight_file(path: str) -> bool:
 
 class ModelFactsLoader:
     """Tokenizers and context lengths by reference, cached (see the module docstring). `folder` keeps
-    the files fetched from object storage."""
+    the files fetched from object storage; `models` says where local models may be."""
 
-    def __init__(self, object_store: ObjectStoreSettings, folder: Path) -> None:
-        self._object_store = object_store
-        self._folder = folder
+    def __init__(
+        self, object_store: ObjectStoreSettings, folder: Path, models: ModelSettings | None = None
+    ) -> None:
+        models = models or ModelSettings()
+        self._locator = ModelLocator(models.model_copy(update={"cache_dir": folder}), object_store)
         self._lock = threading.Lock()
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._shapes: dict[str, ModelShape] = {}
@@ -135,8 +137,12 @@ class ModelFactsLoader:
 
     def _files(self, field: str, reference: str) -> tuple[Path, str | None]:
         """The local folder (and GGUF file in it) a reference names; a tokenizer-only folder counts."""
-        if reference.startswith("s3://"):
-            return self._fetched(field, reference), None
+        try:
+            reference = self._locator.locate(reference, field, include=lambda path: not is_weight_file(path))
+        except ModelReferenceRefused as exc:
+            raise ModelNotFound(field, f"{_name(field)}: {exc.message}") from exc
+        except BucketNotFound as exc:
+            raise ModelNotFound(field, f"{_name(field)}: {exc}") from exc
         folder = Path(reference).expanduser()
         if folder.is_dir() and not (folder / "config.json").is_file():
             return folder, None
@@ -149,23 +155,6 @@ class ModelFactsLoader:
         except FileNotFoundError as exc:
             raise ModelNotFound(field, f"{_name(field)}: {exc}") from exc
         return source.folder, source.gguf_file
-
-    def _fetched(self, field: str, reference: str) -> Path:
-        destination = self._folder / hashlib.sha256(reference.encode()).hexdigest()[:16]
-        if destination.exists():
-            return destination
-        bucket, _, prefix = reference.removeprefix("s3://").partition("/")
-        prefix = prefix.rstrip("/")
-        if not bucket or not prefix:
-            raise ModelNotFound(field, f"{_name(field)} {reference!r} is not s3://<bucket>/<prefix>")
-        store = open_object_store(self._object_store.model_copy(update={"bucket": bucket}))
-        try:
-            download_artifact(store, prefix, destination, include=lambda path: not is_weight_file(path))
-        except (ObjectNotFound, BucketNotFound) as exc:
-            raise ModelNotFound(
-                field, f"{_name(field)} {reference!r}: no committed model artifact there ({exc})"
-            ) from exc
-        return destination
 
 
 def _name(field: str) -> str:

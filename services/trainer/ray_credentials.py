@@ -50,6 +50,8 @@ def run_with_keys(model: type[Run], run_json: str) -> Run:
     MissingObjectStoreKeys, naming the variables, when an S3 store has no keys here."""
     document = json.loads(run_json)
     store = document["object_store"]
+    if store.get("credentials") == "environment":  # the node's own (IRSA): nothing to pass on
+        return model.model_validate(document)
     for field, variable in KEY_FIELDS.items():
         if store.get(field) is None and os.environ.get(variable):
             store[field] = os.environ[variable]

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field_serializer
 
 from stillhouse.common.jobspec import EvaluationSpec, SpecModel, StudentSpec, TeacherSpec, TrainingSpec
+from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.failures import UserFixableError
 
@@ -30,6 +31,7 @@ class TrainRun(_RunModel):
     job_id: str
     answers_dataset_id: str  # the teacher's answers to train on
     object_store: ObjectStoreSettings
+    models: ModelSettings = Field(default_factory=ModelSettings, description="Where model weights are.")
     teacher: TeacherSpec
     student: StudentSpec
     training: TrainingSpec
@@ -82,6 +84,7 @@ class EvaluateRun(_RunModel):
     teacher: TeacherSpec
     evaluation: EvaluationSpec
     object_store: ObjectStoreSettings
+    models: ModelSettings = Field(default_factory=ModelSettings, description="Where model weights are.")
     output_prefix: str = Field(description="Where the evaluation's outputs go: `jobs/<job-id>/evaluate`.")
 
     @property

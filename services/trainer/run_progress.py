@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from stillhouse.trainer.training_metrics import step_reported
+
 if TYPE_CHECKING:
     from stillhouse.common.operations import ProgressReporter
 
@@ -19,7 +21,8 @@ def train_progress(progress: ProgressReporter) -> OnRecord:
         if record.get("kind") == "train" and "step" in record:
             step = int(record["step"])
             metrics = {name: float(record[name]) for name in PROGRESS_METRICS if name in record}
-            model = record.get("model", "student")
+            model = str(record.get("model", "student"))
+            step_reported(model, metrics)
             progress.update(done=step, message=f"training the {model}: step {step}", metrics=metrics)
         elif "message" in record:
             progress.update(message=str(record["message"]))

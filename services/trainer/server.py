@@ -31,8 +31,9 @@ def run(settings: TrainerSettings) -> None:
                 store,
                 settings.object_store,
                 ray,
-                ModelFactsLoader(settings.object_store, settings.preflight_dir),
+                ModelFactsLoader(settings.object_store, settings.preflight_dir, settings.models),
                 evaluation_num_gpus=settings.evaluation_num_gpus,
+                models=settings.models,
             )
             yield [ServiceBinding.of(SERVICE, trainer_pb2_grpc.add_TrainerServicer_to_server, servicer)]
         finally:

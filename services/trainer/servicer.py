@@ -14,6 +14,7 @@ from google.protobuf import json_format, message
 from stillhouse.common.datasets.artifacts import manifest_sha256, read_artifact_manifest
 from stillhouse.common.grpc_server import abort_for
 from stillhouse.common.jobspec import DistillationJobSpec, EvaluationSpec, TeacherSpec
+from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.common.operations import (
@@ -81,10 +82,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         preflight: ModelFactsLoader,
         *,
         evaluation_num_gpus: float = 0,
+        models: ModelSettings | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self._object_store = object_store
+        self._models = models or ModelSettings()
         self._runs = RayRuns(
             store,
             ray,
@@ -146,6 +149,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             job_id=request.job_id,
             answers_dataset_id=request.answers.dataset_id,
             object_store=self._object_store,
+            models=self._models,
             teacher=spec.teacher,
             student=spec.student,
             training=spec.training,
@@ -199,6 +203,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             teacher=teacher,
             evaluation=evaluation,
             object_store=self._object_store,
+            models=self._models,
             output_prefix=f"jobs/{request.job_id}/evaluate",
         )
 

@@ -25,7 +25,6 @@ layout, ``model.layers[i].mlp.{gate,up,down}_proj``); SmolLM2 is a Llama.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from stillhouse.common.jobspec import StudentInit, TeacherBackend, TeacherSpec
+from stillhouse.common.models.locator import Locate
 from stillhouse.common.models.model_loading import (
     ModelSource,
     load_model,
@@ -56,16 +56,16 @@ _PROBE_TEXT = "Hello, world! It's 3.14159 -- naïve café, 東京, emoji 🙂.\n
 def build_student(
     init: StudentInit,
     teacher: TeacherSpec,
-    fetch: Callable[[str], Path],
+    locate: Locate,
     choose_layers: LayerChooser | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The untrained student and its tokenizer. `fetch` turns an ``s3://`` folder reference into a local
-    folder (for `pretrained`). Pruning and `config` start from a `local` teacher's weights or config.
-    `choose_layers` picks the layers of `pruneTeacherDepth` with layerSelection `influence`, which needs
-    calibration text (see `layer_influence`)."""
+    """The untrained student and its tokenizer. `locate` turns the spec's model references (an
+    ``s3://`` folder, a local path) into local files (`ModelLocator.locate`). Pruning and `config` start
+    from a `local` teacher's weights or config. `choose_layers` picks the layers of `pruneTeacherDepth`
+    with layerSelection `influence`, which needs calibration text (see `layer_influence`)."""
     if init.pretrained is not None:
-        return _pretrained(init.pretrained, fetch)
-    source = _local_teacher(teacher)
+        return _pretrained(init.pretrained, locate)
+    source = _local_teacher(teacher, locate)
     tokenizer = load_tokenizer(source)
     if init.config is not None:
         return fresh_model(_teacher_config(source), init.config, len(tokenizer)), tokenizer
@@ -84,12 +84,12 @@ def build_student(
     return model, tokenizer
 
 
-def teacher_tokenizer(teacher: TeacherSpec) -> PreTrainedTokenizerBase | None:
+def teacher_tokenizer(teacher: TeacherSpec, locate: Locate) -> PreTrainedTokenizerBase | None:
     """The tokenizer whose ids the teacher's stored logprobs use: a local teacher's own; for an `openai`
     teacher the one its spec names (`tokenizer`: a tokenizer folder or a model reference), else None
     (its vocabulary is unknown)."""
     if teacher.backend is TeacherBackend.LOCAL:
-        return load_tokenizer(resolve_model_reference(teacher.model))
+        return load_tokenizer(_local_teacher(teacher, locate))
     if not teacher.tokenizer:
         return None
     return load_tokenizer_reference(teacher.tokenizer)
@@ -281,25 +281,23 @@ def _check_override_type(key: str, current: object, value: object) -> None:
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def _pretrained(
-    reference: str, fetch: Callable[[str], Path]
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    local = fetch(reference) if reference.startswith("s3://") else reference
+def _pretrained(reference: str, locate: Locate) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    local = locate(reference, "student.init.pretrained")
     try:
-        source = resolve_model_reference(str(local))
+        source = resolve_model_reference(local)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"student.init.pretrained: {exc}") from exc
     return _plain_model(source), load_tokenizer(source)
 
 
-def _local_teacher(teacher: TeacherSpec) -> ModelSource:
+def _local_teacher(teacher: TeacherSpec, locate: Locate) -> ModelSource:
     if teacher.backend is not TeacherBackend.LOCAL:
         raise ValueError(
             "student.init pruneTeacherDepth, pruneTeacherWidth and config start from the teacher's "
             f"weights or config, which a teacher with backend `{teacher.backend.value}` does not have: "
             "use `pretrained`"
         )
-    return resolve_model_reference(teacher.model)
+    return resolve_model_reference(locate(teacher.model, "teacher.model"))
 
 
 def _teacher_config(source: ModelSource) -> PretrainedConfig:

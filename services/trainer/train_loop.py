@@ -70,6 +70,7 @@ from stillhouse.common.jobspec import (
 )
 from stillhouse.common.models import model_loading
 from stillhouse.common.models.generation import default_stop_ids
+from stillhouse.common.models.locator import Locate, ModelLocator
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
@@ -202,11 +203,11 @@ class LossChoice:
 
 
 def choose_loss(
-    loss: LossSpec, teacher: TeacherSpec, student_tokenizer: PreTrainedTokenizerBase
+    loss: LossSpec, teacher: TeacherSpec, student_tokenizer: PreTrainedTokenizerBase, locate: Locate
 ) -> LossChoice:
     """Logit losses compare distributions token by token, so they need the student to share the teacher's
     vocabulary; `sft` does not (it reads the response text when the vocabularies differ)."""
-    teachers_tokenizer = teacher_tokenizer(teacher)
+    teachers_tokenizer = teacher_tokenizer(teacher, locate)
     if teachers_tokenizer is None:
         reason = (
             "the teacher's tokenizer is unknown (an `openai` teacher without teacher.tokenizer), so the "
@@ -282,10 +283,11 @@ def check_on_policy(run: TrainRun, workers: Workers) -> None:
         )
 
 
-def artifact_fetcher(settings: ObjectStoreSettings, folder: Path) -> Callable[[str], Path]:
-    """`fetch` for `build_student`: downloads an `s3://<bucket>/<prefix>` artifact into `folder`."""
+def artifact_fetcher(settings: ObjectStoreSettings, folder: Path) -> Locate:
+    """`locate` for `build_student` from a committed artifact of this platform: downloads an
+    `s3://<bucket>/<prefix>` artifact into `folder`, checking every file against its manifest."""
 
-    def fetch(reference: str) -> Path:
+    def fetch(reference: str, field: str) -> str:
         if not reference.startswith("s3://"):
             raise ValueError(f"{reference!r} is not an s3://<bucket>/<prefix> reference")
         bucket, _, prefix = reference.removeprefix("s3://").partition("/")
@@ -293,7 +295,7 @@ def artifact_fetcher(settings: ObjectStoreSettings, folder: Path) -> Callable[[s
         destination = folder / hashlib.sha256(reference.encode()).hexdigest()[:16]
         if not destination.exists():
             download_artifact(store, prefix.rstrip("/"), destination)
-        return destination
+        return str(destination)
 
     return fetch
 
@@ -395,10 +397,11 @@ def gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def load_full_teacher(teacher: TeacherSpec, device: torch.device) -> PreTrainedModel:
+def load_full_teacher(teacher: TeacherSpec, device: torch.device, locate: Locate) -> PreTrainedModel:
     if teacher.backend is not TeacherBackend.LOCAL:
         raise TrainingDataError("training.loss.teacherLogits `full` needs a `local` teacher")
-    model = model_loading.load_model(model_loading.resolve_model_reference(teacher.model), device)
+    source = model_loading.resolve_model_reference(locate(teacher.model, "teacher.model"))
+    model = model_loading.load_model(source, device)
     require_supported_architecture(model, "teacher.model")
     model.requires_grad_(False)
     return model
@@ -487,14 +490,10 @@ class TrainingLoop:
             run.training.max_seq_len,
             lambda influence: [total / workers.world for total in workers.sum(influence)],
         )
-        model, tokenizer = build_student(
-            run.student.init,
-            run.teacher,
-            artifact_fetcher(run.object_store, work_dir / "fetched"),
-            choose_layers=layers,
-        )
+        locate = ModelLocator(run.models, run.object_store).locate
+        model, tokenizer = build_student(run.student.init, run.teacher, locate, choose_layers=layers)
         require_supported_architecture(model, "student")
-        choice = choose_loss(run.training.loss, run.teacher, tokenizer)
+        choice = choose_loss(run.training.loss, run.teacher, tokenizer, locate)
         data = load_examples(store, run, tokenizer, choice, workers)
         trainee = Trainee.student(run, choice)
         return cls(
@@ -551,7 +550,7 @@ class TrainingLoop:
             optimizer, lambda step: learning_rate_factor(step, self.warmup_steps, self.total_steps)
         )
         teacher_model = (
-            load_full_teacher(run.teacher, device)
+            load_full_teacher(run.teacher, device, ModelLocator(run.models, run.object_store).locate)
             if self.choice.full_teacher or trainee.on_policy is not None
             else None
         )

@@ -55,10 +55,26 @@ def test_control_plane_without_a_token() -> None:
     )
 
 
-def test_control_plane_has_no_metrics_port() -> None:
-    code, stderr = serve("control-plane", "--metrics-port", "9100")
+def test_control_plane_metrics_port_must_not_be_its_api_port() -> None:
+    code, stderr = serve(
+        "control-plane",
+        "--port",
+        "9100",
+        "--metrics-port",
+        "9100",
+        STILLHOUSE_CONTROL_PLANE_API_TOKENS='["t"]',
+    )
     assert code == 2
-    assert "drop --metrics-port" in stderr
+    assert "  metrics_port must differ from port (9100)" in stderr
+
+
+def test_a_metrics_port_out_of_range_is_refused() -> None:
+    code, stderr = serve("teacher", "--metrics-port", "70000")
+    assert code == 2
+    assert any(
+        line.startswith("  metrics_port: Input should be less than or equal to 65535")
+        for line in stderr.splitlines()
+    )
 
 
 def test_unknown_service() -> None:

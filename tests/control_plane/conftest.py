@@ -30,9 +30,9 @@ def start_api(control_plane_at, free_port, processes, grpc_ready, wait_until, tm
     """Start a control plane process whose stage services are scripted; local inputs may come from
     `tmp_path/inputs`. With `every_stage`, the scripted process serves Prompts and Teacher as well, so
     jobs and estimates run through (in no time); otherwise only the trainer (its submit-time check finds
-    nothing) and jobs wait in Prompts, retrying."""
+    nothing) and jobs wait in Prompts, retrying. `extra_env` goes to the control plane's environment."""
 
-    def start(*, every_stage: bool = False):
+    def start(*, every_stage: bool = False, **extra_env: str):
         scripted = f"127.0.0.1:{free_port()}"
         processes.start(
             "stages", [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j"), "0"]
@@ -44,7 +44,9 @@ def start_api(control_plane_at, free_port, processes, grpc_ready, wait_until, tm
         inputs = tmp_path / "inputs"
         inputs.mkdir()
         control_plane = control_plane_at(
-            {**services, "trainer": scripted}, STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)])
+            {**services, "trainer": scripted},
+            STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)]),
+            **extra_env,
         )
         control_plane.start()
         return control_plane

@@ -81,6 +81,16 @@ def test_submit_yaml_fills_defaults_and_keeps_labels(api):
             "spec.teacher.apiKeySecret",
             "should match pattern",
         ),
+        (
+            lambda spec: spec["spec"]["teacher"].update(model="s3://models/../../etc"),
+            "spec.teacher.model",
+            "'.', '..' and empty path segments are not allowed",
+        ),
+        (
+            lambda spec: spec["spec"]["student"].update(init={"pretrained": "s3://Models/qwen"}),
+            "spec.student.init.pretrained",
+            "the bucket must be 3-63 lower-case letters",
+        ),
     ],
 )
 def test_bad_spec_is_refused_with_422_naming_the_field(api, change, field, words):

@@ -62,7 +62,7 @@ async def test_migrations_bring_an_empty_database_to_head(database_url: str) -> 
     with engine.connect() as connection:
         context = MigrationContext.configure(connection)
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-        assert context.get_current_revision() == head == "0002"
+        assert context.get_current_revision() == head == "0003"
         # The ORM tables and the migrations describe the same schema.
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()

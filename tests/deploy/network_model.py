@@ -1,10 +1,12 @@
 """Which connections a set of NetworkPolicies allows, evaluated like Kubernetes does for the subset of
-the API the chart uses (podSelector/namespaceSelector matchLabels, ipBlock, numeric ports).
+the API the chart uses (podSelector/namespaceSelector matchLabels, ipBlock, numeric ports and their
+protocols, rules without peers or ports).
 
-A connection from pod A to port P of pod B is allowed when some egress rule of a policy selecting A
-admits (B, P) — or no policy selecting A lists Egress — and likewise for B's ingress. ipBlock peers are
-taken to mean addresses outside the cluster: `OUTSIDE` stands for some such address, and an
-`ipaddress` address for that one (matched against the block's `cidr` and `except`).
+A connection from pod A to port P (TCP unless told otherwise) of pod B is allowed when some egress
+rule of a policy selecting A admits (B, P) — or no policy selecting A lists Egress — and likewise for
+B's ingress. ipBlock peers are taken to mean addresses outside the cluster: `OUTSIDE` stands for some
+such address, and an `ipaddress` address for that one (matched against the block's `cidr` and
+`except`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def _peer_matches(peer: Mapping, endpoint: Target, policy_namespace: str) -> boo
     return _labels_match(peer.get("podSelector", {}), endpoint.labels)
 
 
-def _rule_admits(rule: Mapping, peers_key: str, other: Target, port: int, namespace: str) -> bool:
+def _rule_admits(
+    rule: Mapping, peers_key: str, other: Target, port: int, namespace: str, protocol: str = "TCP"
+) -> bool:
     peers = rule.get(peers_key)
     if peers is not None and not any(_peer_matches(peer, other, namespace) for peer in peers):
         return False
@@ -70,7 +74,7 @@ def _rule_admits(rule: Mapping, peers_key: str, other: Target, port: int, namesp
         return True
     for entry in ports:
         assert isinstance(entry.get("port"), int), f"only numeric ports are modelled: {entry}"
-    return any(entry["port"] == port for entry in ports)
+    return any(entry["port"] == port and entry.get("protocol", "TCP") == protocol for entry in ports)
 
 
 @dataclass
@@ -89,10 +93,10 @@ class NetworkModel:
     def is_isolated(self, endpoint: Endpoint) -> bool:
         return bool(self._selecting(endpoint, "Ingress")) and bool(self._selecting(endpoint, "Egress"))
 
-    def egress_allowed(self, source: Endpoint, target: Target, port: int) -> bool:
+    def egress_allowed(self, source: Endpoint, target: Target, port: int, protocol: str = "TCP") -> bool:
         policies = self._selecting(source, "Egress")
         return not policies or any(
-            _rule_admits(rule, "to", target, port, source.namespace)
+            _rule_admits(rule, "to", target, port, source.namespace, protocol)
             for policy in policies
             for rule in policy["spec"].get("egress", [])
         )

@@ -4,6 +4,7 @@ version kubernetes-validate knows, and the RayCluster for KubeRay's CRD."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def kubernetes_validator(version: str, kind: str, api_version: str) -> jsonschem
 
 
 RAYCLUSTER_CRD = Path(__file__).parent / "crds" / "ray.io_rayclusters.yaml"
+# Custom resources kubernetes-validate has no schema for: the RayCluster is checked against KubeRay's CRD
+# below, the Prometheus Operator's objects structurally in test_monitoring.py.
+CUSTOM_RESOURCE_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 
 
 def test_lint_strict(helm: Helm, values_set: tuple[str, Path | None]) -> None:
@@ -48,7 +52,7 @@ def test_lint_strict(helm: Helm, values_set: tuple[str, Path | None]) -> None:
 def test_every_object_is_valid_kubernetes(rendered: list[dict], kubernetes_version: str) -> None:
     problems = []
     for manifest in rendered:
-        if manifest["apiVersion"].startswith("ray.io/"):
+        if manifest["apiVersion"].startswith(CUSTOM_RESOURCE_GROUPS):
             continue
         validator = kubernetes_validator(kubernetes_version, manifest["kind"], manifest["apiVersion"])
         for error in validator.iter_errors(manifest):
@@ -59,7 +63,7 @@ def test_every_object_is_valid_kubernetes(rendered: list[dict], kubernetes_versi
 
 def test_the_cached_validator_agrees_with_kubernetes_validate(render) -> None:
     """The check above loads each schema once; kubernetes_validate.validate itself must agree with it."""
-    manifests = [m for m in render(None) if not m["apiVersion"].startswith("ray.io/")]
+    manifests = [m for m in render(None) if not m["apiVersion"].startswith(CUSTOM_RESOURCE_GROUPS)]
     deployment = next(m for m in manifests if m["kind"] == "Deployment")
     broken = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
     version = latest_version()
@@ -94,13 +98,32 @@ def test_the_crd_schema_catches_a_wrong_field(rendered: list[dict]) -> None:
     assert not raycluster_validator().is_valid(broken)
 
 
-def test_chart_declares_the_kuberay_operator_as_an_optional_dependency() -> None:
+def test_chart_installs_without_dependencies() -> None:
+    """The KubeRay operator is a prerequisite, not a dependency: a fresh checkout lints and renders
+    with no `helm dependency build` and no network."""
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    (dependency,) = chart["dependencies"]
-    assert dependency["name"] == "kuberay-operator"
-    assert dependency["condition"] == "kuberay-operator.enabled"
+    assert "dependencies" not in chart
+    assert not (CHART / "charts").exists() and not (CHART / "Chart.lock").exists()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["kuberay-operator"] == {"enabled": False}
+    assert "kuberay-operator" not in values
+
+
+def chart_tree_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CHART.rglob("*")):
+        digest.update(str(path.relative_to(CHART)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_lint_and_template_leave_the_chart_as_committed(helm: Helm) -> None:
+    before = chart_tree_digest()
+    assert helm.chart == CHART
+    assert helm.run("lint", "--strict", str(CHART)).returncode == 0
+    assert helm.template().returncode == 0
+    assert chart_tree_digest() == before
+    assert not helm.home.is_relative_to(CHART)
 
 
 def test_names_are_prefixed_by_the_release(rendered: list[dict]) -> None:

@@ -62,9 +62,10 @@ def test_every_container_has_requests_and_a_memory_limit(rendered: list[dict]) -
 
 
 def test_every_long_running_container_has_probes(rendered: list[dict]) -> None:
-    """Ray containers are left out: KubeRay adds its own probes to the Ray containers it runs."""
+    """Ray containers are left out: KubeRay adds its own probes to the Ray containers it runs; and pods
+    that run to completion (Jobs, `helm test` pods)."""
     for name, pod in pod_templates(rendered).items():
-        if name.startswith("Pod/") or is_ray(name):
+        if name.startswith(("Pod/", "Job/")) or is_ray(name):
             continue
         for container in pod["spec"]["containers"]:
             for probe in ("readinessProbe", "livenessProbe"):
@@ -347,6 +348,7 @@ EXPECTED_FLOWS = {
     ("ray-head", "minio"),
     ("ray-worker", "minio"),
     ("tests", "control-plane"),
+    ("migrations", "postgresql"),
 }
 
 
@@ -386,7 +388,7 @@ def test_pods_talk_exactly_along_the_designed_flows(default_network) -> None:
 def test_each_side_alone_allows_only_the_designed_flows(default_network) -> None:
     """Egress and ingress rules each enforce the flows, so one mistake does not open a path."""
     model, points = default_network
-    public_ports = {"control-plane": {8080}, "ray-head": {8080}, "ray-worker": {8080}} | {
+    public_ports = {"control-plane": {8080, 9090}, "ray-head": {8080, 44217, 44227}, "ray-worker": {8080}} | {
         service: {9090} for service in STAGE_SERVICES
     }
     egress, ingress = set(), set()
@@ -415,13 +417,14 @@ def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_n
     prometheus = Endpoint("prometheus", "monitoring", {"app": "prometheus"})
     reachable = {name: model.open_ports(prometheus, point) for name, point in points.items()}
     assert reachable == {
-        "control-plane": {8080},
+        "control-plane": {8080, 9090},
         **{service: {9090} for service in STAGE_SERVICES},
-        "ray-head": {8080},
+        "ray-head": {8080, 44217, 44227},
         "ray-worker": {8080},
         "minio": set(),
         "postgresql": set(),
         "tests": set(),
+        "migrations": set(),
     }
 
 
@@ -447,6 +450,35 @@ def test_the_teacher_reaches_only_public_addresses_by_default(default_network) -
     assert reaches("104.18.6.192") and reaches("2606:4700::6812:6c0")
 
 
+def test_the_private_ranges_are_a_value_and_link_local_stays_refused(render) -> None:
+    manifests = render(None, overrides=["networkPolicy.privateCidrs={10.0.0.0/8,fd00::/8}"])
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    teacher = by_name(endpoints(manifests))["teacher"]
+
+    def reaches(address: str) -> bool:
+        return model.egress_allowed(teacher, ipaddress.ip_address(address), 443)
+
+    assert reaches("192.168.1.1") and reaches("100.64.0.1") and reaches("104.18.6.192")
+    assert not any(
+        reaches(a) for a in ("10.0.0.5", "169.254.169.254", "fd00:ec2::254", "fe80::1", "127.0.0.1")
+    )
+
+
+def test_the_teacher_reaches_extra_peers_or_nothing_outside(render) -> None:
+    vllm = Endpoint("vllm", "models", {"app": "vllm"}, frozenset({8000}))
+    peer = "teacher.egressTo[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=models"
+    manifests = render(None, overrides=[peer, "teacher.egressTo[0].podSelector.matchLabels.app=vllm"])
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    teacher = by_name(endpoints(manifests))["teacher"]
+    assert model.egress_allowed(teacher, vllm, 8000)
+    assert model.egress_allowed(teacher, ipaddress.ip_address("104.18.6.192"), 443)
+    manifests = render(None, overrides=["teacher.egressPublic=false"])
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    teacher = by_name(endpoints(manifests))["teacher"]
+    assert not model.egress_allowed(teacher, ipaddress.ip_address("104.18.6.192"), 443)
+    assert not model.egress_allowed(teacher, OUTSIDE, 443)
+
+
 def test_the_teacher_service_gets_its_egress_allow_list(render) -> None:
     assert env_of(render(None), "teacher")["STILLHOUSE_TEACHER_EGRESS_ALLOW"]["value"] == "[]"
     manifests = render(None, overrides=["teacher.egressAllow={vllm.models.svc.cluster.local,10.8.0.0/16}"])
@@ -467,10 +499,60 @@ def test_the_teacher_service_gets_its_cache_bounds_when_set(render) -> None:
 
 
 def test_every_pod_but_the_databases_may_resolve_names(default_network) -> None:
+    """Through CoreDNS / kube-dns, OpenShift's DNS pods (port 5353 behind the Service's 53), or
+    NodeLocal DNSCache on the node's link-local address; not through any other pod or address."""
     model, points = default_network
-    dns = Endpoint("coredns", "kube-system", {"k8s-app": "kube-dns"}, frozenset({53}))
+    coredns = Endpoint("coredns", "kube-system", {"k8s-app": "kube-dns"}, frozenset({53}))
+    openshift = Endpoint(
+        "dns-default",
+        "openshift-dns",
+        {"dns.operator.openshift.io/daemonset-dns": "default"},
+        frozenset({5353}),
+    )
+    node_local = ipaddress.ip_address("169.254.20.10")
+    impostor = Endpoint("fake-dns", "default", {"k8s-app": "kube-dns"}, frozenset({53}))
     for name, point in points.items():
-        assert model.egress_allowed(point, dns, 53) == (name not in ("minio", "postgresql")), name
+        resolves = name not in ("minio", "postgresql")
+        for protocol in ("UDP", "TCP"):
+            assert model.egress_allowed(point, coredns, 53, protocol) == resolves, name
+            assert model.egress_allowed(point, openshift, 5353, protocol) == resolves, name
+            assert model.egress_allowed(point, node_local, 53, protocol) == resolves, name
+        assert not model.egress_allowed(points["trainer"], coredns, 53, "SCTP")
+        assert not model.egress_allowed(point, impostor, 53), name
+        assert not model.egress_allowed(point, ipaddress.ip_address("169.254.20.11"), 53), name
+        assert not model.egress_allowed(point, node_local, 8443), name
+
+
+def test_dns_servers_and_ports_are_values(render) -> None:
+    manifests = render(
+        None, overrides=["networkPolicy.dns.to[0].ipBlock.cidr=10.96.0.10/32", "networkPolicy.dns.ports={53}"]
+    )
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    trainer = by_name(endpoints(manifests))["trainer"]
+    coredns = Endpoint("coredns", "kube-system", {"k8s-app": "kube-dns"}, frozenset({53}))
+    assert model.egress_allowed(trainer, ipaddress.ip_address("10.96.0.10"), 53)
+    assert not model.egress_allowed(trainer, ipaddress.ip_address("10.96.0.10"), 5353)
+    assert not model.egress_allowed(trainer, coredns, 53)
+
+
+def test_the_ray_autoscaler_reaches_the_api_server_on_any_address_by_default(default_network) -> None:
+    """No 0.0.0.0/0 ipBlock, which Cilium does not match to node addresses: a rule without peers."""
+    model, points = default_network
+    head = points["ray-head"]
+    for address in ("10.0.0.1", "172.20.0.10", "203.0.113.5"):
+        for port in (443, 6443):
+            assert model.egress_allowed(head, ipaddress.ip_address(address), port), (address, port)
+        assert not model.egress_allowed(head, ipaddress.ip_address(address), 8443), address
+    assert not model.egress_allowed(points["ray-worker"], ipaddress.ip_address("10.0.0.1"), 443)
+
+
+def test_the_api_server_addresses_are_a_value(render) -> None:
+    manifests = render(None, overrides=["networkPolicy.kubeApiServer.cidrs={10.0.0.10/32,10.0.0.11/32}"])
+    model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
+    head = by_name(endpoints(manifests))["ray-head"]
+    assert model.egress_allowed(head, ipaddress.ip_address("10.0.0.11"), 6443)
+    assert not model.egress_allowed(head, ipaddress.ip_address("10.0.0.12"), 6443)
+    assert not model.egress_allowed(head, ipaddress.ip_address("203.0.113.5"), 443)
 
 
 def test_external_storage_is_reached_only_on_its_ports(render) -> None:
@@ -491,8 +573,13 @@ def test_api_restricted_to_the_ingress_controller(render) -> None:
     points = by_name(endpoints(manifests))
     controller = Endpoint("nginx", "ingress-nginx", {"app": "ingress-nginx"})
     stranger = Endpoint("stranger", "default", {"app": "curl"})
-    assert model.open_ports(controller, points["control-plane"]) == {8080}
-    assert model.open_ports(stranger, points["control-plane"]) == set()
+    # The metrics port is open to networkPolicy.metricsFrom (pods in any namespace by default).
+    metrics = {9090}
+    assert model.open_ports(controller, points["control-plane"]) == {8080} | metrics
+    assert model.open_ports(stranger, points["control-plane"]) == metrics
+    # `helm test` still reaches the API.
+    assert model.open_ports(points["tests"], points["control-plane"]) == {8080}
+    assert model.open_ports(points["tests"], points["teacher"]) == set()
     ingress = of_kind(manifests, "Ingress")[0]
     assert ingress["spec"]["tls"] == [{"secretName": "stillhouse-tls", "hosts": ["stillhouse.example.com"]}]
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
@@ -558,7 +645,9 @@ def test_gpu_workers_request_gpus_and_land_on_gpu_nodes(render, values_name, gpu
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert pod["nodeSelector"]
+    # No node label by default: a node autoscaler matches the GPU request and toleration.
+    expected = {} if values_name == "default" else {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    assert pod.get("nodeSelector", {}) == expected
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -624,15 +713,49 @@ def test_each_deployment_has_a_disruption_budget_and_spreads_over_nodes(render) 
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         budget = budgets[f"{PREFIX}-{component}"]
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        assert budget["spec"]["maxUnavailable"] >= 1
+        if component == "control-plane":  # one pod stays up, and one may go: drains proceed
+            assert deployment["spec"]["replicas"] > budget["spec"]["minAvailable"] >= 1
+        else:
+            assert budget["spec"]["maxUnavailable"] >= 1
         (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
         assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
-def test_control_plane_never_runs_twice(rendered: list[dict]) -> None:
+def test_control_plane_replicas_roll_with_one_always_serving(rendered: list[dict]) -> None:
     deployment = named(rendered, "Deployment", f"{PREFIX}-control-plane")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    assert env["STILLHOUSE_CONTROL_PLANE_MIGRATE_AT_START"] == "false"
+    assert float(env["STILLHOUSE_CONTROL_PLANE_LEADER_LEASE_SECONDS"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("values_name", "install_hook"), [("default", "post-install"), ("external-storage-values", "pre-install")]
+)
+def test_migrations_run_as_a_hook_job_with_the_control_planes_image_and_database(
+    render, values_name: str, install_hook: str
+) -> None:
+    """With the chart's PostgreSQL, which the install creates, the migrations run right after install."""
+    manifests = render(VALUES_SETS[values_name])
+    job = named(manifests, "Job", f"{PREFIX}-migrations")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == f"{install_hook},pre-upgrade"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    control_plane = named(manifests, "Deployment", f"{PREFIX}-control-plane")["spec"]["template"]["spec"]
+    assert container["command"] == ["stillhouse", "migrate"]
+    assert container["image"] == control_plane["containers"][0]["image"]
+    assert container["securityContext"] == control_plane["containers"][0]["securityContext"]
+    assert job["spec"]["template"]["spec"]["securityContext"] == control_plane["securityContext"]
+    database_url = [v for v in container["env"] if v["name"] == "STILLHOUSE_CONTROL_PLANE_DATABASE_URL"]
+    assert database_url == [
+        v
+        for v in control_plane["containers"][0]["env"]
+        if v["name"] == "STILLHOUSE_CONTROL_PLANE_DATABASE_URL"
+    ]
 
 
 def test_teacher_autoscaler_owns_the_replica_count(render) -> None:

@@ -14,7 +14,13 @@ from .conftest import Helm
 BAD_VALUES = [
     ("unknown top-level key", {"teachr": {"replicas": 2}}, "teachr"),
     ("unknown nested key", {"teacher": {"replica": 2}}, "replica"),
-    ("control plane runs once", ["controlPlane.replicas=2"], "/controlPlane/replicas"),
+    ("control plane runs at least once", ["controlPlane.replicas=0"], "/controlPlane/replicas"),
+    (
+        "a leader's lease is bounded",
+        ["controlPlane.leaderLeaseSeconds=0.5"],
+        "/controlPlane/leaderLeaseSeconds",
+    ),
+    ("control plane budget keeps pods up", ["controlPlane.pdb.maxUnavailable=1"], "maxUnavailable"),
     ("service token key is a file name", ["serviceToken.key=../token"], "/serviceToken/key"),
     ("service token settings are known", ["serviceToken.secret=x"], "secret"),
     ("internal TLS needs a Secret", ["internalTLS.enabled=true"], "/internalTLS/secretName"),
@@ -150,6 +156,80 @@ BAD_VALUES = [
     ("cache bound is positive", ["teacher.cache.maxEntries=0"], "/teacher/cache/maxEntries"),
     ("cache bound is whole", ["teacher.cache.maxEntries=1.5"], "/teacher/cache/maxEntries"),
     ("cache settings are known", ["teacher.cache.maxBytes=1"], "maxBytes"),
+    ("pod settings are known", ["podDefaults.hostNetwork=true"], "hostNetwork"),
+    (
+        "no catch-all API server block",
+        ["networkPolicy.kubeApiServer.cidrs={0.0.0.0/0}"],
+        "/networkPolicy/kubeApiServer/cidrs",
+    ),
+    (
+        "API server CIDR syntax",
+        ["networkPolicy.kubeApiServer.cidrs={10.0.0.1}"],
+        "/networkPolicy/kubeApiServer/cidrs/0",
+    ),
+    ("private ranges are CIDRs", ["networkPolicy.privateCidrs={private}"], "/networkPolicy/privateCidrs/0"),
+    ("DNS needs a port", ["networkPolicy.dns.ports=null"], "ports"),
+    ("DNS settings are known", ["networkPolicy.dnsTo=null", "networkPolicy.dns.servers=x"], "servers"),
+    ("runtime class name", ["teacher.runtimeClassName=Not_A_Name"], "/teacher/runtimeClassName"),
+    (
+        "priority class name",
+        ["podDefaults.priorityClassName=High Priority"],
+        "/podDefaults/priorityClassName",
+    ),
+    (
+        "spread constraints are complete",
+        {"minio": {"topologySpreadConstraints": [{"topologyKey": "zone"}]}},
+        "/minio/topologySpreadConstraints/0",
+    ),
+    ("label values", {"podDefaults": {"podLabels": {"team": "a b"}}}, "/podDefaults/podLabels/team"),
+    ("extra volumes are named", {"tests": {"extraVolumes": [{"emptyDir": {}}]}}, "/tests/extraVolumes/0"),
+    (
+        "extra mounts have a path",
+        {"rayCluster": {"head": {"extraVolumeMounts": [{"name": "ca"}]}}},
+        "/rayCluster/head/extraVolumeMounts/0",
+    ),
+    (
+        "envFrom names a source",
+        {"postgresql": {"extraEnvFrom": [{"prefix": "X_"}]}},
+        "/postgresql/extraEnvFrom/0",
+    ),
+    (
+        "service account annotations by known component",
+        {"serviceAccount": {"componentAnnotations": {"trainr": {"a": "b"}}}},
+        "trainr",
+    ),
+    (
+        "extra worker groups are complete",
+        {"rayCluster": {"additionalWorkerGroups": [{"name": "cpu", "replicas": 1}]}},
+        "/rayCluster/additionalWorkerGroups/0",
+    ),
+    (
+        "extra worker group names",
+        {
+            "rayCluster": {
+                "additionalWorkerGroups": [
+                    {
+                        "name": "CPU",
+                        "replicas": 0,
+                        "minReplicas": 0,
+                        "maxReplicas": 1,
+                        "shmSizeLimit": "1Gi",
+                        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
+                    }
+                ]
+            }
+        },
+        "/rayCluster/additionalWorkerGroups/0/name",
+    ),
+    ("metrics port in range", ["metrics.controlPlanePort=0"], "/metrics/controlPlanePort"),
+    ("alert window is a duration", ["metrics.prometheusRule.failedJobsWindow=soon"], "failedJobsWindow"),
+    (
+        "error ratio is a share",
+        {"metrics": {"prometheusRule": {"teacherErrorRatio": 1.5}}},
+        "teacherErrorRatio",
+    ),
+    ("dashboard labels are label names", {"metrics": {"grafanaDashboard": {"labels": {"a b": "1"}}}}, "a b"),
+    ("monitoring settings are known", ["metrics.serviceMonitor.port=9090"], "port"),
 ]
 
 

@@ -187,6 +187,33 @@ def test_presigned_get_reads_the_object_without_credentials(service: StorageServ
         assert httpx.get(url).content == b'{"recovery": 91.5}'
 
 
+def test_presigned_links_are_signed_for_the_public_endpoint(
+    seaweedfs, processes, free_port, grpc_ready, wait_until
+) -> None:
+    """STILLHOUSE_STORAGE_OBJECT_STORE__PUBLIC_ENDPOINT: the service reaches S3 at 127.0.0.1 and signs
+    links for localhost, the name users reach it by here."""
+    public = f"http://localhost:{seaweedfs.endpoint.rpartition(':')[2]}"
+    settings = seaweedfs.settings("public-links", public_endpoint=public)
+    address = start_storage(processes, free_port, grpc_ready, wait_until, settings)
+    store = open_object_store(settings)
+    store.ensure_bucket()
+    store.put_bytes("jobs/job-2/report.json", b'{"recovery": 88.0}')
+
+    with authorized_channel(address) as channel:
+        url = (
+            storage_pb2_grpc.StorageStub(channel)
+            .Presign(
+                storage_pb2.PresignRequest(
+                    method=storage_pb2.PresignRequest.METHOD_GET, key="jobs/job-2/report.json"
+                )
+            )
+            .url
+        )
+
+    assert url.startswith(f"{public}/public-links/jobs/job-2/report.json?")
+    assert httpx.get(url).content == b'{"recovery": 88.0}'
+
+
 def test_presign_signs_downloads_of_job_objects_only(service: StorageService) -> None:
     def refusal(method, key: str) -> grpc.RpcError:
         return rpc_error(service.stub.Presign, storage_pb2.PresignRequest(method=method, key=key))

@@ -1,7 +1,8 @@
 """A TCP proxy in front of a real PostgreSQL server, for tests of what its clients do when the network
-fails them: `cut()` drops every connection and refuses new ones until `heal()` (an outage, a failover),
-and `lose_next_commit_answer()` lets the next COMMIT reach the server but drops the server's answer with
-the connection (the commit landed; the client cannot know)."""
+fails them: `cut()` drops every connection and refuses new ones until `heal()` (an outage, a failover);
+`stall()` lets every connection hang, the bytes sent going nowhere (a network partition), until
+`heal()`; and `lose_next_commit_answer()` lets the next COMMIT reach the server but drops the server's
+answer with the connection (the commit landed; the client cannot know)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._cut = False
+        self._stalled = False
+        self._held: list[socket.socket] = []  # connections accepted while stalled, never answered
         self._closed = False
         self._commit_armed = False
         self.dropped_connections = 0
@@ -62,9 +65,17 @@ class TcpProxy:
         for link in links:
             link.close()
 
+    def stall(self) -> None:
+        """Forward nothing more either way, and accept new connections without ever answering them."""
+        with self._lock:
+            self._stalled = True
+
     def heal(self) -> None:
         with self._lock:
-            self._cut = False
+            self._cut = self._stalled = False
+            held, self._held = self._held, []
+        for client in held:
+            client.close()
 
     def lose_next_commit_answer(self) -> None:
         with self._lock:
@@ -75,6 +86,7 @@ class TcpProxy:
         self._acceptor.join()
         self._listener.close()
         self.cut()
+        self.heal()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -82,6 +94,10 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except TimeoutError:
                 continue
+            with self._lock:
+                if self._stalled:
+                    self._held.append(client)
+                    continue
             try:
                 server = socket.create_connection(self._target, timeout=5)
             except OSError:
@@ -113,6 +129,8 @@ class TcpProxy:
                     with self._lock:
                         self.lost_commit_answers += 1
                     break  # the server has committed; its answer goes nowhere
+                if self._stalled:
+                    continue  # partitioned: the bytes are lost, the connection stays open
                 sink.sendall(data)
         with self._lock:
             self._links.discard(link)

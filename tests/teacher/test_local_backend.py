@@ -13,9 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from s3_server import seaweedfs_server
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.models.generation import _rows_to_keep
 from stillhouse.common.models.model_loading import (
     EMBEDDED_TEACHER,
@@ -23,8 +25,13 @@ from stillhouse.common.models.model_loading import (
     resolve_model_reference,
     save_dequantized,
 )
+from stillhouse.common.models.settings import ModelSettings
+from stillhouse.common.objectstore.open_store import open_object_store
+from stillhouse.common.operations import OperationError
 from stillhouse.teacher.backends.local_hf import LocalHFBackend, _Waiting, take_batch
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError
+from stillhouse.teacher.config import TeacherSettings
+from stillhouse.teacher.teachers import TeacherPool
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 _WORD_LIST = (
@@ -366,3 +373,35 @@ async def test_embedded_smollm2_teacher_answers_chat_prompts(tmp_path: Path):
         assert teacher.model.hf_quantizer is not None  # the live model is left as it was
     finally:
         await teacher.aclose()
+
+
+async def test_the_teacher_service_loads_a_local_teacher_from_object_storage(
+    tiny_model: Path, tmp_path: Path
+):
+    """`teacher.model: s3://...` through the service's teacher pool: downloaded with the service's own
+    object-store settings into its model cache, and answering as the same model loaded from its folder;
+    a local path outside the models root is refused."""
+    with seaweedfs_server(tmp_path / "s3") as s3:
+        object_store = s3.settings("teacher-models")
+        store = open_object_store(object_store)
+        store.ensure_bucket()
+        for path in tiny_model.iterdir():
+            store.put_file(f"team/tiny/{path.name}", path)
+        models = ModelSettings(cache_dir=tmp_path / "cache", root=tmp_path / "models")
+        pool = TeacherPool(TeacherSettings(object_store=object_store, models=models))
+        try:
+            teacher = await pool.get(TeacherSpec(backend="local", model="s3://teacher-models/team/tiny"))
+            from_store = await teacher.backend.answer(chat_call("s3://teacher-models/team/tiny", "hello"))
+            with pytest.raises(OperationError, match="is outside the models root"):
+                await pool.get(TeacherSpec(backend="local", model=str(tiny_model)))
+        finally:
+            await pool.close()
+
+    assert teacher.backend.model_info.name == "s3://teacher-models/team/tiny"
+    assert list((tmp_path / "cache").glob("tiny-*/*/model.safetensors"))
+    local = LocalHFBackend(str(tiny_model))
+    try:
+        from_folder = await local.answer(chat_call(tiny_model, "hello"))
+    finally:
+        await local.aclose()
+    assert from_store.text == from_folder.text

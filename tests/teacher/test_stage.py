@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from service_token import authorized_channel
 
 from stillhouse.common.datasets.manifest import Lineage
@@ -33,6 +35,7 @@ class TeacherService:
     address: str
     store: LocalObjectStore
     home: Path
+    metrics_url: str
 
     def stubs(self, channel):
         return teacher_pb2_grpc.TeacherStub(channel), operations_pb2_grpc.OperationsStub(channel)
@@ -66,7 +69,7 @@ def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_p
     home = tmp_path / "home"
     prices = tmp_path / "prices.yaml"
     prices.write_text("models:\n  fake-teacher: {prompt: 100.0, completion: 1000.0}\n")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
 
     def start() -> None:
         env = {
@@ -78,11 +81,13 @@ def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_p
             **teacher_env,
         }
         argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "teacher", "--port", str(port)]
+        argv += ["--metrics-port", str(metrics_port)]
         processes.start("teacher", argv, env)
         wait_until(lambda: grpc_ready(f"127.0.0.1:{port}"), 30, "the teacher service")
 
     start()
-    service = TeacherService(f"127.0.0.1:{port}", LocalObjectStore(home / "objects", "stillhouse"), home)
+    objects = LocalObjectStore(home / "objects", "stillhouse")
+    service = TeacherService(f"127.0.0.1:{port}", objects, home, f"http://127.0.0.1:{metrics_port}/metrics")
     service.restart = start  # type: ignore[attr-defined]
     service.store.ensure_bucket()
     return service
@@ -312,6 +317,50 @@ def test_unusable_answers_are_recorded_and_the_rest_done(teacher_service, fake_o
     failures = DatasetReader(teacher_service.store, f"jobs/{JOB}/teacher/failures").read_table().to_pylist()
     assert result.failed_prompts == 3 and result.answers.num_rows == 9
     assert {failure["kind"] for failure in failures} == {"missing_logprobs"}
+
+
+def teacher_samples(service: TeacherService) -> dict[tuple[str, frozenset], float]:
+    exposition = httpx.get(service.metrics_url, timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_answers_failures_tokens_dollars_and_budget_stops(teacher_service, fake_openai):
+    metered = [f"metered {i}" for i in range(12)]
+    for job in ("job-m1", "job-m2"):
+        write_prompts(teacher_service.store, f"jobs/{job}/prompts/train", metered)
+    write_prompts(teacher_service.store, "jobs/job-m3/prompts/train", [f"pricey {i}" for i in range(40)])
+    fake_openai.control(mode="no_logprobs", times=3)
+    teacher = teacher_struct(fake_openai.base_url)
+    capped = teacher_struct(fake_openai.base_url, budgetUSD=0.1, limits={"maxConcurrency": 2})
+    # The second job asks the first one's failed prompts again and takes its answers from the cache.
+    ledgers = [
+        result_of(answer_prompts(teacher_service, f"op-{job}", spec, job=job)).ledger
+        for job, spec in [("job-m1", teacher), ("job-m2", teacher), ("job-m3", capped)]
+    ]
+
+    recorded = teacher_samples(teacher_service)
+
+    def value(name: str, **labels: str) -> float:
+        return recorded[(name, frozenset({"backend": "openai", "model": "fake-teacher", **labels}.items()))]
+
+    answered = sum(ledger.requests - ledger.cached_requests for ledger in ledgers)
+    assert value("stillhouse_teacher_requests_total", outcome="answered") == answered
+    assert value("stillhouse_teacher_requests_total", outcome="cached") == 9
+    assert value("stillhouse_teacher_requests_total", outcome="missing_logprobs") == 3
+    for kind in ("prompt", "completion"):
+        paid = sum(getattr(ledger, f"{kind}_tokens") for ledger in ledgers)
+        assert value("stillhouse_teacher_tokens_total", kind=kind) == paid
+    assert value("stillhouse_teacher_cost_usd_total") == pytest.approx(
+        sum(ledger.cost_usd for ledger in ledgers)
+    )
+    assert value("stillhouse_teacher_request_seconds_count") == answered
+    assert value("stillhouse_teacher_budget_stops_total") == 1
+    # No stage runs now, so no budget is being spent.
+    assert recorded[("stillhouse_teacher_budget_usd", frozenset())] == 0
 
 
 @pytest.mark.parametrize(

@@ -87,3 +87,13 @@ def test_a_local_store_needs_no_keys(monkeypatch, tmp_path):
 
 def test_a_head_is_started_with_the_keys_of_the_store():
     assert key_environment(S3) == {ACCESS_KEY_ENV: "AKIA-test", SECRET_KEY_ENV: "s3cr3t-value"}
+
+
+def test_a_store_with_credentials_from_the_environment_takes_no_keys_from_the_node(monkeypatch):
+    """IRSA: the Ray node's own role, not keys, even where the node happens to have key variables."""
+    monkeypatch.setenv(ACCESS_KEY_ENV, "AKIA-test")
+    monkeypatch.setenv(SECRET_KEY_ENV, "s3cr3t-value")
+    from_role = ObjectStoreSettings(backend="s3", endpoint="s3.amazonaws.com", credentials="environment")
+    run = train_run(from_role)
+    assert key_environment(from_role) == {}
+    assert run_with_keys(TrainRun, run_without_keys(run)) == run

@@ -51,8 +51,10 @@ def init(**fields: object) -> StudentInit:
     return StudentInit.model_validate(fields)
 
 
-def no_fetch(reference: str) -> Path:
-    raise AssertionError(f"nothing should be fetched, asked for {reference}")
+def no_fetch(reference: str, field: str) -> str:
+    """`locate` for local models only: the reference as given."""
+    assert not reference.startswith("s3://"), f"nothing should be fetched, asked for {reference} ({field})"
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -286,11 +288,13 @@ def test_pretrained_student_from_a_folder_and_from_object_storage(
     upload_folder(object_store, "models/tiny", teacher_dir)
     fetched: list[str] = []
 
-    def fetch(reference: str) -> Path:
+    def fetch(reference: str, field: str) -> str:
+        if not reference.startswith("s3://"):
+            return reference
         fetched.append(reference)
         destination = tmp_path / "fetched"
         download_artifact(object_store, reference.removeprefix("s3://stillhouse-test/"), destination)
-        return destination
+        return str(destination)
 
     from_store, _ = build_student(init(pretrained="s3://stillhouse-test/models/tiny"), openai, fetch)
     assert fetched == ["s3://stillhouse-test/models/tiny"]
@@ -326,7 +330,7 @@ def test_pruning_needs_a_local_llama_family_teacher(smollm2_tokenizer, tmp_path:
 
 def test_check_tokenizers_compares_vocabularies_not_objects(teacher_dir: Path, smollm2_tokenizer):
     # The local teacher's tokenizer, loaded from its own folder: another object, the same vocabulary.
-    teacher = teacher_tokenizer(local(teacher_dir))
+    teacher = teacher_tokenizer(local(teacher_dir), no_fetch)
     assert teacher is not smollm2_tokenizer
     assert check_tokenizers(smollm2_tokenizer, teacher) is None
 
@@ -366,8 +370,10 @@ def test_teacher_tokenizer_of_an_openai_teacher_is_the_one_its_spec_names(
     tokenizer_dir: Path, smollm2_tokenizer
 ):
     openai = {"backend": "openai", "baseURL": "http://x/v1", "model": "m"}
-    assert teacher_tokenizer(TeacherSpec.model_validate(openai)) is None
-    named = teacher_tokenizer(TeacherSpec.model_validate({**openai, "tokenizer": str(tokenizer_dir)}))
+    assert teacher_tokenizer(TeacherSpec.model_validate(openai), no_fetch) is None
+    named = teacher_tokenizer(
+        TeacherSpec.model_validate({**openai, "tokenizer": str(tokenizer_dir)}), no_fetch
+    )
     assert named is not None and check_tokenizers(named, smollm2_tokenizer) is None
 
 

@@ -27,6 +27,8 @@ class ObjectInfo:
     last_modified: datetime
     # sha256 recorded when the object was written through Stillhouse, if the backend keeps it.
     sha256: str | None = None
+    # The S3 ETag from a listing: it changes whenever the object is written again (None on a local store).
+    etag: str | None = None
 
 
 class ObjectStoreError(Exception):

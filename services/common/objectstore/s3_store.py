@@ -54,10 +54,20 @@ def s3_http_pool(
 
 class S3ObjectStore(ObjectStore):
     def __init__(
-        self, client: Minio, bucket: str, *, part_size: int, parallel_uploads: int, endpoint_label: str
+        self,
+        client: Minio,
+        bucket: str,
+        *,
+        part_size: int,
+        parallel_uploads: int,
+        endpoint_label: str,
+        link_signer: Minio | None = None,
     ) -> None:
+        """`link_signer` signs presigned URLs for the host users reach (see `public_link_signer`); by
+        default `client` signs them, for the endpoint the services use."""
         self.bucket = bucket
         self._client = client
+        self._link_signer = link_signer or client
         self._part_size = part_size
         self._parallel_uploads = parallel_uploads
         self._endpoint = endpoint_label
@@ -149,7 +159,7 @@ class S3ObjectStore(ObjectStore):
         validate_prefix(prefix)
         with self._errors():
             found = [
-                ObjectInfo(item.object_name, item.size or 0, item.last_modified)
+                ObjectInfo(item.object_name, item.size or 0, item.last_modified, etag=item.etag)
                 for item in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
             ]
         # S3 lists in UTF-8 byte order, but not every S3 server does (SeaweedFS lists folder by folder).
@@ -167,12 +177,12 @@ class S3ObjectStore(ObjectStore):
     def presign_get(self, key: str, expires: timedelta) -> str:
         validate_key(key)
         with self._errors(key):
-            return self._client.presigned_get_object(self.bucket, key, expires=expires)
+            return self._link_signer.presigned_get_object(self.bucket, key, expires=expires)
 
     def presign_put(self, key: str, expires: timedelta) -> str:
         validate_key(key)
         with self._errors(key):
-            return self._client.presigned_put_object(self.bucket, key, expires=expires)
+            return self._link_signer.presigned_put_object(self.bucket, key, expires=expires)
 
     @contextmanager
     def _errors(self, key: str | None = None) -> Iterator[None]:

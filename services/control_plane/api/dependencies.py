@@ -18,8 +18,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.control_plane.api.errors import ApiError
 from stillhouse.control_plane.config import ControlPlaneSettings
+from stillhouse.control_plane.dispatch import JobDispatch
 from stillhouse.control_plane.events import JobEventBus
-from stillhouse.control_plane.orchestrator import Orchestrator, ServiceChannels
+from stillhouse.control_plane.orchestrator import ServiceChannels
 from stillhouse.control_plane.principals import AccessControl, Principal
 from stillhouse.control_plane.store import JobNotFound, JobRecord, JobStore
 
@@ -74,7 +75,7 @@ Roots = Annotated[InputRoots, Depends(app_state("input_roots"))]
 Store = Annotated[JobStore, Depends(app_state("store"))]
 Channels = Annotated[ServiceChannels, Depends(app_state("channels"))]
 EventBus = Annotated[JobEventBus, Depends(app_state("bus"))]
-JobOrchestrator = Annotated[Orchestrator, Depends(app_state("orchestrator"))]
+Dispatch = Annotated[JobDispatch, Depends(app_state("dispatch"))]
 
 
 async def visible_job(store: JobStore, principal: Principal, job_id: str) -> JobRecord:

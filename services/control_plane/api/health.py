@@ -25,7 +25,8 @@ async def healthz() -> HealthStatus:
     responses={503: {"model": HealthStatus, "description": "The job store does not answer"}},
 )
 async def readyz(store: Store, response: Response) -> HealthStatus:
-    """The job store answers and jobs are being driven."""
+    """The job store answers, so this control plane can serve; a follower (one that does not drive the
+    jobs, see `leadership`) is as ready as the leader."""
     try:
         await store.ping()
     except Exception as exc:

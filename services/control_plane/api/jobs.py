@@ -16,8 +16,8 @@ from stillhouse.control_plane.api.dependencies import (
     Access,
     Caller,
     Channels,
+    Dispatch,
     EventBus,
-    JobOrchestrator,
     Store,
     visible_job,
 )
@@ -31,6 +31,7 @@ from stillhouse.control_plane.api.openapi import (
 )
 from stillhouse.control_plane.api.submitted_job import SubmittedJob, preflight_warnings
 from stillhouse.control_plane.api_models import ErrorBody, FieldError, JobList, JobView
+from stillhouse.control_plane.job_metrics import entered_phase
 from stillhouse.control_plane.job_removal import RemovalFailed, remove_job
 from stillhouse.control_plane.phases import IllegalTransition, Phase
 from stillhouse.control_plane.principals import Principal, TenantQuota
@@ -113,7 +114,7 @@ async def submit_job(
     access: Access,
     store: Store,
     channels: Channels,
-    orchestrator: JobOrchestrator,
+    dispatch: Dispatch,
     bus: EventBus,
 ) -> JobView:
     """Submit a DistillationJob, as JSON or YAML. It is checked first (the schema, then the models it
@@ -126,10 +127,11 @@ async def submit_job(
     record = await _stored(store, job, document, principal, quota)
     request.state.created_job_id = record.id
     JOBS_SUBMITTED.inc()
+    entered_phase(record.tenant, record.phase)
     log.info(
         "job submitted", job_id=record.id, name=record.name, owner=principal.name, tenant=principal.tenant
     )
-    orchestrator.run(record.id)
+    dispatch.job_submitted(record.id)
     bus.notify()
     return JobView.of(record).model_copy(update={"warnings": warnings})
 
@@ -166,16 +168,14 @@ async def list_jobs(
     response_model=JobView,
     responses={**JOB_ROUTE_ERRORS, 409: {"model": ErrorBody, "description": "The job has already ended"}},
 )
-async def cancel_job(
-    job_id: JobId, principal: Caller, store: Store, orchestrator: JobOrchestrator
-) -> JobView:
+async def cancel_job(job_id: JobId, principal: Caller, store: Store, dispatch: Dispatch) -> JobView:
     """Ask a job to stop. The running stage is cancelled in its service; the job ends Cancelled."""
     await visible_job(store, principal, job_id)
     try:
         record = await store.request_cancel(job_id)
     except IllegalTransition as exc:
         raise ApiError(409, f"job {job_id} has already ended ({exc.current})") from exc
-    orchestrator.request_cancel(job_id)
+    dispatch.cancel_requested(job_id)
     log.info("job cancel requested", job_id=job_id)
     return JobView.of(record, await store.steps(job_id))
 

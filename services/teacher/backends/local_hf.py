@@ -96,6 +96,7 @@ class LocalHFBackend(TeacherBackend):
         self,
         model: str = model_loading.EMBEDDED_TEACHER,
         *,
+        name: str | None = None,
         device: str | None = None,
         max_batch_size: int = 32,
         batch_wait_seconds: float = 0.005,
@@ -111,7 +112,7 @@ class LocalHFBackend(TeacherBackend):
             source, torch.device(device) if device else None
         )
         self.model_info = ModelInfo(
-            name=model,
+            name=name or model,
             vocab_size=self.model.get_output_embeddings().weight.shape[0],
             context_length=getattr(self.model.config, "max_position_embeddings", None)
             or self.tokenizer.model_max_length,

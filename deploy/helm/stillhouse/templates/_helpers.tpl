@@ -58,7 +58,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "stillhouse.rayImage" -}}
 {{- $image := .Values.rayCluster.image }}
-{{- printf "%s/%s:%s" $image.registry $image.repository (default (printf "%s-gpu" .Chart.AppVersion) $image.tag) }}
+{{- printf "%s/%s:%s" $image.registry $image.repository (default .Chart.AppVersion $image.tag) }}
 {{- end }}
 
 {{- define "stillhouse.serviceAccountName" -}}
@@ -154,12 +154,17 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- if include "stillhouse.objectStoreKeysFromEnvironment" $root }}
+- name: {{ $var }}CREDENTIALS
+  value: environment
+{{- end }}
 {{ include "stillhouse.objectStoreKeyEnv" (dict "root" $root "access" (printf "%sACCESS_KEY" $var) "secret" (printf "%sSECRET_KEY" $var)) }}
 {{- end }}
 
 {{/* Two variables with the object store's keys, from its Secret: (dict "root" $ "access" NAME "secret" NAME). */}}
 {{- define "stillhouse.objectStoreKeyEnv" -}}
 {{- $root := .root }}
+{{- if not (include "stillhouse.objectStoreKeysFromEnvironment" $root) }}
 {{- $external := $root.Values.objectStore.external }}
 {{- $secret := ternary (include "stillhouse.minioSecret" $root) $external.existingSecret $root.Values.minio.enabled }}
 - name: {{ .access }}
@@ -172,6 +177,12 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ $secret }}
       key: {{ ternary "root-password" $external.secretKeyKey $root.Values.minio.enabled }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when an external S3's credentials come from each pod's environment (IRSA); else empty. */}}
+{{- define "stillhouse.objectStoreKeysFromEnvironment" -}}
+{{- if and (not .Values.minio.enabled) (eq .Values.objectStore.external.credentials "environment") }}true{{ end }}
 {{- end }}
 
 {{/* An environment variable holding the database URL, built from Secrets: (dict "root" $ "name" "..."). */}}
@@ -203,31 +214,6 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ include "stillhouse.rayAuthSecret" . }}
       key: auth_token
-{{- end }}
-{{- end }}
-
-{{/* Scheduling of a Deployment's pods: (dict "root" $ "component" "teacher" "values" .Values.teacher). */}}
-{{- define "stillhouse.scheduling" -}}
-{{- with .values.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .values.tolerations }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- if .root.Values.topologySpread.enabled }}
-topologySpreadConstraints:
-  - topologyKey: {{ .root.Values.topologySpread.topologyKey }}
-    maxSkew: {{ .root.Values.topologySpread.maxSkew }}
-    whenUnsatisfiable: {{ .root.Values.topologySpread.whenUnsatisfiable }}
-    labelSelector:
-      matchLabels:
-        {{- include "stillhouse.selectorLabels" . | nindent 8 }}
 {{- end }}
 {{- end }}
 
@@ -367,13 +353,54 @@ securityContext:
 {{- end }}
 
 {{- define "stillhouse.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
 - to:
-    {{- toYaml .Values.networkPolicy.dnsTo | nindent 4 }}
+    {{- toYaml $dns.to | nindent 4 }}
   ports:
-    - port: 53
+    {{- range $dns.ports }}
+    - port: {{ . }}
       protocol: UDP
-    - port: 53
+    - port: {{ . }}
       protocol: TCP
+    {{- end }}
+{{- end }}
+
+{{/* The Kubernetes API server, for the Ray autoscaler: `networkPolicy.kubeApiServer.cidrs`, or, when
+empty, a rule without peers (any address on the API server's ports). */}}
+{{- define "stillhouse.kubeApiServerEgress" -}}
+{{- $api := .Values.networkPolicy.kubeApiServer -}}
+-
+  {{- with $api.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+  ports:
+    {{- range $api.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+
+{{/* Public addresses, for the teacher: every IPv4 and IPv6 address but link-local (cloud metadata),
+loopback and `networkPolicy.privateCidrs`. */}}
+{{- define "stillhouse.publicPeers" -}}
+{{- $private := .Values.networkPolicy.privateCidrs }}
+{{- $v4 := list "169.254.0.0/16" "127.0.0.0/8" }}
+{{- $v6 := list "fe80::/10" "::1/128" }}
+{{- range $private }}
+{{- if contains ":" . }}{{ $v6 = append $v6 . }}{{ else }}{{ $v4 = append $v4 . }}{{ end }}
+{{- end -}}
+- ipBlock:
+    cidr: 0.0.0.0/0
+    except:
+      {{- toYaml $v4 | nindent 6 }}
+- ipBlock:
+    cidr: ::/0
+    except:
+      {{- toYaml $v6 | nindent 6 }}
 {{- end }}
 
 {{/* (dict "root" $ "port" 9090) */}}
@@ -386,12 +413,24 @@ securityContext:
 {{- end }}
 
 {{/* A generated Secret value that stays the same on upgrades: the value already in the cluster if
-there is one, else a new random one. (dict "root" $ "secret" NAME "key" KEY "length" N) */}}
+there is one; else one derived from `generatedSecrets.seed`; else, when the render can read the cluster
+(helm install, upgrade, --dry-run=server) or `generatedSecrets.withoutCluster` is random, a new random
+one; else (helm template, helm lint) the render fails, naming the values that would make it stable.
+(dict "root" $ "secret" NAME "key" KEY "length" N "existing" "VALUE NAMING AN EXISTING SECRET") */}}
 {{- define "stillhouse.keptValue" -}}
-{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret }}
-{{- if and $existing (hasKey $existing.data .key) }}
+{{- $root := .root }}
+{{- $generated := $root.Values.generatedSecrets }}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace .secret }}
+{{- if and $existing (hasKey (default dict $existing.data) .key) }}
 {{- index $existing.data .key | b64dec }}
-{{- else }}
+{{- else if $generated.seed }}
+{{- sha256sum (printf "%s\n%s\n%s\n%s" $generated.seed $root.Release.Namespace .secret .key) | trunc (int .length) }}
+{{- else if eq $generated.withoutCluster "random" }}
 {{- randAlphaNum (int .length) }}
+{{- else if lookup "v1" "Secret" $root.Release.Namespace "" }}
+{{- /* The cluster answered a list (empty or not): a first install. */}}
+{{- randAlphaNum (int .length) }}
+{{- else }}
+{{- fail (printf "Secret %s (key %s) would get a new random value on every render: this render cannot read the cluster (helm template, helm lint, a client-side dry run) and generatedSecrets.withoutCluster is fail. Set generatedSecrets.seed (e.g. the output of `openssl rand -hex 32`) to derive every generated value from it, or %s." .secret .key .existing) }}
 {{- end }}
 {{- end }}
