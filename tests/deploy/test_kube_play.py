@@ -3,8 +3,9 @@ with `podman kube play` from the services image (marked `image`: `make test-imag
 
 The release points at what runs on this machine: PostgreSQL on 127.0.0.1:5432 (a fresh database) and
 a SeaweedFS S3 API on a free loopback port, through the external database and object-store Secrets an
-operator would create; every workload runs the image built from these sources (pullPolicy Never), and
-the teacher has an API key in the chart's own Secret. The Deployments, ConfigMaps and Secrets of those
+operator would create; every workload runs the image built from these sources (pullPolicy Never), the
+chart's generated Secrets derive from an explicit seed, and the teacher has an API key in the chart's
+own Secret. The Deployments, ConfigMaps and Secrets of those
 five components are taken from the output, and its pre-install hook Jobs (schema migrations) run to
 success first, as `helm install` runs them; other hooks, Services, NetworkPolicies, PDBs, HPA,
 RayCluster and monitoring objects are not played: podman runs pods, nothing else.
@@ -70,6 +71,9 @@ def release_values(image: str, release: str, ports: dict[str, int], s3: SeaweedF
     values: dict = {
         "image": {"registry": registry, "repository": repository, "tag": tag, "pullPolicy": "Never"},
         "listenHost": "127.0.0.1",
+        # Every generated Secret value (API and service tokens) derived from an explicit seed; a value
+        # the seed does not cover fails the render rather than becoming random.
+        "generatedSecrets": {"seed": secrets.token_hex(32), "withoutCluster": "fail"},
         "postgresql": {"enabled": False},
         "externalDatabase": {"existingSecret": f"{release}-database", "urlKey": "url"},
         "minio": {"enabled": False},
@@ -89,6 +93,7 @@ def release_values(image: str, release: str, ports: dict[str, int], s3: SeaweedF
     }
     # No Ray cluster runs here: the trainer is only started, never asked to submit.
     values["trainer"] = {"externalRayAddress": f"http://127.0.0.1:{pick_free_port()}"}
+    # One pod each: on the host's network a second replica would find its port taken.
     values["controlPlane"] = {"replicas": 1, "port": ports[CONTROL_PLANE]}
     for service in STAGE_SERVICES:
         values.setdefault(service, {}).update(replicas=1, port=ports[service], metricsPort=pick_free_port())
@@ -267,7 +272,7 @@ def test_the_charts_control_plane_and_stage_services_start_in_podman_and_answer_
             address = f"127.0.0.1:{ports[service]}"
             wait_healthy(lambda a=address: grpc_serving(a), f"{service}'s gRPC health", pods)
 
-        assert http_ok(f"{url}/readyz"), "the control plane is not ready (PostgreSQL)\n" + logs(pods)
+        wait_healthy(lambda: http_ok(f"{url}/readyz"), "the control plane's /readyz (PostgreSQL)", pods)
         token = api_token(deployments[CONTROL_PLANE], chart_secrets)
         listed = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert listed.status_code == 200, listed.text
