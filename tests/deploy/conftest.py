@@ -180,3 +180,12 @@ def internal_tls_enabled(values_set: tuple[str, Path | None]) -> bool:
     path = values_set[1]
     values = yaml.safe_load(path.read_text()) if path else {}
     return bool(values.get("internalTLS", {}).get("enabled", False))
+
+
+@pytest.fixture(scope="session")
+def services_image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The services image of the current sources (tests marked `image`): see services_image.py."""
+    from .services_image import ensure_services_image  # importing it at the top would be circular
+
+    wheelhouse = request.config.cache.mkdir("image-wheelhouse")
+    return ensure_services_image(tmp_path_factory.mktemp("base"), wheelhouse)
