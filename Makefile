@@ -64,17 +64,22 @@ dev:
 
 # The chart's appVersion: the tag of both images, as the release workflow and the chart's defaults use it.
 APP_VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' deploy/helm/stillhouse/Chart.yaml)
+# PyPI's torch for Linux is the CUDA build: the GPU variant of the services image takes it.
+GPU_TORCH_INDEX_URL := https://pypi.org/simple
 CONTAINER_ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
 
-## images: build REGISTRY/stillhouse:APP_VERSION and REGISTRY/stillhouse-ray:APP_VERSION (docker or podman); PUSH=1 pushes them
+## images: build REGISTRY/stillhouse:APP_VERSION, its GPU variant APP_VERSION-gpu (CUDA torch, for a local
+## teacher on a GPU) and REGISTRY/stillhouse-ray:APP_VERSION (docker or podman); PUSH=1 pushes them
 images:
 	@test -n "$(REGISTRY)" || { echo "make images needs REGISTRY, e.g. REGISTRY=registry.example.com/ml" >&2; exit 2; }
 	@test -n "$(CONTAINER_ENGINE)" || { echo "make images needs docker or podman (or CONTAINER_ENGINE=...)" >&2; exit 2; }
 	@test -n "$(APP_VERSION)" || { echo "no appVersion in deploy/helm/stillhouse/Chart.yaml" >&2; exit 2; }
 	$(CONTAINER_ENGINE) build -f deploy/docker/Dockerfile -t $(REGISTRY)/stillhouse:$(APP_VERSION) .
+	$(CONTAINER_ENGINE) build -f deploy/docker/Dockerfile --build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) -t $(REGISTRY)/stillhouse:$(APP_VERSION)-gpu .
 	$(CONTAINER_ENGINE) build -f deploy/docker/ray.Dockerfile -t $(REGISTRY)/stillhouse-ray:$(APP_VERSION) .
 ifeq ($(PUSH),1)
 	$(CONTAINER_ENGINE) push $(REGISTRY)/stillhouse:$(APP_VERSION)
+	$(CONTAINER_ENGINE) push $(REGISTRY)/stillhouse:$(APP_VERSION)-gpu
 	$(CONTAINER_ENGINE) push $(REGISTRY)/stillhouse-ray:$(APP_VERSION)
 endif
 

@@ -41,24 +41,29 @@ def make_images(registry: str, *extra: str) -> list[list[str]]:
     return [command for command in commands if command and command[0] == "docker"]
 
 
-def built_images(commands: list[list[str]]) -> dict[str, str]:
-    """Dockerfile -> the image reference it is tagged with."""
-    built = {}
-    for command in commands:
-        if command[1] == "build":
-            built[command[command.index("-f") + 1]] = command[command.index("-t") + 1]
-    return built
-
-
-def test_make_images_tags_both_images_with_the_app_version() -> None:
-    version = app_version()
-    assert built_images(make_images("registry.example.com/ml")) == {
-        "deploy/docker/Dockerfile": f"registry.example.com/ml/stillhouse:{version}",
-        "deploy/docker/ray.Dockerfile": f"registry.example.com/ml/stillhouse-ray:{version}",
+def built_images(commands: list[list[str]]) -> set[tuple[str, str]]:
+    """(Dockerfile, the image reference it is tagged with) of every build."""
+    return {
+        (command[command.index("-f") + 1], command[command.index("-t") + 1])
+        for command in commands
+        if command[1] == "build"
     }
-    assert not [c for c in make_images("registry.example.com/ml") if c[1] == "push"]
+
+
+def test_make_images_tags_every_image_with_the_app_version() -> None:
+    version = app_version()
+    commands = make_images("registry.example.com/ml")
+    assert built_images(commands) == {
+        ("deploy/docker/Dockerfile", f"registry.example.com/ml/stillhouse:{version}"),
+        ("deploy/docker/Dockerfile", f"registry.example.com/ml/stillhouse:{version}-gpu"),
+        ("deploy/docker/ray.Dockerfile", f"registry.example.com/ml/stillhouse-ray:{version}"),
+    }
+    # The GPU variant takes PyPI's torch (a CUDA build); the default one the CPU index's.
+    (gpu_build,) = [c for c in commands if c[1] == "build" and c[-2].endswith("-gpu")]
+    assert "TORCH_INDEX_URL=https://pypi.org/simple" in gpu_build
+    assert not [c for c in commands if c[1] == "push"]
     pushed = {c[2] for c in make_images("registry.example.com/ml", "PUSH=1") if c[1] == "push"}
-    assert pushed == set(built_images(make_images("registry.example.com/ml")).values())
+    assert pushed == {reference for _, reference in built_images(commands)}
 
 
 def test_make_images_needs_a_registry() -> None:
@@ -73,12 +78,13 @@ def test_the_release_workflow_publishes_the_chart_default_images(render) -> None
     registry = workflow()["env"]["REGISTRY"]
     (build,) = [step for step in steps if "make images" in step.get("run", "")]
     assert re.search(r'make images REGISTRY="\$REGISTRY" .*PUSH=1', build["run"]), build["run"]
-    published = set(built_images(make_images(registry)).values())
+    published = {reference for _, reference in built_images(make_images(registry))}
     # The chart's default references, as every pod of a default render uses them.
     images = {c["image"] for pod in pod_templates(render(None)).values() for c in pod["spec"]["containers"]}
     stillhouse_images = {image for image in images if "/stillhouse" in image}
-    assert stillhouse_images == published
-    assert all(image.endswith(f":{app_version()}") for image in published)
+    # Every default is published; the GPU variant is there for `teacher.image.tag`.
+    assert stillhouse_images == {reference for reference in published if not reference.endswith("-gpu")}
+    assert all(image.removesuffix("-gpu").endswith(f":{app_version()}") for image in published)
 
 
 def test_the_release_workflow_checks_the_tag_against_the_app_version() -> None:
