@@ -17,18 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stillhouse.common.field_refusals import FieldRefused
 from stillhouse.common.jobspec import PromptsSpec
+from stillhouse.common.objectstore.objects import S3_SCHEME
 
-OBJECT_STORE_SCHEME = "s3://"
 
-
-class InputRefused(ValueError):
+class InputRefused(FieldRefused):
     """A local input outside the input roots; `field` is where the spec names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ NO_LOCAL_FILES = InputRoots()
 
 
 def is_local(path: str) -> bool:
-    return not path.startswith(OBJECT_STORE_SCHEME)
+    return not path.startswith(S3_SCHEME)
 
 
 def local_prompt_inputs(prompts: PromptsSpec) -> list[tuple[str, str]]:

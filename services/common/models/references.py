@@ -17,19 +17,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-S3_SCHEME = "s3://"
+from stillhouse.common.field_refusals import FieldRefused
+from stillhouse.common.objectstore.objects import S3_SCHEME
+
 # S3 bucket naming rules: 3-63 lower-case letters, digits, '.' and '-', starting and ending alphanumeric.
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MAX_PREFIX_BYTES = 900  # leaves room under S3's 1024-byte key limit for the files inside the model folder
 
 
-class ModelReferenceRefused(ValueError):
+class ModelReferenceRefused(FieldRefused):
     """A model reference that may not be used; `field` is where the spec names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+# How a spec names an object of the platform's store: s3://<bucket>/<key>.
+S3_SCHEME = "s3://"
 MAX_KEY_BYTES = 1024
 # Keys per delete call: S3's DeleteObjects takes at most 1,000.
 DELETE_BATCH = 1000
