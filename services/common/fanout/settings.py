@@ -1,0 +1,50 @@
+"""How a stage service fans its stage out over Ray (nested `fanout` settings of the teacher and prompts
+services: STILLHOUSE_TEACHER_FANOUT__*, STILLHOUSE_PROMPTS_FANOUT__*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FanoutSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ray_address: str | None = Field(
+        default=None,
+        description="Job-submission (dashboard) address of the Ray cluster whose CPU workers run the shards, "
+        "e.g. http://raycluster-head-svc:8265; unset: every stage runs in this process.",
+    )
+    ray_auth_token_file: Path | None = Field(
+        default=None, description="File holding the cluster's Ray auth token, for clusters with token auth."
+    )
+    ray_python: str = Field(default="python", description="Python interpreter of the Ray job's driver.")
+    ray_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    ray_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often the Ray job's status is polled."
+    )
+    min_rows: int = Field(
+        default=20_000, ge=0, description="Stages with fewer input rows than this run in this process."
+    )
+    shard_rows: int = Field(default=10_000, ge=100, le=10_000_000, description="Input rows per shard.")
+    max_shards: int = Field(
+        default=4096,
+        ge=1,
+        le=65_536,
+        description="Shards per stage at most; larger inputs get larger shards.",
+    )
+    max_parallel_shards: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Shards running at once; 0: as many as the cluster's CPUs take.",
+    )
+    cpus_per_shard: float = Field(default=1.0, gt=0, le=64, description="Ray CPUs one shard task reserves.")
+    max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Times a shard is retried after its worker died or it failed unexpectedly; a shard "
+        "resumes from what it committed and from the teacher cache.",
+    )
