@@ -49,7 +49,7 @@ from stillhouse.common.models.model_loading import (
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.calls import TeacherAnswer, TokenIdSource
-from stillhouse.teacher.stage import answers_table
+from stillhouse.teacher.shards import answers_table
 from stillhouse.trainer.evaluation import run_evaluation
 from stillhouse.trainer.run_config import EvaluateRun, TrainRun
 from stillhouse.trainer.train_loop import train_worker

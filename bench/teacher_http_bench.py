@@ -10,11 +10,11 @@ here as a subprocess): 64-token answers with the top-20 logprobs of every token,
 Every contender sends the same request bodies (temperature 0.7, max_tokens 64, top_logprobs 20,
 vLLM's `return_tokens_as_token_ids`) with at most `concurrency` requests in flight:
 
-- stillhouse: `AnswerPromptsRun`, the full teacher stage in this process: prompts read from a
+- stillhouse: `AnswerPromptsStage`, the full teacher stage, its shards in this process: prompts read from a
   Parquet dataset, cache lookups, `ResilientTeacher` (retries, breaker, concurrency slots) around
   `OpenAICompatibleBackend`, parsing to sparse logprobs, write-behind cache writes, the answers
   dataset written and committed. Each run gets a fresh SQLite cache, so every prompt reaches the
-  server. Timed: `AnswerPromptsRun.run`, from reading the prompts to the committed dataset.
+  server. Timed: `AnswerPromptsStage.run`, from reading the prompts to the committed dataset.
 - httpx: what a careful hand-written client does: one `httpx.AsyncClient` with `concurrency`
   pooled connections, a semaphore, `response.json()`, and the text, finish reason and each token's
   top-k (token, logprob) pairs pulled out into lists; nothing stored.
@@ -53,14 +53,16 @@ from _table import print_grid, verdict
 from stillhouse.common.datasets.manifest import Lineage
 from stillhouse.common.datasets.records import PROMPTS_SCHEMA, prompt_id
 from stillhouse.common.datasets.store import DatasetReader, DatasetWriter
+from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
 from stillhouse.teacher.cache import TeacherCache
-from stillhouse.teacher.ledger import FREE
+from stillhouse.teacher.ledger import PriceTable
 from stillhouse.teacher.resilience import ResilientTeacher
-from stillhouse.teacher.stage import AnswerPromptsRun, call_for
+from stillhouse.teacher.shards import ShardAnswerer, call_for
+from stillhouse.teacher.stage import AnswerPromptsStage
 
 FAKE_OPENAI = Path(__file__).resolve().parents[1] / "tests" / "teacher" / "fake_openai.py"
 MODEL = "fake-teacher"
@@ -228,6 +230,16 @@ def teacher_spec(base_url: str, concurrency: int) -> TeacherSpec:
 # --- the contenders -------------------------------------------------------------------------------
 
 
+@dataclass
+class OneTeacher:
+    """The teacher source of the stage's shards: always this teacher."""
+
+    teacher: ResilientTeacher
+
+    async def get(self, spec: TeacherSpec) -> ResilientTeacher:
+        return self.teacher
+
+
 async def stillhouse_run(
     spec: TeacherSpec, store: LocalObjectStore, prompts_id: str, home: Path, run_name: str
 ) -> tuple[float, float, list[str]]:
@@ -240,19 +252,18 @@ async def stillhouse_run(
         timeout_seconds=spec.limits.timeout_seconds,
     )
     teacher = ResilientTeacher(backend, spec.limits, key=f"{spec.base_url}|{spec.model}")
-    stage = AnswerPromptsRun(
+    stage = AnswerPromptsStage(
         store=store,
-        cache=cache,
-        teacher=teacher,
         spec=spec,
-        price=FREE,
         job_id=run_name,
-        progress=NoProgress(),  # type: ignore[arg-type]
         scope="",
+        fanout=FanoutSettings(),
+        progress=NoProgress(),  # type: ignore[arg-type]
     )
+    shards = ShardAnswerer(store, cache, OneTeacher(teacher), PriceTable({}))
     try:
         started, cpu_started = time.perf_counter(), time.process_time()
-        result = await stage.run(prompts_id, "")
+        result = await stage.run(run_name, prompts_id, "", shards)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     finally:
         await teacher.aclose()
@@ -503,7 +514,7 @@ def print_table(results: list[dict]) -> None:
     )
     print()
     print(
-        "stillhouse: AnswerPromptsRun (fresh SQLite cache, local Parquet store) over ResilientTeacher and "
+        "stillhouse: AnswerPromptsStage (fresh SQLite cache, local Parquet store) over ResilientTeacher and "
         "OpenAICompatibleBackend. httpx: AsyncClient + semaphore + response.json(). distilabel: "
         "OpenAILLM.agenerate + semaphore in its own environment. Rounds alternate the order; each figure is "
         "the contender's best round."

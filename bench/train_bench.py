@@ -50,7 +50,7 @@ from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokeni
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.calls import TeacherAnswer
-from stillhouse.teacher.stage import answers_table
+from stillhouse.teacher.shards import answers_table
 from stillhouse.trainer.data import BatchPlan, EpochData, collate, read_answer_rows, tokenize_answers
 from stillhouse.trainer.precision import cpu_has_bf16_matrix_units
 from stillhouse.trainer.run_config import TrainRun

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -306,6 +307,11 @@ class TeacherCache:
         await asyncio.to_thread(migrate, database_url)
         return cls(database.create_engine_for(database_url, SQLITE_PRAGMAS))
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The cache's database, which also keeps each job's budget (`budget.JobBudget`)."""
+        return self._engine
+
     async def close(self) -> None:
         await self._engine.dispose()
 
@@ -449,6 +455,9 @@ class CacheWriter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._written = 0
+        self._put = 0
+        # (number of answers put up to and including one, its waiter), oldest first: see `put_durable`.
+        self._durable_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def written(self) -> int:
@@ -464,6 +473,7 @@ class CacheWriter:
         if self._closed:
             raise RuntimeError("put on a closed CacheWriter")
         self._buffer.append((call, answer))
+        self._put += 1
         if len(self._buffer) >= self._max_buffered:
             await self.flush()
             return
@@ -473,6 +483,17 @@ class CacheWriter:
             self._wake.set()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._max_delay, self._wake.set)
+
+    async def put_durable(self, call: TeacherCall, answer: TeacherAnswer) -> None:
+        """`put`, then wait until the batch that holds the answer is written (a group commit: answers
+        that come back together share one transaction). A shard counts an answer only once it is durable,
+        so a shard retried on another worker finds it in the cache and never pays for it again."""
+        await self.put(call, answer)
+        if self._written >= self._put:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waiters.append((self._put, waiter))
+        await waiter
 
     async def flush(self) -> None:
         """Write every answer put so far; raises if the database refuses them (they stay buffered)."""
@@ -523,3 +544,7 @@ class CacheWriter:
                 self._buffer[:0] = batch
                 raise
             self._written += len(batch)
+            while self._durable_waiters and self._durable_waiters[0][0] <= self._written:
+                _, waiter = self._durable_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from stillhouse.common.config import GrpcServiceSettings, settings_config
+from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.paths import stillhouse_home
 from stillhouse.teacher.egress import parse_allow_entry
@@ -45,6 +46,11 @@ class TeacherSettings(GrpcServiceSettings):
         le=86_400,
         description="How often the cache is brought within `cache_max_age_days` and `cache_max_entries`, "
         "when either is set (and once at start-up).",
+    )
+    fanout: FanoutSettings = Field(
+        default_factory=FanoutSettings,
+        description="How the teacher stage fans its shards out over a Ray cluster's CPU workers "
+        "(STILLHOUSE_TEACHER_FANOUT__*); unset `ray_address`: every stage runs in this process.",
     )
     limiter_storage_uri: str = Field(
         default="memory://",

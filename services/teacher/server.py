@@ -50,7 +50,7 @@ def run(settings: TeacherSettings) -> None:
         teachers = TeacherPool(settings)
         expiry = _start_expiry(settings, cache)
         try:
-            servicer = TeacherServicer(registry, store, cache, teachers, prices)
+            servicer = TeacherServicer(registry, store, cache, teachers, prices, settings.fanout)
             yield [ServiceBinding.of(SERVICE, teacher_pb2_grpc.add_TeacherServicer_to_server, servicer)]
         finally:
             if expiry is not None:

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf import message
 
 from stillhouse.common.datasets.store import DatasetNotFound, DatasetReader
+from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.grpc_server import abort_for
 from stillhouse.common.jobspec import TeacherBackend, TeacherSpec
 from stillhouse.common.objectstore.objects import ObjectStore, ObjectStoreError
@@ -22,7 +23,8 @@ from stillhouse.teacher.cache import TeacherCache
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCallError
 from stillhouse.teacher.estimate import estimate_cost, prompt_tokens
 from stillhouse.teacher.ledger import Ledger, PriceTable
-from stillhouse.teacher.stage import AnswerPromptsRun, call_for
+from stillhouse.teacher.shards import ShardAnswerer, call_for
+from stillhouse.teacher.stage import AnswerPromptsStage
 from stillhouse.teacher.teachers import TeacherPool
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
@@ -41,12 +43,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         cache: TeacherCache,
         teachers: TeacherPool,
         prices: PriceTable,
+        fanout: FanoutSettings | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self._cache = cache
         self._teachers = teachers
         self._prices = prices
+        self._fanout = fanout or FanoutSettings()
+        # The stage's shards when they run in this process, on the service's own objects.
+        self._local_shards = ShardAnswerer(store, cache, teachers, prices)
 
     def _checked_price(self, spec: TeacherSpec):
         if (
@@ -66,23 +72,26 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             spec = teacher_spec(request.teacher)
             if not request.prompts.dataset_id:
                 raise OperationError(grpc.StatusCode.INVALID_ARGUMENT, "prompts.dataset_id must be set")
-            price = self._checked_price(spec)
+            self._checked_price(spec)  # a budget needs the model's price, checked before the stage starts
 
             async def work(progress):
-                teacher = await self._teachers.get(spec)
-                scope = self._teachers.cache_scope(spec, request.tenant)
-                run = AnswerPromptsRun(
+                # The teacher is made here first: a refused address or a missing key fails the stage at once.
+                await self._teachers.get(spec)
+                stage = AnswerPromptsStage(
                     store=self._store,
-                    cache=self._cache,
-                    teacher=teacher,
                     spec=spec,
-                    price=price,
                     job_id=request.job_id,
+                    scope=self._teachers.cache_scope(spec, request.tenant),
+                    fanout=self._fanout,
                     progress=progress,
-                    scope=scope,
                 )
                 try:
-                    return await run.run(request.prompts.dataset_id, request.holdout.dataset_id)
+                    return await stage.run(
+                        request.operation_id,
+                        request.prompts.dataset_id,
+                        request.holdout.dataset_id,
+                        self._local_shards,
+                    )
                 except DatasetNotFound as exc:
                     raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
                 except ObjectStoreError as exc:

@@ -21,7 +21,7 @@ from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, resolve_model_reference
 from stillhouse.teacher.calls import TeacherCallError, TokenIdSource
 from stillhouse.teacher.config import TeacherSettings
-from stillhouse.teacher.stage import call_for
+from stillhouse.teacher.shards import call_for
 from stillhouse.teacher.teachers import TeacherPool
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.backends.local_hf import LocalHFBackend
-from stillhouse.teacher.stage import answers_table, call_for
+from stillhouse.teacher.shards import answers_table, call_for
 
 
 @pytest.fixture

@@ -263,6 +263,22 @@ class DatasetWriter:
         self._closed = True
         return committed
 
+    def seal(self) -> list[ShardRecord]:
+        """Encode the last shard and wait for every upload, without committing: the records of this
+        writer's shards, for a later `commit_shards` of the dataset together with other writers' shards
+        (a stage whose shards are written by many workers); none when the id was already committed
+        before this writer opened (the dataset is whole without them). The writer is closed afterwards;
+        its shards stay until the dataset is committed (or `collect_garbage` finds them orphaned)."""
+        self._require_open()
+        if self._committed_before is None:
+            if self._pending_rows:
+                self._cut_shard(self._pending_rows)
+            while self._in_flight:
+                self._finish_oldest()
+        self._shutdown(cancel=False)
+        self._closed = True
+        return list(self._records)
+
     def abort(self) -> None:
         """Stop without committing and delete what this writer uploaded (best effort)."""
         if self._closed:
@@ -489,6 +505,31 @@ class DatasetReader:
             else pa.schema([self.schema.field(name) for name in columns], metadata=self.schema.metadata)
         )
         return pa.Table.from_batches(list(self.read_batches(columns, shards)), schema=schema)
+
+    def read_rows(self, rows: range, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of the rows `rows` (a step-1 range of row numbers), in order: only the shards that
+        hold some of them are downloaded."""
+        if rows.step != 1 or rows.start < 0 or rows.stop > self.manifest.num_rows:
+            raise ValueError(
+                f"dataset {self.dataset_id!r} has {self.manifest.num_rows} rows; rows={rows!r} is not a "
+                "range of them"
+            )
+        first_row = 0
+        wanted: list[int] = []
+        starts: list[int] = []
+        for index, shard in enumerate(self.manifest.shards):
+            if first_row < rows.stop and first_row + shard.num_rows > rows.start:
+                wanted.append(index)
+                starts.append(first_row)
+            first_row += shard.num_rows
+        if not wanted:
+            return
+        row = starts[0]
+        for batch in self.read_batches(columns, range(wanted[0], wanted[-1] + 1)):
+            begin, end = max(rows.start - row, 0), min(rows.stop - row, batch.num_rows)
+            row += batch.num_rows
+            if begin < end:
+                yield batch.slice(begin, end - begin)
 
     def read_shard_bytes(self, index: int) -> bytes:
         """The Parquet bytes of shard `index`, checked against the manifest."""

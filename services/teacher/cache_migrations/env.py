@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from stillhouse.common.database import run_migrations_in_env
+from stillhouse.teacher import budget  # noqa: F401  (its table joins the cache's metadata)
 from stillhouse.teacher.cache import VERSION_TABLE, metadata
 
 
