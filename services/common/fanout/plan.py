@@ -29,6 +29,9 @@ class FanoutPlan:
     max_retries: int = 3
     labels: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", tuple(self.shards))
+
     def to_json(self) -> str:
         return json.dumps(
             {
