@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -441,22 +442,37 @@ class ShardAnswerer:
         return outcome.to_json()
 
 
-# A Ray worker's own objects, built on first use from its environment (STILLHOUSE_TEACHER_*), for the event
-# loop that built them: database connections and HTTP clients belong to one loop.
-_worker_answerer: tuple[asyncio.AbstractEventLoop, ShardAnswerer] | None = None
+# A Ray worker runs each task under a fresh `asyncio.run`, while database connections and HTTP clients
+# belong to the event loop that made them: so the worker's objects live on one loop of its own, in a
+# thread, built once per worker process from its environment (STILLHOUSE_TEACHER_*).
+_worker_loop: asyncio.AbstractEventLoop | None = None
+_worker_answerer: ShardAnswerer | None = None
+_worker_loop_lock = threading.Lock()
 
 
 async def answer_shard(payload: dict[str, Any], report: ShardReport) -> dict[str, Any]:
     """The teacher stage's shard function on a Ray worker (`SHARD_FUNCTION`)."""
+    running = asyncio.run_coroutine_threadsafe(_answer_on_worker_loop(payload, report), _worker_event_loop())
+    return await asyncio.wrap_future(running)
+
+
+def _worker_event_loop() -> asyncio.AbstractEventLoop:
+    global _worker_loop
+    with _worker_loop_lock:
+        if _worker_loop is None:
+            _worker_loop = asyncio.new_event_loop()
+            threading.Thread(target=_worker_loop.run_forever, name="teacher-shards", daemon=True).start()
+        return _worker_loop
+
+
+async def _answer_on_worker_loop(payload: dict[str, Any], report: ShardReport) -> dict[str, Any]:
     global _worker_answerer
-    loop = asyncio.get_running_loop()
-    if _worker_answerer is None or _worker_answerer[0] is not loop:
+    if _worker_answerer is None:
         settings = TeacherSettings()
-        answerer = ShardAnswerer(
+        _worker_answerer = ShardAnswerer(
             open_object_store(settings.object_store),
             await TeacherCache.open(settings.cache_url),
             TeacherPool(settings),
             PriceTable.load(settings.price_table),
         )
-        _worker_answerer = (loop, answerer)
-    return await _worker_answerer[1](payload, report)
+    return await _worker_answerer(payload, report)

@@ -30,8 +30,12 @@ Control, for tests (JSON bodies):
   `times` limits it to that many calls (default: until reset); `model` to calls for that model;
   `echo_key: true` makes a 429 or 500 message quote the caller's bearer token, as a careless gateway
   might. The first queued behaviour that matches a call applies. The same body may also change
-  settings: `api_key`, `models`, `flavor`, `max_prompt_chars`, `answer_tokens`. `{"clear": true}` drops
-  the queued behaviours (calls already waiting keep theirs) and keeps the counts.
+  settings: `api_key`, `models`, `flavor`, `max_prompt_chars`, `answer_tokens`, `latency_ms` (added to
+  every completion). `{"clear": true}` drops the queued behaviours (calls already waiting keep theirs)
+  and keeps the counts.
+- The gate, to stop a run at an exact point: `{"hold_after": N}` lets the next N completion calls through
+  and holds every later one until `{"open_gate": true}` (or a reset); a held call whose caller has gone by
+  then is not answered (status 499 in `by_status`).
 - `GET /_calls`: `{"completions": N, "by_prompt": {last message content: N}, "answered_by_prompt":
   {last message content: N}, "by_status": {code: N}, "in_flight": N, "max_in_flight": N}`:
   `by_prompt` counts calls as they arrive, `answered_by_prompt` the 200 answers sent.
@@ -84,6 +88,8 @@ class Settings:
     flavor: str = "vllm"
     max_prompt_chars: int = 32_000
     answer_tokens: int = 64
+    # Added to every completion: a teacher's time to answer.
+    latency_ms: float = 0.0
 
 
 @dataclass
@@ -111,12 +117,18 @@ class State:
     max_in_flight: int = 0
     # Bumped by each reset, so that a call still running across a reset is not counted after it.
     generation: int = 0
+    # The gate: once `hold_after` completion calls were let through, later ones wait until it opens.
+    hold_after: int | None = None
+    let_through: int = 0
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def reset(self) -> None:
         self.generation += 1
         self.settings = replace(self.startup)
         self.rules.clear()
         self.completions = self.in_flight = self.max_in_flight = 0
+        self.hold_after, self.let_through = None, 0
+        self.gate.set()
         self.by_prompt.clear()
         self.answered_by_prompt.clear()
         self.by_status.clear()
@@ -401,7 +413,17 @@ def build_app(startup: Settings) -> Starlette:
                     last = payload["messages"][-1]
                     prompt = str(last.get("content", "")) if isinstance(last, dict) else ""
                     state.by_prompt[prompt] += 1
-                response = await _complete(state, request, payload)
+                held = state.hold_after is not None and state.let_through >= state.hold_after
+                if held:
+                    await state.gate.wait()
+                state.let_through += 1
+                if state.settings.latency_ms:
+                    await asyncio.sleep(state.settings.latency_ms / 1000)
+                if held and await request.is_disconnected():
+                    # Its caller is gone (a killed worker): nothing is delivered, nothing counts as answered.
+                    response = Response(status_code=499)
+                else:
+                    response = await _complete(state, request, payload)
         finally:
             if state.generation == generation:
                 state.in_flight -= 1
@@ -426,7 +448,13 @@ def build_app(startup: Settings) -> Starlette:
         script = msgspec.json.decode(await request.body())
         if script.pop("clear", False):
             state.rules.clear()
-        for name in ("api_key", "flavor", "max_prompt_chars", "answer_tokens"):
+        if "hold_after" in script:
+            state.hold_after, state.let_through = script.pop("hold_after"), 0
+            state.gate.clear()
+        if script.pop("open_gate", False):
+            state.hold_after = None
+            state.gate.set()
+        for name in ("api_key", "flavor", "max_prompt_chars", "answer_tokens", "latency_ms"):
             if name in script:
                 setattr(state.settings, name, script.pop(name))
         if "models" in script:
@@ -483,12 +511,14 @@ def main() -> None:
     )
     parser.add_argument("--flavor", choices=("vllm", "openai"), default="vllm")
     parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every completion")
     arguments = parser.parse_args()
     settings = Settings(
         api_key=arguments.api_key,
         models=tuple(arguments.model or ("fake-teacher",)),
         flavor=arguments.flavor,
         answer_tokens=arguments.answer_tokens,
+        latency_ms=arguments.latency_ms,
     )
     uvicorn.run(
         build_app(settings),

@@ -6,38 +6,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from teacher_runs import PRICES, TENANT, RecordedProgress, write_prompts
 
-from stillhouse.common.datasets.manifest import Lineage, manifest_key
-from stillhouse.common.datasets.records import PROMPTS_SCHEMA, prompt_id
-from stillhouse.common.datasets.store import DatasetReader, DatasetWriter
+from stillhouse.common.datasets.manifest import manifest_key
+from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.teacher.budget import JobBudget
 from stillhouse.teacher.cache import TeacherCache, answers
 from stillhouse.teacher.config import TeacherSettings
-from stillhouse.teacher.ledger import Price, PriceTable
 from stillhouse.teacher.shards import ShardAnswerer
 from stillhouse.teacher.stage import AnswerPromptsStage
 from stillhouse.teacher.teachers import TeacherPool
-
-TENANT = "team-a"
-# 100 USD / 1M prompt tokens and 1000 USD / 1M completion tokens: one call costs at most ~0.02 USD.
-PRICES = PriceTable({"fake-teacher": Price(100.0, 1000.0)})
-
-
-@dataclass
-class Progress:
-    updates: list[dict[str, Any]] = field(default_factory=list)
-
-    def update(self, **fields: Any) -> None:
-        self.updates.append(fields)
 
 
 @dataclass
@@ -61,7 +48,7 @@ class Service:
             }
         )
 
-    def stage(self, spec: TeacherSpec, job: str, shard_rows: int, progress: Progress | None = None):
+    def stage(self, spec: TeacherSpec, job: str, shard_rows: int, progress: RecordedProgress | None = None):
         scope = self.teachers.cache_scope(spec, TENANT)
         return AnswerPromptsStage(
             store=self.store,
@@ -69,7 +56,7 @@ class Service:
             job_id=job,
             scope=scope,
             fanout=FanoutSettings(shard_rows=shard_rows),
-            progress=progress or Progress(),  # type: ignore[arg-type]
+            progress=progress or RecordedProgress(),  # type: ignore[arg-type]
         )
 
     async def answer(self, spec: TeacherSpec, job: str, shard_rows: int, holdout: str = ""):
@@ -94,18 +81,6 @@ async def service(tmp_path: Path, database_url: str) -> AsyncIterator[Service]:
     finally:
         await teachers.close()
         await cache.close()
-
-
-def write_prompts(store: LocalObjectStore, dataset_id: str, texts: list[str]) -> None:
-    rows = []
-    for text in texts:
-        messages = [{"role": "user", "content": text}]
-        rows.append({"prompt_id": prompt_id(messages), "messages": messages})
-    lineage = Lineage(job_id="test", stage="prompts", input_ids=[], code_version="test")
-    # Small Parquet shards, so that a stage's shards start and end inside them and across them.
-    with DatasetWriter(store, dataset_id, PROMPTS_SCHEMA, lineage, max_shard_rows=70) as writer:
-        writer.write_rows(rows)
-        writer.commit()
 
 
 def without_latency(table) -> list[dict[str, Any]]:
