@@ -154,9 +154,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def fake_openai(log_path: Path) -> Iterator[str]:
-    """The fake OpenAI-compatible server on a free loopback port until the block ends; yields its
-    API root (``http://127.0.0.1:PORT/v1``)."""
+def fake_openai(log_path: Path, latency_ms: float = 0.0) -> Iterator[str]:
+    """The fake OpenAI-compatible server on a free loopback port until the block ends, taking
+    `latency_ms` more over each answer; yields its API root (``http://127.0.0.1:PORT/v1``)."""
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     with log_path.open("wb") as log:
@@ -169,6 +169,8 @@ def fake_openai(log_path: Path) -> Iterator[str]:
                 MODEL,
                 "--answer-tokens",
                 str(MAX_TOKENS),
+                "--latency-ms",
+                str(latency_ms),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

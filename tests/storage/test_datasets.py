@@ -337,3 +337,33 @@ def test_committed_shards_are_readable_without_stillhouse(
             pq.read_table(pa.BufferReader(object_store.get_bytes(key))) for key in manifest.shard_keys()
         ]
         assert pa.concat_tables(shards).equals(table)
+
+
+def test_shards_sealed_by_separate_writers_commit_as_one_dataset_in_their_order(object_store: ObjectStore):
+    table = teacher_rows(300)
+    records = []
+    for part in (table.slice(0, 170), table.slice(170)):
+        with DatasetWriter(object_store, DATASET, SCHEMA, LINEAGE, max_shard_bytes=SMALL_SHARD) as writer:
+            for batch in part.to_batches(max_chunksize=50):
+                writer.write_batch(batch)
+            records += writer.seal()
+    with pytest.raises(DatasetNotFound):  # sealed is not committed
+        DatasetReader(object_store, DATASET)
+
+    manifest = commit_shards(object_store, DATASET, records, SCHEMA, LINEAGE)
+
+    assert manifest.num_rows == 300 and len({record.path.rsplit("-", 1)[1] for record in records}) == 2
+    assert DatasetReader(object_store, DATASET).read_table().equals(table)
+
+
+def test_a_row_range_is_read_across_shard_boundaries(object_store: ObjectStore):
+    table = teacher_rows(400)
+    manifest = write(object_store, table)
+    reader = DatasetReader(object_store, DATASET)
+    assert len(manifest.shards) >= 3
+
+    for start, stop in [(0, 400), (37, 251), (0, 1), (399, 400), (120, 120)]:
+        rows = pa.Table.from_batches(list(reader.read_rows(range(start, stop))), schema=SCHEMA)
+        assert rows.equals(table.slice(start, stop - start)), (start, stop)
+    with pytest.raises(ValueError, match="has 400 rows"):
+        list(reader.read_rows(range(350, 401)))

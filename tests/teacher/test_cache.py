@@ -392,6 +392,17 @@ async def test_the_writer_flushes_an_old_answer_without_being_asked(cache: Teach
     await writer.close()
 
 
+async def test_a_durable_put_returns_once_its_answer_is_stored(cache: TeacherCache) -> None:
+    writer = CacheWriter(cache, batch_size=1000, max_delay_seconds=0.05)
+    calls = [call(number) for number in range(1, 6)]
+
+    await asyncio.gather(*(writer.put_durable(each, answer()) for each in calls))
+
+    assert writer.written == 5 and writer.buffered == 0  # one batch: they came back together
+    assert len(await cache.get_many(each.cache_key() for each in calls)) == 5
+    await writer.close()
+
+
 async def test_closing_the_writer_flushes_what_it_holds(database_url: str) -> None:
     cache = await TeacherCache.open(database_url)
     calls = [call(number) for number in range(1, 6)]
