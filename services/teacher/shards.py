@@ -46,7 +46,7 @@ from stillhouse.teacher.cache import CacheWriter, TeacherCache
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.estimate import call_estimate_usd, prompt_tokens
-from stillhouse.teacher.ledger import Budget, Ledger, Price, PriceTable
+from stillhouse.teacher.ledger import Ledger, Price, PriceTable
 from stillhouse.teacher.teachers import TeacherPool
 
 log = structlog.get_logger(__name__)
@@ -249,31 +249,8 @@ class ShardRun:
             await self._budget.open()
         self._report(force=True)
         reader = await asyncio.to_thread(DatasetReader, self._store, shard.input_id)
-        k = self._spec.top_logprobs
-        schema = answers_schema(k)
         lineage = Lineage(job_id=shard.job_id, stage="teacher", input_ids=[shard.input_id], code_version="")
-        call_metrics.RUNNING_BUDGETS.began(Budget(self._spec.budget_usd), self._ledger)
-        try:
-            async with CacheWriter(self._cache, max_delay_seconds=DURABLE_WRITE_DELAY_SECONDS) as cache:
-                writer = await asyncio.to_thread(
-                    DatasetWriter, self._store, shard.answers_id, schema, lineage
-                )
-                with writer:
-                    rows: list[dict[str, Any]] = []
-                    answers: list[TeacherAnswer] = []
-                    async for row, answer in self._answers(reader, cache):
-                        rows.append(row)
-                        answers.append(answer)
-                        if len(rows) >= WRITE_CHUNK_ROWS:
-                            await asyncio.to_thread(
-                                writer.write_batch, answers_table(rows, answers, schema, k)
-                            )
-                            rows, answers = [], []
-                    if rows:
-                        await asyncio.to_thread(writer.write_batch, answers_table(rows, answers, schema, k))
-                    answer_records = await asyncio.to_thread(writer.seal)
-        finally:
-            call_metrics.RUNNING_BUDGETS.ended(self._ledger)
+        answer_records = await self._write_answers(reader, lineage)
         failure_records = await asyncio.to_thread(self._write_failures, lineage)
         outcome = ShardOutcome(
             index=shard.index,
@@ -289,6 +266,26 @@ class ShardRun:
         await asyncio.to_thread(self._store.put_bytes, shard.outcome_key, data)
         self._report(force=True)
         return outcome
+
+    async def _write_answers(self, reader: DatasetReader, lineage: Lineage) -> list[ShardRecord]:
+        """The shard's answers in prompt order, as Parquet shards of its own writer: sealed."""
+        k = self._spec.top_logprobs
+        schema = answers_schema(k)
+        async with CacheWriter(self._cache, max_delay_seconds=DURABLE_WRITE_DELAY_SECONDS) as cache:
+            answers_id = self._shard.answers_id
+            writer = await asyncio.to_thread(DatasetWriter, self._store, answers_id, schema, lineage)
+            with writer:
+                rows: list[dict[str, Any]] = []
+                answers: list[TeacherAnswer] = []
+                async for row, answer in self._answers(reader, cache):
+                    rows.append(row)
+                    answers.append(answer)
+                    if len(rows) >= WRITE_CHUNK_ROWS:
+                        await asyncio.to_thread(writer.write_batch, answers_table(rows, answers, schema, k))
+                        rows, answers = [], []
+                if rows:
+                    await asyncio.to_thread(writer.write_batch, answers_table(rows, answers, schema, k))
+                return await asyncio.to_thread(writer.seal)
 
     def _committed_outcome(self) -> ShardOutcome | None:
         try:

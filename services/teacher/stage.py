@@ -30,8 +30,9 @@ from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.operations import ProgressReporter
 from stillhouse.common.v1 import operations_pb2
+from stillhouse.teacher import call_metrics
 from stillhouse.teacher.budget import budget_stopped_reason
-from stillhouse.teacher.ledger import Ledger
+from stillhouse.teacher.ledger import Budget, Ledger
 from stillhouse.teacher.shards import SHARD_FUNCTION, ShardOutcome, ShardPayload
 from stillhouse.teacher.v1 import teacher_pb2
 
@@ -69,6 +70,8 @@ class AnswerPromptsStage:
         self._fanout = fanout
         self._progress = progress
         self._total_prompts = 0
+        # What the shards have spent so far, as their counters say: for the running-budgets gauge.
+        self._spent = Ledger()
 
     def output_id(self, name: str) -> str:
         return f"jobs/{self._job_id}/teacher/{name}"
@@ -84,7 +87,11 @@ class AnswerPromptsStage:
         fanout = fanout_for(
             self._fanout, self._total_prompts, local_shards, local_parallel=LOCAL_PARALLEL_SHARDS
         )
-        results = await fanout.run(operation_id, plan, self.on_progress)
+        call_metrics.RUNNING_BUDGETS.began(Budget(self._spec.budget_usd), self._spent)
+        try:
+            results = await fanout.run(operation_id, plan, self.on_progress)
+        finally:
+            call_metrics.RUNNING_BUDGETS.ended(self._spent)
         return await asyncio.to_thread(self._commit, inputs, plan, results)
 
     def _inputs(self, prompts_id: str, holdout_id: str) -> list[_Input]:
@@ -129,6 +136,7 @@ class AnswerPromptsStage:
     def on_progress(self, counters: dict[str, float]) -> None:
         """The shards' summed counters (`shards.shard_counters`) as the stage's progress."""
         budget_stopped = counters.get("budget_stops", 0.0) > 0 and self._spec.budget_usd is not None
+        self._spent.cost_usd = counters.get("cost_usd", 0.0)
         metrics = {
             name: counters.get(name, 0.0)
             for name in (

@@ -308,6 +308,33 @@ def test_budget_stops_the_stage_cleanly_with_a_usable_partial_dataset(teacher_se
     assert fake_openai.calls()["completions"] == answered.num_rows
 
 
+@pytest.mark.parametrize("teacher_env", [{"STILLHOUSE_TEACHER_FANOUT__SHARD_ROWS": "100"}])
+def test_a_stage_in_shards_answers_in_order_and_reports_its_whole_progress(teacher_service, fake_openai):
+    texts = [f"in shards {i}" for i in range(250)]
+    write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", texts)
+    fake_openai.control(mode="no_logprobs", times=3)
+
+    operation = answer_prompts(teacher_service, "op-shards", teacher_struct(fake_openai.base_url))
+    result = result_of(operation)
+
+    answers = DatasetReader(teacher_service.store, result.answers.dataset_id)
+    failures = DatasetReader(teacher_service.store, f"jobs/{JOB}/teacher/failures").read_table()
+    failed = set(failures.column("prompt_id").to_pylist())
+    table = answers.read_table(columns=["prompt_id", "messages"])
+    assert len({shard.path.rsplit("-", 1)[1] for shard in answers.manifest.shards}) == 3  # 3 shards' writers
+    assert [m[0]["content"] for m in table.column("messages").to_pylist()] == [
+        text for text, row in zip(texts, prompt_rows(texts), strict=True) if row not in failed
+    ]
+    assert result.failed_prompts == 3 and result.answers.num_rows == 247
+    assert operation.progress.done == operation.progress.total == 250
+    assert operation.progress.metrics["teacher_calls"] == 247
+    assert operation.progress.metrics["failed_prompts"] == 3
+
+
+def prompt_rows(texts: list[str]) -> list[str]:
+    return [prompt_id([{"role": "user", "content": text}]) for text in texts]
+
+
 def test_unusable_answers_are_recorded_and_the_rest_done(teacher_service, fake_openai):
     write_prompts(teacher_service.store, f"jobs/{JOB}/prompts/train", [f"mixed {i}" for i in range(12)])
     fake_openai.control(mode="no_logprobs", times=3)
