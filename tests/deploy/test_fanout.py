@@ -73,6 +73,13 @@ def referenced_secrets(pod: dict) -> set[str]:
     return names
 
 
+def shard_resources(group: dict) -> dict[str, float]:
+    """A group's custom Ray resources, read as KubeRay's autoscaler reads `rayStartParams.resources`:
+    a JSON object inside a pair of quotes, its own quotes escaped."""
+    text = group["rayStartParams"].get("resources")
+    return json.loads(text[1:-1].replace("\\", "")) if text else {}
+
+
 def network(manifests: list[dict]) -> tuple[NetworkModel, dict]:
     return NetworkModel(of_kind(manifests, "NetworkPolicy")), by_name(endpoints(manifests))
 
@@ -98,6 +105,7 @@ def test_the_cpu_workers_are_a_cpu_only_group_whose_ray_cpus_are_their_cpu_limit
     pod, container = cpu_worker(manifests)
     assert group["rayStartParams"]["num-cpus"] == str(container["resources"]["limits"]["cpu"]) == "2"
     assert group["rayStartParams"]["num-gpus"] == "0"
+    assert shard_resources(group) == {"stillhouse_shard_cpu": 2}
     assert "nvidia.com/gpu" not in json.dumps(container["resources"]) + json.dumps(pod.get("tolerations", []))
     assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-cpu-worker"
     assert pod["serviceAccountName"] == f"{PREFIX}-ray-cpu-worker"
@@ -107,7 +115,17 @@ def test_the_cpu_workers_are_a_cpu_only_group_whose_ray_cpus_are_their_cpu_limit
     assert groups(manifests)["fanout"]["rayStartParams"]["num-cpus"] == "8"
     # An explicit `ray start` parameter wins (e.g. more shards than CPUs for I/O-bound teachers).
     document = {"rayCluster": {"cpuWorkers": {"rayStartParams": {"num-cpus": "4"}}}}
-    assert groups(render_document(helm, tmp_path, document))["fanout"]["rayStartParams"]["num-cpus"] == "4"
+    group = groups(render_document(helm, tmp_path, document))["fanout"]
+    assert group["rayStartParams"]["num-cpus"] == "4"
+    assert shard_resources(group) == {"stillhouse_shard_cpu": 4}
+    # No other group has the resource the shards ask for: they never land on (or start) GPU workers.
+    assert [name for name, other in groups(render(None)).items() if shard_resources(other)] == ["fanout"]
+
+
+def test_the_shard_resource_is_the_charts_own(helm: Helm) -> None:
+    result = helm.template(overrides=["rayCluster.cpuWorkers.rayStartParams.resources=x"])
+    assert result.returncode != 0
+    assert "rayCluster.cpuWorkers.rayStartParams.resources is set by the chart" in result.stderr
 
 
 def test_the_autoscaler_grows_the_cpu_workers_for_waiting_shards(render) -> None:

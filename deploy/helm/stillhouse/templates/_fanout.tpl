@@ -5,6 +5,10 @@ shard builds its own teacher or prompts client from the workers' environment, re
 same helpers as the services' own.
 */}}
 
+{{/* The custom Ray resource of the CPU workers, one per CPU: a shard task asks for `cpusPerShard` of
+it beside as many CPUs. */}}
+{{- define "stillhouse.shardCpuResource" -}}stillhouse_shard_cpu{{- end }}
+
 {{/* "true" when the CPU worker group exists and can have a worker: the autoscaler starts them, or
 `cpuWorkers.replicas` keeps some; else empty. */}}
 {{- define "stillhouse.cpuWorkersRun" -}}
