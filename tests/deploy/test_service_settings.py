@@ -106,6 +106,7 @@ def test_settings_load_from_the_chart_environment(
         assert fanout.ray_auth_token_file is not None
         assert fanout.min_rows >= 1 and fanout.shard_rows >= 1 and fanout.max_parallel_shards >= 1
         assert fanout.cpus_per_shard > 0 and fanout.max_retries >= 0
+        assert fanout.shard_resource == "stillhouse_shard_cpu"
 
 
 @pytest.mark.parametrize("service", FANOUT_SERVICES)

@@ -50,6 +50,8 @@ that fans out. (dict "root" $ "component" "teacher") */}}
   value: {{ $fanout.cpusPerShard | toString | quote }}
 - name: {{ $var }}MAX_RETRIES
   value: {{ $fanout.maxRetries | int64 | quote }}
+- name: {{ $var }}SHARD_RESOURCE
+  value: {{ include "stillhouse.shardCpuResource" .root | quote }}
 {{- end }}
 
 {{/* The environment of the CPU workers: what TeacherSettings() and PromptsSettings() read in a shard.
