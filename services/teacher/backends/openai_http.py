@@ -91,8 +91,8 @@ class OpenAICompatibleBackend(TeacherBackend):
     def _open_session(self) -> aiohttp.ClientSession:
         options = {
             "limit": self._max_connections,
-            "limit_per_host": 0,
-            # The trust store httpx uses: certifi's, unless SSL_CERT_FILE or SSL_CERT_DIR names another.
+            # httpx's trust store rule, not aiohttp's (the system store): certifi's bundle, unless
+            # SSL_CERT_FILE or SSL_CERT_DIR names another.
             "ssl": httpx.create_ssl_context(),
         }
         connector = (
