@@ -240,6 +240,26 @@ async def test_an_address_in_the_url_is_checked_at_connect_time_too(fake_openai,
     assert fake_openai.calls()["completions"] == 0
 
 
+async def test_proxies_named_by_the_environment_are_not_used(fake_openai):
+    """Through a proxy, the address connected to would be the proxy's, not the one checked."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    base_url = f"http://teacher.test:{fake_openai.port}/v1"
+    policy = EgressPolicy.from_entries(["127.0.0.0/8"], resolve=resolver({"teacher.test": ["127.0.0.1"]}))
+    with pytest.MonkeyPatch.context() as environment:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            environment.setenv(name, nowhere)
+        environment.delenv("NO_PROXY", raising=False)
+        environment.delenv("no_proxy", raising=False)
+        backend = OpenAICompatibleBackend(base_url, None, egress=policy)
+        try:
+            answer = await backend.answer(make_call(base_url))
+        finally:
+            await backend.aclose()
+    assert answer.text and fake_openai.calls()["completions"] == 1
+
+
 def self_signed_certificate(folder: Path, host: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])

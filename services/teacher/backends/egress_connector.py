@@ -13,8 +13,8 @@ off; pooled connections are reused without one.
 `_resolve_host` is not public API: aiohttp is pinned, and tests/teacher/test_egress.py fails should an
 aiohttp release stop calling it (a loopback literal and a rebinding name would then be connected to).
 
-Proxies from the environment are not used (aiohttp reads them only with `trust_env=True`): through a
-proxy, the address connected to is the proxy's.
+Proxies from the environment must not be used, so a session on this connector keeps aiohttp's
+`trust_env=False`: through a proxy, the address connected to is the proxy's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class EgressCheckedConnector(aiohttp.TCPConnector):
     """aiohttp's TCP connector, resolving through `policy`; `options` as for `aiohttp.TCPConnector`."""
 
     def __init__(self, policy: EgressPolicy, **options: Any) -> None:
-        # A cached resolution would be connected to again without a check.
+        # Every new connection resolves, and is checked, anew.
         super().__init__(use_dns_cache=False, **options)
         self._policy = policy
 
