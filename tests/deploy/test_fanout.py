@@ -193,7 +193,8 @@ def test_the_stages_fan_out_to_the_head_the_trainer_submits_to(render) -> None:
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
         assert mount["readOnly"] is True
         assert volume["secret"]["secretName"] == f"{PREFIX}-ray-auth"
-        assert set(settings) == {"RAY_ADDRESS", "RAY_AUTH_TOKEN_FILE", *FANOUT_SETTINGS}
+        assert set(settings) == {"RAY_ADDRESS", "RAY_AUTH_TOKEN_FILE", "SHARD_RESOURCE", *FANOUT_SETTINGS}
+        assert settings["SHARD_RESOURCE"] == "stillhouse_shard_cpu"
 
 
 def test_the_fan_out_knobs_are_values(helm: Helm, tmp_path: Path) -> None:
