@@ -15,7 +15,7 @@ from fanout_shards import count_rows
 from ray.job_submission import JobStatus
 from waiting import wait_until
 
-from stillhouse.common.fanout.choice import fanout_for, fans_out, row_ranges
+from stillhouse.common.fanout.choice import fanout_for, fans_out, plan_for, row_ranges
 from stillhouse.common.fanout.inprocess import InProcessFanout
 from stillhouse.common.fanout.plan import FanoutPlan
 from stillhouse.common.fanout.ray_fanout import MAX_PLAN_CHARS, RayFanout, decode_plan, encode_plan
@@ -51,6 +51,17 @@ def test_only_a_large_enough_input_with_a_ray_cluster_fans_out():
     assert not fans_out(local, 1_000) and not fans_out(remote, 9) and fans_out(remote, 10)
     assert isinstance(fanout_for(remote, 9, count_rows), InProcessFanout)
     assert isinstance(fanout_for(remote, 10, count_rows), RayFanout)
+
+
+def test_a_plan_sizes_its_tasks_from_the_settings():
+    settings = FanoutSettings(cpus_per_shard=0.5, max_parallel_shards=3, max_retries=1)
+    plan = plan_for(settings, FUNCTION, [{"index": 0}])
+    assert (plan.cpus_per_shard, plan.max_parallel, plan.max_retries, plan.resources) == (0.5, 3, 1, {})
+    pinned = plan_for(settings.model_copy(update={"shard_resource": "stillhouse_shard_cpu"}), FUNCTION, [])
+    assert pinned.resources == {"stillhouse_shard_cpu": 0.5}
+    assert decode_plan(encode_plan(pinned)) == pinned
+    with pytest.raises(ValueError, match="shard_resource"):
+        FanoutSettings(shard_resource="cpu; rm -rf")
 
 
 def test_a_plan_travels_compressed_and_a_huge_one_is_refused():

@@ -72,7 +72,10 @@ def main() -> int:
     ray.init()
     counters = ShardCounters.remote()
     task = ray.remote(run_shard).options(
-        num_cpus=plan.cpus_per_shard, max_retries=plan.max_retries, retry_exceptions=True
+        num_cpus=plan.cpus_per_shard,
+        resources=dict(plan.resources) or None,
+        max_retries=plan.max_retries,
+        retry_exceptions=True,
     )
     waiting = list(enumerate(plan.shards))
     running: dict[ray.ObjectRef, int] = {}
