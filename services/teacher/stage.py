@@ -23,7 +23,7 @@ import structlog
 from stillhouse.common.datasets.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
 from stillhouse.common.datasets.records import FAILURES_SCHEMA, answers_schema
 from stillhouse.common.datasets.store import DatasetReader, commit_shards
-from stillhouse.common.fanout.choice import fanout_for, row_ranges
+from stillhouse.common.fanout.choice import fanout_for, plan_for, row_ranges
 from stillhouse.common.fanout.plan import FanoutPlan, ShardFunction
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import TeacherSpec
@@ -124,14 +124,7 @@ class AnswerPromptsStage:
                     outcome_key=outcome_key,
                 )
                 shards.append(payload.to_json())
-        return FanoutPlan(
-            function=SHARD_FUNCTION,
-            shards=shards,
-            cpus_per_shard=self._fanout.cpus_per_shard,
-            max_parallel=self._fanout.max_parallel_shards,
-            max_retries=self._fanout.max_retries,
-            labels={"job_id": self._job_id, "stage": "teacher"},
-        )
+        return plan_for(self._fanout, SHARD_FUNCTION, shards)
 
     def on_progress(self, counters: dict[str, float]) -> None:
         """The shards' summed counters (`shards.shard_counters`) as the stage's progress."""
