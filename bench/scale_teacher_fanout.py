@@ -16,6 +16,9 @@ cluster's cache), and each run asks under a scope of its own, so every prompt re
 Each row: seconds from `run` to the committed answers dataset, answers per second, the ratio to the
 in-process figure, and where the time went: until the first answer was counted (set-up: Ray job start,
 driver, task scheduling, worker set-up) and after the last (commit of the final dataset, job end).
+A fanned-out stage pays a fixed cost that the in-process one does not (a Ray job per stage: job and
+driver start, worker processes started for the job, the job's end noticed): the ratio grows with the
+prompts, which is why stages under `fanout.min_rows` stay in the service's process.
 `run()` returns the rows; `main()` prints them.
 """
 
