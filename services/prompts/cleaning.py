@@ -27,7 +27,8 @@ import re
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import py3langid
@@ -192,6 +193,27 @@ class NearDuplicateIndex:
         self._size += 1
 
 
+@dataclass(frozen=True)
+class PreparedPrompts:
+    """What deduplication needs of a batch of prompts, each computed from its own text alone (so that
+    shards of a stage can compute it apart): the length or language rule that removed each text (None
+    for a survivor), and for the survivors, in order, the 8-byte hash of their normalised form and their
+    MinHash signature."""
+
+    rules: list[str | None]
+    digests: np.ndarray  # [survivors] uint64
+    signatures: np.ndarray  # [survivors, num_perm] uint32
+
+    @property
+    def survivors(self) -> list[int]:
+        return [position for position, rule in enumerate(self.rules) if rule is None]
+
+
+def exact_digest(normalised: str) -> int:
+    """The 8-byte hash exact duplicates are told by."""
+    return int.from_bytes(hashlib.blake2b(normalised.encode(), digest_size=8).digest(), "little")
+
+
 class PromptCleaner:
     """Decides, text by text in arrival order, which prompts to keep.
 
@@ -200,13 +222,17 @@ class PromptCleaner:
     duplicate of any earlier text that passed the length and language rules, and a near-duplicate of a
     text kept earlier. Memory grows only with what deduplication must remember: an 8-byte hash per distinct
     text, and the near-duplicate index of the kept ones.
+
+    The work splits in two: `prepare` judges each text on its own (length, language, hash, signature) and
+    may run anywhere; `admit_prepared` is the part that depends on the order (duplicates of earlier texts).
+    `admit_batch` does both.
     """
 
     def __init__(self, filters: PromptFilters, *, num_perm: int = 128, seed: int = 1) -> None:
         self.filters = filters
         self._languages = set(filters.languages)
-        self._seen_hashes: set[bytes] | None = set() if filters.dedup else None
-        self._signer = MinHashSigner(num_perm, seed) if filters.near_dup_threshold is not None else None
+        self._seen_hashes: set[int] | None = set() if filters.dedup else None
+        self.signer = MinHashSigner(num_perm, seed)
         self._near_index = (
             NearDuplicateIndex(filters.near_dup_threshold, num_perm, seed)
             if filters.near_dup_threshold is not None
@@ -226,43 +252,56 @@ class PromptCleaner:
 
     def admit_batch(self, texts: Sequence[str]) -> list[str | None]:
         """`admit` for each text in order; signatures are computed for the whole batch at once."""
-        verdicts: list[str | None] = [None] * len(texts)
-        survivors: list[int] = []
-        normalised: list[str] = []
-        for position, text in enumerate(texts):
-            rule = self._length_or_language_rule(text)
-            if rule is None:
-                form = normalise(text)
-                if self._seen_hashes is not None:
-                    digest = hashlib.blake2b(form.encode(), digest_size=8).digest()
-                    if digest in self._seen_hashes:
-                        rule = "exact_duplicate"
-                    else:
-                        self._seen_hashes.add(digest)
-            if rule is None:
-                survivors.append(position)
-                normalised.append(form)
-            verdicts[position] = rule
-        if self._signer is not None and self._near_index is not None and survivors:
-            signatures = self._signer.signatures(normalised)
-            for position, signature in zip(survivors, signatures, strict=True):
+        prepared = self.prepare(texts)
+        verdicts = list(prepared.rules)
+        survivors = prepared.survivors
+        for position, verdict in zip(
+            survivors, self.admit_prepared(prepared.digests, prepared.signatures), strict=True
+        ):
+            verdicts[position] = verdict
+        self._removed.update(rule for rule in prepared.rules if rule is not None)
+        return verdicts
+
+    def prepare(self, texts: Sequence[str]) -> PreparedPrompts:
+        """Each text judged on its own (see `PreparedPrompts`); counts nothing."""
+        rules = [self._length_or_language_rule(text) for text in texts]
+        normalised = [normalise(text) for text, rule in zip(texts, rules, strict=True) if rule is None]
+        digests = np.fromiter(map(exact_digest, normalised), dtype=np.uint64, count=len(normalised))
+        return PreparedPrompts(rules, digests, self.signer.signatures(normalised))
+
+    def admit_prepared(self, digests: np.ndarray, signatures: np.ndarray) -> list[str | None]:
+        """The duplicate rules for prepared survivors in arrival order: None for each one kept, else
+        `exact_duplicate` or `near_duplicate`. Counts what it keeps and removes."""
+        verdicts: list[str | None] = [None] * len(digests)
+        if self._seen_hashes is not None:
+            seen = self._seen_hashes
+            for position, digest in enumerate(digests.tolist()):
+                if digest in seen:
+                    verdicts[position] = "exact_duplicate"
+                else:
+                    seen.add(digest)
+        if self._near_index is not None:
+            for position, signature in enumerate(signatures):
+                if verdicts[position] is not None:
+                    continue
                 if self._near_index.contains_near(signature):
                     verdicts[position] = "near_duplicate"
                 else:
                     self._near_index.add(signature)
-        for verdict in verdicts:
-            if verdict is None:
-                self.kept += 1
-            else:
-                self._removed[verdict] += 1
+        self.kept += sum(verdict is None for verdict in verdicts)
+        self._removed.update(verdict for verdict in verdicts if verdict is not None)
         return verdicts
+
+    def count_removed(self, counts: Mapping[str, int]) -> None:
+        """Count texts removed elsewhere (`prepare` in a shard, a shard's own deduplication)."""
+        self._removed.update(counts)
 
     def near_duplicate_of_kept(self, text: str) -> bool:
         """Whether `text` is a near-duplicate of a kept text, without adding it (False when near-duplicate
         removal is off)."""
-        if self._signer is None or self._near_index is None:
+        if self._near_index is None:
             return False
-        return self._near_index.contains_near(self._signer.signatures([normalise(text)])[0])
+        return self._near_index.contains_near(self.signer.signatures([normalise(text)])[0])
 
     def _length_or_language_rule(self, text: str) -> str | None:
         length = len(text.strip())

@@ -37,6 +37,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 from stillhouse.prompts.cleaning import MinHashSigner, NearDuplicateIndex, normalise
 
 Side = Literal["train", "holdout", "dropped"]
@@ -120,6 +122,11 @@ class HoldoutSplitter:
             group or prompt_id
             for prompt_id, group in zip(prompt_ids, group_keys or [None] * len(prompt_ids), strict=True)
         ]
+        return self.assign_signed(keys, signatures)
+
+    def assign_signed(self, keys: Sequence[str], signatures: np.ndarray) -> list[Side]:
+        """`assign_batch` for prompts whose group keys (a prompt's id for one of its own) and MinHash
+        signatures (the cleaner's, of the normalised text) are known already."""
         sides: list[Side] = []
         for key, signature in zip(keys, signatures, strict=True):
             if is_holdout(key, self.fraction, self.seed):
