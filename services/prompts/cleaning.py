@@ -45,8 +45,9 @@ _WHITESPACE = re.compile(r"\s+")
 # LSH banding weights (false positive, false negative): every candidate is verified against its signature,
 # so a false positive costs one comparison while a false negative is a duplicate let through.
 LSH_WEIGHTS = (0.1, 0.9)
-# Texts per numpy signature batch: keeps the (shingles x num_perm) work array to a few tens of MB.
-SIGNATURE_BATCH_TEXTS = 1024
+# Texts per numpy signature batch: small, so that the (shingles x num_perm) work arrays (about 1 MB)
+# stay in the CPU's cache; 64 texts sign three times faster than 1024 (measured on 20,000 prompts).
+SIGNATURE_BATCH_TEXTS = 64
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -186,11 +187,81 @@ class NearDuplicateIndex:
         return bool(agreement.max() >= self.threshold)
 
     def add(self, signature: np.ndarray) -> None:
-        if self._size == len(self._low_bits):
-            self._low_bits = np.resize(self._low_bits, (2 * self._size, self.num_perm))
+        self._reserve(1)
         self._low_bits[self._size] = signature
         self._bands.add(self._size, self._bands.band_hashes(signature))
         self._size += 1
+
+    def batch(self, signatures: np.ndarray) -> NearDuplicateBatch:
+        """`contains_near` and `add` for a batch of signatures taken in order, at numpy speed."""
+        return NearDuplicateBatch(self, signatures)
+
+    def near_added(self, low_bits: np.ndarray, band_hashes: np.ndarray) -> np.ndarray:
+        """For each of n signatures (their low 16 bits and band hashes): whether an added signature
+        agrees with it on at least `threshold` of its values."""
+        near = np.zeros(len(low_bits), dtype=bool)
+        queries, texts = self._bands.candidate_pairs(band_hashes)
+        if len(queries):
+            agreement = np.count_nonzero(self._low_bits[texts] == low_bits[queries], axis=1) / self.num_perm
+            near[queries[agreement >= self.threshold]] = True
+        return near
+
+    def add_many(self, low_bits: np.ndarray, band_hashes: np.ndarray) -> None:
+        self._reserve(len(low_bits))
+        self._low_bits[self._size : self._size + len(low_bits)] = low_bits
+        self._bands.add_many(self._size, band_hashes)
+        self._size += len(low_bits)
+
+    def band_hashes_many(self, signatures: np.ndarray) -> np.ndarray:
+        return self._bands.band_hashes_many(signatures)
+
+    def _reserve(self, more: int) -> None:
+        if self._size + more > len(self._low_bits):
+            rows = max(2 * len(self._low_bits), self._size + more)
+            self._low_bits = np.resize(self._low_bits, (rows, self.num_perm))
+
+
+class NearDuplicateBatch:
+    """A batch of signatures checked and added in order, as one `contains_near` and `add` after another
+    would: the index as it was before the batch is searched for all of them at once, and only the
+    batch's own additions are looked up one by one; `commit` adds those to the index."""
+
+    def __init__(self, index: NearDuplicateIndex, signatures: np.ndarray) -> None:
+        self._index = index
+        self._low_bits = signatures.astype(np.uint16)
+        self._band_hashes = index.band_hashes_many(signatures)
+        # Only the band hashes that another signature of the batch shares can propose a candidate here.
+        _, inverse, counts = np.unique(self._band_hashes, return_inverse=True, return_counts=True)
+        shared = (counts[inverse.reshape(-1)] > 1).reshape(self._band_hashes.shape)
+        self._shared_hashes: dict[int, list[int]] = {
+            int(row): self._band_hashes[row][shared[row]].tolist()
+            for row in np.flatnonzero(shared.any(axis=1))
+        }
+        self._near_before = index.near_added(self._low_bits, self._band_hashes)
+        self._added_by_hash: dict[int, list[int]] = {}
+        self._added: list[int] = []
+
+    def contains_near(self, position: int) -> bool:
+        if self._near_before[position]:
+            return True
+        candidates = {
+            other
+            for value in self._shared_hashes.get(position, ())
+            for other in self._added_by_hash.get(value, ())
+        }
+        if not candidates:
+            return False
+        stored = self._low_bits[sorted(candidates)]
+        agreement = np.count_nonzero(stored == self._low_bits[position], axis=1) / self._index.num_perm
+        return bool(agreement.max() >= self._index.threshold)
+
+    def add(self, position: int) -> None:
+        for value in self._shared_hashes.get(position, ()):
+            self._added_by_hash.setdefault(value, []).append(position)
+        self._added.append(position)
+
+    def commit(self) -> None:
+        self._index.add_many(self._low_bits[self._added], self._band_hashes[self._added])
 
 
 @dataclass(frozen=True)
@@ -281,13 +352,14 @@ class PromptCleaner:
                 else:
                     seen.add(digest)
         if self._near_index is not None:
-            for position, signature in enumerate(signatures):
-                if verdicts[position] is not None:
-                    continue
-                if self._near_index.contains_near(signature):
+            distinct = [position for position, verdict in enumerate(verdicts) if verdict is None]
+            batch = self._near_index.batch(signatures[distinct])
+            for order, position in enumerate(distinct):
+                if batch.contains_near(order):
                     verdicts[position] = "near_duplicate"
                 else:
-                    self._near_index.add(signature)
+                    batch.add(order)
+            batch.commit()
         self.kept += sum(verdict is None for verdict in verdicts)
         self._removed.update(verdict for verdict in verdicts if verdict is not None)
         return verdicts

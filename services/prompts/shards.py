@@ -399,7 +399,10 @@ class CandidatesWriter:
         self._key = candidates_key(key)
         self._folder = tempfile.TemporaryDirectory(prefix="prompt-candidates-")
         self._path = Path(self._folder.name) / "candidates.parquet"
-        self._parquet = pq.ParquetWriter(self._path, CANDIDATES_SCHEMA, compression="zstd")
+        # Hashes and signatures are random: dictionaries and statistics would cost time and save nothing.
+        self._parquet = pq.ParquetWriter(
+            self._path, CANDIDATES_SCHEMA, compression="zstd", use_dictionary=False, write_statistics=False
+        )
 
     def __enter__(self) -> CandidatesWriter:
         return self
