@@ -130,11 +130,28 @@ class BandIndex:
         self._runs.append(_sorted_run(hashes, texts))
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
             newer, older = self._runs.pop(), self._runs.pop()
-            self._runs.append(
-                _sorted_run(np.concatenate([older[0], newer[0]]), np.concatenate([older[1], newer[1]]))
-            )
+            self._runs.append(_merged_runs(older, newer))
 
 
-def _sorted_run(hashes: np.ndarray, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+Run = tuple[np.ndarray, np.ndarray]
+
+
+def _sorted_run(hashes: np.ndarray, texts: np.ndarray) -> Run:
     order = np.argsort(hashes, kind="stable")
     return hashes[order], texts[order]
+
+
+def _merged_runs(older: Run, newer: Run) -> Run:
+    """Two sorted runs as one, placed by binary search rather than sorted again: the largest merge of a
+    big index then needs little memory beyond its result."""
+    size = len(older[0]) + len(newer[0])
+    newer_places = np.searchsorted(older[0], newer[0], side="right") + np.arange(len(newer[0]))
+    older_places = np.ones(size, dtype=bool)
+    older_places[newer_places] = False
+    merged: list[np.ndarray] = []
+    for old, new in zip(older, newer, strict=True):
+        out = np.empty(size, dtype=old.dtype)
+        out[newer_places] = new
+        out[older_places] = old
+        merged.append(out)
+    return merged[0], merged[1]

@@ -156,7 +156,11 @@ def summary_key(key: str) -> str:
 async def run_shard(
     payload: dict[str, Any], report: ShardReport, *, resources: ShardResources
 ) -> dict[str, Any]:
-    """Answer one shard's payload (see the module docstring); returns its `ShardSummary` as JSON."""
+    """Answer one shard's payload (see the module docstring); returns its `ShardSummary` as JSON.
+
+    A payload is {"run": key of the run's JSON object, "key": the shard's output key, "input": its slice};
+    the run's object holds job_id, tenant, spec (spec.prompts), teacher (spec.teacher or None), and the
+    generation's concurrency and patience."""
     store = resources.store
     key = payload["key"]
     with stage_errors():
@@ -164,6 +168,8 @@ async def run_shard(
         if committed is not None:
             report({"prompts": committed.collected, **_ledger_counters(committed.teacher_ledger())})
             return committed.to_json()
+        # What every shard of the run shares, beside this shard's own slice.
+        payload = {**json.loads(await asyncio.to_thread(store.get_bytes, payload["run"])), **payload}
         spec = PromptsSpec.model_validate(payload["spec"])
         kind = payload["input"]["kind"]
         if kind == "generation":
@@ -187,12 +193,16 @@ async def prepare_shard(payload: dict[str, Any], report: ShardReport) -> dict[st
     from stillhouse.prompts.config import PromptsSettings
 
     settings = PromptsSettings()
+    completers = None
+    if payload["input"]["kind"] == "generation":  # only generation calls the teacher
+        credentials = ServiceCredentials.load(settings)
+        completers = teacher_completers(
+            settings.teacher_address, credentials, settings.teacher_timeout_seconds
+        )
     resources = ShardResources(
         store=open_object_store(settings.object_store),
         input_roots=InputRoots.of(settings.input_roots),
-        open_completer=teacher_completers(
-            settings.teacher_address, ServiceCredentials.load(settings), settings.teacher_timeout_seconds
-        ),
+        open_completer=completers,
     )
     return await run_shard(payload, report, resources=resources)
 

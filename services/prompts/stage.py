@@ -68,6 +68,9 @@ log = structlog.get_logger(__name__)
 
 PROGRESS_INTERVAL_SECONDS = 0.5
 TEACHER_STRATEGIES = (GenerationStrategy.SELF_INSTRUCT, GenerationStrategy.EVOL_INSTRUCT)
+# Parquet shards of the prompts datasets: smaller than the writer's default, since the rows waiting for
+# the next shard are in memory beside the deduplication indexes.
+DATASET_SHARD_BYTES = 16 * 2**20
 # Bumped when what a shard writes changes, so that a re-run never reads another version's shards.
 SHARD_FORMAT = 1
 
@@ -275,17 +278,20 @@ class GeneratePromptsRun:
         self, phase: str, inputs: list[dict[str, Any]], total: int, message: str
     ) -> list[ShardSummary]:
         folder = self._run_folder()
+        run = {
+            "job_id": self._job_id,
+            "tenant": self._tenant,
+            "spec": self._spec_json(),
+            "teacher": self._teacher,
+            "concurrency": self._concurrency,
+            "patience": self._patience,
+        }
+        run_key = f"{folder}/run.json"
+        await asyncio.to_thread(self._store.put_bytes, run_key, json.dumps(run, sort_keys=True).encode())
+        # Payloads stay small (a plan of thousands travels in one Ray job): what every shard shares is
+        # read from the run's object.
         payloads = [
-            {
-                "key": f"{folder}/{phase}-{number:05d}",
-                "job_id": self._job_id,
-                "tenant": self._tenant,
-                "spec": self._spec_json(),
-                "teacher": self._teacher,
-                "concurrency": self._concurrency,
-                "patience": self._patience,
-                "input": selected,
-            }
+            {"run": run_key, "key": f"{folder}/{phase}-{number:05d}", "input": selected}
             for number, selected in enumerate(inputs)
         ]
         plan = FanoutPlan(
@@ -336,7 +342,10 @@ class GeneratePromptsRun:
 
     def _open(self, side: str) -> DatasetWriter:
         lineage = Lineage(job_id=self._job_id, stage="prompts", input_ids=[], code_version="")
-        return DatasetWriter(self._store, f"jobs/{self._job_id}/prompts/{side}", PROMPTS_SCHEMA, lineage)
+        dataset_id = f"jobs/{self._job_id}/prompts/{side}"
+        return DatasetWriter(
+            self._store, dataset_id, PROMPTS_SCHEMA, lineage, max_shard_bytes=DATASET_SHARD_BYTES
+        )
 
     def _require_training_prompts(self) -> None:
         if self._merge.written["train"]:

@@ -9,6 +9,7 @@ import pytest
 from datasketch import MinHash
 
 from stillhouse.common.jobspec import PromptFilters
+from stillhouse.prompts import cleaning
 from stillhouse.prompts.cleaning import (
     MinHashSigner,
     NearDuplicateIndex,
@@ -177,6 +178,22 @@ def test_first_occurrence_wins_within_a_batch():
         "near_duplicate",
         "near_duplicate",
     ]
+
+
+def test_verdicts_do_not_depend_on_how_the_index_stores_signatures(monkeypatch):
+    rng = random.Random(12)
+    prompts = [random_prompt(rng) for _ in range(300)]
+    prompts += [with_word_changed(prompt, 3, "changed") for prompt in prompts[::7]]
+    expected = cleaner().admit_batch(prompts)
+    monkeypatch.setattr(cleaning, "LOW_BITS_BLOCK", 7)  # many blocks, batches that straddle them
+    subject = cleaner()
+    in_batches = [
+        verdict
+        for start in range(0, len(prompts), 50)
+        for verdict in subject.admit_batch(prompts[start : start + 50])
+    ]
+    assert in_batches == expected
+    assert expected.count("near_duplicate") > 30
 
 
 def test_verdicts_do_not_depend_on_the_batches():
