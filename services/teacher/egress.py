@@ -8,7 +8,7 @@ public and one private address is refused: either could be the one connected to.
 
 The policy is checked twice: on the baseURL before a teacher stage or call starts (so that a refused
 spec fails at once, with a message naming the address), and on every connection the HTTP client
-opens (`backends/egress_transport.py`), where the address connected to is the address checked.
+opens (`backends/egress_connector.py`), where the address connected to is the address checked.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ class EgressPolicy:
 
 
 def _host_and_port(url: str) -> tuple[str, int]:
-    # Parsed by httpx, as the client will parse it, so that both see the same host.
+    # httpx's parser refuses what is no URL host (such as an octal address); whatever host the HTTP client
+    # reads from the URL, the connection checks that one again (backends/egress_connector.py).
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as error:

@@ -7,8 +7,8 @@ import asyncio
 import os
 import sys
 
+from stillhouse.common.ray.cluster import LocalRayHead, RayHeadError, RayUnreachable, auth_headers
 from stillhouse.trainer.config import TrainerSettings
-from stillhouse.trainer.ray_cluster import LocalRayHead, RayHeadError, RayUnreachable, auth_headers
 from stillhouse.trainer.ray_credentials import key_environment
 from stillhouse.trainer.ray_jobs import RayJobs
 

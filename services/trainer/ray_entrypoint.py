@@ -15,15 +15,10 @@ import os
 import sys
 from typing import Any
 
+from stillhouse.common.ray.jobs import ERROR_PREFIX, PROGRESS_PREFIX
 from stillhouse.trainer.failures import kind_of_error
 from stillhouse.trainer.ray_credentials import run_with_keys
-from stillhouse.trainer.ray_jobs import (
-    ERROR_PREFIX,
-    EVALUATION_GPUS_ENV,
-    PROGRESS_PREFIX,
-    RUN_CONFIG_ENV,
-    STORAGE_PATH_ENV,
-)
+from stillhouse.trainer.ray_jobs import EVALUATION_GPUS_ENV, RUN_CONFIG_ENV, STORAGE_PATH_ENV
 from stillhouse.trainer.ray_train_storage import ray_train_storage
 from stillhouse.trainer.run_config import EvaluateRun, TrainRun
 

@@ -16,10 +16,10 @@ from ray.job_submission import JobStatus
 
 from stillhouse.common.jobspec import DistillationJobSpec
 from stillhouse.common.objectstore.objects import ObjectNotFound, ObjectStore, ObjectStoreError
+from stillhouse.common.ray.cluster import RayUnreachable
 from stillhouse.trainer.failures import FailureKind, RunFailure
 from stillhouse.trainer.preflight import PreflightReport, capacity_violations
 from stillhouse.trainer.preflight_loading import ModelFactsLoader
-from stillhouse.trainer.ray_cluster import RayUnreachable
 from stillhouse.trainer.ray_connection import RayConnection
 from stillhouse.trainer.ray_credentials import run_without_keys
 from stillhouse.trainer.ray_entrypoint import outcome_key

@@ -277,11 +277,14 @@ def test_an_existing_service_token_secret_replaces_the_generated_one(render) -> 
 TLS_SETTINGS = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE")
 
 
-def tls_sources(manifests: list[dict], deployment: str) -> dict[str, tuple[str, str]]:
-    """(Secret name, key) of the file each STILLHOUSE_*_TLS_*_FILE of a Deployment names."""
-    pod = named(manifests, "Deployment", f"{PREFIX}-{deployment}")["spec"]["template"]["spec"]
+def tls_sources(
+    manifests: list[dict], component: str, settings: str | None = None
+) -> dict[str, tuple[str, str]]:
+    """(Secret name, key) of the file each STILLHOUSE_<settings>_TLS_*_FILE of a component's pod names
+    (settings: the component's own by default)."""
+    (pod,) = [pod["spec"] for pod in pod_templates(manifests).values() if component_of(pod) == component]
     (container,) = pod["containers"]
-    prefix = f"STILLHOUSE_{deployment.upper().replace('-', '_')}_"
+    prefix = f"STILLHOUSE_{settings or component.upper().replace('-', '_')}_"
     env = {entry["name"]: entry for entry in container["env"]}
     sources = {}
     for setting in TLS_SETTINGS:
@@ -302,8 +305,10 @@ def test_internal_tls_gives_every_stillhouse_process_the_certificate_of_the_secr
     }
     for deployment in DEPLOYMENTS:
         assert tls_sources(manifests, deployment) == expected, deployment
+    # The CPU workers' prompts shards call the teacher service as the prompts service does.
+    assert tls_sources(manifests, "ray-cpu-worker", "PROMPTS") == expected
     for name, pod in pod_templates(manifests).items():
-        if component_of(pod) not in DEPLOYMENTS:
+        if component_of(pod) not in [*DEPLOYMENTS, "ray-cpu-worker"]:
             secrets = [v["secret"]["secretName"] for v in pod["spec"].get("volumes", []) if "secret" in v]
             assert "platform-tls" not in secrets, f"{name} needs no certificate"
     # The probes' health check expects the service's certificate to hold the name its callers call.
@@ -347,6 +352,17 @@ EXPECTED_FLOWS = {
     ("ray-worker", "ray-worker"),
     ("ray-head", "minio"),
     ("ray-worker", "minio"),
+    # The fanned-out teacher and prompts stages: jobs to the head, shards on the CPU workers.
+    ("teacher", "ray-head"),
+    ("prompts", "ray-head"),
+    ("ray-head", "ray-cpu-worker"),
+    ("ray-worker", "ray-cpu-worker"),
+    ("ray-cpu-worker", "ray-head"),
+    ("ray-cpu-worker", "ray-worker"),
+    ("ray-cpu-worker", "ray-cpu-worker"),
+    ("ray-cpu-worker", "minio"),
+    ("ray-cpu-worker", "postgresql"),
+    ("ray-cpu-worker", "teacher"),
     ("tests", "control-plane"),
     ("migrations", "postgresql"),
 }
@@ -388,9 +404,12 @@ def test_pods_talk_exactly_along_the_designed_flows(default_network) -> None:
 def test_each_side_alone_allows_only_the_designed_flows(default_network) -> None:
     """Egress and ingress rules each enforce the flows, so one mistake does not open a path."""
     model, points = default_network
-    public_ports = {"control-plane": {8080, 9090}, "ray-head": {8080, 44217, 44227}, "ray-worker": {8080}} | {
-        service: {9090} for service in STAGE_SERVICES
-    }
+    public_ports = {
+        "control-plane": {8080, 9090},
+        "ray-head": {8080, 44217, 44227},
+        "ray-worker": {8080},
+        "ray-cpu-worker": {8080},
+    } | {service: {9090} for service in STAGE_SERVICES}
     egress, ingress = set(), set()
     for source in points.values():
         for target in points.values():
@@ -410,6 +429,10 @@ def test_the_services_reach_each_other_only_on_their_grpc_ports(default_network)
     assert model.open_ports(points["prompts"], points["teacher"]) == {50052}
     assert model.open_ports(points["trainer"], points["ray-head"]) == {8265}
     assert model.open_ports(points["teacher"], points["postgresql"]) == {5432}
+    assert model.open_ports(points["teacher"], points["ray-head"]) == {8265}
+    assert model.open_ports(points["prompts"], points["ray-head"]) == {8265}
+    assert model.open_ports(points["ray-cpu-worker"], points["teacher"]) == {50052}
+    assert model.open_ports(points["ray-cpu-worker"], points["postgresql"]) == {5432}
 
 
 def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_network) -> None:
@@ -421,6 +444,7 @@ def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_n
         **{service: {9090} for service in STAGE_SERVICES},
         "ray-head": {8080, 44217, 44227},
         "ray-worker": {8080},
+        "ray-cpu-worker": {8080},
         "minio": set(),
         "postgresql": set(),
         "tests": set(),
@@ -428,21 +452,22 @@ def test_from_another_namespace_only_the_api_and_metrics_are_reachable(default_n
     }
 
 
-def test_only_the_teacher_reaches_outside_the_cluster(default_network) -> None:
+def test_only_the_teacher_and_its_shards_reach_outside_the_cluster(default_network) -> None:
     model, points = default_network
     kube_api_ports = {443, 6443}
     for name, point in points.items():
         any_port = model.egress_allowed(point, OUTSIDE, 8443)
-        assert any_port == (name == "teacher"), name
+        assert any_port == (name in ("teacher", "ray-cpu-worker")), name
         if name == "ray-head":
             assert all(model.egress_allowed(point, OUTSIDE, port) for port in kube_api_ports)
 
 
-def test_the_teacher_reaches_only_public_addresses_by_default(default_network) -> None:
+@pytest.mark.parametrize("teacher", ["teacher", "ray-cpu-worker"])
+def test_the_teacher_reaches_only_public_addresses_by_default(default_network, teacher: str) -> None:
     model, points = default_network
 
     def reaches(address: str) -> bool:
-        return model.egress_allowed(points["teacher"], ipaddress.ip_address(address), 443)
+        return model.egress_allowed(points[teacher], ipaddress.ip_address(address), 443)
 
     refused = ["169.254.169.254", "10.0.0.5", "10.96.0.1", "172.16.0.1", "192.168.1.1", "100.64.0.1"]
     refused += ["127.0.0.1", "fd00:ec2::254", "fe80::1", "::1"]
@@ -469,14 +494,17 @@ def test_the_teacher_reaches_extra_peers_or_nothing_outside(render) -> None:
     peer = "teacher.egressTo[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=models"
     manifests = render(None, overrides=[peer, "teacher.egressTo[0].podSelector.matchLabels.app=vllm"])
     model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
-    teacher = by_name(endpoints(manifests))["teacher"]
-    assert model.egress_allowed(teacher, vllm, 8000)
-    assert model.egress_allowed(teacher, ipaddress.ip_address("104.18.6.192"), 443)
+    points = by_name(endpoints(manifests))
+    for teacher in (points["teacher"], points["ray-cpu-worker"]):
+        assert model.egress_allowed(teacher, vllm, 8000)
+        assert model.egress_allowed(teacher, ipaddress.ip_address("104.18.6.192"), 443)
+    assert not model.egress_allowed(points["ray-worker"], vllm, 8000)
     manifests = render(None, overrides=["teacher.egressPublic=false"])
     model = NetworkModel(of_kind(manifests, "NetworkPolicy"))
-    teacher = by_name(endpoints(manifests))["teacher"]
-    assert not model.egress_allowed(teacher, ipaddress.ip_address("104.18.6.192"), 443)
-    assert not model.egress_allowed(teacher, OUTSIDE, 443)
+    points = by_name(endpoints(manifests))
+    for teacher in (points["teacher"], points["ray-cpu-worker"]):
+        assert not model.egress_allowed(teacher, ipaddress.ip_address("104.18.6.192"), 443)
+        assert not model.egress_allowed(teacher, OUTSIDE, 443)
 
 
 def test_the_teacher_service_gets_its_egress_allow_list(render) -> None:
@@ -633,12 +661,17 @@ def raycluster(manifests: list[dict]) -> dict:
     return cluster["spec"]
 
 
+def worker_group(spec: dict, name: str) -> dict:
+    (group,) = [group for group in spec["workerGroupSpecs"] if group["groupName"] == name]
+    return group
+
+
 @pytest.mark.parametrize(
     ("values_name", "gpus", "max_workers"), [("default", 1, 8), ("gpu-workers-values", 2, 16)]
 )
 def test_gpu_workers_request_gpus_and_land_on_gpu_nodes(render, values_name, gpus, max_workers) -> None:
     spec = raycluster(render(VALUES_SETS[values_name]))
-    (group,) = spec["workerGroupSpecs"]
+    group = worker_group(spec, "gpu")
     assert (group["minReplicas"], group["maxReplicas"]) == (0, max_workers)
     pod = group["template"]["spec"]
     (container,) = pod["containers"]
@@ -654,7 +687,7 @@ def test_gpu_workers_request_gpus_and_land_on_gpu_nodes(render, values_name, gpu
 
 
 def test_kind_workers_are_cpu_only(render) -> None:
-    (group,) = raycluster(render(VALUES_SETS["kind-dev"]))["workerGroupSpecs"]
+    group = worker_group(raycluster(render(VALUES_SETS["kind-dev"])), "cpu")
     (container,) = group["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     assert "nodeSelector" not in group["template"]["spec"]

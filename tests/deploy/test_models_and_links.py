@@ -14,6 +14,7 @@ LOADERS = [
     f"Deployment/{RELEASE}-stillhouse-trainer",
     f"RayCluster/{RELEASE}-stillhouse-ray/head",
     f"RayCluster/{RELEASE}-stillhouse-ray/gpu",
+    f"RayCluster/{RELEASE}-stillhouse-ray/fanout",
 ]
 
 

@@ -122,12 +122,13 @@ def test_the_ray_pod_monitor_scrapes_the_ports_ray_serves_its_metrics_on(render)
                 p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])
             }
             ports_by_component[labels[components["key"]]] = ports
-    assert set(ports_by_component) == {"ray-head", "ray-worker"}
+    assert set(ports_by_component) == {"ray-head", "ray-worker", "ray-cpu-worker"}
     assert (
         ports_by_component["ray-head"].items()
         >= {"metrics": 8080, "as-metrics": 44217, "dash-metrics": 44227}.items()
     )
     assert ports_by_component["ray-worker"]["metrics"] == 8080
+    assert ports_by_component["ray-cpu-worker"]["metrics"] == 8080
     assert scraped == set(ports_by_component["ray-head"]) & {"metrics", "as-metrics", "dash-metrics"}
 
 

@@ -28,6 +28,7 @@ WORKLOADS = {
     "postgresql": [f"StatefulSet/{PREFIX}-postgresql"],
     "rayCluster.head": [f"{CLUSTER}/head"],
     "rayCluster.gpuWorkers": [f"{CLUSTER}/gpu"],
+    "rayCluster.cpuWorkers": [f"{CLUSTER}/fanout"],
     "rayCluster.additionalWorkerGroups.0": [f"{CLUSTER}/cpu"],
     "tests": [f"Pod/{PREFIX}-test-readyz", f"Pod/{PREFIX}-test-submit-job"],
 }
@@ -223,7 +224,7 @@ def test_every_service_account_gets_its_annotations(helm: Helm, tmp_path: Path) 
     trainer = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/stillhouse-trainer"}
     document = {"serviceAccount": {"annotations": role, "componentAnnotations": {"trainer": trainer}}}
     accounts = of_kind(render_values(helm, tmp_path, document), "ServiceAccount")
-    assert len(accounts) == 10
+    assert len(accounts) == 11
     for account in accounts:
         expected = trainer if account["metadata"]["name"] == f"{PREFIX}-trainer" else role
         # The migrations Job's ServiceAccount is a hook: Helm's own annotations come beside the role.
@@ -244,7 +245,7 @@ def test_additional_worker_groups_join_the_cluster(helm: Helm, tmp_path: Path) -
     gpu_group["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     document = {"rayCluster": {"additionalWorkerGroups": [CPU_GROUP, gpu_group]}}
     groups = worker_groups(render_values(helm, tmp_path, document))
-    assert list(groups) == ["gpu", "cpu", "a100"]
+    assert list(groups) == ["gpu", "fanout", "cpu", "a100"]
     cpu, a100 = groups["cpu"], groups["a100"]
     assert (cpu["replicas"], cpu["minReplicas"], cpu["maxReplicas"]) == (1, 1, 4)
     assert cpu["template"]["spec"]["nodeSelector"] == CPU_GROUP["nodeSelector"]
@@ -252,8 +253,11 @@ def test_additional_worker_groups_join_the_cluster(helm: Helm, tmp_path: Path) -
     resources = a100["template"]["spec"]["containers"][0]["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 4
     assert a100["template"]["spec"]["tolerations"] == gpu_group["tolerations"]
-    # Every group's pods are Ray workers to the NetworkPolicies and ServiceAccounts.
-    for group in groups.values():
+    # Every group's pods but the CPU workers' (see test_fanout.py) are Ray workers to the
+    # NetworkPolicies and ServiceAccounts.
+    for name, group in groups.items():
+        if name == "fanout":
+            continue
         labels = group["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/component"] == "ray-worker"
         assert group["template"]["spec"]["serviceAccountName"] == f"{PREFIX}-ray-worker"
@@ -268,11 +272,15 @@ def test_additional_worker_groups_join_the_cluster(helm: Helm, tmp_path: Path) -
             'additionalWorkerGroups[0].name "gpu" is used by another worker group',
         ),
         (
+            [{**CPU_GROUP, "name": "fanout"}],
+            'additionalWorkerGroups[0].name "fanout" is used by another worker group',
+        ),
+        (
             [{**CPU_GROUP, "minReplicas": 5}],
             "rayCluster.additionalWorkerGroups[0] needs minReplicas <= replicas",
         ),
     ],
-    ids=["duplicate", "same as gpuWorkers", "bounds"],
+    ids=["duplicate", "same as gpuWorkers", "same as cpuWorkers", "bounds"],
 )
 def test_bad_worker_groups_are_refused(helm: Helm, tmp_path: Path, groups: list, expected: str) -> None:
     path = tmp_path / "values.yaml"
@@ -284,7 +292,7 @@ def test_bad_worker_groups_are_refused(helm: Helm, tmp_path: Path, groups: list,
 def test_gpu_workers_scale_from_zero_without_a_post_boot_label(render) -> None:
     """A node autoscaler sees a pending worker's `nvidia.com/gpu` request and toleration and starts a
     GPU node; a node label that exists only after a node booted would never match a node template."""
-    (group,) = worker_groups(render(None)).values()
+    group = worker_groups(render(None))["gpu"]
     spec = group["template"]["spec"]
     assert group["minReplicas"] == 0
     assert "nodeSelector" not in spec and "affinity" not in spec
@@ -306,7 +314,7 @@ def test_the_gpu_node_selector_is_a_value(render) -> None:
             "rayCluster.gpuWorkers.nodeSelector.cloud\\.google\\.com/gke-accelerator=nvidia-h100-80gb"
         ],
     )
-    (group,) = worker_groups(manifests).values()
+    group = worker_groups(manifests)["gpu"]
     assert group["template"]["spec"]["nodeSelector"] == {
         "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"
     }

@@ -221,6 +221,33 @@ BAD_VALUES = [
         },
         "/rayCluster/additionalWorkerGroups/0/name",
     ),
+    (
+        "CPU workers need a CPU limit",
+        ["rayCluster.cpuWorkers.resources.limits.cpu=null"],
+        "/rayCluster/cpuWorkers/resources",
+    ),
+    (
+        "CPU workers have whole CPUs",
+        ["rayCluster.cpuWorkers.resources.limits.cpu=1500m"],
+        "/rayCluster/cpuWorkers/resources/limits/cpu",
+    ),
+    (
+        "CPU workers have no GPUs",
+        ["rayCluster.cpuWorkers.rayStartParams.num-gpus=1"],
+        "/rayCluster/cpuWorkers/rayStartParams/num-gpus",
+    ),
+    ("CPU worker group name", ["rayCluster.cpuWorkers.groupName=CPU"], "/rayCluster/cpuWorkers/groupName"),
+    ("autoscaler on or off", ["rayCluster.autoscaler.enabled=maybe"], "/rayCluster/autoscaler/enabled"),
+    ("shards have rows", ["teacher.fanout.shardRows=0"], "/teacher/fanout/shardRows"),
+    ("shards ask for CPUs", ["prompts.fanout.cpusPerShard=0"], "/prompts/fanout/cpusPerShard"),
+    ("shard CPUs are bounded", ["teacher.fanout.cpusPerShard=65"], "/teacher/fanout/cpusPerShard"),
+    (
+        "parallel shards are bounded",
+        ["prompts.fanout.maxParallelShards=5000"],
+        "/prompts/fanout/maxParallelShards",
+    ),
+    ("retries are not negative", ["teacher.fanout.maxRetries=-1"], "/teacher/fanout/maxRetries"),
+    ("fan-out settings are known", ["teacher.fanout.shards=4"], "shards"),
     ("metrics port in range", ["metrics.controlPlanePort=0"], "/metrics/controlPlanePort"),
     ("alert window is a duration", ["metrics.prometheusRule.failedJobsWindow=soon"], "failedJobsWindow"),
     (

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from stillhouse.teacher.backends.egress_transport import EgressCheckedTransport
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
 from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError
 from stillhouse.teacher.config import TeacherSettings
@@ -226,6 +225,41 @@ async def test_a_name_that_turns_private_after_the_check_is_refused_at_connect_t
     assert fake_openai.calls()["completions"] == 0
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::ffff:127.0.0.1]", "2130706433"])
+async def test_an_address_in_the_url_is_checked_at_connect_time_too(fake_openai, host: str):
+    """An IP literal, which the HTTP client would connect to without resolving it, in any spelling."""
+    base_url = f"http://{host}:{fake_openai.port}/v1"
+    backend = OpenAICompatibleBackend(base_url, None, egress=EgressPolicy())
+    try:
+        with pytest.raises(TeacherCallError) as failed:
+            await backend.answer(make_call(base_url))
+    finally:
+        await backend.aclose()
+    assert failed.value.kind is FailureKind.EGRESS_REFUSED
+    assert "a loopback address" in failed.value.message
+    assert fake_openai.calls()["completions"] == 0
+
+
+async def test_proxies_named_by_the_environment_are_not_used(fake_openai):
+    """Through a proxy, the address connected to would be the proxy's, not the one checked."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    base_url = f"http://teacher.test:{fake_openai.port}/v1"
+    policy = EgressPolicy.from_entries(["127.0.0.0/8"], resolve=resolver({"teacher.test": ["127.0.0.1"]}))
+    with pytest.MonkeyPatch.context() as environment:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            environment.setenv(name, nowhere)
+        environment.delenv("NO_PROXY", raising=False)
+        environment.delenv("no_proxy", raising=False)
+        backend = OpenAICompatibleBackend(base_url, None, egress=policy)
+        try:
+            answer = await backend.answer(make_call(base_url))
+        finally:
+            await backend.aclose()
+    assert answer.text and fake_openai.calls()["completions"] == 1
+
+
 def self_signed_certificate(folder: Path, host: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
@@ -281,11 +315,28 @@ async def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
         yield server.sockets[0].getsockname()[1], seen
 
 
+async def _tls_failure(host: str, port: int) -> TeacherCallError:
+    """The backend's failure to get an answer from `host`, which the policy resolves to 127.0.0.1."""
+    table = {"teacher.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
+    policy = EgressPolicy.from_entries(["127.0.0.0/8"], resolve=resolver(table))
+    base_url = f"https://{host}:{port}/v1"
+    backend = OpenAICompatibleBackend(base_url, None, egress=policy)
+    try:
+        with pytest.raises(TeacherCallError) as failed:
+            await backend.answer(make_call(base_url))
+    finally:
+        await backend.aclose()
+    return failed.value
+
+
 async def test_tls_sends_and_verifies_the_url_host_while_connecting_to_the_checked_address(tls_server):
     port, seen = tls_server
-    policy = EgressPolicy.from_entries(["127.0.0.0/8"], resolve=resolver({"teacher.test": ["127.0.0.1"]}))
-    transport = EgressCheckedTransport(policy, limits=httpx.Limits())
-    async with httpx.AsyncClient(transport=transport) as client:
-        response = await client.get(f"https://teacher.test:{port}/v1/models")
-    assert response.text == "ok"
+    # The server's "ok" is no chat completion, but it came back over TLS verified for teacher.test.
+    failure = await _tls_failure("teacher.test", port)
+    assert failure.kind is FailureKind.MALFORMED_RESPONSE and "not JSON" in failure.message
     assert seen == {"sni": "teacher.test", "host": f"teacher.test:{port}"}
+    # The same address under a name the certificate does not hold: verification fails, nothing is sent.
+    seen.clear()
+    failure = await _tls_failure("other.test", port)
+    assert failure.kind is FailureKind.UNREACHABLE and "certificate" in failure.message.lower()
+    assert seen == {"sni": "other.test"}

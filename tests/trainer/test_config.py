@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stillhouse.trainer.config import MAX_RAY_TEMP_DIR_CHARS, default_ray_temp_dir
+from stillhouse.common.ray.settings import MAX_RAY_TEMP_DIR_CHARS, default_ray_temp_dir
 
 # What Ray appends to its temp dir for the longest socket path, and the limit of a Unix socket path.
 RAY_SOCKET_SUFFIX = "/session_2026-11-29_01-36-57_103230_31520/sockets/plasma_store"

@@ -8,11 +8,12 @@ import pytest
 import torch
 from ray.exceptions import RayTaskError
 
+from stillhouse.common.ray.jobs import failure_reason
 from stillhouse.trainer.evaluation import EvaluationError
 from stillhouse.trainer.failures import FailureKind, UserFixableError, kind_of_error
 from stillhouse.trainer.ray_credentials import MissingObjectStoreKeys
 from stillhouse.trainer.ray_entrypoint import error_line
-from stillhouse.trainer.ray_jobs import failure_kind, failure_reason
+from stillhouse.trainer.ray_jobs import failure_kind
 from stillhouse.trainer.run_config import IncompatibleTokenizers, TrainingDiverged
 from stillhouse.trainer.servicer import STATUS_CODES
 

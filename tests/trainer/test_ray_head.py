@@ -14,8 +14,8 @@ import pytest
 from sockets import is_loopback, listening_sockets
 from waiting import wait_until
 
-from stillhouse.trainer.config import LocalRaySettings
-from stillhouse.trainer.ray_cluster import LocalRayHead, auth_headers
+from stillhouse.common.ray.cluster import LocalRayHead, auth_headers
+from stillhouse.common.ray.settings import LocalRaySettings
 
 # Any method of the GCS serves to see whether a call gets in: this one takes an empty request.
 GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo"

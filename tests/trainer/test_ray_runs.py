@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import pytest
 from ray.job_submission import JobStatus
 
+from stillhouse.common.ray.jobs import JobEnd
 from stillhouse.trainer import ray_runs
 from stillhouse.trainer.failures import FailureKind, RunFailure
 from stillhouse.trainer.ray_entrypoint import outcome_key
-from stillhouse.trainer.ray_jobs import EVALUATION_GPUS_ENV, JobEnd, JobFailure
+from stillhouse.trainer.ray_jobs import EVALUATION_GPUS_ENV, JobFailure
 from stillhouse.trainer.ray_runs import RayRuns
 from stillhouse.trainer.run_config import EvaluateRun, EvaluationOutcome
 

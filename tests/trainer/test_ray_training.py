@@ -23,20 +23,13 @@ from waiting import wait_until
 
 from stillhouse.common.datasets.artifacts import read_artifact_manifest
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
+from stillhouse.common.ray.cluster import LocalRayHead, RayUnreachable, auth_headers
+from stillhouse.common.ray.jobs import failure_reason, parse_progress, submission_id
+from stillhouse.common.ray.settings import LocalRaySettings
 from stillhouse.trainer.checkpoints import committed_steps
-from stillhouse.trainer.config import LocalRaySettings
-from stillhouse.trainer.ray_cluster import LocalRayHead, RayUnreachable, auth_headers
 from stillhouse.trainer.ray_credentials import key_environment, run_without_keys
 from stillhouse.trainer.ray_entrypoint import error_line, error_summary, outcome_key
-from stillhouse.trainer.ray_jobs import (
-    RUN_CONFIG_ENV,
-    RayJobs,
-    entrypoint,
-    failure_kind,
-    failure_reason,
-    parse_progress,
-    submission_id,
-)
+from stillhouse.trainer.ray_jobs import RUN_CONFIG_ENV, RayJobs, entrypoint, failure_kind
 from stillhouse.trainer.run_config import TrainingDataError, TrainOutcome, TrainRun
 from stillhouse.trainer.servicer import STATUS_CODES
 
@@ -250,8 +243,8 @@ def test_a_killed_owner_takes_its_head_along(tmp_path_factory):
 OWNER_PROGRAM = """
 import sys, time
 from pathlib import Path
-from stillhouse.trainer.config import LocalRaySettings
-from stillhouse.trainer.ray_cluster import LocalRayHead
+from stillhouse.common.ray.settings import LocalRaySettings
+from stillhouse.common.ray.cluster import LocalRayHead
 temp_dir = Path(sys.argv[1])
 head = LocalRayHead(LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=1))
 head.start()

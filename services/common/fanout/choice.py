@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from stillhouse.common.fanout.inprocess import InProcessFanout
-from stillhouse.common.fanout.plan import Fanout, ShardFunction
+from stillhouse.common.fanout.plan import Fanout, FanoutPlan, ShardFunction
 from stillhouse.common.fanout.settings import FanoutSettings
 
 
@@ -22,6 +23,18 @@ def fanout_for(
     from stillhouse.common.fanout.ray_fanout import RayFanout  # Ray's client only where it is used
 
     return RayFanout(settings)
+
+
+def plan_for(settings: FanoutSettings, function: str, shards: list[dict[str, Any]]) -> FanoutPlan:
+    """The plan that runs `function` over `shards` as `settings` size each task."""
+    return FanoutPlan(
+        function=function,
+        shards=shards,
+        cpus_per_shard=settings.cpus_per_shard,
+        max_parallel=settings.max_parallel_shards,
+        max_retries=settings.max_retries,
+        resources={settings.shard_resource: settings.cpus_per_shard} if settings.shard_resource else {},
+    )
 
 
 def row_ranges(total_rows: int, settings: FanoutSettings) -> list[range]:

@@ -27,7 +27,12 @@ class FanoutPlan:
     cpus_per_shard: float = 1.0
     max_parallel: int = 0
     max_retries: int = 3
+    # Custom Ray resources each shard task asks for, beside its CPUs.
+    resources: Mapping[str, float] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", tuple(self.shards))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -37,6 +42,7 @@ class FanoutPlan:
                 "cpus_per_shard": self.cpus_per_shard,
                 "max_parallel": self.max_parallel,
                 "max_retries": self.max_retries,
+                "resources": dict(self.resources),
                 "labels": dict(self.labels),
             }
         )
@@ -50,6 +56,7 @@ class FanoutPlan:
             cpus_per_shard=float(document["cpus_per_shard"]),
             max_parallel=int(document["max_parallel"]),
             max_retries=int(document["max_retries"]),
+            resources={name: float(amount) for name, amount in document.get("resources", {}).items()},
             labels=dict(document.get("labels", {})),
         )
 

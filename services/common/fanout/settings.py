@@ -41,6 +41,13 @@ class FanoutSettings(BaseModel):
         description="Shards running at once; 0: as many as the cluster's CPUs take.",
     )
     cpus_per_shard: float = Field(default=1.0, gt=0, le=64, description="Ray CPUs one shard task reserves.")
+    shard_resource: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="A custom Ray resource that only the CPU workers have; each shard task asks for "
+        "`cpus_per_shard` of it too, so shards run on those workers (and the autoscaler starts them for "
+        "pending shards) rather than on the head or GPU workers. Unset: any node with free CPUs.",
+    )
     max_retries: int = Field(
         default=3,
         ge=0,

@@ -1,9 +1,11 @@
 """A teacher behind any OpenAI-compatible HTTP API: OpenAI, DeepSeek, vLLM, SGLang, TGI, llama.cpp server.
 
-One `httpx.AsyncClient` per backend, its keep-alive pool sized to the concurrency the caller allows,
+One `aiohttp.ClientSession` per backend, its keep-alive pool sized to the concurrency the caller allows,
 so that connections are reused across calls (a TLS handshake per call would cost more than the call's
-JSON). The wire format itself lives in `openai_wire`; this module only sends, reads the response
-(within `openai_wire.response_byte_limit`, as it arrives) and maps failures.
+JSON). aiohttp, not httpx: its HTTP parser is C, and a ~110 KB answer with top-20 logprobs costs the
+client a quarter of the CPU through it (bench/scale_client_cpu.py), which is what caps the answers one
+process can take in a second. The wire format itself lives in `openai_wire`; this module only sends,
+reads the response (within `openai_wire.response_byte_limit`, as it arrives) and maps failures.
 
 Logprob tokens must become token ids for the sparse layout (see `openai_capture`):
 - ``token_ids="server"``: send vLLM's ``return_tokens_as_token_ids`` extension and read ``token_id:N``
@@ -20,12 +22,14 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import aiohttp
 import httpx
 import msgspec
+import yarl
 
 from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.base import TeacherBackend
-from stillhouse.teacher.backends.egress_transport import EgressCheckedTransport
+from stillhouse.teacher.backends.egress_connector import EgressCheckedConnector
 from stillhouse.teacher.calls import FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
 from stillhouse.teacher.egress import EgressPolicy, EgressRefused
 from stillhouse.teacher.token_vocabulary import TokenVocabulary
@@ -50,8 +54,8 @@ class OpenAICompatibleBackend(TeacherBackend):
         """`base_url` is the API root (``https://api.openai.com/v1``, ``http://vllm:8000/v1``).
         `timeout_seconds` bounds connecting and each wait for the server's next bytes; waiting for a
         free pooled connection is not bounded (callers bound concurrency instead). With `egress`, every
-        connection goes only where that policy allows (see `egress_transport`); without, anywhere."""
-        parsed = httpx.URL(base_url)
+        connection goes only where that policy allows (see `egress_connector`); without, anywhere."""
+        parsed = yarl.URL(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(
                 f"base_url must be an http(s) URL such as https://api.openai.com/v1; got {base_url!r}"
@@ -70,19 +74,36 @@ class OpenAICompatibleBackend(TeacherBackend):
         self._url = f"{self.base_url}/chat/completions"
         self._vocabulary = tokenizer
         self._api_key = api_key or None
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_seconds, pool=None),
-            limits=limits,
-            transport=None if egress is None else EgressCheckedTransport(egress, limits=limits),
+            self._headers["Authorization"] = f"Bearer {self._api_key}"
+        self._max_connections = max_connections
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeout_seconds, sock_read=timeout_seconds
         )
+        self._egress = egress
+        # Made on the first call: an aiohttp session belongs to the event loop it is made in.
+        self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleBackend({self.base_url!r}, token_ids={self.token_ids!r})"
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        options = {
+            "limit": self._max_connections,
+            # httpx's trust store rule, not aiohttp's (the system store): certifi's bundle, unless
+            # SSL_CERT_FILE or SSL_CERT_DIR names another.
+            "ssl": httpx.create_ssl_context(),
+        }
+        connector = (
+            aiohttp.TCPConnector(**options)
+            if self._egress is None
+            else EgressCheckedConnector(self._egress, **options)
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=self._headers, timeout=self._timeout, trust_env=False
+        )
+        return self._session
 
     async def answer(self, call: TeacherCall) -> TeacherAnswer:
         if call.base_url.rstrip("/") != self.base_url:
@@ -91,29 +112,30 @@ class OpenAICompatibleBackend(TeacherBackend):
             openai_wire.chat_request(call, token_ids_from_server=self.token_ids == "server")
         )
         limit = openai_wire.response_byte_limit(call)
+        session = self._session or self._open_session()
         started = time.perf_counter()
         try:
-            async with self._client.stream("POST", self._url, content=body) as response:
+            async with session.post(self._url, data=body, allow_redirects=False) as response:
                 content = await self._read_body(response, call, limit)
-        except httpx.ConnectTimeout:
+        except aiohttp.ConnectionTimeoutError:
             raise self._scrubbed(
                 TeacherCallError(
                     FailureKind.UNREACHABLE, f"cannot reach {self.base_url}: connecting timed out"
                 )
             ) from None
-        except httpx.TimeoutException as error:
+        except TimeoutError as error:  # aiohttp's read timeouts are TimeoutErrors too
             raise self._scrubbed(
                 TeacherCallError(
                     FailureKind.TIMEOUT, f"{self.base_url} did not answer in time ({type(error).__name__})"
                 )
             ) from None
-        except httpx.ConnectError as error:
+        except aiohttp.ClientConnectorError as error:
             raise self._scrubbed(
                 TeacherCallError(FailureKind.UNREACHABLE, f"cannot reach {self.base_url}: {error}")
             ) from None
         except EgressRefused as refused:
             raise TeacherCallError(FailureKind.EGRESS_REFUSED, str(refused)) from None
-        except httpx.TransportError as error:
+        except aiohttp.ClientError as error:
             raise self._scrubbed(
                 TeacherCallError(
                     FailureKind.SERVER_ERROR,
@@ -121,10 +143,10 @@ class OpenAICompatibleBackend(TeacherBackend):
                 )
             ) from None
         latency = time.perf_counter() - started
-        if response.status_code != 200:
+        if response.status != 200:
             raise self._scrubbed(
                 openai_wire.error_from_response(
-                    response.status_code, response.headers, content, model=call.model, url=self._url
+                    response.status, response.headers, content, model=call.model, url=self._url
                 )
             )
         try:
@@ -138,21 +160,25 @@ class OpenAICompatibleBackend(TeacherBackend):
         except TeacherCallError as error:
             raise self._scrubbed(error) from None
 
-    async def _read_body(self, response: httpx.Response, call: TeacherCall, limit: int) -> bytes:
+    async def _read_body(self, response: aiohttp.ClientResponse, call: TeacherCall, limit: int) -> bytes:
         """The body, read as it arrives and refused once it is known to be over `limit` bytes: from its
-        Content-Length before reading, else on the chunk that crosses the limit."""
+        Content-Length before reading, else on the chunk that crosses the limit. Chunks are joined once,
+        at the end."""
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise openai_wire.response_too_large(self._url, call, limit, declared=int(declared))
-        body = bytearray()
-        async for chunk in response.aiter_bytes():  # decompressed: the limit bounds what memory holds
-            body += chunk
-            if len(body) > limit:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():  # decompressed: the limit bounds what memory holds
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
                 raise openai_wire.response_too_large(self._url, call, limit)
-        return bytes(body)
+        return b"".join(chunks)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _scrubbed(self, error: TeacherCallError) -> TeacherCallError:
         """`error` without the API key, should a server have echoed it back in a message."""

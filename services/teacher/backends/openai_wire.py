@@ -197,7 +197,7 @@ def error_from_response(
     status: int, headers: Mapping[str, str], body: bytes, *, model: str, url: str
 ) -> TeacherCallError:
     """The failure a non-200 response stands for. `headers` must look names up case-insensitively
-    (as httpx's do). Quotes the server's message for the kinds a user must act on, never for 401."""
+    (as aiohttp's do). Quotes the server's message for the kinds a user must act on, never for 401."""
     message, code = _error_details(body)
     quoted = f": {quote(message)}" if message else ""
     retry_after = retry_after_seconds(headers)

@@ -205,6 +205,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The Ray auth token, as a file, for a process that submits Ray jobs (the trainer, and the teacher
+and prompts services when they fan out). */}}
+{{- define "stillhouse.rayAuthTokenFile" -}}/var/run/secrets/stillhouse/ray/auth_token{{- end }}
+
+{{- define "stillhouse.rayAuthVolume" -}}
+- name: ray-auth
+  secret:
+    secretName: {{ include "stillhouse.rayAuthSecret" . }}
+    defaultMode: 0440
+{{- end }}
+
+{{- define "stillhouse.rayAuthMount" -}}
+- name: ray-auth
+  mountPath: {{ include "stillhouse.rayAuthTokenFile" . | dir }}
+  readOnly: true
+{{- end }}
+
 {{- define "stillhouse.rayAuthEnv" -}}
 {{- if .Values.rayCluster.authToken }}
 - name: RAY_AUTH_MODE
@@ -215,6 +232,67 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ include "stillhouse.rayAuthSecret" . }}
       key: auth_token
 {{- end }}
+{{- end }}
+
+{{/* The teacher's own settings (besides the object store and models): answer cache, rate-limit
+storage, API keys, egress allow-list. The teacher service and the CPU workers' shards read them. */}}
+{{- define "stillhouse.teacherEnv" -}}
+{{- $teacher := .Values.teacher }}
+{{- include "stillhouse.databaseUrlEnv" (dict "root" . "name" "STILLHOUSE_TEACHER_CACHE_URL") }}
+{{- if $teacher.limiterStorageSecret.name }}
+- name: STILLHOUSE_TEACHER_LIMITER_STORAGE_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ $teacher.limiterStorageSecret.name }}
+      key: {{ $teacher.limiterStorageSecret.key }}
+{{- else }}
+- name: STILLHOUSE_TEACHER_LIMITER_STORAGE_URI
+  value: {{ $teacher.limiterStorageUri | quote }}
+{{- end }}
+- name: STILLHOUSE_TEACHER_API_KEY_DIR
+  value: {{ include "stillhouse.teacherApiKeysPath" . }}
+- name: STILLHOUSE_TEACHER_EGRESS_ALLOW
+  value: {{ $teacher.egressAllow | toJson | quote }}
+{{- with $teacher.cache.maxAgeDays }}
+- name: STILLHOUSE_TEACHER_CACHE_MAX_AGE_DAYS
+  value: {{ . | quote }}
+{{- end }}
+{{- with $teacher.cache.maxEntries }}
+- name: STILLHOUSE_TEACHER_CACHE_MAX_ENTRIES
+  {{- /* int64: Helm reads YAML numbers as floats, which print as 1e+07 */}}
+  value: {{ . | int64 | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The prompts service's own settings: the teacher it calls to generate prompts. */}}
+{{- define "stillhouse.promptsEnv" -}}
+- name: STILLHOUSE_PROMPTS_TEACHER_ADDRESS
+  value: {{ include "stillhouse.serviceAddress" (dict "root" . "component" "teacher") | quote }}
+{{- end }}
+
+{{- define "stillhouse.teacherApiKeysPath" -}}/var/run/secrets/stillhouse/teacher-api-keys{{- end }}
+
+{{/* Every key of `teacher.apiKeys`, each a file of its name. */}}
+{{- define "stillhouse.teacherApiKeysVolume" -}}
+- name: teacher-api-keys
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ include "stillhouse.teacherApiKeysSecret" . }}
+      {{- range .Values.teacher.apiKeys.existingSecrets }}
+      - secret:
+          name: {{ .secretName }}
+          items:
+            - key: {{ .key }}
+              path: {{ .name }}
+      {{- end }}
+{{- end }}
+
+{{- define "stillhouse.teacherApiKeysMount" -}}
+- name: teacher-api-keys
+  mountPath: {{ include "stillhouse.teacherApiKeysPath" . }}
+  readOnly: true
 {{- end }}
 
 {{/* The service token, as a file, for a Stillhouse process: (dict "root" $ "prefix" "PROMPTS"). */}}
@@ -363,6 +441,21 @@ securityContext:
     - port: {{ . }}
       protocol: TCP
     {{- end }}
+{{- end }}
+
+{{/* Where the teacher connects, for the teacher service and the CPU workers' teacher shards: its
+answer cache, public addresses (`teacher.egressPublic`) and `teacher.egressTo` (an in-cluster teacher,
+the rate limits' Redis). */}}
+{{- define "stillhouse.teacherEgress" -}}
+{{- include "stillhouse.databaseEgress" . }}
+{{- if .Values.teacher.egressPublic }}
+- to:
+    {{- include "stillhouse.publicPeers" . | nindent 4 }}
+{{- end }}
+{{- with .Values.teacher.egressTo }}
+- to:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
 {{- end }}
 
 {{/* The Kubernetes API server, for the Ray autoscaler: `networkPolicy.kubeApiServer.cidrs`, or, when

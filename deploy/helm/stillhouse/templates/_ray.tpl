@@ -1,7 +1,10 @@
 {{/*
-One worker group of the RayCluster: `rayCluster.gpuWorkers` or an entry of
-`rayCluster.additionalWorkerGroups`. Every group's pods are Ray workers to the NetworkPolicies and
-ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALUES "where" "rayCluster.gpuWorkers")
+One worker group of the RayCluster: `rayCluster.gpuWorkers`, `rayCluster.cpuWorkers` or an entry of
+`rayCluster.additionalWorkerGroups`. Every group's pods but the CPU workers' are Ray workers to the
+NetworkPolicies and ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALUES
+"where" "rayCluster.gpuWorkers"), and optionally "component" (default ray-worker), "startParams" (`ray
+start` parameters the group's own `rayStartParams` override), and "env", "mounts", "volumes" (YAML lists
+added to the container's env and volumeMounts and the pod's volumes).
 */}}
 {{- define "stillhouse.rayWorkerGroup" -}}
 {{- $root := .root }}
@@ -16,13 +19,14 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
 {{- $_ := set $resources "requests" (merge (dict "nvidia.com/gpu" $gpus) (default dict $resources.requests)) }}
 {{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" $gpus) (default dict $resources.limits)) }}
 {{- end }}
-{{- $ctx := dict "root" $root "component" "ray-worker" "values" $group }}
+{{- $ctx := dict "root" $root "component" (default "ray-worker" .component) "values" $group }}
+{{- $startParams := merge (dict "metrics-export-port" "8080") (deepCopy (default dict $group.rayStartParams)) (default dict .startParams) }}
 - groupName: {{ .name }}
   replicas: {{ $group.replicas }}
   minReplicas: {{ $group.minReplicas }}
   maxReplicas: {{ $group.maxReplicas }}
   rayStartParams:
-    {{- toYaml (merge (dict "metrics-export-port" "8080") (deepCopy (default dict $group.rayStartParams))) | nindent 4 }}
+    {{- toYaml $startParams | nindent 4 }}
   template:
     metadata:
       {{- include "stillhouse.podMetadata" $ctx | nindent 6 }}
@@ -45,6 +49,9 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
               containerPort: 8080
           env:
             {{- include "stillhouse.rayPodEnv" $root | nindent 12 }}
+            {{- with .env }}
+            {{- . | nindent 12 }}
+            {{- end }}
             {{- include "stillhouse.extraEnv" $ctx | nindent 12 }}
           {{- include "stillhouse.envFrom" $ctx | nindent 10 }}
           resources:
@@ -57,6 +64,9 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
             - name: shared-mem
               mountPath: /dev/shm
             {{- include "stillhouse.modelsMounts" $root | nindent 12 }}
+            {{- with .mounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
             {{- include "stillhouse.extraVolumeMounts" $ctx | nindent 12 }}
       volumes:
         - name: tmp
@@ -67,5 +77,8 @@ ServiceAccounts (component ray-worker). (dict "root" $ "name" GROUP "group" VALU
             medium: Memory
             sizeLimit: {{ $group.shmSizeLimit }}
         {{- include "stillhouse.modelsVolumes" $root | nindent 8 }}
+        {{- with .volumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- include "stillhouse.extraVolumes" $ctx | nindent 8 }}
 {{- end }}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from stillhouse.trainer.config import LocalRaySettings
+from stillhouse.common.ray.settings import LocalRaySettings
 
 LOOPBACK = "127.0.0.1"
 HEAD_LOG_FILE = "ray-head.log"

@@ -1,0 +1,53 @@
+"""Settings of a Ray head that a service starts on its own machine (embedded mode)."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stillhouse.common.paths import stillhouse_home
+
+# Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
+# characters), and a socket path may not exceed 107 bytes.
+MAX_RAY_TEMP_DIR_CHARS = 42
+
+
+def default_ray_temp_dir(home: Path) -> Path:
+    """`<home>/ray` where Ray's socket paths fit under it, else a short folder named after `home`."""
+    preferred = home.absolute() / "ray"
+    if len(str(preferred).encode()) <= MAX_RAY_TEMP_DIR_CHARS:
+        return preferred
+    digest = hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"stillhouse-ray-{digest}"
+
+
+class LocalRaySettings(BaseModel):
+    """The Ray head the service starts on its own machine when no `ray_address` is given (embedded mode)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: int | None = Field(default=None, gt=0, description="CPUs Ray may use; all of them if unset.")
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs Ray may use; all visible if unset.")
+    dashboard_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the dashboard and job API; 0 picks a free one."
+    )
+    temp_dir: Path = Field(
+        default_factory=lambda: default_ray_temp_dir(stillhouse_home()),
+        description="Ray's session files, logs and the Ray Train storage of local runs; default: "
+        "`<STILLHOUSE_HOME>/ray`, or a short folder in the system's temp dir when that path is too long.",
+    )
+    # Loopback is shared by every local user and process, so the head wants its token as a cluster does.
+    auth_mode: Literal["disabled", "token"] = Field(
+        default="token",
+        description="`token`: every call to the head (job API, dashboard, GCS, Ray client) must carry the "
+        "token in auth_token_file; `disabled` takes calls from any local process.",
+    )
+    auth_token_file: Path = Field(
+        default_factory=lambda: stillhouse_home() / "ray-auth-token",
+        description="The local head's token, generated (mode 0600) on first start and kept.",
+    )
+    startup_timeout_seconds: float = Field(default=90.0, gt=0)
