@@ -38,8 +38,7 @@ import structlog
 from stillhouse.common.datasets.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
 from stillhouse.common.datasets.records import PROMPTS_SCHEMA
 from stillhouse.common.datasets.store import DatasetWriter
-from stillhouse.common.fanout.choice import fanout_for, row_ranges
-from stillhouse.common.fanout.plan import FanoutPlan
+from stillhouse.common.fanout.choice import fanout_for, plan_for, row_ranges
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import GenerationStrategy, PromptSource, PromptsSpec
 from stillhouse.common.operations import OperationError
@@ -294,13 +293,7 @@ class GeneratePromptsRun:
             {"run": run_key, "key": f"{folder}/{phase}-{number:05d}", "input": selected}
             for number, selected in enumerate(inputs)
         ]
-        plan = FanoutPlan(
-            function=SHARD_FUNCTION,
-            shards=payloads,
-            cpus_per_shard=self._fanout.cpus_per_shard,
-            max_parallel=self._fanout.max_parallel_shards,
-            max_retries=self._fanout.max_retries,
-        )
+        plan = plan_for(self._fanout, SHARD_FUNCTION, payloads)
         local = partial(run_shard, resources=self._resources)
         fanout = fanout_for(self._fanout, total, local)
 

@@ -1,10 +1,14 @@
 """The prompts stage cut into shards: the same datasets and accounting whatever the sharding, duplicates
-found across shards, and a re-run that skips the shards already committed."""
+found across shards, a re-run that skips the shards already committed, and shards run as Ray tasks on a
+real local Ray head."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
+from collections.abc import Iterator
 
 import pytest
 from service_token import SERVICE_TOKEN
@@ -14,6 +18,9 @@ from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.jobspec import PromptsSpec
 from stillhouse.common.objectstore.local_store import LocalObjectStore
+from stillhouse.common.ray.cluster import LocalRayHead, auth_headers
+from stillhouse.common.ray.jobs import RayJobs
+from stillhouse.common.ray.settings import LocalRaySettings
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.prompts.config import PromptsSettings
 from stillhouse.prompts.generation import call_seed
@@ -94,7 +101,7 @@ async def run_stage(store, tmp_path, spec, job_id, shard_rows, **options):
         holdout_fraction=0.2,
         job_id=job_id,
         progress=progress,
-        fanout=FanoutSettings(shard_rows=shard_rows),
+        fanout=options.pop("fanout", FanoutSettings(shard_rows=shard_rows)),
         **options,
     )
     return await run.run(), progress
@@ -198,3 +205,49 @@ async def test_a_rerun_skips_the_generation_shards_already_committed(
     )
     # The committed part's teacher spending is still accounted for.
     assert resumed.generation_ledger.requests == fresh.generation_ledger.requests == len(fresh_calls)
+
+
+@pytest.fixture(scope="module")
+def ray_head_and_store(tmp_path_factory) -> Iterator[tuple[LocalRayHead, LocalObjectStore]]:
+    """A Ray head whose workers see the prompts service's object store and input root."""
+    folder = tmp_path_factory.mktemp("prompts-ray")
+    temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must fit in 107 bytes
+    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=2)
+    env = {
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "STILLHOUSE_PROMPTS_OBJECT_STORE__LOCAL_ROOT": str(folder / "objects"),
+        "STILLHOUSE_PROMPTS_INPUT_ROOTS": json.dumps([str(folder)]),
+    }
+    head = LocalRayHead(settings, env)
+    head.start()
+    try:
+        head.wait_ready()
+        store = LocalObjectStore(folder / "objects", "stillhouse")
+        store.ensure_bucket()
+        yield head, store
+    finally:
+        head.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_shards_on_ray_give_the_datasets_of_the_stage_in_this_process(ray_head_and_store):
+    head, store = ray_head_and_store
+    folder = store.folder.parent.parent
+    spec = rows_spec(folder)
+    ray = FanoutSettings(
+        ray_address=head.address,
+        ray_auth_token_file=head.temp_dir / "auth-token",
+        ray_python=sys.executable,
+        ray_poll_seconds=0.2,
+        min_rows=0,
+        shard_rows=200,
+    )
+
+    on_ray, _ = await run_stage(store, folder, spec, "job-on-ray", 200, fanout=ray)
+    here, _ = await run_stage(store, folder, spec, "job-here", 100_000)
+
+    jobs = RayJobs(head.address, headers=auth_headers(head.token)).client.list_jobs()
+    assert any("job-on-ray" in (job.submission_id or "") for job in jobs)  # the shards ran on Ray
+    assert datasets(store, on_ray) == datasets(store, here)
+    assert on_ray.collected == here.collected and dict(on_ray.removed_by_rule) == dict(here.removed_by_rule)
+    assert not list(store.list("jobs/job-on-ray/prompts/candidates/"))
