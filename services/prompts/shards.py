@@ -44,7 +44,7 @@ from stillhouse.common.objectstore.objects import ObjectNotFound, ObjectStore
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.prompts.cleaning import PreparedPrompts, PromptCleaner
 from stillhouse.prompts.generation import Completer, GenerationOutcome, evol_instruct, self_instruct
-from stillhouse.prompts.sources import iter_source, read_lines
+from stillhouse.prompts.sources import RowMark, iter_source, read_lines
 from stillhouse.prompts.split import source_group, template_group
 from stillhouse.prompts.stage_errors import stage_errors
 from stillhouse.prompts.templates import TemplateError, render_templates
@@ -282,8 +282,9 @@ def _prompts_of(payload: dict[str, Any], spec: PromptsSpec, resources: ShardReso
         index = selected["index"]
         source = spec.sources[index]
         rows = None if stop is None else range(start, stop)
+        mark = None if selected["mark"] is None else RowMark(*selected["mark"])
         found = iter_source(
-            source, resources.store, spec.seed, index=index, roots=resources.input_roots, rows=rows
+            source, resources.store, spec.seed, index=index, roots=resources.input_roots, rows=rows, mark=mark
         )
         return _Closing(
             _Prompt(p.conversation, None if p.group is None else source_group(p.group)) for p in found

@@ -14,6 +14,7 @@ many rows (reservoir sampling in one pass), in source order.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import random
 import tempfile
@@ -43,6 +44,7 @@ FORMAT_BY_EXTENSION = {
 }
 ROLES = ("system", "user", "assistant")
 BATCH_ROWS = 4096
+MARK_ROWS = 4096
 GROUP_FIELD = "group"
 
 
@@ -69,13 +71,15 @@ def iter_source(
     index: int | None = None,
     roots: InputRoots = NO_LOCAL_FILES,
     rows: range | None = None,
+    mark: RowMark | None = None,
 ) -> Iterator[SourcePrompt]:
     """The prompts of one source, streamed (a seeded sample of them when `source.limit` is set).
 
     `index` is the source's position in `spec.prompts.sources`, used to name an inline source in errors.
     A local file must lie inside `roots`. `rows`: only the rows at these positions (counted from 0, as
     `count_rows` counts them), for a source without a `limit`; rows before them are skipped unparsed
-    where the format allows.
+    where the format allows; `mark`: a mark of `count_rows` at or before `rows.start` to seek to first
+    (uncompressed JSONL).
     """
     if rows is not None and source.limit is not None:
         raise ValueError("a source with a limit is sampled whole: it cannot be read by rows")
@@ -91,7 +95,7 @@ def iter_source(
     assert source.path is not None  # the spec requires exactly one of path and inline
     label = f"prompt source {source.path}"
     with _local_copy(source.path, label, store, roots) as path:
-        found = _rows(path, _format_of(source, path, label), source.column, label, skip)
+        found = _rows(path, _format_of(source, path, label), source.column, label, skip, mark)
         if stop is not None:
             found = islice(found, stop - skip)
         yielded = False
@@ -102,19 +106,39 @@ def iter_source(
             raise PromptSourceError(label, "empty source: no rows")
 
 
+class RowMark(NamedTuple):
+    """Where a row of a JSONL file starts: rows and lines before it, and its byte offset."""
+
+    row: int
+    line: int
+    offset: int
+
+
+class SourceSize(NamedTuple):
+    rows: int
+    # Every MARK_ROWS-th row of an uncompressed JSONL file, for readers of a later slice to seek to.
+    marks: list[RowMark]
+
+    def mark_before(self, row: int) -> RowMark | None:
+        """The last mark at or before `row`."""
+        found = [mark for mark in self.marks if mark.row <= row]
+        return found[-1] if found else None
+
+
 def count_rows(
     source: PromptSource, store: ObjectStore, *, index: int | None = None, roots: InputRoots = NO_LOCAL_FILES
-) -> int:
+) -> SourceSize:
     """How many rows `iter_source` reads from a source before sampling (rows are parsed later, where
     they are read). Raises `PromptSourceError` for a source with no rows."""
     if source.inline is not None:
-        return len(source.inline)
+        return SourceSize(len(source.inline), [])
     assert source.path is not None
     label = f"prompt source {source.path}"
+    marks: list[RowMark] = []
     with _local_copy(source.path, label, store, roots) as path:
         file_format = _format_of(source, path, label)
         if file_format == "jsonl":
-            total = _count_jsonl_rows(path, label)
+            total, marks = _count_jsonl_rows(path, label)
         elif file_format == "parquet":
             try:
                 total = pq.ParquetFile(path).metadata.num_rows
@@ -124,19 +148,32 @@ def count_rows(
             total = _count_csv_rows(path, source.column, label)
     if total == 0:
         raise PromptSourceError(label, "empty source: no rows")
-    return total
+    return SourceSize(total, marks)
 
 
 def _inline_label(index: int | None) -> str:
     return "inline source" if index is None else f"inline source #{index}"
 
 
-def _count_jsonl_rows(path: Path, label: str) -> int:
+def _count_jsonl_rows(path: Path, label: str) -> tuple[int, list[RowMark]]:
+    if path.suffix.lower() == ".gz":
+        try:
+            with _open_text(path) as lines:
+                return sum(1 for line in lines if line.strip()), []
+        except (UnicodeDecodeError, OSError, EOFError) as error:
+            raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
+    rows, offset, marks = 0, 0, []
     try:
-        with _open_text(path) as lines:
-            return sum(1 for line in lines if not line.isspace())
-    except (UnicodeDecodeError, OSError, EOFError) as error:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines):
+                if line.decode("utf-8").strip():
+                    if rows % MARK_ROWS == 0:
+                        marks.append(RowMark(rows, number, offset))
+                    rows += 1
+                offset += len(line)
+    except (UnicodeDecodeError, OSError) as error:
         raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
+    return rows, marks
 
 
 def _count_csv_rows(path: Path, column: str, label: str) -> int:
@@ -212,10 +249,13 @@ def _format_of(source: PromptSource, path: Path, label: str) -> str:
     return found
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, offset: int = 0):
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+    handle = path.open("rb")
+    handle.seek(offset)
+    # Lines end at "\n" only, as `count_rows` counts them (and as JSON Lines defines them).
+    return io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
 
 
 # --- rows ------------------------------------------------------------------------------------------
@@ -224,12 +264,14 @@ def _open_text(path: Path):
 Row = tuple[int, Any, str | None]
 
 
-def _rows(path: Path, file_format: str, column: str, label: str, skip: int = 0) -> Iterator[Row]:
+def _rows(
+    path: Path, file_format: str, column: str, label: str, skip: int = 0, mark: RowMark | None = None
+) -> Iterator[Row]:
     """(row number from 1, row, group) triples; a chat row is {"messages": ...}, a plain row its prompt
     value; the group is the row's `group` as text, None when it has none. The first `skip` rows are
     passed over without being parsed (JSONL) or converted (Parquet, CSV)."""
     if file_format == "jsonl":
-        return _jsonl_rows(path, column, label, skip)
+        return _jsonl_rows(path, column, label, skip, mark)
     if file_format == "parquet":
         return _parquet_rows(path, column, label, skip)
     return _csv_rows(path, column, label, skip)
@@ -240,10 +282,13 @@ def _group(value: Any) -> str | None:
     return None if value is None else str(value) or None
 
 
-def _jsonl_rows(path: Path, column: str, label: str, skip: int) -> Iterator[Row]:
+def _jsonl_rows(path: Path, column: str, label: str, skip: int, mark: RowMark | None) -> Iterator[Row]:
+    first_line = 1
+    if mark is not None and path.suffix.lower() != ".gz":
+        skip, first_line = skip - mark.row, mark.line + 1
     try:
-        with _open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
+        with _open_text(path, 0 if first_line == 1 or mark is None else mark.offset) as lines:
+            for number, line in enumerate(lines, start=first_line):
                 if not line.strip():
                     continue
                 if skip:

@@ -251,16 +251,23 @@ class GeneratePromptsRun:
         inputs: list[dict[str, Any]] = []
         total = 0
         for index, source in enumerate(self._spec.sources):
-            rows = count_rows(source, self._store, index=index, roots=self._resources.input_roots)
+            size = count_rows(source, self._store, index=index, roots=self._resources.input_roots)
             if source.limit is not None:  # a sample is drawn over the whole source: one shard reads it
-                inputs.append({"kind": "source", "index": index, "start": 0, "stop": None})
-                total += min(rows, source.limit)
+                inputs.append({"kind": "source", "index": index, "start": 0, "stop": None, "mark": None})
+                total += min(size.rows, source.limit)
                 continue
-            inputs += [
-                {"kind": "source", "index": index, "start": part.start, "stop": part.stop}
-                for part in row_ranges(rows, self._fanout)
-            ]
-            total += rows
+            for part in row_ranges(size.rows, self._fanout):
+                mark = size.mark_before(part.start)
+                inputs.append(
+                    {
+                        "kind": "source",
+                        "index": index,
+                        "start": part.start,
+                        "stop": part.stop,
+                        "mark": None if mark is None else list(mark),
+                    }
+                )
+            total += size.rows
         generation = self._spec.generate
         if generation.strategy is GenerationStrategy.TEMPLATE:
             values = template_slot_values(self._spec, self._resources)
