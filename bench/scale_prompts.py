@@ -15,7 +15,7 @@ interpreter (so that each peak RSS is its own), one after the other:
 Both must give the same datasets (rows compared by a hash of the train and holdout datasets). Each row
 reports wall seconds, prompts per second and the peak RSS of the stage's process, and the peak is
 compared with the memory limit of the prompts pod in the chart (`prompts.resources.limits.memory`) and of
-a Ray CPU worker (the chart's `cpuWorkers` group if it has one, else 4Gi): "within" or "over".
+a Ray CPU worker (the chart's `rayCluster.cpuWorkers`, else 4Gi): "within" or "over".
 `run()` returns one dict per result row; `main()` prints the table.
 """
 
@@ -83,7 +83,7 @@ def memory_bytes(quantity: str) -> int:
 
 def chart_limits() -> dict[str, str]:
     values = yaml.safe_load(VALUES.read_text())
-    cpu_workers = (values.get("ray") or {}).get("cpuWorkers") or {}
+    cpu_workers = (values.get("rayCluster") or {}).get("cpuWorkers") or {}
     cpu_limit = ((cpu_workers.get("resources") or {}).get("limits") or {}).get("memory")
     return {
         "prompts pod": values["prompts"]["resources"]["limits"]["memory"],

@@ -454,4 +454,8 @@ def read_candidates(store: ObjectStore, key: str, batch_rows: int) -> Iterator[p
     with tempfile.TemporaryDirectory(prefix="prompt-candidates-") as folder:
         path = Path(folder) / "candidates.parquet"
         store.get_file(candidates_key(key), path)
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        candidates = pq.ParquetFile(path)
+        # Row group by row group (each a batch the shard wrote): a reader that reads ahead would hold
+        # much of a big shard in memory.
+        for group in range(candidates.num_row_groups):
+            yield from candidates.read_row_group(group).to_batches(max_chunksize=batch_rows)
