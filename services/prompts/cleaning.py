@@ -27,7 +27,8 @@ import re
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import py3langid
@@ -44,8 +45,12 @@ _WHITESPACE = re.compile(r"\s+")
 # LSH banding weights (false positive, false negative): every candidate is verified against its signature,
 # so a false positive costs one comparison while a false negative is a duplicate let through.
 LSH_WEIGHTS = (0.1, 0.9)
-# Texts per numpy signature batch: keeps the (shingles x num_perm) work array to a few tens of MB.
-SIGNATURE_BATCH_TEXTS = 1024
+# Texts per numpy signature batch: small, so that the (shingles x num_perm) work arrays (about 1 MB)
+# stay in the CPU's cache; 64 texts sign three times faster than 1024 (measured on 20,000 prompts).
+SIGNATURE_BATCH_TEXTS = 64
+
+# Signatures (their low 16 bits) per block of a near-duplicate index: 16 MiB at 128 permutations.
+LOW_BITS_BLOCK = 1 << 16
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -169,7 +174,8 @@ class NearDuplicateIndex:
         self.num_perm = num_perm
         banding = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=lsh_weights)
         self._bands = BandIndex(banding.b, banding.r, seed)
-        self._low_bits = np.empty((1024, num_perm), dtype=np.uint16)
+        # Blocks of LOW_BITS_BLOCK signatures: growing never copies what is stored.
+        self._low_bits: list[np.ndarray] = []
         self._size = 0
 
     def __len__(self) -> int:
@@ -180,16 +186,120 @@ class NearDuplicateIndex:
         candidates = self._bands.candidates(self._bands.band_hashes(signature))
         if not len(candidates):
             return False
-        stored = self._low_bits[np.unique(candidates)]
+        stored = self._stored(np.unique(candidates))
         agreement = np.count_nonzero(stored == signature.astype(np.uint16), axis=1) / self.num_perm
         return bool(agreement.max() >= self.threshold)
 
     def add(self, signature: np.ndarray) -> None:
-        if self._size == len(self._low_bits):
-            self._low_bits = np.resize(self._low_bits, (2 * self._size, self.num_perm))
-        self._low_bits[self._size] = signature
+        self._store_low_bits(signature.astype(np.uint16)[None, :])
         self._bands.add(self._size, self._bands.band_hashes(signature))
         self._size += 1
+
+    def batch(self, signatures: np.ndarray) -> NearDuplicateBatch:
+        """`contains_near` and `add` for a batch of signatures taken in order, at numpy speed."""
+        return NearDuplicateBatch(self, signatures)
+
+    def near_added(self, low_bits: np.ndarray, band_hashes: np.ndarray) -> np.ndarray:
+        """For each of n signatures (their low 16 bits and band hashes): whether an added signature
+        agrees with it on at least `threshold` of its values."""
+        near = np.zeros(len(low_bits), dtype=bool)
+        queries, texts = self._bands.candidate_pairs(band_hashes)
+        if len(queries):
+            agreement = np.count_nonzero(self._stored(texts) == low_bits[queries], axis=1) / self.num_perm
+            near[queries[agreement >= self.threshold]] = True
+        return near
+
+    def add_many(self, low_bits: np.ndarray, band_hashes: np.ndarray) -> None:
+        self._store_low_bits(low_bits)
+        self._bands.add_many(self._size, band_hashes)
+        self._size += len(low_bits)
+
+    def band_hashes_many(self, signatures: np.ndarray) -> np.ndarray:
+        return self._bands.band_hashes_many(signatures)
+
+    def _store_low_bits(self, low_bits: np.ndarray) -> None:
+        """Store rows `_size`, `_size + 1`, ... (the caller then counts them)."""
+        written = 0
+        while written < len(low_bits):
+            block, row = divmod(self._size + written, LOW_BITS_BLOCK)
+            if block == len(self._low_bits):
+                self._low_bits.append(np.empty((LOW_BITS_BLOCK, self.num_perm), dtype=np.uint16))
+            part = low_bits[written : written + LOW_BITS_BLOCK - row]
+            self._low_bits[block][row : row + len(part)] = part
+            written += len(part)
+
+    def _stored(self, texts: np.ndarray) -> np.ndarray:
+        """The stored low bits of these texts, in their order."""
+        stored = np.empty((len(texts), self.num_perm), dtype=np.uint16)
+        blocks, rows = np.divmod(texts, LOW_BITS_BLOCK)
+        for block in np.unique(blocks).tolist():
+            chosen = blocks == block
+            stored[chosen] = self._low_bits[block][rows[chosen]]
+        return stored
+
+
+class NearDuplicateBatch:
+    """A batch of signatures checked and added in order, as one `contains_near` and `add` after another
+    would: the index as it was before the batch is searched for all of them at once, and only the
+    batch's own additions are looked up one by one; `commit` adds those to the index."""
+
+    def __init__(self, index: NearDuplicateIndex, signatures: np.ndarray) -> None:
+        self._index = index
+        self._low_bits = signatures.astype(np.uint16)
+        self._band_hashes = index.band_hashes_many(signatures)
+        # Only the band hashes that another signature of the batch shares can propose a candidate here.
+        _, inverse, counts = np.unique(self._band_hashes, return_inverse=True, return_counts=True)
+        shared = (counts[inverse.reshape(-1)] > 1).reshape(self._band_hashes.shape)
+        self._shared_hashes: dict[int, list[int]] = {
+            int(row): self._band_hashes[row][shared[row]].tolist()
+            for row in np.flatnonzero(shared.any(axis=1))
+        }
+        self._near_before = index.near_added(self._low_bits, self._band_hashes)
+        self._added_by_hash: dict[int, list[int]] = {}
+        self._added: list[int] = []
+
+    def contains_near(self, position: int) -> bool:
+        if self._near_before[position]:
+            return True
+        candidates = {
+            other
+            for value in self._shared_hashes.get(position, ())
+            for other in self._added_by_hash.get(value, ())
+        }
+        if not candidates:
+            return False
+        stored = self._low_bits[sorted(candidates)]
+        agreement = np.count_nonzero(stored == self._low_bits[position], axis=1) / self._index.num_perm
+        return bool(agreement.max() >= self._index.threshold)
+
+    def add(self, position: int) -> None:
+        for value in self._shared_hashes.get(position, ()):
+            self._added_by_hash.setdefault(value, []).append(position)
+        self._added.append(position)
+
+    def commit(self) -> None:
+        self._index.add_many(self._low_bits[self._added], self._band_hashes[self._added])
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    """What deduplication needs of a batch of prompts, each computed from its own text alone (so that
+    shards of a stage can compute it apart): the length or language rule that removed each text (None
+    for a survivor), and for the survivors, in order, the 8-byte hash of their normalised form and their
+    MinHash signature."""
+
+    rules: list[str | None]
+    digests: np.ndarray  # [survivors] uint64
+    signatures: np.ndarray  # [survivors, num_perm] uint32
+
+    @property
+    def survivors(self) -> list[int]:
+        return [position for position, rule in enumerate(self.rules) if rule is None]
+
+
+def exact_digest(normalised: str) -> int:
+    """The 8-byte hash exact duplicates are told by."""
+    return int.from_bytes(hashlib.blake2b(normalised.encode(), digest_size=8).digest(), "little")
 
 
 class PromptCleaner:
@@ -200,13 +310,17 @@ class PromptCleaner:
     duplicate of any earlier text that passed the length and language rules, and a near-duplicate of a
     text kept earlier. Memory grows only with what deduplication must remember: an 8-byte hash per distinct
     text, and the near-duplicate index of the kept ones.
+
+    The work splits in two: `prepare` judges each text on its own (length, language, hash, signature) and
+    may run anywhere; `admit_prepared` is the part that depends on the order (duplicates of earlier texts).
+    `admit_batch` does both.
     """
 
     def __init__(self, filters: PromptFilters, *, num_perm: int = 128, seed: int = 1) -> None:
         self.filters = filters
         self._languages = set(filters.languages)
-        self._seen_hashes: set[bytes] | None = set() if filters.dedup else None
-        self._signer = MinHashSigner(num_perm, seed) if filters.near_dup_threshold is not None else None
+        self._seen_hashes: set[int] | None = set() if filters.dedup else None
+        self.signer = MinHashSigner(num_perm, seed)
         self._near_index = (
             NearDuplicateIndex(filters.near_dup_threshold, num_perm, seed)
             if filters.near_dup_threshold is not None
@@ -226,43 +340,57 @@ class PromptCleaner:
 
     def admit_batch(self, texts: Sequence[str]) -> list[str | None]:
         """`admit` for each text in order; signatures are computed for the whole batch at once."""
-        verdicts: list[str | None] = [None] * len(texts)
-        survivors: list[int] = []
-        normalised: list[str] = []
-        for position, text in enumerate(texts):
-            rule = self._length_or_language_rule(text)
-            if rule is None:
-                form = normalise(text)
-                if self._seen_hashes is not None:
-                    digest = hashlib.blake2b(form.encode(), digest_size=8).digest()
-                    if digest in self._seen_hashes:
-                        rule = "exact_duplicate"
-                    else:
-                        self._seen_hashes.add(digest)
-            if rule is None:
-                survivors.append(position)
-                normalised.append(form)
-            verdicts[position] = rule
-        if self._signer is not None and self._near_index is not None and survivors:
-            signatures = self._signer.signatures(normalised)
-            for position, signature in zip(survivors, signatures, strict=True):
-                if self._near_index.contains_near(signature):
+        prepared = self.prepare(texts)
+        verdicts = list(prepared.rules)
+        survivors = prepared.survivors
+        for position, verdict in zip(
+            survivors, self.admit_prepared(prepared.digests, prepared.signatures), strict=True
+        ):
+            verdicts[position] = verdict
+        self._removed.update(rule for rule in prepared.rules if rule is not None)
+        return verdicts
+
+    def prepare(self, texts: Sequence[str]) -> PreparedPrompts:
+        """Each text judged on its own (see `PreparedPrompts`); counts nothing."""
+        rules = [self._length_or_language_rule(text) for text in texts]
+        normalised = [normalise(text) for text, rule in zip(texts, rules, strict=True) if rule is None]
+        digests = np.fromiter(map(exact_digest, normalised), dtype=np.uint64, count=len(normalised))
+        return PreparedPrompts(rules, digests, self.signer.signatures(normalised))
+
+    def admit_prepared(self, digests: np.ndarray, signatures: np.ndarray) -> list[str | None]:
+        """The duplicate rules for prepared survivors in arrival order: None for each one kept, else
+        `exact_duplicate` or `near_duplicate`. Counts what it keeps and removes."""
+        verdicts: list[str | None] = [None] * len(digests)
+        if self._seen_hashes is not None:
+            seen = self._seen_hashes
+            for position, digest in enumerate(digests.tolist()):
+                if digest in seen:
+                    verdicts[position] = "exact_duplicate"
+                else:
+                    seen.add(digest)
+        if self._near_index is not None:
+            distinct = [position for position, verdict in enumerate(verdicts) if verdict is None]
+            batch = self._near_index.batch(signatures[distinct])
+            for order, position in enumerate(distinct):
+                if batch.contains_near(order):
                     verdicts[position] = "near_duplicate"
                 else:
-                    self._near_index.add(signature)
-        for verdict in verdicts:
-            if verdict is None:
-                self.kept += 1
-            else:
-                self._removed[verdict] += 1
+                    batch.add(order)
+            batch.commit()
+        self.kept += sum(verdict is None for verdict in verdicts)
+        self._removed.update(verdict for verdict in verdicts if verdict is not None)
         return verdicts
+
+    def count_removed(self, counts: Mapping[str, int]) -> None:
+        """Count texts removed elsewhere (`prepare` in a shard, a shard's own deduplication)."""
+        self._removed.update(counts)
 
     def near_duplicate_of_kept(self, text: str) -> bool:
         """Whether `text` is a near-duplicate of a kept text, without adding it (False when near-duplicate
         removal is off)."""
-        if self._signer is None or self._near_index is None:
+        if self._near_index is None:
             return False
-        return self._near_index.contains_near(self._signer.signatures([normalise(text)])[0])
+        return self._near_index.contains_near(self.signer.signatures([normalise(text)])[0])
 
     def _length_or_language_rule(self, text: str) -> str | None:
         length = len(text.strip())

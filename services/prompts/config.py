@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from stillhouse.common.config import GrpcServiceSettings, settings_config
+from stillhouse.common.fanout.settings import FanoutSettings
 
 
 class PromptsSettings(GrpcServiceSettings):
@@ -33,4 +34,9 @@ class PromptsSettings(GrpcServiceSettings):
     )
     teacher_timeout_seconds: float = Field(
         default=600.0, gt=0, description="Longest wait for one teacher call (a local teacher may queue it)."
+    )
+    fanout: FanoutSettings = Field(
+        default_factory=FanoutSettings,
+        description="How the stage's shards fan out (STILLHOUSE_PROMPTS_FANOUT__*): in this process, or "
+        "over a Ray cluster's CPU workers for large inputs.",
     )

@@ -80,9 +80,11 @@ class Step:
     eliminated: list[str] = field(default_factory=list)
 
 
-def call_seed(job_seed: int, strategy: str, call_index: int) -> int:
-    """The sampling seed of one generation call: distinct per call, the same in every run."""
-    digest = hashlib.blake2b(f"{job_seed}:{strategy}:{call_index}".encode(), digest_size=8).digest()
+def call_seed(job_seed: int, strategy: str, call_index: int, part: int = 0) -> int:
+    """The sampling seed of one generation call: distinct per call and per part of a generation, the
+    same in every run."""
+    stream = strategy if part == 0 else f"{strategy}/{part}"
+    digest = hashlib.blake2b(f"{job_seed}:{stream}:{call_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 33  # 31 bits: every backend takes it
 
 
@@ -110,13 +112,17 @@ def _length_rule(text: str) -> str | None:
 
 # The teacher call of step `index`, given the outcome so far.
 NextCall = Callable[[int, GenerationOutcome], Awaitable[Step]]
-PlanCalls = Callable[[PromptGeneration, Sequence[str], Completer, int], NextCall]
+# (generation, seed prompts, completer, job seed, part) -> the calls of that part of the generation.
+PlanCalls = Callable[[PromptGeneration, Sequence[str], Completer, int, int], NextCall]
 Strategy = Callable[..., Awaitable[GenerationOutcome]]
 
 
 def _strategy(name: str, seeds_needed_as: str, plan_calls: PlanCalls) -> Strategy:
     """The strategy `name`: it asks the teacher the calls `plan_calls` makes from the seeds until
-    `generation.count` prompts are admitted (or it runs out of patience)."""
+    `generation.count` prompts are admitted (or it runs out of patience).
+
+    A generation may be cut into parts that run apart: part `part` asks for `count` prompts (instead of
+    `generation.count`) with calls of its own, seeded by the part's number."""
 
     async def strategy(
         generation: PromptGeneration,
@@ -128,11 +134,14 @@ def _strategy(name: str, seeds_needed_as: str, plan_calls: PlanCalls) -> Strateg
         concurrency: int = DEFAULT_CONCURRENCY,
         patience: int = DEFAULT_PATIENCE,
         on_progress: Callable[[GenerationOutcome], None] = lambda outcome: None,
+        part: int = 0,
+        count: int | None = None,
     ) -> GenerationOutcome:
         if not seeds:
             raise GenerationError(f"{name} needs {seeds_needed_as}: add spec.prompts.sources")
-        next_call = plan_calls(generation, seeds, completer, seed)
-        return await _generate(generation.count, next_call, admit, concurrency, patience, on_progress)
+        next_call = plan_calls(generation, seeds, completer, seed, part)
+        wanted = generation.count if count is None else count
+        return await _generate(wanted, next_call, admit, concurrency, patience, on_progress)
 
     strategy.__name__ = strategy.__qualname__ = name
     return strategy
@@ -191,9 +200,9 @@ def instruction_rule(text: str) -> str | None:
 
 
 def _self_instruct_calls(
-    generation: PromptGeneration, seeds: Sequence[str], completer: Completer, seed: int
+    generation: PromptGeneration, seeds: Sequence[str], completer: Completer, seed: int, part: int
 ) -> NextCall:
-    rng = random.Random(f"self_instruct:{seed}")
+    rng = random.Random(f"self_instruct:{seed}" if part == 0 else f"self_instruct:{seed}/{part}")
 
     def next_call(index: int, outcome: GenerationOutcome) -> Awaitable[Step]:
         generated = outcome.prompts
@@ -205,7 +214,9 @@ def _self_instruct_calls(
 
     async def ask(messages: list[dict[str, str]], index: int) -> Step:
         reply = await completer.complete(
-            messages, temperature=generation.temperature, seed=call_seed(seed, "self_instruct", index)
+            messages,
+            temperature=generation.temperature,
+            seed=call_seed(seed, "self_instruct", index, part),
         )
         step = Step(calls=1)
         for text in parse_instruction_list(reply):
@@ -282,11 +293,11 @@ def _word_jaccard(first: str, second: str) -> float:
 
 
 def _evol_instruct_calls(
-    generation: PromptGeneration, seeds: Sequence[str], completer: Completer, seed: int
+    generation: PromptGeneration, seeds: Sequence[str], completer: Completer, seed: int, part: int
 ) -> NextCall:
     """Each step here is one chain of `rounds` rewrites of one seed prompt; its last rewrite is the
     candidate. A chain stops at its first eliminated rewrite and then offers nothing."""
-    rng = random.Random(f"evol_instruct:{seed}")
+    rng = random.Random(f"evol_instruct:{seed}" if part == 0 else f"evol_instruct:{seed}/{part}")
 
     def next_call(index: int, outcome: GenerationOutcome) -> Awaitable[Step]:
         original = seeds[rng.randrange(len(seeds))]
@@ -299,7 +310,7 @@ def _evol_instruct_calls(
             reply = await completer.complete(
                 evolution_messages(evolution, current),
                 temperature=generation.temperature,
-                seed=call_seed(seed, "evol_instruct", index * len(evolutions) + round_index),
+                seed=call_seed(seed, "evol_instruct", index * len(evolutions) + round_index, part),
             )
             step.calls += 1
             evolved = reply.strip().strip('"').strip()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
 import grpc
 from google.protobuf import json_format
 
@@ -20,8 +18,8 @@ from stillhouse.common.operations import (
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.spec_sections import spec_section
 from stillhouse.prompts.config import PromptsSettings
+from stillhouse.prompts.shards import ShardResources, teacher_completers
 from stillhouse.prompts.stage import TEACHER_STRATEGIES, GeneratePromptsRun, refuse_unworkable
-from stillhouse.prompts.teacher_client import TeacherClient
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
 
 GENERATE_PROMPTS = (
@@ -42,6 +40,13 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
         self._settings = settings
         self._credentials = credentials
         self._input_roots = InputRoots.of(settings.input_roots)
+        self._resources = ShardResources(
+            store=store,
+            input_roots=self._input_roots,
+            open_completer=teacher_completers(
+                settings.teacher_address, credentials, settings.teacher_timeout_seconds
+            ),
+        )
 
     async def GeneratePrompts(self, request, context):
         try:
@@ -64,32 +69,20 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                 teacher = json_format.MessageToDict(request.teacher)
 
             async def work(progress):
-                async with AsyncExitStack() as resources:
-                    client = None
-                    if teacher is not None:
-                        client = await resources.enter_async_context(
-                            TeacherClient(
-                                self._settings.teacher_address,
-                                credentials=self._credentials,
-                                job_id=request.job_id,
-                                tenant=request.tenant,
-                                teacher=teacher,
-                                timeout_seconds=self._settings.teacher_timeout_seconds,
-                            )
-                        )
-                    run = GeneratePromptsRun(
-                        store=self._store,
-                        spec=spec,
-                        holdout_fraction=evaluation.holdout_fraction,
-                        job_id=request.job_id,
-                        progress=progress,
-                        completer=client,
-                        generation_ledger=client.ledger if client else None,
-                        concurrency=self._settings.generation_concurrency,
-                        patience=self._settings.generation_patience,
-                        input_roots=self._input_roots,
-                    )
-                    return await run.run()
+                run = GeneratePromptsRun(
+                    resources=self._resources,
+                    spec=spec,
+                    holdout_fraction=evaluation.holdout_fraction,
+                    job_id=request.job_id,
+                    progress=progress,
+                    operation_id=request.operation_id,
+                    tenant=request.tenant,
+                    teacher=teacher,
+                    fanout=self._settings.fanout,
+                    concurrency=self._settings.generation_concurrency,
+                    patience=self._settings.generation_patience,
+                )
+                return await run.run()
 
             return self._registry.start_request(request, kind=GENERATE_PROMPTS, work=work)
         except (OperationError, OperationConflict) as exc:

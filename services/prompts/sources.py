@@ -14,11 +14,13 @@ many rows (reservoir sampling in one pass), in source order.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,6 +44,7 @@ FORMAT_BY_EXTENSION = {
 }
 ROLES = ("system", "user", "assistant")
 BATCH_ROWS = 4096
+MARK_ROWS = 4096
 GROUP_FIELD = "group"
 
 
@@ -67,30 +70,118 @@ def iter_source(
     *,
     index: int | None = None,
     roots: InputRoots = NO_LOCAL_FILES,
+    rows: range | None = None,
+    mark: RowMark | None = None,
 ) -> Iterator[SourcePrompt]:
     """The prompts of one source, streamed (a seeded sample of them when `source.limit` is set).
 
     `index` is the source's position in `spec.prompts.sources`, used to name an inline source in errors.
-    A local file must lie inside `roots`.
+    A local file must lie inside `roots`. `rows`: only the rows at these positions (counted from 0, as
+    `count_rows` counts them), for a source without a `limit`; rows before them are skipped unparsed
+    where the format allows; `mark`: a mark of `count_rows` at or before `rows.start` to seek to first
+    (uncompressed JSONL).
     """
+    if rows is not None and source.limit is not None:
+        raise ValueError("a source with a limit is sampled whole: it cannot be read by rows")
+    skip, stop = (0, None) if rows is None else (rows.start, rows.stop)
     if source.inline is not None:
-        label = "inline source" if index is None else f"inline source #{index}"
-        rows: Iterable[tuple[int, Any, str | None]] = (
-            (number, text, None) for number, text in enumerate(source.inline, start=1)
+        label = _inline_label(index)
+        inline: Iterable[Row] = (
+            (number, text, None) for number, text in enumerate(source.inline[skip:stop], start=skip + 1)
         )
-        for number, text, _ in _sampled(rows, source, seed, label):
+        for number, text, _ in _sampled(inline, source, seed, label):
             yield SourcePrompt(_plain(label, number, text), None)
         return
     assert source.path is not None  # the spec requires exactly one of path and inline
     label = f"prompt source {source.path}"
     with _local_copy(source.path, label, store, roots) as path:
-        rows = _rows(path, _format_of(source, path, label), source.column, label)
+        found = _rows(path, _format_of(source, path, label), source.column, label, skip, mark)
+        if stop is not None:
+            found = islice(found, stop - skip)
         yielded = False
-        for number, row, group in _sampled(rows, source, seed, label):
+        for number, row, group in _sampled(found, source, seed, label):
             yielded = True
             yield SourcePrompt(_conversation(label, number, row, source.column), group)
-        if not yielded:
+        if not yielded and rows is None:
             raise PromptSourceError(label, "empty source: no rows")
+
+
+class RowMark(NamedTuple):
+    """Where a row of a JSONL file starts: rows and lines before it, and its byte offset."""
+
+    row: int
+    line: int
+    offset: int
+
+
+class SourceSize(NamedTuple):
+    rows: int
+    # Every MARK_ROWS-th row of an uncompressed JSONL file, for readers of a later slice to seek to.
+    marks: list[RowMark]
+
+    def mark_before(self, row: int) -> RowMark | None:
+        """The last mark at or before `row`."""
+        found = [mark for mark in self.marks if mark.row <= row]
+        return found[-1] if found else None
+
+
+def count_rows(
+    source: PromptSource, store: ObjectStore, *, index: int | None = None, roots: InputRoots = NO_LOCAL_FILES
+) -> SourceSize:
+    """How many rows `iter_source` reads from a source before sampling (rows are parsed later, where
+    they are read). Raises `PromptSourceError` for a source with no rows."""
+    if source.inline is not None:
+        return SourceSize(len(source.inline), [])
+    assert source.path is not None
+    label = f"prompt source {source.path}"
+    marks: list[RowMark] = []
+    with _local_copy(source.path, label, store, roots) as path:
+        file_format = _format_of(source, path, label)
+        if file_format == "jsonl":
+            total, marks = _count_jsonl_rows(path, label)
+        elif file_format == "parquet":
+            try:
+                total = pq.ParquetFile(path).metadata.num_rows
+            except (pa.ArrowException, OSError) as error:
+                raise PromptSourceError(label, f"not a readable Parquet file ({_cause(error)})") from None
+        else:
+            total = _count_csv_rows(path, source.column, label)
+    if total == 0:
+        raise PromptSourceError(label, "empty source: no rows")
+    return SourceSize(total, marks)
+
+
+def _inline_label(index: int | None) -> str:
+    return "inline source" if index is None else f"inline source #{index}"
+
+
+def _count_jsonl_rows(path: Path, label: str) -> tuple[int, list[RowMark]]:
+    if path.suffix.lower() == ".gz":
+        try:
+            with _open_text(path) as lines:
+                return sum(1 for line in lines if line.strip()), []
+        except (UnicodeDecodeError, OSError, EOFError) as error:
+            raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
+    rows, offset, marks = 0, 0, []
+    try:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines):
+                if line.decode("utf-8").strip():
+                    if rows % MARK_ROWS == 0:
+                        marks.append(RowMark(rows, number, offset))
+                    rows += 1
+                offset += len(line)
+    except (UnicodeDecodeError, OSError) as error:
+        raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
+    return rows, marks
+
+
+def _count_csv_rows(path: Path, column: str, label: str) -> int:
+    try:
+        reader = pacsv.open_csv(path, convert_options=_csv_options(column))
+        return sum(batch.num_rows for batch in reader)
+    except (pa.ArrowException, OSError) as error:
+        raise PromptSourceError(label, f"not a readable CSV file ({_cause(error)})") from None
 
 
 def read_lines(path: str, store: ObjectStore, roots: InputRoots = NO_LOCAL_FILES) -> list[str]:
@@ -158,10 +249,13 @@ def _format_of(source: PromptSource, path: Path, label: str) -> str:
     return found
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, offset: int = 0):
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+    handle = path.open("rb")
+    handle.seek(offset)
+    # Lines end at "\n" only, as `count_rows` counts them (and as JSON Lines defines them).
+    return io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
 
 
 # --- rows ------------------------------------------------------------------------------------------
@@ -170,14 +264,17 @@ def _open_text(path: Path):
 Row = tuple[int, Any, str | None]
 
 
-def _rows(path: Path, file_format: str, column: str, label: str) -> Iterator[Row]:
+def _rows(
+    path: Path, file_format: str, column: str, label: str, skip: int = 0, mark: RowMark | None = None
+) -> Iterator[Row]:
     """(row number from 1, row, group) triples; a chat row is {"messages": ...}, a plain row its prompt
-    value; the group is the row's `group` as text, None when it has none."""
+    value; the group is the row's `group` as text, None when it has none. The first `skip` rows are
+    passed over without being parsed (JSONL) or converted (Parquet, CSV)."""
     if file_format == "jsonl":
-        return _jsonl_rows(path, column, label)
+        return _jsonl_rows(path, column, label, skip, mark)
     if file_format == "parquet":
-        return _parquet_rows(path, column, label)
-    return _csv_rows(path, column, label)
+        return _parquet_rows(path, column, label, skip)
+    return _csv_rows(path, column, label, skip)
 
 
 def _group(value: Any) -> str | None:
@@ -185,11 +282,17 @@ def _group(value: Any) -> str | None:
     return None if value is None else str(value) or None
 
 
-def _jsonl_rows(path: Path, column: str, label: str) -> Iterator[Row]:
+def _jsonl_rows(path: Path, column: str, label: str, skip: int, mark: RowMark | None) -> Iterator[Row]:
+    first_line = 1
+    if mark is not None and path.suffix.lower() != ".gz":
+        skip, first_line = skip - mark.row, mark.line + 1
     try:
-        with _open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
+        with _open_text(path, 0 if first_line == 1 or mark is None else mark.offset) as lines:
+            for number, line in enumerate(lines, start=first_line):
                 if not line.strip():
+                    continue
+                if skip:
+                    skip -= 1
                     continue
                 try:
                     row = json.loads(line)
@@ -208,7 +311,7 @@ def _jsonl_rows(path: Path, column: str, label: str) -> Iterator[Row]:
         raise PromptSourceError(label, f"not a readable JSONL file ({error})") from None
 
 
-def _parquet_rows(path: Path, column: str, label: str) -> Iterator[Row]:
+def _parquet_rows(path: Path, column: str, label: str, skip: int) -> Iterator[Row]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as error:
@@ -221,6 +324,7 @@ def _parquet_rows(path: Path, column: str, label: str) -> Iterator[Row]:
         for batch in parquet.iter_batches(
             batch_size=BATCH_ROWS, columns=[chosen, GROUP_FIELD] if grouped else [chosen]
         ):
+            batch, skip, number = _skipped(batch, skip, number)
             groups = batch.column(1).to_pylist() if grouped else [None] * batch.num_rows
             for value, group in zip(batch.column(0).to_pylist(), groups, strict=True):
                 number += 1
@@ -229,17 +333,17 @@ def _parquet_rows(path: Path, column: str, label: str) -> Iterator[Row]:
         raise PromptSourceError(label, f"not a readable Parquet file ({_cause(error)})") from None
 
 
-def _csv_rows(path: Path, column: str, label: str) -> Iterator[Row]:
-    text_columns = {"messages": pa.string(), column: pa.string(), GROUP_FIELD: pa.string()}
+def _csv_rows(path: Path, column: str, label: str, skip: int) -> Iterator[Row]:
     try:
-        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=text_columns))
+        reader = pacsv.open_csv(path, convert_options=_csv_options(column))
     except (pa.ArrowException, OSError) as error:
         raise PromptSourceError(label, f"not a readable CSV file ({_cause(error)})") from None
     chosen = _prompt_column(reader.schema.names, column, label)
     grouped = GROUP_FIELD in reader.schema.names and chosen != GROUP_FIELD
     number = 0
     try:
-        for batch in reader:
+        for whole in reader:
+            batch, skip, number = _skipped(whole, skip, number)
             groups = batch.column(GROUP_FIELD).to_pylist() if grouped else [None] * batch.num_rows
             for value, group in zip(batch.column(chosen).to_pylist(), groups, strict=True):
                 number += 1
@@ -255,6 +359,18 @@ def _csv_rows(path: Path, column: str, label: str) -> Iterator[Row]:
                     yield number, value, _group(group)
     except (pa.ArrowException, OSError) as error:
         raise PromptSourceError(label, f"not a readable CSV file ({_cause(error)})") from None
+
+
+def _skipped(batch: pa.RecordBatch, skip: int, number: int) -> tuple[pa.RecordBatch, int, int]:
+    """The batch without the rows still to skip; the rows left to skip; the row number reached."""
+    passed = min(skip, batch.num_rows)
+    return batch.slice(passed), skip - passed, number + passed
+
+
+def _csv_options(column: str) -> pacsv.ConvertOptions:
+    return pacsv.ConvertOptions(
+        column_types={"messages": pa.string(), column: pa.string(), GROUP_FIELD: pa.string()}
+    )
 
 
 def _cause(error: Exception) -> str:

@@ -37,6 +37,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 from stillhouse.prompts.cleaning import MinHashSigner, NearDuplicateIndex, normalise
 
 Side = Literal["train", "holdout", "dropped"]
@@ -120,23 +122,33 @@ class HoldoutSplitter:
             group or prompt_id
             for prompt_id, group in zip(prompt_ids, group_keys or [None] * len(prompt_ids), strict=True)
         ]
+        return self.assign_signed(keys, signatures)
+
+    def assign_signed(self, keys: Sequence[str], signatures: np.ndarray) -> list[Side]:
+        """`assign_batch` for prompts whose group keys (a prompt's id for one of its own) and MinHash
+        signatures (the cleaner's, of the normalised text) are known already."""
         sides: list[Side] = []
-        for key, signature in zip(keys, signatures, strict=True):
+        holdout_batch = self._holdout_index.batch(signatures)
+        train_batch = self._train_index.batch(signatures) if self._train_index is not None else None
+        for position, key in enumerate(keys):
             if is_holdout(key, self.fraction, self.seed):
-                if self._train_index is not None and self._train_index.contains_near(signature):
+                if train_batch is not None and train_batch.contains_near(position):
                     self._dropped["near_train"] += 1
                     sides.append("dropped")
                     continue
-                self._holdout_index.add(signature)
+                holdout_batch.add(position)
                 self.holdout += 1
                 sides.append("holdout")
             else:
-                if self._holdout_index.contains_near(signature):
+                if holdout_batch.contains_near(position):
                     self._dropped["near_holdout"] += 1
                     sides.append("dropped")
                     continue
-                if self._train_index is not None:
-                    self._train_index.add(signature)
+                if train_batch is not None:
+                    train_batch.add(position)
                 self.train += 1
                 sides.append("train")
+        holdout_batch.commit()
+        if train_batch is not None:
+            train_batch.commit()
         return sides

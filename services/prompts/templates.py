@@ -35,6 +35,8 @@ from stillhouse.prompts.template_sandbox import BoundedSandbox, TemplateError
 # Products up to this size are shuffled with an explicit permutation (8 bytes per combination).
 MATERIALISED_PERMUTATION_MAX = 1 << 20
 FEISTEL_ROUNDS = 6
+# Sampled combinations come from one random generator per block of this many positions.
+SAMPLED_BLOCK = 4096
 
 
 class RenderedPrompt(NamedTuple):
@@ -48,8 +50,9 @@ class RenderedPrompts:
     process: from any thread, also while another thread waits for prompts."""
 
     def __init__(
-        self, renderer: TemplateRenderer, combinations: Iterator[list[str]], first: int | None
+        self, renderer: TemplateRenderer, combinations: Iterator[list[str]], first: int | None, total: int
     ) -> None:
+        self.total = total  # prompts in the whole rendering, whatever positions this one renders
         self._renderer = renderer
         self._combinations = combinations
         self._first = first
@@ -96,10 +99,15 @@ class RenderedPrompts:
 
 
 def render_templates(
-    generation: PromptGeneration, slot_values: Mapping[str, Sequence[str]], seed: int
+    generation: PromptGeneration,
+    slot_values: Mapping[str, Sequence[str]],
+    seed: int,
+    positions: range | None = None,
 ) -> RenderedPrompts:
     """Up to `generation.count` prompts from `generation.template` (fewer when `all` runs out of
     combinations). `slot_values` holds `slots` and the values read from `slotFiles`, merged.
+    `positions`: only the prompts at these positions of that sequence (the same prompts as in the whole
+    rendering, so that shards of a stage can render parts of it apart).
 
     The template and its slots are checked when this is called; a `TemplateError` while rendering
     (a refused operation, an undefined attribute, a limit exceeded) comes from the iterator. Close the
@@ -127,12 +135,17 @@ def render_templates(
         raise TemplateError(f"slot {empty[0]!r} has no values")
     values = [list(slot_values[name]) for name in names]
     if generation.slot_combination is SlotCombination.ALL:
-        combinations = _all_combinations(values, generation.count, seed)
+        total = min(generation.count, math.prod(len(slot) for slot in values))
     else:
-        combinations = _sampled_combinations(values, generation.count, seed)
+        total = generation.count
+    wanted = range(total) if positions is None else range(total)[positions.start : positions.stop]
+    if generation.slot_combination is SlotCombination.ALL:
+        combinations = _all_combinations(values, wanted, seed)
+    else:
+        combinations = _sampled_combinations(values, wanted, seed)
     first = _first_slot(syntax_tree, names)
     renderer = TemplateRenderer(generation.template, names)
-    return RenderedPrompts(renderer, combinations, None if first is None else names.index(first))
+    return RenderedPrompts(renderer, combinations, None if first is None else names.index(first), total)
 
 
 def _first_slot(syntax_tree: nodes.Template, names: list[str]) -> str | None:
@@ -143,10 +156,9 @@ def _first_slot(syntax_tree: nodes.Template, names: list[str]) -> str | None:
     return None
 
 
-def _all_combinations(values: list[list[str]], count: int, seed: int) -> Iterator[list[str]]:
+def _all_combinations(values: list[list[str]], positions: range, seed: int) -> Iterator[list[str]]:
     sizes = [len(slot) for slot in values]
-    total = math.prod(sizes)
-    for index in shuffled_indices(total, seed, limit=count):
+    for index in shuffled_indices(math.prod(sizes), seed, positions=positions):
         combination = []
         for slot, size in zip(reversed(values), reversed(sizes), strict=True):
             index, digit = divmod(index, size)
@@ -155,20 +167,34 @@ def _all_combinations(values: list[list[str]], count: int, seed: int) -> Iterato
         yield combination
 
 
-def _sampled_combinations(values: list[list[str]], count: int, seed: int) -> Iterator[list[str]]:
-    rng = random.Random(seed)
-    for _ in range(count):
+def _sampled_combinations(values: list[list[str]], positions: range, seed: int) -> Iterator[list[str]]:
+    """Each position's combination is drawn by a generator of its block of `SAMPLED_BLOCK` positions, so
+    that any run of positions is drawn without drawing all those before it."""
+    rng, block = random.Random(), -1
+    for position in positions:
+        if position // SAMPLED_BLOCK != block:
+            block = position // SAMPLED_BLOCK
+            rng.seed(f"{seed}:{block}")
+            for _ in range(block * SAMPLED_BLOCK, position):
+                for slot in values:
+                    rng.choice(slot)
         yield [rng.choice(slot) for slot in values]
 
 
-def shuffled_indices(size: int, seed: int, *, limit: int | None = None) -> Iterator[int]:
-    """0 .. size-1 in a seeded random order (each exactly once), stopping after `limit` of them."""
-    wanted = size if limit is None else min(size, limit)
+def shuffled_indices(
+    size: int, seed: int, *, limit: int | None = None, positions: range | None = None
+) -> Iterator[int]:
+    """0 .. size-1 in a seeded random order (each exactly once), stopping after `limit` of them;
+    `positions`: only those positions of that order."""
+    wanted = range(size if limit is None else min(size, limit))
+    if positions is not None:
+        wanted = wanted[positions.start : positions.stop]
     if size <= MATERIALISED_PERMUTATION_MAX:
-        yield from (int(index) for index in np.random.default_rng(seed).permutation(size)[:wanted])
+        permutation = np.random.default_rng(seed).permutation(size)
+        yield from (int(index) for index in permutation[wanted.start : wanted.stop])
         return
     feistel = _Feistel(size, seed)
-    for position in range(wanted):
+    for position in wanted:
         yield feistel.permute(position)
 
 

@@ -9,6 +9,7 @@ import pytest
 from datasketch import MinHash
 
 from stillhouse.common.jobspec import PromptFilters
+from stillhouse.prompts import cleaning
 from stillhouse.prompts.cleaning import (
     MinHashSigner,
     NearDuplicateIndex,
@@ -177,6 +178,45 @@ def test_first_occurrence_wins_within_a_batch():
         "near_duplicate",
         "near_duplicate",
     ]
+
+
+def test_verdicts_do_not_depend_on_how_the_index_stores_signatures(monkeypatch):
+    rng = random.Random(12)
+    prompts = [random_prompt(rng) for _ in range(300)]
+    prompts += [with_word_changed(prompt, 3, "changed") for prompt in prompts[::7]]
+    expected = cleaner().admit_batch(prompts)
+    monkeypatch.setattr(cleaning, "LOW_BITS_BLOCK", 7)  # many blocks, batches that straddle them
+    subject = cleaner()
+    in_batches = [
+        verdict
+        for start in range(0, len(prompts), 50)
+        for verdict in subject.admit_batch(prompts[start : start + 50])
+    ]
+    assert in_batches == expected
+    assert expected.count("near_duplicate") > 30
+
+
+def test_verdicts_do_not_depend_on_the_batches():
+    """A batch searches the index as it was before the batch at once, and its own prompts one by one:
+    the same verdicts as prompts admitted one at a time, across the index's flushed runs too."""
+    rng = random.Random(11)
+    prompts: list[str] = []
+    for index in range(6000):
+        if prompts and index % 5 == 0:
+            prompts.append(with_word_changed(rng.choice(prompts), rng.randrange(30), f"w{index}"))
+        else:
+            prompts.append(random_prompt(rng))
+    one_by_one = cleaner()
+    singly = [one_by_one.admit(text) for text in prompts[:1500]]
+    singly += one_by_one.admit_batch(prompts[1500:])
+    batched = cleaner()
+    in_batches = [
+        verdict
+        for start in range(0, 6000, 700)
+        for verdict in batched.admit_batch(prompts[start : start + 700])
+    ]
+    assert in_batches == singly
+    assert 900 < singly.count("near_duplicate") <= 1200
 
 
 def test_near_duplicate_of_kept_does_not_add():

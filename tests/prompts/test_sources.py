@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,7 +16,8 @@ from stillhouse.common.datasets.records import MESSAGE
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.jobspec import PromptSource
 from stillhouse.common.objectstore.local_store import LocalObjectStore
-from stillhouse.prompts.sources import PromptSourceError, iter_source, read_lines
+from stillhouse.prompts import sources
+from stillhouse.prompts.sources import PromptSourceError, count_rows, iter_source, read_lines
 
 BUCKET = "prompts"
 
@@ -294,3 +296,36 @@ def test_bad_plain_rows_name_the_row(tmp_path, store):
 def test_inline_errors_name_the_inline_source(store):
     with pytest.raises(PromptSourceError, match=r"^inline source #2: row 2: the prompt is empty$"):
         list(iter_source(PromptSource(inline=["fine", "   "]), store, 0, index=2))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".parquet", ".csv"])
+def test_a_source_read_in_slices_gives_the_rows_of_the_whole(tmp_path, store, suffix, monkeypatch):
+    monkeypatch.setattr(sources, "MARK_ROWS", 4)  # marks every 4 rows: slices seek to them
+    monkeypatch.setattr(sources, "BATCH_ROWS", 3)  # Parquet batches that straddle the slices
+    texts = [f"Prompt number {n}: what comes after {n}?" for n in range(23)]
+    path = tmp_path / f"seeds{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.table({"prompt": texts}), path)
+    elif suffix == ".csv":
+        pacsv.write_csv(pa.table({"prompt": texts}), path)
+    else:
+        lines = "".join(
+            json.dumps({"prompt": text}) + ("\n\n  \n" if n % 5 == 0 else "\n")
+            for n, text in enumerate(texts)
+        )
+        path.write_bytes(gzip.compress(lines.encode()) if suffix.endswith(".gz") else lines.encode())
+    source = PromptSource(path=str(path))
+
+    size = count_rows(source, store, roots=beside(store))
+    slices = [range(start, min(start + 5, size.rows)) for start in range(0, size.rows, 5)]
+    parts = [
+        prompt.conversation
+        for rows in slices
+        for prompt in iter_source(
+            source, store, 0, roots=beside(store), rows=rows, mark=size.mark_before(rows.start)
+        )
+    ]
+
+    assert size.rows == len(texts)
+    assert (len(size.marks) == 6) is (suffix == ".jsonl")
+    assert parts == read(source, store) == [user(text) for text in texts]
