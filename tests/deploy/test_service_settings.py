@@ -68,14 +68,7 @@ def test_settings_load_from_the_chart_environment(
     env = container_environment(container)
     ours = {name: value for name, value in env.items() if name.startswith(prefix)}
     problems = [problem for name in ours if (problem := unknown_setting(settings_class, prefix, name))]
-    # Expected to fail until the settings class has its nested `fanout: FanoutSettings` field: the
-    # chart already sets STILLHOUSE_<SERVICE>_FANOUT__*. Everything else is checked meanwhile.
-    fanout_field_missing = service in FANOUT_SERVICES and "fanout" not in settings_class.model_fields
-    if fanout_field_missing:
-        assert problems and all(f"{prefix}FANOUT__" in problem for problem in problems), problems
-        ours = {name: value for name, value in ours.items() if not name.startswith(f"{prefix}FANOUT__")}
-    else:
-        assert not problems
+    assert not problems
 
     for name in [name for name in os.environ if name.startswith("STILLHOUSE_")]:
         monkeypatch.delenv(name)
@@ -96,10 +89,6 @@ def test_settings_load_from_the_chart_environment(
     if hasattr(settings, "object_store"):
         assert settings.object_store.backend == "s3"
         assert settings.object_store.secret_key.get_secret_value().startswith("secret-")
-    if fanout_field_missing:
-        pytest.xfail(
-            f"{class_name} has no `fanout` settings field for STILLHOUSE_{service.upper()}_FANOUT__*"
-        )
     if service in FANOUT_SERVICES:
         fanout = settings.fanout
         assert fanout.ray_address == "http://demo-stillhouse-ray-head-svc.distil.svc:8265"
