@@ -466,22 +466,40 @@ class DatasetReader:
         self.schema = manifest.arrow_schema()
 
     def read_batches(
-        self, columns: Sequence[str] | None = None, shards: range | None = None
+        self,
+        columns: Sequence[str] | None = None,
+        shards: Sequence[int] | None = None,
+        batch_size: int | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """Record batches of the given shards (all by default), in order, with the given columns."""
+        """Record batches of the given shards (all by default), in the given order, with the given
+        columns; `batch_size` rows at most each (default: Parquet's)."""
+        for _, batches in self.read_shards(columns, shards, batch_size):
+            yield from batches
+
+    def read_shards(
+        self,
+        columns: Sequence[str] | None = None,
+        shards: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[int, Iterator[pa.RecordBatch]]]:
+        """Each of the given shards (all by default), in the given order: its index and its record
+        batches. Memory holds the shard being read and the next one, downloading."""
         indices = self._shard_indices(shards)
         columns = self._columns(columns)
         if not indices:
             return
+        options = {} if batch_size is None else {"batch_size": batch_size}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataset-download") as downloader:
             upcoming = downloader.submit(self.read_shard_bytes, indices[0])
-            for position in range(len(indices)):
+            for position, index in enumerate(indices):
                 data = upcoming.result()
                 if position + 1 < len(indices):
                     upcoming = downloader.submit(self.read_shard_bytes, indices[position + 1])
-                yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=columns)
+                yield index, pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=columns, **options)
 
-    def read_table(self, columns: Sequence[str] | None = None, shards: range | None = None) -> pa.Table:
+    def read_table(
+        self, columns: Sequence[str] | None = None, shards: Sequence[int] | None = None
+    ) -> pa.Table:
         columns = self._columns(columns)
         schema = (
             self.schema
@@ -506,7 +524,7 @@ class DatasetReader:
         """The shards worker `worker_index` of `num_workers` reads (see DatasetManifest.shard_range)."""
         return self.manifest.shard_range(worker_index, num_workers)
 
-    def _shard_indices(self, shards: range | None) -> list[int]:
+    def _shard_indices(self, shards: Sequence[int] | None) -> list[int]:
         count = len(self.manifest.shards)
         if shards is None:
             return list(range(count))
