@@ -184,7 +184,7 @@ def plain_batches(store, tokenizer, args, work: Path) -> list:
         require_teacher=False,
         max_seq_len=args.max_seq_len,
         seed=0,
-        lengths_dir=work / "plain-lengths",
+        work_dir=work / "plain-data",
         shuffle_buffer=shuffle_buffer,
     )
     plan = BatchPlan.create(args.batch_tokens, args.max_seq_len, 1, 8192)

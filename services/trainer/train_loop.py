@@ -325,7 +325,7 @@ def load_examples(
         require_teacher=choice.stored_teacher,
         max_seq_len=run.training.max_seq_len,
         seed=run.training.seed,
-        lengths_dir=work_dir / "example-lengths",
+        work_dir=work_dir / "training-data",
         shuffle_buffer=run.shuffle_buffer_examples,
     )
     totals = DataCounts(*(int(value) for value in workers.sum(list(vars(data.counts).values()))))

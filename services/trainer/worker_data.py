@@ -16,14 +16,16 @@ Steps: an epoch has as many steps as the worker with the most packed rows needs
 (`BatchPlan.steps_per_epoch`); a worker with fewer starts its epoch's rows over, as
 `DistributedSampler` pads with repeats. The loop needs those counts before its first step (the learning
 rate schedule spans the run), so `WorkerData.load` reads the worker's rows once first: it tallies what
-becomes of them and writes each kept example's length to a small file per shard in a local folder. An
-epoch's count of packed rows then comes from the same shuffle and packing run over the lengths alone.
+becomes of them and writes each kept example's length to a small file per shard in a local folder
+(`work_dir`). An epoch's count of packed rows then comes from the same shuffle and packing run over
+the lengths alone.
 
 Resuming at batch b of an epoch reads the epoch's rows again and skips those of its first b steps.
 
-Memory: the shard being read and the next one (downloading), one record batch of `READ_BATCH_ROWS`
-rows decoded, the shuffle buffer, and one step's examples. The teacher's top-k logprobs stay float16,
-as stored; `collate` widens them to float32 for the loss.
+Memory: one record batch of `READ_BATCH_ROWS` rows decoded, the shuffle buffer, and one step's
+examples. Shards are downloaded to files in `work_dir` (the one being read and the next), not into
+memory. The teacher's top-k logprobs stay float16, as stored; `collate` widens them to float32 for
+the loss.
 """
 
 from __future__ import annotations
@@ -77,12 +79,13 @@ class WorkerSlice:
         return cls(rank, world, tuple(range(len(reader.manifest.shards))), stride=True)
 
     def shard_batches(
-        self, reader: DatasetReader, order: Sequence[int], columns: Sequence[str]
+        self, reader: DatasetReader, order: Sequence[int], columns: Sequence[str], spool_dir: Path
     ) -> Iterator[tuple[int, Iterator[pa.RecordBatch]]]:
         """Each of the shards in `order` (positions in `shards`): its index, and this worker's rows of
-        it as record batches."""
+        it as record batches. Shards are downloaded to files in `spool_dir`, not into memory."""
         indices = [self.shards[position] for position in order]
-        for shard, batches in reader.read_shards(columns, indices, batch_size=READ_BATCH_ROWS):
+        read = reader.read_shards(columns, indices, batch_size=READ_BATCH_ROWS, spool_dir=spool_dir)
+        for shard, batches in read:
             yield shard, self._mine(batches, reader.manifest.shards, shard)
 
     def _mine(
@@ -131,7 +134,7 @@ class WorkerData:
     max_seq_len: int
     seed: int
     shuffle_buffer: int
-    lengths_dir: Path
+    work_dir: Path  # local: example lengths, and the shards being read
     counts: DataCounts
     examples_per_epoch: int = 0  # this worker's
 
@@ -148,7 +151,7 @@ class WorkerData:
         require_teacher: bool,
         max_seq_len: int,
         seed: int,
-        lengths_dir: Path,
+        work_dir: Path,
         shuffle_buffer: int,
     ) -> WorkerData:
         """Read the worker's rows once: count them and write the kept examples' lengths."""
@@ -164,10 +167,10 @@ class WorkerData:
             max_seq_len,
             seed,
             shuffle_buffer,
-            lengths_dir,
+            work_dir,
             DataCounts(),
         )
-        lengths_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "lengths").mkdir(parents=True, exist_ok=True)
         for shard, examples in data._shard_examples(range(len(data.slice.shards)), data.counts):
             lengths = np.fromiter((example.positions for example in examples), np.int32)
             np.save(data._lengths_file(shard), lengths)
@@ -220,7 +223,7 @@ class WorkerData:
     ) -> Iterator[tuple[int, Iterator[TokenizedAnswer]]]:
         """Each shard in `order` (positions in the slice's shards) with its kept examples."""
         columns = TEACHER_COLUMNS if self.use_teacher_tokens else TEXT_COLUMNS
-        for shard, batches in self.slice.shard_batches(self.reader, order, columns):
+        for shard, batches in self.slice.shard_batches(self.reader, order, columns, self.work_dir / "shards"):
             examples = (
                 example
                 for batch in batches
@@ -244,4 +247,4 @@ class WorkerData:
             yield example
 
     def _lengths_file(self, shard: int) -> Path:
-        return self.lengths_dir / f"shard-{shard:06d}.npy"
+        return self.work_dir / "lengths" / f"shard-{shard:06d}.npy"

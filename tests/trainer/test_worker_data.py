@@ -43,7 +43,7 @@ def load(object_store, tokenizer, tmp_path):
             tokenizer,
             rank=rank,
             world=world,
-            lengths_dir=tmp_path / f"lengths-{rank}-of-{world}",
+            work_dir=tmp_path / f"data-{rank}-of-{world}",
             **settings,
         )
 
@@ -163,7 +163,7 @@ from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.data import BatchPlan
 from stillhouse.trainer.worker_data import WorkerData
 
-settings, warm_up, dataset, tokenizer_dir, lengths_dir = sys.argv[1:]
+settings, warm_up, dataset, tokenizer_dir, work_dir = sys.argv[1:]
 store = open_object_store(ObjectStoreSettings.model_validate_json(settings))
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 plan = BatchPlan(rows_per_step=32, micro_batch_rows=32)
@@ -172,7 +172,7 @@ plan = BatchPlan(rows_per_step=32, micro_batch_rows=32)
 def stream(dataset):
     data = WorkerData.load(
         store, dataset, tokenizer, rank=0, world=1, use_teacher_tokens=True, require_teacher=True,
-        max_seq_len=256, seed=0, lengths_dir=Path(lengths_dir) / dataset, shuffle_buffer=2048,
+        max_seq_len=256, seed=0, work_dir=Path(work_dir) / dataset, shuffle_buffer=2048,
     )
     steps = zip(range(plan.steps_per_epoch(data.packed_row_count(0))), data.steps(0, plan))
     return sum(len(step.examples) for _, step in steps)
@@ -213,7 +213,7 @@ def test_memory_held_while_streaming_does_not_grow_with_the_rows(
         WARM_UP,
         DATASET,
         str(tokenizer_dir),
-        str(tmp_path / "lengths"),
+        str(tmp_path / "data"),
     ]
     result = subprocess.run(
         [sys.executable, "-c", STREAM_ONE_EPOCH, *arguments], capture_output=True, text=True, check=False
