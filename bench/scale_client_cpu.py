@@ -49,7 +49,7 @@ from stillhouse.teacher.backends import openai_wire
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
 from stillhouse.teacher.calls import TeacherAnswer, TeacherCall
 from stillhouse.teacher.egress import EgressPolicy
-from stillhouse.teacher.stage import call_for
+from stillhouse.teacher.shards import call_for
 
 TARGET_CPU_MS = 4.0
 ROUNDS = 2

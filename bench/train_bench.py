@@ -51,10 +51,11 @@ from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.calls import TeacherAnswer
 from stillhouse.teacher.shards import answers_table
-from stillhouse.trainer.data import BatchPlan, EpochData, collate, read_answer_rows, tokenize_answers
+from stillhouse.trainer.data import BatchPlan, collate
 from stillhouse.trainer.precision import cpu_has_bf16_matrix_units
 from stillhouse.trainer.run_config import TrainRun
 from stillhouse.trainer.train_loop import ADAMW_BETAS, WEIGHT_DECAY, train_worker
+from stillhouse.trainer.worker_data import WorkerData
 
 TOP_K = 20
 DATASET = "bench/teacher/train"
@@ -170,21 +171,29 @@ def stillhouse_run(
     return int(sum(tokens for tokens, _ in window)), sum(tokens / rate for tokens, rate in window)
 
 
-def plain_batches(store, tokenizer, args) -> list:
+def plain_batches(store, tokenizer, args, work: Path) -> list:
     """The batches `train_worker` trains on (same packing, same order), as tensors."""
-    examples = list(
-        tokenize_answers(
-            read_answer_rows(store, DATASET), tokenizer, use_teacher_tokens=True, max_seq_len=args.max_seq_len
-        )
+    shuffle_buffer = TrainRun.model_fields["shuffle_buffer_examples"].default
+    data = WorkerData.load(
+        store,
+        DATASET,
+        tokenizer,
+        rank=0,
+        world=1,
+        use_teacher_tokens=True,
+        require_teacher=False,
+        max_seq_len=args.max_seq_len,
+        seed=0,
+        work_dir=work / "plain-data",
+        shuffle_buffer=shuffle_buffer,
     )
-    data = EpochData(examples, seed=0, max_seq_len=args.max_seq_len)
     plan = BatchPlan.create(args.batch_tokens, args.max_seq_len, 1, 8192)
-    rows = data.rows(0)
+    steps = zip(range(plan.steps_per_epoch(data.packed_row_count(0))), data.steps(0, plan), strict=False)
     pad = tokenizer.pad_token_id
     return [
-        collate(examples, micro, pad_token_id=pad, teacher_k=None)
-        for step in range(plan.steps_per_epoch(len(rows)))
-        for micro in plan.step_rows(rows, step)
+        collate(step.examples, micro, pad_token_id=pad, teacher_k=None)
+        for _, step in steps
+        for micro in step.micro_batches
     ]
 
 
@@ -221,7 +230,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             store, tokenizer, (args.steps + 1) * (args.batch_tokens // args.max_seq_len), args.response_tokens
         )
         student = make_student(work / "student", tokenizer, args.layers, args.hidden)
-        batches = plain_batches(store, tokenizer, args)
+        batches = plain_batches(store, tokenizer, args, work)
         assert len(batches) > args.steps, "not enough data for the steps asked for"
 
         sides = {

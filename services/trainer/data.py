@@ -17,15 +17,26 @@ end of a row continues the row's last example, labelled -100 everywhere. The mod
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stillhouse.common.datasets.sparse_logprobs import LOGPROB_FLOOR, MASKED_ID, SparseLogprobs, topk_of
+from stillhouse.common.datasets.sparse_logprobs import (
+    LOGPROB_FLOOR,
+    MASKED_ID,
+    TAIL_LOGPROB,
+    TOKEN_IDS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    SparseLogprobs,
+    topk_of,
+)
 from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.common.objectstore.objects import ObjectStore
 
@@ -39,7 +50,8 @@ class TokenizedAnswer:
     response_ids: list[int]
     response_text: str
     # The teacher's top-k for each response token, aligned with `response_ids`; None when the response
-    # was tokenized from its text or the teacher stored no logprobs.
+    # was tokenized from its text or the teacher stored no logprobs. Read from a record batch, its
+    # logprobs stay float16 as stored (`collate` widens them).
     teacher: SparseLogprobs | None
 
     @property
@@ -76,26 +88,15 @@ class DataCounts:
 # --- reading -------------------------------------------------------------------------------------------
 
 
+# Rows become Python objects one record batch at a time: a small batch keeps that bounded.
+ROW_BATCH_ROWS = 256
+
+
 def read_answer_rows(store: ObjectStore, dataset_id: str, shards: range | None = None) -> Iterator[dict]:
     """The rows of an answers dataset (all shards, or the given ones), in order, as dicts."""
     reader = DatasetReader(store, dataset_id)
-    for batch in reader.read_batches(shards=shards):
+    for batch in reader.read_batches(shards=shards, batch_size=ROW_BATCH_ROWS):
         yield from batch.to_pylist()
-
-
-def worker_answer_rows(store: ObjectStore, dataset_id: str, rank: int, world: int) -> Iterator[dict]:
-    """The rows worker `rank` of `world` trains on. Each worker downloads only its own contiguous range of
-    shards (`DatasetReader.shard_range`). When that would leave a worker without a shard (fewer shards
-    than workers), every worker reads every shard and keeps every `world`-th row instead, starting at
-    its rank: more downloading, but no worker is idle."""
-    reader = DatasetReader(store, dataset_id)
-    ranges = [reader.shard_range(worker, world) for worker in range(world)]
-    if all(len(shards) > 0 for shards in ranges):
-        yield from read_answer_rows(store, dataset_id, ranges[rank])
-        return
-    for index, row in enumerate(read_answer_rows(store, dataset_id)):
-        if index % world == rank:
-            yield row
 
 
 def answers_topk(store: ObjectStore, dataset_id: str) -> int:
@@ -123,33 +124,119 @@ def tokenize_answers(
     tallies what happened to the rows."""
     counts = counts if counts is not None else DataCounts()
     for row in rows:
-        counts.rows += 1
         prompt_ids = list(
             tokenizer.apply_chat_template(
                 row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False
             )
         )
         teacher = SparseLogprobs.from_arrow(row) if use_teacher_tokens and row["token_ids"] else None
+        example = _fitted_example(
+            row["prompt_id"], prompt_ids, row, teacher, tokenizer, max_seq_len=max_seq_len, counts=counts
+        )
+        if example is not None:
+            yield example
+
+
+def tokenize_answer_batch(
+    batch: pa.RecordBatch,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    use_teacher_tokens: bool,
+    max_seq_len: int,
+    counts: DataCounts,
+) -> Iterator[TokenizedAnswer]:
+    """`tokenize_answers` over a record batch: the chat template applied to the whole batch at once, and
+    the teacher's top-k cut from the batch's columns as stored (logprobs float16), each example its own
+    copy so that the batch can be freed. With `use_teacher_tokens` the batch needs the sparse logprob
+    columns (`TEACHER_COLUMNS`); without, it needs only `TEXT_COLUMNS`."""
+    if batch.num_rows == 0:
+        return
+    prompts = tokenizer.apply_chat_template(
+        batch.column("messages").to_pylist(), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    teachers = _batch_teachers(batch) if use_teacher_tokens else itertools.repeat(None)
+    texts = {name: batch.column(name).to_pylist() for name in ("prompt_id", "response", "finish_reason")}
+    for index, (prompt_ids, teacher) in enumerate(zip(prompts, teachers, strict=False)):
+        row = {name: values[index] for name, values in texts.items()}
+        example = _fitted_example(
+            row["prompt_id"],
+            list(prompt_ids),
+            row,
+            teacher,
+            tokenizer,
+            max_seq_len=max_seq_len,
+            counts=counts,
+        )
+        if example is not None:
+            yield example
+
+
+TEXT_COLUMNS = ("prompt_id", "messages", "response", "finish_reason")
+TEACHER_COLUMNS = (*TEXT_COLUMNS, TOKEN_IDS, TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGPROB)
+
+
+def _batch_teachers(batch: pa.RecordBatch) -> Iterator[SparseLogprobs | None]:
+    """Each row's stored top-k (None for a row without teacher tokens), cut out of the flat columns."""
+    # Offsets index a column's whole child array, even when the batch is a slice of it.
+    flat = {
+        name: (
+            batch.column(name).offsets.to_numpy(),
+            batch.column(name).values.to_numpy(zero_copy_only=False),
+        )
+        for name in (TOKEN_IDS, TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGPROB)
+    }
+
+    def cut(name: str, index: int) -> np.ndarray:
+        offsets, values = flat[name]
+        return values[offsets[index] : offsets[index + 1]].copy()
+
+    for index in range(batch.num_rows):
+        token_ids = cut(TOKEN_IDS, index)
+        steps = token_ids.shape[0]
+        if steps == 0:
+            yield None
+            continue
+        topk_ids = cut(TOPK_IDS, index)
+        yield SparseLogprobs(
+            token_ids=token_ids,
+            topk_ids=topk_ids.reshape(steps, -1),
+            topk_logprobs=cut(TOPK_LOGPROBS, index).reshape(steps, -1),
+            tail_logprob=cut(TAIL_LOGPROB, index),
+        )
+
+
+def _fitted_example(
+    prompt_id: str,
+    prompt_ids: list[int],
+    row: dict[str, Any],
+    teacher: SparseLogprobs | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_len: int,
+    counts: DataCounts,
+) -> TokenizedAnswer | None:
+    """The example of one row, cut to `max_seq_len` (None when dropped), tallied in `counts`."""
+    counts.rows += 1
+    if teacher is not None:
+        response_ids = teacher.token_ids.tolist()
+    else:
+        response_ids = tokenizer.encode(row["response"], add_special_tokens=False)
+        if row["finish_reason"] == "stop" and tokenizer.eos_token_id is not None:
+            response_ids.append(tokenizer.eos_token_id)
+    if not response_ids:
+        counts.dropped_empty += 1
+        return None
+    room = max_seq_len - len(prompt_ids)
+    if room < 1:
+        counts.dropped_too_long += 1
+        return None
+    if len(response_ids) > room:
+        counts.truncated += 1
+        response_ids = response_ids[:room]
         if teacher is not None:
-            response_ids = teacher.token_ids.tolist()
-        else:
-            response_ids = tokenizer.encode(row["response"], add_special_tokens=False)
-            if row["finish_reason"] == "stop" and tokenizer.eos_token_id is not None:
-                response_ids.append(tokenizer.eos_token_id)
-        if not response_ids:
-            counts.dropped_empty += 1
-            continue
-        room = max_seq_len - len(prompt_ids)
-        if room < 1:
-            counts.dropped_too_long += 1
-            continue
-        if len(response_ids) > room:
-            counts.truncated += 1
-            response_ids = response_ids[:room]
-            if teacher is not None:
-                teacher = _first_tokens(teacher, room)
-        counts.kept += 1
-        yield TokenizedAnswer(row["prompt_id"], prompt_ids, response_ids, row["response"], teacher)
+            teacher = _first_tokens(teacher, room)
+    counts.kept += 1
+    return TokenizedAnswer(prompt_id, prompt_ids, response_ids, row["response"], teacher)
 
 
 def _first_tokens(teacher: SparseLogprobs, count: int) -> SparseLogprobs:
@@ -164,24 +251,30 @@ def _first_tokens(teacher: SparseLogprobs, count: int) -> SparseLogprobs:
 # --- packing and batching ------------------------------------------------------------------------------
 
 
-def shuffled(count: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of range(count), the same for the same seed and epoch on any machine."""
-    return np.random.default_rng([seed, epoch]).permutation(count).tolist()
+Item = TypeVar("Item")
 
 
-def pack_rows(examples: Sequence[TokenizedAnswer], order: Sequence[int], max_seq_len: int) -> list[list[int]]:
-    """Examples (indices into `examples`, in `order`) packed into rows of at most `max_seq_len` positions:
-    each example goes into the current row if it fits, else it starts the next one."""
-    rows: list[list[int]] = []
-    used = max_seq_len
-    for index in order:
-        size = examples[index].positions
-        if used + size > max_seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(index)
+def pack_stream(
+    items: Iterable[Item], size_of: Callable[[Item], int], max_seq_len: int
+) -> Iterator[list[Item]]:
+    """Items packed into rows of at most `max_seq_len` positions, in order: each item goes into the
+    current row if it fits, else it starts the next one."""
+    row: list[Item] = []
+    used = 0
+    for item in items:
+        size = size_of(item)
+        if row and used + size > max_seq_len:
+            yield row
+            row, used = [], 0
+        row.append(item)
         used += size
-    return rows
+    if row:
+        yield row
+
+
+def pack_rows(examples: Sequence[TokenizedAnswer], order: Iterable[int], max_seq_len: int) -> list[list[int]]:
+    """Examples (indices into `examples`, in `order`) packed into rows (`pack_stream`)."""
+    return list(pack_stream(order, lambda index: examples[index].positions, max_seq_len))
 
 
 @dataclass(frozen=True)
@@ -296,27 +389,24 @@ class BatchPlan:
     def steps_per_epoch(self, rows: int) -> int:
         return -(-rows // self.rows_per_step)
 
-    def step_rows(self, packed: Sequence[list[int]], step: int) -> list[list[list[int]]]:
-        """The micro-batches (lists of rows) of `step` of an epoch. A worker with fewer rows than the step
-        count needs (workers agree on the largest) starts over from its first row, as
-        `DistributedSampler` pads with repeats."""
-        rows = [
-            packed[(step * self.rows_per_step + offset) % len(packed)] for offset in range(self.rows_per_step)
+    def step_batch(self, rows: Sequence[list[TokenizedAnswer]]) -> StepBatch:
+        """A step's packed rows as its examples and micro-batches of rows (indices into the examples)."""
+        examples: list[TokenizedAnswer] = []
+        indexed: list[list[int]] = []
+        for row in rows:
+            indexed.append(list(range(len(examples), len(examples) + len(row))))
+            examples.extend(row)
+        micro_batches = [
+            indexed[start : start + self.micro_batch_rows]
+            for start in range(0, len(indexed), self.micro_batch_rows)
         ]
-        return [
-            rows[start : start + self.micro_batch_rows]
-            for start in range(0, len(rows), self.micro_batch_rows)
-        ]
+        return StepBatch(examples, micro_batches)
 
 
-@dataclass
-class EpochData:
-    """One worker's examples, and the packed rows of each epoch (shuffled from the seed and the epoch)."""
+@dataclass(frozen=True)
+class StepBatch:
+    """One optimizer step of a worker: its examples, and its micro-batches as lists of packed rows, each
+    row a list of indices into `examples` (what `collate` takes)."""
 
     examples: list[TokenizedAnswer]
-    seed: int
-    max_seq_len: int
-    counts: DataCounts = field(default_factory=DataCounts)
-
-    def rows(self, epoch: int) -> list[list[int]]:
-        return pack_rows(self.examples, shuffled(len(self.examples), self.seed, epoch), self.max_seq_len)
+    micro_batches: list[list[list[int]]]

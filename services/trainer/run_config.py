@@ -51,6 +51,11 @@ class TrainRun(_RunModel):
         default=None, description="Recompute activations in the backward pass; default: on a GPU only."
     )
     keep_checkpoints: int = Field(default=2, gt=0, description="Committed checkpoints kept.")
+    shuffle_buffer_examples: int = Field(
+        default=4096,
+        gt=0,
+        description="Examples a worker holds to shuffle its stream of examples (see trainer.worker_data).",
+    )
 
     @property
     def student_prefix(self) -> str:

@@ -1,8 +1,8 @@
 """The training loop one worker runs: a plain PyTorch loop, the same on one CPU and on many GPUs.
 
 `train_worker` knows nothing of Ray. When torch.distributed is initialised (Ray Train's TorchTrainer
-does that before it calls the train function), each worker reads its own part of the answers dataset
-(`data.worker_answer_rows`) and the model is wrapped in DistributedDataParallel, or sharded with FSDP
+does that before it calls the train function), each worker streams its own part of the answers dataset
+(`worker_data.WorkerData`) and the model is wrapped in DistributedDataParallel, or sharded with FSDP
 (`fully_shard`, per decoder layer) for strategy `fsdp`; otherwise it trains alone. DDP is tested on
 the CPU (gloo); FSDP is meant for GPUs (NCCL) and is not tested on the CPU, where gloo may not support it.
 
@@ -80,15 +80,13 @@ from stillhouse.trainer.data import (
     IGNORE_INDEX,
     BatchPlan,
     DataCounts,
-    EpochData,
     PackedBatch,
+    StepBatch,
     TokenizedAnswer,
     answers_topk,
     collate,
     pack_rows,
     read_answer_rows,
-    tokenize_answers,
-    worker_answer_rows,
 )
 from stillhouse.trainer.layer_influence import LayerChoice
 from stillhouse.trainer.losses import SparseTeacher, distillation_loss
@@ -111,6 +109,7 @@ from stillhouse.trainer.run_config import (
 )
 from stillhouse.trainer.student_init import build_student, check_tokenizers, teacher_tokenizer
 from stillhouse.trainer.student_logits import decoder_layers, labelled_logits, unsupported_architecture
+from stillhouse.trainer.worker_data import WorkerData
 
 log = structlog.get_logger(__name__)
 
@@ -306,31 +305,31 @@ def load_examples(
     tokenizer: PreTrainedTokenizerBase,
     choice: LossChoice,
     workers: Workers,
-) -> EpochData:
-    """This worker's examples. Every worker learns the others' counts, so that a worker left with nothing
-    fails together with the rest instead of leaving them waiting."""
+    work_dir: Path,
+) -> WorkerData:
+    """This worker's examples, streamed (`WorkerData`), with every worker's counts. Every worker learns
+    the others' counts, so that a worker left with nothing fails together with the rest instead of
+    leaving them waiting."""
     if choice.stored_teacher and answers_topk(store, run.answers_dataset_id) == 0:
         raise TrainingDataError(
             f"training.loss.kind `{choice.spec.kind.value}` with teacherLogits `stored` needs the teacher's "
             f"logprobs, but dataset {run.answers_dataset_id!r} has none (teacher.topLogprobs was 0)"
         )
-    counts = DataCounts()
-    examples = []
-    rows = worker_answer_rows(store, run.answers_dataset_id, workers.rank, workers.world)
-    for example in tokenize_answers(
-        rows,
+    data = WorkerData.load(
+        store,
+        run.answers_dataset_id,
         tokenizer,
+        rank=workers.rank,
+        world=workers.world,
         use_teacher_tokens=choice.use_teacher_tokens,
+        require_teacher=choice.stored_teacher,
         max_seq_len=run.training.max_seq_len,
-        counts=counts,
-    ):
-        if choice.stored_teacher and example.teacher is None:
-            counts.dropped_no_teacher += 1
-            counts.kept -= 1
-            continue
-        examples.append(example)
-    totals = DataCounts(*(int(value) for value in workers.sum(list(vars(counts).values()))))
-    fewest = int(workers.min([len(examples)])[0])
+        seed=run.training.seed,
+        work_dir=work_dir / "training-data",
+        shuffle_buffer=run.shuffle_buffer_examples,
+    )
+    totals = DataCounts(*(int(value) for value in workers.sum(list(vars(data.counts).values()))))
+    fewest = int(workers.min([data.examples_per_epoch])[0])
     if totals.kept == 0:
         raise TrainingDataError(
             f"dataset {run.answers_dataset_id!r} leaves no training examples at maxSeqLen="
@@ -341,7 +340,7 @@ def load_examples(
             f"dataset {run.answers_dataset_id!r} has {totals.kept} usable examples, too few for "
             f"{workers.world} workers (one would get none): use fewer workers"
         )
-    return EpochData(examples, run.training.seed, run.training.max_seq_len, totals)
+    return data.with_counts(totals)
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -446,7 +445,7 @@ class TrainingLoop:
         trainee: Trainee,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        data: EpochData,
+        data: WorkerData,
         teacher_layers: list[int] | None = None,
     ) -> None:
         """`teacher_layers`: the teacher's decoder layers a depth-pruned student started from."""
@@ -464,12 +463,14 @@ class TrainingLoop:
             training.batch_tokens, training.max_seq_len, workers.world, run.micro_batch_tokens
         )
         self.teacher_k = self._teacher_k()
-        # Steps of each epoch: the most any worker needs (see BatchPlan.step_rows).
-        self.epoch_rows = {epoch: self.data.rows(epoch) for epoch in range(training.epochs)}
+        # Steps of each epoch: the most any worker needs (see worker_data).
         self.steps_per_epoch = [
             int(steps)
             for steps in workers.max(
-                [self.plan.steps_per_epoch(len(self.epoch_rows[e])) for e in range(training.epochs)]
+                [
+                    self.plan.steps_per_epoch(self.data.packed_row_count(epoch))
+                    for epoch in range(training.epochs)
+                ]
             )
         ]
         self.total_steps = sum(self.steps_per_epoch)
@@ -494,7 +495,7 @@ class TrainingLoop:
         model, tokenizer = build_student(run.student.init, run.teacher, locate, choose_layers=layers)
         require_supported_architecture(model, "student")
         choice = choose_loss(run.training.loss, run.teacher, tokenizer, locate)
-        data = load_examples(store, run, tokenizer, choice, workers)
+        data = load_examples(store, run, tokenizer, choice, workers, work_dir)
         trainee = Trainee.student(run, choice)
         return cls(
             run, report, workers, store, work_dir / STUDENT, trainee, model, tokenizer, data, layers.kept
@@ -524,7 +525,7 @@ class TrainingLoop:
     def _teacher_k(self) -> int | None:
         if not self.choice.stored_teacher:
             return None
-        return self.data.examples[0].teacher.k  # type: ignore[union-attr]  # stored_teacher keeps only those
+        return answers_topk(self.store, self.run.answers_dataset_id)
 
     def train(self) -> TrainOutcome:
         run, workers = self.run, self.workers
@@ -561,16 +562,16 @@ class TrainingLoop:
         started = time.perf_counter()
         window = _Window()
         for epoch in range(position.epoch, run.training.epochs):
-            rows = self.epoch_rows[epoch]
             first_batch = position.batch_in_epoch if epoch == position.epoch else 0
-            for batch_index in range(first_batch, self.steps_per_epoch[epoch]):
+            steps = self.data.steps(epoch, self.plan, first_batch)
+            for batch_index, step_batch in zip(
+                range(first_batch, self.steps_per_epoch[epoch]), steps, strict=False
+            ):
                 step_started = time.perf_counter()
                 on_policy = trainee.on_policy is not None and is_on_policy_step(
                     run.training.seed, position.step, trainee.on_policy.fraction
                 )
-                micro_batches = self._micro_batches(
-                    position.step, self.plan.step_rows(rows, batch_index), on_policy
-                )
+                micro_batches = self._micro_batches(position.step, step_batch, on_policy)
                 loss = on_policy_loss(self.choice.spec) if on_policy else self.choice.spec
                 teacher = teacher_model if on_policy or self.choice.full_teacher else None
                 figures = self._step(position.step, forward, wrapped, optimizer, micro_batches, teacher, loss)
@@ -609,16 +610,14 @@ class TrainingLoop:
         on_policy = self.trainee.on_policy
         return 0 if on_policy is None else on_policy_steps(self.run.training.seed, steps, on_policy.fraction)
 
-    def _micro_batches(
-        self, step: int, step_rows: list[list[list[int]]], on_policy: bool
-    ) -> list[PackedBatch]:
+    def _micro_batches(self, step: int, step_batch: StepBatch, on_policy: bool) -> list[PackedBatch]:
         """The step's micro-batches: its examples as they are, or with the student's own responses."""
-        examples, teacher_k = self.data.examples, self.teacher_k
+        examples, micro_batches, teacher_k = step_batch.examples, step_batch.micro_batches, self.teacher_k
         if on_policy:
-            examples, teacher_k = self._generate(step, step_rows), None
+            examples, teacher_k = self._generate(step, examples), None
             packed = pack_rows(examples, range(len(examples)), self.run.training.max_seq_len)
             size = self.plan.micro_batch_rows
-            step_rows = [packed[start : start + size] for start in range(0, len(packed), size)]
+            micro_batches = [packed[start : start + size] for start in range(0, len(packed), size)]
         return [
             collate(
                 examples,
@@ -627,15 +626,12 @@ class TrainingLoop:
                 teacher_k=teacher_k,
                 length=self.run.training.max_seq_len if self.run.compile_model else None,
             )
-            for micro_rows in step_rows
+            for micro_rows in micro_batches
         ]
 
-    def _generate(self, step: int, step_rows: list[list[list[int]]]) -> list[TokenizedAnswer]:
+    def _generate(self, step: int, prompts: list[TokenizedAnswer]) -> list[TokenizedAnswer]:
         """The step's examples, each with the student's own response to its prompt."""
         assert self.trainee.on_policy is not None
-        prompts = [
-            self.data.examples[index] for micro_rows in step_rows for row in micro_rows for index in row
-        ]
         self.model.eval()
         with self._autocast():
             generated = generate_responses(

@@ -262,6 +262,32 @@ def test_a_tampered_shard_fails_the_read_naming_it(object_store: ObjectStore) ->
     assert reader.read_table().num_rows == 300
 
 
+def test_shards_read_through_spooled_files_in_any_order(object_store: ObjectStore, tmp_path: Path) -> None:
+    table = teacher_rows(300)
+    manifest = write(object_store, table)
+    reader = DatasetReader(object_store, DATASET)
+    order = list(reversed(range(len(manifest.shards))))
+    spool = tmp_path / "spool"
+    read = {
+        index: pa.Table.from_batches(list(batches), schema=SCHEMA)
+        for index, batches in reader.read_shards(shards=order, batch_size=7, spool_dir=spool)
+    }
+    assert list(read) == order
+    assert pa.concat_tables([read[index] for index in sorted(read)]).equals(table)
+    assert not any(spool.iterdir())  # every file deleted once read
+    # Leaving in the middle deletes the shard being read and the one downloading.
+    shards = reader.read_shards(shards=order, spool_dir=spool)
+    next(shards)
+    shards.close()
+    assert not any(spool.iterdir())
+    key = manifest.shard_keys()[order[1]]
+    object_store.put_bytes(key, object_store.get_bytes(key)[:-10])
+    with pytest.raises(IntegrityError, match=f"shard '{key}'"):
+        for _, batches in reader.read_shards(shards=order, spool_dir=spool):
+            list(batches)
+    assert not any(spool.iterdir())
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")

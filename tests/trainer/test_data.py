@@ -1,6 +1,7 @@
 """The training data pipeline on real answers datasets written by a tiny random teacher with SmolLM2's
 tokenizer: tokenizing, label shifting and masking, teacher alignment, packing (checked against the model
-itself), shuffling, truncation and each worker's slice of the dataset."""
+itself), truncation and cutting steps into micro-batches (streaming and each worker's slice of the
+dataset: test_worker_data.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
-from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.trainer.data import (
     IGNORE_INDEX,
     BatchPlan,
     DataCounts,
-    EpochData,
     TokenizedAnswer,
     collate,
     pack_rows,
     read_answer_rows,
-    shuffled,
     tokenize_answers,
-    worker_answer_rows,
 )
 
 DATASET = "jobs/test/teacher/train"
@@ -150,17 +147,6 @@ def test_packing_fills_rows_up_to_max_seq_len():
     assert all(sum(examples[i].positions for i in row) <= 12 for row in rows)
 
 
-def test_shuffling_is_deterministic_per_seed_and_epoch():
-    assert shuffled(50, seed=7, epoch=0) == shuffled(50, seed=7, epoch=0)
-    assert shuffled(50, seed=7, epoch=0) != shuffled(50, seed=7, epoch=1)
-    assert shuffled(50, seed=7, epoch=0) != shuffled(50, seed=8, epoch=0)
-    assert sorted(shuffled(50, seed=7, epoch=3)) == list(range(50))
-    examples = [TokenizedAnswer(str(i), [1] * 3, [2] * (1 + i % 5), "", None) for i in range(30)]
-    data = EpochData(examples, seed=7, max_seq_len=16)
-    assert data.rows(2) == EpochData(examples, seed=7, max_seq_len=16).rows(2)
-    assert data.rows(0) != data.rows(1)
-
-
 def test_long_examples_are_truncated_or_dropped_and_counted(answer_rows, tokenizer):
     prompt_lengths = [
         len(
@@ -190,38 +176,15 @@ def test_long_examples_are_truncated_or_dropped_and_counted(answer_rows, tokeniz
         assert example.teacher.token_ids.tolist() == example.response_ids
 
 
-def test_each_worker_reads_only_its_shards(object_store, answers_dataset, teacher_dir):
-    answers_dataset(object_store, DATASET, teacher_dir, PROMPTS, top_k=2, max_new_tokens=2, rows_per_shard=2)
-    reader = DatasetReader(object_store, DATASET)
-    assert len(reader.manifest.shards) == 3
-    everything = [row["prompt_id"] for row in read_answer_rows(object_store, DATASET)]
-    per_worker = [
-        [row["prompt_id"] for row in worker_answer_rows(object_store, DATASET, rank, 2)] for rank in (0, 1)
-    ]
-    for rank, ids in enumerate(per_worker):
-        shard_rows = read_answer_rows(object_store, DATASET, reader.shard_range(rank, 2))
-        assert ids == [row["prompt_id"] for row in shard_rows]
-    assert sorted(per_worker[0] + per_worker[1]) == sorted(everything)
-    assert not set(per_worker[0]) & set(per_worker[1])
-
-
-def test_fewer_shards_than_workers_stride_over_rows(object_store, answers_dataset, teacher_dir):
-    answers_dataset(object_store, DATASET, teacher_dir, PROMPTS, top_k=2, max_new_tokens=2, rows_per_shard=3)
-    everything = [row["prompt_id"] for row in read_answer_rows(object_store, DATASET)]
-    per_worker = [
-        [row["prompt_id"] for row in worker_answer_rows(object_store, DATASET, rank, 4)] for rank in range(4)
-    ]
-    assert per_worker == [everything[rank::4] for rank in range(4)]
-
-
-def test_batch_plan_splits_a_step_into_micro_batches_and_wraps_around():
+def test_batch_plan_splits_a_step_into_micro_batches():
     plan = BatchPlan.create(batch_tokens=4096, max_seq_len=256, world=2, micro_batch_tokens=1024)
     assert (plan.rows_per_step, plan.micro_batch_rows, plan.accumulation_steps) == (8, 4, 2)
-    rows = [[index] for index in range(10)]
-    assert plan.steps_per_epoch(len(rows)) == 2
-    assert plan.step_rows(rows, 0) == [[[0], [1], [2], [3]], [[4], [5], [6], [7]]]
-    # A worker with fewer rows than the step needs starts over from its first row.
-    assert plan.step_rows(rows, 1) == [[[8], [9], [0], [1]], [[2], [3], [4], [5]]]
+    assert plan.steps_per_epoch(10) == 2
+    examples = [TokenizedAnswer(str(i), [1], [2], "", None) for i in range(9)]
+    rows = [[examples[0], examples[1]], *[[example] for example in examples[2:]]]
+    step = plan.step_batch(rows)
+    assert step.examples == examples
+    assert step.micro_batches == [[[0, 1], [2], [3], [4]], [[5], [6], [7], [8]]]
 
 
 def test_positions_without_a_teacher_have_every_slot_masked():

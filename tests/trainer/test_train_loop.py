@@ -287,12 +287,7 @@ def test_on_policy_steps_train_on_the_students_own_generations(make_run, object_
     # positions are those of prompt + at most 3 generated tokens (the teacher's answers are 16 long).
     loop = TrainingLoop.for_student(run, lambda metrics: None, Workers.current(), object_store, tmp_path)
     student = AutoModelForCausalLM.from_pretrained(models[1]).eval()
-    step_examples = [
-        loop.data.examples[index]
-        for micro_rows in loop.plan.step_rows(loop.epoch_rows[0], 0)
-        for row in micro_rows
-        for index in row
-    ]
+    step_examples = next(loop.data.steps(0, loop.plan)).examples
     eos = loop.tokenizer.eos_token_id
     positions = [
         len(example.prompt_ids) + len(greedy_response(student, example.prompt_ids, 3, eos)) - 1

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import structlog
 
+from stillhouse.common.datasets.artifacts import size_and_sha256
 from stillhouse.common.datasets.manifest import (
     MANIFEST_NAME,
     SHARDS_FOLDER,
@@ -482,22 +484,70 @@ class DatasetReader:
         self.schema = manifest.arrow_schema()
 
     def read_batches(
-        self, columns: Sequence[str] | None = None, shards: range | None = None
+        self,
+        columns: Sequence[str] | None = None,
+        shards: Sequence[int] | None = None,
+        batch_size: int | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """Record batches of the given shards (all by default), in order, with the given columns."""
+        """Record batches of the given shards (all by default), in the given order, with the given
+        columns; `batch_size` rows at most each (default: Parquet's)."""
+        for _, batches in self.read_shards(columns, shards, batch_size):
+            yield from batches
+
+    def read_shards(
+        self,
+        columns: Sequence[str] | None = None,
+        shards: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        spool_dir: Path | None = None,
+    ) -> Iterator[tuple[int, Iterator[pa.RecordBatch]]]:
+        """Each of the given shards (all by default), in the given order: its index and its record
+        batches (read them before asking for the next shard). Memory holds the shard being read and the
+        next one, downloading; with `spool_dir`, both are files there instead (deleted once read), and
+        memory holds only what decoding a record batch needs."""
         indices = self._shard_indices(shards)
         columns = self._columns(columns)
         if not indices:
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataset-download") as downloader:
-            upcoming = downloader.submit(self.read_shard_bytes, indices[0])
-            for position in range(len(indices)):
-                data = upcoming.result()
-                if position + 1 < len(indices):
-                    upcoming = downloader.submit(self.read_shard_bytes, indices[position + 1])
-                yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=columns)
+        options = {} if batch_size is None else {"batch_size": batch_size}
+        if spool_dir is not None:
+            spool_dir.mkdir(parents=True, exist_ok=True)
 
-    def read_table(self, columns: Sequence[str] | None = None, shards: range | None = None) -> pa.Table:
+        def fetch(index: int) -> bytes | Path:
+            return self.read_shard_bytes(index) if spool_dir is None else self.spool_shard(index, spool_dir)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataset-download") as downloader:
+            upcoming = downloader.submit(fetch, indices[0])
+            try:
+                for position, index in enumerate(indices):
+                    source = upcoming.result()
+                    if position + 1 < len(indices):
+                        upcoming = downloader.submit(fetch, indices[position + 1])
+                    try:
+                        yield index, _record_batches(source, columns, options)
+                    finally:
+                        _discard(source)
+            finally:
+                if not upcoming.cancel() and upcoming.exception() is None:
+                    _discard(upcoming.result())
+
+    def spool_shard(self, index: int, folder: Path) -> Path:
+        """Download shard `index` into a file in `folder`, checked against the manifest; its path."""
+        shard = self.manifest.shards[index]
+        key = shard.key(self.dataset_id)
+        path = folder / f"shard-{index:06d}-{secrets.token_hex(4)}.parquet"
+        self.store.get_file(key, path)
+        size, sha256 = size_and_sha256(path)
+        if (size, sha256) != (shard.size_bytes, shard.sha256):
+            path.unlink()
+            if size != shard.size_bytes:
+                raise ShardSizeMismatch(_shard_what(self.dataset_id, key), shard.size_bytes, size)
+            raise IntegrityError(_shard_what(self.dataset_id, key), expected=shard.sha256, actual=sha256)
+        return path
+
+    def read_table(
+        self, columns: Sequence[str] | None = None, shards: Sequence[int] | None = None
+    ) -> pa.Table:
         columns = self._columns(columns)
         schema = (
             self.schema
@@ -547,7 +597,7 @@ class DatasetReader:
         """The shards worker `worker_index` of `num_workers` reads (see DatasetManifest.shard_range)."""
         return self.manifest.shard_range(worker_index, num_workers)
 
-    def _shard_indices(self, shards: range | None) -> list[int]:
+    def _shard_indices(self, shards: Sequence[int] | None) -> list[int]:
         count = len(self.manifest.shards)
         if shards is None:
             return list(range(count))
@@ -567,6 +617,26 @@ class DatasetReader:
                 f"dataset {self.dataset_id!r} has no column {unknown[0]!r}; it has {self.schema.names}"
             )
         return list(columns)
+
+
+# Reading a spooled shard: a column chunk streams through a buffer this big, not whole into memory.
+SPOOLED_READ_BUFFER_BYTES = 1024 * 1024
+
+
+def _record_batches(
+    source: bytes | Path, columns: list[str] | None, options: dict[str, Any]
+) -> Iterator[pa.RecordBatch]:
+    if isinstance(source, Path):
+        parquet = pq.ParquetFile(source, buffer_size=SPOOLED_READ_BUFFER_BYTES)
+    else:
+        parquet = pq.ParquetFile(pa.BufferReader(source))
+    with parquet:
+        yield from parquet.iter_batches(columns=columns, **options)
+
+
+def _discard(source: bytes | Path) -> None:
+    if isinstance(source, Path):
+        source.unlink(missing_ok=True)
 
 
 # --- housekeeping ----------------------------------------------------------------------------------------
