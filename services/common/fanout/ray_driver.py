@@ -63,6 +63,16 @@ def run_shard(function: str, index: int, payload: dict[str, Any], counters) -> d
     return {"result": result}
 
 
+def _outcome(ref: ray.ObjectRef, index: int, max_retries: int) -> dict[str, Any]:
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
+        code = "UNAVAILABLE" if isinstance(exc, ray.exceptions.WorkerCrashedError) else "INTERNAL"
+        cause = getattr(exc, "cause", None) or exc
+        message = f"shard {index} failed {max_retries + 1} times: {type(cause).__name__}: {cause}"
+        return {"error": {"code": code, "message": message}}
+
+
 def _print(prefix: str, record: dict[str, Any]) -> None:
     print(prefix + json.dumps(record), flush=True)
 
@@ -86,25 +96,22 @@ def main() -> int:
             index, payload = waiting.pop(0)
             running[task.remote(plan.function, index, payload, counters)] = index
         ready, _ = ray.wait(list(running), num_returns=1, timeout=REPORT_INTERVAL_SECONDS)
+        finished: list[tuple[int, dict[str, Any]]] = []
         for ref in ready:
             index = running.pop(ref)
-            try:
-                outcome = ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
-                code = "UNAVAILABLE" if isinstance(exc, ray.exceptions.WorkerCrashedError) else "INTERNAL"
-                cause = getattr(exc, "cause", None) or exc
-                message = (
-                    f"shard {index} failed {plan.max_retries + 1} times: {type(cause).__name__}: {cause}"
-                )
-                outcome = {"error": {"code": code, "message": message}}
+            outcome = _outcome(ref, index, plan.max_retries)
             if "error" in outcome:
                 _print(ERROR_PREFIX, outcome["error"])
                 return 1
-            _print(PROGRESS_PREFIX, {"shard": index, "result": outcome["result"]})
+            finished.append((index, outcome["result"]))
+        # The counters first: a finished shard's last counters are in the total before its result is
+        # printed, so a follower that stops at the last result has the stage's whole progress.
         total = ray.get(counters.total.remote())
         if total != last_total:
             _print(PROGRESS_PREFIX, {"counters": total})
             last_total = total
+        for index, result in finished:
+            _print(PROGRESS_PREFIX, {"shard": index, "result": result})
     return 0
 
 

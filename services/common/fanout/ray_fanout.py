@@ -80,7 +80,9 @@ class RayFanout:
                 results[int(record["shard"])] = record["result"]
 
         try:
-            end = await self._jobs.follow(sub_id, on_record)
+            end = await self._jobs.follow(
+                sub_id, on_record, finished=lambda: len(results) == len(plan.shards)
+            )
         except asyncio.CancelledError:
             await asyncio.shield(asyncio.to_thread(self._jobs.stop, sub_id))
             raise

@@ -134,8 +134,15 @@ class RayJobs:
             metadata={"stillhouse_operation_id": operation_id},
         )
 
-    async def follow(self, sub_id: str, on_progress: Callable[[dict[str, Any]], None]) -> JobEnd:
-        """Feed every progress record of the job to `on_progress` until the job ends."""
+    async def follow(
+        self,
+        sub_id: str,
+        on_progress: Callable[[dict[str, Any]], None],
+        finished: Callable[[], bool] = lambda: False,
+    ) -> JobEnd:
+        """Feed every progress record of the job to `on_progress` until the job ends, or until `finished`
+        says the records received are all the caller needs (the job then counts as succeeded: what is
+        left of it is its own shutdown)."""
         pending = ""
         try:
             async for chunk in self.client.tail_job_logs(sub_id):
@@ -144,6 +151,8 @@ class RayJobs:
                 for line in lines:
                     if (record := parse_progress(line)) is not None:
                         on_progress(record)
+                if finished():
+                    return JobEnd(sub_id, JobStatus.SUCCEEDED)
         except (RuntimeError, aiohttp.ClientError):
             pass  # the log stream broke (dashboard restarted, cluster gone); the job's status decides
         if (record := parse_progress(pending)) is not None:
