@@ -41,14 +41,18 @@ from typing import Any
 
 import psycopg
 import structlog
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
+
 from _table import print_grid, verdict
+from ray_heads import fanout_to, local_ray_head
 from teacher_http_bench import conversations, fake_openai, teacher_spec, write_prompts
 
 from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.ray.cluster import LocalRayHead
-from stillhouse.common.ray.settings import LocalRaySettings
 from stillhouse.teacher.cache import TeacherCache
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.ledger import PriceTable
@@ -94,24 +98,15 @@ def fresh_database() -> Iterator[str]:
 @contextmanager
 def ray_head(home: Path, temp_dir: Path, cache_url: str, workers: int) -> Iterator[LocalRayHead]:
     """A local Ray head of `workers` CPUs whose workers find the teacher settings in their environment."""
-    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=workers)
-    head = LocalRayHead(
-        settings,
-        {
-            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-            "STILLHOUSE_HOME": str(home),
-            "STILLHOUSE_TEACHER_CACHE_URL": cache_url,
-            "STILLHOUSE_TEACHER_OBJECT_STORE__LOCAL_ROOT": str(home / "objects"),
-            "STILLHOUSE_TEACHER_EGRESS_ALLOW": json.dumps(LOOPBACK_EGRESS),
-            "STILLHOUSE_TEACHER_LOG_LEVEL": "warning",
-        },
-    )
-    head.start()
-    try:
-        head.wait_ready()
+    worker_env = {
+        "STILLHOUSE_HOME": str(home),
+        "STILLHOUSE_TEACHER_CACHE_URL": cache_url,
+        "STILLHOUSE_TEACHER_OBJECT_STORE__LOCAL_ROOT": str(home / "objects"),
+        "STILLHOUSE_TEACHER_EGRESS_ALLOW": json.dumps(LOOPBACK_EGRESS),
+        "STILLHOUSE_TEACHER_LOG_LEVEL": "warning",
+    }
+    with local_ray_head(temp_dir, num_cpus=workers, worker_env=worker_env) as head:
         yield head
-    finally:
-        head.stop()
 
 
 async def stage_run(
@@ -163,14 +158,7 @@ def run(prompts: int = 4000, latency_ms: float = 50, workers: int = 2) -> list[d
             ray_head(home, Path(ray_dir), cache_url, workers) as head,
         ):
             local = FanoutSettings()
-            fanned = FanoutSettings(
-                ray_address=head.address,
-                ray_auth_token_file=Path(ray_dir) / "auth-token",
-                ray_python=sys.executable,
-                ray_poll_seconds=0.2,
-                min_rows=0,
-                shard_rows=max(100, math.ceil(prompts / workers)),
-            )
+            fanned = fanout_to(head, shard_rows=max(100, math.ceil(prompts / workers)))
             figures = [
                 ("in-process", *asyncio.run(stage_run(store, cache_url, base_url, local, "run-local"))),
                 (

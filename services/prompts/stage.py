@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Mapping
 from contextlib import ExitStack
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import structlog
@@ -41,7 +41,7 @@ from stillhouse.common.datasets.store import DatasetWriter
 from stillhouse.common.fanout.choice import fanout_for, plan_for, row_ranges
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import GenerationStrategy, PromptSource, PromptsSpec
-from stillhouse.common.operations import OperationError
+from stillhouse.common.operations import OperationError, ProgressReporter
 from stillhouse.common.v1 import operations_pb2
 from stillhouse.prompts.cleaning import PromptCleaner
 from stillhouse.prompts.generation import DEFAULT_CONCURRENCY, DEFAULT_PATIENCE
@@ -72,18 +72,6 @@ TEACHER_STRATEGIES = (GenerationStrategy.SELF_INSTRUCT, GenerationStrategy.EVOL_
 DATASET_SHARD_BYTES = 16 * 2**20
 # Bumped when what a shard writes changes, so that a re-run never reads another version's shards.
 SHARD_FORMAT = 1
-
-
-class Progress(Protocol):
-    def update(
-        self,
-        *,
-        done: int | None = None,
-        total: int | None = None,
-        unit: str | None = None,
-        message: str | None = None,
-        metrics: dict[str, float] | None = None,
-    ) -> None: ...
 
 
 def source_label(index: int, source: PromptSource) -> str:
@@ -117,7 +105,7 @@ class GeneratePromptsRun:
         spec: PromptsSpec,
         holdout_fraction: float,
         job_id: str,
-        progress: Progress,
+        progress: ProgressReporter,
         operation_id: str = "",
         tenant: str = "",
         teacher: dict[str, Any] | None = None,

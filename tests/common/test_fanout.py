@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import grpc
 import pytest
 from fanout_shards import count_rows
 from ray.job_submission import JobStatus
+from ray_heads import fanout_to, local_ray_head
 from waiting import wait_until
 
 from stillhouse.common.fanout.choice import fanout_for, fans_out, plan_for, row_ranges
@@ -23,7 +23,6 @@ from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.operations import OperationError
 from stillhouse.common.ray.cluster import LocalRayHead, auth_headers
 from stillhouse.common.ray.jobs import RayJobs
-from stillhouse.common.ray.settings import LocalRaySettings
 
 SUPPORT = Path(__file__).parents[1] / "support"
 FUNCTION = "fanout_shards:count_rows"
@@ -94,27 +93,14 @@ async def test_in_process_a_refusing_shard_ends_the_stage_with_its_code(tmp_path
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
-    temp_dir = tmp_path_factory.mktemp("ray")
-    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=2)
     path = os.pathsep.join([str(SUPPORT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    head = LocalRayHead(settings, {"PYTHONPATH": path})
-    head.start()
-    try:
-        head.wait_ready()
+    with local_ray_head(tmp_path_factory.mktemp("ray"), worker_env={"PYTHONPATH": path}) as head:
         yield head
-    finally:
-        head.stop()
 
 
 @pytest.fixture
 def ray_fanout(ray_head: LocalRayHead) -> RayFanout:
-    settings = FanoutSettings(
-        ray_address=ray_head.address,
-        ray_auth_token_file=ray_head.temp_dir / "auth-token",
-        ray_python=sys.executable,
-        ray_poll_seconds=0.2,
-    )
-    return RayFanout(settings)
+    return RayFanout(fanout_to(ray_head))
 
 
 async def test_ray_shards_run_retry_a_dead_worker_and_sum_their_progress(ray_fanout, tmp_path):

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from collections.abc import Iterator
 
 import pytest
+from ray_heads import fanout_to, local_ray_head
 from service_token import SERVICE_TOKEN
 
 from stillhouse.common.datasets.store import DatasetReader
@@ -20,7 +19,6 @@ from stillhouse.common.jobspec import PromptsSpec
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.ray.cluster import LocalRayHead, auth_headers
 from stillhouse.common.ray.jobs import RayJobs
-from stillhouse.common.ray.settings import LocalRaySettings
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.prompts.config import PromptsSettings
 from stillhouse.prompts.generation import call_seed
@@ -211,22 +209,14 @@ async def test_a_rerun_skips_the_generation_shards_already_committed(
 def ray_head_and_store(tmp_path_factory) -> Iterator[tuple[LocalRayHead, LocalObjectStore]]:
     """A Ray head whose workers see the prompts service's object store and input root."""
     folder = tmp_path_factory.mktemp("prompts-ray")
-    temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must fit in 107 bytes
-    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=2)
     env = {
-        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         "STILLHOUSE_PROMPTS_OBJECT_STORE__LOCAL_ROOT": str(folder / "objects"),
         "STILLHOUSE_PROMPTS_INPUT_ROOTS": json.dumps([str(folder)]),
     }
-    head = LocalRayHead(settings, env)
-    head.start()
-    try:
-        head.wait_ready()
+    with local_ray_head(tmp_path_factory.mktemp("ray"), worker_env=env) as head:
         store = LocalObjectStore(folder / "objects", "stillhouse")
         store.ensure_bucket()
         yield head, store
-    finally:
-        head.stop()
 
 
 @pytest.mark.timeout(600)
@@ -234,14 +224,7 @@ async def test_shards_on_ray_give_the_datasets_of_the_stage_in_this_process(ray_
     head, store = ray_head_and_store
     folder = store.folder.parent.parent
     spec = rows_spec(folder)
-    ray = FanoutSettings(
-        ray_address=head.address,
-        ray_auth_token_file=head.temp_dir / "auth-token",
-        ray_python=sys.executable,
-        ray_poll_seconds=0.2,
-        min_rows=0,
-        shard_rows=200,
-    )
+    ray = fanout_to(head, shard_rows=200)
 
     on_ray, _ = await run_stage(store, folder, spec, "job-on-ray", 200, fanout=ray)
     here, _ = await run_stage(store, folder, spec, "job-here", 100_000)

@@ -13,20 +13,18 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_heads import fanout_to, local_ray_head
 from sqlalchemy import func, select
 from teacher_runs import PRICES, TENANT, RecordedProgress, write_prompts
 
 from stillhouse.common.datasets.store import DatasetReader
-from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import TeacherSpec
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.ray.cluster import LocalRayHead
-from stillhouse.common.ray.settings import LocalRaySettings
 from stillhouse.teacher.cache import TeacherCache, answers
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.shards import ShardAnswerer
@@ -48,23 +46,15 @@ def ray_head(
     tmp_path_factory: pytest.TempPathFactory, home: Path, postgres_database_url: str
 ) -> Iterator[LocalRayHead]:
     """A local Ray head whose workers are teacher shard workers: the teacher settings in their environment."""
-    temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must fit in 107 bytes
-    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=2)
     worker_env = {
-        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         "STILLHOUSE_HOME": str(home),
         "STILLHOUSE_TEACHER_CACHE_URL": postgres_database_url,
         "STILLHOUSE_TEACHER_OBJECT_STORE__LOCAL_ROOT": str(home / "objects"),
         "STILLHOUSE_TEACHER_EGRESS_ALLOW": json.dumps(LOOPBACK_EGRESS),
         "STILLHOUSE_TEACHER_LOG_FORMAT": "console",
     }
-    head = LocalRayHead(settings, worker_env)
-    head.start()
-    try:
-        head.wait_ready()
+    with local_ray_head(tmp_path_factory.mktemp("ray"), worker_env=worker_env) as head:
         yield head
-    finally:
-        head.stop()
 
 
 def shard_worker_pids() -> list[int]:
@@ -107,15 +97,7 @@ async def test_a_killed_ray_worker_costs_no_prompt_twice(ray_head, home, postgre
         }
     )
     await teachers.get(spec)
-    fanout = FanoutSettings(
-        ray_address=ray_head.address,
-        ray_auth_token_file=ray_head.temp_dir / "auth-token",
-        ray_python=sys.executable,
-        ray_poll_seconds=0.2,
-        min_rows=0,
-        shard_rows=100,
-        max_retries=2,
-    )
+    fanout = fanout_to(ray_head, shard_rows=100, max_retries=2)
     progress = RecordedProgress()
     stage = AnswerPromptsStage(
         store=store,

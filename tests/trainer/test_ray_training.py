@@ -18,6 +18,7 @@ import pytest
 from ray.exceptions import RayTaskError
 from ray.job_submission import JobStatus
 from ray.train.v2.api.exceptions import WorkerGroupError
+from ray_heads import local_ray_head
 from s3_server import SeaweedFS, seaweedfs_server
 from waiting import wait_until
 
@@ -25,7 +26,6 @@ from stillhouse.common.datasets.artifacts import read_artifact_manifest
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.common.ray.cluster import LocalRayHead, RayUnreachable, auth_headers
 from stillhouse.common.ray.jobs import failure_reason, parse_progress, submission_id
-from stillhouse.common.ray.settings import LocalRaySettings
 from stillhouse.trainer.checkpoints import committed_steps
 from stillhouse.trainer.ray_credentials import key_environment, run_without_keys
 from stillhouse.trainer.ray_entrypoint import error_line, error_summary, outcome_key
@@ -51,15 +51,10 @@ def object_store_settings(s3: SeaweedFS) -> ObjectStoreSettings:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[LocalRayHead]:
-    temp_dir = tmp_path_factory.mktemp("ray")
-    settings = LocalRaySettings(temp_dir=temp_dir, auth_token_file=temp_dir / "auth-token", num_cpus=2)
-    head = LocalRayHead(settings, key_environment(s3.settings("any")))
-    head.start()
-    try:
-        head.wait_ready()
+    with local_ray_head(
+        tmp_path_factory.mktemp("ray"), worker_env=key_environment(s3.settings("any"))
+    ) as head:
         yield head
-    finally:
-        head.stop()
 
 
 @pytest.fixture

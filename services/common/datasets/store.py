@@ -244,10 +244,7 @@ class DatasetWriter:
             return self._manifest
         self._require_open()
         if self._committed_before is None:
-            if self._pending_rows:
-                self._cut_shard(self._pending_rows)
-            while self._in_flight:
-                self._finish_oldest()
+            self._finish_uploads()
             committed = _commit(self.store, self.dataset_id, self._records, self.schema, self.lineage)
             if committed.shards != self._records:  # another writer committed this id first
                 self._delete_uploaded()
@@ -273,10 +270,7 @@ class DatasetWriter:
         its shards stay until the dataset is committed (or `collect_garbage` finds them orphaned)."""
         self._require_open()
         if self._committed_before is None:
-            if self._pending_rows:
-                self._cut_shard(self._pending_rows)
-            while self._in_flight:
-                self._finish_oldest()
+            self._finish_uploads()
         self._shutdown(cancel=False)
         self._closed = True
         return list(self._records)
@@ -336,6 +330,13 @@ class DatasetWriter:
     def _upload_shard(self, record: ShardRecord, data: pa.Buffer) -> ShardRecord:
         self.store.put_bytes(record.key(self.dataset_id), data.to_pybytes(), sha256=record.sha256)
         return record
+
+    def _finish_uploads(self) -> None:
+        """Encode the rows not yet in a shard and wait until every shard is uploaded."""
+        if self._pending_rows:
+            self._cut_shard(self._pending_rows)
+        while self._in_flight:
+            self._finish_oldest()
 
     def _finish_oldest(self) -> None:
         encoded = self._in_flight.pop(0)
