@@ -39,8 +39,9 @@ UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10*
 
 # Runs in a fresh interpreter: argv = folder, shard_rows. Prints one JSON line.
 STAGE = """
-import asyncio, hashlib, json, resource, sys, time
+import asyncio, hashlib, json, sys, time
 from pathlib import Path
+from _memory import peak_rss_bytes
 from stillhouse.common.datasets.store import DatasetReader
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.input_roots import InputRoots
@@ -67,7 +68,7 @@ for reference in (result.train, result.holdout):
     for batch in DatasetReader(store, reference.dataset_id).read_batches(["prompt_id"]):
         digest.update("".join(batch.column(0).to_pylist()).encode())
 print(json.dumps({
-    "seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "seconds": seconds, "peak_rss": peak_rss_bytes(),
     "collected": result.collected, "kept": result.train.num_rows + result.holdout.num_rows,
     "removed": dict(result.removed_by_rule), "datasets": digest.hexdigest(),
 }))
@@ -104,6 +105,7 @@ def run_stage(folder: Path, shard_rows: int) -> dict:
         capture_output=True,
         text=True,
         check=True,
+        cwd=Path(__file__).resolve().parent,  # `-c` puts the working folder on the path: `_memory`
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _memory import peak_rss_bytes
 from _table import print_grid, verdict
 from synthetic_answers import write_synthetic_answers
 
@@ -130,16 +131,7 @@ def _child(path: str, settings_json: str, dataset: str, tokenizer_dir: str, work
             batch = collate(step_examples, micro_rows, pad_token_id=0, teacher_k=TOP_K)
             tokens += batch.tokens
         examples += sum(len(row) for micro_rows in micro_batches for row in micro_rows)
-    print(json.dumps({"examples": examples, "tokens": tokens, "peak_rss_mb": _peak_rss_mb()}))
-
-
-def _peak_rss_mb() -> float:
-    """The process's peak resident memory. Not `ru_maxrss`: that keeps the peak of the parent's memory
-    the child was forked with, before it ran Python anew; the kernel's high-water mark starts over."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark needs Linux")
+    print(json.dumps({"examples": examples, "tokens": tokens, "peak_rss_mb": peak_rss_bytes() / 2**20}))
 
 
 def _streaming_steps(store, dataset, tokenizer, plan, work):
