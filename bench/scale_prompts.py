@@ -130,10 +130,12 @@ def run(prompts: int = 1_000_000, shard_rows: int = 10_000) -> list[dict]:
                     "prompts_per_second": prompts / outcome["seconds"],
                     "peak_rss_mib": outcome["peak_rss"] / 2**20,
                     "kept": outcome["kept"],
-                    "removed": outcome["removed"],
+                    "removed": ", ".join(
+                        f"{rule} {count:,}" for rule, count in sorted(outcome["removed"].items()) if count
+                    ),
                 }
             )
-            print(f"{label}: {outcome}", flush=True)
+            print(f"{label}: {outcome['seconds']:.1f} s", flush=True)
         same = len({outcome["datasets"] for outcome in outcomes.values()}) == 1
         rows.append({"metric": "same datasets, one shard and many", "value": str(same), "passed": same})
         peak = max(outcome["peak_rss"] for outcome in outcomes.values())
