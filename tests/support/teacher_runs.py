@@ -27,6 +27,19 @@ class RecordedProgress:
         self.updates.append(fields)
 
 
+def fake_teacher_spec(base_url: str, **overrides: Any) -> dict[str, Any]:
+    """The `spec.teacher` document of the fake OpenAI-compatible server at `base_url`."""
+    return {
+        "backend": "openai",
+        "baseURL": base_url,
+        "model": "fake-teacher",
+        "topLogprobs": 5,
+        "sampling": {"temperature": 0.0, "maxTokens": 16},
+        "limits": {"maxConcurrency": 4, "maxRetries": 2, "timeoutSeconds": 30},
+        **overrides,
+    }
+
+
 def write_prompts(store: ObjectStore, dataset_id: str, texts: list[str], *, max_shard_rows: int = 70) -> None:
     """A prompts dataset of one user message per text, in small Parquet shards by default, so that a
     stage's shards start and end inside them and across them."""

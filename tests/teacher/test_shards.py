@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from teacher_runs import PRICES, TENANT, RecordedProgress, write_prompts
+from teacher_runs import PRICES, TENANT, RecordedProgress, fake_teacher_spec, write_prompts
 
 from stillhouse.common.datasets.manifest import manifest_key
 from stillhouse.common.datasets.store import DatasetReader
@@ -36,17 +36,7 @@ class Service:
     teachers: TeacherPool
 
     def spec(self, base_url: str, **overrides: Any) -> TeacherSpec:
-        return TeacherSpec.model_validate(
-            {
-                "backend": "openai",
-                "baseURL": base_url,
-                "model": "fake-teacher",
-                "topLogprobs": 5,
-                "sampling": {"temperature": 0.0, "maxTokens": 16},
-                "limits": {"maxConcurrency": 4, "maxRetries": 2, "timeoutSeconds": 30},
-                **overrides,
-            }
-        )
+        return TeacherSpec.model_validate(fake_teacher_spec(base_url, **overrides))
 
     def stage(self, spec: TeacherSpec, job: str, shard_rows: int, progress: RecordedProgress | None = None):
         scope = self.teachers.cache_scope(spec, TENANT)

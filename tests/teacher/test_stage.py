@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from service_token import authorized_channel
+from teacher_runs import fake_teacher_spec
 
 from stillhouse.common.datasets.manifest import Lineage
 from stillhouse.common.datasets.records import PROMPTS_SCHEMA, prompt_id
@@ -94,15 +95,7 @@ def teacher_service(request, processes, free_port, grpc_ready, wait_until, tmp_p
 
 
 def teacher_struct(base_url: str, **overrides) -> struct_pb2.Struct:
-    spec = {
-        "backend": "openai",
-        "baseURL": base_url,
-        "model": "fake-teacher",
-        "topLogprobs": 5,
-        "sampling": {"temperature": 0.0, "maxTokens": 16},
-        "limits": {"maxConcurrency": 4, "maxRetries": 2, "timeoutSeconds": 30},
-        **overrides,
-    }
+    spec = fake_teacher_spec(base_url, **overrides)
     value = struct_pb2.Struct()
     value.update(spec)
     return value
