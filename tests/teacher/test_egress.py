@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from stillhouse.teacher.backends.openai_http import OpenAICompatibleBackend
-from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherCall, TeacherCallError
+from stillhouse.teacher.calls import ChatMessage, FailureKind, TeacherAnswer, TeacherCall, TeacherCallError
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.egress import EgressPolicy, EgressRefused
 
@@ -196,15 +196,27 @@ def make_call(base_url: str) -> TeacherCall:
     )
 
 
+async def ask_once(base_url: str, policy: EgressPolicy) -> TeacherAnswer:
+    """One call through a backend of its own, closed afterwards."""
+    backend = OpenAICompatibleBackend(base_url, None, egress=policy)
+    try:
+        return await backend.answer(make_call(base_url))
+    finally:
+        await backend.aclose()
+
+
+async def failed_call(base_url: str, policy: EgressPolicy) -> TeacherCallError:
+    """Why one call through a backend of its own got no answer."""
+    with pytest.raises(TeacherCallError) as failed:
+        await ask_once(base_url, policy)
+    return failed.value
+
+
 async def test_the_client_connects_to_the_address_it_checked(fake_openai):
     """A name that only the policy's resolver knows: the call can succeed only by connecting there."""
     base_url = f"http://teacher.test:{fake_openai.port}/v1"
     policy = EgressPolicy.from_entries(["127.0.0.0/8"], resolve=resolver({"teacher.test": ["127.0.0.1"]}))
-    backend = OpenAICompatibleBackend(base_url, None, egress=policy)
-    try:
-        answer = await backend.answer(make_call(base_url))
-    finally:
-        await backend.aclose()
+    answer = await ask_once(base_url, policy)
     assert answer.text and fake_openai.calls()["completions"] == 1
 
 
@@ -214,14 +226,9 @@ async def test_a_name_that_turns_private_after_the_check_is_refused_at_connect_t
     policy = EgressPolicy(resolve=lambda host, port: next(answers))
     base_url = f"http://rebind.test:{fake_openai.port}/v1"
     await policy.check_url(base_url)
-    backend = OpenAICompatibleBackend(base_url, None, egress=policy)
-    try:
-        with pytest.raises(TeacherCallError) as failed:
-            await backend.answer(make_call(base_url))
-    finally:
-        await backend.aclose()
-    assert failed.value.kind is FailureKind.EGRESS_REFUSED and not failed.value.retryable
-    assert "rebind.test resolves to 127.0.0.1, a loopback address" in failed.value.message
+    failure = await failed_call(base_url, policy)
+    assert failure.kind is FailureKind.EGRESS_REFUSED and not failure.retryable
+    assert "rebind.test resolves to 127.0.0.1, a loopback address" in failure.message
     assert fake_openai.calls()["completions"] == 0
 
 
@@ -229,14 +236,9 @@ async def test_a_name_that_turns_private_after_the_check_is_refused_at_connect_t
 async def test_an_address_in_the_url_is_checked_at_connect_time_too(fake_openai, host: str):
     """An IP literal, which the HTTP client would connect to without resolving it, in any spelling."""
     base_url = f"http://{host}:{fake_openai.port}/v1"
-    backend = OpenAICompatibleBackend(base_url, None, egress=EgressPolicy())
-    try:
-        with pytest.raises(TeacherCallError) as failed:
-            await backend.answer(make_call(base_url))
-    finally:
-        await backend.aclose()
-    assert failed.value.kind is FailureKind.EGRESS_REFUSED
-    assert "a loopback address" in failed.value.message
+    failure = await failed_call(base_url, EgressPolicy())
+    assert failure.kind is FailureKind.EGRESS_REFUSED
+    assert "a loopback address" in failure.message
     assert fake_openai.calls()["completions"] == 0
 
 
@@ -252,11 +254,7 @@ async def test_proxies_named_by_the_environment_are_not_used(fake_openai):
             environment.setenv(name, nowhere)
         environment.delenv("NO_PROXY", raising=False)
         environment.delenv("no_proxy", raising=False)
-        backend = OpenAICompatibleBackend(base_url, None, egress=policy)
-        try:
-            answer = await backend.answer(make_call(base_url))
-        finally:
-            await backend.aclose()
+        answer = await ask_once(base_url, policy)
     assert answer.text and fake_openai.calls()["completions"] == 1
 
 
@@ -319,14 +317,7 @@ async def _tls_failure(host: str, port: int) -> TeacherCallError:
     """The backend's failure to get an answer from `host`, which the policy resolves to 127.0.0.1."""
     table = {"teacher.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
     policy = EgressPolicy.from_entries(["127.0.0.0/8"], resolve=resolver(table))
-    base_url = f"https://{host}:{port}/v1"
-    backend = OpenAICompatibleBackend(base_url, None, egress=policy)
-    try:
-        with pytest.raises(TeacherCallError) as failed:
-            await backend.answer(make_call(base_url))
-    finally:
-        await backend.aclose()
-    return failed.value
+    return await failed_call(f"https://{host}:{port}/v1", policy)
 
 
 async def test_tls_sends_and_verifies_the_url_host_while_connecting_to_the_checked_address(tls_server):
