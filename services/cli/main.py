@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from stillhouse.common.job_phases import Phase
 from stillhouse.common.paths import stillhouse_home
-from stillhouse.control_plane.phases import Phase
 
 if TYPE_CHECKING:
     from stillhouse.cli.api_client import StillhouseClient

@@ -11,6 +11,7 @@ import structlog
 import uvicorn
 from fastapi import Depends, FastAPI
 
+from stillhouse.common.api_models import ErrorBody
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.logging import configure_logging
 from stillhouse.common.service_credentials import ServiceCredentials
@@ -19,7 +20,6 @@ from stillhouse.control_plane.api.answered_requests import AnsweredRequests
 from stillhouse.control_plane.api.dependencies import known_query_parameters_only
 from stillhouse.control_plane.api.errors import EXCEPTION_HANDLERS
 from stillhouse.control_plane.api.openapi import openapi_with_job_schema
-from stillhouse.control_plane.api_models import ErrorBody
 from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.lifespan import lifespan
 

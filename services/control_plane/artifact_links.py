@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from stillhouse.control_plane.api_models import ArtifactFileLink, ArtifactLinks
+from stillhouse.common.api_models import ArtifactFileLink, ArtifactLinks
 from stillhouse.control_plane.orchestrator import ServiceChannels
 from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 

@@ -26,11 +26,11 @@ from typing import Any
 import grpc
 import structlog
 
+from stillhouse.common.job_phases import Stage
 from stillhouse.common.operations import FINAL_STATES, State
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.control_plane.job_removal import job_prefix
 from stillhouse.control_plane.orchestrator import ServiceChannels
-from stillhouse.control_plane.phases import Stage
 from stillhouse.control_plane.stage_calls import STAGE_CALLS
 from stillhouse.control_plane.start_and_follow import FollowFailed, describe_rpc_error, start_and_follow
 from stillhouse.prompts.v1 import prompts_pb2

@@ -16,7 +16,7 @@ import prometheus_client
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from stillhouse.control_plane.phases import Phase, Stage
+from stillhouse.common.job_phases import Phase, Stage
 
 JOB_PHASE_TRANSITIONS = prometheus_client.Counter(
     "stillhouse_job_phase_transitions_total",

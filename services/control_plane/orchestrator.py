@@ -23,12 +23,12 @@ import structlog
 import tenacity
 
 from stillhouse.common.database_retry import describe, is_transient
+from stillhouse.common.job_phases import STAGE_OF_PHASE, Phase, Stage, StepState, next_phase
 from stillhouse.common.operations import State
 from stillhouse.common.service_credentials import ServiceCredentials
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.job_metrics import RUNNING_STAGES, entered_phase, stage_ended
-from stillhouse.control_plane.phases import STAGE_OF_PHASE, Phase, Stage, next_phase
 from stillhouse.control_plane.progress_events import ProgressEvents
 from stillhouse.control_plane.stage_calls import STAGE_CALLS, StageCall, operation_id_for, result_to_json
 from stillhouse.control_plane.start_and_follow import (
@@ -37,7 +37,7 @@ from stillhouse.control_plane.start_and_follow import (
     describe_rpc_error,
     start_and_follow,
 )
-from stillhouse.control_plane.store import JobRecord, JobStore, LeaseLost, StepRecord, StepState
+from stillhouse.control_plane.store import JobRecord, JobStore, LeaseLost, StepRecord
 
 log = structlog.get_logger(__name__)
 

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from stillhouse.control_plane.phases import Stage
+from stillhouse.common.job_phases import Stage, StepState
 from stillhouse.control_plane.principals import TenantQuota
-from stillhouse.control_plane.store import JobActivity, StepState, TenantUsage
+from stillhouse.control_plane.store import JobActivity, TenantUsage
 
 # Where each stage that calls the teacher records what its calls cost, in its result.
 LEDGER_OF_STAGE = {Stage.PROMPTS: "generation_ledger", Stage.TEACHER: "ledger"}

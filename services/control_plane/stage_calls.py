@@ -13,8 +13,8 @@ from typing import Any
 
 from google.protobuf import json_format, message, struct_pb2
 
+from stillhouse.common.job_phases import Stage
 from stillhouse.common.v1 import operations_pb2
-from stillhouse.control_plane.phases import Stage
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc

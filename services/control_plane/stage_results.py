@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from stillhouse.control_plane.phases import Stage
+from stillhouse.common.job_phases import Stage, StepState
 from stillhouse.control_plane.stage_calls import result_from_json
-from stillhouse.control_plane.store import StepRecord, StepState
+from stillhouse.control_plane.store import StepRecord
 from stillhouse.prompts.v1 import prompts_pb2
 from stillhouse.teacher.v1 import teacher_pb2
 from stillhouse.trainer.v1 import trainer_pb2

@@ -21,7 +21,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,8 +59,15 @@ from stillhouse.common.database_retry import (
     is_transient,
     retry_transient,
 )
+from stillhouse.common.job_phases import (
+    TERMINAL_PHASES,
+    IllegalTransition,
+    Phase,
+    Stage,
+    StepState,
+    check_transition,
+)
 from stillhouse.control_plane.notifications import CANCEL_REQUESTED, EVENTS_WRITTEN, JOB_SUBMITTED
-from stillhouse.control_plane.phases import TERMINAL_PHASES, IllegalTransition, Phase, Stage, check_transition
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_JOB_ID_LENGTH = 64
@@ -76,13 +82,6 @@ log = structlog.get_logger(__name__)
 
 
 # --- Records handed to callers ------------------------------------------------------------------
-
-
-class StepState(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

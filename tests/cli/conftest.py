@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from stillhouse.control_plane.api_models import EstimateView, GenerationCost, PromptsEstimate, TeacherCost
+from stillhouse.common.api_models import EstimateView, GenerationCost, PromptsEstimate, TeacherCost
 
 TOKEN = "s3cret-test-token-never-printed"
 

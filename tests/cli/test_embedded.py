@@ -10,15 +10,14 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+from embedded_platform import STILLHOUSE, Embedded, running_up, start_up, wait_gone
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_token import authorized_channel, token_metadata
 from sockets import is_loopback, listening_sockets
@@ -38,7 +37,6 @@ from stillhouse.cli.embedded import (
 from stillhouse.cli.main import app
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
 
-STILLHOUSE = Path(sys.executable).with_name("stillhouse")
 INVALID_SPEC = (
     "spec: {teacher: {backend: local, model: smollm2, temprature: 0.5}, "
     "student: {init: {pruneTeacherDepth: 1}}}\n"
@@ -141,83 +139,6 @@ def test_the_service_token_is_private_and_kept(tmp_path: Path) -> None:
 
 
 # --- the whole platform ---------------------------------------------------------------------------
-
-
-@dataclass
-class Embedded:
-    home: Path
-    process: subprocess.Popen[str]
-    endpoint: dict
-    children: list[psutil.Process]
-    # Every process under the supervisor, including anything a service started itself.
-    descendants: list[psutil.Process]
-    healthy_after: float
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "STILLHOUSE_HOME": str(self.home)}
-        env.pop("STILLHOUSE_API_URL", None)
-        env.pop("STILLHOUSE_API_TOKEN", None)
-        return subprocess.run([str(STILLHOUSE), *args], env=env, capture_output=True, text=True, timeout=60)
-
-    def output(self) -> str:
-        stdout, stderr = self.process.communicate(timeout=30)
-        return stdout + stderr
-
-
-def start_up(
-    home: Path, api_port: int, *extra: str, env: dict[str, str] | None = None, own_group: bool = False
-) -> subprocess.Popen[str]:
-    command = [str(STILLHOUSE), "up", "--home", str(home), "--api-port", str(api_port), *extra]
-    return subprocess.Popen(
-        command,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Like a shell job: Ctrl-C in a terminal signals the whole foreground process group.
-        process_group=0 if own_group else None,
-    )
-
-
-def wait_for_endpoint(home: Path, process: subprocess.Popen[str], timeout: float) -> dict:
-    path = home / "endpoint.json"
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            stdout, stderr = process.communicate()
-            pytest.fail(f"stillhouse up exited with {process.returncode}:\n{stdout}\n{stderr}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"stillhouse up wrote no endpoint.json within {timeout} s")
-        time.sleep(0.1)
-    return json.loads(path.read_text())
-
-
-def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    return alive
-
-
-@contextlib.contextmanager
-def running_up(home: Path, api_port: int, env: dict[str, str] | None = None) -> Iterator[Embedded]:
-    started = time.monotonic()
-    process = start_up(home, api_port, env=env, own_group=True)
-    try:
-        endpoint = wait_for_endpoint(home, process, timeout=60)
-        healthy_after = time.monotonic() - started
-        supervisor = psutil.Process(process.pid)
-        yield Embedded(
-            home, process, endpoint, supervisor.children(), supervisor.children(recursive=True), healthy_after
-        )
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for child in psutil.Process().children(recursive=True):
-            if child.pid != process.pid and child.is_running():
-                child.kill()
 
 
 @pytest.fixture

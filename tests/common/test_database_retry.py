@@ -17,7 +17,7 @@ from waiting import pick_free_port
 
 from stillhouse.common.database import configure_sqlite, database_urls
 from stillhouse.common.database_retry import DatabaseUnavailable, RetryPolicy, describe, is_transient
-from stillhouse.control_plane.phases import IllegalTransition, Phase
+from stillhouse.common.job_phases import IllegalTransition, Phase
 from stillhouse.control_plane.store import JobAlreadyExists, JobNotFound, StepNotFound
 
 

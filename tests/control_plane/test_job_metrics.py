@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
+from stillhouse.common.job_phases import Stage
 from stillhouse.control_plane.job_metrics import RunningStages
-from stillhouse.control_plane.phases import Stage
 
 
 def gauges(stages: RunningStages) -> dict[tuple[str, str], float]:

@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
 from stillhouse.common import database
+from stillhouse.common.job_phases import Phase, Stage, StepState
 from stillhouse.control_plane.leadership import DatabaseLease, Leadership
 from stillhouse.control_plane.notifications import (
     CANCEL_REQUESTED,
@@ -20,8 +21,7 @@ from stillhouse.control_plane.notifications import (
     JOB_SUBMITTED,
     DatabaseListener,
 )
-from stillhouse.control_plane.phases import Phase, Stage
-from stillhouse.control_plane.store import JobStore, LeaseLost, StepState
+from stillhouse.control_plane.store import JobStore, LeaseLost
 
 LEASE_SECONDS = 2.0
 

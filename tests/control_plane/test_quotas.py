@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from stillhouse.control_plane.phases import Phase, Stage
+from stillhouse.common.job_phases import Phase, Stage
 from stillhouse.control_plane.principals import TenantQuota
 from stillhouse.control_plane.quotas import (
     BudgetRequired,

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from stillhouse.common.grpc_server import OperationsServicer
+from stillhouse.common.job_phases import Stage
 from stillhouse.common.operations import OperationRegistry, ProgressReporter, State
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
-from stillhouse.control_plane.phases import Stage
 from stillhouse.control_plane.stage_calls import STAGE_CALLS
 from stillhouse.control_plane.start_and_follow import FollowBounds, FollowFailed, start_and_follow
 from stillhouse.prompts.v1 import prompts_pb2, prompts_pb2_grpc

@@ -15,8 +15,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from stillhouse.common.database import database_urls
+from stillhouse.common.job_phases import IllegalTransition, Phase, Stage
 from stillhouse.control_plane import store as store_module
-from stillhouse.control_plane.phases import IllegalTransition, Phase, Stage
 from stillhouse.control_plane.store import (
     Base,
     JobAlreadyExists,

@@ -19,9 +19,9 @@ from tcp_proxy import TcpProxy
 
 from stillhouse.common import database
 from stillhouse.common.database_retry import DatabaseUnavailable, RetryPolicy
+from stillhouse.common.job_phases import Phase, Stage, StepState
 from stillhouse.control_plane import store as store_module
-from stillhouse.control_plane.phases import Phase, Stage
-from stillhouse.control_plane.store import JobStore, StepState
+from stillhouse.control_plane.store import JobStore
 
 DOCUMENT = {"spec": {"teacher": {"model": "deepseek-chat", "sampling": {"temperature": 0.7}}}}
 TERMINATE_OTHERS = (

@@ -12,7 +12,7 @@ from alembic import command
 from sqlalchemy import create_engine, text
 
 from stillhouse.common.database import database_urls
-from stillhouse.control_plane.phases import Phase, Stage
+from stillhouse.common.job_phases import Phase, Stage
 from stillhouse.control_plane.store import (
     JobNotFinished,
     JobNotFound,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from stillhouse.control_plane.api_models import TeacherSummary
-from stillhouse.control_plane.phases import Stage
+from stillhouse.common.api_models import TeacherSummary
+from stillhouse.common.job_phases import Stage, StepState
 from stillhouse.control_plane.stage_calls import result_to_json
-from stillhouse.control_plane.store import StepRecord, StepState
+from stillhouse.control_plane.store import StepRecord
 from stillhouse.control_plane.summary import job_summary
 from stillhouse.teacher.ledger import Ledger
 from stillhouse.teacher.v1 import teacher_pb2

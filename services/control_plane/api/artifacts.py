@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from stillhouse.common.api_models import ArtifactLinks, ArtifactName, ErrorBody
 from stillhouse.control_plane.api.dependencies import Caller, Channels, Store, visible_job
 from stillhouse.control_plane.api.errors import ApiError
 from stillhouse.control_plane.api.job_ids import JobId
 from stillhouse.control_plane.api.openapi import JOB_ROUTE_ERRORS
-from stillhouse.control_plane.api_models import ArtifactLinks, ArtifactName, ErrorBody
 from stillhouse.control_plane.artifact_links import ArtifactUnavailable, artifact_links
 from stillhouse.control_plane.stage_results import StageResults
 

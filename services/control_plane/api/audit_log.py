@@ -7,10 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from stillhouse.common.api_models import AuditList, ErrorBody
 from stillhouse.control_plane.api.dependencies import Caller, Store
 from stillhouse.control_plane.api.errors import ApiError
 from stillhouse.control_plane.api.openapi import PAGE_TOKEN_ERRORS, UNAUTHENTICATED
-from stillhouse.control_plane.api_models import AuditList, ErrorBody
+from stillhouse.control_plane.views import audit_list
 
 router = APIRouter(tags=["audit"])
 
@@ -42,4 +43,4 @@ async def list_audit(
         )
     except ValueError as exc:
         raise ApiError(400, f"pageToken: {exc}") from exc
-    return AuditList.of(entries, next_token)
+    return audit_list(entries, next_token)

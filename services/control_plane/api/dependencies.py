@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.control_plane.api.errors import ApiError
+from stillhouse.control_plane.api.session import CSRF_HEADER, needs_csrf_header, session_token
 from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.dispatch import JobDispatch
 from stillhouse.control_plane.events import JobEventBus
@@ -33,14 +34,17 @@ bearer = HTTPBearer(auto_error=False)
 async def current_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Principal:
-    """The principal of the bearer token, or 401. Kept on the request for the audit log."""
+    """The principal of the bearer token, or of the console's session cookie when there is no bearer
+    token; else 401. Kept on the request for the audit log."""
     access: AccessControl = request.app.state.access
-    principal = access.authenticate(credentials.credentials) if credentials else None
+    cookie_token = None if credentials else session_token(request)
+    token = credentials.credentials if credentials else cookie_token
+    principal = access.authenticate(token) if token else None
     if principal is None:
-        log.warning(
-            "unauthenticated request refused", path=request.url.path, had_token=credentials is not None
-        )
+        log.warning("unauthenticated request refused", path=request.url.path, had_token=token is not None)
         raise ApiError(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if cookie_token is not None and needs_csrf_header(request):
+        raise ApiError(403, f"a console session must send the header {CSRF_HEADER}: 1 with {request.method}")
     request.state.principal = principal
     return principal
 

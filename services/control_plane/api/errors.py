@@ -15,10 +15,11 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from stillhouse.common.api_models import ErrorBody, FieldError
 from stillhouse.common.database_retry import DatabaseUnavailable
-from stillhouse.control_plane.api_models import ErrorBody, FieldError, field_errors, summarise
 from stillhouse.control_plane.quotas import QuotaExceeded
 from stillhouse.control_plane.store import JobNotFound
+from stillhouse.control_plane.views import field_errors, summarise
 
 
 class ApiError(Exception):

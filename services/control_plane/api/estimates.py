@@ -8,12 +8,13 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Request
 
+from stillhouse.common.api_models import ErrorBody, EstimateView
 from stillhouse.control_plane.api.dependencies import Caller, Channels, Settings
 from stillhouse.control_plane.api.errors import ApiError
 from stillhouse.control_plane.api.openapi import BODY_ERRORS, JOB_ROUTE_ERRORS
 from stillhouse.control_plane.api.submitted_job import SubmittedJob, preflight_warnings
-from stillhouse.control_plane.api_models import ErrorBody, EstimateView
 from stillhouse.control_plane.estimate import EstimateFailed, EstimateTimedOut, estimate_job
+from stillhouse.control_plane.views import estimate_view
 
 # How often a long request looks whether its caller is still there.
 DISCONNECT_POLL_SECONDS = 1.0
@@ -69,4 +70,4 @@ async def estimate(
         raise ApiError(503 if exc.retryable else 422, f"cannot estimate the job: {exc}") from exc
     except EstimateTimedOut as exc:
         raise ApiError(504, str(exc)) from exc
-    return EstimateView.of(estimated, warnings)
+    return estimate_view(estimated, warnings)

@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from stillhouse.common.job_phases import Phase
 from stillhouse.control_plane.api.dependencies import Caller, EventBus, Store, visible_job
 from stillhouse.control_plane.api.errors import ApiError
 from stillhouse.control_plane.api.job_ids import JobId
 from stillhouse.control_plane.api.openapi import JOB_ROUTE_ERRORS
 from stillhouse.control_plane.events import JobEventBus
-from stillhouse.control_plane.phases import Phase
 from stillhouse.control_plane.store import JobStore
 
 # Seconds between two looks at the store while nothing has been announced (another process may write).

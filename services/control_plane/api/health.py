@@ -6,8 +6,8 @@ import prometheus_client
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import PlainTextResponse
 
+from stillhouse.common.api_models import HealthStatus
 from stillhouse.control_plane.api.dependencies import Store, current_principal
-from stillhouse.control_plane.api_models import HealthStatus
 
 router = APIRouter(tags=["health"])
 

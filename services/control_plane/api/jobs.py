@@ -11,6 +11,8 @@ import prometheus_client
 import structlog
 from fastapi import APIRouter, Query, Request, Response
 
+from stillhouse.common.api_models import ErrorBody, FieldError, JobList, JobView
+from stillhouse.common.job_phases import IllegalTransition, Phase
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.control_plane.api.dependencies import (
     Access,
@@ -30,10 +32,8 @@ from stillhouse.control_plane.api.openapi import (
     UNAUTHENTICATED,
 )
 from stillhouse.control_plane.api.submitted_job import SubmittedJob, preflight_warnings
-from stillhouse.control_plane.api_models import ErrorBody, FieldError, JobList, JobView
 from stillhouse.control_plane.job_metrics import entered_phase
 from stillhouse.control_plane.job_removal import RemovalFailed, remove_job
-from stillhouse.control_plane.phases import IllegalTransition, Phase
 from stillhouse.control_plane.principals import Principal, TenantQuota
 from stillhouse.control_plane.quotas import (
     BudgetRequired,
@@ -43,6 +43,7 @@ from stillhouse.control_plane.quotas import (
     start_of_day,
 )
 from stillhouse.control_plane.store import JobNotFinished, JobRecord, JobStore, TenantUsage
+from stillhouse.control_plane.views import job_view
 
 log = structlog.get_logger(__name__)
 
@@ -133,7 +134,7 @@ async def submit_job(
     )
     dispatch.job_submitted(record.id)
     bus.notify()
-    return JobView.of(record).model_copy(update={"warnings": warnings})
+    return job_view(record).model_copy(update={"warnings": warnings})
 
 
 @router.get("/v1/jobs", response_model=JobList, responses={**UNAUTHENTICATED, **PAGE_TOKEN_ERRORS})
@@ -159,7 +160,7 @@ async def list_jobs(
         )
     except ValueError as exc:
         raise ApiError(400, f"pageToken: {exc}") from exc
-    return JobList(jobs=[JobView.of(job) for job in jobs], next_page_token=next_token)
+    return JobList(jobs=[job_view(job) for job in jobs], next_page_token=next_token)
 
 
 @router.post(
@@ -177,13 +178,13 @@ async def cancel_job(job_id: JobId, principal: Caller, store: Store, dispatch: D
         raise ApiError(409, f"job {job_id} has already ended ({exc.current})") from exc
     dispatch.cancel_requested(job_id)
     log.info("job cancel requested", job_id=job_id)
-    return JobView.of(record, await store.steps(job_id))
+    return job_view(record, await store.steps(job_id))
 
 
 @router.get("/v1/jobs/{job_id:job_id}", response_model=JobView, responses=JOB_ROUTE_ERRORS)
 async def get_job(job_id: JobId, principal: Caller, store: Store) -> JobView:
     """One job, with the steps it has run."""
-    return JobView.of(await visible_job(store, principal, job_id), await store.steps(job_id))
+    return job_view(await visible_job(store, principal, job_id), await store.steps(job_id))
 
 
 @router.delete(

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from stillhouse.common.api_models import ErrorBody
 from stillhouse.common.jobspec import DistillationJob
-from stillhouse.control_plane.api_models import ErrorBody
 from stillhouse.control_plane.spec_body import MAX_DEPTH, MAX_EXPANDED_VALUES, MAX_SPEC_BYTES
 
 # The routes that take a DistillationJob as their body.

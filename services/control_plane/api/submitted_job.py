@@ -9,14 +9,15 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import ValidationError
 
+from stillhouse.common.api_models import FieldError
 from stillhouse.common.input_roots import InputRefused, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.control_plane.api.dependencies import Roots
 from stillhouse.control_plane.api.errors import ApiError, invalid
-from stillhouse.control_plane.api_models import FieldError, field_errors, preflight_errors
 from stillhouse.control_plane.orchestrator import ServiceChannels
 from stillhouse.control_plane.preflight import PreflightRefused, PreflightUnavailable, check_job
 from stillhouse.control_plane.spec_body import BodyRefused, parse_document, read_capped
+from stillhouse.control_plane.views import field_errors, preflight_errors
 
 
 async def job_from_body(request: Request, roots: Roots) -> DistillationJob:

@@ -1,4 +1,5 @@
-"""The job state machine: which phase follows which, and which stage of work each phase runs."""
+"""The job state machine: which phase follows which, which stage of work each phase runs, and the states
+of a stage's step. Part of the API's wire schema (`api_models`), so the SDK shares it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ class Phase(StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_PHASES
+
+
+class StepState(StrEnum):
+    """Where one stage's call (a step of the job) stands."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Stage(StrEnum):

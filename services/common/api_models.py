@@ -1,22 +1,16 @@
-"""The REST API's wire schema: what `/v1/jobs` answers. Handlers only translate store records to these."""
+"""The REST API's wire schema: what `/v1` answers, shared by the control plane (which builds these from its
+records: `control_plane.views`) and the SDK (`stillhouse.client`), which reads them back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from stillhouse.control_plane.phases import Phase, Stage
-from stillhouse.control_plane.store import AuditRecord, JobRecord, StepRecord, StepState
-from stillhouse.control_plane.summary import job_summary
-
-if TYPE_CHECKING:
-    from stillhouse.control_plane.estimate import Estimate
-    from stillhouse.prompts.v1 import prompts_pb2
+from stillhouse.common.job_phases import Phase, Stage, StepState
 
 
 class WireModel(BaseModel):
@@ -27,6 +21,10 @@ class FieldError(WireModel):
     field: str = Field(description="Dotted path of the offending field, e.g. `spec.training.epochs`.")
     message: str
     type: str = Field(description="The kind of error; `preflight` for what the submit-time check found.")
+    line: int | None = Field(
+        default=None,
+        description="The line of the submitted document (1-based) that holds the field, where it is known.",
+    )
 
 
 class StepView(WireModel):
@@ -81,6 +79,17 @@ class TrainingSummary(WireModel):
     final_metrics: dict[str, float]
 
 
+class AnswerSample(WireModel):
+    """One held-out prompt with the teacher's answer and each model's greedy answer to it."""
+
+    prompt_id: str
+    prompt: str = Field(description="The prompt as the models saw it, before any chat template.")
+    teacher: str = Field(description="The teacher's answer (the reference).")
+    baseline: str = Field(description="The untrained student's greedy answer.")
+    student: str = Field(description="The student's greedy answer.")
+    control_sft: str | None = Field(default=None, description="The SFT control's, when it was trained.")
+
+
 class EvaluationSummary(WireModel):
     recovery_percent: float = Field(
         description="The headline: the share of the gap from a context-free unigram to the teacher that the "
@@ -103,6 +112,10 @@ class EvaluationSummary(WireModel):
         default=None, description="The SFT control, when `evaluation.controls` lists `sft`."
     )
     teacher: dict[str, float]
+    samples: list[AnswerSample] = Field(
+        default_factory=list,
+        description="The first held-out prompts with every model's answer side by side (texts bounded).",
+    )
 
 
 class CostSummary(WireModel):
@@ -145,24 +158,6 @@ class JobView(WireModel):
         "submit only).",
     )
 
-    @classmethod
-    def of(cls, job: JobRecord, steps: list[StepRecord] | None = None) -> JobView:
-        return cls(
-            id=job.id,
-            name=job.name,
-            phase=job.phase,
-            message=job.message,
-            cancel_requested=job.cancel_requested,
-            labels=job.labels,
-            tenant=job.tenant,
-            owner=job.owner,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            spec=job.document,
-            steps=[StepView.model_validate(step) for step in steps or []],
-            summary=JobSummary.model_validate(summary) if (summary := job_summary(steps or [])) else None,
-        )
-
 
 class JobList(WireModel):
     jobs: list[JobView]
@@ -186,12 +181,6 @@ class AuditList(WireModel):
     entries: list[AuditEntry]
     next_page_token: str | None = Field(description="Pass as `pageToken` for the next page; null at the end.")
 
-    @classmethod
-    def of(cls, records: list[AuditRecord], next_page_token: str | None) -> AuditList:
-        return cls(
-            entries=[AuditEntry.model_validate(record) for record in records], next_page_token=next_page_token
-        )
-
 
 class PromptsEstimate(WireModel):
     train: int = Field(description="Training prompts the job will send the teacher.")
@@ -200,17 +189,6 @@ class PromptsEstimate(WireModel):
     removed_by_rule: dict[str, int]
     shortfall: int = Field(description="Prompts asked for but not reached.")
     warnings: list[str]
-
-    @classmethod
-    def of(cls, result: prompts_pb2.GeneratePromptsResult) -> PromptsEstimate:
-        return cls(
-            train=result.train.num_rows,
-            holdout=result.holdout.num_rows,
-            collected=result.collected,
-            removed_by_rule=dict(result.removed_by_rule),
-            shortfall=result.shortfall,
-            warnings=list(result.warnings),
-        )
 
 
 class TeacherCost(WireModel):
@@ -244,18 +222,6 @@ class EstimateView(WireModel):
         description="What the submit-time check found that would not stop the job.",
     )
 
-    @classmethod
-    def of(cls, estimate: Estimate, warnings: list[FieldError]) -> EstimateView:
-        generation = estimate.prompts.generation_ledger
-        return cls(
-            estimate_id=estimate.estimate_id,
-            prompts=PromptsEstimate.of(estimate.prompts),
-            teacher=TeacherCost.of(estimate.teacher),
-            generation=GenerationCost.of(generation),
-            total_usd=estimate.teacher.cost_usd + generation.cost_usd,
-            warnings=warnings,
-        )
-
 
 class ArtifactName(StrEnum):
     STUDENT = "student"
@@ -284,29 +250,3 @@ class ErrorBody(WireModel):
 class HealthStatus(WireModel):
     status: Literal["ok", "unavailable"]
     reason: str | None = Field(default=None, description="Why the process is not ready (not when `ok`).")
-
-
-def _field_path(location: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(body)"
-
-
-def field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
-    """Pydantic's error list (from a ValidationError or FastAPI's request validation), one per field."""
-    return [
-        FieldError(field=_field_path(tuple(error["loc"])), message=error["msg"], type=error["type"])
-        for error in errors
-    ]
-
-
-def preflight_errors(findings: Iterable[Any]) -> list[FieldError]:
-    """The trainer's `SpecFinding`s as field errors."""
-    return [FieldError(field=found.field, message=found.message, type="preflight") for found in findings]
-
-
-def summarise(what: str, errors: list[FieldError]) -> str:
-    shown = "; ".join(f"{error.field}: {error.message}" for error in errors[:3])
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return f"invalid {what}: {shown}{more}"
