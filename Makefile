@@ -23,9 +23,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stillhouse run examples/smollm2-local.yaml
 
-## test: lint, then the default test suite (needs PostgreSQL and Redis on 127.0.0.1; started if down)
+## test: lint, then the default test suite (needs PostgreSQL and Redis on 127.0.0.1, started if down, and
+## Chromium for the console's tests, installed if missing)
 test: $(STAMP) lint
 	deploy/local/ensure-test-servers.sh
+	deploy/local/ensure-browser.sh
 	$(BIN)/pytest
 
 ## test-slow: the tests marked slow (minutes each)
