@@ -21,6 +21,8 @@ from stillhouse.control_plane.api.dependencies import known_query_parameters_onl
 from stillhouse.control_plane.api.errors import EXCEPTION_HANDLERS
 from stillhouse.control_plane.api.openapi import openapi_with_job_schema
 from stillhouse.control_plane.config import ControlPlaneSettings
+from stillhouse.control_plane.console import login, pages
+from stillhouse.control_plane.console.static_files import STATIC_PREFIX, console_static_files
 from stillhouse.control_plane.lifespan import lifespan
 
 log = structlog.get_logger(__name__)
@@ -51,8 +53,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     app.state.service_credentials = ServiceCredentials.load(settings)
     app.state.input_roots = InputRoots.of(settings.input_roots)
     app.add_middleware(AnsweredRequests)
-    for module in (health, jobs, estimates, artifacts, event_stream, audit_log):
+    for module in (health, jobs, estimates, artifacts, event_stream, audit_log, login, pages):
         app.include_router(module.router)
+    app.mount(STATIC_PREFIX, console_static_files(), name="console-static")
     return app
 
 
