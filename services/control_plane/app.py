@@ -1,7 +1,9 @@
-"""The control plane's REST API: submit, list, inspect, follow, cancel and delete distillation jobs.
+"""The control plane's REST API: submit, list, inspect, follow, cancel and delete distillation jobs; and
+the web console that drives it from a browser.
 
-`create_app` assembles it: the routers of `api` (one per resource), the state they share on
-`app.state`, the middleware and the exception handlers. The wire schema is in `api_models`, the job
+`create_app` assembles it: the routers of `api` (one per resource) and of `console` (its pages, outside
+the API's schema, and its static files), the state they share on `app.state`, the middleware and the
+exception handlers. The wire schema is in `api_models`, the job
 spec in `stillhouse.common.jobspec`.
 """
 

@@ -16,7 +16,7 @@ from stillhouse.control_plane.api.dependencies import visible_job
 from stillhouse.control_plane.api.job_ids import JOB_ID_REGEX
 from stillhouse.control_plane.console.navigation import login_url
 from stillhouse.control_plane.console.rendering import not_found, page, signed_in
-from stillhouse.control_plane.console.resubmit import as_yaml, resubmittable_yaml
+from stillhouse.control_plane.console.resubmit import resubmittable_yaml
 from stillhouse.control_plane.store import JobNotFound, JobStore
 
 EXAMPLE_JOB = Path(__file__).with_name("example_job.yaml")
@@ -56,7 +56,7 @@ async def job_page(request: Request, job_id: str) -> Response:
         job = await visible_job(store, principal, job_id)
     except JobNotFound:
         return not_found(request, principal, f"There is no job {job_id} that you may see.")
-    return page(request, "job.html.j2", principal, job=job, spec_yaml=as_yaml(job.document))
+    return page(request, "job.html.j2", principal, job=job, spec_yaml=resubmittable_yaml(job.document))
 
 
 @router.get("/jobs/{anything:path}")

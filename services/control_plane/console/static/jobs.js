@@ -72,7 +72,11 @@ function row(job) {
 function render() {
   const shown = order.map((id) => jobs.get(id)).filter((job) => matchesServerFilters(job) && matchesText(job));
   replaceChildren(body, shown.map(row));
-  $("#jobs-empty").hidden = shown.length > 0;
+  const filtered = filters.phase.value || filters.text.value.trim() || (filters.tenant && filters.tenant.value.trim());
+  const empty = $("#jobs-empty");
+  empty.hidden = shown.length > 0;
+  if (filtered) replaceChildren(empty, "No job matches these filters.");
+  else replaceChildren(empty, "No jobs yet. ", el("a", { href: "/submit", text: "Submit one." }));
   $("#load-more").hidden = !nextPageToken;
 }
 
