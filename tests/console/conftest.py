@@ -17,25 +17,35 @@ SCRIPTED_STAGES = Path(__file__).resolve().parents[1] / "control_plane" / "scrip
 
 
 @pytest.fixture
-def console_platform(
-    control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path
-) -> ConsolePlatform:
-    """A control plane with the principals of `console_principals` and a scripted trainer (its
-    submit-time check passes); there is no prompts service, so a job waits in Prompts until it is
-    cancelled."""
-    trainer = f"127.0.0.1:{free_port()}"
-    processes.start(
-        "stages", [sys.executable, str(SCRIPTED_STAGES), trainer.split(":")[1], str(tmp_path / "j"), "0"]
-    )
-    wait_until(lambda: grpc_ready(trainer), 30, "the scripted trainer")
-    principals = tmp_path / "principals.yaml"
-    principals.write_text(yaml.safe_dump(PRINCIPALS))
-    absent = {name: f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")}
-    control_plane = control_plane_at(
-        {**absent, "trainer": trainer}, STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE=str(principals)
-    )
-    control_plane.start()
-    return ConsolePlatform(control_plane.url)
+def start_console_platform(control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path):
+    """Start a control plane with the principals of `console_principals` and scripted stage services
+    that take `stage_seconds` each (`tests/control_plane/scripted_stages.py`). With `every_stage`, they
+    serve Prompts and Teacher too, so jobs and estimates run through; otherwise only the trainer (its
+    submit-time check passes) and a job waits in Prompts until it is cancelled."""
+
+    def start(*, every_stage: bool = False, stage_seconds: float = 0) -> ConsolePlatform:
+        scripted = f"127.0.0.1:{free_port()}"
+        argv = [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j")]
+        processes.start("stages", [*argv, str(stage_seconds)])
+        wait_until(lambda: grpc_ready(scripted), 30, "the scripted stage services")
+        principals = tmp_path / "principals.yaml"
+        principals.write_text(yaml.safe_dump(PRINCIPALS))
+        services = {
+            name: scripted if every_stage else f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")
+        }
+        control_plane = control_plane_at(
+            {**services, "trainer": scripted}, STILLHOUSE_CONTROL_PLANE_PRINCIPALS_FILE=str(principals)
+        )
+        control_plane.start()
+        return ConsolePlatform(control_plane.url)
+
+    return start
+
+
+@pytest.fixture
+def console_platform(start_console_platform) -> ConsolePlatform:
+    """A control plane whose jobs wait in Prompts (see `start_console_platform`)."""
+    return start_console_platform()
 
 
 @pytest.fixture

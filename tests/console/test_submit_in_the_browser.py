@@ -1,0 +1,62 @@
+"""The submit page in a real browser, against a control plane whose stages are scripted (seconds each):
+the example spec checked as it loads, estimated, submitted and followed to Succeeded, then opened again
+to resubmit."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from console_browser import screenshot
+from console_principals import TOKENS
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.browser
+
+NETWORK_NOISE = re.compile(r"Failed to load resource")
+
+
+def test_a_user_estimates_submits_and_resubmits_the_example_job(start_console_platform, page):
+    platform = start_console_platform(every_stage=True, stage_seconds=2)
+    browser, problems = page
+
+    browser.goto(f"{platform.url}/submit")
+    expect(browser).to_have_url(f"{platform.url}/login?next=%2Fsubmit")
+    browser.fill("#token", TOKENS["bob"])
+    browser.click("#login-submit")
+    expect(browser).to_have_url(f"{platform.url}/submit")
+    expect(browser.locator("#spec")).to_have_value(re.compile("name: my-first-student"))
+    line_count = len(browser.locator("#spec").input_value().split("\n"))
+    expect(browser.locator("#gutter .line")).to_have_count(line_count)
+    expect(browser.locator("#validation-status")).to_have_attribute("data-state", "valid", timeout=15_000)
+
+    browser.click("#estimate")
+    result = browser.locator("#estimate-result")
+    expect(result).to_be_visible(timeout=60_000)
+    expect(browser.locator("#busy")).to_be_hidden()
+    expect(result.locator('[data-fact="training prompts"] td')).to_have_text("90")
+    expect(result.locator('[data-fact="teacher requests"] td')).to_have_text("100")
+    expect(result.locator('[data-fact="total"] td')).to_have_text("$1.25")
+    screenshot(browser, "submit-estimate")
+
+    browser.click("#submit")
+    expect(browser).to_have_url(re.compile(rf"{re.escape(platform.url)}/jobs/job-[0-9a-f]+$"), timeout=30_000)
+    job_id = browser.url.rsplit("/", 1)[1]
+    expect(browser.locator("#job-phase")).to_have_attribute("data-phase", "Succeeded", timeout=60_000)
+    loss = browser.locator('#chart-loss polyline[data-series="student loss"]')
+    expect(loss).to_have_count(1)
+    assert int(loss.get_attribute("data-points")) > 1
+    expect(browser.locator("#headline")).to_have_text(
+        "The student closes 87.5% of the unigram-to-teacher gap on KL, 60.0% on top-1."
+    )
+    expect(browser.locator('#evaluation-table tr[data-row="student"] td[data-metric="kl"]')).to_have_text(
+        "0.625"
+    )
+    expect(browser.locator("#job-labels")).to_contain_text("team=research")
+
+    browser.click("#resubmit")
+    expect(browser).to_have_url(f"{platform.url}/submit?from={job_id}")
+    expect(browser.locator("#from-job")).to_contain_text(job_id)
+    expect(browser.locator("#spec")).to_have_value(re.compile(r"pruneTeacherDepth: 15"))
+
+    assert [message for message in problems.messages if not NETWORK_NOISE.search(message)] == []
