@@ -59,6 +59,8 @@ def test_an_engineer_submits_and_follows_the_tiny_job(tmp_path, tiny_llama, free
         expect(marker).to_have_attribute("data-message", re.compile("epochz"), timeout=15_000)
         expect(browser.locator("#gutter .line.has-error")).to_have_count(1)
         expect(browser.locator("#validation-status")).to_have_attribute("data-state", "invalid")
+        expect(browser.locator(f'#notes .note[data-line="{broken_line}"]')).to_contain_text("not permitted")
+        browser.click(f'#line-errors li[data-line="{broken_line}"] button')  # scrolls the line into view
         screenshot(browser, "submit-with-errors")
 
         browser.fill("#spec", spec_yaml)

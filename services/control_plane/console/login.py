@@ -4,7 +4,7 @@ and keeps it in the session cookie (`api.session`); logging out drops the cookie
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from fastapi import APIRouter, Query, Request
@@ -41,11 +41,12 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 def from_another_site(request: Request) -> bool:
-    """Whether the browser says the form was posted by a page of another origin."""
+    """Whether the browser says the form was posted by a page of another site. Hosts are compared, not
+    schemes: behind a proxy that ends TLS the request arrives as http while the page was https."""
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin == "null"
-    return origin.rstrip("/") != f"{request.url.scheme}://{request.url.netloc}"
+    if origin is None:
+        return False
+    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host")
 
 
 def _login_form(request: Request, next_path: str, error: str | None, status_code: int) -> Response:

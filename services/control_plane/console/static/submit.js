@@ -39,6 +39,26 @@ function renderGutter() {
     }),
   );
   gutter.scrollTop = editor.scrollTop;
+  renderNotes();
+}
+
+const noteText = (error) => `${String(error.field).split(".").pop()}: ${error.message}`;
+
+// Each line's errors also written at the right end of that line, over the editor, as it scrolls.
+function renderNotes() {
+  const notes = $("#notes");
+  const style = getComputedStyle(editor);
+  const lineHeight = parseFloat(style.lineHeight) || 18;
+  const top = parseFloat(style.paddingTop) || 0;
+  replaceChildren(
+    notes,
+    [...lineErrors].map(([line, errors]) => {
+      const note = el("div", { class: "note", dataset: { line }, text: errors.map(noteText).join("; ") });
+      note.style.top = `${top + (line - 1) * lineHeight - editor.scrollTop}px`;
+      note.style.height = `${lineHeight}px`;
+      return note;
+    }),
+  );
 }
 
 function goToLine(line) {
@@ -83,9 +103,11 @@ function status(text, state) {
 }
 
 // A refusal's field errors beside their lines; a refusal without any gets its message above the editor.
-function showRefusal(error, what) {
+function showRefusal(error, what, { reveal = false } = {}) {
   if (error.errors.length > 0) {
     showErrors(error.errors);
+    const lines = error.errors.map((found) => found.line).filter(Number.isInteger);
+    if (reveal && lines.length > 0) goToLine(Math.min(...lines));
     show($("#submit-error"), error.status === 422 ? "" : `${what}: ${error.message}`);
   } else {
     showErrors([]);
@@ -164,7 +186,7 @@ async function estimate() {
     showErrors([]);
   } catch (error) {
     $("#estimate-result").hidden = true;
-    showRefusal(error, "Cannot estimate the job");
+    showRefusal(error, "Cannot estimate the job", { reveal: true });
   } finally {
     busy("");
   }
@@ -178,7 +200,9 @@ async function submit() {
     location.assign(`/jobs/${encodeURIComponent(job.id)}`);
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
-    showRefusal(error, error.status === 429 ? "Over the tenant's quota" : "The job was not submitted");
+    showRefusal(error, error.status === 429 ? "Over the tenant's quota" : "The job was not submitted", {
+      reveal: true,
+    });
     busy("");
   }
 }
@@ -189,6 +213,7 @@ editor.addEventListener("input", () => {
 });
 editor.addEventListener("scroll", () => {
   gutter.scrollTop = editor.scrollTop;
+  renderNotes();
 });
 editor.addEventListener("keydown", (event) => {
   // Tab indents (YAML wants spaces) instead of leaving the editor.
