@@ -21,12 +21,15 @@ def start_console_platform(control_plane_at, free_port, processes, grpc_ready, w
     """Start a control plane with the principals of `console_principals` and scripted stage services
     that take `stage_seconds` each (`tests/control_plane/scripted_stages.py`). With `every_stage`, they
     serve Prompts and Teacher too, so jobs and estimates run through; otherwise only the trainer (its
-    submit-time check passes) and a job waits in Prompts until it is cancelled."""
+    submit-time check passes) and a job waits in Prompts until it is cancelled. The `failing_rpc` (such
+    as "TrainStudent") fails."""
 
-    def start(*, every_stage: bool = False, stage_seconds: float = 0) -> ConsolePlatform:
+    def start(
+        *, every_stage: bool = False, stage_seconds: float = 0, failing_rpc: str | None = None
+    ) -> ConsolePlatform:
         scripted = f"127.0.0.1:{free_port()}"
         argv = [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j")]
-        processes.start("stages", [*argv, str(stage_seconds)])
+        processes.start("stages", [*argv, str(stage_seconds), *([failing_rpc] if failing_rpc else [])])
         wait_until(lambda: grpc_ready(scripted), 30, "the scripted stage services")
         principals = tmp_path / "principals.yaml"
         principals.write_text(yaml.safe_dump(PRINCIPALS))

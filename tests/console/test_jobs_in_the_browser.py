@@ -75,3 +75,25 @@ def test_a_user_logs_in_follows_and_cancels_a_job(console_platform: ConsolePlatf
     expect(browser).to_have_url(re.compile(r"/login\?next=%2F$"))
 
     assert [message for message in problems.messages if not NETWORK_NOISE.search(message)] == []
+
+
+def test_a_failed_job_says_why_on_its_page(start_console_platform, page):
+    platform = start_console_platform(every_stage=True, stage_seconds=0.5, failing_rpc="TrainStudent")
+    browser, problems = page
+    job_id = platform.submit("bob", "fails-in-training")
+
+    browser.goto(f"{platform.url}/login?next=/jobs/{job_id}")
+    browser.fill("#token", TOKENS["bob"])
+    browser.click("#login-submit")
+    expect(browser.locator("#job-phase")).to_have_attribute("data-phase", "Failed", timeout=60_000)
+    expect(browser.locator("#job-error")).to_contain_text("The job failed: ")
+    expect(browser.locator("#job-error")).to_contain_text("scripted failure")
+    train = browser.locator('#timeline [data-stage="train"]')
+    expect(train).to_have_attribute("data-state", "failed")
+    expect(train.locator(".error")).to_contain_text("scripted failure")
+    expect(browser.locator('#timeline [data-stage="evaluate"]')).to_have_attribute("data-state", "waiting")
+    expect(browser.locator("#cancel-job")).to_be_hidden()
+    expect(browser.locator("#headline")).to_have_text("The job ended without an evaluation.")
+    screenshot(browser, "job-failed")
+
+    assert [message for message in problems.messages if not NETWORK_NOISE.search(message)] == []

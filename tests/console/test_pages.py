@@ -168,3 +168,14 @@ def test_the_pages_are_not_part_of_the_api_schema(console_platform):
     paths = httpx.get(f"{console_platform.url}/openapi.json").json()["paths"]
     assert not {"/", "/login", "/logout", "/submit"} & set(paths)
     assert not [path for path in paths if not path.startswith(("/v1/", "/healthz", "/readyz", "/metrics"))]
+
+
+def test_only_an_admin_gets_the_tenant_filter(console_platform):
+    with console_platform.signed_in("ops") as admin:
+        as_admin = admin.get("/", params={"tenant": "team-a", "phase": "Prompts"})
+    with console_platform.signed_in("alice") as alice:
+        as_user = alice.get("/")
+    assert 'id="filter-tenant" value="team-a"' in as_admin.text
+    assert '<option value="Prompts" selected>' in as_admin.text
+    assert 'data-admin="true"' in as_admin.text and ">admin<" in as_admin.text
+    assert "filter-tenant" not in as_user.text and 'data-admin="false"' in as_user.text

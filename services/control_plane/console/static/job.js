@@ -103,16 +103,17 @@ function renderTimeline() {
   );
 }
 
+// A failure is said once: the job's reason in the banner, each stage's error on its stage, and only
+// the error events that say something else in the list.
 function renderErrors() {
-  const messages = [...eventErrors];
-  for (const step of job ? job.steps || [] : []) {
-    if (step.error) messages.push(`${step.stage} (attempt ${step.attempt}): ${step.error}`);
-  }
+  const said = new Set(job ? [job.message, ...(job.steps || []).map((step) => step.error)] : []);
+  const messages = [...new Set(eventErrors)].filter((message) => !said.has(message));
   const list = $("#job-errors");
-  replaceChildren(list, [...new Set(messages)].map((message) => el("li", { text: message })));
+  replaceChildren(list, messages.map((message) => el("li", { text: message })));
   list.hidden = messages.length === 0;
   const failed = job && job.phase === "Failed";
   show($("#job-error"), failed ? `The job failed: ${job.message || "no reason given"}` : "");
+  $("#job-message").hidden = failed;
 }
 
 // --- curves ---------------------------------------------------------------------------------------
