@@ -28,13 +28,17 @@ router = APIRouter(include_in_schema=False)
 FilterText = Annotated[str | None, Query(max_length=MAX_FILTER_LENGTH)]
 
 
+def sign_in_first(request: Request) -> Response:
+    return RedirectResponse(login_url(request.url), status_code=303)
+
+
 @router.get("/")
 async def jobs_page(
     request: Request, phase: FilterText = None, q: FilterText = None, tenant: FilterText = None
 ) -> Response:
     principal = signed_in(request)
     if principal is None:
-        return RedirectResponse(login_url(request.url), status_code=303)
+        return sign_in_first(request)
     return page(
         request,
         "jobs.html.j2",
@@ -50,7 +54,7 @@ async def jobs_page(
 async def job_page(request: Request, job_id: str) -> Response:
     principal = signed_in(request)
     if principal is None:
-        return RedirectResponse(login_url(request.url), status_code=303)
+        return sign_in_first(request)
     store: JobStore = request.app.state.store
     try:
         job = await visible_job(store, principal, job_id)
@@ -63,7 +67,7 @@ async def job_page(request: Request, job_id: str) -> Response:
 async def not_a_job_page(request: Request, anything: str) -> Response:
     principal = signed_in(request)
     if principal is None:
-        return RedirectResponse(login_url(request.url), status_code=303)
+        return sign_in_first(request)
     return not_found(
         request, principal, f"{anything[:80]!r} is not a job id: ids look like job-1a2b3c4d5e6f."
     )
@@ -75,7 +79,7 @@ async def submit_page(
 ) -> Response:
     principal = signed_in(request)
     if principal is None:
-        return RedirectResponse(login_url(request.url), status_code=303)
+        return sign_in_first(request)
     if from_job is None:
         return page(request, "submit.html.j2", principal, spec_yaml=EXAMPLE_JOB.read_text(), from_job=None)
     store: JobStore = request.app.state.store
