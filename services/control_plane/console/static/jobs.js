@@ -165,11 +165,17 @@ function startPolling() {
 }
 
 function follow() {
+  let opened = false;
   openStream(
     "/v1/events",
     { phase: (data) => data && data.jobId && refreshJob(data.jobId) },
     {
-      onOpen: () => liveStatus("live", "live"),
+      onOpen: () => {
+        liveStatus("live", "live");
+        // The stream starts from now: what changed between the first listing and now is listed again.
+        if (!opened) load();
+        opened = true;
+      },
       onRetrying: () => liveStatus("reconnecting…", "retrying"),
       onUnavailable: startPolling,
     },
