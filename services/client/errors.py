@@ -14,8 +14,9 @@ class StillhouseError(Exception):
 
     status: int | None = None
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, status: int | None = None, text: str | None = None) -> None:
+        """`message`: the API's own words where it answered; `text`: the sentence to show, if not those."""
+        super().__init__(text or message)
         self.message = message
         if status is not None:
             self.status = status

@@ -135,7 +135,7 @@ def error_for(status: int, body: bytes, reason: str, job_id: str | None = None) 
     if status == 429:
         return QuotaExceeded(message)
     if status >= 500:
-        return ApiUnavailable(f"the API failed ({status}): {message}", status=status)
+        return ApiUnavailable(message, status=status, text=f"the API failed ({status}): {message}")
     return StillhouseError(message, status=status)
 
 
@@ -144,7 +144,11 @@ def _error_body(body: bytes) -> ErrorBody | None:
         document = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(document, dict) or not isinstance(document.get("message"), str):
+    if not isinstance(document, dict):
+        return None
+    # The API's own errors carry `message`; a route it does not have answers FastAPI's `detail`.
+    message = document.get("message", document.get("detail"))
+    if not isinstance(message, str):
         return None
     errors = []
     for error in document.get("errors") or []:
@@ -152,7 +156,7 @@ def _error_body(body: bytes) -> ErrorBody | None:
             errors.append(FieldError.model_validate({"type": "", **error}))
         except (ValidationError, TypeError):
             continue
-    return ErrorBody(message=document["message"], errors=errors)
+    return ErrorBody(message=message, errors=errors)
 
 
 def check(response: httpx.Response, request: ApiRequest) -> None:
