@@ -241,7 +241,7 @@ def _api_client(api_url: str | None) -> Iterator[Client]:
     from stillhouse.client import Client, StillhouseError
 
     try:
-        with Client(url=api_url, home=stillhouse_home()) as client:
+        with Client(url=api_url) as client:
             yield client
     except StillhouseError as exc:
         raise typer.Exit(_report_error(exc)) from None
