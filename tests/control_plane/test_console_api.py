@@ -354,3 +354,20 @@ def test_the_session_cookie_works_on_these_routes_and_a_post_needs_the_console_h
     assert download.status_code == 200 and download.content == files["model.safetensors"]
     assert (first["jobId"], first["phase"]) == (mine, "Pending") and first_id > 0
     assert refused.status_code == 401
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_openapi_documents_the_consoles_routes(platform: Platform):
+    paths = httpx.get(f"{platform.control_plane.url}/openapi.json").json()["paths"]
+    events = paths["/v1/events"]["get"]
+    assert {"200", "400", "401"} <= set(events["responses"])
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    assert "Last-Event-ID" in json.dumps(events["parameters"])
+    validate = paths["/v1/jobs:validate"]["post"]
+    assert {"200", "400", "401", "413", "415", "422"} <= set(validate["responses"])
+    assert validate["requestBody"]["content"]["application/yaml"]["schema"]["$ref"].endswith(
+        "/DistillationJob"
+    )
+    download = paths["/v1/jobs/{job_id}/artifacts/{name}/files/{path}"]["get"]
+    assert {"200", "307", "401", "404", "502", "503"} <= set(download["responses"])
+    assert "application/octet-stream" in download["responses"]["200"]["content"]
