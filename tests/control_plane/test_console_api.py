@@ -169,6 +169,14 @@ def test_a_last_event_id_that_is_not_an_event_id_is_400(platform: Platform, last
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_events_stream_ends_when_its_client_goes_away(platform: Platform, wait_until):
+    with platform.client("alice") as alice, connect_sse(alice, "GET", "/v1/events") as source:
+        assert source.response.status_code == 200
+        wait_until(lambda: "event feed opened" in platform.control_plane.log, 10, "the feed to open")
+    wait_until(lambda: "event feed closed" in platform.control_plane.log, 10, "the feed to close")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_events_stream_ends_when_the_control_plane_stops(platform: Platform, processes):
     with platform.client("alice") as alice, connect_sse(alice, "GET", "/v1/events") as source:
         assert source.response.status_code == 200

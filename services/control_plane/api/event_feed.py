@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import structlog
 from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -15,17 +16,26 @@ from stillhouse.control_plane.api.event_stream import PING_SECONDS, resume_after
 from stillhouse.control_plane.api.openapi import UNAUTHENTICATED
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.phase_feed import FeedCursor, phase_change, phase_events
+from stillhouse.control_plane.principals import Principal
 from stillhouse.control_plane.store import JobStore
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(tags=["jobs"])
 
 
 async def _stream(
-    store: JobStore, bus: JobEventBus, cursor: FeedCursor, tenant: str | None
+    store: JobStore, bus: JobEventBus, cursor: FeedCursor, principal: Principal
 ) -> AsyncIterator[ServerSentEvent]:
-    async for event in phase_events(store, bus, cursor, tenant):
-        data = phase_change(event).model_dump_json()
-        yield ServerSentEvent(data=data, event="phase", id=str(event.id))
+    tenant = None if principal.is_admin else principal.tenant
+    log.info("event feed opened", principal=principal.name, after=cursor.position)
+    try:
+        async for event in phase_events(store, bus, cursor, tenant):
+            data = phase_change(event).model_dump_json()
+            yield ServerSentEvent(data=data, event="phase", id=str(event.id))
+    finally:
+        # The client went away, or the server is stopping: either way the stream's task is cancelled.
+        log.info("event feed closed", principal=principal.name, position=cursor.position)
 
 
 @router.get(
@@ -51,5 +61,4 @@ async def all_job_events(
     may see changes phase (a user: its tenant's jobs; an admin: every job). From now on, or after
     Last-Event-ID; keep-alive comments in between. The stream never ends by itself."""
     after = resume_after(last_event_id) if last_event_id else await store.newest_event_id()
-    tenant = None if principal.is_admin else principal.tenant
-    return EventSourceResponse(_stream(store, bus, FeedCursor(after), tenant), ping=PING_SECONDS)
+    return EventSourceResponse(_stream(store, bus, FeedCursor(after), principal), ping=PING_SECONDS)
