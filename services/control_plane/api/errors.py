@@ -6,6 +6,7 @@ FastAPI's and Starlette's, answered with the status that says why.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,8 +68,8 @@ async def _refused(request: Request, exc: ApiError) -> JSONResponse:
     spec_text = getattr(request.state, SPEC_TEXT, None)
     if exc.status == 422 and spec_text is not None and body.errors:
         # Whatever refused the spec (the schema, the input roots, a quota, the submit-time check), its
-        # fields are the submitted text's.
-        body = with_lines(body, field_lines(spec_text))
+        # fields are the submitted text's. Reading up to a MiB of it is kept off the event loop.
+        body = with_lines(body, await asyncio.to_thread(field_lines, spec_text))
     return error_response(exc.status, body, exc.headers)
 
 
