@@ -15,7 +15,16 @@ from stillhouse.common.api_models import ErrorBody
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.logging import configure_logging
 from stillhouse.common.service_credentials import ServiceCredentials
-from stillhouse.control_plane.api import artifacts, audit_log, estimates, event_stream, health, jobs
+from stillhouse.control_plane.api import (
+    artifacts,
+    audit_log,
+    estimates,
+    event_feed,
+    event_stream,
+    health,
+    jobs,
+    spec_validation,
+)
 from stillhouse.control_plane.api.answered_requests import AnsweredRequests
 from stillhouse.control_plane.api.dependencies import known_query_parameters_only
 from stillhouse.control_plane.api.errors import EXCEPTION_HANDLERS
@@ -51,7 +60,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     app.state.service_credentials = ServiceCredentials.load(settings)
     app.state.input_roots = InputRoots.of(settings.input_roots)
     app.add_middleware(AnsweredRequests)
-    for module in (health, jobs, estimates, artifacts, event_stream, audit_log):
+    for module in (health, jobs, estimates, spec_validation, artifacts, event_stream, event_feed, audit_log):
         app.include_router(module.router)
     return app
 
