@@ -27,9 +27,9 @@ from stillhouse.client.errors import (
     WaitTimeout,
 )
 from stillhouse.client.events import ErrorEvent, JobEvent, PhaseEvent, ProgressEvent
-from stillhouse.client.protocol import ValidationResult
 from stillhouse.client.sync_client import Client
 from stillhouse.common.api_models import (
+    AnswerSample,
     ArtifactFileLink,
     ArtifactLinks,
     ArtifactName,
@@ -39,6 +39,7 @@ from stillhouse.common.api_models import (
     JobList,
     JobSummary,
     JobView,
+    SpecValidation,
     StepView,
 )
 from stillhouse.common.job_phases import TERMINAL_PHASES, Phase, Stage, StepState
@@ -46,6 +47,7 @@ from stillhouse.common.jobspec import DistillationJob
 
 __all__ = [
     "TERMINAL_PHASES",
+    "AnswerSample",
     "ApiEndpoint",
     "ApiUnavailable",
     "ArtifactFileLink",
@@ -73,11 +75,11 @@ __all__ = [
     "PhaseEvent",
     "ProgressEvent",
     "QuotaExceeded",
+    "SpecValidation",
     "Stage",
     "StepState",
     "StepView",
     "StillhouseError",
     "Unauthorized",
-    "ValidationResult",
     "WaitTimeout",
 ]

@@ -16,7 +16,7 @@ from stillhouse.client.endpoint import find_endpoint
 from stillhouse.client.errors import WaitTimeout
 from stillhouse.client.events import JobEvent, PhaseEvent, SseDecoder, StreamCursor, parse_event
 from stillhouse.client.specs import SpecInput
-from stillhouse.common.api_models import ArtifactLinks, EstimateView, JobView
+from stillhouse.common.api_models import ArtifactLinks, EstimateView, JobView, SpecValidation
 
 
 class AsyncClient:
@@ -49,7 +49,7 @@ class AsyncClient:
         """Submit a job: a dict, YAML or JSON text, a spec file's Path, or a DistillationJob."""
         return await self._call(api.submit_request(spec), api.parse_job)
 
-    async def validate(self, spec: SpecInput) -> api.ValidationResult:
+    async def validate(self, spec: SpecInput) -> SpecValidation:
         """Check a spec without submitting it; InvalidSpec lists what is wrong, with lines."""
         return await self._call(api.validate_request(spec), api.parse_validation)
 

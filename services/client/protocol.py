@@ -23,7 +23,15 @@ from stillhouse.client.errors import (
     Unauthorized,
 )
 from stillhouse.client.specs import SpecInput, spec_body
-from stillhouse.common.api_models import ArtifactLinks, ErrorBody, EstimateView, FieldError, JobList, JobView
+from stillhouse.common.api_models import (
+    ArtifactLinks,
+    ErrorBody,
+    EstimateView,
+    FieldError,
+    JobList,
+    JobView,
+    SpecValidation,
+)
 
 # Seconds to wait for an ordinary API answer.
 REQUEST_TIMEOUT = 30.0
@@ -45,14 +53,6 @@ class ApiRequest:
     timeout: float | str | None = None
     # The job the request names, for a NotFound that says which.
     job_id: str | None = None
-
-
-@dataclass(frozen=True)
-class ValidationResult:
-    """The answer to `POST /v1/jobs:validate` for a valid spec (an invalid one raises InvalidSpec)."""
-
-    valid: bool
-    warnings: list[FieldError]
 
 
 def job_path(job_id: str) -> str:
@@ -181,10 +181,8 @@ def parse_artifact(response: httpx.Response) -> ArtifactLinks:
     return ArtifactLinks.model_validate_json(response.content)
 
 
-def parse_validation(response: httpx.Response) -> ValidationResult:
-    document = response.json()
-    warnings = [FieldError.model_validate(warning) for warning in document.get("warnings") or []]
-    return ValidationResult(valid=bool(document.get("valid", True)), warnings=warnings)
+def parse_validation(response: httpx.Response) -> SpecValidation:
+    return SpecValidation.model_validate_json(response.content)
 
 
 def unreachable(url: str, exc: httpx.TransportError) -> ApiUnavailable:

@@ -15,7 +15,7 @@ from stillhouse.client.endpoint import find_endpoint
 from stillhouse.client.errors import WaitTimeout
 from stillhouse.client.events import JobEvent, PhaseEvent, SseDecoder, StreamCursor, parse_event
 from stillhouse.client.specs import SpecInput
-from stillhouse.common.api_models import ArtifactLinks, EstimateView, JobView
+from stillhouse.common.api_models import ArtifactLinks, EstimateView, JobView, SpecValidation
 
 
 class Client:
@@ -50,7 +50,7 @@ class Client:
         checks its models first, which may take seconds."""
         return self._call(api.submit_request(spec), api.parse_job)
 
-    def validate(self, spec: SpecInput) -> api.ValidationResult:
+    def validate(self, spec: SpecInput) -> SpecValidation:
         """Check a spec without submitting it; InvalidSpec lists what is wrong, with lines."""
         return self._call(api.validate_request(spec), api.parse_validation)
 
