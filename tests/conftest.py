@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -167,6 +168,43 @@ def control_plane_at(processes: Processes, tmp_path: Path) -> Callable[..., Cont
 @pytest.fixture
 def grpc_ready() -> Callable[[str], bool]:
     return grpc_serving
+
+
+SCRIPTED_STAGES = REPO / "tests" / "control_plane" / "scripted_stages.py"
+
+
+@pytest.fixture
+def start_api(control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path):
+    """Start a control plane process whose stage services are scripted; local inputs may come from
+    `tmp_path/inputs`. With `every_stage`, the scripted process serves Prompts and Teacher as well, so
+    jobs and estimates run through, each stage taking `stage_seconds` (and reporting progress ten times);
+    otherwise only the trainer (its submit-time check finds nothing) and jobs wait in Prompts, retrying.
+    `storage` is the address of a real storage service to use instead of the scripted one. `extra_env`
+    goes to the control plane's environment."""
+
+    def start(
+        *, every_stage: bool = False, stage_seconds: float = 0, storage: str | None = None, **extra_env: str
+    ):
+        scripted = f"127.0.0.1:{free_port()}"
+        argv = [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j")]
+        processes.start("stages", [*argv, str(stage_seconds)])
+        wait_until(lambda: grpc_ready(scripted), 20, "the scripted stage services")
+        services = {
+            name: scripted if every_stage else f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")
+        }
+        if storage is not None:
+            services["storage"] = storage
+        inputs = tmp_path / "inputs"
+        inputs.mkdir()
+        control_plane = control_plane_at(
+            {**services, "trainer": scripted},
+            STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)]),
+            **extra_env,
+        )
+        control_plane.start()
+        return control_plane
+
+    return start
 
 
 # --- databases ------------------------------------------------------------------------------------

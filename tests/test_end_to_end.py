@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tiny_job import tiny_job_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillhouse.common.datasets.artifacts import download_artifact
@@ -24,16 +25,6 @@ from stillhouse.common.objectstore.local_store import LocalObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
 STILLHOUSE = [sys.executable, "-m", "stillhouse.cli.main"]
-SEEDS = [
-    "Explain what a hash table is.",
-    "Write a haiku about rain.",
-    "Give three tips for clear writing.",
-    "What is a process?",
-    "Name a famous painting.",
-    "How do plants grow?",
-    "What is the capital of France?",
-    "Describe the sea at night.",
-]
 
 
 def run_job(spec_file: Path, home: Path, api_port: int, timeout: float) -> tuple[str, str]:
@@ -74,40 +65,10 @@ def test_a_tiny_job_runs_end_to_end_and_a_repeat_pays_the_teacher_nothing(
     tmp_path: Path, tiny_llama, free_port
 ) -> None:
     teacher = tiny_llama(tmp_path / "teacher", layers=2, hidden=64, seed=1)
-    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps({"prompt": seed}) + "\n" for seed in SEEDS))
-    (tmp_path / "topics.txt").write_text("rivers\nstars\nbread\nclocks\nbees\n")
-    spec = {
-        "metadata": {"name": "tiny-end-to-end"},
-        "spec": {
-            "prompts": {
-                "sources": [{"path": "seeds.jsonl"}],
-                "generate": {
-                    "strategy": "template",
-                    "count": 30,
-                    "template": "Tell me {{ what }} about {{ topic }}.",
-                    "slots": {"what": ["a fact", "a story", "a joke", "a secret", "a question", "a poem"]},
-                    "slotFiles": {"topic": "topics.txt"},
-                },
-                "seed": 3,
-            },
-            "teacher": {
-                "backend": "local",
-                "model": str(teacher),
-                "sampling": {"temperature": 0.0, "maxTokens": 12},
-                "topLogprobs": 8,
-            },
-            "student": {"init": {"pruneTeacherDepth": 1}},
-            "training": {
-                "loss": {"kind": "forward_kl", "ceWeight": 0.5},
-                "epochs": 2,
-                "learningRate": 1.0e-3,
-                "batchTokens": 1024,
-                "maxSeqLen": 128,
-                "workers": 1,  # two workers (DDP) are tests/trainer/test_ray_training.py's
-            },
-            "evaluation": {"holdoutFraction": 0.2, "maxNewTokens": 12},
-        },
-    }
+    spec = tiny_job_spec(teacher, tmp_path)
+    # As a user writes them: the prompt files beside the spec, named relative to it.
+    spec["spec"]["prompts"]["sources"] = [{"path": "seeds.jsonl"}]
+    spec["spec"]["prompts"]["generate"]["slotFiles"] = {"topic": "topics.txt"}
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     home = tmp_path / "home"

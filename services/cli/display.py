@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
+from stillhouse.client.events import JobEvent, PhaseEvent, ProgressEvent
 from stillhouse.common.headline import gap_closed_sentence
 
 PHASE_STYLES = {
@@ -200,6 +201,14 @@ class EventsView:
             self._live.update(self._render(), refresh=True)
             self._live.stop()
 
+    def on_event(self, event: JobEvent) -> None:
+        if isinstance(event, PhaseEvent):
+            self.on_phase(event.phase, event.message)
+        elif isinstance(event, ProgressEvent):
+            self.on_progress(event)
+        else:
+            self.on_error(event.message)
+
     def on_phase(self, phase: str, message: str | None) -> None:
         self.phase = phase
         line = Text.assemble(f"job {self.job_id}: ", phase_text(phase))
@@ -208,19 +217,17 @@ class EventsView:
         self.console.print(line, soft_wrap=True)
         self._refresh()
 
-    def on_progress(self, data: dict[str, Any]) -> None:
-        stage = str(data.get("stage", "?"))
-        fields = {"unit": str(data.get("unit") or ""), "message": escape(str(data.get("message") or ""))}
-        total = data.get("total") or None
-        done = data.get("done", 0)
+    def on_progress(self, event: ProgressEvent) -> None:
+        stage, unit, done, total = event.stage or "?", event.unit, event.done, event.total or None
+        fields = {"unit": unit, "message": escape(event.message)}
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total, completed=done, **fields)
         else:
             self._progress.update(self._tasks[stage], total=total, completed=done, **fields)
         if not self._interactive:
             of_total = f"/{total}" if total else ""
-            message = f"  {data['message']}" if data.get("message") else ""
-            line = f"  {stage} {done}{of_total} {fields['unit']}{message}"
+            message = f"  {event.message}" if event.message else ""
+            line = f"  {stage} {done}{of_total} {unit}{message}"
             self.console.print(line, markup=False, soft_wrap=True)
         self._refresh()
 

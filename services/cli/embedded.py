@@ -40,9 +40,9 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from stillhouse.cli.api_client import ApiEndpoint
 from stillhouse.cli.display import endpoint_panel
 from stillhouse.cli.restart_policy import RestartPolicy
+from stillhouse.client.endpoint import ENDPOINT_FILE, ApiEndpoint
 
 STAGE_SERVICES = ("prompts", "teacher", "storage", "trainer")
 SECRETS_DIR = "secrets"
@@ -50,7 +50,6 @@ INPUTS_DIR = "inputs"  # always an input root of `stillhouse up`
 CONTROL_PLANE = "control-plane"
 TOKEN_FILE = "api-token"
 SERVICE_TOKEN_FILE = "service-token"
-ENDPOINT_FILE = "endpoint.json"
 LOOPBACK = "127.0.0.1"
 PRIVATE_UMASK = 0o077
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from stillhouse.common.job_phases import Phase
 from stillhouse.common.paths import stillhouse_home
 
 if TYPE_CHECKING:
-    from stillhouse.cli.api_client import StillhouseClient
+    from stillhouse.client import Client, StillhouseError
 
 app = typer.Typer(
     name="stillhouse",
@@ -217,26 +216,44 @@ def migrate(
 # --- driving jobs -------------------------------------------------------------------------------
 
 
-@contextmanager
-def _api_client(api_url: str | None) -> Iterator[StillhouseClient]:
-    """A client of the API found from the flag/environment or `stillhouse up`; API errors become
-    one printed message and an exit code."""
-    from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient, discover_endpoint
+def _report_error(exc: StillhouseError) -> int:
+    """Print what went wrong in the user's terms; the exit code: 2 for an invalid spec, else 1."""
+    from stillhouse.client import InvalidRequest, NotFound, Unauthorized
 
-    try:
-        endpoint = discover_endpoint(api_url, os.environ.get("STILLHOUSE_API_TOKEN"), stillhouse_home())
-        with StillhouseClient(endpoint) as client:
-            yield client
-    except InvalidRequest as exc:
+    if isinstance(exc, InvalidRequest):
         for line in exc.lines():
             err_console.print(line, markup=False)
-        raise typer.Exit(exc.exit_code) from None
-    except ApiError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        return 2
+    if isinstance(exc, Unauthorized):
+        message = "the API refused the token (401): check STILLHOUSE_API_TOKEN or the token file"
+    elif isinstance(exc, NotFound) and exc.job_id is not None:
+        message = f"no job {exc.job_id}"
+    else:
+        message = str(exc)
+    err_console.print(message, markup=False)
+    return 1
+
+
+@contextmanager
+def _api_client(api_url: str | None) -> Iterator[Client]:
+    """A client of the API found from the flag/environment or `stillhouse up`; API errors become
+    one printed message and an exit code."""
+    from stillhouse.client import Client, StillhouseError
+
+    try:
+        with Client(url=api_url) as client:
+            yield client
+    except StillhouseError as exc:
+        raise typer.Exit(_report_error(exc)) from None
 
 
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _as_json(model: Any) -> Any:
+    """A wire model as the API sent it (camelCase JSON data)."""
+    return model.model_dump(mode="json", by_alias=True)
 
 
 @app.command()
@@ -251,14 +268,12 @@ def submit(
     api_url: ApiUrlOption = None,
 ) -> None:
     """Submit a distillation job."""
-    from stillhouse.cli.spec_paths import spec_request_body
-
     with _api_client(api_url) as client:
-        job = client.submit(*spec_request_body(file))
+        job = client.submit(file)
     if quiet:
-        sys.stdout.write(job["id"] + "\n")
+        sys.stdout.write(job.id + "\n")
     else:
-        console.print(f"job {job['id']} submitted (phase {job['phase']})", markup=False, soft_wrap=True)
+        console.print(f"job {job.id} submitted (phase {job.phase})", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -277,10 +292,9 @@ def estimate(
     Prompt generation through the teacher (self_instruct, evol_instruct) is real and cached: the job
     does not pay for it twice."""
     from stillhouse.cli.display import estimate_table
-    from stillhouse.cli.spec_paths import spec_request_body
 
     with _api_client(api_url) as client:
-        result = client.estimate(*spec_request_body(file), timeout=None)
+        result = _as_json(client.estimate(file, timeout=None))
     if as_json:
         _print_json(result)
     else:
@@ -303,13 +317,13 @@ def status(
 
     with _api_client(api_url) as client:
         if job_id is not None:
-            job = client.get_job(job_id)
+            job = _as_json(client.get(job_id))
             if output is OutputFormat.JSON:
                 _print_json(job)
             else:
                 console.print(job_details(job, console.width))
             return
-        jobs = client.list_jobs(phase=phase.value if phase else None)
+        jobs = [_as_json(job) for job in client.iter_jobs(phase=phase.value if phase else None)]
     if output is OutputFormat.JSON:
         _print_json(jobs)
     elif not jobs:
@@ -318,19 +332,13 @@ def status(
         console.print(jobs_table(jobs, console.width))
 
 
-def _follow(client: StillhouseClient, job_id: str, *, follow: bool = True) -> int:
+def _follow(client: Client, job_id: str, *, follow: bool = True) -> int:
     """Show a job's events as they come; the exit code for its final phase."""
     from stillhouse.cli.display import EventsView
 
     with EventsView(console, job_id) as view:
         for event in client.events(job_id, follow=follow):
-            data = event.json()
-            if event.event == "phase":
-                view.on_phase(data["phase"], data.get("message"))
-            elif event.event == "progress":
-                view.on_progress(data)
-            elif event.event == "error":
-                view.on_error(data.get("message", ""))
+            view.on_event(event)
     return _PHASE_EXIT_CODES.get(view.phase, 0)
 
 
@@ -367,30 +375,26 @@ def run(
     The job may read local files from FILE's folder (and below it) and from $STILLHOUSE_HOME/inputs.
 
     Exit code: 0 Succeeded, 1 Failed, 3 Cancelled, 130 interrupted."""
-    from stillhouse.cli.api_client import ApiError, InvalidRequest, StillhouseClient
     from stillhouse.cli.display import job_outcome
     from stillhouse.cli.embedded import EmbeddedError, Supervisor
-    from stillhouse.cli.spec_paths import spec_request_body
+    from stillhouse.client import ApiEndpoint, Client, StillhouseError
+    from stillhouse.client.specs import spec_file_body
 
-    body, content_type = spec_request_body(file)
+    # Read now, with its local paths made absolute: the job reads them from FILE's folder.
+    body, _ = spec_file_body(file)
 
-    def session(endpoint) -> int:
+    def session(endpoint: ApiEndpoint) -> int:
         try:
-            with StillhouseClient(endpoint) as client:
-                job = client.submit(body, content_type)
-                console.print(f"job {job['id']} submitted from {file}", markup=False, soft_wrap=True)
-                code = _follow(client, job["id"])
-                outcome = job_outcome(client.get_job(job["id"]))
+            with Client(url=endpoint.url, token=endpoint.token) as client:
+                job = client.submit(body)
+                console.print(f"job {job.id} submitted from {file}", markup=False, soft_wrap=True)
+                code = _follow(client, job.id)
+                outcome = job_outcome(_as_json(client.get(job.id)))
                 if outcome is not None:
                     console.print(outcome)
                 return code
-        except InvalidRequest as exc:
-            for line in exc.lines():
-                err_console.print(line, markup=False)
-            return exc.exit_code
-        except ApiError as exc:
-            err_console.print(str(exc), markup=False)
-            return exc.exit_code
+        except StillhouseError as exc:
+            return _report_error(exc)
 
     try:
         supervisor = Supervisor(
@@ -422,18 +426,15 @@ def pull(
     api_url: ApiUrlOption = None,
 ) -> None:
     """Download a job's student (a Hugging Face model folder), baseline or report, verified."""
-    from stillhouse.cli.downloads import DownloadError, download_files
+    sizes: list[int] = []
+
+    def downloaded(path: str, size: int) -> None:
+        sizes.append(size)
+        err_console.print(f"  {path} ({size:,} bytes)", markup=False)
 
     with _api_client(api_url) as client:
-        links = client.artifact(job_id, artifact.value)
-    try:
-        total = download_files(
-            links["files"],
-            folder,
-            lambda path, size: err_console.print(f"  {path} ({size:,} bytes)", markup=False),
-        )
-    except DownloadError as exc:
-        raise _fail(str(exc)) from None
+        client.pull(job_id, folder, artifact.value, on_file=downloaded)
+    total = sum(sizes)
     console.print(
         f"{artifact.value} of job {job_id} ({total:,} bytes) is in {folder}", markup=False, soft_wrap=True
     )
@@ -453,9 +454,9 @@ def cancel(
     """Ask a job to stop; it moves to Cancelled once its current step has stopped."""
     with _api_client(api_url) as client:
         job = client.cancel(job_id)
-    state = "cancel requested" if job.get("cancelRequested") and job["phase"] != Phase.CANCELLED else ""
+    state = "cancel requested" if job.cancel_requested and job.phase != Phase.CANCELLED else ""
     console.print(
-        f"job {job['id']}: phase {job['phase']}" + (f", {state}" if state else ""),
+        f"job {job.id}: phase {job.phase}" + (f", {state}" if state else ""),
         markup=False,
         soft_wrap=True,
     )

@@ -223,6 +223,22 @@ class EstimateView(WireModel):
     )
 
 
+class SpecValidation(WireModel):
+    valid: Literal[True] = Field(description="Always true: a spec that fails is answered with a 422 instead.")
+    warnings: list[FieldError] = Field(
+        default_factory=list, description="What the checks found that would not stop the job."
+    )
+
+
+class PhaseChange(WireModel):
+    """The data of a `phase` event of `/v1/events`."""
+
+    job_id: str
+    phase: Phase
+    message: str | None = None
+    at: datetime = Field(description="When the job entered the phase.")
+
+
 class ArtifactName(StrEnum):
     STUDENT = "student"
     BASELINE = "baseline"

@@ -3,8 +3,7 @@ the web console that drives it from a browser.
 
 `create_app` assembles it: the routers of `api` (one per resource) and of `console` (its pages, outside
 the API's schema, and its static files), the state they share on `app.state`, the middleware and the
-exception handlers. The wire schema is in `api_models`, the job
-spec in `stillhouse.common.jobspec`.
+exception handlers. The wire schema is in `api_models`, the job spec in `stillhouse.common.jobspec`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,16 @@ from stillhouse.common.api_models import ErrorBody
 from stillhouse.common.input_roots import InputRoots
 from stillhouse.common.logging import configure_logging
 from stillhouse.common.service_credentials import ServiceCredentials
-from stillhouse.control_plane.api import artifacts, audit_log, estimates, event_stream, health, jobs
+from stillhouse.control_plane.api import (
+    artifacts,
+    audit_log,
+    estimates,
+    event_feed,
+    event_stream,
+    health,
+    jobs,
+    spec_validation,
+)
 from stillhouse.control_plane.api.answered_requests import AnsweredRequests
 from stillhouse.control_plane.api.dependencies import known_query_parameters_only
 from stillhouse.control_plane.api.errors import EXCEPTION_HANDLERS
@@ -55,7 +63,8 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     app.state.service_credentials = ServiceCredentials.load(settings)
     app.state.input_roots = InputRoots.of(settings.input_roots)
     app.add_middleware(AnsweredRequests)
-    for module in (health, jobs, estimates, artifacts, event_stream, audit_log, login, pages):
+    api = (health, jobs, estimates, spec_validation, artifacts, event_stream, event_feed, audit_log)
+    for module in (*api, login, pages):
         app.include_router(module.router)
     app.mount(STATIC_PREFIX, console_static_files(), name="console-static")
     return app

@@ -820,6 +820,42 @@ class JobStore:
         async with self._sessions() as session:
             return [_event_record(row) for row in await session.scalars(query)]
 
+    @retry_transient
+    async def events_of_all_jobs(
+        self,
+        after_id: int,
+        *,
+        types: tuple[str, ...],
+        tenant: str | None = None,
+        up_to_id: int | None = None,
+        limit: int = 500,
+    ) -> list[EventRecord]:
+        """Events of every job (of one tenant's jobs, with `tenant`) whose type is one of `types`, with an
+        id above `after_id` (and at most `up_to_id`), oldest first, `limit` at most.
+
+        Only one job's events commit in id order (`append_event`): on PostgreSQL an event of another job
+        may commit after a later id was read, so a reader that must miss none looks back over recent ids
+        (`up_to_id`)."""
+        _check_limit(limit)
+        query = (
+            select(EventRow)
+            .where(EventRow.id > after_id, EventRow.type.in_(types))
+            .order_by(EventRow.id)
+            .limit(limit)
+        )
+        if up_to_id is not None:
+            query = query.where(EventRow.id <= up_to_id)
+        if tenant is not None:
+            query = query.join(JobRow, JobRow.id == EventRow.job_id).where(JobRow.tenant == tenant)
+        async with self._sessions() as session:
+            return [_event_record(row) for row in await session.scalars(query)]
+
+    @retry_transient
+    async def newest_event_id(self) -> int:
+        """The id of the latest event stored, of any job (0 when there is none)."""
+        async with self._sessions() as session:
+            return await session.scalar(select(func.max(EventRow.id))) or 0
+
     # Audit log
 
     @retry_transient

@@ -15,6 +15,8 @@ from stillhouse.prompts.v1 import prompts_pb2
 from stillhouse.teacher.v1 import teacher_pb2
 from stillhouse.trainer.v1 import trainer_pb2
 
+# The texts of a held-out answer sample that every evaluation has (the SFT control's only when trained).
+SAMPLE_FIELDS = ("prompt_id", "prompt", "teacher", "baseline", "student")
 LEDGER_FIELDS = ("requests", "cached_requests", "prompt_tokens", "completion_tokens", "cost_usd")
 # How the teacher's token ids were captured (the teacher ledger's counts).
 CAPTURE_FIELDS = ("alternative_slots", "masked_alternatives", "top1_mismatches", "stop_tokens_added")
@@ -66,6 +68,14 @@ def _evaluation(result: trainer_pb2.EvaluateStudentResult) -> dict[str, Any]:
     }
     if result.control_sft_metrics:
         evaluation["control_sft"] = dict(result.control_sft_metrics)
+    evaluation["samples"] = [
+        # An empty answer of a trained control is an answer; without the control there is none.
+        {
+            **_fields(sample, SAMPLE_FIELDS),
+            "control_sft": sample.control_sft if result.control_sft_metrics else None,
+        }
+        for sample in result.samples
+    ]
     return evaluation
 
 

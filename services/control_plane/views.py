@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from stillhouse.common.api_models import (
     AuditEntry,
     AuditList,
+    ErrorBody,
     EstimateView,
     FieldError,
     GenerationCost,
@@ -87,6 +88,12 @@ def field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
         FieldError(field=_field_path(tuple(error["loc"])), message=error["msg"], type=error["type"])
         for error in errors
     ]
+
+
+def with_lines(body: ErrorBody, line_of: Callable[[str], int | None]) -> ErrorBody:
+    """`body` with the line of each of its fields, by `line_of` (a field's path -> its line)."""
+    errors = [error.model_copy(update={"line": error.line or line_of(error.field)}) for error in body.errors]
+    return body.model_copy(update={"errors": errors})
 
 
 def preflight_errors(findings: Iterable[Any]) -> list[FieldError]:

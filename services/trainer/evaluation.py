@@ -17,7 +17,8 @@ teacher (from the figures stored with its answers). Two kinds of figures:
   the share of repeated word 4-grams (`repeated_ngram_share`; the teacher's from its own responses).
   When the teacher stopped for length, a model's answer is cut at the same number of tokens; a teacher
   response longer than `maxNewTokens` is compared by its first `maxNewTokens` tokens. The uniform has no
-  greedy answer (every token ties), so these are n/a for it.
+  greedy answer (every token ties), so these are n/a for it. The report keeps the first held-out prompts
+  with the teacher's answer and each trained model's greedy answer beside it (`answer_samples`).
 
 The headline (`Headline`) is the share of the gap from the unigram to the teacher that the student
 closes, on KL and on top-1 agreement (on token F1 when KL is not defined): a figure that a trivial model
@@ -63,13 +64,14 @@ from stillhouse.common.models.model_loading import (
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.trainer import data, report
+from stillhouse.trainer.answer_samples import answer_samples
 from stillhouse.trainer.failures import UserFixableError
 from stillhouse.trainer.losses import IGNORE_INDEX, SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import CardSettings, card_settings
 from stillhouse.trainer.model_size import non_embedding_parameters
 from stillhouse.trainer.publish import MODEL_CARD, is_committed, publish_student
 from stillhouse.trainer.references import ContextFreeModel, uniform_model, unigram_counts, unigram_model
-from stillhouse.trainer.run_config import EvaluateRun, EvaluationOutcome
+from stillhouse.trainer.run_config import AnswerSample, EvaluateRun, EvaluationOutcome
 from stillhouse.trainer.student_init import check_tokenizers, teacher_tokenizer
 
 log = structlog.get_logger(__name__)
@@ -469,15 +471,24 @@ def greedy_answers(
     return texts
 
 
-def model_metrics(
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """What one model did on the held-out answers: its figures, and its greedy answer to each prompt (in
+    the order of `Holdout.answers`)."""
+
+    metrics: dict[str, float]
+    answers: list[str]
+
+
+def evaluate_model(
     folder: Path,
     tokenizer: PreTrainedTokenizerBase,
     holdout: Holdout,
     device: torch.device,
     settings: EvaluationSettings,
     advance: Callable[[int], None],
-) -> dict[str, float]:
-    """Every figure of the model saved in `folder`: token level, then answer level."""
+) -> ModelEvaluation:
+    """Every figure of the model saved in `folder` (token level, then answer level), and its answers."""
     model = load_model(ModelSource(folder), device)
     try:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -488,7 +499,9 @@ def model_metrics(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return totals.metrics() | greedy_answer_metrics(predictions, holdout.references)
+    return ModelEvaluation(
+        totals.metrics() | greedy_answer_metrics(predictions, holdout.references), predictions
+    )
 
 
 def context_free_metrics(
@@ -607,6 +620,8 @@ def run_evaluation(run: EvaluateRun, progress: Progress) -> EvaluationOutcome:
         gap_closed={
             metric: value for metric, value in document["recovery"]["gap_closed"].items() if value is not None
         },
+        # A report committed before it kept samples has none.
+        samples=[AnswerSample.model_validate(sample) for sample in document.get("samples", [])],
     )
 
 
@@ -685,14 +700,19 @@ def _evaluate(
             unigram.to(device), tokenizer, holdout, settings, work.advancing("unigram"), has_top_token=True
         ),
     }
+    answers: dict[str, list[str]] = {}
     for name, folder in folders.items():
-        metrics[name] = model_metrics(folder, tokenizer, holdout, device, settings, work.advancing(name))
+        evaluated = evaluate_model(folder, tokenizer, holdout, device, settings, work.advancing(name))
+        metrics[name], answers[name] = evaluated.metrics, evaluated.answers
         log.info("model evaluated", model=name, **metrics[name])
     metrics["teacher"] = teacher_metrics(holdout)
     return _report_document(
         run,
         holdout,
         metrics,
+        answer_samples(
+            [holdout.rows[answer.prompt_id] for answer in holdout.answers], holdout.references, answers
+        ),
         training_log,
         card=card_settings(_read_text(student_folder / MODEL_CARD)),
         student_config=student_config,
@@ -749,6 +769,7 @@ def _report_document(
     run: EvaluateRun,
     holdout: Holdout,
     metrics: dict[str, dict[str, float]],
+    samples: list[dict[str, str]],
     training_log: list[dict[str, Any]],
     *,
     card: CardSettings | None,
@@ -787,6 +808,7 @@ def _report_document(
         },
         metrics=metrics,
         recovery=lead.as_dict(),
+        samples=samples,
         training_log=training_log,
         notes=_report_notes(run, holdout, lead),
     )

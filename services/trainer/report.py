@@ -1,6 +1,7 @@
 """The evaluation report: one JSON document, and the same figures as a Markdown and an HTML page.
 
-`build_report` assembles the JSON (pure); `loss_curve_png` draws the training curve from the student's
+`build_report` assembles the JSON (pure), with the first held-out answers side by side (`samples`, see
+`answer_samples`); `loss_curve_png` draws the training curve from the student's
 training log; `write_report` writes ``report.json``, ``report.md``, ``report.html`` and ``loss_curve.png``
 into a folder, ready to upload as one artifact. The HTML page is self-contained: the curve is embedded
 in it as a base64 data URL, so it can be opened from anywhere without the PNG beside it.
@@ -15,6 +16,7 @@ import base64
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stillhouse.common.jobspec import TeacherSpec, TrainingSpec
+from stillhouse.trainer.answer_samples import SAMPLE_CHARACTERS, sample_key
 
 REPORT_FORMAT = "stillhouse.report/v1"
 REPORT_JSON = "report.json"
@@ -206,12 +209,14 @@ def build_report(
     recovery: Mapping[str, Any],
     training_log: Sequence[Mapping[str, Any]],
     notes: Sequence[str] = (),
+    samples: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     """The report as JSON-ready data. `student`: where the models are (artifacts, init); `model_size`:
     non-embedding parameter counts (`evaluation.model_sizes`); `data`: dataset ids and sizes;
     `evaluation`: its settings; `metrics`: per model of MODELS that was evaluated, metric key -> value;
     `recovery`: the headline (percent, metric, gap_closed per metric, sentence, definition); `notes`: what
-    could not be measured, and why."""
+    could not be measured, and why; `samples`: the first held-out answers side by side (prompt_id, prompt,
+    teacher, baseline, student, control_sft when it was trained)."""
     return {
         "format": REPORT_FORMAT,
         "job_id": job_id,
@@ -231,6 +236,7 @@ def build_report(
         "recovery": dict(recovery),
         "training": training_summary(training_log),
         "notes": list(notes),
+        "samples": [dict(sample) for sample in samples],
     }
 
 
@@ -273,6 +279,57 @@ def loss_curve_png(log: Sequence[Mapping[str, Any]]) -> bytes | None:
 # --- the pages -----------------------------------------------------------------------------------
 
 
+# The answers of a sample in the order the pages show them: the reference first, then what training made.
+SAMPLE_MODELS = ("teacher", "baseline", "control-sft", "student")
+
+
+@dataclass(frozen=True)
+class SampleView:
+    prompt_id: str
+    prompt: str
+    answers: tuple[tuple[str, str], ...]  # (model label, answer), in SAMPLE_MODELS order
+
+
+def sample_views(samples: Sequence[Mapping[str, str | None]]) -> list[SampleView]:
+    """The samples of a report as the pages show them: each model's answer under its label, leaving out
+    the models a sample has no answer of (the SFT control when it was not trained)."""
+    return [
+        SampleView(
+            sample["prompt_id"],
+            sample["prompt"],
+            tuple(
+                (MODEL_LABELS[model], sample[sample_key(model)])
+                for model in SAMPLE_MODELS
+                if sample.get(sample_key(model)) is not None
+            ),
+        )
+        for sample in samples
+    ]
+
+
+# What Markdown would read as markup, HTML or an entity anywhere in a line, and at the start of one.
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&~])")
+_MARKDOWN_LINE_START = re.compile(r"^(\s*)([#+=-])")
+EMPTY_ANSWER = "(empty)"
+
+
+def markdown_quote(text: str) -> str:
+    """`text` as a Markdown blockquote that shows it as written: markup characters escaped, each line
+    break kept (a hard break), blank lines kept inside the quote; an empty text shows as (empty)."""
+    if not text.strip():
+        return f"> *{EMPTY_ANSWER}*"
+    lines = text.splitlines()
+    quoted = []
+    for index, line in enumerate(lines):
+        escaped = _MARKDOWN_LINE_START.sub(r"\1\\\2", _MARKDOWN_INLINE.sub(r"\\\1", line.rstrip()))
+        if not escaped:
+            quoted.append(">")
+            continue
+        continued = index + 1 < len(lines) and lines[index + 1].strip()
+        quoted.append(f"> {escaped}\\" if continued else f"> {escaped}")
+    return "\n".join(quoted)
+
+
 def _environment(autoescape: bool) -> jinja2.Environment:
     environment = jinja2.Environment(
         loader=jinja2.FunctionLoader(_template_source),
@@ -283,6 +340,7 @@ def _environment(autoescape: bool) -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     environment.filters["tojson_pretty"] = lambda value: json.dumps(value, indent=2, ensure_ascii=False)
+    environment.filters["markdown_quote"] = markdown_quote
     return environment
 
 
@@ -329,6 +387,10 @@ def _page_context(report: Mapping[str, Any]) -> dict[str, Any]:
             for metric in METRICS
             if metric.key in report["metric_definitions"]
         ],
+        # A report written before it kept samples has none.
+        "samples": sample_views(report.get("samples", [])),
+        "sample_characters": SAMPLE_CHARACTERS,
+        "empty_answer": EMPTY_ANSWER,
     }
 
 

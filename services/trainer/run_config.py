@@ -113,6 +113,20 @@ class TrainOutcome(BaseModel):
     controls: dict[str, TrainOutcome] = Field(default_factory=dict)  # by control name: "sft"
 
 
+class AnswerSample(BaseModel):
+    """One held-out prompt with the teacher's answer and each trained model's greedy answer (texts bounded,
+    see `answer_samples`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_id: str
+    prompt: str  # the user's prompt, before the chat template
+    teacher: str
+    baseline: str
+    student: str
+    control_sft: str | None = None  # when the SFT control was trained
+
+
 class EvaluationOutcome(BaseModel):
     # An undefined recovery (NaN) stays NaN in the outcome's JSON, where pydantic would write null.
     model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
@@ -126,6 +140,7 @@ class EvaluationOutcome(BaseModel):
     # The reference rows by name: uniform, unigram, and control-sft when it was trained.
     reference_metrics: dict[str, dict[str, float]]
     gap_closed: dict[str, float]  # the share of the unigram's gap closed, per metric where defined
+    samples: list[AnswerSample] = Field(default_factory=list)  # the first held-out prompts, answered
 
 
 class TrainingError(UserFixableError):

@@ -178,6 +178,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     unigram_metrics=references.get("unigram", {}),
                     control_sft_metrics=references.get("control-sft", {}),
                     gap_closed_percent=outcome.gap_closed,
+                    samples=[
+                        trainer_pb2.AnswerSample(**sample.model_dump(exclude_none=True))
+                        for sample in outcome.samples
+                    ],
                 )
 
             return self._registry.start_request(request, kind=EVALUATE_STUDENT, work=work)

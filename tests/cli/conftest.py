@@ -37,6 +37,8 @@ def job(job_id: str, phase: str = "Pending", **extra: Any) -> dict[str, Any]:
         "createdAt": "2025-01-01T00:00:00Z",
         "updatedAt": "2025-01-01T00:00:05Z",
         "labels": {},
+        "tenant": "default",
+        "owner": None,
         "spec": {},
         "steps": [],
         **extra,

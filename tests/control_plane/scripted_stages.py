@@ -132,6 +132,15 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
                 unigram_metrics={"kl": 5.0, "top1_agreement": 0.06},
                 uniform_metrics={"kl": 9.0},
                 student_metrics={"kl": 0.625, "top1_agreement": 0.6},
+                samples=[
+                    trainer_pb2.AnswerSample(
+                        prompt_id="p-1",
+                        prompt="Why is the sky blue?",
+                        teacher="Rayleigh.",
+                        baseline="",
+                        student="Light.",
+                    )
+                ],
             )
             return start("EvaluateStudent", request, result)
 

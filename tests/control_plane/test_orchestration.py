@@ -55,6 +55,16 @@ def test_job_runs_every_stage_once_and_passes_results_on(platform, wait_until):
     assert summary["evaluation"]["unigram"] == {"kl": 5.0, "top1_agreement": 0.06}
     assert summary["evaluation"]["uniform"] == {"kl": 9.0}
     assert summary["evaluation"]["controlSft"] is None  # no control was listed
+    assert summary["evaluation"]["samples"] == [
+        {
+            "promptId": "p-1",
+            "prompt": "Why is the sky blue?",
+            "teacher": "Rayleigh.",
+            "baseline": "",
+            "student": "Light.",
+            "controlSft": None,
+        }
+    ]
     assert summary["prompts"]["train"] == 90
     assert summary["cost"] == {"teacherUsd": 0.0, "generationUsd": 0.25, "totalUsd": 0.25, "gpuHours": 0.0}
     assert summary["artifacts"] == {"student": f"jobs/{job_id}/train/student"}

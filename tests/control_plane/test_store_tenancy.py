@@ -186,3 +186,35 @@ async def test_jobs_from_before_tenants_belong_to_the_default_tenant(database_ur
         assert [job.id for job in (await store.list_jobs(tenant="default"))[0]] == ["job-old"]
     finally:
         await store.close()
+
+
+async def test_events_of_all_jobs_filter_by_type_and_tenant_in_id_order(store: JobStore) -> None:
+    assert await store.newest_event_id() == 0
+    await new_job(store, "a-1")
+    await new_job(store, "b-1", tenant="team-b", owner="bob")
+    await store.append_event("a-1", "progress", {"stage": "prompts"})
+    await store.set_phase("b-1", Phase.PROMPTS)
+    await store.set_phase("a-1", Phase.PROMPTS, "building prompts")
+
+    every = await store.events_of_all_jobs(0, types=("phase",))
+    team_a = await store.events_of_all_jobs(0, types=("phase",), tenant="team-a")
+    first_two = await store.events_of_all_jobs(0, types=("phase", "progress"), limit=2)
+    between = await store.events_of_all_jobs(every[0].id, types=("phase",), up_to_id=every[2].id)
+
+    assert [(event.job_id, event.data["phase"]) for event in every] == [
+        ("a-1", "Pending"),
+        ("b-1", "Pending"),
+        ("b-1", "Prompts"),
+        ("a-1", "Prompts"),
+    ]
+    assert [event.id for event in every] == sorted(event.id for event in every)
+    assert [(event.job_id, event.data) for event in team_a] == [
+        ("a-1", {"phase": "Pending", "message": None}),
+        ("a-1", {"phase": "Prompts", "message": "building prompts"}),
+    ]
+    assert [event.id for event in first_two] == [every[0].id, every[1].id]
+    assert between == every[1:3]
+    assert await store.newest_event_id() == every[-1].id
+    assert await store.events_of_all_jobs(every[-1].id, types=("phase",)) == []
+    with pytest.raises(ValueError, match="limit"):
+        await store.events_of_all_jobs(0, types=("phase",), limit=0)

@@ -1,16 +1,31 @@
-"""The job summary reads the teacher stage's result as `stage_calls.result_to_json` stores it."""
+"""The job summary reads the stages' results as `stage_calls.result_to_json` stores them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from stillhouse.common.api_models import TeacherSummary
+from stillhouse.common.api_models import EvaluationSummary, TeacherSummary
 from stillhouse.common.job_phases import Stage, StepState
 from stillhouse.control_plane.stage_calls import result_to_json
 from stillhouse.control_plane.store import StepRecord
 from stillhouse.control_plane.summary import job_summary
 from stillhouse.teacher.ledger import Ledger
 from stillhouse.teacher.v1 import teacher_pb2
+from stillhouse.trainer.v1 import trainer_pb2
+
+
+def _succeeded(stage: Stage, result) -> StepRecord:
+    return StepRecord(
+        job_id="job",
+        stage=stage,
+        operation_id=f"op-{stage}",
+        state=StepState.SUCCEEDED,
+        attempt=1,
+        result=result_to_json(result),
+        error=None,
+        started_at=datetime.now(UTC),
+        finished_at=datetime.now(UTC),
+    )
 
 
 def test_the_teacher_summary_reports_how_token_ids_were_captured():
@@ -24,21 +39,78 @@ def test_the_teacher_summary_reports_how_token_ids_were_captured():
         stop_tokens_added=2,
     )
     result = teacher_pb2.AnswerPromptsResult(ledger=ledger.to_proto(), failed_prompts=1)
-    step = StepRecord(
-        job_id="job",
-        stage=Stage.TEACHER,
-        operation_id="op",
-        state=StepState.SUCCEEDED,
-        attempt=1,
-        result=result_to_json(result),
-        error=None,
-        started_at=datetime.now(UTC),
-        finished_at=datetime.now(UTC),
-    )
 
-    teacher = job_summary([step])["teacher"]
+    teacher = job_summary([_succeeded(Stage.TEACHER, result)])["teacher"]
 
     assert (teacher["alternative_slots"], teacher["masked_alternatives"]) == (60, 7)
     assert (teacher["top1_mismatches"], teacher["stop_tokens_added"]) == (1, 2)
     assert teacher["failed_prompts"] == 1 and teacher["requests"] == 3
     assert TeacherSummary.model_validate(teacher).masked_alternatives == 7
+
+
+SAMPLES = [
+    trainer_pb2.AnswerSample(
+        prompt_id="p-1",
+        prompt="Why is the sky blue?",
+        teacher="Rayleigh.",
+        baseline="sky sky",
+        student="Light.",
+    ),
+    trainer_pb2.AnswerSample(prompt_id="p-2", prompt="Name a prime.", teacher="7", baseline="", student="7"),
+]
+
+
+def test_the_evaluation_summary_carries_the_answers_side_by_side():
+    result = trainer_pb2.EvaluateStudentResult(
+        recovery_percent=40.0, student_metrics={"kl": 1.0}, teacher_metrics={"kl": 0.0}, samples=SAMPLES
+    )
+
+    evaluation = job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]
+
+    assert evaluation["samples"] == [
+        {
+            "prompt_id": "p-1",
+            "prompt": "Why is the sky blue?",
+            "teacher": "Rayleigh.",
+            "baseline": "sky sky",
+            "student": "Light.",
+            "control_sft": None,
+        },
+        {
+            "prompt_id": "p-2",
+            "prompt": "Name a prime.",
+            "teacher": "7",
+            "baseline": "",
+            "student": "7",
+            "control_sft": None,
+        },
+    ]
+    samples = EvaluationSummary.model_validate(evaluation).samples
+    assert [(sample.prompt_id, sample.baseline, sample.control_sft) for sample in samples] == [
+        ("p-1", "sky sky", None),
+        ("p-2", "", None),
+    ]
+
+
+def test_a_trained_sft_control_answers_even_when_its_answer_is_empty():
+    answered = trainer_pb2.AnswerSample()
+    answered.CopyFrom(SAMPLES[0])
+    answered.control_sft = "Scattering."
+    samples = [answered, SAMPLES[1]]  # the control's answer to the second prompt is empty
+    result = trainer_pb2.EvaluateStudentResult(
+        student_metrics={"kl": 1.0}, control_sft_metrics={"kl": 0.5}, samples=samples
+    )
+
+    evaluation = job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]
+
+    assert [sample["control_sft"] for sample in evaluation["samples"]] == ["Scattering.", ""]
+    assert [sample.control_sft for sample in EvaluationSummary.model_validate(evaluation).samples] == [
+        "Scattering.",
+        "",
+    ]
+
+
+def test_an_evaluation_without_samples_has_none():
+    result = trainer_pb2.EvaluateStudentResult(student_metrics={"kl": 1.0}, teacher_metrics={"kl": 0.0})
+    evaluation = job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]
+    assert evaluation["samples"] == [] and EvaluationSummary.model_validate(evaluation).samples == []

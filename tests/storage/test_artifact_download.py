@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from storage_process import start_storage
 from typer.testing import CliRunner
 
 from stillhouse.cli.main import app
 from stillhouse.common.datasets.artifacts import upload_folder
 from stillhouse.common.objectstore.open_store import open_object_store
-
-from .test_service import start_storage
 
 SCRIPTED_STAGES = Path(__file__).parents[1] / "control_plane" / "scripted_stages.py"
 JOB = {"spec": {"teacher": {"backend": "local", "model": "m"}, "student": {"init": {"pruneTeacherDepth": 2}}}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -10,8 +9,8 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import httpx
 import pytest
-from pydantic import SecretStr
 from service_token import authorized_channel
+from storage_process import start_storage
 
 from stillhouse.common.datasets.artifacts import download_artifact, upload_folder
 from stillhouse.common.objectstore.objects import ObjectStore
@@ -22,35 +21,11 @@ from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 ARTIFACT_ID = "jobs/job-1/train/student"
 
 
-def object_store_env(settings: ObjectStoreSettings) -> dict[str, str]:
-    """The settings as the service reads them from its environment."""
-    env = {}
-    for name, value in settings:
-        if value is None:
-            continue
-        plain = value.get_secret_value() if isinstance(value, SecretStr) else value
-        env[f"STILLHOUSE_STORAGE_OBJECT_STORE__{name.upper()}"] = (
-            str(plain).lower() if isinstance(plain, bool) else str(plain)
-        )
-    return env
-
-
 @dataclass
 class StorageService:
     stub: storage_pb2_grpc.StorageStub
     store: ObjectStore
     settings: ObjectStoreSettings
-
-
-def start_storage(processes, free_port, grpc_ready, wait_until, settings: ObjectStoreSettings) -> str:
-    port = free_port()
-    argv = [sys.executable, "-m", "stillhouse.cli.main", "serve", "storage", "--port", str(port)]
-    processes.start(
-        "storage", argv, object_store_env(settings) | {"STILLHOUSE_STORAGE_MAX_REQUEST_BYTES": "1048576"}
-    )
-    address = f"127.0.0.1:{port}"
-    wait_until(lambda: grpc_ready(address), 20, "the storage service")
-    return address
 
 
 @pytest.fixture

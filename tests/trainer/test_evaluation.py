@@ -15,11 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillhouse.common.datasets.artifacts import download_artifact, read_artifact_manifest, upload_folder
+from stillhouse.common.datasets.records import prompt_id
 from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs
 from stillhouse.common.jobspec import EvaluationSpec, TeacherBackend, TeacherSpec, TrainingSpec
 from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
-from stillhouse.trainer import evaluation
+from stillhouse.trainer import evaluation, report
+from stillhouse.trainer.answer_samples import SAMPLE_PROMPTS
 from stillhouse.trainer.data import answers_topk, read_answer_rows
 from stillhouse.trainer.evaluation import (
     EvaluationSettings,
@@ -38,7 +40,7 @@ from stillhouse.trainer.evaluation import (
 )
 from stillhouse.trainer.losses import SparseTeacher
 from stillhouse.trainer.model_card import card_settings, model_card
-from stillhouse.trainer.run_config import EvaluateRun
+from stillhouse.trainer.run_config import AnswerSample, EvaluateRun
 
 PROMPTS = [
     "What is the capital of France?",
@@ -47,6 +49,9 @@ PROMPTS = [
     "List three prime numbers.",
     "Why is the sky blue?",
     "Say hello in Spanish.",
+    "How do bees make honey?",
+    "Name a large ocean.",
+    "What does a compiler do?",
 ]
 HOLDOUT = "jobs/job-1/teacher/holdout"
 TRAIN_PROMPTS = [
@@ -320,6 +325,38 @@ def _evaluate_run(
     )
 
 
+def _greedy_answers(model_dir: Path, prompts: list[str]) -> list[str]:
+    """Each prompt answered greedily by the model in `model_dir`, one at a time by Hugging Face's own
+    `generate` (every held-out teacher answer here has MAX_NEW_TOKENS tokens or ends on its own, so each
+    model may generate MAX_NEW_TOKENS)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=False,
+        )
+        generated = model.generate(
+            ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+        texts.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+def _samples_in_holdout_order(store: ObjectStore, samples: list[AnswerSample]) -> list[dict]:
+    """The held-out rows the samples should show: the first SAMPLE_PROMPTS, in the dataset's order."""
+    rows = list(read_answer_rows(store, HOLDOUT))[:SAMPLE_PROMPTS]
+    prompts = {prompt_id([{"role": "user", "content": prompt}]): prompt for prompt in PROMPTS}
+    assert len(samples) == SAMPLE_PROMPTS < len(PROMPTS)
+    assert [sample.prompt_id for sample in samples] == [row["prompt_id"] for row in rows]
+    assert [sample.prompt for sample in samples] == [prompts[row["prompt_id"]] for row in rows]
+    assert [sample.teacher for sample in samples] == [row["response"] for row in rows]
+    return rows
+
+
 def test_a_student_that_is_the_teacher_closes_all_of_the_gap(
     tmp_path: Path,
     object_store: ObjectStore,
@@ -386,6 +423,18 @@ def test_a_student_that_is_the_teacher_closes_all_of_the_gap(
         len(document["notes"]) == 1 and "uniform reference has no most likely token" in document["notes"][0]
     )
 
+    # The first held-out prompts side by side: the teacher's answers, the student's (the teacher's own
+    # weights: the same answers) and the untrained student's (model "a"), as each answers greedily.
+    rows = _samples_in_holdout_order(object_store, outcome.samples)
+    assert [sample.student for sample in outcome.samples] == [sample.teacher for sample in outcome.samples]
+    prompts = [sample.prompt for sample in outcome.samples]
+    assert [sample.baseline for sample in outcome.samples] == _greedy_answers(models["a"], prompts)
+    assert all(sample.control_sft is None for sample in outcome.samples)
+    assert document["samples"] == [sample.model_dump(exclude_none=True) for sample in outcome.samples]
+    assert len(document["samples"]) == len(rows)
+    html = object_store.get_bytes("jobs/job-1/evaluate/report/report.html").decode()
+    assert html.count('<section class="sample">') == SAMPLE_PROMPTS
+
     # The published student loads without Stillhouse and its card carries the figures.
     assert outcome.student_prefix == "jobs/job-1/student"
     published = tmp_path / "published"
@@ -412,6 +461,17 @@ def test_a_student_that_is_the_teacher_closes_all_of_the_gap(
         read_artifact_manifest(object_store, prefix)
         for prefix in (outcome.report_prefix, "jobs/job-1/student")
     ] == committed
+
+    # A report committed before reports kept samples is read as it is: the same figures, no samples.
+    older = _evaluate_run(
+        object_store, object_store_settings, models, student="teacher", baseline="a", job_id="job-old"
+    )
+    del document["samples"]
+    report.write_report(tmp_path / "older-report", document, TRAINING_LOG)
+    upload_folder(object_store, "jobs/job-old/evaluate/report", tmp_path / "older-report")
+    reread = run_evaluation(older, lambda *_: None)
+    assert reread.samples == [] and reread.student_metrics == outcome.student_metrics
+    assert reread.recovery_percent == outcome.recovery_percent
 
 
 def test_a_random_student_closes_no_gap_and_the_sft_control_is_evaluated_like_it(
@@ -451,6 +511,16 @@ def test_a_random_student_closes_no_gap_and_the_sft_control_is_evaluated_like_it
         "teacher",
     ]
     assert document["student"]["control_sft"] == "jobs/job-2/train/control-sft"
+    # Side by side: the control (the teacher's weights) answers as the teacher did; the student is model
+    # "a" and the untrained student model "b".
+    _samples_in_holdout_order(object_store, outcome.samples)
+    prompts = [sample.prompt for sample in outcome.samples]
+    assert [sample.control_sft for sample in outcome.samples] == [
+        sample.teacher for sample in outcome.samples
+    ]
+    assert [sample.student for sample in outcome.samples] == _greedy_answers(models["a"], prompts)
+    assert [sample.baseline for sample in outcome.samples] == _greedy_answers(models["b"], prompts)
+    assert document["samples"] == [sample.model_dump() for sample in outcome.samples]
     markdown = object_store.get_bytes("jobs/job-2/evaluate/report/report.md").decode()
     assert "| Metric | Uniform | Unigram | Untrained student | SFT control | Student | Teacher |" in markdown
 
@@ -472,9 +542,9 @@ def test_with_another_tokenizer_kl_and_top1_are_omitted(
     assert any("KL and top-1 agreement are omitted" in note for note in prepared.notes)
     settings = EvaluationSettings(tokens_per_pass=256, generation_batch=4)
     figures = {
-        name: evaluation.model_metrics(
+        name: evaluation.evaluate_model(
             models[name], tokenizer, prepared, torch.device("cpu"), settings, lambda _: None
-        )
+        ).metrics
         for name in ("teacher", "a")
     }
     assert set(figures["teacher"]) - {"repeated_4grams"} == {"perplexity", "exact_match", "token_f1"}

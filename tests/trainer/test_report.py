@@ -64,6 +64,22 @@ TRAINING_LOG = [
     }
     for step in range(1, 13)
 ]
+SAMPLES = [
+    {
+        "prompt_id": "p-1",
+        "prompt": "What is <b>bold</b> & why?",
+        "teacher": "Bold is *heavy* text.\nIt stands out.",
+        "baseline": "",
+        "student": "Bold is heavy.",
+    },
+    {
+        "prompt_id": "p-2",
+        "prompt": "Name a prime.",
+        "teacher": "# Seven\n\n- seven",
+        "baseline": "prime prime prime",
+        "student": "Seven.",
+    },
+]
 CARD_DATA = {
     "dataset": "jobs/job-7/teacher/train",
     "rows": 900,
@@ -74,7 +90,7 @@ CARD_DATA = {
 }
 
 
-def _report(training_log: list[dict] = TRAINING_LOG) -> dict:
+def _report(training_log: list[dict] = TRAINING_LOG, samples: list[dict] = SAMPLES) -> dict:
     return report.build_report(
         job_id="job-7",
         teacher=TEACHER,
@@ -87,6 +103,7 @@ def _report(training_log: list[dict] = TRAINING_LOG) -> dict:
         recovery=RECOVERY,
         training_log=training_log,
         notes=["Held-out answers: 21 rows read, 20 kept."],
+        samples=samples,
     )
 
 
@@ -131,6 +148,7 @@ def test_json_report_fields():
         "final_kd": pytest.approx(2 / 12),
         "final_ce": pytest.approx(1 / 12),
     }
+    assert document["samples"] == SAMPLES
     assert json.loads(json.dumps(document)) == document  # plain JSON
 
 
@@ -175,6 +193,18 @@ def test_pages_carry_the_headline_the_table_and_an_embedded_png(tmp_path: Path):
     assert "| Repeated 4-grams (lower is better) | n/a | 0.970 | n/a | 0.100 | 0.020 |" in markdown
     assert "![Training loss](loss_curve.png)" in markdown
     assert "Held-out answers: 21 rows read, 20 kept." in markdown
+    # The samples, each text a blockquote that shows it as written (line breaks kept, markup escaped), the
+    # teacher first; an empty answer says so.
+    answers = markdown.split("## Held-out answers side by side", 1)[1].split("\n## ", 1)[0]
+    assert "The first 2 held-out prompts" in answers
+    assert "a text longer than 1,000 characters is cut" in answers
+    assert (
+        "### 1. Prompt `p-1`\n\n> What is \\<b\\>bold\\</b\\> \\& why?\n\n"
+        "**Teacher**\n\n> Bold is \\*heavy\\* text.\\\n> It stands out.\n\n"
+        "**Untrained student**\n\n> *(empty)*\n\n**Student**\n\n> Bold is heavy.\n"
+    ) in answers
+    assert "**Teacher**\n\n> \\# Seven\n>\n> \\- seven\n" in answers
+    assert "SFT control" not in answers
 
     html = (tmp_path / "report.html").read_text()
     assert f'<p class="headline">{sentence}</p>' in html
@@ -186,14 +216,59 @@ def test_pages_carry_the_headline_the_table_and_an_embedded_png(tmp_path: Path):
     assert png == (tmp_path / "loss_curve.png").read_bytes()
     image = matplotlib.image.imread(io.BytesIO(png), format="png")
     assert image.shape[0] > 100 and image.shape[1] > 100
+    samples = re.findall(r'<section class="sample">(.*?)</section>', html, re.DOTALL)
+    assert len(samples) == 2
+    assert "<h3>1. Prompt <code>p-1</code></h3>" in samples[0]
+    assert re.findall(r"<tr><th>(.*?)</th>", samples[0]) == ["Teacher", "Untrained student", "Student"]
+    assert '<td class="text">Bold is *heavy* text.\nIt stands out.</td>' in samples[0]
+    assert '<em class="empty">(empty)</em>' in samples[0]
 
 
 def test_html_escapes_what_it_shows():
-    document = _report()
+    document = _report(
+        samples=[{**SAMPLES[0], "prompt": "<script>alert(1)</script>", "student": "</td><script>x</script>"}]
+    )
     document["notes"] = ["<script>alert(1)</script>"]
     html = report.render_html(document, None)
     assert "<script>" not in html and "&lt;script&gt;" in html
+    assert '<blockquote class="text">&lt;script&gt;alert(1)&lt;/script&gt;</blockquote>' in html
+    assert "&lt;/td&gt;&lt;script&gt;x&lt;/script&gt;" in html
     assert "The student artifact has no training log with losses." in html
+
+
+def test_the_sft_control_answers_beside_the_others_when_it_was_trained():
+    document = _report(samples=[{**SAMPLES[1], "control_sft": "Eleven."}])
+    [view] = report.sample_views(document["samples"])
+    assert view.answers == (
+        ("Teacher", "# Seven\n\n- seven"),
+        ("Untrained student", "prime prime prime"),
+        ("SFT control", "Eleven."),
+        ("Student", "Seven."),
+    )
+    assert "**SFT control**\n\n> Eleven.\n" in report.render_markdown(document, has_curve=False)
+
+
+def test_a_report_written_before_it_kept_samples_still_renders(tmp_path: Path):
+    document = _report()
+    del document["samples"]
+    report.write_report(tmp_path, document, TRAINING_LOG)
+    for page in ("report.md", "report.html"):
+        text = (tmp_path / page).read_text()
+        assert "Held-out answers side by side" not in text and "What the figures mean" in text
+
+
+def test_markdown_quote_shows_a_text_as_written():
+    assert report.markdown_quote("plain words.") == "> plain words."
+    # Markup, HTML and entities are escaped; the start of a line cannot open a heading, list or quote.
+    assert report.markdown_quote("a *b* _c_ `d` [e](f) <g> &amp; ~h~ \\") == (
+        "> a \\*b\\* \\_c\\_ \\`d\\` \\[e\\](f) \\<g\\> \\&amp; \\~h\\~ \\\\"
+    )
+    assert report.markdown_quote("# title\n> quoted\n  - item\n+ more") == (
+        "> \\# title\\\n> \\> quoted\\\n>   \\- item\\\n> \\+ more"
+    )
+    # A line break within a paragraph is a hard break; a blank line stays inside the quote.
+    assert report.markdown_quote("one\ntwo  \n\nthree\r\n") == "> one\\\n> two\n>\n> three"
+    assert report.markdown_quote("") == report.markdown_quote(" \n") == "> *(empty)*"
 
 
 def test_without_a_training_log_there_is_no_curve(tmp_path: Path):

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stillhouse.common.datasets.artifacts import download_artifact, upload_folder
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+from stillhouse.trainer.data import read_answer_rows
 from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 State = operations_pb2.OperationState
@@ -279,3 +280,9 @@ def test_evaluate_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, t
     assert "kl" in evaluation.unigram_metrics and "kl" in evaluation.uniform_metrics
     assert not evaluation.control_sft_metrics  # none listed
     assert evaluation.gap_closed_percent["kl"] == pytest.approx(evaluation.recovery_percent)
+    # Both held-out prompts side by side, in order, with the teacher's answers; no control was trained.
+    holdout_rows = list(read_answer_rows(service.store, HOLDOUT))
+    assert [sample.prompt_id for sample in evaluation.samples] == [row["prompt_id"] for row in holdout_rows]
+    assert {sample.prompt for sample in evaluation.samples} == {"what about snow?", "and cheese?"}
+    assert [sample.teacher for sample in evaluation.samples] == [row["response"] for row in holdout_rows]
+    assert not any(sample.control_sft for sample in evaluation.samples)

@@ -6,6 +6,7 @@ FastAPI's and Starlette's, answered with the status that says why.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,8 +19,12 @@ from starlette.routing import Match
 from stillhouse.common.api_models import ErrorBody, FieldError
 from stillhouse.common.database_retry import DatabaseUnavailable
 from stillhouse.control_plane.quotas import QuotaExceeded
+from stillhouse.control_plane.spec_lines import field_lines
 from stillhouse.control_plane.store import JobNotFound
-from stillhouse.control_plane.views import field_errors, summarise
+from stillhouse.control_plane.views import field_errors, summarise, with_lines
+
+# The request's attribute that holds the text of the job spec it sent, once read (`submitted_job`).
+SPEC_TEXT = "spec_text"
 
 
 class ApiError(Exception):
@@ -58,8 +63,14 @@ def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> set[str]:
     return methods
 
 
-async def _refused(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.body, exc.headers)
+async def _refused(request: Request, exc: ApiError) -> JSONResponse:
+    body = exc.body
+    spec_text = getattr(request.state, SPEC_TEXT, None)
+    if exc.status == 422 and spec_text is not None and body.errors:
+        # Whatever refused the spec (the schema, the input roots, a quota, the submit-time check), its
+        # fields are the submitted text's. Reading up to a MiB of it is kept off the event loop.
+        body = with_lines(body, await asyncio.to_thread(field_lines, spec_text))
+    return error_response(exc.status, body, exc.headers)
 
 
 async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -25,11 +25,23 @@ PING_SECONDS = 15
 router = APIRouter(tags=["jobs"])
 
 
-def _first_event_after(last_event_id: str | None) -> int:
+# Event ids are the store's 64-bit keys.
+MAX_EVENT_ID = 2**63 - 1
+
+
+def resume_after(last_event_id: str) -> int:
+    """The event id a client resumes after, from its Last-Event-ID header; 400 for one this API never
+    gave out."""
     try:
-        return int(last_event_id) if last_event_id else 0
-    except ValueError as exc:
-        raise ApiError(400, f"Last-Event-ID must be an event id (an integer), not {last_event_id!r}") from exc
+        event_id = int(last_event_id)
+    except ValueError:
+        event_id = -1
+    if not 0 <= event_id <= MAX_EVENT_ID:
+        shown = repr(last_event_id[:64])
+        raise ApiError(
+            400, f"Last-Event-ID must be an event id (an integer from 0 to {MAX_EVENT_ID}), not {shown}"
+        )
+    return event_id
 
 
 async def _events(
@@ -63,5 +75,5 @@ async def job_events(
     The stream ends after the event that puts the job in a final phase.
     """
     await visible_job(store, principal, job_id)
-    after = _first_event_after(last_event_id)
+    after = resume_after(last_event_id) if last_event_id else 0
     return EventSourceResponse(_events(store, bus, job_id, after), ping=PING_SECONDS)

@@ -13,7 +13,7 @@ from stillhouse.common.jobspec import DistillationJob
 from stillhouse.control_plane.spec_body import MAX_DEPTH, MAX_EXPANDED_VALUES, MAX_SPEC_BYTES
 
 # The routes that take a DistillationJob as their body.
-JOB_BODY_PATHS = ("/v1/jobs", "/v1/jobs:estimate")
+JOB_BODY_PATHS = ("/v1/jobs", "/v1/jobs:estimate", "/v1/jobs:validate")
 
 UNAUTHENTICATED = {401: {"model": ErrorBody, "description": "Missing or invalid bearer token"}}
 JOB_ROUTE_ERRORS = {

@@ -13,7 +13,7 @@ from stillhouse.common.api_models import FieldError
 from stillhouse.common.input_roots import InputRefused, check_prompt_inputs
 from stillhouse.common.jobspec import DistillationJob
 from stillhouse.control_plane.api.dependencies import Roots
-from stillhouse.control_plane.api.errors import ApiError, invalid
+from stillhouse.control_plane.api.errors import SPEC_TEXT, ApiError, invalid
 from stillhouse.control_plane.orchestrator import ServiceChannels
 from stillhouse.control_plane.preflight import PreflightRefused, PreflightUnavailable, check_job
 from stillhouse.control_plane.spec_body import BodyRefused, parse_document, read_capped
@@ -22,12 +22,14 @@ from stillhouse.control_plane.views import field_errors, preflight_errors
 
 async def job_from_body(request: Request, roots: Roots) -> DistillationJob:
     """The DistillationJob in the request body; a 422 names its errors: those of the schema, or a local
-    input outside the input roots."""
+    input outside the input roots. The text is kept on the request (`SPEC_TEXT`), so that any 422 about
+    the spec can say on which line each field sits."""
     try:
         raw = await read_capped(request.stream(), request.headers.get("content-length"))
         document = parse_document(request.headers.get("content-type", ""), raw)
     except BodyRefused as refused:
         raise ApiError(refused.status, refused.message) from None
+    setattr(request.state, SPEC_TEXT, raw.decode("utf-8", errors="replace"))
     if not isinstance(document, dict):
         raise ApiError(422, "the body must be a DistillationJob object (apiVersion, kind, metadata, spec)")
     try:

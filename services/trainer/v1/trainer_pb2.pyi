@@ -94,7 +94,7 @@ class EvaluateStudentRequest(_message.Message):
     def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., holdout_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateStudentResult(_message.Message):
-    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics", "uniform_metrics", "unigram_metrics", "control_sft_metrics", "gap_closed_percent")
+    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics", "uniform_metrics", "unigram_metrics", "control_sft_metrics", "gap_closed_percent", "samples")
     class StudentMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class EvaluateStudentResult(_message.Message):
     UNIGRAM_METRICS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_SFT_METRICS_FIELD_NUMBER: _ClassVar[int]
     GAP_CLOSED_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     report: _operations_pb2.ArtifactRef
     recovery_percent: float
     student_metrics: _containers.ScalarMap[str, float]
@@ -164,4 +165,21 @@ class EvaluateStudentResult(_message.Message):
     unigram_metrics: _containers.ScalarMap[str, float]
     control_sft_metrics: _containers.ScalarMap[str, float]
     gap_closed_percent: _containers.ScalarMap[str, float]
-    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ..., uniform_metrics: _Optional[_Mapping[str, float]] = ..., unigram_metrics: _Optional[_Mapping[str, float]] = ..., control_sft_metrics: _Optional[_Mapping[str, float]] = ..., gap_closed_percent: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    samples: _containers.RepeatedCompositeFieldContainer[AnswerSample]
+    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ..., uniform_metrics: _Optional[_Mapping[str, float]] = ..., unigram_metrics: _Optional[_Mapping[str, float]] = ..., control_sft_metrics: _Optional[_Mapping[str, float]] = ..., gap_closed_percent: _Optional[_Mapping[str, float]] = ..., samples: _Optional[_Iterable[_Union[AnswerSample, _Mapping]]] = ...) -> None: ...
+
+class AnswerSample(_message.Message):
+    __slots__ = ("prompt_id", "prompt", "teacher", "baseline", "student", "control_sft")
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SFT_FIELD_NUMBER: _ClassVar[int]
+    prompt_id: str
+    prompt: str
+    teacher: str
+    baseline: str
+    student: str
+    control_sft: str
+    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., teacher: _Optional[str] = ..., baseline: _Optional[str] = ..., student: _Optional[str] = ..., control_sft: _Optional[str] = ...) -> None: ...
