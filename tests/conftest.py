@@ -179,15 +179,20 @@ def start_api(control_plane_at, free_port, processes, grpc_ready, wait_until, tm
     `tmp_path/inputs`. With `every_stage`, the scripted process serves Prompts and Teacher as well, so
     jobs and estimates run through, each stage taking `stage_seconds` (and reporting progress ten times);
     otherwise only the trainer (its submit-time check finds nothing) and jobs wait in Prompts, retrying.
-    `storage` is the address of a real storage service to use instead of the scripted one. `extra_env`
-    goes to the control plane's environment."""
+    `storage` is the address of a real storage service to use instead of the scripted one. The
+    `failing_rpc` (such as "TrainStudent") fails. `extra_env` goes to the control plane's environment."""
 
     def start(
-        *, every_stage: bool = False, stage_seconds: float = 0, storage: str | None = None, **extra_env: str
+        *,
+        every_stage: bool = False,
+        stage_seconds: float = 0,
+        storage: str | None = None,
+        failing_rpc: str | None = None,
+        **extra_env: str,
     ):
         scripted = f"127.0.0.1:{free_port()}"
         argv = [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j")]
-        processes.start("stages", [*argv, str(stage_seconds)])
+        processes.start("stages", [*argv, str(stage_seconds), *([failing_rpc] if failing_rpc else [])])
         wait_until(lambda: grpc_ready(scripted), 20, "the scripted stage services")
         services = {
             name: scripted if every_stage else f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")

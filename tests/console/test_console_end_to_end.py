@@ -14,6 +14,7 @@ from console_browser import console_browser, screenshot
 from embedded_platform import running_up
 from playwright.sync_api import expect
 from tiny_job import tiny_job_spec
+from waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
@@ -74,10 +75,14 @@ def test_an_engineer_submits_and_follows_the_tiny_job(tmp_path, tiny_llama, free
         expect(browser.locator("#job-name")).to_have_text("tiny-end-to-end")
         expect(browser.locator("#live-status")).to_have_attribute("data-state", "live")
         # Training, once its curves have a point (or the job has moved on: the tiny job trains briefly).
-        browser.wait_for_function(
-            "document.querySelector('#chart-loss polyline') || !['Pending', 'Prompts', 'Teacher', "
-            "'Training'].includes(document.querySelector('#job-phase').dataset.phase)",
-            timeout=JOB_SECONDS * 1000,
+        wait_until(
+            lambda: (
+                browser.locator("#chart-loss polyline").count() > 0
+                or phase.get_attribute("data-phase") not in {"Pending", "Prompts", "Teacher", "Training"}
+            ),
+            JOB_SECONDS,
+            "the job to train",
+            interval=0.25,
         )
         screenshot(browser, "job-running")
 

@@ -53,6 +53,11 @@ def test_a_user_estimates_submits_and_resubmits_the_example_job(start_console_pl
         "0.625"
     )
     expect(browser.locator("#job-labels")).to_contain_text("team=research")
+    sample = browser.locator('#samples .sample[data-prompt-id="p-1"]')
+    expect(sample.locator(".prompt")).to_contain_text("Why is the sky blue?")
+    expect(sample.locator('[data-model="teacher"] pre')).to_have_text("Rayleigh.")
+    expect(sample.locator('[data-model="baseline"] pre')).to_have_text("(empty answer)")
+    expect(sample.locator('[data-model="student"] pre')).to_have_text("Light.")
 
     browser.click("#resubmit")
     expect(browser).to_have_url(f"{platform.url}/submit?from={job_id}")
