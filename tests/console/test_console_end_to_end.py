@@ -121,6 +121,9 @@ def test_an_engineer_submits_and_follows_the_tiny_job(tmp_path, tiny_llama, free
             expect(answer.locator("h4")).to_have_text(title)
             expect(answer.locator("pre")).to_have_text(samples[0][model] or "(empty answer)")
         expect(browser.locator('#artifacts [data-artifact="student"] a').first).to_be_visible()
+        report = browser.locator('#artifacts [data-artifact="report"] a', has_text="report.md")
+        download = browser.request.get(f"{url}{report.get_attribute('href')}")  # with the session cookie
+        assert download.status == 200 and len(download.body()) > 0
         screenshot(browser, "job-succeeded")
 
         browser.click("text=Jobs")
