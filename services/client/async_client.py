@@ -11,28 +11,19 @@ from typing import Any
 import httpx
 
 from stillhouse.client import protocol as api
+from stillhouse.client.base import HttpApiClient
 from stillhouse.client.downloads import DOWNLOAD_TIMEOUT, ArtifactStaging, afetch
-from stillhouse.client.endpoint import find_endpoint
 from stillhouse.client.errors import WaitTimeout
-from stillhouse.client.events import JobEvent, PhaseEvent, SseDecoder, StreamCursor, parse_event
+from stillhouse.client.events import JobEvent, PhaseEvent, SseDecoder, StreamCursor
 from stillhouse.client.specs import SpecInput
 from stillhouse.common.api_models import ArtifactLinks, EstimateView, JobView, SpecValidation
 
 
-class AsyncClient:
+class AsyncClient(HttpApiClient[httpx.AsyncClient]):
     """The Stillhouse jobs API for asyncio; finds the API as `Client` does. Use it as an async context
     manager, or await `aclose`."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        home: Path | None = None,
-        timeout: float = api.REQUEST_TIMEOUT,
-    ) -> None:
-        endpoint = find_endpoint(url, token, home)
-        self.url = endpoint.url
-        self._http = httpx.AsyncClient(**api.http_options(endpoint, timeout))
+    http_class = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -99,13 +90,9 @@ class AsyncClient:
                         api.check(response, request)
                     decoder = SseDecoder()
                     async for line in response.aiter_lines():
-                        raw = decoder.feed(line)
-                        event = parse_event(*raw) if raw else None
-                        if event is None:
-                            continue
-                        cursor.seen(event)
-                        yield event
-                        if isinstance(event, PhaseEvent) and event.is_terminal:
+                        if (event := cursor.receive(decoder, line)) is not None:
+                            yield event
+                        if cursor.ended:
                             return
             except httpx.ReadTimeout:
                 return  # only a stream that is not followed has a read timeout: everything is read
@@ -159,14 +146,7 @@ class AsyncClient:
 
     async def _call(self, request: api.ApiRequest, parser: Callable[[httpx.Response], Any]) -> Any:
         try:
-            response = await self._http.request(
-                request.method,
-                request.path,
-                params=request.params,
-                content=request.content,
-                headers=request.headers,
-                timeout=api.http_timeout(request, self._http.timeout),
-            )
+            response = await self._http.request(**api.request_arguments(request, self._http.timeout))
         except httpx.TransportError as exc:
             raise api.unreachable(self.url, exc) from exc
         return api.parse_answer(response, request, parser)

@@ -114,6 +114,8 @@ class StreamCursor:
     last_event_id: str | None = None
     reconnects: int = 0
     lost_since: float | None = None
+    # The stream delivered the job's terminal phase: there is nothing more to read.
+    ended: bool = False
 
     def headers(self) -> dict[str, str]:
         return {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
@@ -127,6 +129,15 @@ class StreamCursor:
         if event.id:
             self.last_event_id = event.id
         self.reconnects, self.lost_since = 0, None
+
+    def receive(self, decoder: SseDecoder, line: str) -> JobEvent | None:
+        """The typed event `line` completes, noted as seen; None while an event is still being read."""
+        raw = decoder.feed(line)
+        event = parse_event(*raw) if raw else None
+        if event is not None:
+            self.seen(event)
+            self.ended = isinstance(event, PhaseEvent) and event.is_terminal
+        return event
 
     def dropped(self, now: float) -> float:
         """The connection broke: how long to wait before reopening it, or ApiUnavailable when it has been

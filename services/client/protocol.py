@@ -108,6 +108,18 @@ def http_timeout(request: ApiRequest, default: httpx.Timeout) -> httpx.Timeout:
     return default
 
 
+def request_arguments(request: ApiRequest, default: httpx.Timeout) -> dict[str, Any]:
+    """The keyword arguments of the httpx client's `request` (sync or async) that sends `request`."""
+    return {
+        "method": request.method,
+        "url": request.path,
+        "params": request.params,
+        "content": request.content,
+        "headers": request.headers,
+        "timeout": http_timeout(request, default),
+    }
+
+
 def stream_timeout(default: httpx.Timeout, follow: bool, remaining: float | None) -> httpx.Timeout:
     """A followed stream waits as long as the job runs (or until `remaining` seconds are up); one that
     is not followed stops when it goes quiet."""

@@ -10,29 +10,20 @@ from typing import Any
 import httpx
 
 from stillhouse.client import protocol as api
+from stillhouse.client.base import HttpApiClient
 from stillhouse.client.downloads import DOWNLOAD_TIMEOUT, ArtifactStaging, fetch
-from stillhouse.client.endpoint import find_endpoint
 from stillhouse.client.errors import WaitTimeout
-from stillhouse.client.events import JobEvent, PhaseEvent, SseDecoder, StreamCursor, parse_event
+from stillhouse.client.events import JobEvent, PhaseEvent, SseDecoder, StreamCursor
 from stillhouse.client.specs import SpecInput
 from stillhouse.common.api_models import ArtifactLinks, EstimateView, JobView, SpecValidation
 
 
-class Client:
+class Client(HttpApiClient[httpx.Client]):
     """The Stillhouse jobs API. Without `url` and `token`, finds the API as the CLI does:
     STILLHOUSE_API_URL and STILLHOUSE_API_TOKEN, else the endpoint file `stillhouse up` wrote in `home`
     ($STILLHOUSE_HOME or ~/.stillhouse). Use it as a context manager, or call `close`."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        home: Path | None = None,
-        timeout: float = api.REQUEST_TIMEOUT,
-    ) -> None:
-        endpoint = find_endpoint(url, token, home)
-        self.url = endpoint.url
-        self._http = httpx.Client(**api.http_options(endpoint, timeout))
+    http_class = httpx.Client
 
     def __enter__(self) -> Client:
         return self
@@ -139,14 +130,7 @@ class Client:
 
     def _call(self, request: api.ApiRequest, parser: Callable[[httpx.Response], Any]) -> Any:
         try:
-            response = self._http.request(
-                request.method,
-                request.path,
-                params=request.params,
-                content=request.content,
-                headers=request.headers,
-                timeout=api.http_timeout(request, self._http.timeout),
-            )
+            response = self._http.request(**api.request_arguments(request, self._http.timeout))
         except httpx.TransportError as exc:
             raise api.unreachable(self.url, exc) from exc
         return api.parse_answer(response, request, parser)
@@ -168,13 +152,9 @@ class Client:
                     for line in response.iter_lines():
                         if deadline is not None and time.monotonic() > deadline:
                             raise api.DeadlinePassed()
-                        raw = decoder.feed(line)
-                        event = parse_event(*raw) if raw else None
-                        if event is None:
-                            continue
-                        cursor.seen(event)
-                        yield event
-                        if isinstance(event, PhaseEvent) and event.is_terminal:
+                        if (event := cursor.receive(decoder, line)) is not None:
+                            yield event
+                        if cursor.ended:
                             return
             except httpx.ReadTimeout:
                 if not follow:
