@@ -35,14 +35,14 @@ from typing import Any
 import grpc
 import structlog
 
-from stillhouse.common.datasets.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
+from stillhouse.common.datasets.manifest import Lineage
 from stillhouse.common.datasets.records import PROMPTS_SCHEMA
+from stillhouse.common.datasets.references import dataset_reference
 from stillhouse.common.datasets.store import DatasetWriter
 from stillhouse.common.fanout.choice import fanout_for, plan_for, row_ranges
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.jobspec import GenerationStrategy, PromptSource, PromptsSpec
 from stillhouse.common.operations import OperationError, ProgressReporter
-from stillhouse.common.v1 import operations_pb2
 from stillhouse.prompts.cleaning import PromptCleaner
 from stillhouse.prompts.generation import DEFAULT_CONCURRENCY, DEFAULT_PATIENCE
 from stillhouse.prompts.merge import SIDES, CandidateMerge, SeedPool
@@ -169,8 +169,8 @@ class GeneratePromptsRun:
         kept = committed["train"].num_rows + committed["holdout"].num_rows
         self._report("done", force=True, done=kept, total=kept)
         return prompts_pb2.GeneratePromptsResult(
-            train=self._reference(committed["train"]),
-            holdout=self._reference(committed["holdout"]),
+            train=dataset_reference(self._store, committed["train"]),
+            holdout=dataset_reference(self._store, committed["holdout"]),
             collected=self._collected,
             removed_by_rule=self._removed_by_rule(),
             generation_ledger=self._ledger,
@@ -356,14 +356,6 @@ class GeneratePromptsRun:
         }
 
     # --- reporting ----------------------------------------------------------------------------------
-
-    def _reference(self, committed: DatasetManifest) -> operations_pb2.DatasetRef:
-        return operations_pb2.DatasetRef(
-            dataset_id=committed.dataset_id,
-            manifest_uri=self._store.uri(manifest_key(committed.dataset_id)),
-            manifest_sha256=manifest_sha256(committed.to_json()),
-            num_rows=committed.num_rows,
-        )
 
     def _report(
         self,

@@ -20,8 +20,9 @@ from typing import Any
 
 import structlog
 
-from stillhouse.common.datasets.manifest import DatasetManifest, Lineage, manifest_key, manifest_sha256
+from stillhouse.common.datasets.manifest import Lineage
 from stillhouse.common.datasets.records import FAILURES_SCHEMA, answers_schema
+from stillhouse.common.datasets.references import dataset_reference
 from stillhouse.common.datasets.store import DatasetReader, commit_shards
 from stillhouse.common.fanout.choice import fanout_for, plan_for, row_ranges
 from stillhouse.common.fanout.plan import FanoutPlan, ShardFunction
@@ -175,7 +176,7 @@ class AnswerPromptsStage:
             committed = commit_shards(
                 self._store, output_id, records, answers_schema(self._spec.top_logprobs), lineage
             )
-            outputs[item.output] = self._reference(committed)
+            outputs[item.output] = dataset_reference(self._store, committed)
         failures = [record for outcome in outcomes for record in outcome.failures]
         if failures:
             lineage = Lineage(job_id=self._job_id, stage="teacher", input_ids=[inputs[0].dataset_id])
@@ -200,12 +201,4 @@ class AnswerPromptsStage:
             ledger=ledger.to_proto(),
             failed_prompts=failed,
             stopped_reason=stopped_reason,
-        )
-
-    def _reference(self, committed: DatasetManifest) -> operations_pb2.DatasetRef:
-        return operations_pb2.DatasetRef(
-            dataset_id=committed.dataset_id,
-            manifest_uri=self._store.uri(manifest_key(committed.dataset_id)),
-            manifest_sha256=manifest_sha256(committed.to_json()),
-            num_rows=committed.num_rows,
         )
