@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import grpc
@@ -26,6 +27,8 @@ from stillhouse.common import grpc_keepalive as keepalive
 from stillhouse.common.config import GrpcServiceSettings
 from stillhouse.common.logging import configure_logging
 from stillhouse.common.metrics_listener import start_metrics_listener
+from stillhouse.common.objectstore.objects import ObjectStore
+from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.operations import (
     OperationConflict,
     OperationError,
@@ -153,22 +156,34 @@ class ServiceBinding:
 
 # Builds a service's servicers on the process's operation registry; returns what to serve.
 ServiceBuild = Callable[[OperationRegistry], Iterable[ServiceBinding]]
-# The build of a service that must first open what it serves with (stores, a database, background tasks),
-# given the process's service credentials too: entered before the server is built and left after it has
-# stopped, so what it opened is closed last.
-ServiceSetup = Callable[
-    [OperationRegistry, ServiceCredentials], AbstractAsyncContextManager[Iterable[ServiceBinding]]
-]
+
+
+@dataclass
+class ServiceContext:
+    """What a service's setup builds its servicers on: the process's operation registry, its service
+    credentials (which check callers and go with calls to other services) and its object store."""
+
+    registry: OperationRegistry
+    credentials: ServiceCredentials
+    settings: GrpcServiceSettings
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        """The object store the settings name, opened on first use."""
+        return open_object_store(self.settings.object_store)
+
+
+# The build of a service that must first open what it serves with (stores, a database, background tasks):
+# entered before the server is built and left after it has stopped, so what it opened is closed last.
+ServiceSetup = Callable[[ServiceContext], AbstractAsyncContextManager[Iterable[ServiceBinding]]]
 
 
 def _setup_of(build: ServiceBuild) -> ServiceSetup:
     """The setup of a service that opens nothing: its build, as it is."""
 
     @asynccontextmanager
-    async def setup(
-        registry: OperationRegistry, _: ServiceCredentials
-    ) -> AsyncIterator[Iterable[ServiceBinding]]:
-        yield build(registry)
+    async def setup(service: ServiceContext) -> AsyncIterator[Iterable[ServiceBinding]]:
+        yield build(service.registry)
 
     return setup
 
@@ -226,7 +241,7 @@ async def serve_grpc(settings: GrpcServiceSettings, setup: ServiceSetup) -> None
     credentials = ServiceCredentials.load(settings)
     check = caller_check(settings, credentials)
     registry = OperationRegistry()
-    async with setup(registry, credentials) as bindings:
+    async with setup(ServiceContext(registry, credentials, settings)) as bindings:
         server, health_servicer, names = _server(settings, check, registry, bindings)
         tls = credentials.server_credentials()
         port = _listen(server, settings, tls)

@@ -8,10 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from stillhouse.common.grpc_server import ServiceBinding, run_grpc_service
-from stillhouse.common.objectstore.open_store import open_object_store
-from stillhouse.common.operations import OperationRegistry
-from stillhouse.common.service_credentials import ServiceCredentials
+from stillhouse.common.grpc_server import ServiceBinding, ServiceContext, run_grpc_service
 from stillhouse.teacher.cache import TeacherCache, expire_periodically
 from stillhouse.teacher.config import TeacherSettings
 from stillhouse.teacher.ledger import PriceTable
@@ -41,16 +38,15 @@ def _start_expiry(settings: TeacherSettings, cache: TeacherCache) -> asyncio.Tas
 
 def run(settings: TeacherSettings) -> None:
     @asynccontextmanager
-    async def setup(
-        registry: OperationRegistry, _: ServiceCredentials
-    ) -> AsyncIterator[list[ServiceBinding]]:
-        store = open_object_store(settings.object_store)
+    async def setup(service: ServiceContext) -> AsyncIterator[list[ServiceBinding]]:
         cache = await TeacherCache.open(settings.cache_url)
         prices = PriceTable.load(settings.price_table)
         teachers = TeacherPool(settings)
         expiry = _start_expiry(settings, cache)
         try:
-            servicer = TeacherServicer(registry, store, cache, teachers, prices, settings.fanout)
+            servicer = TeacherServicer(
+                service.registry, service.store, cache, teachers, prices, settings.fanout
+            )
             yield [ServiceBinding.of(SERVICE, teacher_pb2_grpc.add_TeacherServicer_to_server, servicer)]
         finally:
             if expiry is not None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from stillhouse.common.grpc_server import ServiceBinding, run_grpc_service
-from stillhouse.common.objectstore.open_store import open_object_store
-from stillhouse.common.operations import OperationRegistry
-from stillhouse.common.service_credentials import ServiceCredentials
+from stillhouse.common.grpc_server import ServiceBinding, ServiceContext, run_grpc_service
 from stillhouse.trainer.config import TrainerSettings
 from stillhouse.trainer.preflight_loading import ModelFactsLoader
 from stillhouse.trainer.ray_connection import RayConnection
@@ -20,15 +17,12 @@ SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
 
 def run(settings: TrainerSettings) -> None:
     @asynccontextmanager
-    async def setup(
-        registry: OperationRegistry, _: ServiceCredentials
-    ) -> AsyncIterator[list[ServiceBinding]]:
-        store = open_object_store(settings.object_store)
+    async def setup(service: ServiceContext) -> AsyncIterator[list[ServiceBinding]]:
         ray = RayConnection(settings)
         try:
             servicer = TrainerServicer(
-                registry,
-                store,
+                service.registry,
+                service.store,
                 settings.object_store,
                 ray,
                 ModelFactsLoader(settings.object_store, settings.preflight_dir, settings.models),
