@@ -35,3 +35,10 @@ export function show(node, text) {
 export function $(selector) {
   return document.querySelector(selector);
 }
+
+// The page's live-update indicator (#live-status): what it says, and its state for the style sheet.
+export function liveStatus(text, state) {
+  const status = $("#live-status");
+  status.textContent = text;
+  status.dataset.state = state;
+}

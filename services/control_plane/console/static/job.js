@@ -4,7 +4,7 @@
 
 import { call, jobPath, openStream } from "./api.js";
 import { lineChart } from "./charts.js";
-import { $, el, replaceChildren, show } from "./dom.js";
+import { $, el, liveStatus, replaceChildren, show } from "./dom.js";
 import {
   TERMINAL_PHASES, formatDuration, formatTime, jobDuration, phaseBadge, secondsBetween,
 } from "./format.js";
@@ -194,12 +194,6 @@ async function refetch() {
   } catch (error) {
     show($("#job-error"), `Cannot load the job: ${error.message}`);
   }
-}
-
-function liveStatus(text, state) {
-  const status = $("#live-status");
-  status.textContent = text;
-  status.dataset.state = state;
 }
 
 function onPhase(data) {

@@ -2,7 +2,7 @@
 // event stream of every job (/v1/events), or by polling when the server has no such stream.
 
 import { call, jobPath, openStream } from "./api.js";
-import { $, el, replaceChildren, show } from "./dom.js";
+import { $, el, liveStatus, replaceChildren, show } from "./dom.js";
 import { formatPercent, formatTime, formatUsd, jobDuration, phaseBadge } from "./format.js";
 
 const PAGE_SIZE = 100;
@@ -150,12 +150,6 @@ async function loadMore() {
   } catch (error) {
     show($("#jobs-error"), `Cannot list more jobs: ${error.message}`);
   }
-}
-
-function liveStatus(text, state) {
-  const status = $("#live-status");
-  status.textContent = text;
-  status.dataset.state = state;
 }
 
 function startPolling() {
