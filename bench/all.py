@@ -14,7 +14,7 @@ import importlib
 import traceback
 from collections.abc import Callable
 
-from _table import print_grid, verdict
+from _table import print_grid, summary_figure, verdict
 
 # name -> (module, arguments): sizes that keep the whole run to minutes while each ratio stays stable.
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
@@ -27,13 +27,6 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _value(row: dict) -> str:
-    value = row.get("value", row.get("ratio"))
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "" if value is None else str(value)
-
-
 def _passed(row: dict) -> bool | None:
     return row.get("passed", row.get("pass"))
 
@@ -41,7 +34,7 @@ def _passed(row: dict) -> bool | None:
 def summary_rows(name: str, rows: list[dict]) -> list[list[str]]:
     """The rows that carry a target, as (benchmark, metric, value, target, pass)."""
     return [
-        [name, str(row["metric"]), _value(row), str(row["target"]), verdict(_passed(row))]
+        [name, str(row["metric"]), summary_figure(row), str(row["target"]), verdict(_passed(row))]
         for row in rows
         if _passed(row) is not None
     ]
