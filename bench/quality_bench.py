@@ -2,7 +2,7 @@
 references a sceptic would pick.
 
     cd bench && ../.venv/bin/python quality_bench.py [--prompts 96] [--max-tokens 48] [--layers 8]
-                                                     [--epochs 2] [--on-policy 0.25]
+                                                     [--epochs 2] [--on-policy 0.25] [--unlikelihood 1]
 
 1. The embedded teacher (SmolLM2-135M-Instruct) answers template prompts ("Explain {concept} to
    {audience}, {style}.", the demo's seed lists) greedily, with its top-20 logprobs, as the local teacher
@@ -10,10 +10,11 @@ references a sceptic would pick.
    concept with a training prompt.
 2. One student, the teacher cut to `--layers` decoder layers (chosen by their influence on the
    training answers, as a job's are by default), is trained by `train_worker` (the training loop every
-   job runs) once per loss: `sft` (cross-entropy on the teacher's text), `forward_kl`,
-   `reverse_kl`, `jsd` (beta 0.5) on the stored top-20, and `forward_kl` with on-policy batches (a share
-   of the steps on the student's own generations, scored by the teacher's full logits). Same seed, same
-   batches, same steps; every KD row has ceWeight 0, so it learns from the teacher's distribution alone.
+   job runs) once per loss: `sft` (cross-entropy on the teacher's text), `forward_kl`, `forward_kl` with
+   token-level unlikelihood (`--unlikelihood`, its weight), `reverse_kl`, `jsd` (beta 0.5) on the stored
+   top-20, and `forward_kl` with on-policy batches (a share of the steps on the student's own
+   generations, scored by the teacher's full logits). Same seed, same batches, same steps; every KD row
+   has ceWeight 0, so it learns from the teacher's distribution alone.
 3. Each student is evaluated by `run_evaluation` (the evaluate stage) on the held-out answers, which also
    gives the reference rows: uniform, the unigram fitted on the training answers, the untrained student
    and the teacher.
@@ -132,11 +133,12 @@ def write_teacher_answers(store, prompts: list[str], dataset: str, max_tokens: i
     return seconds
 
 
-def variants(on_policy: float) -> dict[str, dict]:
+def variants(on_policy: float, unlikelihood: float) -> dict[str, dict]:
     """The training spec's loss (and on-policy) of each row."""
     return {
         "sft": {"loss": {"kind": "sft"}},
         "forward_kl": {"loss": {"kind": "forward_kl"}},
+        "forward_kl + unlikelihood": {"loss": {"kind": "forward_kl", "unlikelihoodWeight": unlikelihood}},
         "reverse_kl": {"loss": {"kind": "reverse_kl"}},
         "jsd": {"loss": {"kind": "jsd", "beta": 0.5}},
         "on-policy forward_kl": {
@@ -215,7 +217,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
         results: dict[str, dict] = {}
         references: dict[str, dict] = {}
-        for name, training in variants(args.on_policy).items():
+        for name, training in variants(args.on_policy, args.unlikelihood).items():
             metrics, outcome, seconds = train_and_evaluate(settings, name, training, args)
             results[name] = {**metrics["student"], **outcome, "seconds": seconds}
             references = {key: value for key, value in metrics.items() if key != "student"}
@@ -288,3 +290,27 @@ def run(args: argparse.Namespace) -> list[dict]:
         ],
     )
     return summary
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=96, help="template prompts, before the held-out split")
+    parser.add_argument("--holdout-concepts", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=48, help="teacher answer and greedy answer length")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers the student keeps of 30")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--on-policy", type=float, default=0.25, help="share of on-policy steps (lambda)")
+    parser.add_argument(
+        "--unlikelihood",
+        type=float,
+        default=1.0,
+        help="unlikelihoodWeight of the forward KL + unlikelihood row",
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -486,6 +486,12 @@ class LossSpec(SpecModel):
         default=0.0, description="Weight of cross-entropy on teacher text mixed into the KD loss."
     )
     beta: Annotated[float, Field(ge=0, le=1)] = Field(default=0.5, description="Mixture weight for `jsd`.")
+    unlikelihood_weight: Annotated[float, Field(ge=0, le=10)] = Field(
+        default=0.0,
+        description="Weight of token-level unlikelihood (Welleck et al. 2020) added to the loss: at each "
+        "response token, -log(1 - p) of every distinct earlier token of the same response but the label. "
+        "It discourages the loops that small students fall into; the SFT control gets it too.",
+    )
     teacher_logits: Literal["stored", "full"] = Field(
         default="stored",
         description="`stored`: the top-k logprobs saved with the teacher's answers; `full`: full logits "

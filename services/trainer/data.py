@@ -291,6 +291,11 @@ class PackedBatch:
     tokens: int
     label_tokens: int
 
+    def answer_ids(self) -> torch.Tensor:
+        """[B, T]: which packed example each position belongs to, numbered across the batch (an example
+        starts at position id 0)."""
+        return (self.position_ids.reshape(-1) == 0).cumsum(0).reshape(self.position_ids.shape)
+
     def to(self, device: torch.device) -> PackedBatch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, non_blocking=True)

@@ -21,6 +21,14 @@ Temperature T: both distributions are tempered alike (p^(1/T), renormalised) and
 by T², as Hinton et al. (2015) do, so that its gradients keep their size when T changes. Cross-entropy is
 always at T = 1. With ``ceWeight`` w: loss = (1 - w)·KD + w·CE (``sft`` is CE alone).
 
+Unlikelihood (``unlikelihoodWeight`` u > 0; token-level, Welleck et al. 2020): at each position t, the
+candidates are the distinct tokens that came earlier in t's own response, the label at t excepted, and the
+term is -Σ log(1 - q_t(c)) over them, at T = 1; u times its mean over the positions is added to the loss
+of every kind. Greedy answers of a small student trained on few answers loop ("a big team's a big team's
+…"); the term makes putting mass back on what was already said cost something where the data did not say
+it. Responses are told apart by `answers` (the response each position belongs to; by default each row of
+`labels` is one response).
+
 The teacher signal is one of:
 
 - `SparseTeacher`: the teacher's stored top-k logprobs (at T = 1) and the log of the mass outside them
@@ -79,6 +87,8 @@ _EXACT_TAIL_BELOW = math.log(1e-3)
 # Rows of the student's log-softmax handled at once when its tail is summed: the copy it needs stays
 # below 2^26 float32 values (256 MiB).
 _TAIL_CHUNK_VALUES = 1 << 26
+# An earlier token the student is sure of costs at most -log(1e-6) ≈ 13.8 in unlikelihood, not infinity.
+_MOST_CERTAIN_REPEAT = math.log1p(-1e-6)
 
 
 @dataclass(frozen=True)
@@ -114,15 +124,17 @@ class SparseTeacher:
 
 @dataclass(frozen=True)
 class LossBreakdown:
-    """`loss` is the scalar to call backward on; `kd` and `ce` are its parts per token (detached, for
-    reporting; `kd` is 0 for `sft`); `tokens` is the number of positions that counted, and `kd_tokens`
-    those of them with a KD term (a position whose teacher slots are all masked has none)."""
+    """`loss` is the scalar to call backward on; `kd`, `ce` and `unlikelihood` are its parts per token
+    (detached, for reporting, before weighting; `kd` is 0 for `sft`, `unlikelihood` 0 unless weighted);
+    `tokens` is the number of positions that counted, and `kd_tokens` those of them with a KD term (a
+    position whose teacher slots are all masked has none)."""
 
     loss: Tensor
     kd: Tensor
     ce: Tensor
     tokens: int
     kd_tokens: int = 0
+    unlikelihood: Tensor | None = None
 
 
 def distillation_loss(
@@ -130,10 +142,12 @@ def distillation_loss(
     labels: Tensor,
     spec: LossSpec,
     teacher: SparseTeacher | Tensor | None,
+    answers: Tensor | None = None,
 ) -> LossBreakdown:
     """The loss `spec` asks for, averaged over the positions where ``labels != -100``. `student_logits`
     [B, T, V] (any float dtype), `labels` [B, T]; `teacher` a `SparseTeacher`, full teacher logits
-    [B, T, V], or None (only for `sft`, which ignores it)."""
+    [B, T, V], or None (only for `sft`, which ignores it); `answers` [B, T]: the response each position
+    belongs to, for unlikelihood (default: one per row)."""
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
         raise ValueError(
             f"student_logits must be [B, T, V] and labels [B, T]; got {tuple(student_logits.shape)} and "
@@ -154,29 +168,49 @@ def distillation_loss(
     temperature = spec.temperature
     sparse = isinstance(teacher, SparseTeacher) and spec.kind is not LossKind.SFT
     teacher_ids = _rows(teacher.ids.reshape(-1, teacher.k), positions).long() if sparse else None
+    earlier = (
+        _EarlierTokens.of(targets, _rows(_answer_ids(labels, answers), positions))
+        if spec.unlikelihood_weight > 0
+        else None
+    )
+    k = teacher_ids.shape[-1] if teacher_ids is not None else 0
+    earlier_logprobs = None
     if spec.kind is LossKind.SFT or sparse or temperature == 1.0:
         # At T = 1: the sparse path tempers the buckets, not the logits.
         log_q = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-        # One gather for the teacher's top k and the label: each gather's backward is a [N, V] pass.
-        # Masked slots (-1) gather column 0; `_sparse_divergence` leaves them out.
-        label_column = targets.unsqueeze(-1)
-        columns = (
-            label_column
-            if teacher_ids is None
-            else torch.cat([teacher_ids.clamp_min(0), label_column], dim=-1)
-        )
-        picked = log_q.gather(-1, columns)
-        ce = -picked[:, -1].sum() / denominator
-        student_top = picked[:, :-1]
+        # One gather for the teacher's top k, the label and the earlier tokens: each gather's backward is
+        # a [N, V] pass. Masked slots (-1) gather column 0; `_sparse_divergence` leaves them out.
+        columns = [targets.unsqueeze(-1)]
+        if teacher_ids is not None:
+            columns.insert(0, teacher_ids.clamp_min(0))
+        if earlier is not None:
+            columns.append(earlier.tokens)
+        picked = log_q.gather(-1, torch.cat(columns, dim=-1))
+        ce = -picked[:, k].sum() / denominator
+        student_top = picked[:, :k]
+        earlier_logprobs = picked[:, k + 1 :]
     else:
-        # CE stays at T = 1. It needs a graph only when it is part of the loss (ceWeight > 0).
+        # CE and unlikelihood stay at T = 1. CE needs a graph only when it is part of the loss.
+        logits32 = logits.float()
+        log_partition = logits32.logsumexp(dim=-1, keepdim=True)
         with torch.set_grad_enabled(torch.is_grad_enabled() and spec.ce_weight > 0):
-            logits32 = logits.float()
-            ce = (logits32.logsumexp(dim=-1) - logits32.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
-            ce = ce / denominator
-        log_q = F.log_softmax(logits.float() / temperature, dim=-1)
+            ce = (log_partition - logits32.gather(-1, targets.unsqueeze(-1))).sum() / denominator
+        if earlier is not None:
+            earlier_logprobs = logits32.gather(-1, earlier.tokens) - log_partition
+        log_q = F.log_softmax(logits32 / temperature, dim=-1)
+    unlikelihood = (
+        earlier.unlikelihood(earlier_logprobs) / denominator
+        if earlier is not None and earlier_logprobs is not None
+        else torch.zeros_like(ce)
+    )
     if spec.kind is LossKind.SFT:
-        return LossBreakdown(loss=ce, kd=torch.zeros_like(ce).detach(), ce=ce.detach(), tokens=tokens)
+        return LossBreakdown(
+            loss=ce + spec.unlikelihood_weight * unlikelihood if earlier is not None else ce,
+            kd=torch.zeros_like(ce).detach(),
+            ce=ce.detach(),
+            tokens=tokens,
+            unlikelihood=unlikelihood.detach(),
+        )
 
     if sparse:
         assert isinstance(teacher, SparseTeacher) and teacher_ids is not None
@@ -189,7 +223,16 @@ def distillation_loss(
 
     kd = kd_sum * temperature**2 / denominator
     loss = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce if spec.ce_weight > 0 else kd
-    return LossBreakdown(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=tokens, kd_tokens=kd_tokens)
+    if earlier is not None:
+        loss = loss + spec.unlikelihood_weight * unlikelihood
+    return LossBreakdown(
+        loss=loss,
+        kd=kd.detach(),
+        ce=ce.detach(),
+        tokens=tokens,
+        kd_tokens=kd_tokens,
+        unlikelihood=unlikelihood.detach(),
+    )
 
 
 def _check_teacher(teacher: SparseTeacher | Tensor | None, student_shape: torch.Size, kind: LossKind) -> None:
@@ -222,6 +265,47 @@ def _check_teacher(teacher: SparseTeacher | Tensor | None, student_shape: torch.
             f"full teacher logits must have the student's shape [B, T, V] = {tuple(student_shape)}; "
             f"got {tuple(teacher.shape)} (teacher and student need the same vocabulary)"
         )
+
+
+def _answer_ids(labels: Tensor, answers: Tensor | None) -> Tensor:
+    """The response of each position, flattened: `answers` as given, or the row's index."""
+    if answers is None:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        return rows.unsqueeze(1).expand(labels.shape).reshape(-1)
+    if answers.shape != labels.shape:
+        raise ValueError(
+            f"answers must have the labels' shape {tuple(labels.shape)}; got {tuple(answers.shape)}"
+        )
+    return answers.reshape(-1)
+
+
+@dataclass(frozen=True)
+class _EarlierTokens:
+    """For each of N positions, a window of the W positions before it: `tokens` [N, W] are their labels,
+    and `candidate` [N, W] marks the unlikelihood candidates: in the same response, the first occurrence
+    of their token in it (so that each distinct token counts once), and not the position's own label.
+    W is the longest response's length less one (responses are contiguous runs of positions)."""
+
+    tokens: Tensor
+    candidate: Tensor
+
+    @classmethod
+    def of(cls, targets: Tensor, answers: Tensor) -> _EarlierTokens:
+        count = targets.numel()
+        window = int(torch.unique_consecutive(answers, return_counts=True)[1].max()) - 1 if count else 0
+        index = torch.arange(count, device=targets.device).unsqueeze(1)
+        before = index - torch.arange(1, window + 1, device=targets.device)
+        earlier = before.clamp_min(0)
+        same_answer = (before >= 0) & (answers[earlier] == answers.unsqueeze(1))
+        tokens = targets[earlier]
+        same_token = same_answer & (tokens == targets.unsqueeze(1))
+        first = ~same_token.any(dim=1)
+        return cls(tokens, same_answer & first[earlier] & ~same_token)
+
+    def unlikelihood(self, logprobs: Tensor) -> Tensor:
+        """-Σ log(1 - q) over the candidates, given the student's log-probabilities of `tokens`."""
+        terms = -_log1mexp(logprobs.clamp_max(_MOST_CERTAIN_REPEAT))
+        return torch.where(self.candidate, terms, 0.0).sum()
 
 
 def _rows(values: Tensor, positions: Tensor) -> Tensor:

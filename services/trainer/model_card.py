@@ -200,6 +200,8 @@ def _loss_items(
         items += [("Teacher signal", source), ("Temperature", loss.temperature), ("ceWeight", loss.ce_weight)]
         if loss.kind is LossKind.JSD:
             items.append(("beta", loss.beta))
+    if loss.unlikelihood_weight > 0:
+        items.append(("unlikelihoodWeight", loss.unlikelihood_weight))
     items.append(("fallbackToSft", loss.fallback_to_sft))
     if data.get("loss_fallback"):
         items.append(("Loss used", data["loss_fallback"]))

@@ -14,7 +14,8 @@ of the training seed, the step and the worker, so a resumed run generates the sa
 
 How: the teacher's full logits score every generated position with the configured divergence
 (forward KL, reverse KL or JSD at the loss temperature). `ceWeight` does not apply: its cross-entropy is
-on the teacher's text, and the generated tokens are the student's.
+on the teacher's text, and the generated tokens are the student's. `unlikelihoodWeight` does: its earlier
+tokens are then the student's own.
 """
 
 from __future__ import annotations

@@ -672,6 +672,7 @@ class TrainingLoop:
                     batch.labels[labelled].unsqueeze(0),
                     loss_spec,
                     self._teacher_signal(batch, labelled, teacher_model),
+                    answers=batch.answer_ids()[labelled].unsqueeze(0),
                 )
                 # Workers' gradients are averaged, so each worker's share is scaled by the world size.
                 weight = breakdown.tokens * workers.world / label_tokens

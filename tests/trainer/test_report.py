@@ -123,6 +123,7 @@ def test_json_report_fields():
         "temperature": 1.0,
         "ceWeight": 0.2,
         "beta": 0.3,
+        "unlikelihoodWeight": 0.0,
         "teacherLogits": "stored",
         "fallbackToSft": False,
     }
