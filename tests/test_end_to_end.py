@@ -125,3 +125,5 @@ def test_the_example_distils_smollm2_into_a_student_ahead_of_its_untrained_self(
     # distributions beat its text alone (the SFT control, same batches and steps).
     assert report["recovery"]["gap_closed"]["kl"] >= 50
     assert student["kl"] < control["kl"] and student["top1_agreement"] > control["top1_agreement"]
+    # Its greedy answers do not loop: repeated 4-grams at most twice as often as in the teacher's.
+    assert student["repeated_4grams"] <= 2 * metrics["teacher"]["repeated_4grams"]
