@@ -93,6 +93,17 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     group.stop_all()
 
 
+@pytest.fixture(scope="module")
+def module_processes(
+    tmp_path_factory: pytest.TempPathFactory, service_token_file: Path
+) -> Iterator[Processes]:
+    """Child processes shared by the tests of one module (logs in a folder of the module's own); whatever
+    is still running when the module's last test has run is killed."""
+    group = Processes(log_dir=tmp_path_factory.mktemp("module"))
+    yield group
+    group.stop_all()
+
+
 def serve_argv(service: str, port: int) -> list[str]:
     return [sys.executable, "-m", "stillhouse.cli.main", "serve", service, "--port", str(port)]
 
@@ -120,6 +131,8 @@ class ControlPlane:
     extra_env: dict[str, str] = field(default_factory=dict)
     # The process's name among the test's processes (and of its log); two control planes need two.
     name: str = "control-plane"
+    # The folder of local inputs it accepts (STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS), where there is one.
+    inputs: Path | None = None
 
     @property
     def url(self) -> str:
@@ -128,6 +141,10 @@ class ControlPlane:
     @property
     def log(self) -> str:
         return self.processes.log(self.name)
+
+    def log_since(self, start: int) -> str:
+        """What the process logged after the first `start` characters (`len(control_plane.log)` then)."""
+        return self.log[start:]
 
     def start(self) -> None:
         token_file = self.home / "api-token"
@@ -165,6 +182,19 @@ def control_plane_at(processes: Processes, tmp_path: Path) -> Callable[..., Cont
     return make
 
 
+@pytest.fixture(scope="module")
+def module_control_plane_at(module_processes: Processes) -> Callable[..., ControlPlane]:
+    """As `control_plane_at`, for a control plane that the tests of a module share (among
+    `module_processes`, its home their folder): one per module."""
+
+    def make(services: dict[str, str], **extra_env: str) -> ControlPlane:
+        return ControlPlane(
+            module_processes, module_processes.log_dir, pick_free_port(), services, extra_env=extra_env
+        )
+
+    return make
+
+
 @pytest.fixture
 def grpc_ready() -> Callable[[str], bool]:
     return grpc_serving
@@ -173,43 +203,70 @@ def grpc_ready() -> Callable[[str], bool]:
 SCRIPTED_STAGES = REPO / "tests" / "control_plane" / "scripted_stages.py"
 
 
+def start_scripted_api(
+    processes: Processes,
+    root: Path,
+    *,
+    every_stage: bool = False,
+    stage_seconds: float = 0,
+    storage: str | None = None,
+    failing_rpc: str | None = None,
+    **extra_env: str,
+) -> ControlPlane:
+    """A control plane process (home `root`) whose stage services are scripted; see `start_api`."""
+    scripted = f"127.0.0.1:{pick_free_port()}"
+    argv = [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(root / "j")]
+    processes.start("stages", [*argv, str(stage_seconds), *([failing_rpc] if failing_rpc else [])])
+    wait_until(lambda: grpc_serving(scripted), 20, "the scripted stage services")
+    services = {
+        name: scripted if every_stage else f"127.0.0.1:{pick_free_port()}" for name in ("prompts", "teacher")
+    }
+    if storage is not None:
+        services["storage"] = storage
+    inputs = root / "inputs"
+    inputs.mkdir()
+    control_plane = ControlPlane(
+        processes,
+        root,
+        pick_free_port(),
+        {**services, "trainer": scripted},
+        extra_env={"STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS": json.dumps([str(inputs)]), **extra_env},
+        inputs=inputs,
+    )
+    control_plane.start()
+    return control_plane
+
+
 @pytest.fixture
-def start_api(control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path):
+def start_api(processes, tmp_path):
     """Start a control plane process whose stage services are scripted; local inputs may come from
-    `tmp_path/inputs`. With `every_stage`, the scripted process serves Prompts and Teacher as well, so
-    jobs and estimates run through, each stage taking `stage_seconds` (and reporting progress ten times);
-    otherwise only the trainer (its submit-time check finds nothing) and jobs wait in Prompts, retrying.
-    `storage` is the address of a real storage service to use instead of the scripted one. The
+    `tmp_path/inputs` (its `inputs`). With `every_stage`, the scripted process serves Prompts and Teacher
+    as well, so jobs and estimates run through, each stage taking `stage_seconds` (and reporting progress
+    ten times); otherwise only the trainer (its submit-time check finds nothing) and jobs wait in Prompts,
+    retrying. `storage` is the address of a real storage service to use instead of the scripted one. The
     `failing_rpc` (such as "TrainStudent") fails. `extra_env` goes to the control plane's environment."""
 
-    def start(
-        *,
-        every_stage: bool = False,
-        stage_seconds: float = 0,
-        storage: str | None = None,
-        failing_rpc: str | None = None,
-        **extra_env: str,
-    ):
-        scripted = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, str(SCRIPTED_STAGES), scripted.split(":")[1], str(tmp_path / "j")]
-        processes.start("stages", [*argv, str(stage_seconds), *([failing_rpc] if failing_rpc else [])])
-        wait_until(lambda: grpc_ready(scripted), 20, "the scripted stage services")
-        services = {
-            name: scripted if every_stage else f"127.0.0.1:{free_port()}" for name in ("prompts", "teacher")
-        }
-        if storage is not None:
-            services["storage"] = storage
-        inputs = tmp_path / "inputs"
-        inputs.mkdir()
-        control_plane = control_plane_at(
-            {**services, "trainer": scripted},
-            STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)]),
-            **extra_env,
-        )
-        control_plane.start()
-        return control_plane
+    def start(**options) -> ControlPlane:
+        return start_scripted_api(processes, tmp_path, **options)
 
     return start
+
+
+@pytest.fixture(scope="module")
+def start_module_api(tmp_path_factory: pytest.TempPathFactory, service_token_file: Path):
+    """`start_api` for a control plane that the tests of a module share, stopped after the module's last
+    test: for tests that need no process of their own, each working on jobs, principals or files that no
+    other test touches. Each call starts another, with a home (and `inputs`) of its own."""
+    groups: list[Processes] = []
+
+    def start(**options) -> ControlPlane:
+        root = tmp_path_factory.mktemp("api")
+        groups.append(Processes(log_dir=root))
+        return start_scripted_api(groups[-1], root, **options)
+
+    yield start
+    for group in groups:
+        group.stop_all()
 
 
 # --- databases ------------------------------------------------------------------------------------

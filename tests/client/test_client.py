@@ -30,12 +30,21 @@ PIPELINE = ["Pending", "Prompts", "Teacher", "Training", "Evaluating", "Succeede
 
 
 @pytest.fixture
-def client(platform: Platform):
+def client(module_platform: Platform):
+    """A client of the module's platform."""
+    with Client(url=module_platform.url, token=module_platform.token) as client:
+        yield client
+
+
+@pytest.fixture
+def fresh_client(platform: Platform):
+    """A client of a platform of the test's own: for a test that lists every job there is."""
     with Client(url=platform.url, token=platform.token) as client:
         yield client
 
 
-def test_submit_a_dict_yaml_text_a_file_and_a_typed_job(client: Client, platform: Platform) -> None:
+def test_submit_a_dict_yaml_text_a_file_and_a_typed_job(client: Client, module_platform: Platform) -> None:
+    platform = module_platform
     seeds = platform.inputs / "specs" / "seeds"
     seeds.mkdir(parents=True)
     (seeds / "a.jsonl").write_text('{"prompt": "hi"}\n')
@@ -70,8 +79,9 @@ def test_an_invalid_spec_carries_each_field_error(client: Client) -> None:
         client.estimate({"spec": {"teacher": {"backend": "local"}}})
 
 
-def test_a_wrong_token_is_unauthorized(platform: Platform) -> None:
-    with Client(url=platform.url, token="not-the-token") as client, pytest.raises(Unauthorized) as caught:
+def test_a_wrong_token_is_unauthorized(module_platform: Platform) -> None:
+    url = module_platform.url
+    with Client(url=url, token="not-the-token") as client, pytest.raises(Unauthorized) as caught:
         client.list()
     assert caught.value.status == 401
     assert caught.value.message
@@ -94,7 +104,8 @@ def test_nothing_listening_is_api_unavailable(free_port) -> None:
     assert str(caught.value) == f"cannot reach the Stillhouse API at {url}: connection refused"
 
 
-def test_list_get_and_cancel(client: Client) -> None:
+def test_list_get_and_cancel(fresh_client: Client) -> None:
+    client = fresh_client
     first = client.submit(JOB)
     second = client.submit({"metadata": {"labels": {"team": "a"}}, **JOB})
     assert {first.id, second.id} <= {job.id for job in client.list()}
@@ -140,8 +151,9 @@ def test_wait_gives_up_after_its_timeout(client: Client) -> None:
 
 
 def test_pull_verifies_every_file_and_refuses_a_corrupted_one(
-    client: Client, platform: Platform, tmp_path: Path
+    client: Client, module_platform: Platform, tmp_path: Path
 ) -> None:
+    platform = module_platform
     job = client.wait(client.submit(JOB).id, timeout=60)
     files = {"config.json": b'{"model_type": "llama"}', "nested/weights.bin": bytes(range(256)) * 4096}
     platform.publish_student(job.id, files, tmp_path / "model")

@@ -4,6 +4,7 @@ headless Chromium of each test's own (`console_browser`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,16 +13,11 @@ from console_principals import PRINCIPALS, ConsolePlatform
 from playwright.sync_api import Page
 
 
-@pytest.fixture
-def start_console_platform(start_api, tmp_path):
-    """Start a control plane with the principals of `console_principals` and scripted stage services
-    (`start_api`: with `every_stage` jobs and estimates run through, each stage `stage_seconds` long;
-    otherwise a job waits in Prompts until it is cancelled; the `failing_rpc` fails)."""
-
+def console_platform_starter(start_api, folder: Path):
     def start(
         *, every_stage: bool = False, stage_seconds: float = 0, failing_rpc: str | None = None
     ) -> ConsolePlatform:
-        principals = tmp_path / "principals.yaml"
+        principals = folder / "principals.yaml"
         principals.write_text(yaml.safe_dump(PRINCIPALS))
         control_plane = start_api(
             every_stage=every_stage,
@@ -35,9 +31,24 @@ def start_console_platform(start_api, tmp_path):
 
 
 @pytest.fixture
+def start_console_platform(start_api, tmp_path):
+    """Start a control plane with the principals of `console_principals` and scripted stage services
+    (`start_api`: with `every_stage` jobs and estimates run through, each stage `stage_seconds` long;
+    otherwise a job waits in Prompts until it is cancelled; the `failing_rpc` fails)."""
+    return console_platform_starter(start_api, tmp_path)
+
+
+@pytest.fixture
 def console_platform(start_console_platform) -> ConsolePlatform:
     """A control plane whose jobs wait in Prompts (see `start_console_platform`)."""
     return start_console_platform()
+
+
+@pytest.fixture(scope="module")
+def module_console_platform(start_module_api, tmp_path_factory) -> ConsolePlatform:
+    """As `console_platform`, one for the module's tests: for tests that each see only jobs of their own
+    and need no pristine control plane."""
+    return console_platform_starter(start_module_api, tmp_path_factory.mktemp("principals"))()
 
 
 @pytest.fixture

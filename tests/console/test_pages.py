@@ -7,12 +7,19 @@ import html
 import re
 
 import httpx
+import pytest
 import yaml
 from console_principals import TOKENS, ConsolePlatform
 
 from stillhouse.common.jobspec import DistillationJob
 
 PAGES = ["/", "/submit"]
+
+
+@pytest.fixture
+def console_platform(module_console_platform: ConsolePlatform) -> ConsolePlatform:
+    """The module's control plane: every test here signs in afresh and looks at jobs of its own."""
+    return module_console_platform
 
 
 def test_a_page_without_a_session_sends_the_browser_to_log_in_and_back(console_platform: ConsolePlatform):

@@ -140,9 +140,10 @@ def test_local_files_outside_the_input_roots_are_refused_without_their_contents(
 
 
 def test_dot_dot_and_symlinks_cannot_leave_a_root(api, tmp_path):
-    inputs = tmp_path / "inputs"
-    (inputs / "link").symlink_to("/etc")
-    escapes = [f"{inputs}/../../../../etc/passwd", f"{inputs}/link/passwd"]
+    inputs = api.inputs
+    link = inputs / f"link-{tmp_path.name}"  # a name of this test's own: the root is the module's
+    link.symlink_to("/etc")
+    escapes = [f"{inputs}/../../../../etc/passwd", f"{link}/passwd"]
     with api.client() as client:
         for path in escapes:
             response = client.post("/v1/jobs", json=with_prompts({"sources": [{"path": path}]}))
@@ -151,7 +152,7 @@ def test_dot_dot_and_symlinks_cannot_leave_a_root(api, tmp_path):
 
 
 def test_a_file_inside_a_root_and_an_object_store_path_are_accepted(api, tmp_path):
-    seeds = tmp_path / "inputs" / "team" / "seeds.jsonl"
+    seeds = api.inputs / f"team-{tmp_path.name}" / "seeds.jsonl"
     seeds.parent.mkdir()
     seeds.write_text('{"prompt": "hello"}\n')
     prompts = {"sources": [{"path": str(seeds)}, {"path": "s3://stillhouse/seeds/more.jsonl"}]}

@@ -18,18 +18,31 @@ import httpx
 import pytest
 import yaml
 from httpx_sse import EventSource, connect_sse
+from waiting import grpc_serving, pick_free_port, wait_until
 
 from stillhouse.common.datasets.artifacts import upload_folder
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 from stillhouse.control_plane.api.session import CSRF_HEADER, SESSION_COOKIE
 
 SCRIPTED_STAGES = Path(__file__).with_name("scripted_stages.py")
-TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789", "ops": "ops-token-0123456789"}
+TOKENS = {
+    "alice": "alice-token-0123456789",
+    "bob": "bob-token-0123456789",
+    "ops": "ops-token-0123456789",
+    # Each of these is the one user of its tenant, and only one test acts as it: on the control plane
+    # the module's tests share, its tenant's jobs are that test's alone.
+    "carol": "carol-token-0123456789",
+    "dave": "dave-token-0123456789",
+    "erin": "erin-token-0123456789",
+}
 PRINCIPALS = {
     "principals": [
         {"name": "alice", "tenant": "team-a", "role": "user", "token": TOKENS["alice"]},
         {"name": "bob", "tenant": "team-b", "role": "user", "token": TOKENS["bob"]},
         {"name": "ops", "tenant": "platform", "role": "admin", "token": TOKENS["ops"]},
+        {"name": "carol", "tenant": "team-c", "role": "user", "token": TOKENS["carol"]},
+        {"name": "dave", "tenant": "team-d", "role": "user", "token": TOKENS["dave"]},
+        {"name": "erin", "tenant": "team-e", "role": "user", "token": TOKENS["erin"]},
     ]
 }
 MINIMAL = {"spec": {"teacher": {"backend": "local", "model": "smollm2"}, "student": {"init": {"config": {}}}}}
@@ -68,26 +81,23 @@ class Platform:
             )
 
 
-@pytest.fixture
-def platform(
-    control_plane_at, free_port, processes, grpc_ready, wait_until, tmp_path, database_url
-) -> Platform:
-    """Every stage scripted (jobs run through at once), a real storage service over `tmp_path/objects`,
-    and the job store on SQLite or on PostgreSQL."""
-    stages = f"127.0.0.1:{free_port()}"
+def start_platform(control_plane_at, processes, root: Path, database_url: str) -> Platform:
+    """Every stage scripted (jobs run through at once), a real storage service over `root/objects`, and
+    the job store at `database_url`."""
+    stages = f"127.0.0.1:{pick_free_port()}"
     processes.start(
-        "stages", [sys.executable, str(SCRIPTED_STAGES), stages.split(":")[1], str(tmp_path / "j"), "0"]
+        "stages", [sys.executable, str(SCRIPTED_STAGES), stages.split(":")[1], str(root / "j"), "0"]
     )
-    storage = f"127.0.0.1:{free_port()}"
+    storage = f"127.0.0.1:{pick_free_port()}"
     processes.start(
         "storage",
         [sys.executable, "-m", "stillhouse.cli.main", "serve", "storage", "--port", storage.split(":")[1]],
-        {"STILLHOUSE_STORAGE_OBJECT_STORE__LOCAL_ROOT": str(tmp_path / "objects")},
+        {"STILLHOUSE_STORAGE_OBJECT_STORE__LOCAL_ROOT": str(root / "objects")},
     )
-    wait_until(lambda: grpc_ready(stages) and grpc_ready(storage), 30, "the stage and storage services")
-    principals = tmp_path / "principals.yaml"
+    wait_until(lambda: grpc_serving(stages) and grpc_serving(storage), 30, "the stage and storage services")
+    principals = root / "principals.yaml"
     principals.write_text(yaml.safe_dump(PRINCIPALS))
-    inputs = tmp_path / "inputs"
+    inputs = root / "inputs"
     inputs.mkdir()
     control_plane = control_plane_at(
         {"prompts": stages, "teacher": stages, "trainer": stages, "storage": storage},
@@ -96,9 +106,26 @@ def platform(
         STILLHOUSE_CONTROL_PLANE_INPUT_ROOTS=json.dumps([str(inputs)]),
     )
     control_plane.start()
-    objects = LocalObjectStore(tmp_path / "objects", "stillhouse")
+    objects = LocalObjectStore(root / "objects", "stillhouse")
     objects.ensure_bucket()
     return Platform(control_plane, objects, inputs)
+
+
+@pytest.fixture(scope="module")
+def platform(module_control_plane_at, module_processes) -> Platform:
+    """One platform (`start_platform`, the job store on SQLite) for the module's tests that need none of
+    their own: each works on jobs of its own, and reads the log from where it began."""
+    root = module_processes.log_dir
+    return start_platform(
+        module_control_plane_at, module_processes, root, f"sqlite:///{root / 'databases' / 'test.db'}"
+    )
+
+
+@pytest.fixture
+def own_platform(control_plane_at, processes, tmp_path, database_url) -> Platform:
+    """A platform of the test's own (`start_platform`), the job store on SQLite or on PostgreSQL: for a
+    test that follows every event there is, or stops the control plane."""
+    return start_platform(control_plane_at, processes, tmp_path, database_url)
 
 
 def phase_events(source: EventSource) -> Iterator[tuple[int, dict]]:
@@ -122,7 +149,8 @@ def until_succeeded(source: EventSource, job_ids: set[str]) -> list[tuple[int, d
 # --- /v1/events ------------------------------------------------------------------------------------
 
 
-def test_events_show_each_caller_the_phase_changes_of_the_jobs_it_may_see(platform: Platform, wait_until):
+def test_events_show_each_caller_the_phase_changes_of_the_jobs_it_may_see(own_platform: Platform, wait_until):
+    platform = own_platform
     # Bob's job ends before Alice's starts: were Alice's stream to carry it, it would come first.
     with platform.client("alice") as alice, platform.client("ops") as admin:
         with (
@@ -158,7 +186,6 @@ def test_events_show_each_caller_the_phase_changes_of_the_jobs_it_may_see(platfo
     assert (first["jobId"], first["phase"]) == (later, "Pending") and first_id > seen_by_alice[-1][0]
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("last_event_id", ["abc", "-1", "1.5", "9" * 30, "0x10"])
 def test_a_last_event_id_that_is_not_an_event_id_is_400(platform: Platform, last_event_id):
     with platform.client("alice") as alice:
@@ -168,16 +195,24 @@ def test_a_last_event_id_that_is_not_an_event_id_is_400(platform: Platform, last
             assert "Last-Event-ID must be an event id" in response.json()["message"]
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_events_stream_ends_when_its_client_goes_away(platform: Platform, wait_until):
-    with platform.client("alice") as alice, connect_sse(alice, "GET", "/v1/events") as source:
+    start = len(platform.control_plane.log)
+
+    def logged(event: str) -> bool:
+        """Whether the control plane logged `event` of erin's feed (no other test opens one)."""
+        lines = platform.control_plane.log_since(start).splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
+        return any((record["event"], record.get("principal")) == (event, "erin") for record in records)
+
+    with platform.client("erin") as erin, connect_sse(erin, "GET", "/v1/events") as source:
         assert source.response.status_code == 200
-        wait_until(lambda: "event feed opened" in platform.control_plane.log, 10, "the feed to open")
-    wait_until(lambda: "event feed closed" in platform.control_plane.log, 10, "the feed to close")
+        wait_until(lambda: logged("event feed opened"), 10, "the feed to open")
+    wait_until(lambda: logged("event feed closed"), 10, "the feed to close")
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_events_stream_ends_when_the_control_plane_stops(platform: Platform, processes):
+def test_events_stream_ends_when_the_control_plane_stops(own_platform: Platform, processes):
+    platform = own_platform
     with platform.client("alice") as alice, connect_sse(alice, "GET", "/v1/events") as source:
         assert source.response.status_code == 200
         started = time.monotonic()
@@ -216,17 +251,15 @@ spec:
 """
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_validate_accepts_a_good_spec_and_stores_nothing(platform: Platform):
-    with platform.client("alice") as alice:
-        as_json = alice.post("/v1/jobs:validate", json=MINIMAL)
-        as_yaml = alice.post("/v1/jobs:validate", content=yaml.safe_dump(MINIMAL), headers=YAML)
-        assert alice.get("/v1/jobs").json()["jobs"] == []
+    with platform.client("carol") as carol:
+        as_json = carol.post("/v1/jobs:validate", json=MINIMAL)
+        as_yaml = carol.post("/v1/jobs:validate", content=yaml.safe_dump(MINIMAL), headers=YAML)
+        assert carol.get("/v1/jobs").json()["jobs"] == []
     assert as_json.status_code == as_yaml.status_code == 200, as_json.text
     assert as_json.json() == as_yaml.json() == {"valid": True, "warnings": []}
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("route", ["/v1/jobs:validate", "/v1/jobs", "/v1/jobs:estimate"])
 def test_every_422_of_a_spec_names_the_line_of_each_field(platform: Platform, route):
     with platform.client("alice") as alice:
@@ -253,7 +286,6 @@ def test_every_422_of_a_spec_names_the_line_of_each_field(platform: Platform, ro
     assert errors(outside_roots) == [("spec.prompts.sources[0].path", 12)]
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_validate_refuses_unusable_bodies_with_4xx(platform: Platform):
     with platform.client("alice") as alice:
         huge = alice.post("/v1/jobs:validate", content=b" " * ((1 << 20) + 1), headers=YAML)
@@ -279,7 +311,6 @@ def student_artifact(platform: Platform, job_id: str, folder: Path) -> dict[str,
     return files
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_an_artifacts_file_downloads_from_a_local_store_and_nothing_else_does(
     platform: Platform, wait_until, tmp_path
 ):
@@ -319,7 +350,6 @@ def test_an_artifacts_file_downloads_from_a_local_store_and_nothing_else_does(
     assert theirs.status_code == 404 and theirs.json()["message"] == f"no job with id {mine!r}"
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_local_object_replaced_by_a_link_elsewhere_is_not_served(platform: Platform, wait_until, tmp_path):
     mine = platform.submit("alice")
     platform.wait_for_success("alice", mine, wait_until)
@@ -339,14 +369,13 @@ def test_a_local_object_replaced_by_a_link_elsewhere_is_not_served(platform: Pla
 # --- the console's session cookie ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_session_cookie_works_on_these_routes_and_a_post_needs_the_console_header(
     platform: Platform, wait_until, tmp_path
 ):
-    mine = platform.submit("alice")
-    platform.wait_for_success("alice", mine, wait_until)
+    mine = platform.submit("dave")
+    platform.wait_for_success("dave", mine, wait_until)
     files = student_artifact(platform, mine, tmp_path / "student")
-    with platform.session("alice") as console:
+    with platform.session("dave") as console:
         without_header = console.post("/v1/jobs:validate", json=MINIMAL)
         with_header = console.post("/v1/jobs:validate", json=MINIMAL, headers={CSRF_HEADER: "1"})
         download = console.get(f"/v1/jobs/{mine}/artifacts/student/files/model.safetensors")
@@ -364,7 +393,6 @@ def test_the_session_cookie_works_on_these_routes_and_a_post_needs_the_console_h
     assert refused.status_code == 401
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_openapi_documents_the_consoles_routes(platform: Platform):
     paths = httpx.get(f"{platform.control_plane.url}/openapi.json").json()["paths"]
     events = paths["/v1/events"]["get"]
