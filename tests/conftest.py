@@ -161,7 +161,7 @@ class ControlPlane:
             **self.extra_env,
         }
         self.processes.start(self.name, serve_argv("control-plane", self.port), env)
-        wait_until(lambda: http_ok(f"{self.url}/readyz"), 30, "the control plane to become ready")
+        wait_until(lambda: http_ok(f"{self.url}/readyz"), 60, "the control plane to become ready")
 
     def kill(self) -> None:
         self.processes.kill(self.name)
