@@ -96,6 +96,7 @@ def test_minimal_spec_gets_every_default() -> None:
         "temperature": 1.0,
         "ceWeight": 0.0,
         "beta": 0.5,
+        "unlikelihoodWeight": 0.0,
         "teacherLogits": "stored",
         "fallbackToSft": False,
     }
