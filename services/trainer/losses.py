@@ -174,7 +174,7 @@ def distillation_loss(
         else None
     )
     k = teacher_ids.shape[-1] if teacher_ids is not None else 0
-    earlier_logprobs = None
+    earlier_logprobs = targets.new_zeros((targets.numel(), 0), dtype=torch.float32)
     if spec.kind is LossKind.SFT or sparse or temperature == 1.0:
         # At T = 1: the sparse path tempers the buckets, not the logits.
         log_q = F.log_softmax(logits, dim=-1, dtype=torch.float32)
@@ -192,16 +192,15 @@ def distillation_loss(
     else:
         # CE and unlikelihood stay at T = 1. CE needs a graph only when it is part of the loss.
         logits32 = logits.float()
-        log_partition = logits32.logsumexp(dim=-1, keepdim=True)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (spec.ce_weight > 0 or earlier is not None)):
+            log_partition = logits32.logsumexp(dim=-1, keepdim=True)
         with torch.set_grad_enabled(torch.is_grad_enabled() and spec.ce_weight > 0):
             ce = (log_partition - logits32.gather(-1, targets.unsqueeze(-1))).sum() / denominator
         if earlier is not None:
             earlier_logprobs = logits32.gather(-1, earlier.tokens) - log_partition
         log_q = F.log_softmax(logits32 / temperature, dim=-1)
     unlikelihood = (
-        earlier.unlikelihood(earlier_logprobs) / denominator
-        if earlier is not None and earlier_logprobs is not None
-        else torch.zeros_like(ce)
+        earlier.unlikelihood(earlier_logprobs) / denominator if earlier is not None else torch.zeros_like(ce)
     )
     if spec.kind is LossKind.SFT:
         return LossBreakdown(
