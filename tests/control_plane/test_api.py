@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 import yaml
+from monitoring_queries import metric_samples
 
 VALID_YAML = """
 apiVersion: stillhouse.dev/v1
@@ -165,16 +166,16 @@ def test_unknown_job_is_404_naming_it(api):
             assert "job-missing" in response.json()["message"]
 
 
-def metric(exposition: str, sample: str) -> float:
-    """The value of one sample (name and labels, as exposed) of a /metrics text; 0 where it is absent."""
-    for line in exposition.splitlines():
-        if line.startswith(f"{sample} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def metric(exposition: str, sample: tuple[str, frozenset]) -> float:
+    """The value of one sample (name, labels) of a /metrics text; 0 where it is absent."""
+    return metric_samples(exposition).get(sample, 0.0)
 
 
-SUBMITTED = "stillhouse_jobs_submitted_total"
-POSTS_CREATED = 'stillhouse_http_requests_total{method="POST",route="/v1/jobs",status="201"}'
+SUBMITTED = ("stillhouse_jobs_submitted_total", frozenset())
+POSTS_CREATED = (
+    "stillhouse_http_requests_total",
+    frozenset({"method": "POST", "route": "/v1/jobs", "status": "201"}.items()),
+)
 
 
 def test_openapi_documents_the_job_schema_and_metrics_count_jobs(api):

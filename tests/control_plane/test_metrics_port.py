@@ -9,8 +9,7 @@ import sys
 
 import httpx
 import pytest
-from monitoring_queries import RAY_METRICS, exposed_metric_names, queried_metric_names
-from prometheus_client.parser import text_string_to_metric_families
+from monitoring_queries import RAY_METRICS, exposed_metric_names, metric_samples, queried_metric_names
 
 JOB = {
     "spec": {
@@ -38,14 +37,6 @@ def run_a_job(api, wait_until) -> None:
         wait_until(lambda: client.get(job).json()["phase"] == "Succeeded", 60, "the job to succeed")
 
 
-def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-    }
-
-
 def test_the_metrics_port_needs_no_token_and_the_api_port_still_does(control_plane, wait_until) -> None:
     api, metrics_url = control_plane
     run_a_job(api, wait_until)
@@ -53,7 +44,7 @@ def test_the_metrics_port_needs_no_token_and_the_api_port_still_does(control_pla
     anonymous = httpx.get(metrics_url, timeout=10)
     assert anonymous.status_code == 200
     assert anonymous.headers["content-type"].startswith("text/plain")
-    recorded = samples(anonymous.text)
+    recorded = metric_samples(anonymous.text)
     for phase in ["Pending", "Prompts", "Teacher", "Training", "Evaluating", "Succeeded"]:
         labels = frozenset({"tenant": "default", "phase": phase}.items())
         assert recorded[("stillhouse_job_phase_transitions_total", labels)] == 1, phase

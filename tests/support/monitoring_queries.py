@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "stillhouse"
 DASHBOARD = CHART / "dashboards" / "stillhouse.json"
 RULES_TEMPLATE = CHART / "templates" / "prometheusrule.yaml"
@@ -72,6 +74,15 @@ def queried_metric_names() -> set[str]:
     for expression in dashboard_expressions():
         names |= promql_metric_names(expression)
     return names
+
+
+def metric_samples(exposition: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics text by (name, labels)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
 
 
 def exposed_metric_names(exposition: str) -> set[str]:

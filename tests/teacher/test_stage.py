@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
-from prometheus_client.parser import text_string_to_metric_families
+from monitoring_queries import metric_samples
 from service_token import authorized_channel
 from teacher_runs import fake_teacher_spec
 
@@ -340,12 +340,7 @@ def test_unusable_answers_are_recorded_and_the_rest_done(teacher_service, fake_o
 
 
 def teacher_samples(service: TeacherService) -> dict[tuple[str, frozenset], float]:
-    exposition = httpx.get(service.metrics_url, timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-    }
+    return metric_samples(httpx.get(service.metrics_url, timeout=10).text)
 
 
 def test_metrics_count_answers_failures_tokens_dollars_and_budget_stops(teacher_service, fake_openai):
