@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import Field, model_validator
@@ -16,6 +16,9 @@ from pydantic_settings import (
 )
 
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
+
+# A duration setting that must be more than zero (a timeout, an interval).
+PositiveSeconds = Annotated[float, Field(gt=0)]
 
 # The settings class being loaded and its file's values; nested settings objects must not see them.
 _file_values: contextvars.ContextVar[tuple[type, dict[str, Any]]] = contextvars.ContextVar("_file_values")
@@ -106,8 +109,8 @@ class ServiceCallSettings(Settings):
         return self
 
 
-class GrpcServiceSettings(ServiceCallSettings):
-    """What every gRPC service process needs to serve."""
+class ServerSettings(ServiceCallSettings):
+    """Where a process that takes calls listens, and where it serves its metrics."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -115,9 +118,14 @@ class GrpcServiceSettings(ServiceCallSettings):
         default=None,
         ge=0,
         le=65535,
-        description="Port of the Prometheus /metrics endpoint, open without a token (0: a free port); none "
-        "serves no metrics.",
+        description="Port of a listener that serves only the Prometheus /metrics, without a token, for the "
+        "scraper (0: a free port); none serves no such port.",
     )
+
+
+class GrpcServiceSettings(ServerSettings):
+    """What every gRPC service process needs to serve."""
+
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 5.0
     # Largest request accepted (larger ones get RESOURCE_EXHAUSTED): bulk bytes go to object storage.

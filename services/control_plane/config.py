@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
-from stillhouse.common.config import ServiceCallSettings, settings_config
+from stillhouse.common.config import PositiveSeconds, ServerSettings, settings_config
 from stillhouse.common.database_retry import DEFAULT_RETRY_SECONDS
 from stillhouse.common.operations import WATCH_HEARTBEAT_SECONDS
 from stillhouse.common.paths import stillhouse_home
@@ -24,20 +24,13 @@ class ServiceAddresses(BaseModel):
     trainer: str = "127.0.0.1:50054"
 
 
-class ControlPlaneSettings(ServiceCallSettings):
-    """The REST API's own settings; `service_token_file` and `tls_*` are how it calls the stage services."""
+class ControlPlaneSettings(ServerSettings):
+    """The REST API's own settings; `service_token_file` and `tls_*` are how it calls the stage services.
+    Besides `metrics_port`, the API serves /metrics on its own port, to callers with a token."""
 
     model_config = settings_config("STILLHOUSE_CONTROL_PLANE_")
 
-    host: str = "127.0.0.1"
     port: int = 8080
-    metrics_port: int | None = Field(
-        default=None,
-        ge=0,
-        le=65535,
-        description="Port of a second listener that serves only the Prometheus /metrics, without a token, "
-        "for the scraper (0: a free port); none serves no such port. The API's own /metrics needs a token.",
-    )
     database_url: str = Field(
         default_factory=lambda: f"sqlite:///{stillhouse_home() / 'stillhouse.db'}",
         description="sqlite:///PATH or postgresql://USER@HOST/DB",
@@ -64,14 +57,13 @@ class ControlPlaneSettings(ServiceCallSettings):
         description="How long a job store call keeps trying through transient database errors (a dropped "
         "connection, a failover, a locked SQLite file) before it fails; running jobs outlast longer outages.",
     )
-    service_unavailable_timeout_seconds: float = Field(
+    service_unavailable_timeout_seconds: PositiveSeconds = Field(
         default=600.0,
-        gt=0,
         description="How long a stage's service may go without answering (down, restarting or stalled) "
         "before its job fails with a message naming it; until then the job re-attaches as it comes back.",
     )
-    service_call_timeout_seconds: float = Field(
-        default=30.0, gt=0, description="Deadline of each call that starts or re-attaches a stage."
+    service_call_timeout_seconds: PositiveSeconds = Field(
+        default=30.0, description="Deadline of each call that starts or re-attaches a stage."
     )
     watch_idle_timeout_seconds: float = Field(
         default=30.0,
@@ -79,8 +71,8 @@ class ControlPlaneSettings(ServiceCallSettings):
         description="A stage's progress stream that sends nothing, not even the heartbeat its service "
         f"sends every {WATCH_HEARTBEAT_SECONDS:g} s, for this long is given up and re-attached.",
     )
-    estimate_timeout_seconds: float = Field(
-        default=600.0, gt=0, le=3600, description="Longest an estimate may take before it is stopped (504)."
+    estimate_timeout_seconds: PositiveSeconds = Field(
+        default=600.0, le=3600, description="Longest an estimate may take before it is stopped (504)."
     )
     # How often progress is written to the job's events at most (progress arrives faster).
     progress_event_interval_seconds: float = 1.0
@@ -91,7 +83,7 @@ class ControlPlaneSettings(ServiceCallSettings):
         "default, keeps them until DELETE /v1/jobs/{id}.",
     )
     # How often the sweep looks for expired jobs, when `finished_job_max_age_hours` is set.
-    expiry_sweep_interval_seconds: float = Field(default=3600.0, gt=0)
+    expiry_sweep_interval_seconds: PositiveSeconds = 3600.0
 
     migrate_at_start: bool = Field(
         default=True,
@@ -106,9 +98,8 @@ class ControlPlaneSettings(ServiceCallSettings):
         "lease of this length: when the leader dies another takes over within 1.25 times it, and a leader "
         "that cannot renew stops driving after 0.8 times it. SQLite (embedded mode): the only one leads.",
     )
-    job_poll_seconds: float = Field(
+    job_poll_seconds: PositiveSeconds = Field(
         default=10.0,
-        gt=0,
         le=600,
         description="How often the leader looks in the store for jobs submitted or cancelled through "
         "another control plane whose notification it missed.",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from stillhouse.common.config import GrpcServiceSettings, settings_config
+from stillhouse.common.config import GrpcServiceSettings, PositiveSeconds, settings_config
 from stillhouse.common.fanout.settings import FanoutSettings
 
 
@@ -32,8 +32,8 @@ class PromptsSettings(GrpcServiceSettings):
         description="Teacher calls in a row that add no new prompt before generation stops short of "
         "`count` (the shortfall is reported).",
     )
-    teacher_timeout_seconds: float = Field(
-        default=600.0, gt=0, description="Longest wait for one teacher call (a local teacher may queue it)."
+    teacher_timeout_seconds: PositiveSeconds = Field(
+        default=600.0, description="Longest wait for one teacher call (a local teacher may queue it)."
     )
     fanout: FanoutSettings = Field(
         default_factory=FanoutSettings,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from stillhouse.common.config import GrpcServiceSettings, settings_config
+from stillhouse.common.config import GrpcServiceSettings, PositiveSeconds, settings_config
 from stillhouse.common.fanout.settings import FanoutSettings
 from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.paths import stillhouse_home
@@ -40,9 +40,8 @@ class TeacherSettings(GrpcServiceSettings):
         description="Keep at most this many cached answers, deleting the least recently written beyond it "
         "(not the least recently read: a read does not write); none, the default, sets no bound.",
     )
-    cache_sweep_interval_seconds: float = Field(
+    cache_sweep_interval_seconds: PositiveSeconds = Field(
         default=3600.0,
-        gt=0,
         le=86_400,
         description="How often the cache is brought within `cache_max_age_days` and `cache_max_entries`, "
         "when either is set (and once at start-up).",

@@ -9,10 +9,10 @@ from pydantic import Field
 from stillhouse.common.config import GrpcServiceSettings, settings_config
 from stillhouse.common.models.settings import ModelSettings
 from stillhouse.common.paths import stillhouse_home
-from stillhouse.common.ray.settings import LocalRaySettings
+from stillhouse.common.ray.settings import LocalRaySettings, RayClusterAccess
 
 
-class TrainerSettings(GrpcServiceSettings):
+class TrainerSettings(RayClusterAccess, GrpcServiceSettings):
     model_config = settings_config("STILLHOUSE_TRAINER_")
 
     port: int = 50054
@@ -21,11 +21,6 @@ class TrainerSettings(GrpcServiceSettings):
         description="Job-submission (dashboard) address of a Ray cluster, e.g. http://raycluster-head:8265; "
         "unset starts a local Ray head on first use.",
     )
-    ray_auth_token_file: Path | None = Field(
-        default=None, description="File holding the cluster's Ray auth token, for clusters with token auth."
-    )
-    ray_connect_timeout_seconds: float = Field(default=10.0, gt=0)
-    ray_poll_seconds: float = Field(default=1.0, gt=0, description="How often a Ray job's status is polled.")
     ray_storage_path: str | None = Field(
         default=None,
         description="Ray Train's storage_path, a folder every Ray node shares; unset: "

@@ -60,7 +60,7 @@ class RayConnection:
     async def _connect(self) -> RayJobs:
         settings = self._settings
         if settings.ray_address is not None:
-            token = settings.ray_auth_token_file.read_text().strip() if settings.ray_auth_token_file else None
+            token = settings.ray_auth_token()
             address = settings.ray_address
         else:
             head = LocalRayHead(settings.local_ray, key_environment(settings.object_store))

@@ -44,12 +44,6 @@ def decode_plan(encoded: str) -> FanoutPlan:
     return FanoutPlan.from_json(zlib.decompress(base64.b64decode(encoded)).decode())
 
 
-def read_token(settings: FanoutSettings) -> str | None:
-    if settings.ray_auth_token_file is None:
-        return None
-    return settings.ray_auth_token_file.read_text().strip()
-
-
 class RayFanout:
     def __init__(self, settings: FanoutSettings) -> None:
         if settings.ray_address is None:
@@ -57,7 +51,7 @@ class RayFanout:
         self._settings = settings
         self._jobs = RayJobs(
             settings.ray_address,
-            headers=auth_headers(read_token(settings)),
+            headers=auth_headers(settings.ray_auth_token()),
             connect_timeout_seconds=settings.ray_connect_timeout_seconds,
             poll_seconds=settings.ray_poll_seconds,
         )

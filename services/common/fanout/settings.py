@@ -3,12 +3,12 @@ services: STILLHOUSE_TEACHER_FANOUT__*, STILLHOUSE_PROMPTS_FANOUT__*)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pydantic import ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field
+from stillhouse.common.ray.settings import RayClusterAccess
 
 
-class FanoutSettings(BaseModel):
+class FanoutSettings(RayClusterAccess):
     model_config = ConfigDict(extra="forbid")
 
     ray_address: str | None = Field(
@@ -16,14 +16,7 @@ class FanoutSettings(BaseModel):
         description="Job-submission (dashboard) address of the Ray cluster whose CPU workers run the shards, "
         "e.g. http://raycluster-head-svc:8265; unset: every stage runs in this process.",
     )
-    ray_auth_token_file: Path | None = Field(
-        default=None, description="File holding the cluster's Ray auth token, for clusters with token auth."
-    )
     ray_python: str = Field(default="python", description="Python interpreter of the Ray job's driver.")
-    ray_connect_timeout_seconds: float = Field(default=10.0, gt=0)
-    ray_poll_seconds: float = Field(
-        default=1.0, gt=0, description="How often the Ray job's status is polled."
-    )
     min_rows: int = Field(
         default=20_000, ge=0, description="Stages with fewer input rows than this run in this process."
     )

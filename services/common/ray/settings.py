@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stillhouse.common.config import PositiveSeconds
 from stillhouse.common.paths import stillhouse_home
 
 # Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
@@ -50,4 +51,23 @@ class LocalRaySettings(BaseModel):
         default_factory=lambda: stillhouse_home() / "ray-auth-token",
         description="The local head's token, generated (mode 0600) on first start and kept.",
     )
-    startup_timeout_seconds: float = Field(default=90.0, gt=0)
+    startup_timeout_seconds: PositiveSeconds = 90.0
+
+
+class RayClusterAccess(BaseModel):
+    """How a service calls a Ray cluster's job API. The cluster's `ray_address` is the service's own
+    setting: what it does without one differs."""
+
+    ray_auth_token_file: Path | None = Field(
+        default=None, description="File holding the cluster's Ray auth token, for clusters with token auth."
+    )
+    ray_connect_timeout_seconds: PositiveSeconds = 10.0
+    ray_poll_seconds: PositiveSeconds = Field(
+        default=1.0, description="How often a Ray job's status is polled."
+    )
+
+    def ray_auth_token(self) -> str | None:
+        """The token in `ray_auth_token_file`; None without that file."""
+        if self.ray_auth_token_file is None:
+            return None
+        return self.ray_auth_token_file.read_text().strip()
