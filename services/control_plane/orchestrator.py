@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import grpc
@@ -83,26 +84,24 @@ def _status_text(service: str, operation: operations_pb2.Operation) -> str:
     return f"{service} service: {code.name}: {operation.error.message}"
 
 
+@dataclass
 class Orchestrator:
-    def __init__(
-        self,
-        store: JobStore,
-        channels: ServiceChannels,
-        bus: JobEventBus,
-        *,
-        progress_interval_seconds: float,
-    ) -> None:
-        self._store = store
-        self._channels = channels
-        self._bus = bus
-        self._progress_interval = progress_interval_seconds
-        self._runners: dict[str, asyncio.Task] = {}
-        self._cancel_requests: dict[str, asyncio.Event] = {}
+    """Drives jobs through their stages, recording their steps and events in `store` and notifying `bus`
+    of each phase change and event; a running stage's progress becomes an event at most once per
+    `progress_interval_seconds`."""
+
+    store: JobStore
+    channels: ServiceChannels
+    bus: JobEventBus
+    _: KW_ONLY
+    progress_interval_seconds: float
+    _runners: dict[str, asyncio.Task] = field(default_factory=dict, init=False)
+    _cancel_requests: dict[str, asyncio.Event] = field(default_factory=dict, init=False)
 
     async def resume_unfinished(self) -> int:
         """Drive every unfinished job not driven yet (one a previous leader left, or one submitted through
         another control plane) and pass on the cancel requests the store holds: how many it picked up."""
-        jobs = await self._store.unfinished_jobs()
+        jobs = await self.store.unfinished_jobs()
         picked_up = [job.id for job in jobs if self.run(job.id)]
         for job in jobs:
             if job.cancel_requested:
@@ -162,7 +161,7 @@ class Orchestrator:
             async for attempt in outlast_store_outages:
                 with attempt:
                     while True:
-                        job = await self._store.get_job(job_id)
+                        job = await self.store.get_job(job_id)
                         if job.phase.is_terminal:
                             return
                         if job.cancel_requested:
@@ -194,22 +193,22 @@ class Orchestrator:
             self._runners.pop(job_id, None)
 
     async def _set_phase(self, job_id: str, phase: Phase, message: str | None = None) -> None:
-        job = await self._store.set_phase(job_id, phase, message)
+        job = await self.store.set_phase(job_id, phase, message)
         entered_phase(job.tenant, phase)
         log.info("job phase", job_id=job_id, phase=phase.value, message=message)
-        self._bus.notify()
+        self.bus.notify()
 
     async def _fail(self, job_id: str, message: str) -> None:
-        await self._store.append_event(job_id, "error", {"message": message})
+        await self.store.append_event(job_id, "error", {"message": message})
         await self._set_phase(job_id, Phase.FAILED, message)
 
     async def _stage_results(self, job_id: str) -> dict[Stage, Mapping[str, Any]]:
-        steps = await self._store.steps(job_id)
+        steps = await self.store.steps(job_id)
         return {step.stage: step.result or {} for step in steps if step.state is StepState.SUCCEEDED}
 
     async def _run_stage(self, job: JobRecord, stage: Stage) -> None:
         call = STAGE_CALLS[stage]
-        step = await self._store.get_step(job.id, stage)
+        step = await self.store.get_step(job.id, stage)
         # A step that ended before a restart, whose phase change was lost: act on how it ended.
         if step is not None and step.state is StepState.SUCCEEDED:
             return
@@ -218,7 +217,7 @@ class Orchestrator:
         if step is not None and step.state is StepState.CANCELLED:
             raise StageCancelled
         if step is None:
-            step = await self._store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt=1))
+            step = await self.store.begin_step(job.id, stage, operation_id_for(job.id, stage, attempt=1))
         results = await self._stage_results(job.id)
         request = call.build_request(step.operation_id, job.id, job.tenant, job.document["spec"], results)
         RUNNING_STAGES.began(job.id, stage)
@@ -241,7 +240,7 @@ class Orchestrator:
         message = _status_text(call.service, operation)
         if operation.state == State.OPERATION_STATE_CANCELLED:
             await self._finish_step(step, StepState.CANCELLED, error=message)
-            if self._cancel_requests[job.id].is_set() or (await self._store.get_job(job.id)).cancel_requested:
+            if self._cancel_requests[job.id].is_set() or (await self.store.get_job(job.id)).cancel_requested:
                 raise StageCancelled
             raise StageFailed(message)
         await self._finish_step(step, StepState.FAILED, error=message)
@@ -249,7 +248,7 @@ class Orchestrator:
 
     async def _finish_step(self, step: StepRecord, state: StepState, **outcome: Any) -> None:
         """Record how the step ended, and its time from start to end in the stage metrics."""
-        finished = await self._store.finish_step(step.job_id, step.stage, state, **outcome)
+        finished = await self.store.finish_step(step.job_id, step.stage, state, **outcome)
         ended_at = finished.finished_at if finished.finished_at is not None else step.started_at
         stage_ended(step.stage, state.value, (ended_at - step.started_at).total_seconds())
 
@@ -277,8 +276,8 @@ class Orchestrator:
         async def write(operation: operations_pb2.Operation) -> None:
             await self._progress_event(job_id, call.stage, operation)
 
-        progress = ProgressEvents(write, self._progress_interval)
-        channel, bounds = self._channels.get(call.service), self._channels.bounds
+        progress = ProgressEvents(write, self.progress_interval_seconds)
+        channel, bounds = self.channels.get(call.service), self.channels.bounds
         try:
             return await start_and_follow(channel, call, request, bounds, on_update=progress.seen)
         except FollowFailed as exc:
@@ -287,14 +286,14 @@ class Orchestrator:
     async def _cancel_running_step(self, job: JobRecord) -> None:
         """A cancel request found after a restart: stop the work the previous control plane started."""
         stage = STAGE_OF_PHASE.get(job.phase)
-        step = await self._store.get_step(job.id, stage) if stage else None
+        step = await self.store.get_step(job.id, stage) if stage else None
         if step is not None and step.state is StepState.RUNNING:
             await self._cancel_operation(STAGE_CALLS[stage], step.operation_id)
             await self._finish_step(step, StepState.CANCELLED, error="cancelled on request")
 
     async def _cancel_operation(self, call: StageCall, operation_id: str) -> bool:
         """Ask the service to stop the operation; False when the service does not have it running."""
-        stub = operations_pb2_grpc.OperationsStub(self._channels.get(call.service))
+        stub = operations_pb2_grpc.OperationsStub(self.channels.get(call.service))
         try:
             await stub.CancelOperation(
                 operations_pb2.CancelOperationRequest(operation_id=operation_id), timeout=10
@@ -311,7 +310,7 @@ class Orchestrator:
     async def _progress_event(self, job_id: str, stage: Stage, operation: operations_pb2.Operation) -> None:
         RUNNING_STAGES.progressed(job_id, stage)
         progress = operation.progress
-        await self._store.append_event(
+        await self.store.append_event(
             job_id,
             "progress",
             {
@@ -324,4 +323,4 @@ class Orchestrator:
                 "metrics": dict(progress.metrics),
             },
         )
-        self._bus.notify()
+        self.bus.notify()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -121,27 +121,22 @@ async def start_and_follow(
     return await _Follower(channel, call, request, bounds, on_update, wait_for_first_answer).run()
 
 
+@dataclass
 class _Follower:
     """One operation followed to its final state, re-attached after every failure that may pass."""
 
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        call: StageCall,
-        request: Any,
-        bounds: FollowBounds,
-        on_update: OnUpdate | None,
-        wait_for_first_answer: bool,
-    ) -> None:
-        self._channel = channel
-        self._call = call
-        self._request = request
-        self._bounds = bounds
-        self._on_update = on_update
-        self._wait_for_first_answer = wait_for_first_answer
-        self._answered = False
-        self._operations = operations_pb2_grpc.OperationsStub(channel)
-        self._last_contact = time.monotonic()
+    channel: grpc.aio.Channel
+    call: StageCall
+    request: Any
+    bounds: FollowBounds
+    on_update: OnUpdate | None
+    wait_for_first_answer: bool
+    _answered: bool = field(default=False, init=False)
+    _operations: operations_pb2_grpc.OperationsStub = field(init=False)
+    _last_contact: float = field(default_factory=time.monotonic, init=False)
+
+    def __post_init__(self) -> None:
+        self._operations = operations_pb2_grpc.OperationsStub(self.channel)
 
     async def run(self) -> operations_pb2.Operation:
         retrying = tenacity.AsyncRetrying(
@@ -157,35 +152,35 @@ class _Follower:
 
     @property
     def _waiting_out_outages(self) -> bool:
-        return self._answered or self._wait_for_first_answer
+        return self._answered or self.wait_for_first_answer
 
     def _out_of_patience(self, _: tenacity.RetryCallState) -> bool:
         if not self._waiting_out_outages:
             return True
-        return time.monotonic() - self._last_contact > self._bounds.unavailable_timeout_seconds
+        return time.monotonic() - self._last_contact > self.bounds.unavailable_timeout_seconds
 
     async def _attempt(self) -> operations_pb2.Operation:
         # Start is idempotent on the operation id: after a restart, or a lost stream, this re-attaches.
-        await self._call.start(self._channel, self._request, timeout=self._bounds.call_timeout_seconds)
+        await self.call.start(self.channel, self.request, timeout=self.bounds.call_timeout_seconds)
         self._last_contact, self._answered = time.monotonic(), True
         watch = self._operations.WatchOperation(
-            operations_pb2.WatchOperationRequest(operation_id=self._request.operation_id)
+            operations_pb2.WatchOperationRequest(operation_id=self.request.operation_id)
         )
-        async for operation in _until_idle(watch, self._bounds.watch_idle_timeout_seconds):
+        async for operation in _until_idle(watch, self.bounds.watch_idle_timeout_seconds):
             self._last_contact = time.monotonic()
-            if self._on_update is not None:
-                await self._on_update(operation)
+            if self.on_update is not None:
+                await self.on_update(operation)
             if operation.state in FINAL_STATES:
                 return operation
         raise StreamClosed
 
     def _why(self, exc: Exception) -> str:
-        service, patience = self._call.service, self._bounds.unavailable_timeout_seconds
+        service, patience = self.call.service, self.bounds.unavailable_timeout_seconds
         if isinstance(exc, StreamClosed):
             return f"{service} service kept closing the progress stream"
         if isinstance(exc, StreamStalled):
             return (
-                f"{service} service stopped answering: nothing about operation {self._request.operation_id} "
+                f"{service} service stopped answering: nothing about operation {self.request.operation_id} "
                 f"for {patience:.0f} s {PATIENCE_SETTING}"
             )
         assert isinstance(exc, grpc.aio.AioRpcError)

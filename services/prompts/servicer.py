@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import grpc
 from google.protobuf import json_format
 
@@ -27,24 +29,22 @@ GENERATE_PROMPTS = (
 )
 
 
+@dataclass
 class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
-    def __init__(
-        self,
-        registry: OperationRegistry,
-        store: ObjectStore,
-        settings: PromptsSettings,
-        credentials: ServiceCredentials,
-    ) -> None:
-        self._registry = registry
-        self._store = store
-        self._settings = settings
-        self._credentials = credentials
-        self._input_roots = InputRoots.of(settings.input_roots)
+    registry: OperationRegistry
+    store: ObjectStore
+    settings: PromptsSettings
+    credentials: ServiceCredentials
+    _input_roots: InputRoots = field(init=False)
+    _resources: ShardResources = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._input_roots = InputRoots.of(self.settings.input_roots)
         self._resources = ShardResources(
-            store=store,
+            store=self.store,
             input_roots=self._input_roots,
             open_completer=teacher_completers(
-                settings.teacher_address, credentials, settings.teacher_timeout_seconds
+                self.settings.teacher_address, self.credentials, self.settings.teacher_timeout_seconds
             ),
         )
 
@@ -78,12 +78,12 @@ class PromptsServicer(prompts_pb2_grpc.PromptsServicer):
                     operation_id=request.operation_id,
                     tenant=request.tenant,
                     teacher=teacher,
-                    fanout=self._settings.fanout,
-                    concurrency=self._settings.generation_concurrency,
-                    patience=self._settings.generation_patience,
+                    fanout=self.settings.fanout,
+                    concurrency=self.settings.generation_concurrency,
+                    patience=self.settings.generation_patience,
                 )
                 return await run.run()
 
-            return self._registry.start_request(request, kind=GENERATE_PROMPTS, work=work)
+            return self.registry.start_request(request, kind=GENERATE_PROMPTS, work=work)
         except (OperationError, OperationConflict) as exc:
             await abort_for(context, exc)

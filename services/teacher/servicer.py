@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import message
@@ -35,37 +36,27 @@ def teacher_spec(struct: message.Message) -> TeacherSpec:
     return spec_section(TeacherSpec, struct, "spec.teacher")
 
 
+@dataclass
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
-    def __init__(
-        self,
-        registry: OperationRegistry,
-        store: ObjectStore,
-        cache: TeacherCache,
-        teachers: TeacherPool,
-        prices: PriceTable,
-        fanout: FanoutSettings | None = None,
-    ) -> None:
-        self._registry = registry
-        self._store = store
-        self._cache = cache
-        self._teachers = teachers
-        self._prices = prices
-        self._fanout = fanout or FanoutSettings()
-        # The stage's shards when they run in this process, on the service's own objects.
-        self._local_shards = ShardAnswerer(store, cache, teachers, prices)
+    registry: OperationRegistry
+    store: ObjectStore
+    cache: TeacherCache
+    teachers: TeacherPool
+    prices: PriceTable
+    fanout: FanoutSettings = field(default_factory=FanoutSettings)
 
     def _checked_price(self, spec: TeacherSpec):
         if (
             spec.budget_usd is not None
             and spec.backend is TeacherBackend.OPENAI
-            and not self._prices.has_price(spec.model)
+            and not self.prices.has_price(spec.model)
         ):
             raise OperationError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"no price for model {spec.model!r} in the price table, so budgetUSD cannot be enforced: "
                 "add the model to the table or drop the budget",
             )
-        return self._prices.price(spec.model)
+        return self.prices.price(spec.model)
 
     async def AnswerPrompts(self, request, context):
         try:
@@ -76,13 +67,13 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
             async def work(progress):
                 # The teacher is made here first: a refused address or a missing key fails the stage at once.
-                await self._teachers.get(spec)
+                await self.teachers.get(spec)
                 stage = AnswerPromptsStage(
-                    store=self._store,
+                    store=self.store,
                     spec=spec,
                     job_id=request.job_id,
-                    scope=self._teachers.cache_scope(spec, request.tenant),
-                    fanout=self._fanout,
+                    scope=self.teachers.cache_scope(spec, request.tenant),
+                    fanout=self.fanout,
                     progress=progress,
                 )
                 try:
@@ -90,14 +81,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                         request.operation_id,
                         request.prompts.dataset_id,
                         request.holdout.dataset_id,
-                        self._local_shards,
+                        local_shards=ShardAnswerer(self.store, self.cache, self.teachers, self.prices),
                     )
                 except DatasetNotFound as exc:
                     raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
                 except ObjectStoreError as exc:
                     raise OperationError(grpc.StatusCode.UNAVAILABLE, f"object storage: {exc}") from exc
 
-            return self._registry.start_request(request, kind=ANSWER_PROMPTS, work=work)
+            return self.registry.start_request(request, kind=ANSWER_PROMPTS, work=work)
         except (OperationError, OperationConflict) as exc:
             await abort_for(context, exc)
 
@@ -107,9 +98,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             price = self._checked_price(spec)
 
             def read_prompts() -> list[list[ChatMessage]]:
-                table = DatasetReader(self._store, request.prompts.dataset_id).read_table(
-                    columns=["messages"]
-                )
+                table = DatasetReader(self.store, request.prompts.dataset_id).read_table(columns=["messages"])
                 return [
                     [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
                     for messages in table.column("messages").to_pylist()
@@ -125,15 +114,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     async def Complete(self, request, context):
         try:
             spec = teacher_spec(request.teacher)
-            price = self._prices.price(spec.model)
-            teacher = await self._teachers.get(spec)
-            scope = self._teachers.cache_scope(spec, request.tenant)
+            price = self.prices.price(spec.model)
+            teacher = await self.teachers.get(spec)
+            scope = self.teachers.cache_scope(spec, request.tenant)
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             call = call_for(spec, messages, scope=scope)
-            cached = (await self._cache.get_many([call.cache_key()])).get(call.cache_key())
+            cached = (await self.cache.get_many([call.cache_key()])).get(call.cache_key())
             answer = cached or await teacher.answer(call, prompt_tokens(call.messages) + call.max_tokens)
             if cached is None:
-                await self._cache.put_many([(call, answer)])
+                await self.cache.put_many([(call, answer)])
         except OperationError as exc:
             await abort_for(context, exc)
         except TeacherCallError as exc:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -205,50 +205,44 @@ def shard_counters(done: int, ledger: Ledger, failed: int, budget_stopped: bool)
 # --- one shard ---------------------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
 class ShardRun:
-    """One run of one shard."""
+    """One run of one shard, its counters told to `report_to` as it goes."""
 
-    def __init__(
-        self,
-        *,
-        store: ObjectStore,
-        cache: TeacherCache,
-        teacher: Teacher,
-        spec: TeacherSpec,
-        price: Price,
-        shard: ShardPayload,
-        report: ShardReport,
-    ) -> None:
-        self._store = store
-        self._cache = cache
-        self._teacher = teacher
-        self._spec = spec
-        self._price = price
-        self._shard = shard
-        self._report_to = report
+    store: ObjectStore
+    cache: TeacherCache
+    teacher: Teacher
+    spec: TeacherSpec
+    price: Price
+    shard: ShardPayload
+    report_to: ShardReport
+    _budget: JobBudget | None = field(init=False)
+    # Enough calls queued behind the ones in flight that a slow answer does not idle the teacher.
+    _window: int = field(init=False)
+    _ledger: Ledger = field(default_factory=Ledger, init=False)
+    _done: int = field(default=0, init=False)
+    _stopped_reason: str = field(default="", init=False)
+    _failures: list[dict[str, str]] = field(default_factory=list, init=False)
+    _last_report: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
         self._budget = (
             None
-            if spec.budget_usd is None
-            else JobBudget(cache.engine, shard.job_id, shard.scope, spec.budget_usd)
+            if self.spec.budget_usd is None
+            else JobBudget(self.cache.engine, self.shard.job_id, self.shard.scope, self.spec.budget_usd)
         )
-        # Enough calls queued behind the ones in flight that a slow answer does not idle the teacher.
-        self._window = 4 * spec.limits.max_concurrency
-        self._ledger = Ledger()
-        self._done = 0
-        self._stopped_reason = ""
-        self._failures: list[dict[str, str]] = []
-        self._last_report = 0.0
+        self._window = 4 * self.spec.limits.max_concurrency
 
     async def run(self) -> ShardOutcome:
-        shard = self._shard
+        shard = self.shard
         committed = await asyncio.to_thread(self._committed_outcome)
         if committed is not None:  # a previous run of this shard finished it
-            self._report_to(shard_counters(committed.rows, Ledger(), committed.failed, False))
+            self.report_to(shard_counters(committed.rows, Ledger(), committed.failed, False))
             return committed
         if self._budget is not None:
             await self._budget.open()
         self._report(force=True)
-        reader = await asyncio.to_thread(DatasetReader, self._store, shard.input_id)
+        reader = await asyncio.to_thread(DatasetReader, self.store, shard.input_id)
         lineage = Lineage(job_id=shard.job_id, stage="teacher", input_ids=[shard.input_id], code_version="")
         answer_records = await self._write_answers(reader, lineage)
         failure_records = await asyncio.to_thread(self._write_failures, lineage)
@@ -263,17 +257,17 @@ class ShardRun:
         )
         # The commit point: the shard's Parquet shards are all in place before its outcome appears.
         data = json.dumps({**outcome.to_json(), "ledger": asdict(Ledger())}).encode()
-        await asyncio.to_thread(self._store.put_bytes, shard.outcome_key, data)
+        await asyncio.to_thread(self.store.put_bytes, shard.outcome_key, data)
         self._report(force=True)
         return outcome
 
     async def _write_answers(self, reader: DatasetReader, lineage: Lineage) -> list[ShardRecord]:
         """The shard's answers in prompt order, as Parquet shards of its own writer: sealed."""
-        k = self._spec.top_logprobs
+        k = self.spec.top_logprobs
         schema = answers_schema(k)
-        async with CacheWriter(self._cache, max_delay_seconds=DURABLE_WRITE_DELAY_SECONDS) as cache:
-            answers_id = self._shard.answers_id
-            writer = await asyncio.to_thread(DatasetWriter, self._store, answers_id, schema, lineage)
+        async with CacheWriter(self.cache, max_delay_seconds=DURABLE_WRITE_DELAY_SECONDS) as cache:
+            answers_id = self.shard.answers_id
+            writer = await asyncio.to_thread(DatasetWriter, self.store, answers_id, schema, lineage)
             with writer:
                 rows: list[dict[str, Any]] = []
                 answers: list[TeacherAnswer] = []
@@ -289,14 +283,14 @@ class ShardRun:
 
     def _committed_outcome(self) -> ShardOutcome | None:
         try:
-            return ShardOutcome.from_json(json.loads(self._store.get_bytes(self._shard.outcome_key)))
+            return ShardOutcome.from_json(json.loads(self.store.get_bytes(self.shard.outcome_key)))
         except ObjectNotFound:
             return None
 
     def _write_failures(self, lineage: Lineage) -> list[ShardRecord]:
         if not self._failures:
             return []
-        with DatasetWriter(self._store, self._shard.failures_id, FAILURES_SCHEMA, lineage) as writer:
+        with DatasetWriter(self.store, self.shard.failures_id, FAILURES_SCHEMA, lineage) as writer:
             writer.write_rows(self._failures)
             return writer.seal()
 
@@ -307,8 +301,8 @@ class ShardRun:
         pending: deque[tuple[dict[str, Any], asyncio.Future[TeacherAnswer | None]]] = deque()
         try:
             async for chunk in self._prompt_chunks(reader):
-                calls = [call_for(self._spec, row["messages"], scope=self._shard.scope) for row in chunk]
-                hits = await self._cache.get_many([call.cache_key() for call in calls])
+                calls = [call_for(self.spec, row["messages"], scope=self.shard.scope) for row in chunk]
+                hits = await self.cache.get_many([call.cache_key() for call in calls])
                 for row, call in zip(chunk, calls, strict=True):
                     while len(pending) >= self._window:
                         if (item := await self._next_done(pending)) is not None:
@@ -322,7 +316,7 @@ class ShardRun:
                 future.cancel()
 
     async def _prompt_chunks(self, reader: DatasetReader) -> AsyncIterator[list[dict[str, Any]]]:
-        rows = range(self._shard.start, self._shard.stop)
+        rows = range(self.shard.start, self.shard.stop)
         batches = reader.read_rows(rows, columns=["prompt_id", "messages"])
         while not self._stopped_reason:
             batch = await asyncio.to_thread(next, batches, None)
@@ -343,29 +337,29 @@ class ShardRun:
         self, row: dict[str, Any], call: TeacherCall, cached: TeacherAnswer | None, cache: CacheWriter
     ) -> asyncio.Future[TeacherAnswer | None]:
         if cached is not None:
-            self._ledger.record(cached, self._price, cached=True)
-            call_metrics.answered(self._spec, cached, self._price, cached=True)
+            self._ledger.record(cached, self.price, cached=True)
+            call_metrics.answered(self.spec, cached, self.price, cached=True)
             return _resolved(cached)
         if self._stopped_reason:
             return _resolved(None)
         return asyncio.ensure_future(self._ask(row, call, cache))
 
     async def _ask(self, row: dict[str, Any], call: TeacherCall, cache: CacheWriter) -> TeacherAnswer | None:
-        estimate = call_estimate_usd(call.messages, call.max_tokens, self._price)
+        estimate = call_estimate_usd(call.messages, call.max_tokens, self.price)
         if self._budget is not None and (self._stopped_reason or not await self._budget.reserve(estimate)):
             self._stop_for_budget()
             return None
         cost = 0.0
         try:
-            answer = await self._teacher.answer(call, prompt_tokens(call.messages) + call.max_tokens)
+            answer = await self.teacher.answer(call, prompt_tokens(call.messages) + call.max_tokens)
             # Durable before it counts: a retry of this shard finds it in the cache.
             await cache.put_durable(call, answer)
-            cost = self._ledger.record(answer, self._price, cached=False)
+            cost = self._ledger.record(answer, self.price, cached=False)
         except TeacherCallError as exc:
-            call_metrics.failed(self._spec, exc.kind)
+            call_metrics.failed(self.spec, exc.kind)
             if exc.kind in FATAL_FAILURES:
                 raise OperationError(
-                    FATAL_FAILURES[exc.kind], f"the teacher {self._spec.model!r}: {exc}"
+                    FATAL_FAILURES[exc.kind], f"the teacher {self.spec.model!r}: {exc}"
                 ) from exc
             self._failures.append(
                 {"prompt_id": row["prompt_id"], "kind": exc.kind.value, "message": exc.message}
@@ -375,20 +369,20 @@ class ShardRun:
             if self._budget is not None:
                 # Shielded: a cancelled call still hands back its reservation.
                 await asyncio.shield(self._budget.settle(estimate, cost))
-        call_metrics.answered(self._spec, answer, self._price, cached=False)
+        call_metrics.answered(self.spec, answer, self.price, cached=False)
         return answer
 
     def _stop_for_budget(self) -> None:
         if not self._stopped_reason and self._budget is not None:
             self._stopped_reason = self._budget.stopped_reason
-            call_metrics.budget_stopped(self._spec)
+            call_metrics.budget_stopped(self.spec)
 
     def _report(self, *, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_report < REPORT_INTERVAL_SECONDS:
             return
         self._last_report = now
-        self._report_to(
+        self.report_to(
             shard_counters(self._done, self._ledger, len(self._failures), bool(self._stopped_reason))
         )
 
@@ -406,27 +400,27 @@ class TeacherSource(Protocol):
     async def get(self, spec: TeacherSpec) -> Teacher: ...
 
 
+@dataclass
 class ShardAnswerer:
     """The teacher stage's shard function over one process's objects: the service's own in-process, or
     those a Ray worker builds for itself (`answer_shard`)."""
 
-    def __init__(self, store: ObjectStore, cache: TeacherCache, teachers: TeacherSource, prices: PriceTable):
-        self._store = store
-        self._cache = cache
-        self._teachers = teachers
-        self._prices = prices
+    store: ObjectStore
+    cache: TeacherCache
+    teachers: TeacherSource
+    prices: PriceTable
 
     async def __call__(self, payload: dict[str, Any], report: ShardReport) -> dict[str, Any]:
         shard = ShardPayload.from_json(payload)
         spec = TeacherSpec.model_validate(shard.spec)
         run = ShardRun(
-            store=self._store,
-            cache=self._cache,
-            teacher=await self._teachers.get(spec),
+            store=self.store,
+            cache=self.cache,
+            teacher=await self.teachers.get(spec),
             spec=spec,
-            price=self._prices.price(spec.model),
+            price=self.prices.price(spec.model),
             shard=shard,
-            report=report,
+            report_to=report,
         )
         outcome = await run.run()
         log.info(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -51,31 +51,22 @@ class _Input:
     rows: int
 
 
+@dataclass(kw_only=True)
 class AnswerPromptsStage:
     """One run of the teacher stage for one job."""
 
-    def __init__(
-        self,
-        *,
-        store: ObjectStore,
-        spec: TeacherSpec,
-        job_id: str,
-        scope: str,
-        fanout: FanoutSettings,
-        progress: ProgressReporter,
-    ) -> None:
-        self._store = store
-        self._spec = spec
-        self._job_id = job_id
-        self._scope = scope
-        self._fanout = fanout
-        self._progress = progress
-        self._total_prompts = 0
-        # What the shards have spent so far, as their counters say: for the running-budgets gauge.
-        self._spent = Ledger()
+    store: ObjectStore
+    spec: TeacherSpec
+    job_id: str
+    scope: str
+    fanout: FanoutSettings
+    progress: ProgressReporter
+    _total_prompts: int = field(default=0, init=False)
+    # What the shards have spent so far, as their counters say: for the running-budgets gauge.
+    _spent: Ledger = field(default_factory=Ledger, init=False)
 
     def output_id(self, name: str) -> str:
-        return f"jobs/{self._job_id}/teacher/{name}"
+        return f"jobs/{self.job_id}/teacher/{name}"
 
     async def run(
         self, operation_id: str, prompts_id: str, holdout_id: str, local_shards: ShardFunction
@@ -86,9 +77,9 @@ class AnswerPromptsStage:
         plan = self.plan(inputs)
         self.on_progress({})
         fanout = fanout_for(
-            self._fanout, self._total_prompts, local_shards, local_parallel=LOCAL_PARALLEL_SHARDS
+            self.fanout, self._total_prompts, local_shards, local_parallel=LOCAL_PARALLEL_SHARDS
         )
-        call_metrics.RUNNING_BUDGETS.began(Budget(self._spec.budget_usd), self._spent)
+        call_metrics.RUNNING_BUDGETS.began(Budget(self.spec.budget_usd), self._spent)
         try:
             results = await fanout.run(operation_id, plan, self.on_progress)
         finally:
@@ -98,25 +89,25 @@ class AnswerPromptsStage:
     def _inputs(self, prompts_id: str, holdout_id: str) -> list[_Input]:
         named = [(prompts_id, "answers")] + ([(holdout_id, "holdout")] if holdout_id else [])
         return [
-            _Input(dataset_id, output, DatasetReader(self._store, dataset_id).manifest.num_rows)
+            _Input(dataset_id, output, DatasetReader(self.store, dataset_id).manifest.num_rows)
             for dataset_id, output in named
         ]
 
     def plan(self, inputs: Sequence[_Input]) -> FanoutPlan:
-        spec_json = self._spec.model_dump(mode="json", by_alias=True)
+        spec_json = self.spec.model_dump(mode="json", by_alias=True)
         shards = []
         for item in inputs:
-            for rows in row_ranges(item.rows, self._fanout):
+            for rows in row_ranges(item.rows, self.fanout):
                 index = len(shards)
                 # The range is in the outcome's name: a plan cut differently never takes another's outcome.
                 outcome_key = (
-                    f"jobs/{self._job_id}/teacher/shard-outcomes/{item.output}-{rows.start}-{rows.stop}.json"
+                    f"jobs/{self.job_id}/teacher/shard-outcomes/{item.output}-{rows.start}-{rows.stop}.json"
                 )
                 payload = ShardPayload(
                     index=index,
-                    job_id=self._job_id,
+                    job_id=self.job_id,
                     spec=spec_json,
-                    scope=self._scope,
+                    scope=self.scope,
                     input_id=item.dataset_id,
                     start=rows.start,
                     stop=rows.stop,
@@ -125,11 +116,11 @@ class AnswerPromptsStage:
                     outcome_key=outcome_key,
                 )
                 shards.append(payload.to_json())
-        return plan_for(self._fanout, SHARD_FUNCTION, shards)
+        return plan_for(self.fanout, SHARD_FUNCTION, shards)
 
     def on_progress(self, counters: dict[str, float]) -> None:
         """The shards' summed counters (`shards.shard_counters`) as the stage's progress."""
-        budget_stopped = counters.get("budget_stops", 0.0) > 0 and self._spec.budget_usd is not None
+        budget_stopped = counters.get("budget_stops", 0.0) > 0 and self.spec.budget_usd is not None
         self._spent.cost_usd = counters.get("cost_usd", 0.0)
         metrics = {
             name: counters.get(name, 0.0)
@@ -144,14 +135,14 @@ class AnswerPromptsStage:
                 "top1_mismatches",
             )
         }
-        self._progress.update(
+        self.progress.update(
             unit="prompts",
             done=int(counters.get("done", 0.0)),
             total=self._total_prompts,
             message=(
-                budget_stopped_reason(self._spec.budget_usd or 0.0)
+                budget_stopped_reason(self.spec.budget_usd or 0.0)
                 if budget_stopped
-                else f"asking {self._spec.model}"
+                else f"asking {self.spec.model}"
             ),
             metrics=metrics,
         )
@@ -172,15 +163,15 @@ class AnswerPromptsStage:
                 if answers_id == output_id
                 for record in outcome.answers
             ]
-            lineage = Lineage(job_id=self._job_id, stage="teacher", input_ids=[item.dataset_id])
+            lineage = Lineage(job_id=self.job_id, stage="teacher", input_ids=[item.dataset_id])
             committed = commit_shards(
-                self._store, output_id, records, answers_schema(self._spec.top_logprobs), lineage
+                self.store, output_id, records, answers_schema(self.spec.top_logprobs), lineage
             )
-            outputs[item.output] = dataset_reference(self._store, committed)
+            outputs[item.output] = dataset_reference(self.store, committed)
         failures = [record for outcome in outcomes for record in outcome.failures]
         if failures:
-            lineage = Lineage(job_id=self._job_id, stage="teacher", input_ids=[inputs[0].dataset_id])
-            commit_shards(self._store, self.output_id("failures"), failures, FAILURES_SCHEMA, lineage)
+            lineage = Lineage(job_id=self.job_id, stage="teacher", input_ids=[inputs[0].dataset_id])
+            commit_shards(self.store, self.output_id("failures"), failures, FAILURES_SCHEMA, lineage)
         ledger = Ledger()
         for outcome in outcomes:
             ledger.add(outcome.ledger)
@@ -188,7 +179,7 @@ class AnswerPromptsStage:
         stopped_reason = next((o.stopped_reason for o in outcomes if o.stopped_reason), "")
         log.info(
             "teacher stage finished",
-            job_id=self._job_id,
+            job_id=self.job_id,
             prompts=self._total_prompts,
             shards=len(outcomes),
             failed=failed,

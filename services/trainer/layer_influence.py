@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -89,6 +90,7 @@ def most_influential_layers(influence: Sequence[float], keep: int) -> list[int]:
     return sorted([0, count - 1, *middle[: keep - 2]])
 
 
+@dataclass
 class LayerChoice:
     """Chooses the layers of a depth-pruned student as `student_init.build_student` asks, and remembers
     them in `kept`. Selection `influence` (the default, when `selection` is None) ranks the layers on
@@ -96,22 +98,13 @@ class LayerChoice:
     averages the influence over the training workers, so that every worker keeps the same layers.
     Selection `spread` needs no data."""
 
-    def __init__(
-        self,
-        selection: str | None,
-        rows: Iterable[dict[str, Any]],
-        max_seq_len: int,
-        average: Callable[[list[float]], list[float]],
-        max_answers: int = CALIBRATION_ANSWERS,
-        max_tokens: int = CALIBRATION_TOKENS,
-    ) -> None:
-        self.selection = selection
-        self.rows = rows
-        self.max_seq_len = max_seq_len
-        self.average = average
-        self.max_answers = max_answers
-        self.max_tokens = max_tokens
-        self.kept: list[int] | None = None
+    selection: str | None
+    rows: Iterable[dict[str, Any]]
+    max_seq_len: int
+    average: Callable[[list[float]], list[float]]
+    max_answers: int = CALIBRATION_ANSWERS
+    max_tokens: int = CALIBRATION_TOKENS
+    kept: list[int] | None = field(default=None, init=False)
 
     def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, keep: int) -> list[int]:
         if self.selection == "spread":

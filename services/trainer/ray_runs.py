@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING
 
 from ray.job_submission import JobStatus
@@ -44,34 +44,27 @@ class TrainedStudent:
     gpu_hours: float  # workers * GPUs per worker * the job's wall time
 
 
+@dataclass
 class RayRuns:
     """The trainer's runs on its Ray cluster. `shutting_down` says whether a cancel comes from the
     service stopping, which leaves a cluster's job running for the next service to re-attach to."""
 
-    def __init__(
-        self,
-        store: ObjectStore,
-        ray: RayConnection,
-        preflight: ModelFactsLoader,
-        *,
-        evaluation_num_gpus: float = 0,
-        shutting_down: Callable[[], bool],
-    ) -> None:
-        self._store = store
-        self._ray = ray
-        self._preflight = preflight
-        self._evaluation_num_gpus = evaluation_num_gpus
-        self._shutting_down = shutting_down
+    store: ObjectStore
+    ray: RayConnection
+    preflight: ModelFactsLoader
+    _: KW_ONLY
+    evaluation_num_gpus: float = 0
+    shutting_down: Callable[[], bool]
 
     async def check(self, spec: DistillationJobSpec) -> PreflightReport:
         """The whole job checked (see `preflight`), with the workers and GPUs a local head can give."""
         try:
-            report = await asyncio.to_thread(self._preflight.check, spec)
+            report = await asyncio.to_thread(self.preflight.check, spec)
         except ObjectStoreError as exc:
             raise RunFailure(f"object storage: {exc}", FailureKind.UNAVAILABLE) from exc
         training = spec.training
         report.violations += capacity_violations(
-            training.workers, training.gpus_per_worker, self._ray.local_capacity()
+            training.workers, training.gpus_per_worker, self.ray.local_capacity()
         )
         return report
 
@@ -80,7 +73,7 @@ class RayRuns:
     ) -> TrainedStudent:
         """Train the student of `spec` (the job `run` was built from) as the operation's Ray job."""
         progress.update(unit="steps", message="checking the answers dataset and the tokenizers")
-        await asyncio.to_thread(require_dataset, self._store, "answers", run.answers_dataset_id)
+        await asyncio.to_thread(require_dataset, self.store, "answers", run.answers_dataset_id)
         report = await self.check(spec)
         if report.violations:
             raise RunFailure(
@@ -89,8 +82,8 @@ class RayRuns:
             )
         jobs = await self._jobs()
         env = {RUN_CONFIG_ENV: run_without_keys(run)}
-        if self._ray.storage_path is not None:
-            env[STORAGE_PATH_ENV] = self._ray.storage_path
+        if self.ray.storage_path is not None:
+            env[STORAGE_PATH_ENV] = self.ray.storage_path
         wall_seconds = await self._run_job(
             jobs, operation_id, "train", env, progress, train_progress(progress), num_gpus=0
         )
@@ -103,12 +96,12 @@ class RayRuns:
     ) -> EvaluationOutcome:
         """Evaluate the student as the operation's Ray job, on `evaluation_num_gpus` GPUs."""
         progress.update(unit="prompts", message="checking the held-out answers and the models")
-        await asyncio.to_thread(require_evaluation_inputs, self._store, run)
+        await asyncio.to_thread(require_evaluation_inputs, self.store, run)
         jobs = await self._jobs()
         self._check_evaluation_capacity()
         env = {
             RUN_CONFIG_ENV: run_without_keys(run),
-            EVALUATION_GPUS_ENV: str(self._evaluation_num_gpus),
+            EVALUATION_GPUS_ENV: str(self.evaluation_num_gpus),
         }
         await self._run_job(
             jobs,
@@ -117,22 +110,22 @@ class RayRuns:
             env,
             progress,
             evaluate_progress(progress),
-            num_gpus=self._evaluation_num_gpus,
+            num_gpus=self.evaluation_num_gpus,
         )
         return EvaluationOutcome.model_validate_json(await self._outcome(run.output_prefix))
 
     def _check_evaluation_capacity(self) -> None:
-        capacity = self._ray.local_capacity()
-        if capacity is not None and self._evaluation_num_gpus > capacity[1]:
+        capacity = self.ray.local_capacity()
+        if capacity is not None and self.evaluation_num_gpus > capacity[1]:
             raise RunFailure(
-                f"the evaluation asks for {self._evaluation_num_gpus:g} GPUs (the trainer's "
+                f"the evaluation asks for {self.evaluation_num_gpus:g} GPUs (the trainer's "
                 f"evaluation_num_gpus), but the local Ray cluster has {capacity[1]}",
                 FailureKind.USER_FIXABLE,
             )
 
     async def _jobs(self) -> RayJobs:
         try:
-            return await self._ray.jobs()
+            return await self.ray.jobs()
         except RayUnreachable as exc:
             raise RunFailure(str(exc), FailureKind.UNAVAILABLE) from exc
 
@@ -151,7 +144,7 @@ class RayRuns:
         seconds it ran. A RunFailure of the run's reason and kind if it fails; stops it if cancelled."""
         try:
             sub_id = await asyncio.to_thread(
-                jobs.submit, operation_id, entrypoint(self._ray.python, command), env, num_gpus=num_gpus
+                jobs.submit, operation_id, entrypoint(self.ray.python, command), env, num_gpus=num_gpus
             )
             progress.update(message=f"Ray job {sub_id} submitted to {jobs.address}")
             started = time.monotonic()
@@ -159,7 +152,7 @@ class RayRuns:
                 end = await jobs.follow(sub_id, on_record)
             except asyncio.CancelledError:
                 # A restarting service leaves a cluster's job running: the next Start re-attaches to it.
-                if not (self._shutting_down() and not self._ray.embedded):
+                if not (self.shutting_down() and not self.ray.embedded):
                     await asyncio.to_thread(jobs.stop, sub_id)
                 raise
         except OSError as exc:  # requests' and aiohttp's connection errors are OSErrors
@@ -180,7 +173,7 @@ class RayRuns:
 
     async def _outcome(self, output_prefix: str) -> bytes:
         try:
-            return await asyncio.to_thread(self._store.get_bytes, outcome_key(output_prefix))
+            return await asyncio.to_thread(self.store.get_bytes, outcome_key(output_prefix))
         except ObjectNotFound as exc:
             raise RunFailure(
                 f"the Ray job succeeded but wrote no {outcome_key(output_prefix)}", FailureKind.INTERNAL

@@ -40,7 +40,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -432,38 +432,41 @@ def artifact_committed(store: ObjectStore, prefix: str) -> bool:
 # --- the loop ------------------------------------------------------------------------------------------
 
 
+@dataclass
 class TrainingLoop:
-    """One worker's run, from a built model to its committed artifact."""
+    """One worker's run, from a built model to its committed artifact. `teacher_layers`: the teacher's
+    decoder layers a depth-pruned student started from."""
 
-    def __init__(
-        self,
-        run: TrainRun,
-        report: Report,
-        workers: Workers,
-        store: ObjectStore,
-        work_dir: Path,
-        trainee: Trainee,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        data: WorkerData,
-        teacher_layers: list[int] | None = None,
-    ) -> None:
-        """`teacher_layers`: the teacher's decoder layers a depth-pruned student started from."""
-        self.run = run
-        self.teacher_layers = teacher_layers
-        self.report = report
-        self.workers = workers
-        self.store = store
-        self.work_dir = work_dir
-        self.trainee = trainee
-        self.choice = trainee.choice
-        self.model, self.tokenizer, self.data = model, tokenizer, data
+    run: TrainRun
+    report: Report
+    workers: Workers
+    store: ObjectStore
+    work_dir: Path
+    trainee: Trainee
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    data: WorkerData
+    teacher_layers: list[int] | None = None
+    choice: LossChoice = field(init=False)
+    plan: BatchPlan = field(init=False)
+    teacher_k: int | None = field(init=False)
+    # Steps of each epoch: the most any worker needs (see worker_data).
+    steps_per_epoch: list[int] = field(init=False)
+    total_steps: int = field(init=False)
+    warmup_steps: int = field(init=False)
+    report_interval: int = field(init=False)
+    training_log: list[dict[str, Any]] = field(default_factory=list, init=False)
+    pad_token_id: int = field(init=False)
+    autocast_dtype: torch.dtype | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        run, workers = self.run, self.workers
         training = run.training
+        self.choice = self.trainee.choice
         self.plan = BatchPlan.create(
             training.batch_tokens, training.max_seq_len, workers.world, run.micro_batch_tokens
         )
         self.teacher_k = self._teacher_k()
-        # Steps of each epoch: the most any worker needs (see worker_data).
         self.steps_per_epoch = [
             int(steps)
             for steps in workers.max(
@@ -476,7 +479,6 @@ class TrainingLoop:
         self.total_steps = sum(self.steps_per_epoch)
         self.warmup_steps = math.ceil(training.warmup_ratio * self.total_steps)
         self.report_interval = run.report_every_steps or max(1, self.total_steps // 100)
-        self.training_log: list[dict[str, Any]] = []
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.autocast_dtype = autocast_dtype(training.precision, workers.device)
 
@@ -508,19 +510,7 @@ class TrainingLoop:
         fetch = artifact_fetcher(self.run.object_store, self.work_dir.parent / "fetched")
         model, _ = build_student(StudentInit(pretrained=baseline), self.run.teacher, fetch)
         trainee = Trainee.sft_control(self.run, self.choice)
-        work_dir = self.work_dir.parent / SFT_CONTROL
-        return TrainingLoop(
-            self.run,
-            self.report,
-            self.workers,
-            self.store,
-            work_dir,
-            trainee,
-            model,
-            self.tokenizer,
-            self.data,
-            self.teacher_layers,
-        )
+        return replace(self, work_dir=self.work_dir.parent / SFT_CONTROL, trainee=trainee, model=model)
 
     def _teacher_k(self) -> int | None:
         if not self.choice.stored_teacher:
