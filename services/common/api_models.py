@@ -28,16 +28,20 @@ class FieldError(WireModel):
 
 
 class StepView(WireModel):
+    """One stage of a job, as it last ran."""
+
     model_config = ConfigDict(from_attributes=True)
 
     stage: Stage
-    operation_id: str
+    operation_id: str = Field(description="The stage service's operation that runs this attempt.")
     state: StepState
-    attempt: int
-    result: dict[str, Any] | None
-    error: str | None
+    attempt: int = Field(
+        description="1 for the first run; a failed or cancelled stage that runs again counts up."
+    )
+    result: dict[str, Any] | None = Field(description="What the stage produced, once it succeeded.")
+    error: str | None = Field(description="Why the attempt failed, when it did.")
     started_at: datetime
-    finished_at: datetime | None
+    finished_at: datetime | None = Field(description="None while the attempt runs.")
 
 
 class LedgerView(WireModel):
