@@ -27,7 +27,9 @@ term is -Σ log(1 - q_t(c)) over them, at T = 1; u times its mean over the posit
 of every kind. Greedy answers of a small student trained on few answers loop ("a big team's a big team's
 …"); the term makes putting mass back on what was already said cost something where the data did not say
 it. Responses are told apart by `answers` (the response each position belongs to; by default each row of
-`labels` is one response).
+`labels` is one response). When the labels are the student's own tokens (`own_tokens`: an on-policy step),
+the label is exempt no longer where it completes a 4-gram already said in its response: such a label is
+a candidate too (sequence-level unlikelihood, Welleck et al. 2020), since it is the student's loop itself.
 
 The teacher signal is one of:
 
@@ -87,6 +89,8 @@ _EXACT_TAIL_BELOW = math.log(1e-3)
 # Rows of the student's log-softmax handled at once when its tail is summed: the copy it needs stays
 # below 2^26 float32 values (256 MiB).
 _TAIL_CHUNK_VALUES = 1 << 26
+# Sequence-level unlikelihood's unit: a label that repeats the 4 tokens ending at it (Welleck et al. 2020).
+REPEATED_NGRAM = 4
 # An earlier token the student is sure of costs at most -log(1e-6) ≈ 13.8 in unlikelihood, not infinity.
 _MOST_CERTAIN_REPEAT = math.log1p(-1e-6)
 
@@ -143,11 +147,13 @@ def distillation_loss(
     spec: LossSpec,
     teacher: SparseTeacher | Tensor | None,
     answers: Tensor | None = None,
+    own_tokens: bool = False,
 ) -> LossBreakdown:
     """The loss `spec` asks for, averaged over the positions where ``labels != -100``. `student_logits`
     [B, T, V] (any float dtype), `labels` [B, T]; `teacher` a `SparseTeacher`, full teacher logits
     [B, T, V], or None (only for `sft`, which ignores it); `answers` [B, T]: the response each position
-    belongs to, for unlikelihood (default: one per row)."""
+    belongs to, for unlikelihood (default: one per row); `own_tokens`: the labels are the student's own
+    generations, whose repeated 4-grams unlikelihood penalises too."""
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
         raise ValueError(
             f"student_logits must be [B, T, V] and labels [B, T]; got {tuple(student_logits.shape)} and "
@@ -169,7 +175,9 @@ def distillation_loss(
     sparse = isinstance(teacher, SparseTeacher) and spec.kind is not LossKind.SFT
     teacher_ids = _rows(teacher.ids.reshape(-1, teacher.k), positions).long() if sparse else None
     earlier = (
-        _EarlierTokens.of(targets, _rows(_answer_ids(labels, answers), positions))
+        _EarlierTokens.of(
+            targets, _rows(_answer_ids(labels, answers), positions), REPEATED_NGRAM if own_tokens else None
+        )
         if spec.unlikelihood_weight > 0
         else None
     )
@@ -283,13 +291,16 @@ class _EarlierTokens:
     """For each of N positions, a window of the W positions before it: `tokens` [N, W] are their labels,
     and `candidate` [N, W] marks the unlikelihood candidates: in the same response, the first occurrence
     of their token in it (so that each distinct token counts once), and not the position's own label.
-    W is the longest response's length less one (responses are contiguous runs of positions)."""
+    W is the longest response's length less one (responses are contiguous runs of positions).
+
+    With `repeated_ngram` n, one more column holds each position's own label, a candidate where the n
+    labels ending there already stood, in that order, earlier in the same response."""
 
     tokens: Tensor
     candidate: Tensor
 
     @classmethod
-    def of(cls, targets: Tensor, answers: Tensor) -> _EarlierTokens:
+    def of(cls, targets: Tensor, answers: Tensor, repeated_ngram: int | None = None) -> _EarlierTokens:
         count = targets.numel()
         window = int(torch.unique_consecutive(answers, return_counts=True)[1].max()) - 1 if count else 0
         index = torch.arange(count, device=targets.device).unsqueeze(1)
@@ -299,12 +310,29 @@ class _EarlierTokens:
         tokens = targets[earlier]
         same_token = same_answer & (tokens == targets.unsqueeze(1))
         first = ~same_token.any(dim=1)
-        return cls(tokens, same_answer & first[earlier] & ~same_token)
+        candidate = same_answer & first[earlier] & ~same_token
+        if repeated_ngram is None:
+            return cls(tokens, candidate)
+        repeated = _repeats_ngram(same_token, answers, repeated_ngram)
+        return cls(
+            torch.cat([tokens, targets.unsqueeze(1)], 1), torch.cat([candidate, repeated.unsqueeze(1)], 1)
+        )
 
     def unlikelihood(self, logprobs: Tensor) -> Tensor:
         """-Σ log(1 - q) over the candidates, given the student's log-probabilities of `tokens`."""
         terms = -_log1mexp(logprobs.clamp_max(_MOST_CERTAIN_REPEAT))
         return torch.where(self.candidate, terms, 0.0).sum()
+
+
+def _repeats_ngram(same_token: Tensor, answers: Tensor, n: int) -> Tensor:
+    """[N] whether the n labels ending at each position stood, in that order, earlier in its response.
+    `same_token[i, w]`: label i equals label i - w - 1 of the same response."""
+    match = same_token
+    for back in range(1, n):
+        shifted = torch.zeros_like(same_token)
+        shifted[back:] = same_token[:-back] & (answers[back:] == answers[:-back]).unsqueeze(1)
+        match = match & shifted
+    return match.any(dim=1)
 
 
 def _rows(values: Tensor, positions: Tensor) -> Tensor:

@@ -564,7 +564,16 @@ class TrainingLoop:
                 micro_batches = self._micro_batches(position.step, step_batch, on_policy)
                 loss = on_policy_loss(self.choice.spec) if on_policy else self.choice.spec
                 teacher = teacher_model if on_policy or self.choice.full_teacher else None
-                figures = self._step(position.step, forward, wrapped, optimizer, micro_batches, teacher, loss)
+                figures = self._step(
+                    position.step,
+                    forward,
+                    wrapped,
+                    optimizer,
+                    micro_batches,
+                    teacher,
+                    loss,
+                    own_tokens=on_policy,
+                )
                 figures["on_policy"] = float(on_policy)
                 scheduler.step()
                 last_of_epoch = batch_index + 1 == self.steps_per_epoch[epoch]
@@ -645,8 +654,11 @@ class TrainingLoop:
         micro_batches: list[PackedBatch],
         teacher_model: PreTrainedModel | None,
         loss_spec: LossSpec,
+        *,
+        own_tokens: bool,
     ) -> dict[str, float]:
-        """One optimizer step over the micro-batches; the step's figures over every worker."""
+        """One optimizer step over the micro-batches; the step's figures over every worker. `own_tokens`:
+        the labels are the student's own generations."""
         workers, device = self.workers, self.workers.device
         label_tokens, tokens = workers.sum(
             [sum(batch.label_tokens for batch in micro_batches), sum(batch.tokens for batch in micro_batches)]
@@ -663,6 +675,7 @@ class TrainingLoop:
                     loss_spec,
                     self._teacher_signal(batch, labelled, teacher_model),
                     answers=batch.answer_ids()[labelled].unsqueeze(0),
+                    own_tokens=own_tokens,
                 )
                 # Workers' gradients are averaged, so each worker's share is scaled by the world size.
                 weight = breakdown.tokens * workers.world / label_tokens

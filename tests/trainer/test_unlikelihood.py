@@ -135,3 +135,37 @@ def test_the_weight_is_bounded_in_the_spec():
         LossSpec.model_validate({"unlikelihoodWeight": -1})
     with pytest.raises(ValueError, match="unlikelihoodWeight"):
         LossSpec.model_validate({"unlikelihoodWeight": 11})
+
+
+# The student's own tokens (an on-policy step): two responses packed into one row. The first says
+# 1 2 3 4 twice and then 1 2 3 again; the second, 1 2 3 4 2 3 4, repeats only a 3-gram (2 3 4), and its
+# 1 2 3 4 stood only in the other response.
+OWN_LABELS = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4]])
+OWN_ANSWERS = torch.tensor([[0] * 11 + [1] * 7])
+# Where the 4 labels ending at a position stood earlier in the same response.
+REPEATED_AT = [7, 8, 9, 10]
+
+
+def test_on_own_tokens_a_label_that_completes_a_repeated_4gram_is_penalised_too():
+    logits = torch.randn(1, OWN_LABELS.shape[1], VOCAB, generator=torch.Generator().manual_seed(3))
+    teacher_text = distillation_loss(logits, OWN_LABELS, spec(), None, OWN_ANSWERS)
+    own = distillation_loss(logits, OWN_LABELS, spec(), None, OWN_ANSWERS, own_tokens=True)
+    q = logits[0].softmax(dim=-1)
+    labels = OWN_LABELS[0].tolist()
+    extra = sum(-math.log1p(-float(q[t, labels[t]])) for t in REPEATED_AT) / len(labels)
+    assert own.unlikelihood.item() == pytest.approx(teacher_text.unlikelihood.item() + extra, rel=1e-5)
+
+
+def test_the_repeated_label_gets_a_gradient_that_lowers_it():
+    logits = torch.zeros(1, OWN_LABELS.shape[1], VOCAB, requires_grad=True)
+    plain = distillation_loss(logits, OWN_LABELS, spec(), None, OWN_ANSWERS)
+    own = distillation_loss(logits, OWN_LABELS, spec(), None, OWN_ANSWERS, own_tokens=True)
+    (gradient_plain,) = torch.autograd.grad(plain.loss, logits)
+    (gradient_own,) = torch.autograd.grad(own.loss, logits)
+    labels = OWN_LABELS[0].tolist()
+    for t, label in enumerate(labels):
+        difference = float(gradient_own[0, t, label] - gradient_plain[0, t, label])
+        if t in REPEATED_AT:
+            assert difference > 0  # descending the loss lowers the repeated label's logit more
+        else:
+            assert difference == pytest.approx(0.0, abs=1e-7)
