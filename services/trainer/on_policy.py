@@ -15,7 +15,8 @@ of the training seed, the step and the worker, so a resumed run generates the sa
 How: the teacher's full logits score every generated position with the configured divergence
 (forward KL, reverse KL or JSD at the loss temperature). `ceWeight` does not apply: its cross-entropy is
 on the teacher's text, and the generated tokens are the student's. `unlikelihoodWeight` does: its earlier
-tokens are then the student's own.
+tokens are then the student's own, and so is its loop: a generated token that completes a 4-gram already
+said in its response is penalised too (sequence-level unlikelihood, `losses`).
 """
 
 from __future__ import annotations
