@@ -36,6 +36,20 @@ SHA256_METADATA = "sha256"  # user metadata, sent as the header x-amz-meta-sha25
 CREDENTIAL_ERRORS = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
 
 
+# A dead endpoint fails after two reconnects and a silent one after two re-reads. 5xx answers are retried
+# for about 7.5 s (waits of 0, 0.5, 1, 2 and 4 s, or what Retry-After asks), enough to ride out a server
+# that is briefly overloaded or still allocating space for a bucket it has just created (SeaweedFS answers
+# the first writes to a new bucket with 500 while it does).
+S3_RETRIES = urllib3.Retry(
+    total=7,
+    connect=2,
+    read=2,
+    status=5,
+    backoff_factor=0.25,
+    status_forcelist=[500, 502, 503, 504],
+)
+
+
 def s3_http_pool(
     *, max_connections: int, connect_timeout_s: float = 2.0, read_timeout_s: float = 60.0
 ) -> urllib3.PoolManager:
@@ -48,7 +62,7 @@ def s3_http_pool(
         timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
         maxsize=max_connections,
         cert_reqs="CERT_REQUIRED",
-        retries=urllib3.Retry(total=3, connect=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        retries=S3_RETRIES,
     )
 
 
