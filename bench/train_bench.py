@@ -10,9 +10,10 @@ what distilling from stored top-20 logprobs costs over plain SFT.
 2. Step time of `train_worker` with sparse top-20 forward KL over the same with SFT: same model, same
    batches. Target: at most 1.15x.
 3. Training tokens per second of `train_worker` with `training.precision: bf16` (autocast) over
-   `fp32`, SFT. Target, on a CPU with AMX (where `auto` picks bf16) and a student as wide as a real one
-   (`--hidden` 512 or more, e.g. `--layers 8 --hidden 576`): at least 1.2x. The default model is too
-   narrow for its matrices to pay for the casts (about 1.1x), so there the ratio is shown only.
+   `fp32`, SFT. Target, on a CPU with AMX or AVX512-BF16 (where `auto` picks bf16) and a student as
+   wide as a real one (`--hidden` 512 or more, e.g. `--layers 8 --hidden 576`): at least 1.2x. The
+   default model is too narrow for its matrices to pay for the casts (about 1.1x), so there the ratio is
+   shown only.
 
 Sides 1 and 2 train in float32, as the plain loop does.
 

@@ -554,7 +554,7 @@ class TrainingSpec(SpecModel):
         default=Precision.AUTO,
         description="The forward pass's precision while training (weights, optimizer state and losses stay "
         "float32): `bf16` autocast, `fp32`, or `auto`: bf16 on a GPU and on a CPU with bf16 matrix units "
-        "(Intel AMX), fp32 elsewhere.",
+        "(Intel AMX, AVX512-BF16), fp32 elsewhere.",
     )
     checkpoint_every_steps: Annotated[int, Field(gt=0, le=MAX_COUNT)] = 200
     seed: Seed = 0
