@@ -31,6 +31,7 @@ WEED_PORT_FLAGS = (
     "metricsPort",
 )
 START_TIMEOUT_S = 60
+VOLUME_SLOTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ def seaweedfs_server(home: Path, access_key: str = "stillhouse-test") -> Iterato
         "-master.telemetry=false",
         # As in S3, a PUT to a missing bucket fails instead of creating it.
         "-s3.autoCreateBucket=false",
+        # A set number of volume slots. By default it is the free disk divided by the volume size (128 MB),
+        # and each bucket takes several slots on its first write: with 17 GB free, the 17th bucket's writes
+        # failed with 500 "no free volumes left". Volumes are not preallocated, so a slot costs no disk.
+        f"-volume.max={VOLUME_SLOTS}",
         f"-filer.localSocket={home / 'filer.sock'}",
         f"-s3.localSocket={home / 's3.sock'}",
         *(f"-{flag}={port}" for flag, port in ports.items()),
