@@ -49,6 +49,16 @@ def service_token_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def suite_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Settings whose defaults live under $STILLHOUSE_HOME (the teacher cache, the local object store,
+    the model cache) point into the suite's own folder, never into the user's ~/.stillhouse."""
+    home = tmp_path_factory.mktemp("stillhouse-home")
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("STILLHOUSE_HOME", str(home))
+        yield home
+
+
 @dataclass
 class Processes:
     """Child processes of one test; whatever is still running at teardown is killed."""
