@@ -10,8 +10,8 @@ input embedding; the output layer counts) plus attention, 12·layers·hidden·S 
 the packed row length (an upper bound: attention does not cross the examples of a row). Utilisation is
 that times tokens per second over the peak: 989 TFLOP/s, dense bf16 of an H100/H200 SXM, or
 --peak-tflops. The first step of each run (CUDA warm-up, compilation) is left out. Nothing is
-downloaded: the tokenizer is SmolLM2's, read from the embedded teacher's GGUF file, and the data is
-synthetic (see train_bench.py).
+downloaded: the tokenizer is SmolLM2's, read from the embedded teacher's GGUF file (or --tokenizer, a
+folder holding one saved on its own), and the data is synthetic (see train_bench.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from _table import print_grid, verdict
 from train_bench import bench_train_run, make_student, write_answers
 from transformers import AutoConfig
 
-from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokenizer, resolve_model_reference
+from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokenizer_reference
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer.train_loop import train_worker
@@ -48,6 +48,14 @@ def matrix_parameters(config) -> int:
 
 def model_flops_per_token(config, seq_len: int) -> float:
     return 6 * matrix_parameters(config) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def answer_tokens(tokenizer, response_tokens: int) -> int:
+    """Tokens of one synthetic answer once packed: its chat-formatted prompt (12 words and a number,
+    see write_answers) and its response."""
+    prompt = [{"role": "user", "content": " ".join(["word"] * 12) + " 1000"}]
+    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)
+    return len(encoded["input_ids"]) + response_tokens
 
 
 def train(settings, student: Path, kind: str, args, output: str) -> dict[str, float]:
@@ -96,6 +104,11 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=H100_H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--compile", action="store_true", help="torch.compile the student.")
     parser.add_argument(
+        "--tokenizer",
+        default=EMBEDDED_TEACHER,
+        help="A tokenizer folder or model reference (default: the embedded teacher's).",
+    )
+    parser.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -111,13 +124,14 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as scratch:
         work = Path(scratch)
-        tokenizer = load_tokenizer(resolve_model_reference(EMBEDDED_TEACHER))
+        tokenizer = load_tokenizer_reference(args.tokenizer)
         settings = ObjectStoreSettings(backend="local", bucket="bench", local_root=work / "objects")
         store = open_object_store(settings)
         store.ensure_bucket()
-        # One answer per row: (steps + 1) steps in one epoch.
-        rows_per_step = args.batch_tokens // args.max_seq_len
-        write_answers(store, tokenizer, (args.steps + 1) * rows_per_step, args.response_tokens)
+        # Enough answers for (steps + 1) steps in one epoch, as many packed into each row as fit.
+        answers_per_row = max(1, args.max_seq_len // answer_tokens(tokenizer, args.response_tokens))
+        answers = (args.steps + 1) * (args.batch_tokens // args.max_seq_len) * answers_per_row
+        write_answers(store, tokenizer, answers, args.response_tokens)
         student = make_student(
             work / "student",
             tokenizer,
@@ -146,6 +160,7 @@ def main() -> None:
         rows.append(
             [
                 kind,
+                str(result["steps"]),
                 f"{result['tokens_per_second']:.0f}",
                 f"{result['step_seconds'] * 1000:.1f}",
                 f"{100 * utilisation:.1f}%",
@@ -153,7 +168,7 @@ def main() -> None:
                 f"{result['wall_seconds']:.0f}",
             ]
         )
-    print_grid(["loss", "tokens/s", "ms/step", "MFU", "final loss", "run s"], rows)
+    print_grid(["loss", "steps", "tokens/s", "ms/step", "MFU", "final loss", "run s"], rows)
     ratio = results["forward_kl"]["step_seconds"] / results["sft"]["step_seconds"]
     print_grid(
         ["metric", "ratio", "target", "pass"],

@@ -34,6 +34,13 @@ class TrainerSettings(RayClusterAccess, GrpcServiceSettings):
     )
     local_ray: LocalRaySettings = Field(default_factory=LocalRaySettings)
     evaluation_num_gpus: float = Field(default=0, ge=0, description="GPUs of the evaluation task.")
+    evaluation_num_cpus: int | None = Field(
+        default=None,
+        gt=0,
+        le=1024,
+        description="CPUs of the evaluation task, which computes with as many threads; unset: every CPU of "
+        "a local Ray head (the evaluation then waits for the head to be free), one on a cluster.",
+    )
     models: ModelSettings = Field(
         default_factory=ModelSettings,
         description="Where model weights are (models root, download cache), for this service's checks and "

@@ -18,7 +18,12 @@ from typing import Any
 from stillhouse.common.ray.jobs import ERROR_PREFIX, PROGRESS_PREFIX
 from stillhouse.trainer.failures import kind_of_error
 from stillhouse.trainer.ray_credentials import run_with_keys
-from stillhouse.trainer.ray_jobs import EVALUATION_GPUS_ENV, RUN_CONFIG_ENV, STORAGE_PATH_ENV
+from stillhouse.trainer.ray_jobs import (
+    EVALUATION_CPUS_ENV,
+    EVALUATION_GPUS_ENV,
+    RUN_CONFIG_ENV,
+    STORAGE_PATH_ENV,
+)
 from stillhouse.trainer.ray_train_storage import ray_train_storage
 from stillhouse.trainer.run_config import EvaluateRun, TrainRun
 
@@ -82,14 +87,17 @@ def train(run_json: str, given_storage_path: str | None) -> None:
     trainer.fit()
 
 
-def evaluate(run_json: str, num_gpus: float) -> None:
+def evaluate(run_json: str, num_cpus: int, num_gpus: float) -> None:
     import ray
 
     from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.evaluation import run_evaluation
 
-    @ray.remote(num_cpus=1, num_gpus=num_gpus)
+    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
     def evaluation_task(serialized: str) -> str:
+        import torch
+
+        torch.set_num_threads(num_cpus)
         run = run_with_keys(EvaluateRun, serialized)
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -141,7 +149,11 @@ def main(argv: list[str]) -> int:
         if argv[0] == "train":
             train(run_json, os.environ.get(STORAGE_PATH_ENV) or None)
         else:
-            evaluate(run_json, float(os.environ.get(EVALUATION_GPUS_ENV) or 0))
+            evaluate(
+                run_json,
+                int(os.environ.get(EVALUATION_CPUS_ENV) or 1),
+                float(os.environ.get(EVALUATION_GPUS_ENV) or 0),
+            )
     except Exception as exc:
         print(error_line(exc), flush=True)
         raise

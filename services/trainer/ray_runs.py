@@ -24,6 +24,7 @@ from stillhouse.trainer.ray_connection import RayConnection
 from stillhouse.trainer.ray_credentials import run_without_keys
 from stillhouse.trainer.ray_entrypoint import outcome_key
 from stillhouse.trainer.ray_jobs import (
+    EVALUATION_CPUS_ENV,
     EVALUATION_GPUS_ENV,
     RUN_CONFIG_ENV,
     STORAGE_PATH_ENV,
@@ -54,6 +55,7 @@ class RayRuns:
     preflight: ModelFactsLoader
     _: KW_ONLY
     evaluation_num_gpus: float = 0
+    evaluation_num_cpus: int | None = None  # None: every CPU of a local head, one on a cluster
     shutting_down: Callable[[], bool]
 
     async def check(self, spec: DistillationJobSpec) -> PreflightReport:
@@ -94,14 +96,16 @@ class RayRuns:
     async def evaluate(
         self, operation_id: str, run: EvaluateRun, progress: ProgressReporter
     ) -> EvaluationOutcome:
-        """Evaluate the student as the operation's Ray job, on `evaluation_num_gpus` GPUs."""
+        """Evaluate the student as the operation's Ray job, on `evaluation_num_gpus` GPUs and the CPUs of
+        `_evaluation_cpus`."""
         progress.update(unit="prompts", message="checking the held-out answers and the models")
         await asyncio.to_thread(require_evaluation_inputs, self.store, run)
         jobs = await self._jobs()
-        self._check_evaluation_capacity()
+        cpus = self._evaluation_cpus()
         env = {
             RUN_CONFIG_ENV: run_without_keys(run),
             EVALUATION_GPUS_ENV: str(self.evaluation_num_gpus),
+            EVALUATION_CPUS_ENV: str(cpus),
         }
         await self._run_job(
             jobs,
@@ -114,14 +118,24 @@ class RayRuns:
         )
         return EvaluationOutcome.model_validate_json(await self._outcome(run.output_prefix))
 
-    def _check_evaluation_capacity(self) -> None:
+    def _evaluation_cpus(self) -> int:
+        """The CPUs the evaluation task asks for: `evaluation_num_cpus`, or by default every CPU of a local
+        head and one on a cluster. RunFailure when a local head has fewer CPUs or GPUs than asked."""
         capacity = self.ray.local_capacity()
-        if capacity is not None and self.evaluation_num_gpus > capacity[1]:
-            raise RunFailure(
-                f"the evaluation asks for {self.evaluation_num_gpus:g} GPUs (the trainer's "
-                f"evaluation_num_gpus), but the local Ray cluster has {capacity[1]}",
-                FailureKind.USER_FIXABLE,
-            )
+        if capacity is None:
+            return self.evaluation_num_cpus or 1
+        cpus, gpus = capacity
+        for unit, setting, asked, has in (
+            ("GPUs", "evaluation_num_gpus", self.evaluation_num_gpus, gpus),
+            ("CPUs", "evaluation_num_cpus", self.evaluation_num_cpus or 0, cpus),
+        ):
+            if asked > has:
+                raise RunFailure(
+                    f"the evaluation asks for {asked:g} {unit} (the trainer's {setting}), but the local Ray "
+                    f"cluster has {has}",
+                    FailureKind.USER_FIXABLE,
+                )
+        return self.evaluation_num_cpus or cpus
 
     async def _jobs(self) -> RayJobs:
         try:

@@ -27,6 +27,7 @@ def run(settings: TrainerSettings) -> None:
                 ray,
                 ModelFactsLoader(settings.object_store, settings.preflight_dir, settings.models),
                 evaluation_num_gpus=settings.evaluation_num_gpus,
+                evaluation_num_cpus=settings.evaluation_num_cpus,
                 models=settings.models,
             )
             yield [ServiceBinding.of(SERVICE, trainer_pb2_grpc.add_TrainerServicer_to_server, servicer)]

@@ -82,6 +82,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         preflight: ModelFactsLoader,
         *,
         evaluation_num_gpus: float = 0,
+        evaluation_num_cpus: int | None = None,
         models: ModelSettings | None = None,
     ) -> None:
         self._registry = registry
@@ -93,6 +94,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             ray,
             preflight,
             evaluation_num_gpus=evaluation_num_gpus,
+            evaluation_num_cpus=evaluation_num_cpus,
             shutting_down=lambda: registry.shutting_down,
         )
 

@@ -14,7 +14,7 @@ from stillhouse.common.ray.jobs import JobEnd
 from stillhouse.trainer import ray_runs
 from stillhouse.trainer.failures import FailureKind, RunFailure
 from stillhouse.trainer.ray_entrypoint import outcome_key
-from stillhouse.trainer.ray_jobs import EVALUATION_GPUS_ENV, JobFailure
+from stillhouse.trainer.ray_jobs import EVALUATION_CPUS_ENV, EVALUATION_GPUS_ENV, JobFailure
 from stillhouse.trainer.ray_runs import RayRuns
 from stillhouse.trainer.run_config import EvaluateRun, EvaluationOutcome
 
@@ -107,13 +107,22 @@ def runs(monkeypatch, object_store):
     """RayRuns on a fake cluster, whose evaluation inputs are taken as there."""
     monkeypatch.setattr(ray_runs, "require_evaluation_inputs", lambda store, run: None)
 
-    def make(jobs: FakeJobs, *, embedded=False, gpus=0, evaluation_num_gpus=0.0, shutting_down=False):
+    def make(
+        jobs: FakeJobs,
+        *,
+        embedded=False,
+        gpus=0,
+        evaluation_num_gpus=0.0,
+        evaluation_num_cpus=None,
+        shutting_down=False,
+    ):
         ray = FakeRay(jobs, embedded=embedded, gpus=gpus)
         return RayRuns(
             object_store,
             ray,
             preflight=None,
             evaluation_num_gpus=evaluation_num_gpus,
+            evaluation_num_cpus=evaluation_num_cpus,
             shutting_down=lambda: shutting_down,
         )
 
@@ -134,6 +143,7 @@ async def test_an_evaluation_runs_as_a_ray_job_and_gives_its_outcome(runs, run, 
     )
     [submitted] = jobs.submitted
     assert submitted["gpus"] == 1 and submitted["env"][EVALUATION_GPUS_ENV] == "1"
+    assert submitted["env"][EVALUATION_CPUS_ENV] == "1"  # a cluster's default
     assert submitted["command"] == "python -m stillhouse.trainer.ray_entrypoint evaluate"
     assert {"done": 3, "total": 9, "message": "evaluating: the student"} in progress.updates
 
@@ -161,6 +171,31 @@ async def test_more_evaluation_gpus_than_the_local_head_has_are_refused_before_s
 
     with pytest.raises(RunFailure, match="asks for 2 GPUs") as failed:
         await runs(jobs, embedded=True, gpus=1, evaluation_num_gpus=2).evaluate("op-1", run, Progress())
+
+    assert failed.value.kind is FailureKind.USER_FIXABLE and not jobs.submitted
+
+
+@pytest.mark.parametrize(
+    ("embedded", "evaluation_num_cpus", "asked"), [(True, None, "2"), (True, 1, "1"), (False, 8, "8")]
+)
+async def test_the_evaluation_asks_for_every_cpu_of_a_local_head_unless_the_setting_says(
+    runs, run, object_store, embedded, evaluation_num_cpus, asked
+):
+    jobs = FakeJobs(JobStatus.SUCCEEDED)
+    object_store.put_bytes(outcome_key(run.output_prefix), OUTCOME.model_dump_json().encode())
+
+    runs_here = runs(jobs, embedded=embedded, evaluation_num_cpus=evaluation_num_cpus)
+    await runs_here.evaluate("op-1", run, Progress())
+
+    [submitted] = jobs.submitted
+    assert submitted["env"][EVALUATION_CPUS_ENV] == asked
+
+
+async def test_more_evaluation_cpus_than_the_local_head_has_are_refused_before_submitting(runs, run):
+    jobs = FakeJobs(JobStatus.SUCCEEDED)
+
+    with pytest.raises(RunFailure, match=r"asks for 3 CPUs \(the trainer's evaluation_num_cpus\)") as failed:
+        await runs(jobs, embedded=True, evaluation_num_cpus=3).evaluate("op-1", run, Progress())
 
     assert failed.value.kind is FailureKind.USER_FIXABLE and not jobs.submitted
 
