@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from _table import print_grid, verdict
-from train_bench import bench_train_run, make_student, write_answers
+from train_bench import WORDS, bench_train_run, make_student, synthetic_prompt, write_answers
 from transformers import AutoConfig
 
 from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokenizer_reference
@@ -51,9 +51,9 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def answer_tokens(tokenizer, response_tokens: int) -> int:
-    """Tokens of one synthetic answer once packed: its chat-formatted prompt (12 words and a number,
-    see write_answers) and its response."""
-    prompt = [{"role": "user", "content": " ".join(["word"] * 12) + " 1000"}]
+    """Tokens of a synthetic answer once packed, at the most: its chat-formatted prompt (`synthetic_prompt`
+    with the longest word and a number longer than any run's) and its response."""
+    prompt = synthetic_prompt([max(WORDS, key=len)] * 12, 10**7)
     encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)
     return len(encoded["input_ids"]) + response_tokens
 
@@ -129,8 +129,8 @@ def main() -> None:
         store = open_object_store(settings)
         store.ensure_bucket()
         # Enough answers for (steps + 1) steps in one epoch, as many packed into each row as fit.
-        answers_per_row = max(1, args.max_seq_len // answer_tokens(tokenizer, args.response_tokens))
-        answers = (args.steps + 1) * (args.batch_tokens // args.max_seq_len) * answers_per_row
+        rows = (args.steps + 1) * (args.batch_tokens // args.max_seq_len)
+        answers = rows * max(1, args.max_seq_len // answer_tokens(tokenizer, args.response_tokens))
         write_answers(store, tokenizer, answers, args.response_tokens)
         student = make_student(
             work / "student",

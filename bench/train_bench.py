@@ -65,6 +65,11 @@ BF16_TARGET_MIN_HIDDEN = 512
 WORDS = ["the", "a", "cat", "dog", "sea", "rain", "bread", "music", "train", "river", "sun", "moon", "tree"]
 
 
+def synthetic_prompt(words, index: int) -> list[dict[str, str]]:
+    """The chat of synthetic answer `index`: 12 of `WORDS` and its number."""
+    return [{"role": "user", "content": " ".join(words) + f" {index}"}]
+
+
 def write_answers(store, tokenizer, rows: int, response_tokens: int, seed: int = 0) -> None:
     """Synthetic teacher answers: random response tokens, each with a top-20 holding it first and 90%
     of the mass."""
@@ -73,7 +78,7 @@ def write_answers(store, tokenizer, rows: int, response_tokens: int, seed: int =
     probabilities = 0.9 * np.exp(-np.arange(TOP_K) / 3.0)
     probabilities *= 0.9 / probabilities.sum()
     for index in range(rows):
-        messages = [{"role": "user", "content": " ".join(generator.choice(WORDS, 12)) + f" {index}"}]
+        messages = synthetic_prompt(generator.choice(WORDS, 12), index)
         tokens = generator.integers(1000, 40000, response_tokens).astype(np.int32)
         topk = generator.integers(1000, 40000, (response_tokens, TOP_K)).astype(np.int32)
         topk[:, 0] = tokens
