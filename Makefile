@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes of `make test`: two suit the 2-core machines the suite is sized for.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-slow test-image lint format protos kind-up dev images clean
 
@@ -24,11 +26,12 @@ demo: $(STAMP)
 	$(BIN)/stillhouse run examples/smollm2-local.yaml
 
 ## test: lint, then the default test suite (needs PostgreSQL and Redis on 127.0.0.1, started if down, and
-## Chromium for the console's tests, installed if missing)
+## Chromium for the console's tests, installed if missing), a test file at a time on each of TEST_WORKERS
+## processes, in collection order (the files marked `long` first)
 test: $(STAMP) lint
 	deploy/local/ensure-test-servers.sh
 	deploy/local/ensure-browser.sh
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## test-slow: the tests marked slow (minutes each)
 test-slow: $(STAMP)

@@ -35,6 +35,13 @@ from stillhouse.common.models.model_loading import EMBEDDED_TEACHER, load_tokeni
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files marked `long` first, each in its own order. `make test` hands whole files to its workers
+    in collection order, so the short ones are left to fill in at the end and the workers finish
+    together."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def service_token_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every service and control plane the tests start (and every settings object they build) reads the

@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stillhouse.common.datasets.artifacts import download_artifact
 from stillhouse.common.objectstore.local_store import LocalObjectStore
 
+pytestmark = pytest.mark.long
+
 REPO = Path(__file__).resolve().parents[1]
 STILLHOUSE = [sys.executable, "-m", "stillhouse.cli.main"]
 

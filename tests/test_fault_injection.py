@@ -33,6 +33,8 @@ import pytest
 from fake_openai_client import FakeOpenAI, running_fake_openai
 from waiting import grpc_serving, http_ok
 
+pytestmark = pytest.mark.long
+
 STILLHOUSE = [sys.executable, "-m", "stillhouse.cli.main"]
 SERVICES = ("prompts", "teacher", "storage", "trainer", "control-plane")
 SEEDS = [f"Question {number}: what is worth knowing about the number {number}?" for number in range(40)]

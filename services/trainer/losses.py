@@ -171,7 +171,6 @@ def distillation_loss(
     targets = _rows(flat_labels, positions)
     denominator = max(tokens, 1)
 
-    temperature = spec.temperature
     sparse = isinstance(teacher, SparseTeacher) and spec.kind is not LossKind.SFT
     teacher_ids = _rows(teacher.ids.reshape(-1, teacher.k), positions).long() if sparse else None
     earlier = (
@@ -181,34 +180,12 @@ def distillation_loss(
         if spec.unlikelihood_weight > 0
         else None
     )
-    k = teacher_ids.shape[-1] if teacher_ids is not None else 0
-    earlier_logprobs = targets.new_zeros((targets.numel(), 0), dtype=torch.float32)
-    if spec.kind is LossKind.SFT or sparse or temperature == 1.0:
-        # At T = 1: the sparse path tempers the buckets, not the logits.
-        log_q = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-        # One gather for the teacher's top k, the label and the earlier tokens: each gather's backward is
-        # a [N, V] pass. Masked slots (-1) gather column 0; `_sparse_divergence` leaves them out.
-        columns = [targets.unsqueeze(-1)]
-        if teacher_ids is not None:
-            columns.insert(0, teacher_ids.clamp_min(0))
-        if earlier is not None:
-            columns.append(earlier.tokens)
-        picked = log_q.gather(-1, torch.cat(columns, dim=-1))
-        ce = -picked[:, k].sum() / denominator
-        student_top = picked[:, :k]
-        earlier_logprobs = picked[:, k + 1 :]
-    else:
-        # CE and unlikelihood stay at T = 1. CE needs a graph only when it is part of the loss.
-        logits32 = logits.float()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (spec.ce_weight > 0 or earlier is not None)):
-            log_partition = logits32.logsumexp(dim=-1, keepdim=True)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and spec.ce_weight > 0):
-            ce = (log_partition - logits32.gather(-1, targets.unsqueeze(-1))).sum() / denominator
-        if earlier is not None:
-            earlier_logprobs = logits32.gather(-1, earlier.tokens) - log_partition
-        log_q = F.log_softmax(logits32 / temperature, dim=-1)
+    student = _student_terms(logits, targets, spec, teacher_ids, earlier, denominator)
+    ce = student.ce
     unlikelihood = (
-        earlier.unlikelihood(earlier_logprobs) / denominator if earlier is not None else torch.zeros_like(ce)
+        earlier.unlikelihood(student.earlier_logprobs) / denominator
+        if earlier is not None
+        else torch.zeros_like(ce)
     )
     if spec.kind is LossKind.SFT:
         return LossBreakdown(
@@ -219,16 +196,8 @@ def distillation_loss(
             unlikelihood=unlikelihood.detach(),
         )
 
-    if sparse:
-        assert isinstance(teacher, SparseTeacher) and teacher_ids is not None
-        kd_sum, kd_tokens = _sparse_divergence(log_q, student_top, teacher_ids, teacher, positions, spec)
-    else:
-        assert isinstance(teacher, Tensor)
-        teacher_logits = _rows(teacher.reshape(-1, vocab), positions).detach()
-        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp_min(LOGPROB_FLOOR)
-        kd_sum, kd_tokens = _divergence(log_q, log_p, spec).sum(), tokens
-
-    kd = kd_sum * temperature**2 / denominator
+    kd_sum, kd_tokens = _kd_sum(student, teacher, teacher_ids, positions, spec)
+    kd = kd_sum * spec.temperature**2 / denominator
     loss = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce if spec.ce_weight > 0 else kd
     if earlier is not None:
         loss = loss + spec.unlikelihood_weight * unlikelihood
@@ -340,6 +309,82 @@ def _rows(values: Tensor, positions: Tensor) -> Tensor:
     if positions.numel() == values.shape[0]:
         return values
     return values[positions]  # not index_select, which is far slower on the CPU for wide rows
+
+
+@dataclass(frozen=True)
+class _StudentTerms:
+    """What the loss needs of the student's logits at the positions that count: `log_q` [N, V] its
+    log-softmax (at T, or at 1 where the sparse path tempers the buckets instead), `ce` the mean
+    cross-entropy at T = 1, `teacher_top` [N, k] its log-probabilities at the teacher's ids (sparse path
+    only) and `earlier_logprobs` [N, W] those of the unlikelihood window's tokens at T = 1."""
+
+    log_q: Tensor
+    ce: Tensor
+    teacher_top: Tensor
+    earlier_logprobs: Tensor
+
+
+def _student_terms(
+    logits: Tensor,
+    targets: Tensor,
+    spec: LossSpec,
+    teacher_ids: Tensor | None,
+    earlier: _EarlierTokens | None,
+    denominator: int,
+) -> _StudentTerms:
+    k = teacher_ids.shape[-1] if teacher_ids is not None else 0
+    if spec.kind is LossKind.SFT or teacher_ids is not None or spec.temperature == 1.0:
+        # At T = 1: the sparse path tempers the buckets, not the logits.
+        log_q = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+        # One gather for the teacher's top k, the label and the earlier tokens: each gather's backward is
+        # a [N, V] pass. Masked slots (-1) gather column 0; `_sparse_divergence` leaves them out.
+        columns = [targets.unsqueeze(-1)]
+        if teacher_ids is not None:
+            columns.insert(0, teacher_ids.clamp_min(0))
+        if earlier is not None:
+            columns.append(earlier.tokens)
+        picked = log_q.gather(-1, torch.cat(columns, dim=-1))
+        return _StudentTerms(
+            log_q=log_q,
+            ce=-picked[:, k].sum() / denominator,
+            teacher_top=picked[:, :k],
+            earlier_logprobs=picked[:, k + 1 :],
+        )
+    # CE and unlikelihood stay at T = 1. CE needs a graph only when it is part of the loss.
+    logits32 = logits.float()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and (spec.ce_weight > 0 or earlier is not None)):
+        log_partition = logits32.logsumexp(dim=-1, keepdim=True)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and spec.ce_weight > 0):
+        ce = (log_partition - logits32.gather(-1, targets.unsqueeze(-1))).sum() / denominator
+    earlier_logprobs = (
+        logits32.gather(-1, earlier.tokens) - log_partition
+        if earlier is not None
+        else targets.new_zeros((targets.numel(), 0), dtype=torch.float32)
+    )
+    return _StudentTerms(
+        log_q=F.log_softmax(logits32 / spec.temperature, dim=-1),
+        ce=ce,
+        teacher_top=logits32.new_zeros((targets.numel(), 0)),
+        earlier_logprobs=earlier_logprobs,
+    )
+
+
+def _kd_sum(
+    student: _StudentTerms,
+    teacher: SparseTeacher | Tensor | None,
+    teacher_ids: Tensor | None,
+    positions: Tensor,
+    spec: LossSpec,
+) -> tuple[Tensor, int]:
+    """The KD divergence summed over the positions that count, and how many of them had a term."""
+    if isinstance(teacher, SparseTeacher):
+        assert teacher_ids is not None
+        return _sparse_divergence(student.log_q, student.teacher_top, teacher_ids, teacher, positions, spec)
+    assert isinstance(teacher, Tensor)
+    vocab = student.log_q.shape[-1]
+    teacher_logits = _rows(teacher.reshape(-1, vocab), positions).detach()
+    log_p = F.log_softmax(teacher_logits.float() / spec.temperature, dim=-1).clamp_min(LOGPROB_FLOOR)
+    return _divergence(student.log_q, log_p, spec).sum(), positions.numel()
 
 
 def _sparse_divergence(

@@ -523,83 +523,29 @@ class TrainingLoop:
         return answers_topk(self.store, self.run.answers_dataset_id)
 
     def train(self) -> TrainOutcome:
-        run, workers = self.run, self.workers
-        device = workers.device
         trainee = self.trainee
-        resume_step = workers.broadcast(checkpoints.latest_step(self.store, trainee.checkpoints_prefix))
-        if (
-            resume_step is None
-            and workers.rank == 0
-            and trainee.baseline_prefix is not None
-            and not artifact_committed(self.store, trainee.baseline_prefix)
-        ):
-            self._upload_model(trainee.baseline_prefix, "baseline", self.model)
-        self.model.to(device)
-        on_gpu = device.type == "cuda"
-        if run.gradient_checkpointing if run.gradient_checkpointing is not None else on_gpu:
-            self.model.gradient_checkpointing_enable()
-        self.model.train()
-        wrapped = wrap_model(self.model, run.training.strategy, workers)
-        forward = torch.compile(wrapped) if run.compile_model and on_gpu else wrapped
-        optimizer = make_optimizer(wrapped, run.training.learning_rate, device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: learning_rate_factor(step, self.warmup_steps, self.total_steps)
-        )
-        teacher_model = (
-            load_full_teacher(run.teacher, device, ModelLocator(run.models, run.object_store).locate)
-            if self.choice.full_teacher or trainee.on_policy is not None
-            else None
-        )
-
+        resume_step = self.workers.broadcast(checkpoints.latest_step(self.store, trainee.checkpoints_prefix))
+        if resume_step is None:
+            self._commit_baseline()
+        session = self._start_session()
         position = TrainingPosition(step=0, epoch=0, batch_in_epoch=0, tokens=0)
         if resume_step is not None:
-            position = self._resume(resume_step, wrapped, optimizer, scheduler)
+            position = self._resume(resume_step, session)
         started = time.perf_counter()
         window = _Window()
-        for epoch in range(position.epoch, run.training.epochs):
+        for epoch in range(position.epoch, self.run.training.epochs):
             first_batch = position.batch_in_epoch if epoch == position.epoch else 0
             steps = self.data.steps(epoch, self.plan, first_batch)
             for batch_index, step_batch in zip(
                 range(first_batch, self.steps_per_epoch[epoch]), steps, strict=False
             ):
-                step_started = time.perf_counter()
-                on_policy = trainee.on_policy is not None and is_on_policy_step(
-                    run.training.seed, position.step, trainee.on_policy.fraction
-                )
-                micro_batches = self._micro_batches(position.step, step_batch, on_policy)
-                loss = on_policy_loss(self.choice.spec) if on_policy else self.choice.spec
-                teacher = teacher_model if on_policy or self.choice.full_teacher else None
-                figures = self._step(
-                    position.step,
-                    forward,
-                    wrapped,
-                    optimizer,
-                    micro_batches,
-                    teacher,
-                    loss,
-                    own_tokens=on_policy,
-                )
-                figures["on_policy"] = float(on_policy)
-                scheduler.step()
-                last_of_epoch = batch_index + 1 == self.steps_per_epoch[epoch]
-                position = TrainingPosition(
-                    step=position.step + 1,
-                    epoch=epoch + 1 if last_of_epoch else epoch,
-                    batch_in_epoch=0 if last_of_epoch else batch_index + 1,
-                    tokens=position.tokens + int(figures["tokens"]),
-                )
-                window.add(int(figures["tokens"]), time.perf_counter() - step_started)
-                if position.step % self.report_interval == 0 or position.step == self.total_steps:
-                    self._report(position, epoch, batch_index, figures, optimizer, window)
-                    window = _Window()
-                if position.step % run.training.checkpoint_every_steps == 0 or last_of_epoch:
-                    self._checkpoint(position, wrapped, optimizer, scheduler)
-        final_state = self._full_model_state(wrapped)
+                position, window = self._advance(session, position, epoch, batch_index, step_batch, window)
+        final_state = self._full_model_state(session.wrapped)
         seconds = time.perf_counter() - started
         final_metrics = self.training_log[-1] if self.training_log else {}
-        if workers.rank == 0 and not artifact_committed(self.store, trainee.artifact_prefix):
+        if self.workers.rank == 0 and not artifact_committed(self.store, trainee.artifact_prefix):
             self._upload_trained(final_state, position, seconds)
-        workers.barrier()
+        self.workers.barrier()
         figures = {name: value for name, value in final_metrics.items() if name != "model"}
         return TrainOutcome(
             steps=position.step,
@@ -609,6 +555,73 @@ class TrainingLoop:
             resumed_from_step=resume_step,
             on_policy_steps=self._on_policy_steps(position.step),
         )
+
+    def _commit_baseline(self) -> None:
+        """The student as it starts, for the evaluation's baseline: committed once, by rank 0."""
+        prefix = self.trainee.baseline_prefix
+        if self.workers.rank == 0 and prefix is not None and not artifact_committed(self.store, prefix):
+            self._upload_model(prefix, "baseline", self.model)
+
+    def _start_session(self) -> _Session:
+        """The model on its device, wrapped for the strategy, with its optimizer, schedule and teacher."""
+        run, device = self.run, self.workers.device
+        self.model.to(device)
+        on_gpu = device.type == "cuda"
+        if run.gradient_checkpointing if run.gradient_checkpointing is not None else on_gpu:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        wrapped = wrap_model(self.model, run.training.strategy, self.workers)
+        optimizer = make_optimizer(wrapped, run.training.learning_rate, device)
+        return _Session(
+            wrapped=wrapped,
+            forward=torch.compile(wrapped) if run.compile_model and on_gpu else wrapped,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: learning_rate_factor(step, self.warmup_steps, self.total_steps)
+            ),
+            teacher_model=(
+                load_full_teacher(run.teacher, device, ModelLocator(run.models, run.object_store).locate)
+                if self.choice.full_teacher or self.trainee.on_policy is not None
+                else None
+            ),
+        )
+
+    def _advance(
+        self,
+        session: _Session,
+        position: TrainingPosition,
+        epoch: int,
+        batch_index: int,
+        step_batch: StepBatch,
+        window: _Window,
+    ) -> tuple[TrainingPosition, _Window]:
+        """One step from `position`, reported and checkpointed when due; the position after it and the
+        report window."""
+        training, on_policy_spec = self.run.training, self.trainee.on_policy
+        step_started = time.perf_counter()
+        on_policy = on_policy_spec is not None and is_on_policy_step(
+            training.seed, position.step, on_policy_spec.fraction
+        )
+        micro_batches = self._micro_batches(position.step, step_batch, on_policy)
+        loss = on_policy_loss(self.choice.spec) if on_policy else self.choice.spec
+        teacher = session.teacher_model if on_policy or self.choice.full_teacher else None
+        figures = self._step(position.step, session, micro_batches, teacher, loss, own_tokens=on_policy)
+        figures["on_policy"] = float(on_policy)
+        session.scheduler.step()
+        last_of_epoch = batch_index + 1 == self.steps_per_epoch[epoch]
+        position = TrainingPosition(
+            step=position.step + 1,
+            epoch=epoch + 1 if last_of_epoch else epoch,
+            batch_in_epoch=0 if last_of_epoch else batch_index + 1,
+            tokens=position.tokens + int(figures["tokens"]),
+        )
+        window.add(int(figures["tokens"]), time.perf_counter() - step_started)
+        if position.step % self.report_interval == 0 or position.step == self.total_steps:
+            self._report(position, epoch, batch_index, figures, session.optimizer, window)
+            window = _Window()
+        if position.step % training.checkpoint_every_steps == 0 or last_of_epoch:
+            self._checkpoint(position, session)
+        return position, window
 
     def _on_policy_steps(self, steps: int) -> int:
         on_policy = self.trainee.on_policy
@@ -653,9 +666,7 @@ class TrainingLoop:
     def _step(
         self,
         step: int,
-        forward: nn.Module,
-        wrapped: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        session: _Session,
         micro_batches: list[PackedBatch],
         teacher_model: PreTrainedModel | None,
         loss_spec: LossSpec,
@@ -665,6 +676,7 @@ class TrainingLoop:
         """One optimizer step over the micro-batches; the step's figures over every worker. `own_tokens`:
         the labels are the student's own generations."""
         workers, device = self.workers, self.workers.device
+        forward, wrapped, optimizer = session.forward, session.wrapped, session.optimizer
         label_tokens, tokens = workers.sum(
             [sum(batch.label_tokens for batch in micro_batches), sum(batch.tokens for batch in micro_batches)]
         )
@@ -762,20 +774,21 @@ class TrainingLoop:
     def _full_model_state(self, wrapped: nn.Module) -> dict[str, torch.Tensor]:
         return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def _checkpoint(
-        self,
-        position: TrainingPosition,
-        wrapped: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ) -> None:
+    def _checkpoint(self, position: TrainingPosition, session: _Session) -> None:
         model_state, optimizer_state = get_state_dict(
-            wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            session.wrapped,
+            session.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
         rng_states = self.workers.gather(checkpoints.rng_state())
         if self.workers.rank == 0:
             checkpoint = Checkpoint(
-                position, model_state, optimizer_state, scheduler.state_dict(), rng_states, self.training_log
+                position,
+                model_state,
+                optimizer_state,
+                session.scheduler.state_dict(),
+                rng_states,
+                self.training_log,
             )
             prefix = checkpoints.save_checkpoint(
                 self.store,
@@ -786,24 +799,18 @@ class TrainingLoop:
             )
             log.info("checkpoint committed", prefix=prefix, step=position.step)
 
-    def _resume(
-        self,
-        step: int,
-        wrapped: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ) -> TrainingPosition:
+    def _resume(self, step: int, session: _Session) -> TrainingPosition:
         checkpoint = checkpoints.load_checkpoint(
             self.store, self.trainee.checkpoints_prefix, step, self.work_dir
         )
         set_state_dict(
-            wrapped,
-            optimizer,
+            session.wrapped,
+            session.optimizer,
             model_state_dict=checkpoint.model_state,
             optim_state_dict=checkpoint.optimizer_state,
             options=StateDictOptions(full_state_dict=True),
         )
-        scheduler.load_state_dict(checkpoint.scheduler_state)
+        session.scheduler.load_state_dict(checkpoint.scheduler_state)
         if len(checkpoint.rng_states) == self.workers.world:
             checkpoints.restore_rng_state(checkpoint.rng_states[self.workers.rank])
         self.training_log = list(checkpoint.training_log)
@@ -867,6 +874,19 @@ class TrainingLoop:
             requested = self.run.training.loss.kind.value
             data["loss_fallback"] = f"sft instead of {requested}: {self.choice.fallback_reason}"
         return data
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What one run of the loop trains with: the wrapped model (and the module its forward passes go
+    through, compiled or the same), its optimizer and schedule, and the full teacher when one runs beside
+    the student."""
+
+    wrapped: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher_model: PreTrainedModel | None
 
 
 @dataclass

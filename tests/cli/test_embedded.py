@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from embedded_platform import STILLHOUSE, Embedded, running_up, start_up, wait_gone
+from embedded_platform import STILLHOUSE, Embedded, platform_processes, running_up, start_up, wait_gone
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_token import authorized_channel, token_metadata
 from sockets import is_loopback, listening_sockets
@@ -36,6 +36,8 @@ from stillhouse.cli.embedded import (
 )
 from stillhouse.cli.main import app
 from stillhouse.common.v1 import operations_pb2, operations_pb2_grpc
+
+pytestmark = pytest.mark.long
 
 INVALID_SPEC = (
     "spec: {teacher: {backend: local, model: smollm2, temprature: 0.5}, "
@@ -340,8 +342,7 @@ def test_a_service_that_cannot_start_is_reported(tmp_path: Path, free_port) -> N
     assert re.search(rf"last \d+ lines of {re.escape(str(tmp_path / 'logs' / 'storage.log'))}:", stderr)
     assert "log_level: Input should be" in stderr
     assert not (tmp_path / "endpoint.json").exists()
-    leftovers = [p for p in psutil.Process().children(recursive=True) if "stillhouse.cli.main" in p.cmdline()]
-    assert leftovers == []
+    assert platform_processes() == []
 
 
 def test_ctrl_c_in_a_terminal_stops_cleanly(embedded: Embedded) -> None:
@@ -358,8 +359,7 @@ def test_start_up_timeout_is_reported(tmp_path: Path, free_port) -> None:
     _, stderr = process.communicate()
     assert "did not become healthy within 0.2 s" in stderr
     assert not (tmp_path / "endpoint.json").exists()
-    leftovers = [p for p in psutil.Process().children(recursive=True) if "stillhouse.cli.main" in p.cmdline()]
-    assert leftovers == []
+    assert platform_processes() == []
 
 
 # --- stillhouse run: one job, start to end, in one command -----------------------------------------

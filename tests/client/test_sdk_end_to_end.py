@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from stillhouse.client import Client, DistillationJob, JobEvent, Phase, PhaseEvent, ProgressEvent
 
+pytestmark = pytest.mark.long
+
 STAGES = ["prompts", "teacher", "train", "evaluate"]
 
 

@@ -92,9 +92,9 @@ async def test_in_process_a_refusing_shard_ends_the_stage_with_its_code(tmp_path
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
+def ray_head() -> Iterator[LocalRayHead]:
     path = os.pathsep.join([str(SUPPORT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    with local_ray_head(tmp_path_factory.mktemp("ray"), worker_env={"PYTHONPATH": path}) as head:
+    with local_ray_head(worker_env={"PYTHONPATH": path}) as head:
         yield head
 
 

@@ -16,7 +16,7 @@ from playwright.sync_api import expect
 from tiny_job import tiny_job_spec
 from waiting import wait_until
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.browser, pytest.mark.long, pytest.mark.timeout(900)]
 
 NETWORK_NOISE = re.compile(r"Failed to load resource")
 REFERENCE_ROWS = {"uniform", "unigram", "baseline", "student", "teacher"}

@@ -10,6 +10,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
+pytestmark = pytest.mark.long
+
 MAX_EXAMPLES = 20
 UNPARSEABLE_HTTP = "Invalid HTTP request received."  # uvicorn's answer to a request it cannot parse
 NEGATIVE_DATA_REJECTED = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429"]

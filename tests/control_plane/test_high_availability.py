@@ -16,6 +16,8 @@ from scripted_jobs import STAGE_RPCS, start_stages, submit, wait_for_phase
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
+pytestmark = pytest.mark.long
+
 LEASE_SECONDS = 2.0
 LEADING = "leading: driving the jobs"
 PHASES = ["Pending", "Prompts", "Teacher", "Training", "Evaluating", "Succeeded"]

@@ -17,6 +17,8 @@ from scripted_jobs import MINIMAL_JOB, STAGE_RPCS, start_stages, submit, wait_fo
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture
 def checking_trainer(processes, free_port, wait_until, grpc_ready, tmp_path) -> str:

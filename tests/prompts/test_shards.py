@@ -213,7 +213,7 @@ def ray_head_and_store(tmp_path_factory) -> Iterator[tuple[LocalRayHead, LocalOb
         "STILLHOUSE_PROMPTS_OBJECT_STORE__LOCAL_ROOT": str(folder / "objects"),
         "STILLHOUSE_PROMPTS_INPUT_ROOTS": json.dumps([str(folder)]),
     }
-    with local_ray_head(tmp_path_factory.mktemp("ray"), worker_env=env) as head:
+    with local_ray_head(worker_env=env) as head:
         store = LocalObjectStore(folder / "objects", "stillhouse")
         store.ensure_bucket()
         yield head, store

@@ -94,6 +94,8 @@ def running_up(
 ) -> Iterator[Embedded]:
     """`stillhouse up` with `extra` arguments (e.g. `--input-root DIR`) until the block ends."""
     started = time.monotonic()
+    # This process's servers from before (a session's S3 server, say) are not the platform's to clean up.
+    already_running = {child.pid for child in psutil.Process().children(recursive=True)}
     process = start_up(home, api_port, *extra, env=env, own_group=True)
     try:
         endpoint = wait_for_endpoint(home, process, timeout=60)
@@ -110,8 +112,19 @@ def running_up(
             except subprocess.TimeoutExpired:
                 process.kill()
         for child in psutil.Process().children(recursive=True):
-            if child.pid != process.pid and child.is_running():
+            if child.pid not in already_running and child.pid != process.pid and child.is_running():
                 child.kill()
+
+
+def platform_processes() -> list[psutil.Process]:
+    """This process's descendants that run the Stillhouse CLI (an exited child not yet reaped runs
+    nothing, and is left out)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+            if "stillhouse.cli.main" in child.cmdline():
+                found.append(child)
+    return found
 
 
 def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:

@@ -44,9 +44,7 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ray_head(
-    tmp_path_factory: pytest.TempPathFactory, home: Path, postgres_database_url: str
-) -> Iterator[LocalRayHead]:
+def ray_head(home: Path, postgres_database_url: str) -> Iterator[LocalRayHead]:
     """A local Ray head whose workers are teacher shard workers: the teacher settings in their environment."""
     worker_env = {
         "STILLHOUSE_HOME": str(home),
@@ -55,7 +53,7 @@ def ray_head(
         "STILLHOUSE_TEACHER_EGRESS_ALLOW": json.dumps(LOOPBACK_EGRESS),
         "STILLHOUSE_TEACHER_LOG_FORMAT": "console",
     }
-    with local_ray_head(tmp_path_factory.mktemp("ray"), worker_env=worker_env) as head:
+    with local_ray_head(worker_env=worker_env) as head:
         yield head
 
 

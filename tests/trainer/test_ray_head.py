@@ -11,11 +11,12 @@ import grpc
 import httpx
 import psutil
 import pytest
+from ray_heads import short_temp_dir
 from sockets import is_loopback, listening_sockets
 from waiting import wait_until
 
 from stillhouse.common.ray.cluster import LocalRayHead, auth_headers
-from stillhouse.common.ray.settings import LocalRaySettings
+from stillhouse.common.ray.settings import MAX_RAY_TEMP_DIR_CHARS, LocalRaySettings
 
 # Any method of the GCS serves to see whether a call gets in: this one takes an empty request.
 GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo"
@@ -27,17 +28,19 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory, token_file: Path) -> Iterator[LocalRayHead]:
-    settings = LocalRaySettings(
-        temp_dir=tmp_path_factory.mktemp("ray"), auth_token_file=token_file, num_cpus=1
-    )
-    ray_head = LocalRayHead(settings)
-    ray_head.start()
-    try:
-        ray_head.wait_ready()
-        yield ray_head
-    finally:
-        ray_head.stop()
+def head(token_file: Path) -> Iterator[LocalRayHead]:
+    """A head whose folder is as long as the settings allow: every socket Ray opens must still fit."""
+    with short_temp_dir() as short:
+        longest = short / ("t" * (MAX_RAY_TEMP_DIR_CHARS - len(str(short)) - 1))
+        settings = LocalRaySettings(temp_dir=longest, auth_token_file=token_file, num_cpus=1)
+        assert len(str(settings.temp_dir)) == MAX_RAY_TEMP_DIR_CHARS
+        ray_head = LocalRayHead(settings)
+        ray_head.start()
+        try:
+            ray_head.wait_ready()
+            yield ray_head
+        finally:
+            ray_head.stop()
 
 
 def ray_processes(head: LocalRayHead) -> list[psutil.Process]:

@@ -18,7 +18,7 @@ import pytest
 from ray.exceptions import RayTaskError
 from ray.job_submission import JobStatus
 from ray.train.v2.api.exceptions import WorkerGroupError
-from ray_heads import local_ray_head
+from ray_heads import local_ray_head, short_temp_dir
 from s3_server import SeaweedFS, seaweedfs_server
 from waiting import wait_until
 
@@ -32,6 +32,8 @@ from stillhouse.trainer.ray_entrypoint import error_line, error_summary, outcome
 from stillhouse.trainer.ray_jobs import RUN_CONFIG_ENV, RayJobs, entrypoint, failure_kind
 from stillhouse.trainer.run_config import TrainingDataError, TrainOutcome, TrainRun
 from stillhouse.trainer.servicer import STATUS_CODES
+
+pytestmark = pytest.mark.long
 
 TOPICS = ["cats", "dogs", "rain", "the sea", "mountains", "bread", "music", "trains"]
 PROMPTS = [f"question {i}: tell me about {topic}" for i, topic in enumerate(TOPICS * 2)]
@@ -50,10 +52,8 @@ def object_store_settings(s3: SeaweedFS) -> ObjectStoreSettings:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory, s3: SeaweedFS) -> Iterator[LocalRayHead]:
-    with local_ray_head(
-        tmp_path_factory.mktemp("ray"), worker_env=key_environment(s3.settings("any"))
-    ) as head:
+def ray_head(s3: SeaweedFS) -> Iterator[LocalRayHead]:
+    with local_ray_head(worker_env=key_environment(s3.settings("any"))) as head:
         yield head
 
 
@@ -221,18 +221,18 @@ def test_a_workers_own_error_is_dug_out_of_rays_wrappers():
 
 
 @pytest.mark.slow
-def test_a_killed_owner_takes_its_head_along(tmp_path_factory):
-    temp_dir = tmp_path_factory.mktemp("owned")
-    owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER_PROGRAM, str(temp_dir)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert owner.stdout.readline().strip() == "ready"
-        assert processes_using(temp_dir)
-    finally:
-        owner.kill()
-        owner.wait(10)
-    wait_until(lambda: not processes_using(temp_dir), 30, "the orphaned head's processes to exit")
+def test_a_killed_owner_takes_its_head_along():
+    with short_temp_dir() as temp_dir:
+        owner = subprocess.Popen(
+            [sys.executable, "-c", OWNER_PROGRAM, str(temp_dir)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert owner.stdout.readline().strip() == "ready"
+            assert processes_using(temp_dir)
+        finally:
+            owner.kill()
+            owner.wait(10)
+        wait_until(lambda: not processes_using(temp_dir), 30, "the orphaned head's processes to exit")
 
 
 OWNER_PROGRAM = """

@@ -7,14 +7,15 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stillhouse.common.config import PositiveSeconds
 from stillhouse.common.paths import stillhouse_home
 
-# Ray puts Unix sockets at `<temp dir>/r/session_<date>_<time>_<pid>/sockets/plasma_store` (about 64 more
-# characters), and a socket path may not exceed 107 bytes.
-MAX_RAY_TEMP_DIR_CHARS = 42
+# A Unix socket's path may not exceed 107 bytes, and Ray puts sockets at
+# `<temp dir>/r/session_<date>_<time>_<microseconds>_<pid>/sockets/dash_<dashboard module>`: 73 bytes
+# more with a 7-digit pid and the longest module name (TaskEventsHead).
+MAX_RAY_TEMP_DIR_CHARS = 34
 
 
 def default_ray_temp_dir(home: Path) -> Path:
@@ -52,6 +53,17 @@ class LocalRaySettings(BaseModel):
         description="The local head's token, generated (mode 0600) on first start and kept.",
     )
     startup_timeout_seconds: PositiveSeconds = 90.0
+
+    @field_validator("temp_dir")
+    @classmethod
+    def _fits_ray_socket_paths(cls, temp_dir: Path) -> Path:
+        length = len(str(temp_dir.absolute()).encode())
+        if length > MAX_RAY_TEMP_DIR_CHARS:
+            raise ValueError(
+                f"{temp_dir.absolute()} is {length} bytes long; at most {MAX_RAY_TEMP_DIR_CHARS} are "
+                "allowed, because Ray's socket paths under it may not exceed 107 bytes: choose a shorter one"
+            )
+        return temp_dir
 
 
 class RayClusterAccess(BaseModel):
