@@ -205,6 +205,10 @@ def _cells(figures: dict) -> list[str]:
 def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
     train_prompts, holdout_prompts = template_prompts(args.prompts, args.holdout_concepts, args.seed)
+    if not holdout_prompts:
+        raise SystemExit(
+            f"--holdout-concepts {args.holdout_concepts} holds out none of the {args.prompts} prompts"
+        )
     with tempfile.TemporaryDirectory(prefix="stillhouse-quality-bench-") as scratch:
         settings = ObjectStoreSettings(backend="local", local_root=Path(scratch) / "objects")
         store = open_object_store(settings)
@@ -295,7 +299,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=96, help="template prompts, before the held-out split")
-    parser.add_argument("--holdout-concepts", type=int, default=2)
+    parser.add_argument(
+        "--holdout-concepts",
+        type=int,
+        default=12,
+        help="of the 120 seed concepts: about a tenth of the prompts",
+    )
     parser.add_argument("--max-tokens", type=int, default=48, help="teacher answer and greedy answer length")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers the student keeps of 30")
     parser.add_argument("--epochs", type=int, default=2)

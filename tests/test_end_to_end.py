@@ -126,6 +126,9 @@ def test_the_example_distils_smollm2_into_a_student_ahead_of_its_untrained_self(
     # Distillation earns its keep: most of the unigram-to-teacher gap closed on KL, and the teacher's
     # distributions beat its text alone (the SFT control, same batches and steps).
     assert report["recovery"]["gap_closed"]["kl"] >= 50
+    assert student["top1_agreement"] >= 0.5
     assert student["kl"] < control["kl"] and student["top1_agreement"] > control["top1_agreement"]
+    # A real compression: 15 of the teacher's 30 decoder layers (its final norm, 576 weights, kept whole).
+    assert report["model_size"]["student_to_teacher"] < 0.50001
     # Its greedy answers do not loop: repeated 4-grams at most twice as often as in the teacher's.
     assert student["repeated_4grams"] <= 2 * metrics["teacher"]["repeated_4grams"]
