@@ -6,8 +6,8 @@ references a sceptic would pick.
 
 1. The embedded teacher (SmolLM2-135M-Instruct) answers template prompts ("Explain {concept} to
    {audience}, {style}.", the demo's seed lists) greedily, with its top-20 logprobs, as the local teacher
-   backend does. The prompts of `--holdout-concepts` concepts are held out: no held-out prompt shares its
-   concept with a training prompt.
+   backend does. The prompts of `--holdout-fraction` of the concepts are held out: no held-out prompt
+   shares its concept with a training prompt.
 2. One student, the teacher cut to `--layers` decoder layers (chosen by their influence on the
    training answers, as a job's are by default), is trained by `train_worker` (the training loop every
    job runs) once per loss: `sft` (cross-entropy on the teacher's text), `forward_kl`, `forward_kl` with
@@ -75,15 +75,15 @@ METRICS = (
 )
 
 
-def template_prompts(count: int, holdout_concepts: int, seed: int) -> tuple[list[str], list[str]]:
+def template_prompts(count: int, holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts): `count` combinations of the seed lists in a seeded order, the
-    prompts of `holdout_concepts` randomly chosen concepts held out."""
+    prompts of `holdout_fraction` of the concepts, chosen at random, held out."""
     lists = [(SEEDS / f"{name}.txt").read_text().split("\n") for name in ("concepts", "audiences", "styles")]
     concepts, audiences, styles = ([value.strip() for value in values if value.strip()] for values in lists)
     combinations = list(itertools.product(concepts, audiences, styles))
     generator = random.Random(seed)
     generator.shuffle(combinations)
-    held_out = set(generator.sample(concepts, holdout_concepts))
+    held_out = set(generator.sample(concepts, round(holdout_fraction * len(concepts))))
     train, holdout = [], []
     for concept, audience, style in combinations[:count]:
         (holdout if concept in held_out else train).append(f"Explain {concept} to {audience}, {style}.")
@@ -204,10 +204,10 @@ def _cells(figures: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
-    train_prompts, holdout_prompts = template_prompts(args.prompts, args.holdout_concepts, args.seed)
+    train_prompts, holdout_prompts = template_prompts(args.prompts, args.holdout_fraction, args.seed)
     if not holdout_prompts:
         raise SystemExit(
-            f"--holdout-concepts {args.holdout_concepts} holds out none of the {args.prompts} prompts"
+            f"--holdout-fraction {args.holdout_fraction} holds out none of the {args.prompts} prompts"
         )
     with tempfile.TemporaryDirectory(prefix="stillhouse-quality-bench-") as scratch:
         settings = ObjectStoreSettings(backend="local", local_root=Path(scratch) / "objects")
@@ -302,10 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=96, help="template prompts, before the held-out split")
     parser.add_argument(
-        "--holdout-concepts",
-        type=int,
-        default=12,
-        help="of the 120 seed concepts: about a tenth of the prompts",
+        "--holdout-fraction", type=float, default=0.1, help="share of the seed concepts held out"
     )
     parser.add_argument("--max-tokens", type=int, default=48, help="teacher answer and greedy answer length")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers the student keeps of 30")
