@@ -414,7 +414,7 @@ class TeacherSpec(SpecModel):
 
 
 class StudentInit(SpecModel):
-    """Exactly one way to initialise the student."""
+    """One way to initialise the student; depth and width pruning of the teacher may go together."""
 
     pretrained: SpecPath | None = Field(
         default=None,
@@ -425,7 +425,9 @@ class StudentInit(SpecModel):
         default=None, description="Copy the teacher keeping this many layers."
     )
     prune_teacher_width: Annotated[float, Field(gt=0, lt=1)] | None = Field(
-        default=None, description="Copy the teacher keeping this fraction of the MLP width."
+        default=None,
+        description="Copy the teacher keeping this fraction of the MLP width; with pruneTeacherDepth, of the "
+        "kept layers' MLP width.",
     )
     config: dict[Annotated[str, Field(min_length=1, max_length=MAX_NAME)], ExtraValue] | None = Field(
         default=None,
@@ -454,14 +456,12 @@ class StudentInit(SpecModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentInit:
-        chosen = [
-            name
-            for name in ("pretrained", "prune_teacher_depth", "prune_teacher_width", "config")
-            if getattr(self, name) is not None
-        ]
-        if len(chosen) != 1:
+        pruned = self.prune_teacher_depth is not None or self.prune_teacher_width is not None
+        chosen = [name for name in ("pretrained", "config") if getattr(self, name) is not None]
+        if len(chosen) + pruned != 1:
             raise ValueError(
-                "give exactly one of `pretrained`, `pruneTeacherDepth`, `pruneTeacherWidth`, `config`"
+                "give exactly one of `pretrained`, `config`, or pruning of the teacher (`pruneTeacherDepth`, "
+                "`pruneTeacherWidth` or both)"
             )
         if self.layer_selection is not None and self.prune_teacher_depth is None:
             raise ValueError("`layerSelection` chooses the layers of `pruneTeacherDepth`: give that too")

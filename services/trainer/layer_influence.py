@@ -11,22 +11,15 @@ KL 1.25 / top-1 0.50 instead of 1.90 / 0.37.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from stillhouse.trainer.data import tokenize_answers
-
-# Calibration text: the first answers of the training data, capped so that ranking the layers of a
-# large teacher on the CPU, where pruning happens, stays a small share of the run.
-CALIBRATION_ANSWERS = 32
-CALIBRATION_TOKENS = 8192
+from stillhouse.trainer.calibration import CalibrationText, run_recording
 
 
 def block_influence(layers: nn.ModuleList, run_model: Callable[[], None]) -> list[float]:
@@ -48,12 +41,7 @@ def block_influence(layers: nn.ModuleList, run_model: Callable[[], None]) -> lis
         return record
 
     handles = [layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.inference_mode():
-            run_model()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_recording(run_model, handles)
     if not positions.all():
         raise ValueError("no calibration position reached the decoder layers")
     return (totals / positions).tolist()
@@ -94,46 +82,19 @@ def most_influential_layers(influence: Sequence[float], keep: int) -> list[int]:
 class LayerChoice:
     """Chooses the layers of a depth-pruned student as `student_init.build_student` asks, and remembers
     them in `kept`. Selection `influence` (the default, when `selection` is None) ranks the layers on
-    calibration answers (at most `max_answers` of `rows`, `max_tokens` positions in all); `average`
-    averages the influence over the training workers, so that every worker keeps the same layers.
-    Selection `spread` needs no data."""
+    `calibration`; `average` averages the influence over the training workers, so that every worker keeps
+    the same layers. Selection `spread` needs no data."""
 
     selection: str | None
-    rows: Iterable[dict[str, Any]]
-    max_seq_len: int
+    calibration: CalibrationText
     average: Callable[[list[float]], list[float]]
-    max_answers: int = CALIBRATION_ANSWERS
-    max_tokens: int = CALIBRATION_TOKENS
     kept: list[int] | None = field(default=None, init=False)
 
     def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, keep: int) -> list[int]:
         if self.selection == "spread":
             self.kept = evenly_spread_layers(len(model.model.layers), keep)
             return self.kept
-        sequences = self._sequences(tokenizer)
-        if not sequences:
-            raise ValueError("layerSelection `influence` found no training answer to calibrate on")
-
-        def run_model() -> None:
-            for ids in sequences:
-                model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
-
+        run_model = self.calibration.runner(model, tokenizer, "layerSelection `influence`")
         influence = self.average(block_influence(model.model.layers, run_model))
         self.kept = most_influential_layers(influence, keep)
         return self.kept
-
-    def _sequences(self, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-        answers = tokenize_answers(
-            itertools.islice(self.rows, self.max_answers),
-            tokenizer,
-            use_teacher_tokens=True,
-            max_seq_len=self.max_seq_len,
-        )
-        sequences, tokens = [], 0
-        for answer in answers:
-            ids = (answer.prompt_ids + answer.response_ids)[: self.max_tokens - tokens]
-            sequences.append(ids)
-            tokens += len(ids)
-            if tokens >= self.max_tokens:
-                break
-        return sequences

@@ -105,28 +105,32 @@ def derivation_violations(spec: DistillationJobSpec, teacher: ModelShape) -> lis
     from stillhouse.trainer.student_init import PRUNABLE_MODEL_TYPES, pruned_width
 
     init = spec.student.init
+    # (option, field, the teacher's size it cuts, the rule, what the spec asks)
+    asked = []
     if init.prune_teacher_depth is not None:
-        option, field = "pruneTeacherDepth", STUDENT_DEPTH
-    elif init.prune_teacher_width is not None:
-        option, field = "pruneTeacherWidth", STUDENT_WIDTH
-    else:
-        return []
+        depth = init.prune_teacher_depth
+        asked.append(("pruneTeacherDepth", STUDENT_DEPTH, teacher.num_layers, check_layers_to_keep, depth))
+    if init.prune_teacher_width is not None:
+        width = init.prune_teacher_width
+        asked.append(("pruneTeacherWidth", STUDENT_WIDTH, teacher.intermediate_size, pruned_width, width))
     if teacher.model_type is not None and teacher.model_type not in PRUNABLE_MODEL_TYPES:
+        families = ", ".join(sorted(PRUNABLE_MODEL_TYPES))
         return [
             Finding(
-                field,
-                f"{option} works on Llama-family models ({', '.join(sorted(PRUNABLE_MODEL_TYPES))}); the "
-                f"teacher is a {teacher.model_type!r} model: use `pretrained` or `config`",
+                where,
+                f"{option} works on Llama-family models ({families}); the teacher is a "
+                f"{teacher.model_type!r} model: use `pretrained` or `config`",
             )
+            for option, where, *_ in asked
         ]
-    try:
-        if init.prune_teacher_depth is not None and teacher.num_layers is not None:
-            check_layers_to_keep(teacher.num_layers, init.prune_teacher_depth)
-        if init.prune_teacher_width is not None and teacher.intermediate_size is not None:
-            pruned_width(teacher.intermediate_size, init.prune_teacher_width)
-    except ValueError as exc:
-        return [Finding(field, str(exc))]
-    return []
+    findings = []
+    for _, where, size, rule, value in asked:
+        try:
+            if size is not None:
+                rule(size, value)
+        except ValueError as exc:
+            findings.append(Finding(where, str(exc)))
+    return findings
 
 
 def architecture_violations(where: str, student: ModelShape) -> list[Finding]:

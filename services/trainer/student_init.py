@@ -1,5 +1,5 @@
-"""The student before training: a pretrained model, a depth- or width-pruned copy of the teacher, or a
-fresh model from the teacher's config (`StudentInit`), with the tokenizer it uses.
+"""The student before training: a pretrained model, a copy of the teacher pruned in depth, width or both,
+or a fresh model from the teacher's config (`StudentInit`), with the tokenizer it uses.
 
 Every student is returned in float32 on the CPU, in train mode, with no quantization left on it (a GGUF
 model is dequantized on load; the quantizer transformers keeps on it is dropped), so that
@@ -15,11 +15,9 @@ layout, ``model.layers[i].mlp.{gate,up,down}_proj``); SmolLM2 is a Llama.
   `evenly_spread_layers`). Layer-importance studies of LLMs find the first and the last layers the least
   dispensable and neighbouring middle layers the most alike (Minitron: Muralidharan et al. 2024; Gromov
   et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"; ShortGPT: Men et al. 2024).
-- Width (`mlp_channel_importance`): keep the MLP's most important intermediate channels. Channel j
-  computes silu(g_j·x)·(u_j·x) and adds it times d_j (column j of down_proj) to the output, so its
-  contribution is bounded by ‖g_j‖·‖u_j‖·‖d_j‖·‖x‖²: that product of L2 norms is its importance. It needs
-  no data; activation-based importance on calibration text (Minitron) ranks better but needs a forward
-  pass over data the trainer does not have at this point.
+- Width: keep each MLP's most important intermediate channels, ranked on calibration text (see
+  `channel_importance`; the caller ranks them as `rank_channels`). With depth pruning too, the layers are
+  chosen on the whole teacher first, then the channels of the kept layers are ranked.
 """
 
 from __future__ import annotations
@@ -49,6 +47,8 @@ WIDTH_MULTIPLE = 8
 _FIXED_CONFIG_KEYS = frozenset({"model_type", "architectures", "quantization_config"})
 # Picks the layers a depth-pruned student keeps: (teacher copy, tokenizer, how many) -> ascending indices.
 LayerChooser = Callable[[PreTrainedModel, PreTrainedTokenizerBase, int], list[int]]
+# Ranks the MLP channels of a width-pruned student: (model, tokenizer) -> each layer's channel importance.
+ChannelRanker = Callable[[PreTrainedModel, PreTrainedTokenizerBase], Sequence[torch.Tensor]]
 # Text that two tokenizers with the same vocabulary must split the same way.
 _PROBE_TEXT = "Hello, world! It's 3.14159 -- naïve café, 東京, emoji 🙂.\n\tdef f(x):\n        return x ** 2"
 
@@ -58,11 +58,13 @@ def build_student(
     teacher: TeacherSpec,
     locate: Locate,
     choose_layers: LayerChooser | None = None,
+    rank_channels: ChannelRanker | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The untrained student and its tokenizer. `locate` turns the spec's model references (an
     ``s3://`` folder, a local path) into local files (`ModelLocator.locate`). Pruning and `config` start
     from a `local` teacher's weights or config. `choose_layers` picks the layers of `pruneTeacherDepth`
-    with layerSelection `influence`, which needs calibration text (see `layer_influence`)."""
+    with layerSelection `influence`, and `rank_channels` the MLP channels of `pruneTeacherWidth`: both
+    need calibration text (see `layer_influence` and `channel_importance`)."""
     if init.pretrained is not None:
         return _pretrained(init.pretrained, locate)
     source = _local_teacher(teacher, locate)
@@ -70,6 +72,18 @@ def build_student(
     if init.config is not None:
         return fresh_model(_teacher_config(source), init.config, len(tokenizer)), tokenizer
     model = _plain_model(source)
+    _prune(model, tokenizer, init, choose_layers, rank_channels)
+    return model, tokenizer
+
+
+def _prune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    init: StudentInit,
+    choose_layers: LayerChooser | None,
+    rank_channels: ChannelRanker | None,
+) -> None:
+    """Depth first, so that layers are ranked on the whole teacher, then the kept layers' width."""
     if init.prune_teacher_depth is not None:
         keep = init.prune_teacher_depth
         check_layers_to_keep(len(_decoder_layers(model, "pruneTeacherDepth")), keep)
@@ -79,9 +93,11 @@ def build_student(
             prune_depth(model, evenly_spread_layers(len(model.model.layers), keep))
         else:
             raise ValueError("student.init layerSelection `influence` needs calibration text to rank layers")
-    elif init.prune_teacher_width is not None:
-        prune_width(model, init.prune_teacher_width)
-    return model, tokenizer
+    if init.prune_teacher_width is not None:
+        _decoder_layers(model, "pruneTeacherWidth")
+        if rank_channels is None:
+            raise ValueError("student.init pruneTeacherWidth needs calibration text to rank MLP channels")
+        prune_width(model, init.prune_teacher_width, rank_channels(model, tokenizer))
 
 
 def teacher_tokenizer(teacher: TeacherSpec, locate: Locate) -> PreTrainedTokenizerBase | None:
@@ -168,23 +184,16 @@ def pruned_width(intermediate_size: int, fraction: float) -> int:
     return width
 
 
-def mlp_channel_importance(mlp: nn.Module) -> torch.Tensor:
-    """‖gate row j‖·‖up row j‖·‖down column j‖ for each intermediate channel j (see the module docstring)."""
-    with torch.no_grad():
-        gate = mlp.gate_proj.weight.float().norm(dim=1)
-        up = mlp.up_proj.weight.float().norm(dim=1)
-        down = mlp.down_proj.weight.float().norm(dim=0)
-        return gate * up * down
-
-
-def prune_width(model: PreTrainedModel, fraction: float) -> int:
-    """Keep `fraction` of every MLP's intermediate channels, the most important ones, in place; the new
-    intermediate size."""
+def prune_width(model: PreTrainedModel, fraction: float, importance: Sequence[torch.Tensor]) -> int:
+    """Keep `fraction` of every MLP's intermediate channels, those of most `importance` (one tensor per
+    decoder layer, a value per channel), in place; the new intermediate size."""
     layers = _decoder_layers(model, "pruneTeacherWidth")
     width = pruned_width(model.config.intermediate_size, fraction)
-    for layer in layers:
+    if len(importance) != len(layers):
+        raise ValueError(f"channel importance for {len(importance)} layers; the model has {len(layers)}")
+    for layer, channel_importance in zip(layers, importance, strict=True):
         mlp = layer.mlp
-        channels = mlp_channel_importance(mlp).topk(width).indices.sort().values
+        channels = channel_importance.topk(width).indices.sort().values
         mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=channels)
         mlp.up_proj = _sliced_linear(mlp.up_proj, rows=channels)
         mlp.down_proj = _sliced_linear(mlp.down_proj, columns=channels)

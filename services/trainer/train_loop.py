@@ -75,6 +75,8 @@ from stillhouse.common.objectstore.objects import ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.trainer import checkpoints
+from stillhouse.trainer.calibration import CalibrationText
+from stillhouse.trainer.channel_importance import ChannelRanking
 from stillhouse.trainer.checkpoints import Checkpoint, TrainingPosition
 from stillhouse.trainer.data import (
     IGNORE_INDEX,
@@ -153,6 +155,9 @@ class Workers:
 
     def sum(self, values: Sequence[float]) -> list[float]:
         return self._reduce(values, dist.ReduceOp.SUM if self.distributed else None)
+
+    def mean(self, values: Sequence[float]) -> list[float]:
+        return [total / self.world for total in self.sum(values)]
 
     def max(self, values: Sequence[float]) -> list[float]:
         return self._reduce(values, dist.ReduceOp.MAX if self.distributed else None)
@@ -492,14 +497,18 @@ class TrainingLoop:
         cls, run: TrainRun, report: Report, workers: Workers, store: ObjectStore, work_dir: Path
     ) -> TrainingLoop:
         check_on_policy(run, workers)
-        layers = LayerChoice(
-            run.student.init.layer_selection,
-            read_answer_rows(store, run.answers_dataset_id),
-            run.training.max_seq_len,
-            lambda influence: [total / workers.world for total in workers.sum(influence)],
+        calibration = CalibrationText(
+            read_answer_rows(store, run.answers_dataset_id), run.training.max_seq_len
         )
+        layers = LayerChoice(run.student.init.layer_selection, calibration, workers.mean)
         locate = ModelLocator(run.models, run.object_store).locate
-        model, tokenizer = build_student(run.student.init, run.teacher, locate, choose_layers=layers)
+        model, tokenizer = build_student(
+            run.student.init,
+            run.teacher,
+            locate,
+            choose_layers=layers,
+            rank_channels=ChannelRanking(calibration, workers.mean),
+        )
         require_supported_architecture(model, "student")
         choice = choose_loss(run.training.loss, run.teacher, tokenizer, locate)
         data = load_examples(store, run, tokenizer, choice, workers, work_dir)

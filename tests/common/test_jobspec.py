@@ -185,18 +185,25 @@ def test_prompt_source_needs_exactly_one_origin(source: dict, fragment: str) -> 
         {},
         {"pretrained": "s3://stillhouse/models/a", "pruneTeacherDepth": 6},
         {"pruneTeacherWidth": 0.5, "config": {"num_hidden_layers": 4}},
+        {"pruneTeacherDepth": 6, "pruneTeacherWidth": 0.5, "pretrained": "s3://stillhouse/models/a"},
     ],
 )
 def test_student_init_needs_exactly_one_choice(init: dict) -> None:
     refused_at(
         with_changes(("spec", "student", "init"), init),
         ("spec", "student", "init"),
-        "give exactly one of `pretrained`, `pruneTeacherDepth`, `pruneTeacherWidth`, `config`",
+        "give exactly one of `pretrained`, `config`, or pruning of the teacher",
     )
 
 
 @pytest.mark.parametrize(
-    "init", [{"pruneTeacherDepth": 6}, {"pruneTeacherWidth": 0.5}, {"config": {"num_hidden_layers": 4}}]
+    "init",
+    [
+        {"pruneTeacherDepth": 6},
+        {"pruneTeacherWidth": 0.5},
+        {"pruneTeacherDepth": 6, "pruneTeacherWidth": 0.5},
+        {"config": {"num_hidden_layers": 4}},
+    ],
 )
 def test_each_student_init_choice_alone_is_valid(init: dict) -> None:
     assert DistillationJob.model_validate(with_changes(("spec", "student", "init"), init))

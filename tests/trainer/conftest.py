@@ -21,6 +21,11 @@ from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.objectstore.settings import ObjectStoreSettings
 from stillhouse.teacher.backends.local_hf import LocalHFBackend
 from stillhouse.teacher.shards import answers_table, call_for
+from stillhouse.trainer.data import read_answer_rows
+
+CALIBRATION_PROMPTS = [
+    f"tell me about {topic}" for topic in ("cats", "the sea", "rain", "bread", "music", "trains")
+]
 
 
 @pytest.fixture
@@ -83,3 +88,16 @@ def object_store(object_store_settings: ObjectStoreSettings) -> ObjectStore:
     store = open_object_store(object_store_settings)
     store.ensure_bucket()
     return store
+
+
+@pytest.fixture
+def calibration_rows(object_store: ObjectStore, answers_dataset) -> Callable[[Path], list[dict]]:
+    """Factory: `calibration_rows(teacher_dir)`, the rows of a real answers dataset that the model in
+    `teacher_dir` wrote for six short prompts (what pruning ranks layers and channels on)."""
+
+    def make(teacher_dir: Path) -> list[dict]:
+        dataset = "jobs/job-1/teacher/calibration"
+        answers_dataset(object_store, dataset, teacher_dir, CALIBRATION_PROMPTS, top_k=5, max_new_tokens=8)
+        return list(read_answer_rows(object_store, dataset))
+
+    return make

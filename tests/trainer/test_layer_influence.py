@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stillhouse.trainer.data import read_answer_rows
+from stillhouse.trainer.calibration import CalibrationText
 from stillhouse.trainer.layer_influence import (
     LayerChoice,
     block_influence,
@@ -17,8 +17,6 @@ from stillhouse.trainer.layer_influence import (
     most_influential_layers,
 )
 
-DATASET = "jobs/job-1/teacher/train"
-PROMPTS = [f"tell me about {topic}" for topic in ("cats", "the sea", "rain", "bread", "music", "trains")]
 LAYERS = 6
 
 
@@ -28,9 +26,8 @@ def teacher(tmp_path: Path, tiny_llama) -> Path:
 
 
 @pytest.fixture
-def rows(teacher: Path, object_store, answers_dataset) -> list[dict]:
-    answers_dataset(object_store, DATASET, teacher, PROMPTS, top_k=5, max_new_tokens=8)
-    return list(read_answer_rows(object_store, DATASET))
+def rows(teacher: Path, calibration_rows) -> list[dict]:
+    return calibration_rows(teacher)
 
 
 def load(folder: Path, quiet_layers: tuple[int, ...] = (), scale: dict[int, float] | None = None):
@@ -99,7 +96,7 @@ def test_influence_choice_drops_the_layers_that_change_nothing(teacher: Path, ro
         averaged.append(influence)
         return influence
 
-    choice = LayerChoice("influence", iter(rows), 256, average)
+    choice = LayerChoice("influence", CalibrationText(iter(rows), 256), average)
     assert choice(model, tokenizer, 4) == [0, 2, 4, 5] == choice.kept
     assert len(averaged) == 1 and len(averaged[0]) == LAYERS
 
@@ -108,7 +105,8 @@ def test_every_worker_keeps_the_layers_of_the_averaged_influence(teacher: Path, 
     """What `average` returns (the mean over the workers) decides, not this worker's own figures."""
     model = load(teacher, quiet_layers=(1, 3))
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    others_disagree = LayerChoice("influence", iter(rows), 256, lambda own: [1.0, 9.0, 1.0, 9.0, 1.0, 1.0])
+    others = [1.0, 9.0, 1.0, 9.0, 1.0, 1.0]
+    others_disagree = LayerChoice("influence", CalibrationText(iter(rows), 256), lambda own: others)
     assert others_disagree(model, tokenizer, 4) == [0, 1, 3, 5]
 
 
@@ -123,18 +121,19 @@ def test_calibration_stops_at_its_token_budget(teacher: Path, rows: list[dict]):
         return original_forward(*args, **kwargs)
 
     model.forward = counting_forward
-    LayerChoice("influence", iter(rows), 256, lambda x: x, max_answers=4, max_tokens=10_000)(
-        model, tokenizer, 3
-    )
+    four_answers = CalibrationText(iter(rows), 256, max_answers=4, max_tokens=10_000)
+    LayerChoice("influence", four_answers, lambda x: x)(model, tokenizer, 3)
     assert len(seen) == 4
     seen.clear()
-    LayerChoice("influence", iter(rows), 256, lambda x: x, max_tokens=30)(model, tokenizer, 3)
+    thirty_tokens = CalibrationText(iter(rows), 256, max_tokens=30)
+    LayerChoice("influence", thirty_tokens, lambda x: x)(model, tokenizer, 3)
     assert sum(seen) == 30
 
 
 def test_spread_choice_needs_no_data(teacher: Path):
     model = load(teacher)
-    choice = LayerChoice("spread", iter(()), 256, lambda x: pytest.fail("spread averages nothing"))
+    no_answers = CalibrationText(iter(()), 256)
+    choice = LayerChoice("spread", no_answers, lambda x: pytest.fail("spread averages nothing"))
     assert choice(model, None, 3) == evenly_spread_layers(LAYERS, 3) == [0, 2, 5] == choice.kept
 
 
@@ -142,4 +141,4 @@ def test_influence_without_answers_is_a_clear_error(teacher: Path):
     model = load(teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     with pytest.raises(ValueError, match="no training answer to calibrate on"):
-        LayerChoice("influence", iter(()), 256, lambda x: x)(model, tokenizer, 3)
+        LayerChoice("influence", CalibrationText(iter(()), 256), lambda x: x)(model, tokenizer, 3)

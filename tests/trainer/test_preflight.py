@@ -131,6 +131,12 @@ def test_pruning_must_fit_the_teacher(loader, teacher):
     assert narrowed.violations == []
     kept_whole = loader.check(job(teacher, {"pruneTeacherWidth": 0.9}))
     assert fields(kept_whole.violations) == ["spec.student.init.pruneTeacherWidth"]
+    assert loader.check(job(teacher, {"pruneTeacherDepth": 1, "pruneTeacherWidth": 0.5})).violations == []
+    both_wrong = loader.check(job(teacher, {"pruneTeacherDepth": 2, "pruneTeacherWidth": 0.9}))
+    assert fields(both_wrong.violations) == [
+        "spec.student.init.pruneTeacherDepth",
+        "spec.student.init.pruneTeacherWidth",
+    ]
 
 
 def test_every_named_model_must_be_found(loader, teacher, tmp_path):

@@ -159,6 +159,45 @@ def test_influence_selection_keeps_the_layers_the_chooser_picks(teacher_dir: Pat
         build_student(init(pruneTeacherDepth=2), local(teacher_dir), no_fetch)
 
 
+def test_depth_and_width_together_rank_layers_on_the_whole_teacher_then_narrow_them(
+    teacher_dir: Path, teacher_model: torch.nn.Module
+):
+    widths_seen, layers_ranked = [], []
+    full = teacher_model.config.intermediate_size
+    importance = [torch.rand(full, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+
+    def choose(model, tokenizer, keep):
+        widths_seen.append(model.config.intermediate_size)
+        return [0, 3]
+
+    def rank_channels(model, tokenizer):
+        layers_ranked.append(len(model.model.layers))
+        return importance
+
+    both = init(pruneTeacherDepth=2, pruneTeacherWidth=0.5)
+    student, _ = build_student(
+        both, local(teacher_dir), no_fetch, choose_layers=choose, rank_channels=rank_channels
+    )
+    assert widths_seen == [full] and layers_ranked == [2]
+    assert student.config.num_hidden_layers == 2 and student.config.intermediate_size == full // 2
+    for student_layer, teacher_index, ranking in zip(student.model.layers, [0, 3], importance, strict=True):
+        source = teacher_model.model.layers[teacher_index].mlp
+        kept = ranking.topk(full // 2).indices.sort().values
+        kept_rows = source.up_proj.weight[kept]
+        torch.testing.assert_close(student_layer.mlp.up_proj.weight, kept_rows, rtol=0, atol=0)
+    greedy_with_and_without_cache(student)
+    with pytest.raises(ValueError, match="pruneTeacherWidth needs calibration text"):
+        build_student(both, local(teacher_dir), no_fetch, choose_layers=choose)
+    with pytest.raises(ValueError, match="channel importance for 1 layers; the model has 2"):
+        build_student(
+            both,
+            local(teacher_dir),
+            no_fetch,
+            choose_layers=choose,
+            rank_channels=lambda m, t: importance[:1],
+        )
+
+
 def test_layer_selection_without_depth_pruning_is_refused():
     with pytest.raises(ValueError, match="`layerSelection` chooses the layers of `pruneTeacherDepth`"):
         init(pruneTeacherWidth=0.5, layerSelection="spread")
@@ -175,29 +214,27 @@ def test_width_rounds_to_a_multiple_of_eight_and_refuses_keeping_everything():
         pruned_width(128, 0.99)
 
 
-def test_width_pruning_keeps_the_channels_with_the_largest_weight_norms(
+def test_width_pruning_keeps_the_channels_ranked_most_important(
     tiny_llama: Callable[..., Path], tmp_path: Path
 ):
-    # A teacher whose important channels are known: in every layer, channels IMPORTANT get gate, up and
-    # down weights 3x the others'; channel 0 gets a 100x gate row but a zero down column (it adds
-    # nothing to the output, so its importance is 0 whatever its gate).
+    # The ranking puts channels IMPORTANT first in every layer, but channel 1 last.
     folder = tiny_llama(tmp_path / "teacher", layers=TEACHER_LAYERS)
     teacher = AutoModelForCausalLM.from_pretrained(folder)
     important = torch.arange(1, 128, 2)  # 64 of the 128 channels
-    with torch.no_grad():
-        for layer in teacher.model.layers:
-            mlp = layer.mlp
-            mlp.gate_proj.weight[important] *= 3
-            mlp.up_proj.weight[important] *= 3
-            mlp.down_proj.weight[:, important] *= 3
-            mlp.gate_proj.weight[1] *= 100
-            mlp.down_proj.weight[:, 1] = 0
-    teacher.save_pretrained(folder)
+    ranked = []
 
-    student, tokenizer = build_student(init(pruneTeacherWidth=0.5), local(folder), no_fetch)
-    assert student.config.intermediate_size == 64
-    # Channel 1 is dropped for its zero down column; the best of the rest (channel 0 or an even one)
-    # takes its place.
+    def rank_channels(model, tokenizer):
+        ranked.append(model.config.intermediate_size)
+        importance = torch.ones(128)
+        importance[important] = 3.0
+        importance[1] = 0.0
+        return [importance.clone() for _ in model.model.layers]
+
+    student, tokenizer = build_student(
+        init(pruneTeacherWidth=0.5), local(folder), no_fetch, rank_channels=rank_channels
+    )
+    assert ranked == [128] and student.config.intermediate_size == 64
+    # Channel 1 is dropped; one of the others (all equal) takes its place.
     expected_kept = important[important != 1]
     for student_layer, teacher_layer in zip(student.model.layers, teacher.model.layers, strict=True):
         mlp, source = student_layer.mlp, teacher_layer.mlp
@@ -234,7 +271,7 @@ def test_both_prunings_work_on_every_llama_family_architecture(model_type: str):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     prune_depth(model, [0, 2, 4])
-    assert prune_width(model, 0.5) == 32
+    assert prune_width(model, 0.5, [torch.rand(64) for _ in model.model.layers]) == 32
     assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 32
     greedy_with_and_without_cache(model)
 

@@ -387,16 +387,18 @@ def test_the_sft_control_trains_on_the_same_batches_with_cross_entropy(make_run,
     assert not torch.equal(trained[name], student[name]) and not torch.equal(trained[name], untrained[name])
 
 
-def test_a_depth_pruned_student_keeps_the_teacher_layers_that_change_its_hidden_states(
+def test_a_pruned_student_keeps_the_teacher_layers_and_channels_that_change_its_hidden_states(
     tmp_path, tiny_llama, object_store, object_store_settings, answers_dataset
 ):
     """Teacher layer 2 adds nothing to the residual stream: ranked on the training answers, it is the
-    layer a 3-of-4 student drops, and the model card says which layers the student kept."""
+    layer a 3-of-4 student drops, and the model card says which layers the student kept. The first half
+    of layer 3's MLP channels add nothing either: the student, cut to half the MLP width, drops them."""
     teacher = tiny_llama(tmp_path / "teacher", layers=4, seed=1)
     model = AutoModelForCausalLM.from_pretrained(teacher)
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
+        model.model.layers[3].mlp.down_proj.weight[:, :64].zero_()
     model.save_pretrained(teacher)
     answers_dataset(object_store, DATASET, teacher, PROMPTS[:6], top_k=5, max_new_tokens=8)
     run = TrainRun.model_validate(
@@ -405,7 +407,7 @@ def test_a_depth_pruned_student_keeps_the_teacher_layers_that_change_its_hidden_
             "answers_dataset_id": DATASET,
             "object_store": object_store_settings,
             "teacher": {"backend": "local", "model": str(teacher)},
-            "student": {"init": {"pruneTeacherDepth": 3}},
+            "student": {"init": {"pruneTeacherDepth": 3, "pruneTeacherWidth": 0.5}},
             "training": {"epochs": 1, "batchTokens": 256, "maxSeqLen": 128},
             "output_prefix": "jobs/job-1/train",
         }
@@ -414,12 +416,14 @@ def test_a_depth_pruned_student_keeps_the_teacher_layers_that_change_its_hidden_
 
     download_artifact(object_store, run.baseline_prefix, tmp_path / "baseline")
     baseline = AutoModelForCausalLM.from_pretrained(tmp_path / "baseline")
-    assert baseline.config.num_hidden_layers == 3
-    for student_index, teacher_index in enumerate([0, 1, 3]):
-        torch.testing.assert_close(
-            baseline.model.layers[student_index].mlp.up_proj.weight,
-            model.model.layers[teacher_index].mlp.up_proj.weight,
-        )
+    assert baseline.config.num_hidden_layers == 3 and baseline.config.intermediate_size == 64
+    torch.testing.assert_close(
+        baseline.model.layers[2].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight[64:]
+    )
+    for student_index, teacher_index in enumerate([0, 1]):
+        kept_rows = baseline.model.layers[student_index].mlp.up_proj.weight
+        teacher_rows = model.model.layers[teacher_index].mlp.up_proj.weight
+        assert all((teacher_rows == row).all(dim=1).any() for row in kept_rows)
     download_artifact(object_store, run.student_prefix, tmp_path / "student")
     card = (tmp_path / "student" / "README.md").read_text()
     assert "| Teacher layers kept | `[0, 1, 3]` |" in card
