@@ -552,8 +552,12 @@ class TrainingLoop:
         final_state = self._full_model_state(session.wrapped)
         seconds = time.perf_counter() - started
         final_metrics = self.training_log[-1] if self.training_log else {}
-        if self.workers.rank == 0 and not artifact_committed(self.store, trainee.artifact_prefix):
-            self._upload_trained(final_state, position, seconds)
+        if self.workers.rank == 0:
+            if not artifact_committed(self.store, trainee.artifact_prefix):
+                self._upload_trained(final_state, position, seconds)
+            # Only the last checkpoint is still of use (a retried stage resumes at its end); each other one
+            # holds the weights and optimizer state again (0.9 GB each for the demo's student).
+            checkpoints.prune_checkpoints(self.store, trainee.checkpoints_prefix, keep=1)
         self.workers.barrier()
         figures = {name: value for name, value in final_metrics.items() if name != "model"}
         return TrainOutcome(

@@ -128,9 +128,15 @@ def test_resumes_from_the_last_checkpoint_with_the_same_batches_and_weights(make
     assert expected.keys() == actual.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-6, msg=name)
-    # Only the newest two checkpoints are kept, and the log covers every step, before and after the crash.
-    kept = sorted(list_artifacts(object_store, f"{run.checkpoints_prefix}/"))
-    assert len(kept) == 2 and kept[-1].endswith(f"step-{total:08d}")
+    # A finished run keeps only its last checkpoint (two while it runs), from which a retried stage
+    # resumes with nothing to do; the log covers every step, before and after the crash.
+    final = f"{run.checkpoints_prefix}/step-{total:08d}"
+    assert sorted(list_artifacts(object_store, f"{run.checkpoints_prefix}/")) == [final]
+    straight_final = final.replace("jobs/resumed/", "jobs/straight/")
+    assert sorted(list_artifacts(object_store, "jobs/straight/train/checkpoints/")) == [straight_final]
+    retried: list[dict[str, float]] = []
+    outcome = train_worker(run, retried.append)
+    assert outcome.resumed_from_step == total and outcome.steps == total and retried == []
     log_lines = (tmp_path / "resumed" / "training_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == list(range(1, total + 1))
 
