@@ -94,7 +94,7 @@ def _prune(
         else:
             raise ValueError("student.init layerSelection `influence` needs calibration text to rank layers")
     if init.prune_teacher_width is not None:
-        _decoder_layers(model, "pruneTeacherWidth")
+        _decoder_layers(model, "pruneTeacherWidth")  # refuses a model whose channels cannot be ranked
         if rank_channels is None:
             raise ValueError("student.init pruneTeacherWidth needs calibration text to rank MLP channels")
         prune_width(model, init.prune_teacher_width, rank_channels(model, tokenizer))

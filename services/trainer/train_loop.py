@@ -552,12 +552,8 @@ class TrainingLoop:
         final_state = self._full_model_state(session.wrapped)
         seconds = time.perf_counter() - started
         final_metrics = self.training_log[-1] if self.training_log else {}
-        if self.workers.rank == 0:
-            if not artifact_committed(self.store, trainee.artifact_prefix):
-                self._upload_trained(final_state, position, seconds)
-            # Only the last checkpoint is still of use (a retried stage resumes at its end); each other one
-            # holds the weights and optimizer state again (0.9 GB each for the demo's student).
-            checkpoints.prune_checkpoints(self.store, trainee.checkpoints_prefix, keep=1)
+        if self.workers.rank == 0 and not artifact_committed(self.store, trainee.artifact_prefix):
+            self._upload_trained(final_state, position, seconds)
         self.workers.barrier()
         figures = {name: value for name, value in final_metrics.items() if name != "model"}
         return TrainOutcome(
@@ -808,7 +804,10 @@ class TrainingLoop:
                 self.trainee.checkpoints_prefix,
                 checkpoint,
                 self.work_dir,
-                keep=self.run.keep_checkpoints,
+                # Once the last step is saved, the earlier checkpoints are of no use (a retried stage
+                # resumes at the end); each holds the weights and optimizer state again (0.9 GB for the
+                # demo's student).
+                keep=1 if position.step == self.total_steps else self.run.keep_checkpoints,
             )
             log.info("checkpoint committed", prefix=prefix, step=position.step)
 
