@@ -69,8 +69,9 @@ class TeacherSettings(GrpcServiceSettings):
         "(10.8.0.0/16, fd00::/8) and exact host names (vllm.models.svc.cluster.local), as a JSON list in "
         "the environment. Empty: public addresses only (no loopback, private, link-local or metadata).",
     )
-    # Batches of 32 generate about twice the tokens/s of batches of 8 on a 2-core CPU.
-    local_max_batch_size: int = Field(default=32, ge=1, le=512)
+    # On a 2-core CPU, SmolLM2 generates about twice the tokens/s in batches of 32 as in batches of 8, and
+    # 1.2 times more again in batches of 64.
+    local_max_batch_size: int = Field(default=64, ge=1, le=512)
     local_device: str = Field(default="auto", description="`auto`, `cpu` or `cuda[:N]` for local teachers.")
 
     @field_validator("egress_allow")

@@ -58,6 +58,7 @@ from stillhouse.common.models.locator import Locate, ModelLocator
 from stillhouse.common.models.model_loading import (
     ModelSource,
     default_device,
+    load_config,
     load_model,
     resolve_model_reference,
 )
@@ -337,7 +338,7 @@ class EvaluationSettings:
 
     @classmethod
     def for_device(cls, device: torch.device) -> EvaluationSettings:
-        return cls(16384, 64) if device.type == "cuda" else cls(2048, 16)
+        return cls(16384 if device.type == "cuda" else 2048, 64)
 
 
 @dataclass
@@ -841,7 +842,7 @@ def model_sizes(student: PretrainedConfig, teacher: TeacherSpec, locate: Locate)
     sizes: dict[str, Any] = {"student_non_embedding_parameters": non_embedding_parameters(student)}
     if teacher.backend is TeacherBackend.LOCAL:
         source = resolve_model_reference(locate(teacher.model, "teacher.model"))
-        config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+        config = load_config(source)
         sizes["teacher_non_embedding_parameters"] = non_embedding_parameters(config)
         sizes["student_to_teacher"] = (
             sizes["student_non_embedding_parameters"] / sizes["teacher_non_embedding_parameters"]

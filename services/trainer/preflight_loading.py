@@ -95,13 +95,11 @@ class ModelFactsLoader:
     def _tokenizer(self, field: str, reference: str) -> PreTrainedTokenizerBase:
         if reference not in self._tokenizers:
             # transformers loads torch: the trainer service starts without it and loads it on first use.
-            from transformers import AutoTokenizer
+            from stillhouse.common.models.model_loading import ModelSource, load_tokenizer
 
             folder, gguf_file = self._files(field, reference)
             try:
-                self._tokenizers[reference] = AutoTokenizer.from_pretrained(
-                    folder, gguf_file=gguf_file, local_files_only=True
-                )
+                self._tokenizers[reference] = load_tokenizer(ModelSource(folder, gguf_file))
             except Exception as exc:  # the tokenizers library raises plain Exceptions for broken files
                 raise ModelNotFound(
                     field, f"{_name(field)} {reference!r}: cannot load its tokenizer: {exc}"

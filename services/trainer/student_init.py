@@ -26,13 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from stillhouse.common.jobspec import StudentInit, TeacherBackend, TeacherSpec
 from stillhouse.common.models.locator import Locate
 from stillhouse.common.models.model_loading import (
     ModelSource,
+    load_config,
     load_model,
     load_tokenizer,
     load_tokenizer_reference,
@@ -310,7 +311,7 @@ def _local_teacher(teacher: TeacherSpec, locate: Locate) -> ModelSource:
 
 
 def _teacher_config(source: ModelSource) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+    return load_config(source)
 
 
 def _plain_model(source: ModelSource) -> PreTrainedModel:

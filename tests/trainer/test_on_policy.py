@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillhouse.common.jobspec import LossSpec, OnPolicySpec
@@ -116,3 +117,42 @@ def test_sampled_generations_repeat_with_the_seed(student):
 
     assert sample([0, 5, 0]) == sample([0, 5, 0])
     assert sample([0, 5, 0]) != sample([0, 6, 0])
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts the casts of `weights` (tensors, by storage) to another dtype."""
+
+    CASTS = (torch.ops.aten._to_copy, torch.ops.aten.to)
+
+    def __init__(self, weights) -> None:
+        super().__init__()
+        self.storages = {weight.untyped_storage().data_ptr() for weight in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        source = args[0] if args else None
+        if func.overloadpacket in self.CASTS and isinstance(source, torch.Tensor):
+            self.count += source.untyped_storage().data_ptr() in self.storages
+        return func(*args, **(kwargs or {}))
+
+
+def test_generating_under_bf16_autocast_casts_each_weight_once_not_at_every_token(student):
+    """The trainer generates on-policy answers under bf16 autocast: its cast of each weight must be reused
+    across the decoding steps (re-casting the weights at every token made decoding twice as slow)."""
+    model, tokenizer = student
+    model.requires_grad_(True)  # as in training: autocast caches casts of weights that require grad
+    weights = [p for name, p in model.named_parameters() if p.ndim == 2 and "embed_tokens" not in name]
+    settings = OnPolicySpec.model_validate({"maxNewTokens": 8, "temperature": 0.0})
+    casts = _WeightCasts(weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        generated = generate_responses(
+            model,
+            prompts(tokenizer, ["tell me about cats"]),
+            settings,
+            stop_token_ids=[-1],
+            pad_token_id=0,
+            max_seq_len=512,
+            seed=[0, 0, 0],
+        )
+    assert len(generated[0].response_ids) == 8
+    assert 0 < casts.count <= len(weights)

@@ -49,7 +49,10 @@ class _RowOutput:
     finish_reason: str = "length"
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under bf16 autocast (the trainer's on-policy generations), autocast keeps
+# its bf16 copies of the weights for the whole decode only outside inference mode; inside it, every step
+# casts every weight again, which made the demo student's decoding twice as slow on a CPU.
+@torch.no_grad()
 def generate_batch(
     model: PreTrainedModel,
     requests: Sequence[DecodeRequest],

