@@ -226,6 +226,7 @@ def _training_items(training: TrainingSpec) -> list[tuple[str, Any]]:
         ("Max sequence length", training.max_seq_len),
         ("Warmup ratio", training.warmup_ratio),
         ("Workers", training.workers),
+        ("CPUs per worker", training.cpus_per_worker),
         ("GPUs per worker", training.gpus_per_worker),
         ("Strategy", training.strategy.value),
         ("Seed", training.seed),

@@ -47,6 +47,7 @@ LOSS_KIND = "spec.training.loss.kind"
 MAX_SEQ_LEN = "spec.training.maxSeqLen"
 WORKERS = "spec.training.workers"
 GPUS_PER_WORKER = "spec.training.gpusPerWorker"
+CPUS_PER_WORKER = "spec.training.cpusPerWorker"
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def _compare_tokenizers(
 
 
 def capacity_violations(
-    workers: int, gpus_per_worker: float, capacity: tuple[int, int] | None
+    workers: int, gpus_per_worker: float, capacity: tuple[int, int] | None, cpus_per_worker: int = 1
 ) -> list[Finding]:
     """What a local Ray head of `capacity` (CPUs, GPUs) cannot give; a cluster (None) may autoscale."""
     if capacity is None:
@@ -257,11 +258,13 @@ def capacity_violations(
                 f"but the local Ray cluster has {gpus}: lower them, or point the trainer at a Ray cluster",
             )
         )
-    if workers > cpus:
+    if workers * cpus_per_worker > cpus:
+        field = WORKERS if cpus_per_worker == 1 else CPUS_PER_WORKER
         found.append(
             Finding(
-                WORKERS,
-                f"training.workers is {workers}, but the local Ray cluster has {cpus} CPUs (one per worker)",
+                field,
+                f"training.workers * training.cpusPerWorker asks for {workers * cpus_per_worker} CPUs, but "
+                f"the local Ray cluster has {cpus}: lower them, or point the trainer at a Ray cluster",
             )
         )
     return found

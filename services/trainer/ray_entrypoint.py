@@ -40,11 +40,14 @@ def print_progress(record: dict[str, Any]) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
+    import torch
 
     from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.train_loop import train_worker
 
     run = run_with_keys(TrainRun, config["run"])
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs, which torch may have read before: say it outright.
+    torch.set_num_threads(run.training.cpus_per_worker)
     rank = ray.train.get_context().get_world_rank()
 
     # Not through `ray.train.report`: a worker's report waits until Ray Train's controller has taken the
@@ -76,7 +79,7 @@ def train(run_json: str, given_storage_path: str | None) -> None:
         scaling_config=ScalingConfig(
             num_workers=training.workers,
             use_gpu=gpus > 0,
-            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus > 0 else {})},
+            resources_per_worker={"CPU": training.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})},
         ),
         run_config=RunConfig(
             name=f"stillhouse-{run.job_id}",

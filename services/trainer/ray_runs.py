@@ -66,7 +66,7 @@ class RayRuns:
             raise RunFailure(f"object storage: {exc}", FailureKind.UNAVAILABLE) from exc
         training = spec.training
         report.violations += capacity_violations(
-            training.workers, training.gpus_per_worker, self.ray.local_capacity()
+            training.workers, training.gpus_per_worker, self.ray.local_capacity(), training.cpus_per_worker
         )
         return report
 

@@ -143,6 +143,12 @@ def test_unknown_field_is_refused_where_it_is(path: tuple[str, ...], loc: tuple)
     assert error["type"] == "extra_forbidden"
 
 
+@pytest.mark.parametrize(("cpus", "complaint"), [(0, "greater than 0"), (513, "less than or equal to 512")])
+def test_cpus_per_worker_are_bounded(cpus: int, complaint: str) -> None:
+    path = ("spec", "training", "cpusPerWorker")
+    refused_at(with_changes(path, cpus), path, complaint)
+
+
 @pytest.mark.parametrize("epochs", [0, -1])
 def test_epochs_must_be_positive(epochs: int) -> None:
     refused_at(

@@ -216,6 +216,9 @@ def test_a_local_ray_head_must_hold_the_workers():
     assert capacity_violations(2, 0, (2, 0)) == []
     assert fields(capacity_violations(2, 1, (4, 1))) == ["spec.training.gpusPerWorker"]
     assert fields(capacity_violations(3, 0, (2, 0))) == ["spec.training.workers"]
+    assert capacity_violations(1, 0, (2, 0), cpus_per_worker=2) == []
+    (too_many,) = capacity_violations(2, 0, (2, 0), cpus_per_worker=2)
+    assert too_many.field == "spec.training.cpusPerWorker" and "asks for 4 CPUs" in too_many.message
 
 
 def test_the_shape_of_a_gguf_model_is_read_from_its_header():
