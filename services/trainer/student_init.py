@@ -71,7 +71,7 @@ def build_student(
     source = _local_teacher(teacher, locate)
     tokenizer = load_tokenizer(source)
     if init.config is not None:
-        return fresh_model(_teacher_config(source), init.config, len(tokenizer)), tokenizer
+        return fresh_model(load_config(source), init.config, len(tokenizer)), tokenizer
     model = _plain_model(source)
     _prune(model, tokenizer, init, choose_layers, rank_channels)
     return model, tokenizer
@@ -308,10 +308,6 @@ def _local_teacher(teacher: TeacherSpec, locate: Locate) -> ModelSource:
             "use `pretrained`"
         )
     return resolve_model_reference(locate(teacher.model, "teacher.model"))
-
-
-def _teacher_config(source: ModelSource) -> PretrainedConfig:
-    return load_config(source)
 
 
 def _plain_model(source: ModelSource) -> PreTrainedModel:

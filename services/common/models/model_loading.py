@@ -149,19 +149,19 @@ def plain_source(source: ModelSource, part: CopyPart = "model") -> ModelSource:
     return source if folder is None else ModelSource(folder)
 
 
-def _gguf_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
-
-
 def _save_tokenizer(source: ModelSource, folder: Path) -> None:
-    _gguf_tokenizer(source).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source.folder, gguf_file=source.gguf_file, local_files_only=True
+    )
+    tokenizer.save_pretrained(folder)
 
 
 def _save_model(source: ModelSource, folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         source.folder, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
     )
-    save_dequantized(model, _gguf_tokenizer(source), folder)
+    # The tokenizer from its own copy: converting it from the GGUF file again would cost seconds.
+    save_dequantized(model, load_tokenizer(source), folder)
 
 
 def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
