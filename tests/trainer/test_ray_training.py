@@ -267,3 +267,37 @@ def test_the_head_stops_and_leaves_nothing_behind(ray_head):
     with pytest.raises(RayUnreachable, match="cannot reach the Ray cluster"):
         RayJobs(ray_head.address, connect_timeout_seconds=2).check_reachable()
     wait_until(lambda: not processes_using(ray_head.temp_dir), 20, "the head's processes to exit")
+
+
+class _StartingHead:
+    """The job API of a head whose job agent is not up for its first `busy` submissions: it answers as
+    Ray's SDK does (a RuntimeError with the server's 500 text)."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.submitted: list[str] = []
+
+    def get_job_info(self, sub_id: str):
+        raise RuntimeError(f"Request failed with status code 404: Job {sub_id} does not exist.")
+
+    def submit_job(self, *, submission_id: str, **_: object) -> str:
+        if self.busy:
+            self.busy -= 1
+            raise RuntimeError(
+                "Request failed with status code 500: "
+                "No available agent to submit job, please try again later.."
+            )
+        self.submitted.append(submission_id)
+        return submission_id
+
+
+def test_a_submission_before_the_job_agent_is_up_is_tried_again(monkeypatch):
+    head = _StartingHead(busy=2)
+    jobs = RayJobs("http://127.0.0.1:1", agent_wait_seconds=30)
+    monkeypatch.setattr(RayJobs, "client", property(lambda self: head))
+    assert jobs.submit("op-1", "true", {}) == "op-1-1" and head.submitted == ["op-1-1"]
+
+    never_up = RayJobs("http://127.0.0.1:1", agent_wait_seconds=0.5)
+    monkeypatch.setattr(RayJobs, "client", property(lambda self: _StartingHead(busy=1000)))
+    with pytest.raises(RuntimeError, match="No available agent"):
+        never_up.submit("op-2", "true", {})

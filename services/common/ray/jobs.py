@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import tenacity
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from stillhouse.common.ray.cluster import check_reachable
@@ -82,6 +83,11 @@ def error_field(payload: str, name: str) -> str | None:
         return None
 
 
+def _agent_not_ready(error: BaseException) -> bool:
+    """Ray's answer to a submission that came before the head's job agent was up."""
+    return isinstance(error, RuntimeError) and "No available agent to submit job" in str(error)
+
+
 class RayJobs:
     """The job API of one Ray cluster. Blocking calls (HTTP via `requests`) belong on a worker thread;
     `follow` is a coroutine."""
@@ -93,8 +99,10 @@ class RayJobs:
         headers: Mapping[str, str] | None = None,
         connect_timeout_seconds: float = 10.0,
         poll_seconds: float = 1.0,
+        agent_wait_seconds: float = 60.0,
     ) -> None:
         self.address = address
+        self._agent_wait_seconds = agent_wait_seconds
         self._headers = dict(headers or {})
         self._connect_timeout = connect_timeout_seconds
         self._poll_seconds = poll_seconds
@@ -125,7 +133,15 @@ class RayJobs:
             if info.status in _ACTIVE or info.status is JobStatus.SUCCEEDED:
                 return info.submission_id
             attempt += 1
-        return self.client.submit_job(
+        # A head that has just started can answer before its job agent is up; it says to try again.
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_agent_not_ready),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+            stop=tenacity.stop_after_delay(self._agent_wait_seconds),
+            reraise=True,
+        )
+        return retrying(
+            self.client.submit_job,
             entrypoint=command,
             submission_id=submission_id(operation_id, attempt),
             runtime_env={"env_vars": dict(env)},
