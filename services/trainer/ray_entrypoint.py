@@ -35,7 +35,10 @@ def outcome_key(output_prefix: str) -> str:
 
 
 def print_progress(record: dict[str, Any]) -> None:
-    print(PROGRESS_PREFIX + json.dumps(record), flush=True)
+    # Not through `print`: in a Ray Train worker, Ray replaces it with one that writes each line to
+    # stdout and to Train's logger too, so every progress line reached the job's log twice.
+    sys.stdout.write(PROGRESS_PREFIX + json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

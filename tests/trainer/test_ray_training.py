@@ -131,6 +131,7 @@ def test_two_workers_learn_and_write_student_and_baseline(jobs, ray_head, train_
     assert RUN_CONFIG_ENV in job_env and secret_key not in job_env
     steps = [r for r in records if r.get("kind") == "train"]
     assert len(steps) >= 3
+    assert [step["step"] for step in steps] == list(range(1, len(steps) + 1)), "each step once, in order"
     assert steps[-1]["loss"] < steps[0]["loss"]
     outcome = TrainOutcome.model_validate_json(object_store.get_bytes(outcome_key(run.output_prefix)))
     assert outcome.steps == int(steps[-1]["step"]) and outcome.resumed_from_step is None
