@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from stillhouse.common.ray import settings as settings_module
 from stillhouse.common.ray.settings import MAX_RAY_TEMP_DIR_CHARS, LocalRaySettings, default_ray_temp_dir
 
 # What Ray appends to its temp dir for its longest socket path (the largest pid Linux gives, the longest
@@ -32,6 +34,26 @@ def test_a_long_home_moves_ray_to_a_short_folder_of_its_own(extra: int) -> None:
     assert chosen.parent != long_home
     assert chosen == default_ray_temp_dir(long_home)
     assert chosen != default_ray_temp_dir(long_home / "other")
+
+
+def test_a_long_system_temp_dir_moves_rays_folder_to_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /var/tmp, a common TMPDIR, is already too long for `<temp dir>/stillhouse-ray-<digest>` to fit.
+    monkeypatch.setattr(tempfile, "tempdir", "/var/tmp")
+    long_home = Path("/home/" + "h" * MAX_RAY_TEMP_DIR_CHARS)
+    chosen = default_ray_temp_dir(long_home)
+    assert chosen.parent == Path("/tmp")
+    assert len(str(chosen) + RAY_SOCKET_SUFFIX) <= UNIX_SOCKET_PATH_BYTES
+    monkeypatch.setattr(tempfile, "tempdir", "/t")
+    assert default_ray_temp_dir(long_home) == Path("/t") / chosen.name
+
+
+def test_the_default_temp_dir_is_checked_like_a_given_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    too_long = Path("/" + "t" * MAX_RAY_TEMP_DIR_CHARS)
+    monkeypatch.setattr(settings_module, "default_ray_temp_dir", lambda home: too_long)
+    with pytest.raises(ValidationError, match=f"at most {MAX_RAY_TEMP_DIR_CHARS} are allowed"):
+        LocalRaySettings(auth_token_file=tmp_path / "token")
 
 
 def test_a_temp_dir_too_long_for_rays_sockets_is_refused_naming_the_limit(tmp_path: Path) -> None:

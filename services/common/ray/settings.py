@@ -19,12 +19,18 @@ MAX_RAY_TEMP_DIR_CHARS = 34
 
 
 def default_ray_temp_dir(home: Path) -> Path:
-    """`<home>/ray` where Ray's socket paths fit under it, else a short folder named after `home`."""
+    """`<home>/ray` where Ray's socket paths fit under it, else a short folder named after `home` in the
+    system's temp dir, or in /tmp where the temp dir's own path is too long for that (TMPDIR=/var/tmp)."""
     preferred = home.absolute() / "ray"
-    if len(str(preferred).encode()) <= MAX_RAY_TEMP_DIR_CHARS:
+    if _fits_ray_sockets(preferred):
         return preferred
-    digest = hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"stillhouse-ray-{digest}"
+    name = f"stillhouse-ray-{hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:12]}"
+    in_temp_dir = Path(tempfile.gettempdir()) / name
+    return in_temp_dir if _fits_ray_sockets(in_temp_dir) else Path("/tmp") / name
+
+
+def _fits_ray_sockets(temp_dir: Path) -> bool:
+    return len(str(temp_dir.absolute()).encode()) <= MAX_RAY_TEMP_DIR_CHARS
 
 
 class LocalRaySettings(BaseModel):
@@ -39,8 +45,10 @@ class LocalRaySettings(BaseModel):
     )
     temp_dir: Path = Field(
         default_factory=lambda: default_ray_temp_dir(stillhouse_home()),
+        validate_default=True,
         description="Ray's session files, logs and the Ray Train storage of local runs; default: "
-        "`<STILLHOUSE_HOME>/ray`, or a short folder in the system's temp dir when that path is too long.",
+        "`<STILLHOUSE_HOME>/ray`, or a short folder in the system's temp dir (or /tmp) when that path is too "
+        "long.",
     )
     # Loopback is shared by every local user and process, so the head wants its token as a cluster does.
     auth_mode: Literal["disabled", "token"] = Field(
@@ -57,8 +65,8 @@ class LocalRaySettings(BaseModel):
     @field_validator("temp_dir")
     @classmethod
     def _fits_ray_socket_paths(cls, temp_dir: Path) -> Path:
-        length = len(str(temp_dir.absolute()).encode())
-        if length > MAX_RAY_TEMP_DIR_CHARS:
+        if not _fits_ray_sockets(temp_dir):
+            length = len(str(temp_dir.absolute()).encode())
             raise ValueError(
                 f"{temp_dir.absolute()} is {length} bytes long; at most {MAX_RAY_TEMP_DIR_CHARS} are "
                 "allowed, because Ray's socket paths under it may not exceed 107 bytes: choose a shorter one"
