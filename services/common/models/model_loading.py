@@ -17,6 +17,7 @@ A path that exists on disk wins over a distribution of the same name. Nothing is
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -110,8 +111,7 @@ def load_config(source: ModelSource) -> PretrainedConfig:
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    source = plain_source(source, "tokenizer")
-    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+    return _read_tokenizer(plain_source(source, "tokenizer"))
 
 
 def load_tokenizer_reference(reference: str) -> PreTrainedTokenizerBase:
@@ -119,7 +119,7 @@ def load_tokenizer_reference(reference: str) -> PreTrainedTokenizerBase:
     on its own, without a model beside it."""
     folder = Path(reference).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return _read_tokenizer(ModelSource(folder))
     return load_tokenizer(resolve_model_reference(reference))
 
 
@@ -129,13 +129,7 @@ def load_model(
     """The model in eval mode on `device` (default: a GPU if there is one), in `dtype` (default:
     `default_dtype`). A GGUF model's weights come from its dequantized float32 copy, cast to `dtype`."""
     device = device or default_device()
-    source = plain_source(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.folder,
-        gguf_file=source.gguf_file,
-        dtype=dtype or default_dtype(device),
-        local_files_only=True,
-    )
+    model = _read_model(plain_source(source), dtype or default_dtype(device))
     return model.to(device).eval()
 
 
@@ -143,25 +137,35 @@ def plain_source(source: ModelSource, part: CopyPart = "model") -> ModelSource:
     """`source`, or for a GGUF model the dequantized copy of its `part` (`gguf_cache`), made on first use."""
     if source.gguf_file is None:
         return source
-    write = _save_tokenizer if part == "tokenizer" else _save_model
+    write = _COPY_WRITERS[part]
     gguf = source.folder / source.gguf_file
     folder = gguf_cache.plain_copy(gguf, part, lambda staging: write(source, staging))
     return source if folder is None else ModelSource(folder)
 
 
-def _save_tokenizer(source: ModelSource, folder: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(
-        source.folder, gguf_file=source.gguf_file, local_files_only=True
+def _read_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, local_files_only=True)
+
+
+def _read_model(source: ModelSource, dtype: torch.dtype) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(
+        source.folder, gguf_file=source.gguf_file, dtype=dtype, local_files_only=True
     )
-    tokenizer.save_pretrained(folder)
+
+
+def _save_tokenizer(source: ModelSource, folder: Path) -> None:
+    _read_tokenizer(source).save_pretrained(folder)
 
 
 def _save_model(source: ModelSource, folder: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(
-        source.folder, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
-    )
     # The tokenizer from its own copy: converting it from the GGUF file again would cost seconds.
-    save_dequantized(model, load_tokenizer(source), folder)
+    save_dequantized(_read_model(source, torch.float32), load_tokenizer(source), folder)
+
+
+_COPY_WRITERS: dict[CopyPart, Callable[[ModelSource, Path], None]] = {
+    "model": _save_model,
+    "tokenizer": _save_tokenizer,
+}
 
 
 def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:

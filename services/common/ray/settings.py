@@ -22,15 +22,15 @@ def default_ray_temp_dir(home: Path) -> Path:
     """`<home>/ray` where Ray's socket paths fit under it, else a short folder named after `home` in the
     system's temp dir, or in /tmp where the temp dir's own path is too long for that (TMPDIR=/var/tmp)."""
     preferred = home.absolute() / "ray"
-    if _fits_ray_sockets(preferred):
+    if _path_bytes(preferred) <= MAX_RAY_TEMP_DIR_CHARS:
         return preferred
     name = f"stillhouse-ray-{hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:12]}"
     in_temp_dir = Path(tempfile.gettempdir()) / name
-    return in_temp_dir if _fits_ray_sockets(in_temp_dir) else Path("/tmp") / name
+    return in_temp_dir if _path_bytes(in_temp_dir) <= MAX_RAY_TEMP_DIR_CHARS else Path("/tmp") / name
 
 
-def _fits_ray_sockets(temp_dir: Path) -> bool:
-    return len(str(temp_dir.absolute()).encode()) <= MAX_RAY_TEMP_DIR_CHARS
+def _path_bytes(folder: Path) -> int:
+    return len(str(folder.absolute()).encode())
 
 
 class LocalRaySettings(BaseModel):
@@ -65,8 +65,8 @@ class LocalRaySettings(BaseModel):
     @field_validator("temp_dir")
     @classmethod
     def _fits_ray_socket_paths(cls, temp_dir: Path) -> Path:
-        if not _fits_ray_sockets(temp_dir):
-            length = len(str(temp_dir.absolute()).encode())
+        length = _path_bytes(temp_dir)
+        if length > MAX_RAY_TEMP_DIR_CHARS:
             raise ValueError(
                 f"{temp_dir.absolute()} is {length} bytes long; at most {MAX_RAY_TEMP_DIR_CHARS} are "
                 "allowed, because Ray's socket paths under it may not exceed 107 bytes: choose a shorter one"
