@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stillhouse.common.ray import settings as settings_module
 from stillhouse.common.ray.settings import MAX_RAY_TEMP_DIR_CHARS, LocalRaySettings, default_ray_temp_dir
 
 # What Ray appends to its temp dir for its longest socket path (the largest pid Linux gives, the longest
@@ -47,13 +46,15 @@ def test_a_long_system_temp_dir_moves_rays_folder_to_tmp(monkeypatch: pytest.Mon
     assert default_ray_temp_dir(long_home) == Path("/t") / chosen.name
 
 
-def test_the_default_temp_dir_is_checked_like_a_given_one(
+def test_the_settings_default_fits_with_a_long_home_and_a_long_tmpdir(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    too_long = Path("/" + "t" * MAX_RAY_TEMP_DIR_CHARS)
-    monkeypatch.setattr(settings_module, "default_ray_temp_dir", lambda home: too_long)
-    with pytest.raises(ValidationError, match=f"at most {MAX_RAY_TEMP_DIR_CHARS} are allowed"):
-        LocalRaySettings(auth_token_file=tmp_path / "token")
+    monkeypatch.setenv("STILLHOUSE_HOME", str(tmp_path / ("h" * MAX_RAY_TEMP_DIR_CHARS)))
+    monkeypatch.setenv("TMPDIR", "/var/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    temp_dir = LocalRaySettings(auth_token_file=tmp_path / "token").temp_dir
+    assert temp_dir.parent == Path("/tmp")
+    assert len(str(temp_dir) + RAY_SOCKET_SUFFIX) <= UNIX_SOCKET_PATH_BYTES
 
 
 def test_a_temp_dir_too_long_for_rays_sockets_is_refused_naming_the_limit(tmp_path: Path) -> None:

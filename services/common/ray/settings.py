@@ -45,7 +45,6 @@ class LocalRaySettings(BaseModel):
     )
     temp_dir: Path = Field(
         default_factory=lambda: default_ray_temp_dir(stillhouse_home()),
-        validate_default=True,
         description="Ray's session files, logs and the Ray Train storage of local runs; default: "
         "`<STILLHOUSE_HOME>/ray`, or a short folder in the system's temp dir (or /tmp) when that path is too "
         "long.",
