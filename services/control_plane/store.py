@@ -173,29 +173,33 @@ class LeaseLost(RuntimeError):
         super().__init__(f"the {fence.name} lease is no longer held by {fence.holder} in term {fence.epoch}")
 
 
-class JobNotFound(LookupError):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
+class JobError(Exception):
+    """An error about one job, which it names in `job_id`."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
         self.job_id = job_id
 
 
-class JobAlreadyExists(ValueError):
+class JobNotFound(JobError, LookupError):
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"a job with id {job_id!r} already exists")
-        self.job_id = job_id
+        super().__init__(job_id, f"no job with id {job_id!r}")
 
 
-class JobNotFinished(ValueError):
+class JobAlreadyExists(JobError, ValueError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"a job with id {job_id!r} already exists")
+
+
+class JobNotFinished(JobError, ValueError):
     def __init__(self, job_id: str, phase: Phase) -> None:
-        super().__init__(f"job {job_id!r} is {phase.value}, not finished")
-        self.job_id = job_id
+        super().__init__(job_id, f"job {job_id!r} is {phase.value}, not finished")
         self.phase = phase
 
 
-class StepNotFound(LookupError):
+class StepNotFound(JobError, LookupError):
     def __init__(self, job_id: str, stage: Stage) -> None:
-        super().__init__(f"job {job_id!r} has no {stage} step")
-        self.job_id = job_id
+        super().__init__(job_id, f"job {job_id!r} has no {stage} step")
         self.stage = stage
 
 

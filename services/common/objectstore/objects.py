@@ -37,10 +37,17 @@ class ObjectStoreError(Exception):
     """Base of every error an object store reports."""
 
 
-class ObjectNotFound(ObjectStoreError):
-    def __init__(self, bucket: str, key: str) -> None:
-        super().__init__(f"no object {key!r} in bucket {bucket!r}")
+class ObjectKeyError(ObjectStoreError):
+    """An error about one object key, which it keeps in `key`."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
         self.key = key
+
+
+class ObjectNotFound(ObjectKeyError):
+    def __init__(self, bucket: str, key: str) -> None:
+        super().__init__(key, f"no object {key!r} in bucket {bucket!r}")
 
 
 class BucketNotFound(ObjectStoreError):
@@ -57,10 +64,9 @@ class StoreUnavailable(ObjectStoreError):
     """The endpoint does not answer (down, wrong address, network)."""
 
 
-class InvalidKey(ObjectStoreError):
+class InvalidKey(ObjectKeyError):
     def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"invalid object key {key!r}: {reason}")
-        self.key = key
+        super().__init__(key, f"invalid object key {key!r}: {reason}")
 
 
 class IntegrityError(ObjectStoreError):
