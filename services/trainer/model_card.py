@@ -82,10 +82,13 @@ def model_card(
         _table("Loss", _loss_items(training, teacher, data)),
         _table("Training", _training_items(training) + figures),
     ]
+    metadata = _front_matter(teacher, training, data)
     if evaluation is not None:
         sections.append(evaluation_section(evaluation))
+        metadata["model-index"] = _model_index(evaluation.get("metrics", {}).get("student", {}))
     sections.append(f"## How to use\n\n{_USAGE}")
-    return f"---\n{_front_matter(teacher, training, data, evaluation)}---\n\n" + "\n\n".join(sections) + "\n"
+    front_matter = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+    return f"---\n{front_matter}---\n\n" + "\n\n".join(sections) + "\n"
 
 
 _DATA_KEYS = frozenset(
@@ -104,12 +107,8 @@ def _split_data(data: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[tu
     return data_items, figures
 
 
-def _front_matter(
-    teacher: TeacherSpec,
-    training: TrainingSpec,
-    data: Mapping[str, Any],
-    evaluation: Mapping[str, Any] | None,
-) -> str:
+def _front_matter(teacher: TeacherSpec, training: TrainingSpec, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's YAML front matter, but for the evaluation's `model-index`."""
     metadata: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
@@ -129,23 +128,25 @@ def _front_matter(
         "training": training.model_dump(mode="json", by_alias=True),
         "data": json.loads(json.dumps(dict(data), default=str)),
     }
-    if evaluation is not None:
-        student = evaluation.get("metrics", {}).get("student", {})
-        metadata["model-index"] = [
-            {
-                "name": "student",
-                "results": [
-                    {
-                        "task": {"type": "text-generation", "name": "Agreement with the teacher"},
-                        "dataset": {"type": "held-out teacher answers", "name": "held-out prompts"},
-                        "metrics": [
-                            {"type": key, "value": round(float(value), 6)} for key, value in student.items()
-                        ],
-                    }
-                ],
-            }
-        ]
-    return yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+    return metadata
+
+
+def _model_index(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The front matter's `model-index`: the student's evaluation figures, as the Hub shows them."""
+    return [
+        {
+            "name": "student",
+            "results": [
+                {
+                    "task": {"type": "text-generation", "name": "Agreement with the teacher"},
+                    "dataset": {"type": "held-out teacher answers", "name": "held-out prompts"},
+                    "metrics": [
+                        {"type": key, "value": round(float(value), 6)} for key, value in metrics.items()
+                    ],
+                }
+            ],
+        }
+    ]
 
 
 def _title(teacher: TeacherSpec, evaluation: Mapping[str, Any] | None) -> str:
