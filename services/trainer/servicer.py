@@ -123,10 +123,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 with failures_as_status_codes():
                     trained = await self._runs.train(request.operation_id, spec, run, progress)
                 outcome = trained.outcome
-                sft_control = await self._artifact(run.sft_control_prefix) if "sft" in run.controls else None
+                artifacts = await self._artifacts(
+                    student=run.student_prefix,
+                    baseline=run.baseline_prefix,
+                    sft_control=run.sft_control_prefix if "sft" in run.controls else None,
+                )
                 return trainer_pb2.TrainStudentResult(
-                    student=await self._artifact(run.student_prefix),
-                    baseline=await self._artifact(run.baseline_prefix),
+                    **artifacts,
                     steps=outcome.steps,
                     tokens=outcome.tokens,
                     gpu_hours=trained.gpu_hours,
@@ -134,7 +137,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                         **outcome.final_metrics,
                         "on_policy_steps": float(outcome.on_policy_steps),
                     },
-                    sft_control=sft_control,
                 )
 
             return self._registry.start_request(request, kind=TRAIN_STUDENT, work=work)
@@ -169,9 +171,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 with failures_as_status_codes():
                     outcome = await self._runs.evaluate(request.operation_id, run, progress)
                 references = outcome.reference_metrics
+                artifacts = await self._artifacts(
+                    report=outcome.report_prefix, student=outcome.student_prefix
+                )
                 return trainer_pb2.EvaluateStudentResult(
-                    report=await self._artifact(outcome.report_prefix),
-                    student=await self._artifact(outcome.student_prefix),
+                    **artifacts,
                     recovery_percent=outcome.recovery_percent,
                     student_metrics=outcome.student_metrics,
                     baseline_metrics=outcome.baseline_metrics,
@@ -215,9 +219,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     # --- results ----------------------------------------------------------------------------------
 
-    async def _artifact(self, prefix: str) -> operations_pb2.ArtifactRef:
-        """The artifact written under `prefix`, its manifest read off the event loop."""
-        return await asyncio.to_thread(self._artifact_ref, prefix)
+    async def _artifacts(self, **prefixes: str | None) -> dict[str, operations_pb2.ArtifactRef | None]:
+        """The artifacts written under `prefixes`, by the result field each goes in (None where the prefix
+        is None), their manifests read off the event loop."""
+        return {
+            field: None if prefix is None else await asyncio.to_thread(self._artifact_ref, prefix)
+            for field, prefix in prefixes.items()
+        }
 
     def _artifact_ref(self, prefix: str) -> operations_pb2.ArtifactRef:
         manifest = read_artifact_manifest(self._store, prefix)
