@@ -341,6 +341,12 @@ class TeacherLimits(SpecModel):
     max_retries: Annotated[int, Field(ge=0, le=50)] = 8
 
 
+class Precision(StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
 class TeacherSpec(SpecModel):
     backend: TeacherBackend = Field(description="`openai` (any OpenAI-compatible API) or `local`.")
     model: str = Field(
@@ -386,6 +392,12 @@ class TeacherSpec(SpecModel):
         default=20, description="Top-k logprobs captured per generated token (OpenAI caps this at 20)."
     )
     limits: TeacherLimits = Field(default_factory=TeacherLimits)
+    precision: Precision = Field(
+        default=Precision.AUTO,
+        description="For `local`: the dtype the teacher's weights compute in, and so its answers and "
+        "logprobs: `bf16`, `fp32`, or `auto`: bf16 on a GPU and on a CPU with bf16 matrix units (Intel "
+        "AMX, AVX512-BF16), fp32 elsewhere. Part of the cache key. An `openai` teacher's server decides.",
+    )
     budget_usd: Annotated[float, Field(gt=0, le=1_000_000)] | None = Field(
         default=None,
         alias="budgetUSD",
@@ -400,13 +412,15 @@ class TeacherSpec(SpecModel):
         return value
 
     @model_validator(mode="after")
-    def _openai_needs_url(self) -> TeacherSpec:
+    def _fields_fit_the_backend(self) -> TeacherSpec:
         if self.backend is TeacherBackend.OPENAI and not self.base_url:
             raise ValueError("`baseURL` is required when `backend` is `openai`")
         if self.backend is TeacherBackend.LOCAL and self.sampling.extra_body:
             raise ValueError(
                 "`sampling.extraBody` is sent to an `openai` teacher's server; a `local` teacher has none"
             )
+        if self.backend is TeacherBackend.OPENAI and self.precision is not Precision.AUTO:
+            raise ValueError("`precision` applies to a `local` teacher; an `openai` teacher's server decides")
         return self
 
 
@@ -507,12 +521,6 @@ class LossSpec(SpecModel):
 class TrainingStrategy(StrEnum):
     DDP = "ddp"
     FSDP = "fsdp"
-
-
-class Precision(StrEnum):
-    AUTO = "auto"
-    BF16 = "bf16"
-    FP32 = "fp32"
 
 
 class OnPolicySpec(SpecModel):

@@ -49,9 +49,12 @@ class TeacherCall:
     extra_body: tuple[tuple[str, bool | int | float | str], ...] = ()
     # `cache_scope(tenant, api_key)`: part of the key, never sent to the teacher.
     scope: str = ""
+    # A local teacher's `precision`; empty for a server, whose keys stay as they were before it existed.
+    precision: str = ""
 
     def cache_key(self) -> str:
-        identity = {"format": CACHE_FORMAT, **asdict(self)}
+        fields = {name: value for name, value in asdict(self).items() if name != "precision" or value}
+        identity = {"format": CACHE_FORMAT, **fields}
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

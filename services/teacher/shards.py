@@ -36,7 +36,7 @@ from stillhouse.common.datasets.records import FAILURES_SCHEMA, answers_schema
 from stillhouse.common.datasets.sparse_logprobs import SparseLogprobs, rows_to_arrow
 from stillhouse.common.datasets.store import DatasetReader, DatasetWriter
 from stillhouse.common.fanout.plan import ShardReport
-from stillhouse.common.jobspec import TeacherSpec
+from stillhouse.common.jobspec import TeacherBackend, TeacherSpec
 from stillhouse.common.objectstore.objects import ObjectNotFound, ObjectStore
 from stillhouse.common.objectstore.open_store import open_object_store
 from stillhouse.common.operations import OperationError
@@ -89,6 +89,7 @@ def call_for(spec: TeacherSpec, messages: Sequence[dict[str, str]], *, scope: st
         top_logprobs=spec.top_logprobs,
         extra_body=tuple(sorted(spec.sampling.extra_body.items())),
         scope=scope,
+        precision=spec.precision.value if spec.backend is TeacherBackend.LOCAL else "",
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from stillhouse.common.jobspec import SECRET_NAME_PATTERN, TeacherBackend, TeacherSpec
+from stillhouse.common.jobspec import SECRET_NAME_PATTERN, Precision, TeacherBackend, TeacherSpec
 from stillhouse.common.models.locator import ModelLocator
 from stillhouse.common.objectstore.objects import ObjectStoreError
 from stillhouse.common.operations import OperationError
@@ -68,7 +68,9 @@ def resolve_api_key(
 
 
 def _teacher_key(spec: TeacherSpec) -> str:
-    return "|".join([spec.backend.value, spec.base_url or "", spec.model, spec.api_key_secret or ""])
+    return "|".join(
+        [spec.backend.value, spec.base_url or "", spec.model, spec.api_key_secret or "", spec.precision.value]
+    )
 
 
 def _pool_key(spec: TeacherSpec) -> tuple[str, str]:
@@ -100,7 +102,7 @@ class TeacherPool:
                 log.info("teacher ready", backend=spec.backend.value, model=spec.model)
             return self._teachers[key]
 
-    def _local_backend(self, model: str, device: str | None) -> Backend:
+    def _local_backend(self, model: str, device: str | None, precision: Precision) -> Backend:
         """A local teacher on `model`, downloaded first when it is an s3:// model (this can take minutes)."""
         from stillhouse.teacher.backends.local_hf import LocalHFBackend
 
@@ -108,6 +110,7 @@ class TeacherPool:
             self._models.locate(model, "spec.teacher.model"),
             name=model,
             device=device,
+            precision=precision,
             max_batch_size=self._settings.local_max_batch_size,
         )
 
@@ -121,7 +124,7 @@ class TeacherPool:
             self._api_keys[_pool_key(spec)] = None
             device = None if self._settings.local_device == "auto" else self._settings.local_device
             try:
-                return await asyncio.to_thread(self._local_backend, spec.model, device)
+                return await asyncio.to_thread(self._local_backend, spec.model, device, spec.precision)
             except (OSError, ValueError, ObjectStoreError) as exc:
                 raise OperationError(
                     grpc.StatusCode.FAILED_PRECONDITION,

@@ -1,5 +1,6 @@
 """Calibration text for pruning the teacher into a student: the first answers of the training data,
-tokenized once and run through a model to measure what its layers and channels do."""
+tokenized once and run through a model to measure what its layers and channels do. Each training worker
+runs its share of the answers, and the workers sum what they measured (`Total`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from stillhouse.trainer.data import tokenize_answers
 
+# Sums figures over the training workers, so that every worker ranks on the whole calibration text.
+Total = Callable[[list[float]], list[float]]
+
 # Capped so that ranking the layers and channels of a large teacher on the CPU, where pruning happens,
 # stays a small share of the run.
 CALIBRATION_ANSWERS = 32
@@ -24,12 +28,15 @@ CALIBRATION_TOKENS = 8192
 @dataclass
 class CalibrationText:
     """At most `max_answers` of `rows` (answer rows), `max_tokens` positions in all, each answer cut to
-    `max_seq_len`; read from `rows` once, however many rankings use them."""
+    `max_seq_len`; read from `rows` once, however many rankings use them. Worker `worker` of `workers`
+    runs every `workers`-th answer from its own."""
 
     rows: Iterable[dict[str, Any]]
     max_seq_len: int
     max_answers: int = CALIBRATION_ANSWERS
     max_tokens: int = CALIBRATION_TOKENS
+    worker: int = 0
+    workers: int = 1
     _sequences: list[list[int]] | None = field(default=None, init=False, repr=False)
 
     def sequences(self, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
@@ -40,14 +47,14 @@ class CalibrationText:
     def runner(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, option: str
     ) -> Callable[[], None]:
-        """A function that feeds every calibration sequence through `model`; ValueError naming `option`
-        (what needs the text) when the training data has no answer."""
+        """A function that feeds this worker's calibration sequences through `model`; ValueError naming
+        `option` (what needs the text) when the training data has no answer."""
         sequences = self.sequences(tokenizer)
         if not sequences:
             raise ValueError(f"{option} found no training answer to calibrate on")
 
         def run_model() -> None:
-            for ids in sequences:
+            for ids in sequences[self.worker :: self.workers]:
                 model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
 
         return run_model

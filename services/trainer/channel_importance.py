@@ -21,12 +21,15 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from stillhouse.trainer.calibration import CalibrationText, run_recording
+from stillhouse.trainer.calibration import CalibrationText, Total, run_recording
 
 
-def mlp_channel_importance(layers: nn.ModuleList, run_model: Callable[[], None]) -> list[torch.Tensor]:
+def mlp_channel_importance(
+    layers: nn.ModuleList, run_model: Callable[[], None], total: Total = list
+) -> list[torch.Tensor]:
     """For each decoder layer, mean |a_j|·‖d_j‖ of every intermediate channel j of its MLP over every
-    position `run_model` (forward passes of the model that owns `layers`) feeds through it."""
+    position `run_model` (forward passes of the model that owns `layers`) feeds through it, on every
+    worker that `total` sums over."""
     totals = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
     positions = torch.zeros(len(layers), dtype=torch.float64)
 
@@ -40,6 +43,9 @@ def mlp_channel_importance(layers: nn.ModuleList, run_model: Callable[[], None])
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
     run_recording(run_model, handles)
+    widths = [len(layer_total) for layer_total in totals]
+    summed = torch.tensor(total([*torch.cat(totals).tolist(), *positions.tolist()]), dtype=torch.float64)
+    totals, positions = list(summed[: sum(widths)].split(widths)), summed[sum(widths) :]
     if not positions.all():
         raise ValueError("no calibration position reached the MLPs")
     return [
@@ -51,14 +57,12 @@ def mlp_channel_importance(layers: nn.ModuleList, run_model: Callable[[], None])
 @dataclass
 class ChannelRanking:
     """Ranks the MLP channels of a width-pruned student as `student_init.build_student` asks: their
-    importance on `calibration`, averaged over the training workers by `average`, so that every worker
-    keeps the same channels."""
+    importance on `calibration`, each worker on its share of it, summed over the workers by `total`, so
+    that every worker keeps the same channels."""
 
     calibration: CalibrationText
-    average: Callable[[list[float]], list[float]]
+    total: Total
 
     def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[torch.Tensor]:
         run_model = self.calibration.runner(model, tokenizer, "pruneTeacherWidth")
-        importance = mlp_channel_importance(model.model.layers, run_model)
-        averaged = torch.tensor(self.average(torch.cat(importance).tolist()))
-        return list(averaged.split([len(layer) for layer in importance]))
+        return mlp_channel_importance(model.model.layers, run_model, self.total)

@@ -19,12 +19,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from stillhouse.trainer.calibration import CalibrationText, run_recording
+from stillhouse.trainer.calibration import CalibrationText, Total, run_recording
 
 
-def block_influence(layers: nn.ModuleList, run_model: Callable[[], None]) -> list[float]:
+def block_influence(layers: nn.ModuleList, run_model: Callable[[], None], total: Total = list) -> list[float]:
     """1 - mean cosine similarity between each layer's input and output hidden states over every position
-    `run_model` (one or more forward passes of the model that owns `layers`) feeds through it."""
+    `run_model` (one or more forward passes of the model that owns `layers`) feeds through it, on every
+    worker that `total` sums over."""
     totals = torch.zeros(len(layers), dtype=torch.float64)
     positions = torch.zeros(len(layers), dtype=torch.float64)
 
@@ -42,6 +43,9 @@ def block_influence(layers: nn.ModuleList, run_model: Callable[[], None]) -> lis
 
     handles = [layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     run_recording(run_model, handles)
+    totals, positions = torch.tensor(
+        total([*totals.tolist(), *positions.tolist()]), dtype=torch.float64
+    ).split(len(layers))
     if not positions.all():
         raise ValueError("no calibration position reached the decoder layers")
     return (totals / positions).tolist()
@@ -82,12 +86,12 @@ def most_influential_layers(influence: Sequence[float], keep: int) -> list[int]:
 class LayerChoice:
     """Chooses the layers of a depth-pruned student as `student_init.build_student` asks, and remembers
     them in `kept`. Selection `influence` (the default, when `selection` is None) ranks the layers on
-    `calibration`; `average` averages the influence over the training workers, so that every worker keeps
-    the same layers. Selection `spread` needs no data."""
+    `calibration`, each worker on its share of it, summed over the workers by `total`, so that every worker
+    keeps the same layers. Selection `spread` needs no data."""
 
     selection: str | None
     calibration: CalibrationText
-    average: Callable[[list[float]], list[float]]
+    total: Total
     kept: list[int] | None = field(default=None, init=False)
 
     def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, keep: int) -> list[int]:
@@ -95,6 +99,6 @@ class LayerChoice:
             self.kept = evenly_spread_layers(len(model.model.layers), keep)
             return self.kept
         run_model = self.calibration.runner(model, tokenizer, "layerSelection `influence`")
-        influence = self.average(block_influence(model.model.layers, run_model))
+        influence = block_influence(model.model.layers, run_model, self.total)
         self.kept = most_influential_layers(influence, keep)
         return self.kept

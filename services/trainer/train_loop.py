@@ -156,9 +156,6 @@ class Workers:
     def sum(self, values: Sequence[float]) -> list[float]:
         return self._reduce(values, dist.ReduceOp.SUM if self.distributed else None)
 
-    def mean(self, values: Sequence[float]) -> list[float]:
-        return [total / self.world for total in self.sum(values)]
-
     def max(self, values: Sequence[float]) -> list[float]:
         return self._reduce(values, dist.ReduceOp.MAX if self.distributed else None)
 
@@ -410,7 +407,7 @@ def load_full_teacher(teacher: TeacherSpec, device: torch.device, locate: Locate
     if teacher.backend is not TeacherBackend.LOCAL:
         raise TrainingDataError("training.loss.teacherLogits `full` needs a `local` teacher")
     source = model_loading.resolve_model_reference(locate(teacher.model, "teacher.model"))
-    model = model_loading.load_model(source, device)
+    model = model_loading.load_scoring_model(source, device, teacher.precision)
     require_supported_architecture(model, "teacher.model")
     model.requires_grad_(False)
     return model
@@ -498,16 +495,19 @@ class TrainingLoop:
     ) -> TrainingLoop:
         check_on_policy(run, workers)
         calibration = CalibrationText(
-            read_answer_rows(store, run.answers_dataset_id), run.training.max_seq_len
+            read_answer_rows(store, run.answers_dataset_id),
+            run.training.max_seq_len,
+            worker=workers.rank,
+            workers=workers.world,
         )
-        layers = LayerChoice(run.student.init.layer_selection, calibration, workers.mean)
+        layers = LayerChoice(run.student.init.layer_selection, calibration, workers.sum)
         locate = ModelLocator(run.models, run.object_store).locate
         model, tokenizer = build_student(
             run.student.init,
             run.teacher,
             locate,
             choose_layers=layers,
-            rank_channels=ChannelRanking(calibration, workers.mean),
+            rank_channels=ChannelRanking(calibration, workers.sum),
         )
         require_supported_architecture(model, "student")
         choice = choose_loss(run.training.loss, run.teacher, tokenizer, locate)

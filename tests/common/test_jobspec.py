@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from stillhouse.common.jobspec import DistillationJob
+from stillhouse.common.jobspec import DistillationJob, Precision
 
 MINIMAL = {
     "spec": {
@@ -87,6 +87,7 @@ def test_minimal_spec_gets_every_default() -> None:
         "seed": None,
         "extraBody": {},
     }
+    assert spec["teacher"]["precision"] == "auto"
     assert spec["teacher"]["limits"]["maxConcurrency"] == 64
     assert spec["teacher"]["limits"]["maxRetries"] == 8
     assert spec["training"]["epochs"] == 1
@@ -349,6 +350,19 @@ def test_server_specific_sampling_fields_are_taken_for_an_api_teacher_only():
     assert job.spec.teacher.sampling.extra_body == {"repeat_penalty": 1.0, "top_k": 40}
     local = {**MINIMAL["spec"]["teacher"], "sampling": {"extraBody": {"top_k": 40}}}
     refused_at(with_changes(("spec", "teacher"), local), ("spec", "teacher"), "`local` teacher has none")
+
+
+def test_a_teacher_precision_is_chosen_for_a_local_teacher_only():
+    local = {**MINIMAL["spec"]["teacher"], "precision": "fp32"}
+    job = DistillationJob.model_validate(with_changes(("spec", "teacher"), local))
+    assert job.spec.teacher.precision is Precision.FP32
+    refused_at(
+        with_changes(("spec", "teacher", "precision"), "fp16"), ("spec", "teacher", "precision"), "auto"
+    )
+    server = {**OPENAI_TEACHER, "precision": "bf16"}
+    refused_at(
+        with_changes(("spec", "teacher"), server), ("spec", "teacher"), "`precision` applies to a `local`"
+    )
 
 
 def _unbounded(schema: dict[str, Any], where: str, definitions: dict[str, Any]) -> list[str]:

@@ -131,6 +131,7 @@ async def test_an_answer_with_logprobs_comes_back_exactly_and_marked_cached(cach
         {"scope": cache_scope("team-b", "sk-one")},
         {"scope": cache_scope("team-a", "sk-two")},
         {"scope": cache_scope("team-a", None)},
+        {"precision": "bf16"},
     ],
     ids=lambda change: "-".join(change),
 )
@@ -144,6 +145,12 @@ async def test_a_call_differing_in_any_identity_field_misses(
     found = await cache.get_many([other.cache_key(), call().cache_key()])
 
     assert set(found) == {call().cache_key()}
+
+
+def test_a_server_call_keeps_the_key_it_had_before_local_teachers_named_their_precision() -> None:
+    """Adding `precision` to the identity must not orphan every answer already paid for."""
+    assert BASE_CALL.precision == ""
+    assert BASE_CALL.cache_key() == "2bfd8868e08f34b658c4ce3dc17ee2ee894469c2cb83afb25cff2417d38cedf4"
 
 
 def test_a_scope_names_the_key_by_its_hash_only() -> None:

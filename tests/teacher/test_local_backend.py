@@ -15,9 +15,9 @@ import pytest
 import torch
 from s3_server import seaweedfs_server
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stillhouse.common.jobspec import TeacherSpec
+from stillhouse.common.jobspec import Precision, TeacherSpec
 from stillhouse.common.models.generation import _rows_to_keep
 from stillhouse.common.models.model_loading import (
     EMBEDDED_TEACHER,
@@ -96,7 +96,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def backend(tiny_model: Path):
-    teacher = LocalHFBackend(str(tiny_model), max_batch_size=8)
+    # float32 whatever the CPU, so that captured logprobs can be held to a plain forward pass at 1e-4.
+    teacher = LocalHFBackend(str(tiny_model), precision=Precision.FP32, max_batch_size=8)
     yield teacher
     await teacher.aclose()
 
@@ -168,8 +169,9 @@ async def test_batched_answers_equal_one_at_a_time(tiny_model: Path):
         chat_call(tiny_model, PROMPTS[i % len(PROMPTS)] + " a" * (i // len(PROMPTS)), max_tokens=2 + i)
         for i in range(20)
     ]
-    one_at_a_time = LocalHFBackend(str(tiny_model), max_batch_size=1)
-    batched = LocalHFBackend(str(tiny_model), max_batch_size=32)
+    # float32: bf16's rounding differs with the batch's shape by more than the 1e-4 held to here.
+    one_at_a_time = LocalHFBackend(str(tiny_model), precision=Precision.FP32, max_batch_size=1)
+    batched = LocalHFBackend(str(tiny_model), precision=Precision.FP32, max_batch_size=32)
     try:
         alone = [await one_at_a_time.answer(call) for call in calls]
         together = await asyncio.gather(*(batched.answer(call) for call in calls))
@@ -207,7 +209,7 @@ async def test_logprobs_match_a_full_forward_pass(backend: LocalHFBackend, tiny_
         for prompt, k in zip(PROMPTS, ks, strict=True)
     ]
     answers = await asyncio.gather(*(backend.answer(call) for call in calls))
-    reference_model = load_model(resolve_model_reference(str(tiny_model)))
+    reference_model = load_model(resolve_model_reference(str(tiny_model)), dtype=torch.float32)
     for call, answer, k in zip(calls, answers, ks, strict=True):
         if k == 0:
             assert answer.logprobs is None
@@ -314,11 +316,13 @@ async def test_closed_backend_refuses_calls(tiny_model: Path):
     assert refused.value.kind is FailureKind.UNREACHABLE
 
 
-def test_model_info_and_tokenizer(tiny_model: Path):
-    teacher = LocalHFBackend(str(tiny_model), device="cpu")
+@pytest.mark.parametrize(("precision", "dtype"), [(Precision.FP32, "float32"), (Precision.BF16, "bfloat16")])
+def test_model_info_and_tokenizer(tiny_model: Path, precision: Precision, dtype: str):
+    teacher = LocalHFBackend(str(tiny_model), device="cpu", precision=precision)
     assert teacher.model_info.name == str(tiny_model)
     assert (teacher.model_info.vocab_size, teacher.model_info.context_length) == (VOCAB_SIZE, CONTEXT)
-    assert (teacher.model_info.device, teacher.model_info.dtype) == ("cpu", "float32")
+    assert (teacher.model_info.device, teacher.model_info.dtype) == ("cpu", dtype)
+    assert teacher.model.dtype is getattr(torch, dtype)
     assert teacher.tokenizer.convert_tokens_to_ids("cat") == SPECIAL_TOKENS.__len__() + WORDS.index("cat")
 
 
@@ -405,3 +409,32 @@ async def test_the_teacher_service_loads_a_local_teacher_from_object_storage(
     finally:
         await local.aclose()
     assert from_store.text == from_folder.text
+
+
+async def test_a_greedy_token_is_the_first_of_its_recorded_alternatives_even_among_ties(
+    tiny_model: Path, tmp_path: Path
+):
+    """bf16 logits come in coarse steps, so the most likely tokens often tie exactly: the answer's token
+    and the first recorded alternative must break the tie the same way. Here every token has a twin
+    with the same output weights, so every position ties."""
+    model = load_model(resolve_model_reference(str(tiny_model)), dtype=torch.float32)
+    half = VOCAB_SIZE // 2
+    with torch.no_grad():
+        model.lm_head.weight[half:] = model.lm_head.weight[:half]
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    teacher = LocalHFBackend(str(tmp_path), precision=Precision.FP32)
+    try:
+        answers = await asyncio.gather(
+            *(
+                teacher.answer(chat_call(tmp_path, prompt, top_logprobs=5, max_tokens=12))
+                for prompt in PROMPTS
+            )
+        )
+    finally:
+        await teacher.aclose()
+    for answer in answers:
+        ids = answer.logprobs.topk_ids
+        assert np.all(np.abs(ids[:, 0] - ids[:, 1]) == half)  # the twins tie at the top
+        np.testing.assert_array_equal(answer.token_ids, ids[:, 0])
+        assert answer.top1_mismatches == 0

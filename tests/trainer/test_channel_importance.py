@@ -85,18 +85,24 @@ def test_no_position_reaching_the_mlps_is_an_error(teacher: Path):
         mlp_channel_importance(model.model.layers, lambda: None)
 
 
-def test_every_worker_keeps_the_channels_of_the_averaged_importance(teacher: Path, calibration_rows):
+def test_every_worker_keeps_the_channels_of_the_importance_summed_over_the_workers(
+    teacher: Path, calibration_rows
+):
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    averaged = []
+    summed = []
+    norms = torch.cat([layer.mlp.down_proj.weight.detach().norm(dim=0) for layer in model.model.layers])
 
     def others_disagree(own: list[float]) -> list[float]:
-        averaged.append(own)
-        return [float(channel % WIDTH) for channel in range(len(own))]  # the last channels matter most
+        summed.append(own)
+        # Each channel's total activation, then each layer's positions, such that the last channels of
+        # each layer matter most once multiplied by their output weights' norms.
+        importance = torch.arange(LAYERS * WIDTH) % WIDTH + 1.0
+        return (importance / norms).tolist() + [1.0] * LAYERS
 
     calibration = CalibrationText(iter(calibration_rows(teacher)), 256)
     ranking = ChannelRanking(calibration, others_disagree)(model, tokenizer)
-    assert len(averaged) == 1 and len(averaged[0]) == LAYERS * WIDTH and min(averaged[0]) > 0
+    assert len(summed) == 1 and len(summed[0]) == LAYERS * WIDTH + LAYERS and min(summed[0]) > 0
     assert [len(layer) for layer in ranking] == [WIDTH] * LAYERS
     prune_width(model, 0.5, ranking)
     for layer in model.model.layers:
@@ -105,6 +111,26 @@ def test_every_worker_keeps_the_channels_of_the_averaged_importance(teacher: Pat
     torch.testing.assert_close(
         model.model.layers[2].mlp.up_proj.weight, original.model.layers[2].mlp.up_proj.weight[WIDTH // 2 :]
     )
+
+
+def test_two_workers_each_measuring_half_the_text_rank_as_one_measuring_all(teacher: Path, calibration_rows):
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    rows = calibration_rows(teacher)
+
+    def importance(worker: int, workers: int, total) -> torch.Tensor:
+        calibration = CalibrationText(iter(rows), 256, worker=worker, workers=workers)
+        run_model = calibration.runner(model, tokenizer, "a test")
+        return torch.cat(mlp_channel_importance(model.model.layers, run_model, total))
+
+    second_worker = []
+    importance(1, 2, lambda own: second_worker.append(own) or own)
+    both = importance(
+        0, 2, lambda own: [mine + theirs for mine, theirs in zip(own, second_worker[0], strict=True)]
+    )
+    alone = importance(0, 1, list)
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=0)
+    assert not torch.allclose(importance(0, 2, list), alone, rtol=1e-3)  # half the text alone differs
 
 
 def test_ranking_without_answers_is_a_clear_error(teacher: Path):

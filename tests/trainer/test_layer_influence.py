@@ -90,24 +90,45 @@ def test_the_first_and_last_layers_stay_and_the_most_influential_others_join_the
 def test_influence_choice_drops_the_layers_that_change_nothing(teacher: Path, rows: list[dict]):
     model = load(teacher, quiet_layers=(1, 3))
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    averaged = []
+    summed = []
 
-    def average(influence: list[float]) -> list[float]:
-        averaged.append(influence)
-        return influence
+    def total(figures: list[float]) -> list[float]:
+        summed.append(figures)
+        return figures
 
-    choice = LayerChoice("influence", CalibrationText(iter(rows), 256), average)
+    choice = LayerChoice("influence", CalibrationText(iter(rows), 256), total)
     assert choice(model, tokenizer, 4) == [0, 2, 4, 5] == choice.kept
-    assert len(averaged) == 1 and len(averaged[0]) == LAYERS
+    # One sum over the workers: each layer's total, then each layer's positions.
+    assert len(summed) == 1 and len(summed[0]) == 2 * LAYERS
 
 
-def test_every_worker_keeps_the_layers_of_the_averaged_influence(teacher: Path, rows: list[dict]):
-    """What `average` returns (the mean over the workers) decides, not this worker's own figures."""
+def test_every_worker_keeps_the_layers_of_the_influence_summed_over_the_workers(
+    teacher: Path, rows: list[dict]
+):
+    """What `total` returns (the sums over the workers) decides, not this worker's own figures."""
     model = load(teacher, quiet_layers=(1, 3))
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    others = [1.0, 9.0, 1.0, 9.0, 1.0, 1.0]
+    others = [1.0, 9.0, 1.0, 9.0, 1.0, 1.0] + [10.0] * LAYERS
     others_disagree = LayerChoice("influence", CalibrationText(iter(rows), 256), lambda own: others)
     assert others_disagree(model, tokenizer, 4) == [0, 1, 3, 5]
+
+
+def test_two_workers_each_measuring_half_the_text_rank_as_one_measuring_all(teacher: Path, rows: list[dict]):
+    model = load(teacher, scale={1: 0.3, 4: 2.0})
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+
+    def influence(worker: int, workers: int, total) -> list[float]:
+        calibration = CalibrationText(iter(rows), 256, worker=worker, workers=workers)
+        return block_influence(model.model.layers, calibration.runner(model, tokenizer, "a test"), total)
+
+    second_worker = []
+    influence(1, 2, lambda own: second_worker.append(own) or own)
+    both = influence(
+        0, 2, lambda own: [mine + theirs for mine, theirs in zip(own, second_worker[0], strict=True)]
+    )
+    alone = influence(0, 1, list)
+    assert both == pytest.approx(alone, rel=1e-9)
+    assert influence(0, 2, list) != pytest.approx(alone, rel=1e-6)  # half the text alone measures otherwise
 
 
 def test_calibration_stops_at_its_token_budget(teacher: Path, rows: list[dict]):
@@ -128,6 +149,10 @@ def test_calibration_stops_at_its_token_budget(teacher: Path, rows: list[dict]):
     thirty_tokens = CalibrationText(iter(rows), 256, max_tokens=30)
     LayerChoice("influence", thirty_tokens, lambda x: x)(model, tokenizer, 3)
     assert sum(seen) == 30
+    seen.clear()
+    second_of_two = CalibrationText(iter(rows), 256, max_answers=4, max_tokens=10_000, worker=1, workers=2)
+    LayerChoice("influence", second_of_two, lambda x: x)(model, tokenizer, 3)
+    assert len(seen) == 2
 
 
 def test_spread_choice_needs_no_data(teacher: Path):

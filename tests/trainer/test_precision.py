@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stillhouse.common.jobspec import Precision, TrainingSpec
-from stillhouse.trainer import precision
+from stillhouse.common.models import precision
 from stillhouse.trainer.precision import autocast, autocast_dtype, precision_label
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -20,22 +20,6 @@ def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_with_bf16_units_only(monkeypatch, ha
     assert autocast_dtype(Precision.BF16, CPU) is torch.bfloat16
     assert autocast_dtype(Precision.FP32, CUDA) is None
     assert autocast_dtype(Precision.FP32, CPU) is None
-
-
-@pytest.mark.parametrize(
-    ("amx", "avx512_bf16", "expected"),
-    [(True, False, True), (False, True, True), (False, False, False)],
-)
-def test_amx_tiles_or_avx512_bf16_count_as_bf16_matrix_units(monkeypatch, amx, avx512_bf16, expected):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    assert precision.cpu_has_bf16_matrix_units() is expected
-
-
-def test_a_torch_without_the_probes_means_no_bf16_units(monkeypatch):
-    for name in precision.BF16_CPU_PROBES:
-        monkeypatch.delattr(torch.cpu, name)
-    assert precision.cpu_has_bf16_matrix_units() is False
 
 
 def test_the_default_is_auto_and_the_label_says_what_ran():

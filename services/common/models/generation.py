@@ -77,8 +77,14 @@ def generate_batch(
     rows = list(range(len(requests)))  # the request of each row of the batch
     for step in range(max(request.max_new_tokens for request in requests)):
         if top_k:
-            topk_ids, topk_logprobs, tail = (part.cpu() for part in _top_logprobs(logits, top_k))
-        next_tokens = _choose_tokens(logits, [None if done[index] else samplers[index] for index in rows])
+            recorded = _top_logprobs(logits, top_k)
+            topk_ids, topk_logprobs, tail = (part.cpu() for part in recorded)
+        # A greedy row takes the first token it records, so that a tie (bf16 logits come in steps of 1/16
+        # to 1/8 at a language model's sizes) is broken the same way in the answer and in its logprobs.
+        greedy = recorded[0][:, 0] if top_k else logits.argmax(dim=-1)
+        next_tokens = _choose_tokens(
+            logits, greedy, [None if done[index] else samplers[index] for index in rows]
+        )
         stopped = torch.isin(next_tokens, stops).tolist()
         for row, (index, token) in enumerate(zip(rows, next_tokens.tolist(), strict=True)):
             if done[index]:  # a finished row kept in the batch: its tokens are not part of any answer
@@ -190,8 +196,10 @@ class _RowSampler:
         return order[torch.multinomial(sorted_probabilities, 1, generator=self.generator)[0]]
 
 
-def _choose_tokens(logits: torch.Tensor, samplers: Sequence[_RowSampler | None]) -> torch.Tensor:
-    tokens = logits.argmax(dim=-1)
+def _choose_tokens(
+    logits: torch.Tensor, greedy: torch.Tensor, samplers: Sequence[_RowSampler | None]
+) -> torch.Tensor:
+    tokens = greedy.clone()
     for row, sampler in enumerate(samplers):
         if sampler is not None:
             tokens[row] = sampler.sample(logits[row])

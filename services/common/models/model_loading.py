@@ -32,7 +32,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from stillhouse.common.jobspec import Precision
 from stillhouse.common.models import gguf_cache
+from stillhouse.common.models.precision import compute_dtype
 
 # What of a GGUF model a dequantized copy holds (`gguf_cache`): weights, config and tokenizer, or the
 # tokenizer alone.
@@ -131,6 +133,12 @@ def load_model(
     device = device or default_device()
     model = _read_model(plain_source(source), dtype or default_dtype(device))
     return model.to(device).eval()
+
+
+def load_scoring_model(source: ModelSource, device: torch.device, precision: Precision) -> PreTrainedModel:
+    """A model that answers or scores rather than trains (a local teacher), on `device`, in the dtype
+    `precision` resolves to there (`compute_dtype`)."""
+    return load_model(source, device, compute_dtype(precision, device))
 
 
 def plain_source(source: ModelSource, part: CopyPart = "model") -> ModelSource:

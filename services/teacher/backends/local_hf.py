@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stillhouse.common.jobspec import Precision
 from stillhouse.common.models import model_loading
 from stillhouse.common.models.generation import DecodeRequest, default_stop_ids, generate_batch
 from stillhouse.teacher.backends.base import TeacherBackend
@@ -87,11 +88,16 @@ class LocalHFBackend(TeacherBackend):
     dequantized copy is cached: `gguf_cache`) and happens here, in the constructor.
     Use it from one event loop.
 
+    `precision` (`teacher.precision`) sets the dtype its weights compute in: `auto` is bf16 where the
+    hardware multiplies bf16 natively (`stillhouse.common.models.precision`), float32 elsewhere.
+
     `max_batch_size` is 64 by default: a decoding step costs little more for 64 rows than for 8 (the
     weights are read once per step either way), so on 2 CPU cores SmolLM2 generates about twice the
     tokens per second in batches of 32 as in batches of 8, and 1.2 times more again in batches of 64.
-    `stop_token_ids` defaults to the model's end-of-sequence tokens. `batches_generated` and
-    `calls_generated` count the work done so far.
+    `batch_wait_seconds` is a tenth of a second: a stage's calls reach the backend one by one as they pass
+    the cache and the limits, and a batch takes seconds, so a shorter wait started the demo's teacher with
+    a batch of 1, then 61. `stop_token_ids` defaults to the model's end-of-sequence tokens.
+    `batches_generated` and `calls_generated` count the work done so far.
     """
 
     def __init__(
@@ -100,8 +106,9 @@ class LocalHFBackend(TeacherBackend):
         *,
         name: str | None = None,
         device: str | None = None,
+        precision: Precision = Precision.AUTO,
         max_batch_size: int = 64,
-        batch_wait_seconds: float = 0.005,
+        batch_wait_seconds: float = 0.1,
         stop_token_ids: Iterable[int] | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -110,9 +117,8 @@ class LocalHFBackend(TeacherBackend):
         self.tokenizer: PreTrainedTokenizerBase = model_loading.load_tokenizer(source)
         if not self.tokenizer.chat_template:
             raise ValueError(f"the tokenizer of {source.describe()} has no chat template")
-        self.model: PreTrainedModel = model_loading.load_model(
-            source, torch.device(device) if device else None
-        )
+        on = torch.device(device) if device else model_loading.default_device()
+        self.model: PreTrainedModel = model_loading.load_scoring_model(source, on, precision)
         self.model_info = ModelInfo(
             name=name or model,
             vocab_size=self.model.get_output_embeddings().weight.shape[0],
