@@ -76,6 +76,14 @@ class CalibrationText:
         return sequences
 
 
+def summed(total: Total, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `parts` (float64 figures of this worker) summed over the workers by `total`, in one call,
+    each back in its own shape."""
+    flat = torch.tensor(total(torch.cat([part.reshape(-1) for part in parts]).tolist()), dtype=torch.float64)
+    pieces = flat.split([part.numel() for part in parts])
+    return [piece.reshape(part.shape) for piece, part in zip(pieces, parts, strict=True)]
+
+
 def run_recording(run_model: Callable[[], None], hooks: list[RemovableHandle]) -> None:
     """`run_model` without gradients while the recording `hooks` are on; they are removed after."""
     try:

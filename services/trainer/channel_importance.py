@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from stillhouse.trainer.calibration import CalibrationText, Total, run_recording
+from stillhouse.trainer.calibration import CalibrationText, Total, run_recording, summed
 
 
 def mlp_channel_importance(
@@ -43,9 +43,7 @@ def mlp_channel_importance(
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
     run_recording(run_model, handles)
-    widths = [len(layer_total) for layer_total in totals]
-    summed = torch.tensor(total([*torch.cat(totals).tolist(), *positions.tolist()]), dtype=torch.float64)
-    totals, positions = list(summed[: sum(widths)].split(widths)), summed[sum(widths) :]
+    *totals, positions = summed(total, *totals, positions)
     if not positions.all():
         raise ValueError("no calibration position reached the MLPs")
     return [

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from stillhouse.trainer.calibration import CalibrationText, Total, run_recording
+from stillhouse.trainer.calibration import CalibrationText, Total, run_recording, summed
 
 
 def block_influence(layers: nn.ModuleList, run_model: Callable[[], None], total: Total = list) -> list[float]:
@@ -43,9 +43,7 @@ def block_influence(layers: nn.ModuleList, run_model: Callable[[], None], total:
 
     handles = [layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     run_recording(run_model, handles)
-    totals, positions = torch.tensor(
-        total([*totals.tolist(), *positions.tolist()]), dtype=torch.float64
-    ).split(len(layers))
+    totals, positions = summed(total, totals, positions)
     if not positions.all():
         raise ValueError("no calibration position reached the decoder layers")
     return (totals / positions).tolist()
