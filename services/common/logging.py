@@ -39,3 +39,10 @@ def configure_logging(level: str, fmt: str, *, service: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     structlog.contextvars.bind_contextvars(service=service)
+
+
+def log_without_print() -> None:
+    """Have structlog write its lines to stdout itself. Its default logger prints, and in a Ray Train worker
+    Ray replaces `print` with one that writes each line to stdout and to Train's logger, which writes it to
+    stdout again: every structured line reached the job's log twice."""
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=sys.stdout))

@@ -35,8 +35,7 @@ def outcome_key(output_prefix: str) -> str:
 
 
 def print_progress(record: dict[str, Any]) -> None:
-    # Not through `print`: in a Ray Train worker, Ray replaces it with one that writes each line to
-    # stdout and to Train's logger too, so every progress line reached the job's log twice.
+    # Not through `print`, for the reason that `common.logging.log_without_print` gives.
     sys.stdout.write(PROGRESS_PREFIX + json.dumps(record) + "\n")
     sys.stdout.flush()
 
@@ -45,9 +44,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from stillhouse.common.logging import log_without_print
     from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.train_loop import train_worker
 
+    log_without_print()
     run = run_with_keys(TrainRun, config["run"])
     # Ray sets OMP_NUM_THREADS to the worker's CPUs, which torch may have read before: say it outright.
     torch.set_num_threads(run.training.cpus_per_worker)

@@ -142,6 +142,10 @@ def test_two_workers_learn_and_write_student_and_baseline(jobs, ray_head, train_
         assert "config.json" in files and "tokenizer.json" in files
     ray_state = [item.key for item in object_store.list(f"{run.output_prefix}/ray/")]
     assert ray_state, "Ray Train kept no state in object storage"
+    # Each structured line of the workers reaches the job's log once.
+    job_log = jobs.client.get_job_logs(sub_id).splitlines()
+    committed = [line for line in job_log if "checkpoint committed" in line]
+    assert committed and len(set(committed)) == len(committed), committed
     print(
         f"submit to first step: {steps[0]['arrived'] - submitted:.1f} s, "
         f"{len(steps)} steps in {steps[-1]['arrived'] - steps[0]['arrived']:.1f} s, "
