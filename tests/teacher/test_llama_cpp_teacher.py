@@ -2,8 +2,9 @@
 (the `teacher-server` extra) serving the shipped SmolLM2 GGUF, asked at temperature 0 for top-5
 logprobs on prompts with accented, CJK and emoji text. That server names a token that ends inside a
 UTF-8 character by text alone ("" or " ", `bytes: null`) and collapses alternatives that read alike,
-so ids come from re-tokenising its answers; every one must be exact: the labels spell the answer and
-the teacher's own top-1 agrees with them."""
+so ids come from re-tokenising its answers; every one must be exact: the labels are the very ids that
+llama.cpp picked (read inside llama.cpp, from the same GGUF), they spell the answer, and the teacher's own
+top-1 agrees with them."""
 
 from __future__ import annotations
 
@@ -45,17 +46,21 @@ PROMPTS = [
 ]
 
 
+def _gguf_path() -> Path:
+    source = resolve_model_reference(EMBEDDED_TEACHER)
+    return source.folder / source.gguf_file
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_server(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("llama_cpp.server", reason="needs the teacher-server extra (make test-slow)")
-    source = resolve_model_reference(EMBEDDED_TEACHER)
     port = pick_free_port()
     argv = [
         sys.executable,
         "-m",
         "llama_cpp.server",
         "--model",
-        str(source.folder / source.gguf_file),
+        str(_gguf_path()),
         "--logits_all",
         "true",
         "--host",
@@ -73,6 +78,35 @@ def llama_cpp_server(tmp_path_factory: pytest.TempPathFactory):
         "llama-cpp-python's server", argv, log_path, lambda: http_ok(f"{root}/v1/models"), timeout=120
     ):
         yield f"{root}/v1"
+
+
+def _greedy_token_ids() -> list[list[int]]:
+    """The ids the same GGUF picks for each prompt, read inside llama.cpp itself: its chat completion, as
+    the server runs it, with a hook that sees every decoding step's logits and the ids fed in so far."""
+    from llama_cpp import Llama, LogitsProcessorList
+
+    llama = Llama(model_path=str(_gguf_path()), n_ctx=2048, logits_all=True, verbose=False)
+    picked = []
+    for prompt in PROMPTS:
+        steps: list[tuple[list[int], int]] = []
+
+        def record(input_ids, scores, steps=steps):
+            steps.append((input_ids.tolist(), int(np.argmax(scores))))
+            return scores
+
+        llama.create_chat_completion(
+            [{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=48,
+            repeat_penalty=1.0,
+            logits_processor=LogitsProcessorList([record]),
+        )
+        prompt_length = len(steps[0][0])
+        fed, last = steps[-1]
+        # At temperature 0 each step takes its argmax, which the next step is fed.
+        assert fed[prompt_length:] == [best for _, best in steps[:-1]]
+        picked.append([*fed[prompt_length:], last])
+    return picked
 
 
 async def _answers(base_url: str, tokenizer_dir: Path):
@@ -107,13 +141,17 @@ async def _answers(base_url: str, tokenizer_dir: Path):
 def test_llama_cpp_server_as_the_teacher_gives_exact_ids(llama_cpp_server: str, tokenizer_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     results = asyncio.run(_answers(llama_cpp_server, tokenizer_dir))
+    greedy = _greedy_token_ids()
 
     failures = [result for result in results if isinstance(result, TeacherCallError)]
     assert not failures, failures
-    agree = known_positions = masked = slots = stops = positions = non_canonical = 0
+    agree = known_positions = masked = slots = stops = positions = 0
+    non_canonical: list[str] = []
     sources = set()
-    for answer in results:
+    for answer, picked in zip(results, greedy, strict=True):
         logprobs = answer.logprobs
+        # The labels are the tokens the model picked, stop token included when it stopped.
+        assert logprobs.token_ids.tolist() == picked, (answer.text, picked)
         sources.add(answer.token_id_source)
         sent = logprobs.num_tokens - int(answer.stop_token_added)
         generated = logprobs.token_ids[:sent].tolist()
@@ -124,7 +162,11 @@ def test_llama_cpp_server_as_the_teacher_gives_exact_ids(llama_cpp_server: str, 
             stops += 1
         # The model may generate a split of a word that the tokenizer would not make ("j" "eur" for
         # "jeur"): its labels must be what it generated, so they differ from the text's encoding there.
-        non_canonical += generated != tokenizer.encode(answer.text, add_special_tokens=False)
+        encoded = tokenizer.encode(answer.text, add_special_tokens=False)
+        if generated != encoded:
+            first = next(i for i, (a, b) in enumerate(zip(generated, encoded, strict=False)) if a != b)
+            spans = (tokenizer.convert_ids_to_tokens(ids[first : first + 3]) for ids in (generated, encoded))
+            non_canonical.append("{} where the text encodes as {}".format(*spans))
         top_known = logprobs.topk_ids[:sent, 0] != -1
         known_positions += int(top_known.sum())
         agree += int((logprobs.topk_ids[:sent, 0] == logprobs.token_ids[:sent])[top_known].sum())
@@ -139,7 +181,7 @@ def test_llama_cpp_server_as_the_teacher_gives_exact_ids(llama_cpp_server: str, 
         f"ids from {sorted(source.value for source in sources)}; self top-1 agreement {agreement:.4f} "
         f"on {known_positions} positions with a known top alternative; masked alternatives "
         f"{masked}/{slots} = {masked / slots:.2%}; stop labels added {stops}; answers whose generated "
-        f"tokens are not the text's own encoding {non_canonical}; "
+        f"tokens are not the text's own encoding {len(non_canonical)} ({'; '.join(non_canonical)}); "
         f"top-1 mismatches {mismatches}"
     )
     assert sources == {TokenIdSource.RETOKENIZED}
