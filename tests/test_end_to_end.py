@@ -128,6 +128,8 @@ def test_the_example_distils_smollm2_into_a_student_ahead_of_its_untrained_self(
     assert report["recovery"]["gap_closed"]["kl"] >= 50
     assert student["top1_agreement"] >= 0.5
     assert student["kl"] < control["kl"] and student["top1_agreement"] > control["top1_agreement"]
+    # The KL lead holds across the held-out answers: its whole interval is below 0.
+    assert report["leads"]["control-sft"]["kl"]["high"] < 0
     # A real compression: at most half of the teacher's non-embedding parameters.
     assert report["model_size"]["student_to_teacher"] <= 0.5
     # Its greedy answers do not loop: repeated 4-grams at most twice as often as in the teacher's.

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stillhouse.client.events import JobEvent, PhaseEvent, ProgressEvent
-from stillhouse.common.headline import gap_closed_sentence
+from stillhouse.common.headline import gap_closed_sentence, lead_sentence
 
 PHASE_STYLES = {
     "Pending": "dim",
@@ -309,6 +309,8 @@ def job_outcome(job: dict[str, Any]) -> RenderableType | None:
     if evaluation:
         headline = gap_closed_sentence(evaluation.get("gapClosed") or {})
         parts += [evaluation_table(evaluation), Text(headline, style="bold")]
+        if lead := lead_sentence(evaluation.get("controlSftLead") or {}, "the SFT control"):
+            parts.append(Text(lead))
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()

@@ -94,6 +94,15 @@ class AnswerSample(WireModel):
     control_sft: str | None = Field(default=None, description="The SFT control's, when it was trained.")
 
 
+class PairedLead(WireModel):
+    """The student's figure minus another model's on the same held-out answers, with its 95% interval
+    from a bootstrap that resamples whole answers."""
+
+    difference: float
+    low: float
+    high: float
+
+
 class EvaluationSummary(WireModel):
     recovery_percent: float = Field(
         description="The headline: the share of the gap from a context-free unigram to the teacher that the "
@@ -114,6 +123,11 @@ class EvaluationSummary(WireModel):
     baseline: dict[str, float] = Field(description="The student before training.")
     control_sft: dict[str, float] | None = Field(
         default=None, description="The SFT control, when `evaluation.controls` lists `sft`."
+    )
+    control_sft_lead: dict[str, PairedLead] | None = Field(
+        default=None,
+        description="The student's lead over the SFT control by metric (`kl`, `top1_agreement`), when it was "
+        "trained and the student shares the teacher's vocabulary.",
     )
     teacher: dict[str, float]
     samples: list[AnswerSample] = Field(

@@ -30,3 +30,29 @@ def gap_closed_sentence(gap_closed: Mapping[str, float | None]) -> str:
         opening.format(share("token_f1"))
         + " on the token F1 of its greedy answers (KL and top-1 agreement are not defined here)."
     )
+
+
+# The metrics a lead is told on, with their names in words and whether lower is better.
+_LEAD_METRICS = (("kl", "KL", True), ("top1_agreement", "top-1 agreement", False))
+
+
+def lead_sentence(leads: Mapping[str, Mapping[str, float]], other: str) -> str:
+    """The student's lead over `other` in words, from its difference and 95% interval per metric (see
+    `stillhouse.trainer.paired_lead`); "" when there is none."""
+    parts = []
+    for metric, label, lower_is_better in _LEAD_METRICS:
+        lead = leads.get(metric)
+        if not lead:
+            continue
+        below, above = lead["high"] < 0, lead["low"] > 0
+        if below or above:
+            verdict = "ahead" if below == lower_is_better else "behind"
+        else:
+            verdict = "no clear difference"
+        parts.append(
+            f"{label} {lead['difference']:+.3f} (95% interval {lead['low']:+.3f} to {lead['high']:+.3f}: "
+            f"{verdict})"
+        )
+    if not parts:
+        return ""
+    return f"Against {other}, paired over the held-out answers: " + ", ".join(parts) + "."

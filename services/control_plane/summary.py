@@ -17,6 +17,7 @@ from stillhouse.trainer.v1 import trainer_pb2
 
 # The texts of a held-out answer sample that every evaluation has (the SFT control's only when trained).
 SAMPLE_FIELDS = ("prompt_id", "prompt", "teacher", "baseline", "student")
+LEAD_FIELDS = ("difference", "low", "high")
 LEDGER_FIELDS = ("requests", "cached_requests", "prompt_tokens", "completion_tokens", "cost_usd")
 # How the teacher's token ids were captured (the teacher ledger's counts).
 CAPTURE_FIELDS = ("alternative_slots", "masked_alternatives", "top1_mismatches", "stop_tokens_added")
@@ -68,6 +69,10 @@ def _evaluation(result: trainer_pb2.EvaluateStudentResult) -> dict[str, Any]:
     }
     if result.control_sft_metrics:
         evaluation["control_sft"] = dict(result.control_sft_metrics)
+    if result.control_sft_lead:
+        evaluation["control_sft_lead"] = {
+            metric: _fields(lead, LEAD_FIELDS) for metric, lead in result.control_sft_lead.items()
+        }
     evaluation["samples"] = [
         # An empty answer of a trained control is an answer; without the control there is none.
         {

@@ -70,9 +70,10 @@ from stillhouse.trainer.failures import UserFixableError
 from stillhouse.trainer.losses import IGNORE_INDEX, SparseTeacher, distillation_loss
 from stillhouse.trainer.model_card import CardSettings, card_settings
 from stillhouse.trainer.model_size import non_embedding_parameters
+from stillhouse.trainer.paired_lead import per_token_lead
 from stillhouse.trainer.publish import MODEL_CARD, is_committed, publish_student
 from stillhouse.trainer.references import ContextFreeModel, uniform_model, unigram_counts, unigram_model
-from stillhouse.trainer.run_config import AnswerSample, EvaluateRun, EvaluationOutcome
+from stillhouse.trainer.run_config import AnswerSample, EvaluateRun, EvaluationOutcome, PairedLead
 from stillhouse.trainer.student_init import check_tokenizers, teacher_tokenizer
 
 log = structlog.get_logger(__name__)
@@ -321,6 +322,8 @@ class EvaluationError(UserFixableError):
 Progress = Callable[[str, int, int], None]
 
 TRAINED_MODELS = ("baseline", "control-sft", "student")
+# Trained beside the student with the same steps and tokens: the student's lead over each is reported.
+CONTROL_MODELS = ("control-sft",)
 REFERENCE_MODELS = ("uniform", "unigram")
 
 
@@ -427,26 +430,58 @@ def teacher_forced_totals(
     pad_token_id: int,
     tokens_per_pass: int,
     advance: Callable[[int], None],
-) -> TokenTotals:
-    """Token-level totals of `model` on the held-out answers, packed into passes of at most
-    `tokens_per_pass` positions (examples never attend to each other: see `data`)."""
+) -> list[TokenTotals]:
+    """Token-level totals of `model` on each held-out answer (in the order of `holdout.answers`), packed
+    into passes of at most `tokens_per_pass` positions (examples never attend to each other: see
+    `data`)."""
     answers = holdout.answers
     longest = max(answer.positions for answer in answers)
     order = sorted(range(len(answers)), key=lambda index: answers[index].positions)
-    totals = TokenTotals()
+    per_answer = [TokenTotals()] * len(answers)
     for row in data.pack_rows(answers, order, max(tokens_per_pass, longest)):
         batch = data.collate(
             answers, [row], pad_token_id=pad_token_id, teacher_k=holdout.topk if holdout.token_level else None
         ).to(model.device)
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        teacher = (
-            SparseTeacher(batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail)
-            if holdout.token_level
-            else None
-        )
-        totals += model_token_totals(logits, batch.labels, teacher)
+        start = 0
+        for index in row:
+            span = slice(start, start + answers[index].positions)
+            teacher = (
+                SparseTeacher(
+                    batch.teacher_ids[:, span], batch.teacher_logprobs[:, span], batch.teacher_tail[:, span]
+                )
+                if holdout.token_level
+                else None
+            )
+            per_answer[index] = model_token_totals(logits[:, span], batch.labels[:, span], teacher)
+            start = span.stop
         advance(len(row))
-    return totals
+    return per_answer
+
+
+def summed(per_answer: Iterable[TokenTotals]) -> TokenTotals:
+    return sum(per_answer, TokenTotals())
+
+
+def student_lead(student: Sequence[TokenTotals], other: Sequence[TokenTotals]) -> dict[str, PairedLead]:
+    """The student's lead over `other` (a control trained beside it) on KL and top-1 agreement, paired
+    over the held-out answers (see `paired_lead`); empty where those are not defined."""
+    compared = np.array([totals.compared for totals in student], np.float64)
+    leads = {}
+    for metric, read in (("kl", _kl_of), ("top1_agreement", _top1_matches_of)):
+        figures = [np.array([read(totals) for totals in model]) for model in (student, other)]
+        lead = per_token_lead(*figures, compared)
+        if lead is not None:
+            leads[metric] = lead
+    return leads
+
+
+def _kl_of(totals: TokenTotals) -> float:
+    return totals.kl or 0.0
+
+
+def _top1_matches_of(totals: TokenTotals) -> float:
+    return float(totals.top1_matches or 0)
 
 
 def greedy_answers(
@@ -474,10 +509,11 @@ def greedy_answers(
 
 @dataclass(frozen=True)
 class ModelEvaluation:
-    """What one model did on the held-out answers: its figures, and its greedy answer to each prompt (in
-    the order of `Holdout.answers`)."""
+    """What one model did on the held-out answers: its figures, and its token-level totals and greedy
+    answer for each prompt (in the order of `Holdout.answers`)."""
 
     metrics: dict[str, float]
+    per_answer: list[TokenTotals]
     answers: list[str]
 
 
@@ -493,7 +529,7 @@ def evaluate_model(
     model = load_model(ModelSource(folder), device)
     try:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        totals = teacher_forced_totals(model, holdout, pad_token_id, settings.tokens_per_pass, advance)
+        per_answer = teacher_forced_totals(model, holdout, pad_token_id, settings.tokens_per_pass, advance)
         predictions = greedy_answers(model, tokenizer, holdout, settings.generation_batch, advance)
     finally:
         del model
@@ -501,7 +537,9 @@ def evaluate_model(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return ModelEvaluation(
-        totals.metrics() | greedy_answer_metrics(predictions, holdout.references), predictions
+        summed(per_answer).metrics() | greedy_answer_metrics(predictions, holdout.references),
+        per_answer,
+        predictions,
     )
 
 
@@ -518,7 +556,9 @@ def context_free_metrics(
     token (`has_top_token`; the uniform has none), top-1 agreement and the figures of its greedy answer,
     which is that token repeated up to each answer's budget (empty when the token ends a turn)."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    figures = teacher_forced_totals(model, holdout, pad_token_id, settings.tokens_per_pass, advance).metrics()
+    figures = summed(
+        teacher_forced_totals(model, holdout, pad_token_id, settings.tokens_per_pass, advance)
+    ).metrics()
     if not has_top_token:
         figures.pop("top1_agreement", None)
         return figures
@@ -621,6 +661,8 @@ def run_evaluation(run: EvaluateRun, progress: Progress) -> EvaluationOutcome:
         gap_closed={
             metric: value for metric, value in document["recovery"]["gap_closed"].items() if value is not None
         },
+        # A report committed before it kept leads has none.
+        control_sft_lead=document.get("leads", {}).get("control-sft", {}),
         # A report committed before it kept samples has none.
         samples=[AnswerSample.model_validate(sample) for sample in document.get("samples", [])],
     )
@@ -702,11 +744,21 @@ def _evaluate(
         ),
     }
     answers: dict[str, list[str]] = {}
+    per_answer: dict[str, list[TokenTotals]] = {}
     for name, folder in folders.items():
         evaluated = evaluate_model(folder, tokenizer, holdout, device, settings, work.advancing(name))
         metrics[name], answers[name] = evaluated.metrics, evaluated.answers
+        per_answer[name] = evaluated.per_answer
         log.info("model evaluated", model=name, **metrics[name])
     metrics["teacher"] = teacher_metrics(holdout)
+    leads = {
+        name: {
+            metric: lead.model_dump()
+            for metric, lead in student_lead(per_answer["student"], per_answer[name]).items()
+        }
+        for name in CONTROL_MODELS
+        if name in per_answer and holdout.token_level
+    }
     return _report_document(
         run,
         holdout,
@@ -715,6 +767,7 @@ def _evaluate(
             [holdout.rows[answer.prompt_id] for answer in holdout.answers], holdout.references, answers
         ),
         training_log,
+        leads,
         card=card_settings(_read_text(student_folder / MODEL_CARD)),
         student_config=student_config,
         device=device,
@@ -772,13 +825,14 @@ def _report_document(
     metrics: dict[str, dict[str, float]],
     samples: list[dict[str, str]],
     training_log: list[dict[str, Any]],
+    leads: dict[str, dict[str, dict[str, float]]],
     *,
     card: CardSettings | None,
     student_config: PretrainedConfig,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The report document of the figures of every model; `card`: what the student's model card says of
-    its training."""
+    """The report document of the figures of every model; `leads`: the student's over each control
+    (`student_lead`); `card`: what the student's model card says of its training."""
     lead = headline(metrics["unigram"], metrics["student"], metrics["teacher"])
     response_tokens = sum(len(answer.response_ids) for answer in holdout.answers)
     return report.build_report(
@@ -809,6 +863,7 @@ def _report_document(
         },
         metrics=metrics,
         recovery=lead.as_dict(),
+        leads=leads,
         samples=samples,
         training_log=training_log,
         notes=_report_notes(run, holdout, lead),

@@ -28,6 +28,7 @@ import jinja2
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from stillhouse.common.headline import lead_sentence
 from stillhouse.common.jobspec import TeacherSpec, TrainingSpec
 from stillhouse.trainer.answer_samples import SAMPLE_CHARACTERS, sample_key
 
@@ -208,13 +209,15 @@ def build_report(
     metrics: Mapping[str, Mapping[str, float]],
     recovery: Mapping[str, Any],
     training_log: Sequence[Mapping[str, Any]],
+    leads: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
     notes: Sequence[str] = (),
     samples: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     """The report as JSON-ready data. `student`: where the models are (artifacts, init); `model_size`:
     non-embedding parameter counts (`evaluation.model_sizes`); `data`: dataset ids and sizes;
     `evaluation`: its settings; `metrics`: per model of MODELS that was evaluated, metric key -> value;
-    `recovery`: the headline (percent, metric, gap_closed per metric, sentence, definition); `notes`: what
+    `recovery`: the headline (percent, metric, gap_closed per metric, sentence, definition); `leads`: per
+    control trained beside the student, the student's lead on each metric with its interval; `notes`: what
     could not be measured, and why; `samples`: the first held-out answers side by side (prompt_id, prompt,
     teacher, baseline, student, control_sft when it was trained)."""
     return {
@@ -234,6 +237,7 @@ def build_report(
             if any(key in metrics[model] for model in models_in(metrics))
         },
         "recovery": dict(recovery),
+        "leads": {control: dict(lead) for control, lead in (leads or {}).items()},
         "training": training_summary(training_log),
         "notes": list(notes),
         "samples": [dict(sample) for sample in samples],
@@ -381,6 +385,8 @@ def _page_context(report: Mapping[str, Any]) -> dict[str, Any]:
         "sections": [(title, flat_items(report[key] or {})) for title, key in _SECTIONS],
         "models": [MODEL_LABELS[model] for model in models_in(report["metrics"])],
         "model_size": model_size_sentence(report["model_size"]),
+        # A report written before it kept leads has none.
+        "control_lead": lead_sentence(report.get("leads", {}).get("control-sft", {}), "the SFT control"),
         "rows": metric_rows(report["metrics"]),
         "definitions": [
             (metric.label, report["metric_definitions"][metric.key])

@@ -127,6 +127,17 @@ class AnswerSample(BaseModel):
     control_sft: str | None = None  # when the SFT control was trained
 
 
+class PairedLead(BaseModel):
+    """The student's figure minus another model's on the same held-out answers, and the interval around it
+    (see `paired_lead`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    difference: float
+    low: float
+    high: float
+
+
 class EvaluationOutcome(BaseModel):
     # An undefined recovery (NaN) stays NaN in the outcome's JSON, where pydantic would write null.
     model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
@@ -141,6 +152,8 @@ class EvaluationOutcome(BaseModel):
     reference_metrics: dict[str, dict[str, float]]
     gap_closed: dict[str, float]  # the share of the unigram's gap closed, per metric where defined
     samples: list[AnswerSample] = Field(default_factory=list)  # the first held-out prompts, answered
+    # The student's lead over the SFT control per metric, when that control was trained.
+    control_sft_lead: dict[str, PairedLead] = Field(default_factory=dict)
 
 
 class TrainingError(UserFixableError):

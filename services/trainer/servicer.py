@@ -184,6 +184,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                     unigram_metrics=references.get("unigram", {}),
                     control_sft_metrics=references.get("control-sft", {}),
                     gap_closed_percent=outcome.gap_closed,
+                    control_sft_lead={
+                        metric: trainer_pb2.PairedLead(**lead.model_dump())
+                        for metric, lead in outcome.control_sft_lead.items()
+                    },
                     samples=[
                         trainer_pb2.AnswerSample(**sample.model_dump(exclude_none=True))
                         for sample in outcome.samples

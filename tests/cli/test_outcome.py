@@ -66,6 +66,24 @@ def test_the_sft_control_is_a_column_when_it_was_trained() -> None:
     lines = rendered({**JOB, "summary": {**JOB["summary"], "evaluation": evaluation}})
     assert "metric uniform unigram untrained SFT control student teacher" in lines, lines
     assert "kl 9.1 5 15 3.79 3.64 0" in lines, lines
+    assert not any(line.startswith("Against the SFT control") for line in lines)
+
+
+def test_the_lead_over_the_sft_control_is_told_with_its_intervals() -> None:
+    lead = {
+        "kl": {"difference": -0.15, "low": -0.21, "high": -0.09},
+        "top1_agreement": {"difference": 0.001, "low": -0.012, "high": 0.013},
+    }
+    evaluation = {
+        **JOB["summary"]["evaluation"],
+        "controlSft": {"kl": 3.79, "top1_agreement": 0.199},
+        "controlSftLead": lead,
+    }
+    text = " ".join(rendered({**JOB, "summary": {**JOB["summary"], "evaluation": evaluation}}))
+    assert (
+        "Against the SFT control, paired over the held-out answers: KL -0.150 (95% interval -0.210 to "
+        "-0.090: ahead), top-1 agreement +0.001 (95% interval -0.012 to +0.013: no clear difference)."
+    ) in text
 
 
 def test_no_outcome_before_any_stage_finished() -> None:

@@ -110,6 +110,23 @@ def test_a_trained_sft_control_answers_even_when_its_answer_is_empty():
     ]
 
 
+def test_the_lead_over_the_sft_control_comes_through_typed():
+    lead = trainer_pb2.PairedLead(difference=-0.25, low=-0.5, high=0.125)
+    result = trainer_pb2.EvaluateStudentResult(
+        student_metrics={"kl": 1.0}, control_sft_metrics={"kl": 1.25}, control_sft_lead={"kl": lead}
+    )
+
+    evaluation = job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]
+
+    assert evaluation["control_sft_lead"] == {"kl": {"difference": -0.25, "low": -0.5, "high": 0.125}}
+    assert EvaluationSummary.model_validate(evaluation).control_sft_lead["kl"].high == 0.125
+    no_control = trainer_pb2.EvaluateStudentResult(student_metrics={"kl": 1.0})
+    summary = EvaluationSummary.model_validate(
+        job_summary([_succeeded(Stage.EVALUATE, no_control)])["evaluation"]
+    )
+    assert summary.control_sft_lead is None
+
+
 def test_an_evaluation_without_samples_has_none():
     result = trainer_pb2.EvaluateStudentResult(student_metrics={"kl": 1.0}, teacher_metrics={"kl": 0.0})
     evaluation = job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]

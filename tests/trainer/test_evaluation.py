@@ -3,6 +3,7 @@ a held-out answers dataset written by a tiny teacher."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -32,8 +33,11 @@ from stillhouse.trainer.evaluation import (
     headline,
     model_token_totals,
     normalize_answer,
+    prepare_holdout,
     repeated_ngram_share,
     run_evaluation,
+    summed,
+    teacher_forced_totals,
     teacher_token_totals,
     token_f1,
     top1_matches,
@@ -357,6 +361,36 @@ def _samples_in_holdout_order(store: ObjectStore, samples: list[AnswerSample]) -
     return rows
 
 
+def test_each_answers_totals_are_its_own_when_answers_share_a_pass(
+    object_store: ObjectStore, models: dict[str, Path], holdout: str
+):
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    answers = prepare_holdout(
+        list(read_answer_rows(object_store, holdout)),
+        answers_topk(object_store, holdout),
+        tokenizer,
+        None,
+        max_seq_len=256,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    model = AutoModelForCausalLM.from_pretrained(models["a"])
+    passes: list[int] = []
+    packed = teacher_forced_totals(model, answers, 0, 100_000, passes.append)
+    assert max(passes) == len(answers.answers), "every answer in one pass"
+    alone = [
+        teacher_forced_totals(model, dataclasses.replace(answers, answers=[answer]), 0, 1, lambda _: None)[0]
+        for answer in answers.answers
+    ]
+    for together, by_itself in zip(packed, alone, strict=True):
+        assert together.tokens == by_itself.tokens > 0 and together.compared == by_itself.compared
+        assert together.top1_matches == by_itself.top1_matches
+        assert together.kl == pytest.approx(by_itself.kl, rel=1e-4)
+        assert together.nll == pytest.approx(by_itself.nll, rel=1e-4)
+    assert summed(packed).metrics() == pytest.approx(summed(alone).metrics(), rel=1e-5)
+    # The answers' figures differ from each other, so a mix-up of their spans would show.
+    assert len({round(totals.nll, 3) for totals in packed}) == len(packed)
+
+
 def test_a_student_that_is_the_teacher_closes_all_of_the_gap(
     tmp_path: Path,
     object_store: ObjectStore,
@@ -430,6 +464,7 @@ def test_a_student_that_is_the_teacher_closes_all_of_the_gap(
     prompts = [sample.prompt for sample in outcome.samples]
     assert [sample.baseline for sample in outcome.samples] == _greedy_answers(models["a"], prompts)
     assert all(sample.control_sft is None for sample in outcome.samples)
+    assert outcome.control_sft_lead == {}
     assert document["samples"] == [sample.model_dump(exclude_none=True) for sample in outcome.samples]
     assert len(document["samples"]) == len(rows)
     html = object_store.get_bytes("jobs/job-1/evaluate/report/report.html").decode()
@@ -501,7 +536,17 @@ def test_a_random_student_closes_no_gap_and_the_sft_control_is_evaluated_like_it
     # The SFT control (here the teacher's own weights) is a row of its own, measured like the student.
     control = outcome.reference_metrics["control-sft"]
     assert control["kl"] < 0.01 and control["top1_agreement"] == 1.0 and control["exact_match"] == 1.0
+    # The student's lead over the control is the difference of their rows, and it is clear: behind on
+    # both, with intervals that stay on the losing side of 0.
+    kl, top1 = outcome.control_sft_lead["kl"], outcome.control_sft_lead["top1_agreement"]
+    assert kl.difference == pytest.approx(student["kl"] - control["kl"], rel=1e-9)
+    assert top1.difference == pytest.approx(student["top1_agreement"] - 1.0, rel=1e-9)
+    assert 0 < kl.low < kl.difference < kl.high
+    assert top1.low <= top1.difference <= top1.high < 0
     document = json.loads(object_store.get_bytes("jobs/job-2/evaluate/report/report.json"))
+    assert document["leads"] == {
+        "control-sft": {metric: lead.model_dump() for metric, lead in outcome.control_sft_lead.items()}
+    }
     assert list(document["metrics"]) == [
         "uniform",
         "unigram",
@@ -523,6 +568,7 @@ def test_a_random_student_closes_no_gap_and_the_sft_control_is_evaluated_like_it
     assert document["samples"] == [sample.model_dump() for sample in outcome.samples]
     markdown = object_store.get_bytes("jobs/job-2/evaluate/report/report.md").decode()
     assert "| Metric | Uniform | Unigram | Untrained student | SFT control | Student | Teacher |" in markdown
+    assert f"Against the SFT control, paired over the held-out answers: KL {kl.difference:+.3f}" in markdown
 
 
 def test_with_another_tokenizer_kl_and_top1_are_omitted(

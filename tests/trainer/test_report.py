@@ -90,7 +90,9 @@ CARD_DATA = {
 }
 
 
-def _report(training_log: list[dict] = TRAINING_LOG, samples: list[dict] = SAMPLES) -> dict:
+def _report(
+    training_log: list[dict] = TRAINING_LOG, samples: list[dict] = SAMPLES, leads: dict | None = None
+) -> dict:
     return report.build_report(
         job_id="job-7",
         teacher=TEACHER,
@@ -102,6 +104,7 @@ def _report(training_log: list[dict] = TRAINING_LOG, samples: list[dict] = SAMPL
         metrics=METRICS,
         recovery=RECOVERY,
         training_log=training_log,
+        leads=leads,
         notes=["Held-out answers: 21 rows read, 20 kept."],
         samples=samples,
     )
@@ -249,9 +252,24 @@ def test_the_sft_control_answers_beside_the_others_when_it_was_trained():
     assert "**SFT control**\n\n> Eleven.\n" in report.render_markdown(document, has_curve=False)
 
 
-def test_a_report_written_before_it_kept_samples_still_renders(tmp_path: Path):
-    document = _report()
+def test_pages_tell_the_students_lead_over_the_sft_control_when_there_is_one(tmp_path: Path):
+    lead = {"kl": {"difference": -0.4, "low": -0.45, "high": -0.35}}
+    report.write_report(tmp_path, _report(leads={"control-sft": lead}), TRAINING_LOG)
+    told = (
+        "Against the SFT control, paired over the held-out answers: "
+        "KL -0.400 (95% interval -0.450 to -0.350: ahead)."
+    )
+    for page in ("report.md", "report.html"):
+        assert told in (tmp_path / page).read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["leads"] == {"control-sft": lead}
+    report.write_report(tmp_path / "none", _report(), TRAINING_LOG)
+    assert "Against the SFT control" not in (tmp_path / "none" / "report.md").read_text()
+
+
+def test_a_report_written_before_it_kept_samples_or_leads_still_renders(tmp_path: Path):
+    document = _report(leads={"control-sft": {"kl": {"difference": -0.4, "low": -0.45, "high": -0.35}}})
     del document["samples"]
+    del document["leads"]
     report.write_report(tmp_path, document, TRAINING_LOG)
     for page in ("report.md", "report.html"):
         text = (tmp_path / page).read_text()

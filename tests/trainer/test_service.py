@@ -278,7 +278,7 @@ def test_evaluate_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, t
     assert published.artifact_id != refs["student"].artifact_id and published.sha256 and published.size_bytes
     assert evaluation.student_metrics and evaluation.baseline_metrics and evaluation.teacher_metrics
     assert "kl" in evaluation.unigram_metrics and "kl" in evaluation.uniform_metrics
-    assert not evaluation.control_sft_metrics  # none listed
+    assert not evaluation.control_sft_metrics and not evaluation.control_sft_lead  # none listed
     assert evaluation.gap_closed_percent["kl"] == pytest.approx(evaluation.recovery_percent)
     # Both held-out prompts side by side, in order, with the teacher's answers; no control was trained.
     holdout_rows = list(read_answer_rows(service.store, HOLDOUT))

@@ -94,7 +94,7 @@ class EvaluateStudentRequest(_message.Message):
     def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., holdout_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training_answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateStudentResult(_message.Message):
-    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics", "uniform_metrics", "unigram_metrics", "control_sft_metrics", "gap_closed_percent", "samples")
+    __slots__ = ("report", "recovery_percent", "student_metrics", "baseline_metrics", "student", "teacher_metrics", "uniform_metrics", "unigram_metrics", "control_sft_metrics", "gap_closed_percent", "samples", "control_sft_lead")
     class StudentMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,13 @@ class EvaluateStudentResult(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ControlSftLeadEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PairedLead
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PairedLead, _Mapping]] = ...) -> None: ...
     REPORT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     STUDENT_METRICS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +162,7 @@ class EvaluateStudentResult(_message.Message):
     CONTROL_SFT_METRICS_FIELD_NUMBER: _ClassVar[int]
     GAP_CLOSED_PERCENT_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SFT_LEAD_FIELD_NUMBER: _ClassVar[int]
     report: _operations_pb2.ArtifactRef
     recovery_percent: float
     student_metrics: _containers.ScalarMap[str, float]
@@ -166,7 +174,18 @@ class EvaluateStudentResult(_message.Message):
     control_sft_metrics: _containers.ScalarMap[str, float]
     gap_closed_percent: _containers.ScalarMap[str, float]
     samples: _containers.RepeatedCompositeFieldContainer[AnswerSample]
-    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ..., uniform_metrics: _Optional[_Mapping[str, float]] = ..., unigram_metrics: _Optional[_Mapping[str, float]] = ..., control_sft_metrics: _Optional[_Mapping[str, float]] = ..., gap_closed_percent: _Optional[_Mapping[str, float]] = ..., samples: _Optional[_Iterable[_Union[AnswerSample, _Mapping]]] = ...) -> None: ...
+    control_sft_lead: _containers.MessageMap[str, PairedLead]
+    def __init__(self, report: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., recovery_percent: _Optional[float] = ..., student_metrics: _Optional[_Mapping[str, float]] = ..., baseline_metrics: _Optional[_Mapping[str, float]] = ..., student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., teacher_metrics: _Optional[_Mapping[str, float]] = ..., uniform_metrics: _Optional[_Mapping[str, float]] = ..., unigram_metrics: _Optional[_Mapping[str, float]] = ..., control_sft_metrics: _Optional[_Mapping[str, float]] = ..., gap_closed_percent: _Optional[_Mapping[str, float]] = ..., samples: _Optional[_Iterable[_Union[AnswerSample, _Mapping]]] = ..., control_sft_lead: _Optional[_Mapping[str, PairedLead]] = ...) -> None: ...
+
+class PairedLead(_message.Message):
+    __slots__ = ("difference", "low", "high")
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    difference: float
+    low: float
+    high: float
+    def __init__(self, difference: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
 
 class AnswerSample(_message.Message):
     __slots__ = ("prompt_id", "prompt", "teacher", "baseline", "student", "control_sft")
