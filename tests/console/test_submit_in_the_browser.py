@@ -8,8 +8,9 @@ import re
 
 import pytest
 from console_browser import screenshot
-from console_principals import TOKENS
+from console_principals import TOKENS, job_document
 from playwright.sync_api import expect
+from waiting import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -64,4 +65,31 @@ def test_a_user_estimates_submits_and_resubmits_the_example_job(start_console_pl
     expect(browser.locator("#from-job")).to_contain_text(job_id)
     expect(browser.locator("#spec")).to_have_value(re.compile(r"pruneTeacherDepth: 15"))
 
+    assert [message for message in problems.messages if not NETWORK_NOISE.search(message)] == []
+
+
+def test_a_job_with_an_sft_control_tells_the_students_lead_over_it(start_console_platform, page):
+    platform = start_console_platform(every_stage=True, stage_seconds=1)
+    browser, problems = page
+    document = job_document("with-control")
+    document["spec"]["evaluation"] = {"controls": ["sft"]}
+    with platform.api("bob") as api:
+        response = api.post("/v1/jobs", json=document)
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        wait_until(
+            lambda: api.get(f"/v1/jobs/{job_id}").json()["phase"] == "Succeeded", 60, "the job to succeed"
+        )
+
+    browser.goto(f"{platform.url}/login?next=%2Fjobs%2F{job_id}")
+    browser.fill("#token", TOKENS["bob"])
+    browser.click("#login-submit")
+    expect(browser.locator("#headline")).to_have_text(
+        "The student closes 87.5% of the unigram-to-teacher gap on KL, 60.0% on top-1. Against the SFT "
+        "control, paired over the held-out answers: KL -0.125 (95% interval -0.200 to -0.050: ahead), "
+        "top-1 agreement +0.050 (95% interval -0.010 to +0.110: no clear difference)."
+    )
+    expect(browser.locator('#evaluation-table tr[data-row="controlSft"] td[data-metric="kl"]')).to_have_text(
+        "0.75"
+    )
     assert [message for message in problems.messages if not NETWORK_NOISE.search(message)] == []

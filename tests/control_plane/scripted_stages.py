@@ -3,8 +3,9 @@ DeletePrefix, for orchestrator tests.
 
 The real stage services do not do their work yet; this stands in for them over real gRPC, built on the
 same operation registry and server bootstrap they use. Each stage takes STAGE_SECONDS, reports progress,
-and returns a well-formed result; the trainer's submit-time check finds nothing. Every Start call is
-appended to the journal file as a JSON line ({"rpc", "operation_id", "new"}), and every cancelled
+and returns a well-formed result (with an SFT control when the spec lists one); the trainer's submit-time
+check finds nothing. Every Start call is appended to the journal file as a JSON line ({"rpc",
+"operation_id", "new"}), and every cancelled
 operation as {"cancelled": operation_id}, so a test can prove that no work ran twice and that a cancel
 reached the service; a DeletePrefix as {"rpc": "DeletePrefix", "prefix": prefix}.
 
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from stillhouse.common.config import GrpcServiceSettings
 from stillhouse.common.grpc_server import ServiceBinding, run_grpc_service
@@ -142,6 +144,14 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
                     )
                 ],
             )
+            if "sft" in json_format.MessageToDict(request.evaluation).get("controls", []):
+                result.control_sft_metrics.update({"kl": 0.75, "top1_agreement": 0.55})
+                result.control_sft_lead["kl"].CopyFrom(
+                    trainer_pb2.PairedLead(difference=-0.125, low=-0.2, high=-0.05)
+                )
+                result.control_sft_lead["top1_agreement"].CopyFrom(
+                    trainer_pb2.PairedLead(difference=0.05, low=-0.01, high=0.11)
+                )
             return start("EvaluateStudent", request, result)
 
     class Storage(storage_pb2_grpc.StorageServicer):
