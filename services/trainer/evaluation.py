@@ -683,6 +683,8 @@ def card_evaluation(document: dict[str, Any]) -> dict[str, Any]:
     return {
         "metrics": document["metrics"],
         "recovery": document["recovery"],
+        # A report committed before it kept leads has none.
+        "leads": document.get("leads", {}),
         "holdout_rows": document["data"]["holdout_rows"],
         "notes": document["notes"],
     }

@@ -16,8 +16,8 @@ with the teacher and with its own untrained baseline, with the definition of the
 
 `evaluation` is what `stillhouse.trainer.evaluation` measured: ``metrics`` (per model and reference
 row: uniform, unigram, baseline, control-sft, student, teacher), ``recovery`` (the headline: ``sentence``
-and ``definition`` of the share of the unigram-to-teacher gap the student closes), ``holdout_rows`` and
-``notes``.
+and ``definition`` of the share of the unigram-to-teacher gap the student closes), ``leads`` (the
+student's lead over each control, with its interval), ``holdout_rows`` and ``notes``.
 
 The front matter also keeps the training settings and `data` under ``stillhouse:``, so that the card of
 a trained student can be written again with its evaluation figures (`card_settings`) without the job.
@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from stillhouse.common.headline import lead_sentence
 from stillhouse.common.jobspec import LossKind, TeacherSpec, TrainingSpec
 from stillhouse.trainer.report import MODEL_LABELS, flat_items, metric_rows, models_in, shown
 
@@ -252,6 +253,8 @@ def evaluation_section(evaluation: Mapping[str, Any]) -> str:
             "",
         ]
     lines += [header, divider, *rows]
+    if lead := lead_sentence((evaluation.get("leads") or {}).get("control-sft", {}), "the SFT control"):
+        lines += ["", lead]
     notes = evaluation.get("notes") or []
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]

@@ -569,6 +569,9 @@ def test_a_random_student_closes_no_gap_and_the_sft_control_is_evaluated_like_it
     markdown = object_store.get_bytes("jobs/job-2/evaluate/report/report.md").decode()
     assert "| Metric | Uniform | Unigram | Untrained student | SFT control | Student | Teacher |" in markdown
     assert f"Against the SFT control, paired over the held-out answers: KL {kl.difference:+.3f}" in markdown
+    # The published student's card tells it too.
+    card = object_store.get_bytes(f"{outcome.student_prefix}/README.md").decode()
+    assert f"Against the SFT control, paired over the held-out answers: KL {kl.difference:+.3f}" in card
 
 
 def test_with_another_tokenizer_kl_and_top1_are_omitted(

@@ -348,8 +348,19 @@ def test_model_card_states_the_on_policy_settings():
 
 
 def test_model_card_with_evaluation_and_its_settings_round_trip():
-    evaluation = {"metrics": METRICS, "recovery": RECOVERY, "holdout_rows": 20, "notes": ["a note"]}
+    lead = {"top1_agreement": {"difference": 0.004, "low": -0.005, "high": 0.013}}
+    evaluation = {
+        "metrics": METRICS,
+        "recovery": RECOVERY,
+        "leads": {"control-sft": lead},
+        "holdout_rows": 20,
+        "notes": ["a note"],
+    }
     card = model_card(TEACHER, TRAINING, CARD_DATA, evaluation)
+    assert (
+        "Against the SFT control, paired over the held-out answers: top-1 agreement +0.004 (95% interval "
+        "-0.005 to +0.013: no clear difference)."
+    ) in card
     assert f"**{RECOVERY['sentence']}** Gap closed: the share of the gap from a context-free unigram" in card
     assert "| Top-1 agreement (higher is better) | n/a | 0.060 | 0.050 | 0.710 | 1.000 |" in card
     assert "On 20 held-out prompts" in card and "- a note" in card
