@@ -468,20 +468,14 @@ def student_lead(student: Sequence[TokenTotals], other: Sequence[TokenTotals]) -
     over the held-out answers (see `paired_lead`); empty where those are not defined."""
     compared = np.array([totals.compared for totals in student], np.float64)
     leads = {}
-    for metric, read in (("kl", _kl_of), ("top1_agreement", _top1_matches_of)):
-        figures = [np.array([read(totals) for totals in model]) for model in (student, other)]
-        lead = per_token_lead(*figures, compared)
-        if lead is not None:
+    for metric, total in (("kl", "kl"), ("top1_agreement", "top1_matches")):
+        sums = [
+            np.array([getattr(totals, total) or 0.0 for totals in model], np.float64)
+            for model in (student, other)
+        ]
+        if (lead := per_token_lead(*sums, compared)) is not None:
             leads[metric] = lead
     return leads
-
-
-def _kl_of(totals: TokenTotals) -> float:
-    return totals.kl or 0.0
-
-
-def _top1_matches_of(totals: TokenTotals) -> float:
-    return float(totals.top1_matches or 0)
 
 
 def greedy_answers(

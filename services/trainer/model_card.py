@@ -34,9 +34,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from stillhouse.common.headline import lead_sentence
 from stillhouse.common.jobspec import LossKind, TeacherSpec, TrainingSpec
-from stillhouse.trainer.report import MODEL_LABELS, flat_items, metric_rows, models_in, shown
+from stillhouse.trainer.report import (
+    MODEL_LABELS,
+    control_lead_sentence,
+    flat_items,
+    metric_rows,
+    models_in,
+    shown,
+)
 
 _DATA_LABELS = {
     "dataset": "Teacher answers dataset",
@@ -253,7 +259,7 @@ def evaluation_section(evaluation: Mapping[str, Any]) -> str:
             "",
         ]
     lines += [header, divider, *rows]
-    if lead := lead_sentence((evaluation.get("leads") or {}).get("control-sft", {}), "the SFT control"):
+    if lead := control_lead_sentence(evaluation.get("leads")):
         lines += ["", lead]
     notes = evaluation.get("notes") or []
     if notes:

@@ -379,6 +379,11 @@ def flat_items(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, s
     return items
 
 
+def control_lead_sentence(leads: Mapping[str, Any] | None) -> str:
+    """The student's lead over the SFT control in words, from a report's `leads` ("" without one)."""
+    return lead_sentence((leads or {}).get("control-sft", {}), "the SFT control")
+
+
 def _page_context(report: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "report": report,
@@ -386,7 +391,7 @@ def _page_context(report: Mapping[str, Any]) -> dict[str, Any]:
         "models": [MODEL_LABELS[model] for model in models_in(report["metrics"])],
         "model_size": model_size_sentence(report["model_size"]),
         # A report written before it kept leads has none.
-        "control_lead": lead_sentence(report.get("leads", {}).get("control-sft", {}), "the SFT control"),
+        "control_lead": control_lead_sentence(report.get("leads")),
         "rows": metric_rows(report["metrics"]),
         "definitions": [
             (metric.label, report["metric_definitions"][metric.key])
