@@ -7,10 +7,13 @@ outright simply stops renewing, and a follower takes the lease once it has expir
 `lease_seconds` and a quarter after the leader's last renewal. A leader that cannot renew (the database
 is away, or a network partition cuts it off) stops driving jobs once four fifths of the lease, counted
 from before it asked for its last renewal, have passed: before the lease can have expired in the
-database, so two leaders never drive at once. Each new holder starts a new term (`epoch`); a holder
-whose term has been taken over cannot renew it. The leader's orchestrator writes through a store fenced
-with its term (`JobStore.fenced`): should a leader be paused past its lease (a frozen VM) and wake
-driving, its next write of a phase, step or event fails (`LeaseLost`) instead of landing.
+database, so two leaders never drive at once. A partition in the middle of a renewal leaves its
+transaction open on the server, holding the lease row's lock; the server ends it once it has idled for
+a quarter of the lease, so the lock never keeps a follower out. Each new holder starts a new term
+(`epoch`); a holder whose term has been taken over cannot renew it. The leader's orchestrator writes
+through a store fenced with its term (`JobStore.fenced`): should a leader be paused past its lease (a
+frozen VM) and wake driving, its next write of a phase, step or event fails (`LeaseLost`) instead of
+landing.
 
 A control plane on SQLite (embedded mode) is the only one on its database and always leads.
 """
@@ -26,7 +29,7 @@ from datetime import timedelta
 import structlog
 from sqlalchemy import and_, case, func, or_, text, update
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stillhouse.common.database_retry import describe
 from stillhouse.control_plane.store import LeaseFence, LeaseRow
@@ -79,12 +82,20 @@ class DatabaseLease:
             where=or_(held_by_me, table.c.expires_at <= func.now()),
         ).returning(table.c.epoch)
         async with self._engine.begin() as connection:
-            # A row lock held by a fenced write whose connection hangs makes this wait; give up for this
-            # round instead (the server ends that write's transaction after `fence.idle_limit_ms`).
-            await connection.execute(
-                text("SELECT set_config('lock_timeout', :limit, true)"), {"limit": str(self._quarter_ms)}
-            )
+            await self._bound_waits(connection)
             return await connection.scalar(statement)
+
+    async def _bound_waits(self, connection: AsyncConnection) -> None:
+        """A row lock held by a fenced write or a lease call whose connection hangs makes a lease call wait;
+        it gives up for this round instead. The server ends such a transaction once it idles past the limit
+        (`fence.idle_limit_ms` for writes, the same for lease calls), so no lock outlives the lease."""
+        await connection.execute(
+            text(
+                "SELECT set_config('lock_timeout', :limit, true),"
+                " set_config('idle_in_transaction_session_timeout', :limit, true)"
+            ),
+            {"limit": str(self._quarter_ms)},
+        )
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -93,6 +104,7 @@ class DatabaseLease:
         """Let the lease expire now, if this holder still has it in term `epoch`."""
         table = LeaseRow.__table__
         async with self._engine.begin() as connection:
+            await self._bound_waits(connection)
             await connection.execute(
                 update(table)
                 .where(table.c.name == self.name, table.c.holder == self.holder, table.c.epoch == epoch)

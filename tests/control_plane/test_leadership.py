@@ -190,11 +190,12 @@ async def test_a_follower_takes_over_when_the_leader_stops_and_at_once_when_it_l
     await follower.stop()
 
 
-@pytest.mark.parametrize("partition", ["cut", "stall"])
+@pytest.mark.parametrize("partition", ["cut", "stall", "stall_at_next_commit"])
 async def test_a_leader_cut_off_from_the_database_stops_driving_before_another_can_lead(
     postgres_database_url: str, lease_for, partition: str
 ) -> None:
-    """`cut`: its connections are dropped and refused; `stall`: they hang, answering nothing."""
+    """`cut`: its connections are dropped and refused; `stall`: they hang, answering nothing;
+    `stall_at_next_commit`: they hang in the middle of a renewal, its row lock on the lease held."""
     url = make_url(postgres_database_url)
     first, second = Recorder(), Recorder()
     with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as network:

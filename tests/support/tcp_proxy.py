@@ -1,8 +1,10 @@
 """A TCP proxy in front of a real PostgreSQL server, for tests of what its clients do when the network
 fails them: `cut()` drops every connection and refuses new ones until `heal()` (an outage, a failover);
 `stall()` lets every connection hang, the bytes sent going nowhere (a network partition), until
-`heal()`; and `lose_next_commit_answer()` lets the next COMMIT reach the server but drops the server's
-answer with the connection (the commit landed; the client cannot know)."""
+`heal()`; `stall_at_next_commit()` stalls so from the next COMMIT on, that COMMIT lost (a partition in the
+middle of a transaction: its writes done, their row locks held); and `lose_next_commit_answer()` lets the
+next COMMIT reach the server but drops the server's answer with the connection (the commit landed; the
+client cannot know)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class TcpProxy:
         self._held: list[socket.socket] = []  # connections accepted while stalled, never answered
         self._closed = False
         self._commit_armed = False
+        self._stall_at_commit = False
         self.dropped_connections = 0
         self.lost_commit_answers = 0
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
@@ -70,9 +73,14 @@ class TcpProxy:
         with self._lock:
             self._stalled = True
 
+    def stall_at_next_commit(self) -> None:
+        """`stall()` as the next COMMIT arrives, before it goes on: its transaction stays open."""
+        with self._lock:
+            self._stall_at_commit = True
+
     def heal(self) -> None:
         with self._lock:
-            self._cut = self._stalled = False
+            self._cut = self._stalled = self._stall_at_commit = False
             held, self._held = self._held, []
         for client in held:
             client.close()
@@ -125,6 +133,7 @@ class TcpProxy:
                     with self._lock:
                         # Marked before the COMMIT goes on, so its answer cannot overtake the mark.
                         link.drop_next_answer, self._commit_armed = self._commit_armed, False
+                        self._stalled = self._stalled or self._stall_at_commit
                 elif not upstream and link.drop_next_answer:
                     with self._lock:
                         self.lost_commit_answers += 1
