@@ -76,11 +76,22 @@ class TeacherSummary(LedgerView):
     )
 
 
+class TrainingCurvePoint(WireModel):
+    model: str = Field(description="What was trained: `student`, or a control (`control-sft`).")
+    step: int
+    metrics: dict[str, float] = Field(description="`loss`, `kd`, `ce` and `learning_rate` at that step.")
+
+
 class TrainingSummary(WireModel):
     steps: int
     tokens: int
     gpu_hours: float
     final_metrics: dict[str, float]
+    curve: list[TrainingCurvePoint] = Field(
+        default_factory=list,
+        description="Every step the training reported (thinned evenly to a few hundred for a long run): "
+        "the student's, then each control's. Live progress events sample steps; this is the whole curve.",
+    )
 
 
 class AnswerSample(WireModel):

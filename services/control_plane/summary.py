@@ -54,7 +54,12 @@ def _training(result: trainer_pb2.TrainStudentResult) -> dict[str, Any]:
         "tokens": result.tokens,
         "gpu_hours": result.gpu_hours,
         "final_metrics": dict(result.final_metrics),
+        "curve": [_curve_point(point) for point in result.curve],
     }
+
+
+def _curve_point(point: trainer_pb2.TrainingCurvePoint) -> dict[str, Any]:
+    return {"model": point.model, "step": point.step, "metrics": dict(point.metrics)}
 
 
 def _evaluation(result: trainer_pb2.EvaluateStudentResult) -> dict[str, Any]:

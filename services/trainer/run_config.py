@@ -101,6 +101,16 @@ class EvaluateRun(_RunModel):
         return f"{posixpath.dirname(self.student_prefix)}/control-sft"
 
 
+class CurvePoint(BaseModel):
+    """One reported step of a training run on its curve: the loss figures and learning rate."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str  # what was trained: "student", or a control ("control-sft")
+    step: int
+    metrics: dict[str, float]
+
+
 class TrainOutcome(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -111,6 +121,12 @@ class TrainOutcome(BaseModel):
     resumed_from_step: int | None  # the checkpoint this run started from, if any
     on_policy_steps: int = 0  # steps that trained on the student's own generations
     controls: dict[str, TrainOutcome] = Field(default_factory=dict)  # by control name: "sft"
+    curve: list[CurvePoint] = Field(default_factory=list)  # `training_curve.training_curve` of its log
+
+    @property
+    def curves(self) -> list[CurvePoint]:
+        """The curve of this run, then of each of its controls."""
+        return [*self.curve, *(point for control in self.controls.values() for point in control.curve)]
 
 
 class AnswerSample(BaseModel):

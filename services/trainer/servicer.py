@@ -137,6 +137,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                         **outcome.final_metrics,
                         "on_policy_steps": float(outcome.on_policy_steps),
                     },
+                    curve=[trainer_pb2.TrainingCurvePoint(**point.model_dump()) for point in outcome.curves],
                 )
 
             return self._registry.start_request(request, kind=TRAIN_STUDENT, work=work)

@@ -111,6 +111,7 @@ from stillhouse.trainer.run_config import (
 )
 from stillhouse.trainer.student_init import build_student, check_tokenizers, teacher_tokenizer
 from stillhouse.trainer.student_logits import decoder_layers, labelled_logits, unsupported_architecture
+from stillhouse.trainer.training_curve import training_curve
 from stillhouse.trainer.worker_data import WorkerData
 
 log = structlog.get_logger(__name__)
@@ -563,6 +564,7 @@ class TrainingLoop:
             final_metrics={**figures, **self.data.counts.as_metrics()},
             resumed_from_step=resume_step,
             on_policy_steps=self._on_policy_steps(position.step),
+            curve=training_curve(self.training_log),
         )
 
     def _commit_baseline(self) -> None:

@@ -46,7 +46,11 @@ def test_a_user_estimates_submits_and_resubmits_the_example_job(start_console_pl
     expect(browser.locator("#job-phase")).to_have_attribute("data-phase", "Succeeded", timeout=60_000)
     loss = browser.locator('#chart-loss polyline[data-series="student loss"]')
     expect(loss).to_have_count(1)
-    assert int(loss.get_attribute("data-points")) > 1
+    # The whole curve of the training's result, where the live progress reported ten steps.
+    with platform.api("bob") as api:
+        curve = api.get(f"/v1/jobs/{job_id}").json()["summary"]["training"]["curve"]
+    assert len(curve) > 10
+    expect(loss).to_have_attribute("data-points", str(len(curve)))
     expect(browser.locator("#headline")).to_have_text(
         "The student closes 87.5% of the unigram-to-teacher gap on KL, 60.0% on top-1."
     )

@@ -33,6 +33,9 @@ from stillhouse.storage.v1 import storage_pb2, storage_pb2_grpc
 from stillhouse.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from stillhouse.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
+# The steps of the training's whole curve in its result; its live progress reports ten items.
+CURVE_STEPS = 40
+
 
 class Journal:
     def __init__(self, path: Path) -> None:
@@ -119,7 +122,13 @@ def build(registry: OperationRegistry, journal: Journal, seconds: float, fail_rp
             result = trainer_pb2.TrainStudentResult(
                 student=artifact(artifact_id=f"jobs/{request.job_id}/train/student"),
                 baseline=artifact(artifact_id=f"jobs/{request.job_id}/train/baseline"),
-                steps=10,
+                steps=CURVE_STEPS,
+                curve=[
+                    trainer_pb2.TrainingCurvePoint(
+                        model="student", step=step, metrics={"loss": 1 / step, "learning_rate": 1e-3}
+                    )
+                    for step in range(1, CURVE_STEPS + 1)
+                ],
             )
             return start("TrainStudent", request, result)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from stillhouse.common.api_models import EvaluationSummary, TeacherSummary
+from stillhouse.common.api_models import EvaluationSummary, TeacherSummary, TrainingSummary
 from stillhouse.common.job_phases import Stage, StepState
 from stillhouse.control_plane.stage_calls import result_to_json
 from stillhouse.control_plane.store import StepRecord
@@ -131,3 +131,23 @@ def test_an_evaluation_without_samples_has_none():
     result = trainer_pb2.EvaluateStudentResult(student_metrics={"kl": 1.0}, teacher_metrics={"kl": 0.0})
     evaluation = job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]
     assert evaluation["samples"] == [] and EvaluationSummary.model_validate(evaluation).samples == []
+
+
+def test_the_training_summary_carries_the_whole_curve_of_each_model_in_order():
+    def point(model: str, step: int, loss: float) -> trainer_pb2.TrainingCurvePoint:
+        return trainer_pb2.TrainingCurvePoint(model=model, step=step, metrics={"loss": loss, "kd": loss / 2})
+
+    curve = [point("student", 1, 3.0), point("student", 2, 2.5), point("control-sft", 1, 3.25)]
+    result = trainer_pb2.TrainStudentResult(steps=2, tokens=10, curve=curve)
+
+    training = TrainingSummary.model_validate(job_summary([_succeeded(Stage.TRAIN, result)])["training"])
+
+    assert [(entry.model, entry.step, entry.metrics["loss"]) for entry in training.curve] == [
+        ("student", 1, 3.0),
+        ("student", 2, 2.5),
+        ("control-sft", 1, 3.25),
+    ]
+    assert training.curve[1].metrics == {"loss": 2.5, "kd": 1.25}
+    before_curves = trainer_pb2.TrainStudentResult(steps=2, tokens=10)  # a result stored before curves
+    summary = job_summary([_succeeded(Stage.TRAIN, before_curves)])
+    assert TrainingSummary.model_validate(summary["training"]).curve == []

@@ -4,6 +4,7 @@ local Ray head it starts."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -240,6 +241,17 @@ def test_train_student_end_to_end_on_the_local_ray(start_trainer, tmp_path, tiny
     download_artifact(service.store, result.student.artifact_id, downloaded)
     assert AutoModelForCausalLM.from_pretrained(downloaded).config.num_hidden_layers == 2
     assert result.baseline.artifact_id == f"jobs/{JOB}/train/baseline" and result.baseline.sha256
+
+    # The whole curve: every step the student's training log has, then the control's.
+    logged = [json.loads(line) for line in (downloaded / "training_log.jsonl").read_text().splitlines()]
+    student_curve = [point for point in result.curve if point.model == "student"]
+    assert [point.step for point in student_curve] == [int(entry["step"]) for entry in logged]
+    assert [point.metrics["loss"] for point in student_curve] == [entry["loss"] for entry in logged]
+    assert student_curve[-1].step == result.steps
+    assert student_curve[-1].metrics["loss"] == result.final_metrics["loss"]
+    assert [point.model for point in result.curve[len(student_curve) :]] == ["control-sft"] * (
+        len(result.curve) - len(student_curve)
+    ) and len(result.curve) > len(student_curve)
 
 
 @pytest.mark.slow

@@ -118,6 +118,11 @@ def test_resumes_from_the_last_checkpoint_with_the_same_batches_and_weights(make
     outcome = train_worker(run, resumed.append)
     assert outcome.resumed_from_step == 6
     assert outcome.steps == total
+    # Its curve has every step, those before the crash too, as the uninterrupted run's has.
+    curve = outcome.curve
+    assert [point.step for point in curve] == list(range(1, total + 1))
+    straight_losses = [report["loss"] for report in uninterrupted]
+    assert [point.metrics["loss"] for point in curve] == pytest.approx(straight_losses, rel=1e-5)
     assert [report["step"] for report in resumed] == list(range(7, total + 1))
     # The same batches from the same step on: the same losses as the uninterrupted run.
     for again, straight in zip(resumed, uninterrupted[6:], strict=True):
@@ -137,6 +142,7 @@ def test_resumes_from_the_last_checkpoint_with_the_same_batches_and_weights(make
     retried: list[dict[str, float]] = []
     outcome = train_worker(run, retried.append)
     assert outcome.resumed_from_step == total and outcome.steps == total and retried == []
+    assert outcome.curve == curve
     log_lines = (tmp_path / "resumed" / "training_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == list(range(1, total + 1))
 

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stillhouse.common.v1 import operations_pb2 as stillhouse_dot_common_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/trainer/v1/trainer.proto\x12\x15stillhouse.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"8\n\x0f\x43heckJobRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"-\n\x0bSpecFinding\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x80\x01\n\x10\x43heckJobResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".stillhouse.trainer.v1.SpecFinding\x12\x34\n\x08warnings\x18\x02 \x03(\x0b\x32\".stillhouse.trainer.v1.SpecFinding\"\x9a\x02\n\x13TrainStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07\x61nswers\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07student\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08training\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xf0\x02\n\x12TrainStudentResult\x12\x32\n\x07student\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12R\n\rfinal_metrics\x18\x06 \x03(\x0b\x32;.stillhouse.trainer.v1.TrainStudentResult.FinalMetricsEntry\x12\x36\n\x0bsft_control\x18\x07 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf5\x02\n\x16\x45valuateStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x32\n\x07student\x18\x03 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12:\n\x10training_answers\x18\x08 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"\x96\x0b\n\x15\x45valuateStudentResult\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x18\n\x10recovery_percent\x18\x02 \x01(\x01\x12Y\n\x0fstudent_metrics\x18\x03 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.StudentMetricsEntry\x12[\n\x10\x62\x61seline_metrics\x18\x04 \x03(\x0b\x32\x41.stillhouse.trainer.v1.EvaluateStudentResult.BaselineMetricsEntry\x12\x32\n\x07student\x18\x05 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12Y\n\x0fteacher_metrics\x18\x06 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.TeacherMetricsEntry\x12Y\n\x0funiform_metrics\x18\x07 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UniformMetricsEntry\x12Y\n\x0funigram_metrics\x18\x08 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UnigramMetricsEntry\x12`\n\x13\x63ontrol_sft_metrics\x18\t \x03(\x0b\x32\x43.stillhouse.trainer.v1.EvaluateStudentResult.ControlSftMetricsEntry\x12^\n\x12gap_closed_percent\x18\n \x03(\x0b\x32\x42.stillhouse.trainer.v1.EvaluateStudentResult.GapClosedPercentEntry\x12\x34\n\x07samples\x18\x0b \x03(\x0b\x32#.stillhouse.trainer.v1.AnswerSample\x12Z\n\x10\x63ontrol_sft_lead\x18\x0c \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.ControlSftLeadEntry\x1a\x35\n\x13StudentMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13TeacherMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UniformMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UnigramMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x43ontrolSftMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x37\n\x15GapClosedPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aX\n\x13\x43ontrolSftLeadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.stillhouse.trainer.v1.PairedLead:\x02\x38\x01\";\n\nPairedLead\x12\x12\n\ndifference\x18\x01 \x01(\x01\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\"z\n\x0c\x41nswerSample\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0f\n\x07teacher\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x04 \x01(\t\x12\x0f\n\x07student\x18\x05 \x01(\t\x12\x13\n\x0b\x63ontrol_sft\x18\x06 \x01(\t2\xa6\x02\n\x07Trainer\x12[\n\x0cTrainStudent\x12*.stillhouse.trainer.v1.TrainStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12\x61\n\x0f\x45valuateStudent\x12-.stillhouse.trainer.v1.EvaluateStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12[\n\x08\x43heckJob\x12&.stillhouse.trainer.v1.CheckJobRequest\x1a\'.stillhouse.trainer.v1.CheckJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stillhouse/trainer/v1/trainer.proto\x12\x15stillhouse.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a%stillhouse/common/v1/operations.proto\"8\n\x0f\x43heckJobRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"-\n\x0bSpecFinding\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x80\x01\n\x10\x43heckJobResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".stillhouse.trainer.v1.SpecFinding\x12\x34\n\x08warnings\x18\x02 \x03(\x0b\x32\".stillhouse.trainer.v1.SpecFinding\"\x9a\x02\n\x13TrainStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x31\n\x07\x61nswers\x18\x03 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07student\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08training\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xaa\x03\n\x12TrainStudentResult\x12\x32\n\x07student\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12R\n\rfinal_metrics\x18\x06 \x03(\x0b\x32;.stillhouse.trainer.v1.TrainStudentResult.FinalMetricsEntry\x12\x36\n\x0bsft_control\x18\x07 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x38\n\x05\x63urve\x18\x08 \x03(\x0b\x32).stillhouse.trainer.v1.TrainingCurvePoint\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaa\x01\n\x12TrainingCurvePoint\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12G\n\x07metrics\x18\x03 \x03(\x0b\x32\x36.stillhouse.trainer.v1.TrainingCurvePoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf5\x02\n\x16\x45valuateStudentRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x32\n\x07student\x18\x03 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x33\n\x08\x62\x61seline\x18\x04 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x39\n\x0fholdout_answers\x18\x05 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\x12(\n\x07teacher\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12:\n\x10training_answers\x18\x08 \x01(\x0b\x32 .stillhouse.common.v1.DatasetRef\"\x96\x0b\n\x15\x45valuateStudentResult\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12\x18\n\x10recovery_percent\x18\x02 \x01(\x01\x12Y\n\x0fstudent_metrics\x18\x03 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.StudentMetricsEntry\x12[\n\x10\x62\x61seline_metrics\x18\x04 \x03(\x0b\x32\x41.stillhouse.trainer.v1.EvaluateStudentResult.BaselineMetricsEntry\x12\x32\n\x07student\x18\x05 \x01(\x0b\x32!.stillhouse.common.v1.ArtifactRef\x12Y\n\x0fteacher_metrics\x18\x06 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.TeacherMetricsEntry\x12Y\n\x0funiform_metrics\x18\x07 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UniformMetricsEntry\x12Y\n\x0funigram_metrics\x18\x08 \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.UnigramMetricsEntry\x12`\n\x13\x63ontrol_sft_metrics\x18\t \x03(\x0b\x32\x43.stillhouse.trainer.v1.EvaluateStudentResult.ControlSftMetricsEntry\x12^\n\x12gap_closed_percent\x18\n \x03(\x0b\x32\x42.stillhouse.trainer.v1.EvaluateStudentResult.GapClosedPercentEntry\x12\x34\n\x07samples\x18\x0b \x03(\x0b\x32#.stillhouse.trainer.v1.AnswerSample\x12Z\n\x10\x63ontrol_sft_lead\x18\x0c \x03(\x0b\x32@.stillhouse.trainer.v1.EvaluateStudentResult.ControlSftLeadEntry\x1a\x35\n\x13StudentMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13TeacherMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UniformMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13UnigramMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x43ontrolSftMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x37\n\x15GapClosedPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aX\n\x13\x43ontrolSftLeadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.stillhouse.trainer.v1.PairedLead:\x02\x38\x01\";\n\nPairedLead\x12\x12\n\ndifference\x18\x01 \x01(\x01\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\"z\n\x0c\x41nswerSample\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0f\n\x07teacher\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x04 \x01(\t\x12\x0f\n\x07student\x18\x05 \x01(\t\x12\x13\n\x0b\x63ontrol_sft\x18\x06 \x01(\t2\xa6\x02\n\x07Trainer\x12[\n\x0cTrainStudent\x12*.stillhouse.trainer.v1.TrainStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12\x61\n\x0f\x45valuateStudent\x12-.stillhouse.trainer.v1.EvaluateStudentRequest\x1a\x1f.stillhouse.common.v1.Operation\x12[\n\x08\x43heckJob\x12&.stillhouse.trainer.v1.CheckJobRequest\x1a\'.stillhouse.trainer.v1.CheckJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._loaded_options = None
   _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_options = b'8\001'
+  _globals['_TRAININGCURVEPOINT_METRICSENTRY']._loaded_options = None
+  _globals['_TRAININGCURVEPOINT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._loaded_options = None
   _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._loaded_options = None
@@ -60,33 +62,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINSTUDENTREQUEST']._serialized_start=368
   _globals['_TRAINSTUDENTREQUEST']._serialized_end=650
   _globals['_TRAINSTUDENTRESULT']._serialized_start=653
-  _globals['_TRAINSTUDENTRESULT']._serialized_end=1021
-  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_start=970
-  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_end=1021
-  _globals['_EVALUATESTUDENTREQUEST']._serialized_start=1024
-  _globals['_EVALUATESTUDENTREQUEST']._serialized_end=1397
-  _globals['_EVALUATESTUDENTRESULT']._serialized_start=1400
-  _globals['_EVALUATESTUDENTRESULT']._serialized_end=2830
-  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_start=2351
-  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_end=2404
-  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_start=2406
-  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_end=2460
-  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_start=2462
-  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_end=2515
-  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_start=2517
-  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_end=2570
-  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_start=2572
-  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_end=2625
-  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_start=2627
-  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_end=2683
-  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_start=2685
-  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_end=2740
-  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTLEADENTRY']._serialized_start=2742
-  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTLEADENTRY']._serialized_end=2830
-  _globals['_PAIREDLEAD']._serialized_start=2832
-  _globals['_PAIREDLEAD']._serialized_end=2891
-  _globals['_ANSWERSAMPLE']._serialized_start=2893
-  _globals['_ANSWERSAMPLE']._serialized_end=3015
-  _globals['_TRAINER']._serialized_start=3018
-  _globals['_TRAINER']._serialized_end=3312
+  _globals['_TRAINSTUDENTRESULT']._serialized_end=1079
+  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_start=1028
+  _globals['_TRAINSTUDENTRESULT_FINALMETRICSENTRY']._serialized_end=1079
+  _globals['_TRAININGCURVEPOINT']._serialized_start=1082
+  _globals['_TRAININGCURVEPOINT']._serialized_end=1252
+  _globals['_TRAININGCURVEPOINT_METRICSENTRY']._serialized_start=1206
+  _globals['_TRAININGCURVEPOINT_METRICSENTRY']._serialized_end=1252
+  _globals['_EVALUATESTUDENTREQUEST']._serialized_start=1255
+  _globals['_EVALUATESTUDENTREQUEST']._serialized_end=1628
+  _globals['_EVALUATESTUDENTRESULT']._serialized_start=1631
+  _globals['_EVALUATESTUDENTRESULT']._serialized_end=3061
+  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_start=2582
+  _globals['_EVALUATESTUDENTRESULT_STUDENTMETRICSENTRY']._serialized_end=2635
+  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_start=2637
+  _globals['_EVALUATESTUDENTRESULT_BASELINEMETRICSENTRY']._serialized_end=2691
+  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_start=2693
+  _globals['_EVALUATESTUDENTRESULT_TEACHERMETRICSENTRY']._serialized_end=2746
+  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_start=2748
+  _globals['_EVALUATESTUDENTRESULT_UNIFORMMETRICSENTRY']._serialized_end=2801
+  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_start=2803
+  _globals['_EVALUATESTUDENTRESULT_UNIGRAMMETRICSENTRY']._serialized_end=2856
+  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_start=2858
+  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTMETRICSENTRY']._serialized_end=2914
+  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_start=2916
+  _globals['_EVALUATESTUDENTRESULT_GAPCLOSEDPERCENTENTRY']._serialized_end=2971
+  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTLEADENTRY']._serialized_start=2973
+  _globals['_EVALUATESTUDENTRESULT_CONTROLSFTLEADENTRY']._serialized_end=3061
+  _globals['_PAIREDLEAD']._serialized_start=3063
+  _globals['_PAIREDLEAD']._serialized_end=3122
+  _globals['_ANSWERSAMPLE']._serialized_start=3124
+  _globals['_ANSWERSAMPLE']._serialized_end=3246
+  _globals['_TRAINER']._serialized_start=3249
+  _globals['_TRAINER']._serialized_end=3543
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class TrainStudentRequest(_message.Message):
     def __init__(self, operation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., answers: _Optional[_Union[_operations_pb2.DatasetRef, _Mapping]] = ..., teacher: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., student: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., evaluation: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class TrainStudentResult(_message.Message):
-    __slots__ = ("student", "baseline", "steps", "tokens", "gpu_hours", "final_metrics", "sft_control")
+    __slots__ = ("student", "baseline", "steps", "tokens", "gpu_hours", "final_metrics", "sft_control", "curve")
     class FinalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class TrainStudentResult(_message.Message):
     GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
     FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     SFT_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    CURVE_FIELD_NUMBER: _ClassVar[int]
     student: _operations_pb2.ArtifactRef
     baseline: _operations_pb2.ArtifactRef
     steps: int
@@ -71,7 +72,25 @@ class TrainStudentResult(_message.Message):
     gpu_hours: float
     final_metrics: _containers.ScalarMap[str, float]
     sft_control: _operations_pb2.ArtifactRef
-    def __init__(self, student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_hours: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., sft_control: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+    curve: _containers.RepeatedCompositeFieldContainer[TrainingCurvePoint]
+    def __init__(self, student: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., baseline: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_hours: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., sft_control: _Optional[_Union[_operations_pb2.ArtifactRef, _Mapping]] = ..., curve: _Optional[_Iterable[_Union[TrainingCurvePoint, _Mapping]]] = ...) -> None: ...
+
+class TrainingCurvePoint(_message.Message):
+    __slots__ = ("model", "step", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EvaluateStudentRequest(_message.Message):
     __slots__ = ("operation_id", "job_id", "student", "baseline", "holdout_answers", "teacher", "evaluation", "training_answers")

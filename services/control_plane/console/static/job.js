@@ -20,6 +20,7 @@ const STAGES = [
 ];
 const STAGE_OF_PHASE = { Prompts: "prompts", Teacher: "teacher", Training: "train", Evaluating: "evaluate" };
 const LOSS_METRICS = ["loss", "kd", "ce"];
+const CURVE_METRICS = [...LOSS_METRICS, "learning_rate"];
 const ARTIFACTS = ["student", "baseline", "report"];
 const TRAINING_MESSAGE = /^training the ([\w.-]+):/;
 
@@ -30,6 +31,7 @@ let artifactsShown = false;
 const progress = {}; // stage -> the last progress event's data
 const eventErrors = []; // messages of `error` events
 const curves = new Map(); // model -> {metric -> [[step, value]]}
+let curvesComplete = false; // the job's summary gave every reported step: live progress adds nothing
 
 // --- header and timeline --------------------------------------------------------------------------
 
@@ -127,6 +129,18 @@ function addPoint(model, metric, step, value) {
   else if (!last || last[0] < step) points.push([step, value]);
 }
 
+// Live progress samples the steps (an event a second at most); once training is done the job's summary
+// has every step it reported, and replaces the sample.
+function useCompleteCurves(points) {
+  curves.clear();
+  for (const point of points) {
+    for (const metric of CURVE_METRICS) {
+      if (typeof point.metrics[metric] === "number") addPoint(point.model, metric, point.step, point.metrics[metric]);
+    }
+  }
+  curvesComplete = true;
+}
+
 let curvesPending = false;
 function renderCurves() {
   if (curvesPending) return;
@@ -152,6 +166,7 @@ function renderJob() {
   renderTimeline();
   renderErrors();
   const summary = job.summary;
+  if (!curvesComplete && summary && summary.training && summary.training.curve.length) useCompleteCurves(summary.training.curve);
   renderCost($("#cost-table"), summary);
   renderTraining($("#training-table"), summary);
   if (summary && summary.evaluation) {
@@ -213,10 +228,10 @@ function onPhase(data) {
 
 function onProgress(data) {
   progress[data.stage] = data;
-  if (data.stage === "train" && data.metrics) {
+  if (data.stage === "train" && data.metrics && !curvesComplete) {
     const match = TRAINING_MESSAGE.exec(data.message || "");
     const model = match ? match[1] : "student";
-    for (const metric of [...LOSS_METRICS, "learning_rate"]) {
+    for (const metric of CURVE_METRICS) {
       if (typeof data.metrics[metric] === "number") addPoint(model, metric, data.done, data.metrics[metric]);
     }
     renderCurves();
