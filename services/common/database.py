@@ -148,10 +148,18 @@ def _developer_url() -> URL:
 
 
 def create_engine_for(
-    database_url: str, sqlite_pragmas: Sequence[str] = DEFAULT_SQLITE_PRAGMAS
+    database_url: str,
+    sqlite_pragmas: Sequence[str] = DEFAULT_SQLITE_PRAGMAS,
+    *,
+    idle_transaction_limit_ms: int | None = None,
 ) -> AsyncEngine:
+    """An engine on `database_url`. With `idle_transaction_limit_ms`, PostgreSQL ends any transaction of
+    its sessions that sits idle that long (its client gone silent), and with it the row locks it holds."""
     async_url, _ = database_urls(database_url)
-    engine = create_async_engine(async_url, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if idle_transaction_limit_ms is not None and async_url.get_backend_name() == "postgresql":
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={idle_transaction_limit_ms}"
+    engine = create_async_engine(async_url, pool_pre_ping=True, connect_args=connect_args)
     if async_url.get_backend_name() == "sqlite":
         configure_sqlite(engine.sync_engine, async_url.database or "", sqlite_pragmas)
     return engine

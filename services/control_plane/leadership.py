@@ -48,6 +48,12 @@ def new_holder_id() -> str:
     return uuid.uuid4().hex
 
 
+def lease_quarter_ms(lease_seconds: float) -> int:
+    """How often the leader renews a lease of `lease_seconds`, in milliseconds: also how long a transaction
+    of the control plane may idle before the server ends it (and frees its locks)."""
+    return max(1, int(lease_seconds * RENEW_FRACTION * 1000))
+
+
 class DatabaseLease:
     """One lease in PostgreSQL, taken and renewed by `holder` for `seconds` at a time."""
 
@@ -61,7 +67,7 @@ class DatabaseLease:
 
     @property
     def _quarter_ms(self) -> int:
-        return max(1, int(self.seconds * RENEW_FRACTION * 1000))
+        return lease_quarter_ms(self.seconds)
 
     async def acquire(self) -> int | None:
         """Renew the lease if this holder has it, or take it if it is free or expired: its epoch. None

@@ -20,7 +20,13 @@ from stillhouse.control_plane.config import ControlPlaneSettings
 from stillhouse.control_plane.dispatch import JobDispatch
 from stillhouse.control_plane.events import JobEventBus
 from stillhouse.control_plane.job_removal import ExpirySweep
-from stillhouse.control_plane.leadership import DatabaseLease, Leadership, SoleLeader, new_holder_id
+from stillhouse.control_plane.leadership import (
+    DatabaseLease,
+    Leadership,
+    SoleLeader,
+    lease_quarter_ms,
+    new_holder_id,
+)
 from stillhouse.control_plane.notifications import (
     CANCEL_REQUESTED,
     EVENTS_WRITTEN,
@@ -90,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.database_url,
         RetryPolicy(settings.database_retry_seconds),
         migrate_first=settings.migrate_at_start,
+        idle_transaction_limit_ms=lease_quarter_ms(settings.leader_lease_seconds),
     )
     channels = ServiceChannels(
         settings.services.model_dump(), app.state.service_credentials, FollowBounds.of(settings)

@@ -197,6 +197,46 @@ async def test_a_write_whose_commit_answer_is_lost_is_done_once_and_answered(
             await store.close()
 
 
+# --- PostgreSQL: a replica cut off in the middle of a write ----------------------------------------
+
+
+async def test_a_replica_cut_off_in_the_middle_of_a_write_does_not_hold_up_another_replicas_writes(
+    pg_store: JobStore, postgres_database_url: str, admin: psycopg.AsyncConnection
+) -> None:
+    """Its UPDATE done and its COMMIT lost, the replica's transaction holds the job's row lock; the server
+    ends it once it idles past the store's limit, and the other replica's write of that row goes through."""
+    await new_job(pg_store)
+    url = make_url(postgres_database_url)
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as network:
+        proxied = url.set(port=network.port, query={"sslmode": "disable"})
+        limit_ms = 1000
+        replica = await JobStore.open(
+            proxied.render_as_string(hide_password=False), idle_transaction_limit_ms=limit_ms
+        )
+        network.stall_at_next_commit()
+        hanging = asyncio.ensure_future(replica.request_cancel("job-1"))
+        try:
+            await eventually(
+                lambda: _idle_in_a_write(admin), "the replica's write to wait for its COMMIT", 10
+            )
+            job = await asyncio.wait_for(pg_store.set_phase("job-1", Phase.PROMPTS), limit_ms / 1000 * 5)
+            assert job.phase is Phase.PROMPTS and not job.cancel_requested  # the cut-off write never landed
+        finally:
+            network.cut()
+            hanging.cancel()
+            await asyncio.gather(hanging, return_exceptions=True)
+            await replica.close()
+
+
+async def _idle_in_a_write(admin: psycopg.AsyncConnection) -> bool:
+    """Whether a session of the database sits idle in its transaction, waiting for its client."""
+    cursor = await admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND state = 'idle in transaction'"
+    )
+    return (await cursor.fetchone())[0] > 0
+
+
 # --- SQLite: a file locked by another connection --------------------------------------------------
 
 
