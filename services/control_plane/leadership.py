@@ -63,7 +63,7 @@ class DatabaseLease:
         self.seconds = seconds
         self.name = name
         # The term the leader's writes are fenced with (`JobStore.fenced`): set only while it leads.
-        self.fence = LeaseFence(name, holder, idle_limit_ms=self._quarter_ms)
+        self.fence = LeaseFence(name, holder)
 
     @property
     def _quarter_ms(self) -> int:
@@ -93,8 +93,9 @@ class DatabaseLease:
 
     async def _bound_waits(self, connection: AsyncConnection) -> None:
         """A row lock held by a fenced write or a lease call whose connection hangs makes a lease call wait;
-        it gives up for this round instead. The server ends such a transaction once it idles past the limit
-        (`fence.idle_limit_ms` for writes, the same for lease calls), so no lock outlives the lease."""
+        it gives up for this round instead. The server ends such a transaction once it idles for a quarter
+        of the lease (the store's sessions are opened with that limit; the lease's own pool sets it here),
+        so no lock outlives the lease."""
         await connection.execute(
             text(
                 "SELECT set_config('lock_timeout', :limit, true),"

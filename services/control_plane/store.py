@@ -160,16 +160,12 @@ class LeaseFence:
     name: str
     holder: str
     epoch: int | None = None
-    # How long the server lets a fenced write sit idle in its transaction (its connection gone silent,
-    # say behind a partition) before it ends the transaction, and with it the lock that would keep a
-    # follower from taking the lease over.
-    idle_limit_ms: int = 5000
 
 
 # A transaction of the store waits on nothing but the database. One idle this long has lost its client (a
-# replica cut off between its write and its COMMIT): the server ends it, so that its row locks do not hold
-# up every other replica's writes of those rows, the leader's included. The control plane passes a quarter
-# of its lease, as for fenced writes (`LeaseFence.idle_limit_ms`).
+# replica cut off between its write and its COMMIT, a leader behind a partition in a fenced write): the
+# server ends it, so that its row locks hold up neither the lease nor the others' writes of those rows.
+# The control plane passes a quarter of its lease.
 IDLE_TRANSACTION_LIMIT_MS = 5_000
 
 
@@ -479,10 +475,6 @@ class JobStore:
             return
         if fence.epoch is None:
             raise LeaseLost(fence)
-        await session.execute(
-            text("SELECT set_config('idle_in_transaction_session_timeout', :limit, true)"),
-            {"limit": str(fence.idle_limit_ms)},
-        )
         held = await session.scalar(
             select(LeaseRow.epoch)
             .where(

@@ -14,7 +14,7 @@ from tcp_proxy import TcpProxy
 
 from stillhouse.common import database
 from stillhouse.common.job_phases import Phase, Stage, StepState
-from stillhouse.control_plane.leadership import DatabaseLease, Leadership
+from stillhouse.control_plane.leadership import DatabaseLease, Leadership, lease_quarter_ms
 from stillhouse.control_plane.notifications import (
     CANCEL_REQUESTED,
     EVENTS_WRITTEN,
@@ -73,9 +73,12 @@ async def test_a_fenced_write_left_hanging_in_its_transaction_does_not_keep_the_
     postgres_database_url, lease_for
 ) -> None:
     """A leader whose connection goes silent in the middle of a fenced write holds the lease row's lock;
-    the server ends that transaction after the fence's idle limit, and the follower takes the lease."""
+    the server ends that transaction after the store's idle limit, and the follower takes the lease."""
     first, second = lease_for("first"), lease_for("second")
-    store = await JobStore.open(postgres_database_url)
+    # As the control plane opens its store: idle transactions ended after a quarter of the lease.
+    store = await JobStore.open(
+        postgres_database_url, idle_transaction_limit_ms=lease_quarter_ms(LEASE_SECONDS)
+    )
     fenced = store.fenced(first.fence)
     first.fence.epoch = await first.acquire()
     locked = asyncio.Event()
