@@ -4,8 +4,8 @@ The run (a TrainRun or EvaluateRun as JSON) comes in the job's environment, so t
 argument length limit touches it. `train` runs the training loop on Ray Train workers; `evaluate` runs
 the evaluation as one Ray task. Progress goes to stdout as `STILLHOUSE_PROGRESS {json}` lines (from rank
 0 only), the outcome (a TrainOutcome or EvaluationOutcome as JSON) to `<output_prefix>/outcome.json` in
-object storage, and a failure's reason and kind (`failures.FailureKind`) to a last `STILLHOUSE_ERROR
-{json}` line before a non-zero exit.
+object storage, announced by an `OUTCOME_WRITTEN` record, and a failure's reason and kind
+(`failures.FailureKind`) to a last `STILLHOUSE_ERROR {json}` line before a non-zero exit.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from stillhouse.trainer.ray_train_storage import ray_train_storage
 from stillhouse.trainer.run_config import EvaluateRun, TrainRun
 
 OUTCOME_NAME = "outcome.json"
+# The record printed once the outcome is in object storage: what is left of the job is Ray's shutdown of
+# its workers and driver (seconds), which the trainer service need not wait for.
+OUTCOME_WRITTEN = {"kind": "outcome_written"}
 
 
 def outcome_key(output_prefix: str) -> str:
@@ -67,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # hands the outcome over through object storage.
         store = open_object_store(run.object_store)
         store.put_bytes(outcome_key(run.output_prefix), outcome.model_dump_json().encode())
+        print_progress(OUTCOME_WRITTEN)
 
 
 def train(run_json: str, given_storage_path: str | None) -> None:
@@ -117,6 +121,7 @@ def evaluate(run_json: str, num_cpus: int, num_gpus: float) -> None:
     run = run_with_keys(EvaluateRun, run_json)
     outcome = ray.get(evaluation_task.remote(run_json))
     open_object_store(run.object_store).put_bytes(outcome_key(run.output_prefix), outcome.encode())
+    print_progress(OUTCOME_WRITTEN)
 
 
 def root_error(exc: BaseException) -> BaseException:

@@ -22,7 +22,7 @@ from stillhouse.trainer.preflight import PreflightReport, capacity_violations
 from stillhouse.trainer.preflight_loading import ModelFactsLoader
 from stillhouse.trainer.ray_connection import RayConnection
 from stillhouse.trainer.ray_credentials import run_without_keys
-from stillhouse.trainer.ray_entrypoint import outcome_key
+from stillhouse.trainer.ray_entrypoint import OUTCOME_WRITTEN, outcome_key
 from stillhouse.trainer.ray_jobs import (
     EVALUATION_CPUS_ENV,
     EVALUATION_GPUS_ENV,
@@ -154,8 +154,18 @@ class RayRuns:
         *,
         num_gpus: float,
     ) -> float:
-        """Submit (or re-attach to) the operation's Ray job and follow it to a successful end; the wall
-        seconds it ran. A RunFailure of the run's reason and kind if it fails; stops it if cancelled."""
+        """Submit (or re-attach to) the operation's Ray job and follow it until its outcome is written (or
+        it ends); the wall seconds it ran. A RunFailure of the run's reason and kind if it fails; stops it
+        if cancelled."""
+        outcome_written = False
+
+        def on_job_record(record: dict) -> None:
+            nonlocal outcome_written
+            if record == OUTCOME_WRITTEN:
+                outcome_written = True
+            else:
+                on_record(record)
+
         try:
             sub_id = await asyncio.to_thread(
                 jobs.submit, operation_id, entrypoint(self.ray.python, command), env, num_gpus=num_gpus
@@ -163,7 +173,7 @@ class RayRuns:
             progress.update(message=f"Ray job {sub_id} submitted to {jobs.address}")
             started = time.monotonic()
             try:
-                end = await jobs.follow(sub_id, on_record)
+                end = await jobs.follow(sub_id, on_job_record, finished=lambda: outcome_written)
             except asyncio.CancelledError:
                 # A restarting service leaves a cluster's job running: the next Start re-attaches to it.
                 if not (self.shutting_down() and not self.ray.embedded):

@@ -13,7 +13,7 @@ from ray.job_submission import JobStatus
 from stillhouse.common.ray.jobs import JobEnd
 from stillhouse.trainer import ray_runs
 from stillhouse.trainer.failures import FailureKind, RunFailure
-from stillhouse.trainer.ray_entrypoint import outcome_key
+from stillhouse.trainer.ray_entrypoint import OUTCOME_WRITTEN, outcome_key
 from stillhouse.trainer.ray_jobs import EVALUATION_CPUS_ENV, EVALUATION_GPUS_ENV, JobFailure
 from stillhouse.trainer.ray_runs import RayRuns
 from stillhouse.trainer.run_config import EvaluateRun, EvaluationOutcome
@@ -37,9 +37,11 @@ class FakeJobs:
         self.submitted.append({"command": command, "env": env, "gpus": num_gpus})
         return SUBMISSION
 
-    async def follow(self, sub_id, on_progress):
+    async def follow(self, sub_id, on_progress, finished=lambda: False):
         for record in self.records:
             on_progress(record)
+            if finished():
+                return JobEnd(sub_id, JobStatus.SUCCEEDED)
         if self.hang:
             await asyncio.Event().wait()
         return JobEnd(sub_id, self.status)
@@ -146,6 +148,22 @@ async def test_an_evaluation_runs_as_a_ray_job_and_gives_its_outcome(runs, run, 
     assert submitted["env"][EVALUATION_CPUS_ENV] == "1"  # a cluster's default
     assert submitted["command"] == "python -m stillhouse.trainer.ray_entrypoint evaluate"
     assert {"done": 3, "total": 9, "message": "evaluating: the student"} in progress.updates
+
+
+async def test_a_run_ends_once_its_outcome_is_written_without_waiting_for_the_jobs_shutdown(
+    runs, run, object_store
+):
+    record = {"kind": "evaluate", "stage": "the student", "done": 9, "total": 9}
+    # The job still runs (Ray shutting its workers and driver down) after it wrote its outcome.
+    jobs = FakeJobs(JobStatus.RUNNING, [record, OUTCOME_WRITTEN], hang=True)
+    object_store.put_bytes(outcome_key(run.output_prefix), OUTCOME.model_dump_json().encode())
+    progress = Progress()
+
+    outcome = await asyncio.wait_for(runs(jobs).evaluate("op-1", run, progress), timeout=30)
+
+    assert outcome.student_prefix == OUTCOME.student_prefix
+    assert {"done": 9, "total": 9, "message": "evaluating: the student"} in progress.updates
+    assert not jobs.stopped
 
 
 async def test_a_failed_job_fails_the_run_with_the_kind_its_run_reported(runs, run):
