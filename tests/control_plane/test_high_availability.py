@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from httpx_sse import connect_sse
 from scripted_jobs import STAGE_RPCS, start_stages, submit, wait_for_phase
@@ -176,6 +178,41 @@ def test_a_leader_cut_off_from_the_database_stops_driving_and_the_follower_carri
     assert logged_at(leader, "no longer leading: stopped driving the jobs") < logged_at(follower, LEADING)
     for rpc in STAGE_RPCS:
         assert len(stages.new_starts(rpc)) == 1, f"{rpc} ran {len(stages.new_starts(rpc))} times"
+
+
+def test_a_replica_cut_off_in_the_middle_of_a_cancel_does_not_hold_the_jobs_row_against_the_leader(
+    postgres_database_url, processes, free_port, wait_until, grpc_ready, control_plane_at, tmp_path
+):
+    """The replica's cancel writes the job's row, and its COMMIT is lost: PostgreSQL holds the row lock for
+    the open transaction until the session's idle limit (a quarter of the lease, which the control plane
+    gives its store) ends it. The leader's next write of that row then goes through, and the job goes on."""
+    stages = start_stages(processes, free_port(), tmp_path / "journal.jsonl", 1.0)
+    wait_until(lambda: grpc_ready(stages.address), 20, "the scripted stage services")
+    migrate(postgres_database_url)
+    services = {name: stages.address for name in ("prompts", "teacher", "trainer", "storage")}
+    database = make_url(postgres_database_url)
+    leader = control_plane_on(control_plane_at, services, postgres_database_url, "leader")
+    leader.start()
+    wait_until(lambda: LEADING in leader.log, LEASE_SECONDS * 2, "the first control plane to lead")
+    with TcpProxy(database.host or "127.0.0.1", database.port or 5432) as network:
+        proxied = database.set(port=network.port).render_as_string(hide_password=False)
+        replica = control_plane_on(control_plane_at, services, proxied, "replica")
+        replica.start()
+        with (
+            leader.client() as client,
+            replica.client() as replica_client,
+            ThreadPoolExecutor(1) as background,
+        ):
+            job_id = submit(client)
+            wait_for_phase(wait_until, client, job_id, {"Prompts"})
+            network.stall_at_commit_after(b"cancel_requested")
+            cancel = background.submit(replica_client.post, f"/v1/jobs/{job_id}:cancel", timeout=3)
+            wait_until(lambda: network.stalled, 10, "the replica's cancel to lose its COMMIT")
+            assert wait_for_phase(wait_until, client, job_id, {"Succeeded", "Failed", "Cancelled"}, 30) == (
+                "Succeeded"
+            )
+            with pytest.raises(httpx.TimeoutException):
+                cancel.result()
 
 
 def test_a_control_plane_that_leaves_migrating_to_the_command_waits_for_it(

@@ -2,7 +2,8 @@
 fails them: `cut()` drops every connection and refuses new ones until `heal()` (an outage, a failover);
 `stall()` lets every connection hang, the bytes sent going nowhere (a network partition), until
 `heal()`; `stall_at_next_commit()` stalls so from the next COMMIT on, that COMMIT lost (a partition in the
-middle of a transaction: its writes done, their row locks held); and `lose_next_commit_answer()` lets the
+middle of a transaction: its writes done, their row locks held), and `stall_at_commit_after(statement)`
+from the COMMIT of a transaction that sent `statement`; and `lose_next_commit_answer()` lets the
 next COMMIT reach the server but drops the server's answer with the connection (the commit landed; the
 client cannot know)."""
 
@@ -24,6 +25,7 @@ class _Link:
         self.client = client
         self.server = server
         self.drop_next_answer = False
+        self.sent_stall_statement = False
 
     def close(self) -> None:
         for sock in (self.client, self.server):
@@ -46,6 +48,7 @@ class TcpProxy:
         self._closed = False
         self._commit_armed = False
         self._stall_at_commit = False
+        self._stall_statement: bytes | None = None
         self.dropped_connections = 0
         self.lost_commit_answers = 0
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
@@ -78,9 +81,23 @@ class TcpProxy:
         with self._lock:
             self._stall_at_commit = True
 
+    def stall_at_commit_after(self, statement: bytes) -> None:
+        """`stall()` as a COMMIT arrives on a connection that sent `statement` (SQL text, as the client
+        sends it the first time it runs it there) since this call: that transaction stays open."""
+        with self._lock:
+            self._stall_statement = statement
+            for link in self._links:
+                link.sent_stall_statement = False
+
+    @property
+    def stalled(self) -> bool:
+        with self._lock:
+            return self._stalled
+
     def heal(self) -> None:
         with self._lock:
             self._cut = self._stalled = self._stall_at_commit = False
+            self._stall_statement = None
             held, self._held = self._held, []
         for client in held:
             client.close()
@@ -129,11 +146,13 @@ class TcpProxy:
         source, sink = (link.client, link.server) if upstream else (link.server, link.client)
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if upstream and self._stall_statement is not None and self._stall_statement in data:
+                    link.sent_stall_statement = True
                 if upstream and _COMMIT_QUERY in data:
                     with self._lock:
                         # Marked before the COMMIT goes on, so its answer cannot overtake the mark.
                         link.drop_next_answer, self._commit_armed = self._commit_armed, False
-                        self._stalled = self._stalled or self._stall_at_commit
+                        self._stalled = self._stalled or self._stall_at_commit or link.sent_stall_statement
                 elif not upstream and link.drop_next_answer:
                     with self._lock:
                         self.lost_commit_answers += 1
