@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from stillhouse.common.headline import gap_closed_sentence, lead_sentence
 from stillhouse.control_plane.stage_results import StageResults
 from stillhouse.control_plane.store import StepRecord
 from stillhouse.prompts.v1 import prompts_pb2
@@ -63,9 +64,11 @@ def _curve_point(point: trainer_pb2.TrainingCurvePoint) -> dict[str, Any]:
 
 
 def _evaluation(result: trainer_pb2.EvaluateStudentResult) -> dict[str, Any]:
+    gap_closed = dict(result.gap_closed_percent)
     evaluation = {
         "recovery_percent": result.recovery_percent,
-        "gap_closed": dict(result.gap_closed_percent),
+        "gap_closed": gap_closed,
+        "headline": gap_closed_sentence(gap_closed),
         "uniform": dict(result.uniform_metrics),
         "unigram": dict(result.unigram_metrics),
         "student": dict(result.student_metrics),
@@ -78,6 +81,9 @@ def _evaluation(result: trainer_pb2.EvaluateStudentResult) -> dict[str, Any]:
         evaluation["control_sft_lead"] = {
             metric: _fields(lead, LEAD_FIELDS) for metric, lead in result.control_sft_lead.items()
         }
+        evaluation["control_sft_lead_sentence"] = lead_sentence(
+            evaluation["control_sft_lead"], "the SFT control"
+        )
     evaluation["samples"] = [
         # An empty answer of a trained control is an answer; without the control there is none.
         {

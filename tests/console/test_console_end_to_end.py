@@ -112,7 +112,9 @@ def test_an_engineer_submits_and_follows_the_tiny_job(tmp_path, tiny_llama, free
         rows = browser.locator("#evaluation-table tbody tr")
         expect(rows.first).to_be_visible()
         assert {row.get_attribute("data-row") for row in rows.all()} >= REFERENCE_ROWS
-        expect(browser.locator("#headline")).to_contain_text("of the unigram-to-teacher gap on KL")
+        expect(browser.locator("#headline")).to_contain_text(
+            "of the gap from a context-free unigram to the teacher on held-out KL"
+        )
 
         samples = summary["evaluation"]["samples"]
         assert samples, "the job's summary has no held-out answers"

@@ -52,7 +52,8 @@ def test_a_user_estimates_submits_and_resubmits_the_example_job(start_console_pl
     assert len(curve) > 10
     expect(loss).to_have_attribute("data-points", str(len(curve)))
     expect(browser.locator("#headline")).to_have_text(
-        "The student closes 87.5% of the unigram-to-teacher gap on KL, 60.0% on top-1."
+        "The student closes 87.5% of the gap from a context-free unigram to the teacher on held-out KL, "
+        "60.0% on top-1 agreement."
     )
     expect(browser.locator('#evaluation-table tr[data-row="student"] td[data-metric="kl"]')).to_have_text(
         "0.625"
@@ -89,8 +90,9 @@ def test_a_job_with_an_sft_control_tells_the_students_lead_over_it(start_console
     browser.fill("#token", TOKENS["bob"])
     browser.click("#login-submit")
     expect(browser.locator("#headline")).to_have_text(
-        "The student closes 87.5% of the unigram-to-teacher gap on KL, 60.0% on top-1. Against the SFT "
-        "control, paired over the held-out answers: KL -0.125 (95% interval -0.200 to -0.050: ahead), "
+        "The student closes 87.5% of the gap from a context-free unigram to the teacher on held-out KL, "
+        "60.0% on top-1 agreement. Against the SFT control, paired over the held-out answers: KL -0.125 "
+        "(95% interval -0.200 to -0.050: ahead), "
         "top-1 agreement +0.050 (95% interval -0.010 to +0.110: no clear difference)."
     )
     expect(browser.locator('#evaluation-table tr[data-row="controlSft"] td[data-metric="kl"]')).to_have_text(

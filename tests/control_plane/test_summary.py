@@ -120,11 +120,36 @@ def test_the_lead_over_the_sft_control_comes_through_typed():
 
     assert evaluation["control_sft_lead"] == {"kl": {"difference": -0.25, "low": -0.5, "high": 0.125}}
     assert EvaluationSummary.model_validate(evaluation).control_sft_lead["kl"].high == 0.125
+    assert evaluation["control_sft_lead_sentence"] == (
+        "Against the SFT control, paired over the held-out answers: KL -0.250 (95% interval -0.500 to "
+        "+0.125: no clear difference)."
+    )
     no_control = trainer_pb2.EvaluateStudentResult(student_metrics={"kl": 1.0})
     summary = EvaluationSummary.model_validate(
         job_summary([_succeeded(Stage.EVALUATE, no_control)])["evaluation"]
     )
-    assert summary.control_sft_lead is None
+    assert summary.control_sft_lead is None and summary.control_sft_lead_sentence == ""
+
+
+def test_the_headline_comes_in_the_words_of_the_report_for_either_kind_of_student():
+    same_vocabulary = trainer_pb2.EvaluateStudentResult(
+        gap_closed_percent={"kl": 80.25, "top1_agreement": 49.5}
+    )
+    other_vocabulary = trainer_pb2.EvaluateStudentResult(gap_closed_percent={"token_f1": 12.0})
+
+    headlines = [
+        EvaluationSummary.model_validate(
+            job_summary([_succeeded(Stage.EVALUATE, result)])["evaluation"]
+        ).headline
+        for result in (same_vocabulary, other_vocabulary)
+    ]
+
+    assert headlines == [
+        "The student closes 80.2% of the gap from a context-free unigram to the teacher on held-out KL, "
+        "49.5% on top-1 agreement.",
+        "The student closes 12.0% of the gap from a context-free unigram to the teacher on the token F1 of "
+        "its greedy answers (KL and top-1 agreement are not defined here).",
+    ]
 
 
 def test_an_evaluation_without_samples_has_none():

@@ -2,7 +2,7 @@
 // cost, prompts and training, artifacts. Pure rendering into the given elements.
 
 import { el, replaceChildren } from "./dom.js";
-import { formatCount, formatNumber, formatPercent, formatUsd } from "./format.js";
+import { formatCount, formatNumber, formatUsd } from "./format.js";
 
 export const EVALUATION_ROWS = [
   ["uniform", "uniform (reference)"],
@@ -21,42 +21,10 @@ export const METRICS = [
   ["repeated_4grams", "repeated 4-grams ↓"],
 ];
 
-export function headlineSentence(evaluation) {
-  const gap = evaluation.gapClosed || {};
-  if (gap.kl !== undefined || gap.top1_agreement !== undefined) {
-    const parts = [];
-    if (gap.kl !== undefined) parts.push(`${formatPercent(gap.kl)} of the unigram-to-teacher gap on KL`);
-    if (gap.top1_agreement !== undefined) parts.push(`${formatPercent(gap.top1_agreement)} on top-1`);
-    return `The student closes ${parts.join(", ")}.`;
-  }
-  return `The student recovers ${formatPercent(evaluation.recoveryPercent)} of the teacher.`;
-}
-
-// The metrics a lead over the SFT control is told on, and whether lower is better.
-const LEAD_METRICS = [
-  ["kl", "KL", true],
-  ["top1_agreement", "top-1 agreement", false],
-];
-
-function signed(value) {
-  return `${value >= 0 ? "+" : ""}${value.toFixed(3)}`;
-}
-
-// The student's lead over the SFT control with its 95% intervals, as the CLI and the report tell it.
-export function controlLeadSentence(evaluation) {
-  const leads = evaluation.controlSftLead || {};
-  const parts = LEAD_METRICS.filter(([key]) => leads[key]).map(([key, label, lowerIsBetter]) => {
-    const { difference, low, high } = leads[key];
-    const below = high < 0;
-    const verdict = below || low > 0 ? (below === lowerIsBetter ? "ahead" : "behind") : "no clear difference";
-    return `${label} ${signed(difference)} (95% interval ${signed(low)} to ${signed(high)}: ${verdict})`;
-  });
-  return parts.length ? `Against the SFT control, paired over the held-out answers: ${parts.join(", ")}.` : "";
-}
-
 export function renderEvaluation(table, headline, evaluation) {
   if (!evaluation) return;
-  headline.textContent = [headlineSentence(evaluation), controlLeadSentence(evaluation)].filter(Boolean).join(" ");
+  // In the words the CLI, the report and the model card use: the summary carries them.
+  headline.textContent = [evaluation.headline, evaluation.controlSftLeadSentence].filter(Boolean).join(" ");
   const rows = EVALUATION_ROWS.filter(([key]) => evaluation[key] && Object.keys(evaluation[key]).length > 0);
   const known = new Set(METRICS.map(([key]) => key));
   const extra = [...new Set(rows.flatMap(([key]) => Object.keys(evaluation[key])))]
