@@ -85,6 +85,10 @@ def test_an_unwritable_cache_reads_the_file_itself(gguf, tmp_path):
     assert gguf_cache.plain_copy(gguf, "model", writer([]), root) is None
 
 
+# Dequantizes the shipped SmolLM2 teacher twice: 35 to 43 s of the default suite on 2 cores. That suite
+# keeps the tests above of how a copy is made and reused, and reads the teacher's tokenizer through its
+# copy (tests/trainer/test_preflight.py); this one checks the whole model's copy against the GGUF itself.
+@pytest.mark.slow
 def test_the_copy_of_the_embedded_teacher_loads_what_its_gguf_file_holds(tmp_path, monkeypatch):
     monkeypatch.setenv("STILLHOUSE_HOME", str(tmp_path))
     source = resolve_model_reference(EMBEDDED_TEACHER)
