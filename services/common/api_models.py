@@ -140,14 +140,8 @@ class EvaluationSummary(WireModel):
         description="The student's lead over the SFT control by metric (`kl`, `top1_agreement`), when it was "
         "trained and the student shares the teacher's vocabulary.",
     )
-    headline: str = Field(
-        default="",
-        description="The headline in words (`gapClosed`), as the CLI, the report and the model card say it.",
-    )
-    control_sft_lead_sentence: str = Field(
-        default="",
-        description="The lead over the SFT control in words (`controlSftLead`); empty without one.",
-    )
+    headline: str = Field(default="", description="`gapClosed` in words, as the report says it.")
+    control_sft_lead_sentence: str = Field(default="", description="`controlSftLead` in words, or none.")
     teacher: dict[str, float]
     samples: list[AnswerSample] = Field(
         default_factory=list,
