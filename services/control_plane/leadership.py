@@ -65,10 +65,6 @@ class DatabaseLease:
         # The term the leader's writes are fenced with (`JobStore.fenced`): set only while it leads.
         self.fence = LeaseFence(name, holder)
 
-    @property
-    def _quarter_ms(self) -> int:
-        return lease_quarter_ms(self.seconds)
-
     async def acquire(self) -> int | None:
         """Renew the lease if this holder has it, or take it if it is free or expired: its epoch. None
         while another holder has it."""
@@ -101,7 +97,7 @@ class DatabaseLease:
                 "SELECT set_config('lock_timeout', :limit, true),"
                 " set_config('idle_in_transaction_session_timeout', :limit, true)"
             ),
-            {"limit": str(self._quarter_ms)},
+            {"limit": str(lease_quarter_ms(self.seconds))},
         )
 
     async def close(self) -> None:

@@ -43,12 +43,19 @@ def print_progress(record: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def hand_over_outcome(run: TrainRun | EvaluateRun, outcome_json: str) -> None:
+    """Write the run's outcome to object storage, then say so (`OUTCOME_WRITTEN`)."""
+    from stillhouse.common.objectstore.open_store import open_object_store
+
+    open_object_store(run.object_store).put_bytes(outcome_key(run.output_prefix), outcome_json.encode())
+    print_progress(OUTCOME_WRITTEN)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
     from stillhouse.common.logging import log_without_print
-    from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.train_loop import train_worker
 
     log_without_print()
@@ -68,9 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         # Ray Train keeps no return value and no metrics of a report without a checkpoint, so rank 0
         # hands the outcome over through object storage.
-        store = open_object_store(run.object_store)
-        store.put_bytes(outcome_key(run.output_prefix), outcome.model_dump_json().encode())
-        print_progress(OUTCOME_WRITTEN)
+        hand_over_outcome(run, outcome.model_dump_json())
 
 
 def train(run_json: str, given_storage_path: str | None) -> None:
@@ -103,7 +108,6 @@ def train(run_json: str, given_storage_path: str | None) -> None:
 def evaluate(run_json: str, num_cpus: int, num_gpus: float) -> None:
     import ray
 
-    from stillhouse.common.objectstore.open_store import open_object_store
     from stillhouse.trainer.evaluation import run_evaluation
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
@@ -118,10 +122,7 @@ def evaluate(run_json: str, num_cpus: int, num_gpus: float) -> None:
 
         return run_evaluation(run, progress).model_dump_json()
 
-    run = run_with_keys(EvaluateRun, run_json)
-    outcome = ray.get(evaluation_task.remote(run_json))
-    open_object_store(run.object_store).put_bytes(outcome_key(run.output_prefix), outcome.encode())
-    print_progress(OUTCOME_WRITTEN)
+    hand_over_outcome(run_with_keys(EvaluateRun, run_json), ray.get(evaluation_task.remote(run_json)))
 
 
 def root_error(exc: BaseException) -> BaseException:

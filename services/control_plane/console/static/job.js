@@ -129,15 +129,17 @@ function addPoint(model, metric, step, value) {
   else if (!last || last[0] < step) points.push([step, value]);
 }
 
+function addPoints(model, step, metrics) {
+  for (const metric of CURVE_METRICS) {
+    if (typeof metrics[metric] === "number") addPoint(model, metric, step, metrics[metric]);
+  }
+}
+
 // Live progress samples the steps (an event a second at most); once training is done the job's summary
 // has every step it reported, and replaces the sample.
 function useCompleteCurves(points) {
   curves.clear();
-  for (const point of points) {
-    for (const metric of CURVE_METRICS) {
-      if (typeof point.metrics[metric] === "number") addPoint(point.model, metric, point.step, point.metrics[metric]);
-    }
-  }
+  for (const point of points) addPoints(point.model, point.step, point.metrics);
   curvesComplete = true;
 }
 
@@ -231,9 +233,7 @@ function onProgress(data) {
   if (data.stage === "train" && data.metrics && !curvesComplete) {
     const match = TRAINING_MESSAGE.exec(data.message || "");
     const model = match ? match[1] : "student";
-    for (const metric of CURVE_METRICS) {
-      if (typeof data.metrics[metric] === "number") addPoint(model, metric, data.done, data.metrics[metric]);
-    }
+    addPoints(model, data.done, data.metrics);
     renderCurves();
   }
   if (job) renderTimeline();
